@@ -1,0 +1,1 @@
+"""The healthNET aggregator: folds hospitals' weight deltas into global model versions."""

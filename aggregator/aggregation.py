@@ -1,0 +1,172 @@
+"""Staleness-weighted FedAvg and server optimizers: pure numpy, no I/O (DESIGN §4).
+
+An update from a node with ``n`` samples, trained from version ``b`` and folded at version ``t``,
+has staleness ``s = t - b``, sample weight ``a = n**beta`` and weight ``w = a * f(s)``. A buffer of
+K updates becomes one pseudo-gradient ``delta = sum(w_i * delta_i) / sum(a_i)``.
+
+The denominator is the sum of *sample* weights, not of ``w``: normalising by ``sum(w)`` would cancel
+the staleness discount whenever every update in a buffer is equally stale, and always at K = 1,
+where FedAsync needs ``x + eta * f(s) * delta``. With fresh updates (``f(0) = 1``) this is FedAvg;
+with ``beta = 0`` it is FedBuff's ``sum(f(s_i) * delta_i) / K``. A server optimizer applies it:
+plain ``x + lr * delta`` (FedAvg, FedBuff, FedAsync), FedAvgM, FedAdam or FedYogi (Reddi et al.,
+"Adaptive Federated Optimization", 2021). Model states are ``name -> float32 array`` mappings;
+nothing here mutates its arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from common.messages import ServerOptimizerKind, StalenessKind
+
+__all__ = [
+    "Params",
+    "ServerOptimizer",
+    "ServerOptimizerState",
+    "StalenessPolicy",
+    "buffer_aggregate",
+    "global_norm",
+    "sample_weight",
+    "server_step",
+    "weighted_average",
+]
+
+Array = NDArray[np.float32]
+Params = Mapping[str, Array]
+
+
+@dataclass(frozen=True, slots=True)
+class StalenessPolicy:
+    """``f(s)``: constant 1; polynomial ``(1+s)**-a``; hinge 1 to ``b``, then ``1/(a(s-b)+1)``."""
+
+    kind: StalenessKind = StalenessKind.POLYNOMIAL
+    a: float = 0.5
+    b: int = 4
+
+    def factor(self, staleness: int) -> float:
+        if staleness < 0:
+            raise ValueError(f"staleness must be non-negative, got {staleness}")
+        match self.kind:
+            case StalenessKind.CONSTANT:
+                return 1.0
+            case StalenessKind.POLYNOMIAL:
+                return float((1.0 + staleness) ** -self.a)
+            case StalenessKind.HINGE:
+                if staleness <= self.b:
+                    return 1.0
+                return 1.0 / (self.a * (staleness - self.b) + 1.0)
+
+
+def sample_weight(num_samples: int, sample_exponent: float) -> float:
+    """``n**beta``: how much a fresh update counts against the others in its buffer."""
+    if num_samples < 1:
+        raise ValueError(f"an update needs at least one sample, got {num_samples}")
+    return float(num_samples**sample_exponent)
+
+
+def buffer_aggregate(
+    deltas: Sequence[Params],
+    num_samples: Sequence[int],
+    stalenesses: Sequence[int],
+    policy: StalenessPolicy,
+    sample_exponent: float,
+) -> tuple[dict[str, Array], list[float]]:
+    """The buffer's pseudo-gradient and each update's effective weight ``w_i / sum(a_i)``."""
+    if not (len(deltas) == len(num_samples) == len(stalenesses)):
+        raise ValueError("need one sample count and one staleness per delta")
+    a = [sample_weight(n, sample_exponent) for n in num_samples]
+    w = [ai * policy.factor(s) for ai, s in zip(a, stalenesses, strict=True)]
+    total = math.fsum(a)
+    return weighted_average(deltas, w, total), [wi / total for wi in w]
+
+
+def weighted_average(
+    deltas: Sequence[Params], weights: Sequence[float], normalizer: float | None = None
+) -> dict[str, Array]:
+    """``sum(w_i * delta_i) / normalizer`` per tensor (default ``sum(w_i)``), shapes preserved."""
+    if not deltas or len(deltas) != len(weights):
+        raise ValueError(f"need one weight per delta, got {len(deltas)} deltas, {len(weights)}")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero: {weights}")
+    total = math.fsum(weights) if normalizer is None else normalizer
+    if not math.isfinite(total) or total <= 0:
+        raise ValueError(f"normalizer must be finite and positive, got {total}")
+    names = list(deltas[0])
+    for delta in deltas[1:]:
+        if list(delta) != names:
+            raise ValueError("deltas name different tensors")
+    out: dict[str, Array] = {}
+    for name in names:
+        shape = deltas[0][name].shape
+        acc = np.zeros(shape, dtype=np.float64)
+        for delta, weight in zip(deltas, weights, strict=True):
+            tensor = delta[name]
+            if tensor.shape != shape:
+                raise ValueError(f"tensor {name!r}: shape {tensor.shape} != {shape}")
+            acc += (weight / total) * tensor
+        out[name] = acc.astype(np.float32)
+    return out
+
+
+def global_norm(params: Params) -> float:
+    """The L2 norm of all tensors taken together."""
+    return math.sqrt(math.fsum(float(np.vdot(t, t)) for t in params.values()))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptimizer:
+    kind: ServerOptimizerKind = ServerOptimizerKind.SGD
+    lr: float = 1.0
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptimizerState:
+    """First and second moments, empty until the optimizer that needs them first runs."""
+
+    step: int = 0
+    m: Mapping[str, Array] = field(default_factory=dict)
+    v: Mapping[str, Array] = field(default_factory=dict)
+
+
+def server_step(
+    params: Params, delta: Params, state: ServerOptimizerState, opt: ServerOptimizer
+) -> tuple[dict[str, Array], ServerOptimizerState]:
+    """Apply one aggregated pseudo-gradient; returns new params and state, inputs untouched."""
+    if set(params) != set(delta):
+        raise ValueError("delta and params name different tensors")
+    new_params: dict[str, Array] = {}
+    new_m: dict[str, Array] = {}
+    new_v: dict[str, Array] = {}
+    for name, x in params.items():
+        d = delta[name]
+        step: NDArray[Any]
+        match opt.kind:
+            case ServerOptimizerKind.SGD:
+                step = d
+            case ServerOptimizerKind.FEDAVGM:
+                m = opt.momentum * state.m.get(name, np.zeros_like(x)) + d
+                new_m[name] = m.astype(np.float32)
+                step = m
+            case ServerOptimizerKind.FEDADAM | ServerOptimizerKind.FEDYOGI:
+                m = opt.beta1 * state.m.get(name, np.zeros_like(x)) + (1 - opt.beta1) * d
+                v0 = state.v.get(name, np.full_like(x, opt.tau**2))
+                d2 = np.square(d)
+                if opt.kind is ServerOptimizerKind.FEDADAM:
+                    v = opt.beta2 * v0 + (1 - opt.beta2) * d2
+                else:
+                    v = v0 - (1 - opt.beta2) * d2 * np.sign(v0 - d2)
+                new_m[name] = m.astype(np.float32)
+                new_v[name] = v.astype(np.float32)
+                step = m / (np.sqrt(v) + opt.tau)
+        new_params[name] = (x + opt.lr * step).astype(np.float32)
+    return new_params, ServerOptimizerState(step=state.step + 1, m=new_m, v=new_v)

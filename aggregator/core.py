@@ -1,0 +1,410 @@
+"""The aggregator's decisions, with no I/O: accept or reject an update, buffer it, fold a version.
+
+Theory of operation. The service shell decodes each message and hands the typed update to
+:meth:`AggregatorCore.receive`, with the broker identity it came from and the current time. The
+core validates it (DESIGN §7: sender, run, staleness, shapes, finiteness, norm) and either rejects
+it with a reason or adds it to the buffer. Versions change only in :meth:`fold`, so an update's
+staleness at arrival is its staleness at fold. The shell asks :meth:`fold_due` after every accepted
+update and on a timer (for ``buffer_timeout``), folds, persists, then publishes. Time always comes
+in as an argument; nothing here reads a clock, a file or the network.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from aggregator.aggregation import (
+    Params,
+    ServerOptimizer,
+    ServerOptimizerState,
+    StalenessPolicy,
+    buffer_aggregate,
+    global_norm,
+    server_step,
+)
+from aggregator.run_state import transition
+from common.codec import tensor_to_array
+from common.errors import ControlError
+from common.messages import (
+    AggregatorState,
+    AggregatorStatus,
+    Contribution,
+    ControlCommand,
+    Counters,
+    Evaluation,
+    Knobs,
+    NodeLedgerEntry,
+    RejectReason,
+    Update,
+    VersionRecord,
+)
+
+__all__ = ["AggregatorCore", "BufferedUpdate", "Fold", "FoldReason", "Verdict"]
+
+FoldReason = Literal["buffer_full", "buffer_timeout"]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer to one update. ``duplicate`` means it was accepted before and is not refolded."""
+
+    accepted: bool
+    reason: RejectReason | None = None
+    detail: str = ""
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BufferedUpdate:
+    node: str
+    update_id: str
+    base_version: int
+    staleness: int
+    num_samples: int
+    delta: Mapping[str, NDArray[np.float32]]
+    bytes: int
+    train_loss: float
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Fold:
+    """A new version: its weights and its provenance record."""
+
+    version: int
+    params: Mapping[str, NDArray[np.float32]]
+    record: VersionRecord
+    folded_ids: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Ledger:
+    accepted: int = 0
+    rejected: int = 0
+    folded: int = 0
+    rejections: dict[str, int] = field(default_factory=dict)
+    last_seen: float | None = None
+    last_base_version: int | None = None
+    last_staleness: int | None = None
+    eval_version: int | None = None
+    eval_accuracy: float | None = None
+
+
+class AggregatorCore:
+    """Global model, buffer, run state and counters of one federation run."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        params: Params,
+        knobs: Knobs,
+        version: int = 0,
+        state: AggregatorState = AggregatorState.IDLE,
+        optimizer_state: ServerOptimizerState | None = None,
+        seen: Mapping[str, str] | None = None,
+        counters: Counters | None = None,
+        nodes: tuple[NodeLedgerEntry, ...] = (),
+    ) -> None:
+        self.run_id = run_id
+        self._params: dict[str, NDArray[np.float32]] = {
+            k: np.array(v, dtype=np.float32) for k, v in params.items()
+        }
+        self._knobs = knobs
+        self._version = version
+        self._state = state
+        self._opt_state = optimizer_state or ServerOptimizerState()
+        # update id -> "accepted" or the rejection reason; persisted so replays are recognised.
+        self._seen: dict[str, str] = dict(seen or {})
+        self._counters = (counters or Counters()).model_dump()
+        self._nodes: dict[str, _Ledger] = {
+            e.node: _Ledger(**e.model_dump(exclude={"node"})) for e in nodes
+        }
+        self._buffer: list[BufferedUpdate] = []
+
+    # -- read-only views
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def state(self) -> AggregatorState:
+        return self._state
+
+    @property
+    def knobs(self) -> Knobs:
+        return self._knobs
+
+    @property
+    def params(self) -> Mapping[str, NDArray[np.float32]]:
+        return self._params
+
+    @property
+    def optimizer_state(self) -> ServerOptimizerState:
+        return self._opt_state
+
+    @property
+    def seen(self) -> Mapping[str, str]:
+        return self._seen
+
+    @property
+    def buffer(self) -> tuple[BufferedUpdate, ...]:
+        return tuple(self._buffer)
+
+    def counters(self) -> Counters:
+        return Counters.model_validate(self._counters)
+
+    def ledger(self) -> tuple[NodeLedgerEntry, ...]:
+        return tuple(
+            NodeLedgerEntry(node=node, **_ledger_fields(entry))
+            for node, entry in sorted(self._nodes.items())
+        )
+
+    def status(self, now: float) -> AggregatorStatus:
+        return AggregatorStatus(
+            run_id=self.run_id,
+            state=self._state,
+            version=self._version,
+            buffer_fill=len(self._buffer),
+            knobs=self._knobs,
+            counters=self.counters(),
+            nodes=self.ledger(),
+            updated_at=now,
+        )
+
+    # -- commands
+
+    def command(self, command: ControlCommand) -> AggregatorState:
+        """Apply start, pause, resume or stop; raises IllegalTransition and changes nothing."""
+        self._state = transition(self._state, command)
+        return self._state
+
+    def set_knobs(self, patch: Mapping[str, Any]) -> Knobs:
+        """Validate and apply a knob patch (``training.<field>`` reaches the training config)."""
+        current = self._knobs.model_dump()
+        for key, value in patch.items():
+            target, _, leaf = key.partition(".")
+            if leaf:
+                if target != "training" or leaf not in current["training"]:
+                    raise ControlError(f"unknown knob {key!r}")
+                current["training"][leaf] = value
+            elif key not in current or key == "training":
+                raise ControlError(f"unknown knob {key!r}")
+            else:
+                current[key] = value
+        try:
+            self._knobs = Knobs.model_validate(current)
+        except ValueError as exc:
+            raise ControlError(f"invalid knob value: {exc}") from exc
+        return self._knobs
+
+    def record_evaluation(self, node: str, evaluation: Evaluation) -> None:
+        if evaluation.run_id != self.run_id:
+            return
+        entry = self._nodes.setdefault(node, _Ledger())
+        if entry.eval_version is None or evaluation.version >= entry.eval_version:
+            entry.eval_version = evaluation.version
+            entry.eval_accuracy = evaluation.accuracy
+
+    # -- updates
+
+    def receive(self, node: str, sender: str, update: Update, size: int, now: float) -> Verdict:
+        """Validate an update from broker identity ``node`` and buffer it if it is acceptable."""
+        self._counters["received"] += 1
+        self._counters["bytes_received"] += size
+        entry = self._nodes.setdefault(node, _Ledger())
+        entry.last_seen = now
+        previous = self._seen.get(update.update_id)
+        if previous == "accepted":
+            self._counters["duplicates"] += 1
+            return Verdict(accepted=True, duplicate=True, detail="already accepted")
+        verdict, delta = self._validate(node, sender, update)
+        if not verdict.accepted:
+            return self._reject(entry, update.update_id, verdict)
+        staleness = self._version - update.base_version
+        self._buffer.append(
+            BufferedUpdate(
+                node=node,
+                update_id=update.update_id,
+                base_version=update.base_version,
+                staleness=staleness,
+                num_samples=update.num_samples,
+                delta=delta,
+                bytes=size,
+                train_loss=update.metrics.loss,
+                received_at=now,
+            )
+        )
+        self._seen[update.update_id] = "accepted"
+        self._counters["accepted"] += 1
+        entry.accepted += 1
+        entry.last_base_version = update.base_version
+        entry.last_staleness = staleness
+        return verdict
+
+    def note_malformed(self, node: str, reason: RejectReason, now: float, size: int) -> None:
+        """Count a message that never reached validation (it has no update id to answer)."""
+        self._counters["received"] += 1
+        self._counters["bytes_received"] += size
+        entry = self._nodes.setdefault(node, _Ledger())
+        entry.last_seen = now
+        self._count_rejection(entry, reason)
+
+    def _validate(
+        self, node: str, sender: str, update: Update
+    ) -> tuple[Verdict, dict[str, NDArray[np.float32]]]:
+        def no(reason: RejectReason, detail: str) -> tuple[Verdict, dict[str, Any]]:
+            return Verdict(accepted=False, reason=reason, detail=detail), {}
+
+        knobs = self._knobs
+        if sender != node:
+            return no(RejectReason.WRONG_SENDER, f"sent as {sender!r} on {node!r}'s topic")
+        if self._state is AggregatorState.STOPPED:
+            return no(RejectReason.RUN_STOPPED, "the run is stopped")
+        if update.run_id != self.run_id:
+            return no(RejectReason.WRONG_RUN, f"run {update.run_id!r} is not {self.run_id!r}")
+        if update.base_version > self._version:
+            return no(
+                RejectReason.FUTURE_VERSION,
+                f"base version {update.base_version} is ahead of {self._version}",
+            )
+        staleness = self._version - update.base_version
+        if staleness > knobs.max_staleness:
+            return no(
+                RejectReason.STALE,
+                f"staleness {staleness} exceeds max_staleness {knobs.max_staleness}",
+            )
+        tensors = {t.name: t for t in update.delta}
+        if len(tensors) != len(update.delta) or tensors.keys() != self._params.keys():
+            return no(RejectReason.SHAPE_MISMATCH, "delta does not name the model's tensors")
+        delta: dict[str, NDArray[np.float32]] = {}
+        for name, reference in self._params.items():
+            tensor = tensors[name]
+            if tensor.dtype != "float32" or tensor.shape != reference.shape:
+                return no(
+                    RejectReason.SHAPE_MISMATCH,
+                    f"{name}: got {tensor.dtype}{list(tensor.shape)}, "
+                    f"model has float32{list(reference.shape)}",
+                )
+            array = tensor_to_array(tensor)
+            if not np.isfinite(array).all():
+                return no(RejectReason.NON_FINITE, f"{name} holds NaN or infinity")
+            delta[name] = array
+        if knobs.max_update_norm is not None:
+            norm = global_norm(delta)
+            if norm > knobs.max_update_norm:
+                return no(
+                    RejectReason.NORM_BOUND,
+                    f"update norm {norm:.4g} exceeds max_update_norm {knobs.max_update_norm:.4g}",
+                )
+        return Verdict(accepted=True), delta
+
+    def _reject(self, entry: _Ledger, update_id: str, verdict: Verdict) -> Verdict:
+        reason = verdict.reason or RejectReason.MALFORMED
+        self._seen[update_id] = reason.value
+        self._count_rejection(entry, reason)
+        return verdict
+
+    def _count_rejection(self, entry: _Ledger, reason: RejectReason) -> None:
+        self._counters["rejected"] += 1
+        rejections = self._counters["rejections"]
+        rejections[reason.value] = rejections.get(reason.value, 0) + 1
+        entry.rejected += 1
+        entry.rejections[reason.value] = entry.rejections.get(reason.value, 0) + 1
+
+    # -- folding
+
+    def fold_due(self, now: float) -> FoldReason | None:
+        """Why the buffer should be folded now (``buffer_full`` / ``buffer_timeout``), or None."""
+        if self._state is not AggregatorState.RUNNING or not self._buffer:
+            return None
+        if len(self._buffer) >= self._knobs.buffer_size:
+            return "buffer_full"
+        timeout = self._knobs.buffer_timeout
+        if timeout > 0 and now - self._buffer[0].received_at >= timeout:
+            return "buffer_timeout"
+        return None
+
+    def next_deadline(self) -> float | None:
+        """When the buffer timeout would fire, for the shell's timer."""
+        if not self._buffer or self._knobs.buffer_timeout <= 0:
+            return None
+        return self._buffer[0].received_at + self._knobs.buffer_timeout
+
+    def fold(self, now: float) -> Fold:
+        """Fold the buffer into a new version (at most ``buffer_size`` updates, oldest first)."""
+        reason = self.fold_due(now)
+        if reason is None:
+            raise ControlError("nothing to fold")
+        started = time.perf_counter()
+        knobs = self._knobs
+        batch = self._buffer[: knobs.buffer_size]
+        policy = StalenessPolicy(knobs.staleness, knobs.staleness_a, knobs.staleness_b)
+        aggregate, weights = buffer_aggregate(
+            [u.delta for u in batch],
+            [u.num_samples for u in batch],
+            [u.staleness for u in batch],
+            policy,
+            knobs.sample_exponent,
+        )
+        optimizer = ServerOptimizer(
+            kind=knobs.server_optimizer,
+            lr=knobs.server_lr,
+            momentum=knobs.server_momentum,
+            beta1=knobs.server_beta1,
+            beta2=knobs.server_beta2,
+            tau=knobs.server_tau,
+        )
+        params, opt_state = server_step(self._params, aggregate, self._opt_state, optimizer)
+        fold_seconds = time.perf_counter() - started
+        contributions = tuple(
+            Contribution(
+                node=u.node,
+                update_id=u.update_id,
+                base_version=u.base_version,
+                staleness=u.staleness,
+                num_samples=u.num_samples,
+                staleness_factor=policy.factor(u.staleness),
+                weight=w,
+                bytes=u.bytes,
+                train_loss=u.train_loss,
+            )
+            for u, w in zip(batch, weights, strict=True)
+        )
+        self._version += 1
+        record = VersionRecord(
+            run_id=self.run_id,
+            version=self._version,
+            created_at=now,
+            contributions=contributions,
+            update_norm=global_norm(aggregate),
+            train_loss=math.fsum(c.weight * c.train_loss for c in contributions),
+            fold_seconds=fold_seconds,
+            reason=reason,
+        )
+        self._params = params
+        self._opt_state = opt_state
+        self._buffer = self._buffer[len(batch) :]
+        self._counters["folded"] += len(batch)
+        for u in batch:
+            self._nodes[u.node].folded += 1
+        if knobs.max_versions is not None and self._version >= knobs.max_versions:
+            self._state = AggregatorState.STOPPED
+        return Fold(
+            version=self._version,
+            params=params,
+            record=record,
+            folded_ids=tuple(u.update_id for u in batch),
+        )
+
+
+def _ledger_fields(entry: _Ledger) -> dict[str, Any]:
+    return {name: getattr(entry, name) for name in _Ledger.__slots__}

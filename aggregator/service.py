@@ -1,0 +1,417 @@
+"""The aggregator's shell: MQTT, disk and clocks around :class:`~aggregator.core.AggregatorCore`.
+
+One service thread drains the MQTT inbox and does all the work (decoding, validation, folding,
+checkpointing), so paho's network thread only moves bytes. Every accepted update is in the
+write-ahead log before its ack is published; every version is checkpointed before it is announced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from aggregator.core import AggregatorCore, Fold
+from aggregator.settings import AggregatorSettings
+from aggregator.store import Checkpoint, StateStore
+from common.blobs import split_blob
+from common.codec import decode, encode, encode_tensors, envelope, new_id, sha256_hex
+from common.errors import ControlError, HealthNetError, ProtocolError, TopicError
+from common.messages import (
+    Ack,
+    AggregatorState,
+    Body,
+    ControlCommand,
+    ControlReply,
+    ControlRequest,
+    Evaluation,
+    Manifest,
+    RejectReason,
+    Update,
+)
+from common.mqtt import ConnectionEvent, Message, MqttClient
+from common.topics import Route, Topic, TopicTree
+
+__all__ = ["AggregatorService"]
+
+log = logging.getLogger(__name__)
+
+B = TypeVar("B", bound=Body)
+
+_STATUS_MIN_INTERVAL = 0.5
+
+
+class AggregatorService:
+    """Runs one federation's aggregator until the run stops or ``stop_event`` is set."""
+
+    def __init__(
+        self, settings: AggregatorSettings, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.settings = settings
+        self.topics = TopicTree(settings.federation)
+        self.store = StateStore(settings.state_dir, keep_checkpoints=settings.keep_checkpoints)
+        self._clock = clock
+        self._core: AggregatorCore | None = None
+        self._client: MqttClient | None = None
+        self._published_chunks: tuple[int, int] | None = None
+        self._status_dirty = True
+        self._last_status = 0.0
+
+    @property
+    def core(self) -> AggregatorCore:
+        if self._core is None:
+            raise HealthNetError("aggregator is not running")
+        return self._core
+
+    def run(self, stop_event: threading.Event | None = None) -> AggregatorState:
+        """Serve until the run is stopped (returns STOPPED) or ``stop_event`` is set."""
+        stop_event = stop_event or threading.Event()
+        with self._locked_state_dir():
+            self.store.open()
+            self._core = self._restore()
+            if self.core.state is AggregatorState.STOPPED:
+                log.warning(
+                    "run %s in %s is already stopped at v%d; start a new run in a new state dir",
+                    self.core.run_id,
+                    self.settings.state_dir,
+                    self.core.version,
+                )
+                return AggregatorState.STOPPED
+            with self._connect() as client:
+                log.info("aggregator connected to %s", self.settings.endpoint().redacted())
+                self._client = client
+                self._publish_model()
+                self._publish_status(force=True)
+                self._serve(client, stop_event)
+                self._publish_status(force=True)
+            return self.core.state
+
+    # -- start-up
+
+    @contextlib.contextmanager
+    def _locked_state_dir(self) -> Iterator[None]:
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = self.settings.state_dir / "aggregator.lock"
+        with lock_path.open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise HealthNetError(
+                    f"another aggregator holds {self.settings.state_dir}; one per state dir"
+                ) from None
+            yield
+
+    def _restore(self) -> AggregatorCore:
+        checkpoint = self.store.load_latest()
+        if checkpoint is None:
+            core = self._fresh_core()
+            self._checkpoint(core)
+            log.info("run %s: new, v0 from model %s", core.run_id, self.settings.model.name)
+        else:
+            core = AggregatorCore(
+                run_id=checkpoint.run_id,
+                params=Checkpoint.arrays(checkpoint.params),
+                knobs=checkpoint.knobs,
+                version=checkpoint.version,
+                state=checkpoint.state,
+                optimizer_state=checkpoint.optimizer_state(),
+                seen=checkpoint.seen,
+                counters=checkpoint.counters,
+                nodes=checkpoint.nodes,
+            )
+            log.info("run %s: resumed at v%d (%s)", core.run_id, core.version, core.state.value)
+        self._replay_wal(core)
+        return core
+
+    def _fresh_core(self) -> AggregatorCore:
+        from common.models import build_model, model_params
+
+        params = model_params(build_model(self.settings.model, seed=self.settings.seed))
+        core = AggregatorCore(
+            run_id=self.settings.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{new_id()[:6]}",
+            params=params,
+            knobs=self.settings.knobs,
+        )
+        if self.settings.autostart:
+            core.command(ControlCommand.START)
+        return core
+
+    def _replay_wal(self, core: AggregatorCore) -> None:
+        """Put back into the buffer the accepted updates that no checkpoint has folded yet."""
+        folded: set[str] = set()
+        replayed = 0
+        for entry in self.store.wal_entries():
+            env = decode(entry.payload, max_bytes=self.settings.max_update_bytes)
+            if not isinstance(env.body, Update):
+                continue
+            verdict = core.receive(
+                entry.node, env.sender, env.body, len(entry.payload), self._clock()
+            )
+            if verdict.duplicate or not verdict.accepted:
+                folded.add(entry.update_id)
+            else:
+                replayed += 1
+        if folded:
+            self.store.drop_wal(folded)
+        if replayed:
+            log.info("run %s: %d buffered updates restored from the WAL", core.run_id, replayed)
+
+    def _connect(self) -> MqttClient:
+        settings = self.settings
+        client = MqttClient(
+            settings.endpoint(),
+            settings.client_id,
+            persistent_session=True,
+            tls_files=settings.tls_files(),
+            connect_timeout=settings.connect_timeout,
+        )
+        client.subscribe(self.topics.all_updates())
+        client.subscribe(self.topics.all_node_evals())
+        client.subscribe(str(self.topics.control_requests()))
+        return client
+
+    # -- the loop
+
+    def _serve(self, client: MqttClient, stop_event: threading.Event) -> None:
+        while not stop_event.is_set() and self.core.state is not AggregatorState.STOPPED:
+            try:
+                item = client.inbox.get(timeout=self._wait_time())
+            except queue.Empty:
+                item = None
+            match item:
+                case Message():
+                    self._on_message(item)
+                case ConnectionEvent(connected=True):
+                    self._status_dirty = True
+                case ConnectionEvent(connected=False):
+                    log.warning("lost the broker (%s); reconnecting", item.reason)
+                case None:
+                    pass
+            self._maybe_fold()
+            self._publish_status()
+
+    def _wait_time(self) -> float:
+        now = self._clock()
+        wait = self.settings.status_interval
+        if self._status_dirty:
+            wait = min(wait, _STATUS_MIN_INTERVAL)
+        deadline = self.core.next_deadline()
+        if deadline is not None:
+            wait = min(wait, deadline - now)
+        return max(wait, 0.01)
+
+    def _on_message(self, message: Message) -> None:
+        try:
+            topic = self.topics.parse(message.topic)
+        except TopicError as exc:
+            log.warning("ignoring message on unexpected topic: %s", exc)
+            return
+        match topic.route:
+            case Route.UPDATE:
+                self._on_update(topic.node or "", message.payload)
+            case Route.NODE_EVAL:
+                body = self._decode(message, Evaluation)
+                if body is not None and topic.node is not None:
+                    self.core.record_evaluation(topic.node, body)
+                    self._status_dirty = True
+            case Route.CONTROL_REQUEST:
+                request = self._decode(message, ControlRequest)
+                if request is not None:
+                    self._on_control(request)
+            case _:
+                log.debug("ignoring %s", message.topic)
+
+    def _decode(self, message: Message, kind: type[B]) -> B | None:
+        try:
+            body = decode(message.payload, max_bytes=self.settings.max_update_bytes).body
+        except ProtocolError as exc:
+            log.warning("dropping malformed message on %s: %s", message.topic, exc)
+            return None
+        if not isinstance(body, kind):
+            log.warning("dropping %s on %s", type(body).__name__, message.topic)
+            return None
+        return body
+
+    def _on_update(self, node: str, payload: bytes) -> None:
+        core, now = self.core, self._clock()
+        self._status_dirty = True
+        if len(payload) > self.settings.max_update_bytes:
+            core.note_malformed(node, RejectReason.TOO_LARGE, now, len(payload))
+            log.warning(
+                "node %s: dropped an update of %d bytes (limit %d) at v%d",
+                node,
+                len(payload),
+                self.settings.max_update_bytes,
+                core.version,
+            )
+            return
+        try:
+            env = decode(payload, max_bytes=self.settings.max_update_bytes)
+        except ProtocolError as exc:
+            core.note_malformed(node, RejectReason.MALFORMED, now, len(payload))
+            log.warning("node %s: dropped a malformed update at v%d: %s", node, core.version, exc)
+            return
+        update = env.body
+        if not isinstance(update, Update):
+            core.note_malformed(node, RejectReason.MALFORMED, now, len(payload))
+            log.warning("node %s: %s on its update topic at v%d", node, env.kind, core.version)
+            return
+        verdict = core.receive(node, env.sender, update, len(payload), now)
+        if verdict.accepted and not verdict.duplicate:
+            self.store.append_wal(node, update.update_id, payload)
+        if verdict.accepted:
+            log.info(
+                "node %s: update %s from v%d accepted at v%d%s",
+                node,
+                update.update_id[:8],
+                update.base_version,
+                core.version,
+                " (duplicate)" if verdict.duplicate else "",
+            )
+        else:
+            log.warning(
+                "node %s: update %s from v%d rejected at v%d: %s (%s)",
+                node,
+                update.update_id[:8],
+                update.base_version,
+                core.version,
+                verdict.reason.value if verdict.reason else "?",
+                verdict.detail,
+            )
+        ack = Ack(
+            update_id=update.update_id,
+            accepted=verdict.accepted,
+            reason=verdict.reason,
+            detail=verdict.detail,
+            current_version=core.version,
+        )
+        self._send(self.topics.ack(node), ack)
+
+    def _on_control(self, request: ControlRequest) -> None:
+        core = self.core
+        try:
+            match request.command:
+                case ControlCommand.SET:
+                    core.set_knobs(request.knobs)
+                    message = f"knobs set: {', '.join(sorted(request.knobs))}"
+                    log.info("%s at v%d", message, core.version)
+                case ControlCommand.STATUS:
+                    message = f"{core.state.value} at v{core.version}"
+                case _:
+                    state = core.command(request.command)
+                    message = f"run is {state.value} at v{core.version}"
+                    log.info("operator: %s -> %s", request.command.value, message)
+            if request.command is not ControlCommand.STATUS:
+                self._checkpoint(core)
+            reply = ControlReply(
+                request_id=request.request_id,
+                ok=True,
+                message=message,
+                status=core.status(self._clock()),
+            )
+        except ControlError as exc:
+            log.warning("operator %s refused: %s", request.command.value, exc)
+            reply = ControlReply(
+                request_id=request.request_id,
+                ok=False,
+                message=str(exc),
+                status=core.status(self._clock()),
+            )
+        self._status_dirty = True
+        self._send(self.topics.control_reply(request.request_id), reply)
+        self._maybe_fold()
+        self._publish_status(force=True)
+
+    # -- folding and publishing
+
+    def _maybe_fold(self) -> None:
+        core = self.core
+        while core.fold_due(self._clock()) is not None:
+            fold = core.fold(self._clock())
+            self._commit(fold)
+
+    def _commit(self, fold: Fold) -> None:
+        core = self.core
+        self._checkpoint(core)
+        self.store.append_version(fold.record)
+        self.store.drop_wal(set(fold.folded_ids))
+        self._publish_model()
+        self._send(self.topics.versions(), fold.record)
+        stalenesses = [c.staleness for c in fold.record.contributions]
+        log.info(
+            "v%d folded from %d updates (staleness %s, %s)",
+            fold.version,
+            len(stalenesses),
+            stalenesses,
+            fold.record.reason,
+        )
+        self._publish_status(force=True)
+
+    def _checkpoint(self, core: AggregatorCore) -> None:
+        opt = core.optimizer_state
+        self.store.save(
+            Checkpoint(
+                run_id=core.run_id,
+                version=core.version,
+                state=core.state,
+                model=self.settings.model,
+                knobs=core.knobs,
+                params=Checkpoint.tensors(core.params),
+                optimizer_step=opt.step,
+                optimizer_m=Checkpoint.tensors(opt.m),
+                optimizer_v=Checkpoint.tensors(opt.v),
+                seen=dict(core.seen),
+                counters=core.counters(),
+                nodes=core.ledger(),
+                created_at=self._clock(),
+            )
+        )
+
+    def _publish_model(self) -> None:
+        """Chunks first, manifest last (retained), then clear the previous version's chunks."""
+        core, client = self.core, self._require_client()
+        blob = encode_tensors(core.params)
+        chunks = split_blob(blob, self.settings.chunk_size)
+        for index, chunk in enumerate(chunks):
+            client.publish(self.topics.chunk(core.version, index), chunk)
+        manifest = Manifest(
+            run_id=core.run_id,
+            version=core.version,
+            sha256=sha256_hex(blob),
+            blob_bytes=len(blob),
+            chunk_size=self.settings.chunk_size,
+            chunk_count=len(chunks),
+            model=self.settings.model,
+            training=core.knobs.training,
+            created_at=self._clock(),
+        )
+        self._send(self.topics.manifest(), manifest)
+        previous = self._published_chunks
+        if previous is not None and previous[0] != core.version:
+            for index in range(previous[1]):
+                client.clear_retained(self.topics.chunk(previous[0], index))
+        self._published_chunks = (core.version, len(chunks))
+
+    def _publish_status(self, *, force: bool = False) -> None:
+        now = self._clock()
+        due = now - self._last_status >= self.settings.status_interval
+        throttled = now - self._last_status < _STATUS_MIN_INTERVAL
+        if not (force or due or (self._status_dirty and not throttled)):
+            return
+        self._send(self.topics.aggregator_status(), self.core.status(now))
+        self._status_dirty = False
+        self._last_status = now
+
+    def _send(self, topic: Topic, body: Body) -> None:
+        env = envelope(body, sender=self.settings.client_id, sent_at=self._clock())
+        self._require_client().publish(topic, encode(env))
+
+    def _require_client(self) -> MqttClient:
+        if self._client is None:
+            raise HealthNetError("aggregator is not connected")
+        return self._client

@@ -1,0 +1,32 @@
+"""The aggregator's settings: one class, built once by the CLI (or a test) and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from common.messages import Knobs, ModelSpec
+from common.settings import ConnectionSettings
+
+__all__ = ["AggregatorSettings"]
+
+
+class AggregatorSettings(ConnectionSettings):
+    client_id: str = Field(default="aggregator", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    state_dir: Path = Path("runs/aggregator")
+    run_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="name of a new run; ignored when the state directory holds a checkpoint",
+    )
+    model: ModelSpec = ModelSpec(name="logreg", kwargs={"in_features": 13, "num_classes": 2})
+    seed: int = Field(default=0, description="seed of the initial weights")
+    knobs: Knobs = Knobs()
+    autostart: bool = Field(default=True, description="start folding at once, or wait for start")
+    chunk_size: int = Field(default=1024 * 1024, ge=1024, description="model broadcast chunk size")
+    max_update_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="updates larger than this are dropped"
+    )
+    status_interval: float = Field(default=5.0, gt=0, description="status heartbeat, seconds")
+    keep_checkpoints: int = Field(default=3, ge=1)

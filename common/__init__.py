@@ -1,0 +1,1 @@
+"""Protocol shared by the aggregator and the edge nodes: topics, messages, codec, MQTT adapter."""

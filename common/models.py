@@ -1,0 +1,113 @@
+"""Model architectures and the torch <-> numpy bridge; the only torch code shared by both roles.
+
+A :class:`~common.messages.ModelSpec` names a built-in (``logreg``, ``mlp``, ``cnn``) or a user's
+``module:function`` installed on every node; code never travels over the broker, only weights. The
+aggregator builds the model once to draw the initial weights; nodes build it to train.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+from common.errors import ConfigError
+from common.messages import ModelSpec
+
+__all__ = ["BUILTIN_MODELS", "build_model", "load_params", "model_params"]
+
+
+def _logreg(in_features: int, num_classes: int = 2) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(in_features), int(num_classes)))
+
+
+def _mlp(in_features: int, num_classes: int = 2, hidden: int = 64) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(int(in_features), int(hidden)),
+        nn.ReLU(),
+        nn.Linear(int(hidden), int(num_classes)),
+    )
+
+
+def _cnn(in_channels: int = 1, num_classes: int = 2, width: int = 16) -> nn.Module:
+    """Two conv blocks for 28x28 images (MedMNIST): about 110 K parameters at width 16."""
+    w = int(width)
+    return nn.Sequential(
+        nn.Conv2d(int(in_channels), w, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(w, 2 * w, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * w * 7 * 7, 64),
+        nn.ReLU(),
+        nn.Linear(64, int(num_classes)),
+    )
+
+
+BUILTIN_MODELS: Mapping[str, Callable[..., nn.Module]] = {
+    "logreg": _logreg,
+    "mlp": _mlp,
+    "cnn": _cnn,
+}
+
+
+def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
+    """Instantiate the model a spec names; ``seed`` fixes the initial weights."""
+    factory = BUILTIN_MODELS.get(spec.name) or _import_factory(spec.name)
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        model = factory(**spec.kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            f"model {spec.name!r} rejected its arguments {spec.kwargs}: {exc}"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model factory {spec.name!r} returned {type(model).__name__}")
+    return model
+
+
+def _import_factory(reference: str) -> Callable[..., Any]:
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name or not attr:
+        known = ", ".join(BUILTIN_MODELS)
+        raise ConfigError(f"model {reference!r} is neither built in ({known}) nor module:function")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load model factory {reference!r}: {exc}") from exc
+    if not callable(factory):
+        raise ConfigError(f"model factory {reference!r} is not callable")
+    return factory  # type: ignore[no-any-return]
+
+
+def model_params(model: nn.Module) -> dict[str, NDArray[np.float32]]:
+    """The floating-point state (parameters and float buffers) as float32 numpy arrays."""
+    return {
+        name: tensor.detach().to("cpu", torch.float32).numpy().copy()
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point()
+    }
+
+
+def load_params(model: nn.Module, params: Mapping[str, NDArray[np.float32]]) -> None:
+    """Copy weights into ``model`` in place, after checking names and shapes."""
+    state = model.state_dict()
+    expected = {name for name, tensor in state.items() if tensor.is_floating_point()}
+    if set(params) != expected:
+        missing, extra = sorted(expected - set(params)), sorted(set(params) - expected)
+        raise ConfigError(f"weights do not fit the model: missing {missing}, unexpected {extra}")
+    with torch.no_grad():
+        for name, value in params.items():
+            target = state[name]
+            if tuple(target.shape) != value.shape:
+                raise ConfigError(f"{name}: weights {value.shape} vs model {tuple(target.shape)}")
+            target.copy_(torch.from_numpy(np.array(value, dtype=np.float32)))

@@ -1,0 +1,332 @@
+"""The MQTT boundary: the only module that imports paho.
+
+Theory of operation. :class:`MqttClient` owns one paho client and one named network thread. paho's
+callbacks never do work: they put a :class:`Message` or a :class:`ConnectionEvent` on the client's
+``inbox`` queue, which the owning service drains on its own thread. The network thread connects,
+runs paho's loop, and on any loss reconnects with capped, fully jittered backoff (paho's own
+reconnect delay has no jitter, so a broker restart would bring every hospital back in step).
+Subscriptions are remembered and renewed on every connect. QoS 1 publishes made while offline are
+queued by paho and sent on reconnect. Return codes become exceptions at the call site.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from common.backoff import Backoff
+from common.broker_url import BrokerEndpoint, TlsFiles
+from common.errors import BrokerError, BrokerUnavailable
+from common.topics import Topic
+
+__all__ = ["ConnectionEvent", "Message", "MqttClient", "Will"]
+
+log = logging.getLogger(__name__)
+
+# A persistent session outlives a disconnect by this long (MQTT 5; 3.1.1 sessions never expire).
+SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEvent:
+    """Put on the inbox on every (re)connect and loss, so services can resend or pause."""
+
+    connected: bool
+    session_present: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: Topic
+    payload: bytes
+
+
+InboxItem = Message | ConnectionEvent
+
+
+class MqttClient:
+    """A reconnecting MQTT client whose events arrive on ``inbox``."""
+
+    def __init__(
+        self,
+        endpoint: BrokerEndpoint,
+        client_id: str,
+        *,
+        persistent_session: bool = False,
+        will: Will | None = None,
+        tls_files: TlsFiles | None = None,
+        keepalive: int = 30,
+        backoff: Backoff | None = None,
+        max_inflight: int = 20,
+        connect_timeout: float = 15.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.client_id = client_id
+        self.inbox: queue.Queue[InboxItem] = queue.Queue()
+        self._persistent = persistent_session
+        self._will = will
+        self._tls_files = tls_files or TlsFiles()
+        self._keepalive = keepalive
+        self._backoff = backoff or Backoff()
+        self._max_inflight = max_inflight
+        self._connect_timeout = connect_timeout
+        self._subscriptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._paho: paho.Client | None = None
+        self._attempt = 0
+        self._last_error = ""
+        self._unconfirmed: list[paho.MQTTMessageInfo] = []
+
+    # -- lifecycle
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start the network thread and wait for the first successful connection."""
+        timeout = self._connect_timeout if timeout is None else timeout
+        if self._thread is not None:
+            raise BrokerError(f"client {self.client_id} already started")
+        self._paho = self._build()
+        self._thread = threading.Thread(
+            target=self._network_loop, name=f"mqtt-{self.client_id}", daemon=True
+        )
+        self._thread.start()
+        if not self._connected.wait(timeout):
+            self.close()
+            raise BrokerUnavailable(
+                f"could not connect to {self.endpoint.redacted()} as {self.client_id!r} within "
+                f"{timeout:.0f}s: {self._last_error or 'no answer'}"
+            )
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush QoS 1 publishes, disconnect cleanly (no Last Will) and stop the network thread."""
+        self.flush(timeout)
+        self._stopping.set()
+        client = self._paho
+        if client is not None and self._connected.is_set():
+            client.disconnect()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._connected.clear()
+
+    # -- operations
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now if connected, and on every (re)connect; may be called before start."""
+        with self._lock:
+            self._subscriptions[topic_filter] = qos
+        client = self._paho
+        if client is not None and self._connected.is_set():
+            rc, _ = client.subscribe(topic_filter, qos)
+            _check(rc, f"subscribe to {topic_filter}")
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+        client = self._paho
+        if client is not None and self._connected.is_set():
+            rc, _ = client.unsubscribe(topic_filter)
+            _check(rc, f"unsubscribe from {topic_filter}")
+
+    def publish(
+        self,
+        topic: Topic,
+        payload: bytes,
+        *,
+        wait: float | None = None,
+    ) -> None:
+        """Publish with the route's QoS and retain flag; optionally wait for the broker's ack.
+
+        While offline, QoS 1 messages are queued and sent on reconnect.
+        """
+        client = self._require()
+        info = client.publish(str(topic), payload, qos=topic.qos, retain=topic.retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise BrokerError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        self._track(info)
+        if wait is not None:
+            deadline = time.monotonic() + wait
+            while not info.is_published():
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"publish to {topic} not acknowledged within {wait:.1f}s")
+                info.wait_for_publish(min(0.1, wait))
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the broker has acknowledged every QoS 1 publish so far; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending = list(self._unconfirmed)
+        for info in pending:
+            while not info.is_published() and self._connected.is_set():
+                if time.monotonic() > deadline:
+                    return False
+                info.wait_for_publish(0.05)
+        with self._lock:
+            self._unconfirmed = [i for i in self._unconfirmed if not i.is_published()]
+        return not self._unconfirmed
+
+    def clear_retained(self, topic: Topic) -> None:
+        """Remove a retained message (a zero-length retained publish)."""
+        client = self._require()
+        self._track(client.publish(str(topic), b"", qos=topic.qos, retain=True))
+
+    def _track(self, info: paho.MQTTMessageInfo) -> None:
+        with self._lock:
+            if len(self._unconfirmed) > 256:
+                self._unconfirmed = [i for i in self._unconfirmed if not i.is_published()]
+            self._unconfirmed.append(info)
+
+    # -- internals
+
+    def _require(self) -> paho.Client:
+        if self._paho is None:
+            raise BrokerError(f"client {self.client_id} is not started")
+        return self._paho
+
+    def _build(self) -> paho.Client:
+        v5 = self.endpoint.protocol == "5"
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=None if v5 else not self._persistent,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        client.max_inflight_messages_set(self._max_inflight)
+        if self.endpoint.username:
+            client.username_pw_set(self.endpoint.username, self.endpoint.password)
+        if self.endpoint.tls:
+            files = self._tls_files
+            client.tls_set(
+                ca_certs=files.ca_file,
+                certfile=files.cert_file,
+                keyfile=files.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if self._will is not None:
+            client.will_set(
+                str(self._will.topic), self._will.payload, qos=self._will.topic.qos, retain=True
+            )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        properties = None
+        clean_start: paho.CleanStartOption = paho.MQTT_CLEAN_START_FIRST_ONLY
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            if self._persistent:
+                properties.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
+            clean_start = not self._persistent
+        client.connect_async(
+            self.endpoint.host,
+            self.endpoint.port,
+            keepalive=self._keepalive,
+            clean_start=clean_start,
+            properties=properties,
+        )
+        return client
+
+    def _network_loop(self) -> None:
+        client = self._require()
+        while not self._stopping.is_set():
+            try:
+                rc = client.reconnect()
+            except (OSError, ssl.SSLError) as exc:
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                rc = MQTTErrorCode.MQTT_ERR_NO_CONN
+            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stopping.is_set():
+                rc = client.loop(timeout=0.5)
+            if self._stopping.is_set():
+                # Let paho send the DISCONNECT queued by close().
+                client.loop(timeout=0.1)
+                break
+            delay = self._backoff.delay(self._attempt)
+            self._attempt += 1
+            log.info(
+                "broker %s unreachable as %s (%s); retrying in %.1fs",
+                self.endpoint.redacted(),
+                self.client_id,
+                self._last_error or paho.error_string(rc),
+                delay,
+            )
+            self._stopping.wait(delay)
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self._last_error = f"broker refused the connection: {reason_code}"
+            return
+        self._attempt = 0
+        self._last_error = ""
+        with self._lock:
+            subscriptions = list(self._subscriptions.items())
+        for topic_filter, qos in subscriptions:
+            client.subscribe(topic_filter, qos)
+        self._connected.set()
+        self.inbox.put(ConnectionEvent(connected=True, session_present=flags.session_present))
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected:
+            self.inbox.put(ConnectionEvent(connected=False, reason=str(reason_code)))
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        self.inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos)))
+
+
+def _check(rc: MQTTErrorCode, what: str) -> None:
+    if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        raise BrokerError(f"{what} failed: {paho.error_string(rc)}")

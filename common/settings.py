@@ -1,0 +1,44 @@
+"""Settings every role shares: where the broker is and which federation to join.
+
+Each service has one pydantic-settings class that extends :class:`ConnectionSettings`; values come
+from flags (passed by the CLI), ``HEALTHNET_*`` environment variables and a ``.env`` file, in that
+order of precedence. Tests construct settings directly.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.broker_url import BrokerEndpoint, TlsFiles
+
+__all__ = ["SETTINGS_CONFIG", "ConnectionSettings"]
+
+SETTINGS_CONFIG = SettingsConfigDict(
+    env_prefix="HEALTHNET_",
+    env_file=".env",
+    env_file_encoding="utf-8",
+    env_nested_delimiter="__",
+    extra="ignore",
+    frozen=True,
+)
+
+
+class ConnectionSettings(BaseSettings):
+    model_config = SETTINGS_CONFIG
+
+    broker_url: SecretStr = Field(
+        default=SecretStr("mqtt://127.0.0.1:1883"),
+        description="mqtt://[user[:password]@]host[:port][?protocol=5], or mqtts:// for TLS",
+    )
+    federation: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    connect_timeout: float = Field(default=15.0, gt=0)
+
+    def endpoint(self) -> BrokerEndpoint:
+        return BrokerEndpoint.parse(self.broker_url.get_secret_value())
+
+    def tls_files(self) -> TlsFiles:
+        return TlsFiles(ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file)

@@ -1,0 +1,189 @@
+"""The healthNET topic tree: every topic string is built and parsed here, with its QoS and retain.
+
+All topics live under ``healthnet/v1/{federation}/``. The ``{node}`` segment is the broker identity
+of the sender; the aggregator checks it against the envelope's sender. Identifiers are restricted
+to a safe alphabet so that they can never inject MQTT wildcards or extra levels.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from common.errors import TopicError
+
+__all__ = ["ROOT", "Route", "Topic", "TopicTree", "validate_identifier"]
+
+ROOT = "healthnet/v1"
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def validate_identifier(value: str, what: str = "identifier") -> str:
+    """Return ``value`` if it is a safe topic segment (no wildcards, slashes or spaces)."""
+    if not _IDENTIFIER.fullmatch(value):
+        raise TopicError(
+            f"{what} {value!r} is invalid: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+class Route(StrEnum):
+    """The kinds of topic in the tree; each has a fixed QoS and retain flag."""
+
+    MANIFEST = "model/manifest"
+    CHUNK = "model/chunk"
+    UPDATE = "updates"
+    ACK = "acks"
+    NODE_STATUS = "nodes/status"
+    NODE_EVAL = "nodes/eval"
+    CONTROL_REQUEST = "control/requests"
+    CONTROL_REPLY = "control/replies"
+    AGGREGATOR_STATUS = "aggregator/status"
+    VERSIONS = "versions"
+
+    @property
+    def qos(self) -> int:
+        return 1
+
+    @property
+    def retain(self) -> bool:
+        # The manifest, its chunks and every status are state, not events: a late subscriber
+        # must see the latest value at once.
+        return self in _RETAINED
+
+
+_RETAINED = frozenset({Route.MANIFEST, Route.CHUNK, Route.NODE_STATUS, Route.AGGREGATOR_STATUS})
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """One concrete topic; ``str(topic)`` is the MQTT topic name."""
+
+    federation: str
+    route: Route
+    node: str | None = None
+    version: int | None = None
+    chunk: int | None = None
+    request_id: str | None = None
+
+    @property
+    def qos(self) -> int:
+        return self.route.qos
+
+    @property
+    def retain(self) -> bool:
+        return self.route.retain
+
+    def __str__(self) -> str:
+        base = f"{ROOT}/{self.federation}"
+        match self.route:
+            case Route.CHUNK:
+                return f"{base}/model/v{self.version}/chunk/{self.chunk}"
+            case Route.UPDATE | Route.ACK:
+                return f"{base}/{self.route.value}/{self.node}"
+            case Route.NODE_STATUS:
+                return f"{base}/nodes/{self.node}/status"
+            case Route.NODE_EVAL:
+                return f"{base}/nodes/{self.node}/eval"
+            case Route.CONTROL_REPLY:
+                return f"{base}/control/replies/{self.request_id}"
+            case _:
+                return f"{base}/{self.route.value}"
+
+
+class TopicTree:
+    """Builds and parses the topics of one federation."""
+
+    def __init__(self, federation: str) -> None:
+        self.federation = validate_identifier(federation, "federation")
+        self.prefix = f"{ROOT}/{self.federation}"
+
+    def manifest(self) -> Topic:
+        return Topic(self.federation, Route.MANIFEST)
+
+    def chunk(self, version: int, index: int) -> Topic:
+        if version < 0 or index < 0:
+            raise TopicError(f"chunk topic needs non-negative version and index: {version}/{index}")
+        return Topic(self.federation, Route.CHUNK, version=version, chunk=index)
+
+    def update(self, node: str) -> Topic:
+        return Topic(self.federation, Route.UPDATE, node=validate_identifier(node, "node"))
+
+    def ack(self, node: str) -> Topic:
+        return Topic(self.federation, Route.ACK, node=validate_identifier(node, "node"))
+
+    def node_status(self, node: str) -> Topic:
+        return Topic(self.federation, Route.NODE_STATUS, node=validate_identifier(node, "node"))
+
+    def node_eval(self, node: str) -> Topic:
+        return Topic(self.federation, Route.NODE_EVAL, node=validate_identifier(node, "node"))
+
+    def control_requests(self) -> Topic:
+        return Topic(self.federation, Route.CONTROL_REQUEST)
+
+    def control_reply(self, request_id: str) -> Topic:
+        return Topic(
+            self.federation,
+            Route.CONTROL_REPLY,
+            request_id=validate_identifier(request_id, "request id"),
+        )
+
+    def aggregator_status(self) -> Topic:
+        return Topic(self.federation, Route.AGGREGATOR_STATUS)
+
+    def versions(self) -> Topic:
+        return Topic(self.federation, Route.VERSIONS)
+
+    # Subscription filters: the only places where wildcards appear.
+    def all_updates(self) -> str:
+        return f"{self.prefix}/updates/+"
+
+    def all_chunks(self) -> str:
+        return f"{self.prefix}/model/+/chunk/+"
+
+    def all_node_status(self) -> str:
+        return f"{self.prefix}/nodes/+/status"
+
+    def all_node_evals(self) -> str:
+        return f"{self.prefix}/nodes/+/eval"
+
+    def parse(self, topic: str) -> Topic:
+        """Parse a topic name of this federation; raise TopicError for anything else."""
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            raise TopicError(f"topic {topic!r} is not under {self.prefix!r}")
+        parts = topic[len(head) :].split("/")
+        fed = self.federation
+        try:
+            match parts:
+                case ["model", "manifest"]:
+                    return Topic(fed, Route.MANIFEST)
+                case ["model", version, "chunk", index] if version.startswith("v"):
+                    return self.chunk(_number(version[1:]), _number(index))
+                case ["updates", node]:
+                    return self.update(node)
+                case ["acks", node]:
+                    return self.ack(node)
+                case ["nodes", node, "status"]:
+                    return self.node_status(node)
+                case ["nodes", node, "eval"]:
+                    return self.node_eval(node)
+                case ["control", "requests"]:
+                    return Topic(fed, Route.CONTROL_REQUEST)
+                case ["control", "replies", request_id]:
+                    return self.control_reply(request_id)
+                case ["aggregator", "status"]:
+                    return Topic(fed, Route.AGGREGATOR_STATUS)
+                case ["versions"]:
+                    return Topic(fed, Route.VERSIONS)
+        except TopicError as exc:
+            raise TopicError(f"topic {topic!r}: {exc}") from exc
+        raise TopicError(f"topic {topic!r} is not a healthNET route")
+
+
+def _number(text: str) -> int:
+    if not text.isdigit() or len(text) > 12:
+        raise TopicError(f"{text!r} is not a non-negative integer")
+    return int(text)

@@ -1,0 +1,1 @@
+"""The healthNET edge node: trains the global model on a hospital's data, which never leaves."""

@@ -1,0 +1,392 @@
+"""The edge node's shell: MQTT, the outbox, and a worker thread around :class:`NodeSession`.
+
+The service thread drains the MQTT inbox (model chunks, manifests, aggregator status, acks) and
+hands training and evaluation to a single named worker thread, so the connection keeps being
+serviced while torch runs. An update goes to the on-disk outbox before it is published and leaves
+it only when the aggregator's ack arrives; on every reconnect and after ``ack_timeout`` the outbox
+is resent with the same update ids.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import TYPE_CHECKING, TypeVar
+
+from common.blobs import ModelDownload
+from common.codec import array_to_tensor, decode, decode_tensors, encode, envelope, new_id
+from common.errors import ConfigError, ProtocolError, TopicError
+from common.messages import (
+    Ack,
+    AggregatorStatus,
+    Body,
+    Evaluation,
+    Manifest,
+    ModelSpec,
+    NodeState,
+    NodeStatus,
+    TrainMetrics,
+    Update,
+)
+from common.mqtt import ConnectionEvent, Message, MqttClient, Will
+from common.topics import Route, Topic, TopicTree
+from edge_node.datasets import LocalDataset, load_dataset
+from edge_node.outbox import Outbox
+from edge_node.session import Job, JobKind, NodeSession
+from edge_node.settings import NodeSettings
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from edge_node.training import EvalResult, TrainResult
+
+__all__ = ["NodeService"]
+
+log = logging.getLogger(__name__)
+
+B = TypeVar("B", bound=Body)
+
+
+def _software_version() -> str:
+    try:
+        return f"healthnet {package_version('healthnet')}"
+    except PackageNotFoundError:
+        return "healthnet (source)"
+
+
+class NodeService:
+    """One hospital's node: runs until stopped, or until the run ends if so configured."""
+
+    def __init__(self, settings: NodeSettings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.topics = TopicTree(settings.federation)
+        self.outbox = Outbox(settings.state_dir / "outbox")
+        self.session = NodeSession()
+        self._clock = clock
+        self._download = ModelDownload(max_blob_bytes=settings.max_model_bytes)
+        self._client: MqttClient | None = None
+        self._dataset: LocalDataset | None = None
+        self._model: nn.Module | None = None
+        self._model_spec: ModelSpec | None = None
+        self._device: torch.device | None = None
+        self._job: tuple[Job, concurrent.futures.Future[object]] | None = None
+        self._sent_at: dict[str, float] = {}
+        self._published_state: tuple[NodeState, int | None] | None = None
+
+    # -- lifecycle
+
+    def run(self, stop_event: threading.Event | None = None) -> None:
+        stop_event = stop_event or threading.Event()
+        settings = self.settings
+        import torch
+
+        from edge_node.training import resolve_device
+
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self._device = resolve_device(settings.device)
+        self._dataset = load_dataset(settings.data)
+        self.outbox.open()
+        log.info(
+            "node %s: %s, %d train / %d test examples, device %s, %d updates in the outbox",
+            settings.node_id,
+            settings.data,
+            self._dataset.num_train,
+            self._dataset.num_test,
+            self._device,
+            len(self.outbox),
+        )
+        client = MqttClient(
+            settings.endpoint(),
+            settings.node_id,
+            persistent_session=False,
+            will=Will(self.topics.node_status(settings.node_id), self._status_bytes(offline=True)),
+            tls_files=settings.tls_files(),
+            connect_timeout=settings.connect_timeout,
+        )
+        with (
+            concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"work-{settings.node_id}"
+            ) as worker,
+            client,
+        ):
+            self._client = client
+            client.subscribe(str(self.topics.manifest()))
+            client.subscribe(self.topics.all_chunks())
+            client.subscribe(str(self.topics.aggregator_status()))
+            client.subscribe(str(self.topics.ack(settings.node_id)))
+            self._publish_status()
+            try:
+                self._serve(client, worker, stop_event)
+            finally:
+                client.publish(
+                    self.topics.node_status(settings.node_id),
+                    self._status_bytes(offline=True),
+                    wait=2.0,
+                )
+
+    def _serve(
+        self,
+        client: MqttClient,
+        worker: concurrent.futures.ThreadPoolExecutor,
+        stop_event: threading.Event,
+    ) -> None:
+        while not stop_event.is_set():
+            try:
+                item = client.inbox.get(timeout=0.2)
+            except queue.Empty:
+                item = None
+            match item:
+                case Message():
+                    self._on_message(item)
+                case ConnectionEvent(connected=True):
+                    self._resend(force=True)
+                    self._published_state = None
+                case ConnectionEvent(connected=False):
+                    log.warning("node %s: lost the broker; reconnecting", self.settings.node_id)
+                case None:
+                    pass
+            self._collect_job()
+            self._start_job(worker)
+            self._resend(force=False)
+            self._publish_status()
+            if self.settings.exit_when_stopped and self.session.finished():
+                log.info("node %s: the run is stopped; exiting", self.settings.node_id)
+                return
+
+    # -- inbound
+
+    def _on_message(self, message: Message) -> None:
+        try:
+            topic = self.topics.parse(message.topic)
+        except TopicError as exc:
+            log.warning("node %s: unexpected topic: %s", self.settings.node_id, exc)
+            return
+        try:
+            match topic.route:
+                case Route.CHUNK:
+                    self._download.on_chunk(topic.version or 0, topic.chunk or 0, message.payload)
+                    self._take_model()
+                case Route.MANIFEST:
+                    manifest = self._decode(message, Manifest)
+                    if manifest is not None:
+                        self._download.on_manifest(manifest)
+                        self._take_model()
+                case Route.AGGREGATOR_STATUS:
+                    status = self._decode(message, AggregatorStatus)
+                    if status is not None:
+                        self.session.on_status(status.state, status.run_id)
+                case Route.ACK:
+                    ack = self._decode(message, Ack)
+                    if ack is not None:
+                        self._on_ack(ack)
+                case _:
+                    pass
+        except ProtocolError as exc:
+            log.warning("node %s: %s", self.settings.node_id, exc)
+
+    def _decode(self, message: Message, kind: type[B]) -> B | None:
+        if not message.payload:
+            return None
+        body = decode(message.payload, max_bytes=self.settings.max_model_bytes).body
+        if not isinstance(body, kind):
+            raise ProtocolError(f"{type(body).__name__} on {message.topic}")
+        return body
+
+    def _take_model(self) -> None:
+        ready = self._download.take()
+        if ready is None:
+            return
+        manifest, blob = ready
+        params = decode_tensors(blob, max_bytes=self.settings.max_model_bytes)
+        self._ensure_model(manifest.model)
+        self.session.on_model(manifest, params)
+        log.info(
+            "node %s: model v%d of run %s ready (%d bytes)",
+            self.settings.node_id,
+            manifest.version,
+            manifest.run_id,
+            manifest.blob_bytes,
+        )
+
+    def _ensure_model(self, spec: ModelSpec) -> None:
+        if self._model is not None and spec == self._model_spec:
+            return
+        from common.models import build_model
+
+        try:
+            self._model = build_model(spec)
+        except ConfigError:
+            log.exception("node %s: cannot build model %s", self.settings.node_id, spec.name)
+            raise
+        self._model_spec = spec
+
+    def _on_ack(self, ack: Ack) -> None:
+        known = self.outbox.remove(ack.update_id)
+        self._sent_at.pop(ack.update_id, None)
+        if not known:
+            return
+        if ack.accepted:
+            log.info(
+                "node %s: update %s accepted (global v%d)",
+                self.settings.node_id,
+                ack.update_id[:8],
+                ack.current_version,
+            )
+        else:
+            log.warning(
+                "node %s: update %s rejected at v%d: %s (%s)",
+                self.settings.node_id,
+                ack.update_id[:8],
+                ack.current_version,
+                ack.reason.value if ack.reason else "?",
+                ack.detail,
+            )
+
+    # -- jobs
+
+    def _start_job(self, worker: concurrent.futures.ThreadPoolExecutor) -> None:
+        if self._job is not None:
+            return
+        job = self.session.next_job()
+        if job is None:
+            return
+        future: concurrent.futures.Future[object] = worker.submit(self._run_job, job)
+        self._job = (job, future)
+        self._publish_status()
+
+    def _run_job(self, job: Job) -> object:
+        from edge_node.training import evaluate, train
+
+        model, dataset, device = self._model, self._dataset, self._device
+        if model is None or dataset is None or device is None:
+            raise ConfigError("node is not ready: model, dataset or device missing")
+        if job.kind is JobKind.EVALUATE:
+            return evaluate(model, job.params, dataset.test_x, dataset.test_y, device=device)
+        seed = _job_seed(self.settings.seed, self.settings.node_id, job.manifest.version)
+        result = train(
+            model,
+            job.params,
+            dataset.train_x,
+            dataset.train_y,
+            job.manifest.training,
+            seed=seed,
+            device=device,
+        )
+        if self.settings.delay_seconds > 0:
+            time.sleep(self.settings.delay_seconds)  # the worker thread simulates a slow site
+        return result
+
+    def _collect_job(self) -> None:
+        if self._job is None or not self._job[1].done():
+            return
+        job, future = self._job
+        self._job = None
+        try:
+            result = future.result()
+        except Exception:
+            log.exception(
+                "node %s: %s of v%d failed", self.settings.node_id, job.kind, job.manifest.version
+            )
+            self.session.job_failed()
+            return
+        self.session.job_done(job)
+        if job.kind is JobKind.EVALUATE:
+            self._publish_evaluation(job, result)  # type: ignore[arg-type]
+        else:
+            self._publish_update(job, result)  # type: ignore[arg-type]
+
+    def _publish_evaluation(self, job: Job, result: EvalResult) -> None:
+        evaluation = Evaluation(
+            run_id=job.manifest.run_id,
+            version=job.manifest.version,
+            loss=result.loss,
+            accuracy=result.accuracy,
+            correct=result.correct,
+            num_examples=result.num_examples,
+        )
+        self._send(self.topics.node_eval(self.settings.node_id), evaluation)
+        log.info(
+            "node %s: v%d test accuracy %.3f (%d/%d)",
+            self.settings.node_id,
+            job.manifest.version,
+            result.accuracy,
+            result.correct,
+            result.num_examples,
+        )
+
+    def _publish_update(self, job: Job, result: TrainResult) -> None:
+        delta = {name: result.params[name] - base for name, base in job.params.items()}
+        update = Update(
+            update_id=new_id(),
+            run_id=job.manifest.run_id,
+            base_version=job.manifest.version,
+            num_samples=result.num_samples,
+            metrics=TrainMetrics(
+                loss=result.loss, accuracy=result.accuracy, seconds=result.seconds
+            ),
+            delta=tuple(array_to_tensor(name, value) for name, value in delta.items()),
+        )
+        payload = encode(envelope(update, sender=self.settings.node_id, sent_at=self._clock()))
+        self.outbox.put(update.update_id, payload)
+        self._publish_raw_update(update.update_id, payload)
+        log.info(
+            "node %s: update %s from v%d sent (%d bytes, train loss %.4f)",
+            self.settings.node_id,
+            update.update_id[:8],
+            job.manifest.version,
+            len(payload),
+            result.loss,
+        )
+
+    # -- outbound
+
+    def _publish_raw_update(self, update_id: str, payload: bytes) -> None:
+        assert self._client is not None  # noqa: S101
+        self._client.publish(self.topics.update(self.settings.node_id), payload)
+        self._sent_at[update_id] = self._clock()
+
+    def _resend(self, *, force: bool) -> None:
+        now = self._clock()
+        for update_id, payload in self.outbox.pending():
+            last = self._sent_at.get(update_id)
+            if force or last is None or now - last >= self.settings.ack_timeout:
+                log.info("node %s: resending update %s", self.settings.node_id, update_id[:8])
+                self._publish_raw_update(update_id, payload)
+
+    def _status_bytes(self, *, offline: bool = False) -> bytes:
+        dataset = self._dataset
+        status = NodeStatus(
+            state=NodeState.OFFLINE if offline else self.session.node_state(),
+            version=self.session.version,
+            software=_software_version(),
+            device=str(self._device or ""),
+            num_train=dataset.num_train if dataset else 0,
+            num_test=dataset.num_test if dataset else 0,
+        )
+        return encode(envelope(status, sender=self.settings.node_id, sent_at=self._clock()))
+
+    def _publish_status(self) -> None:
+        current = (self.session.node_state(), self.session.version)
+        if current == self._published_state or self._client is None:
+            return
+        self._client.publish(self.topics.node_status(self.settings.node_id), self._status_bytes())
+        self._published_state = current
+
+    def _send(self, topic: Topic, body: Body) -> None:
+        assert self._client is not None  # noqa: S101
+        env = envelope(body, sender=self.settings.node_id, sent_at=self._clock())
+        self._client.publish(topic, encode(env))
+
+
+def _job_seed(seed: int, node_id: str, version: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{node_id}/{version}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF

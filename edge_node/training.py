@@ -1,0 +1,123 @@
+"""Local training and evaluation with PyTorch, on numpy arrays in and numpy arrays out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+from common.messages import TrainingConfig
+from common.models import load_params, model_params
+
+__all__ = ["EvalResult", "TrainResult", "evaluate", "resolve_device", "train"]
+
+Params = Mapping[str, NDArray[np.float32]]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    params: dict[str, NDArray[np.float32]]
+    loss: float
+    accuracy: float
+    seconds: float
+    num_samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    correct: int
+    num_examples: int
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when this machine has it, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(
+    model: nn.Module,
+    base: Params,
+    x: NDArray[np.float32],
+    y: NDArray[np.int64],
+    config: TrainingConfig,
+    *,
+    seed: int,
+    device: torch.device,
+) -> TrainResult:
+    """Train ``model`` from ``base`` for ``config.epochs`` and return its new weights."""
+    started = time.perf_counter()
+    load_params(model, base)
+    model.to(device).train()
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=config.learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    loss_fn = nn.CrossEntropyLoss()
+    features = torch.from_numpy(x).to(device)
+    labels = torch.from_numpy(y).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    total_loss, correct, seen = 0.0, 0, 0
+    for _ in range(config.epochs):
+        order = torch.randperm(len(labels), generator=generator).to(device)
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            logits = model(features[batch])
+            loss = loss_fn(logits, labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(batch)
+            correct += int((logits.detach().argmax(dim=1) == labels[batch]).sum())
+            seen += len(batch)
+    model.to("cpu")
+    return TrainResult(
+        params=model_params(model),
+        loss=total_loss / max(seen, 1),
+        accuracy=correct / max(seen, 1),
+        seconds=time.perf_counter() - started,
+        num_samples=len(labels),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    params: Params,
+    x: NDArray[np.float32],
+    y: NDArray[np.int64],
+    *,
+    device: torch.device,
+    batch_size: int = 1024,
+) -> EvalResult:
+    load_params(model, params)
+    model.to(device).eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        features = torch.from_numpy(x[start : start + batch_size]).to(device)
+        labels = torch.from_numpy(y[start : start + batch_size]).to(device)
+        logits = model(features)
+        total_loss += float(loss_fn(logits, labels))
+        correct += int((logits.argmax(dim=1) == labels).sum())
+    model.to("cpu")
+    n = len(y)
+    return EvalResult(
+        loss=total_loss / max(n, 1), accuracy=correct / max(n, 1), correct=correct, num_examples=n
+    )

@@ -1,0 +1,1 @@
+"""healthNET command line, demo orchestration and embedded broker."""

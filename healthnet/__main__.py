@@ -1,0 +1,5 @@
+"""``python -m healthnet`` is the ``healthnet`` command."""
+
+from healthnet.cli import main
+
+main()

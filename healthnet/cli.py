@@ -1,0 +1,451 @@
+"""The ``healthnet`` command: demo, aggregator, node, broker, run control and status.
+
+Every command takes the broker URL and federation as flags or ``HEALTHNET_*`` environment
+variables (or a ``.env`` file). Flags left unset fall through to the environment, then defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.errors import HealthNetError
+from common.messages import (
+    AggregatorStatus,
+    ControlCommand,
+    ServerOptimizerKind,
+    StalenessKind,
+)
+
+app = typer.Typer(
+    name="healthnet",
+    help="Asynchronous federated learning for hospitals over MQTT.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+aggregator_app = typer.Typer(help="Run the aggregator.", no_args_is_help=True)
+node_app = typer.Typer(help="Run an edge node (one per hospital).", no_args_is_help=True)
+app.add_typer(aggregator_app, name="aggregator")
+app.add_typer(node_app, name="node")
+
+console = Console()
+err_console = Console(stderr=True)
+
+BrokerUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--broker-url",
+        help="mqtt://[user[:pass]@]host[:port][?protocol=5] or mqtts://… "
+        "[env: HEALTHNET_BROKER_URL]",
+        show_default=False,
+    ),
+]
+FederationOpt = Annotated[
+    str | None,
+    typer.Option("--federation", help="federation id [env: HEALTHNET_FEDERATION]"),
+]
+LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR")]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """Only the flags the user set, so that unset ones fall through to env and defaults."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(code=1)
+
+
+# -- demo ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    versions: Annotated[int, typer.Option(help="stop after this many global versions")] = 40,
+    target_accuracy: Annotated[
+        float | None, typer.Option(help="stop once the mean test accuracy reaches this")
+    ] = None,
+    summary: Annotated[Path | None, typer.Option(help="write a JSON summary here")] = None,
+    federation: Annotated[str, typer.Option(help="named federation to run")] = "heart-disease",
+    mode: Annotated[str, typer.Option(help="fedbuff, sync (FedAvg) or fedasync")] = "fedbuff",
+    buffer_size: Annotated[int | None, typer.Option(help="K for fedbuff")] = None,
+    broker: Annotated[str, typer.Option(help="embedded broker: auto, mosquitto or amqtt")] = "auto",
+    broker_url: Annotated[
+        str | None, typer.Option(help="use this broker instead of an embedded one")
+    ] = None,
+    delay: Annotated[
+        list[str] | None, typer.Option(help="NODE=SECONDS: slow a hospital down (repeatable)")
+    ] = None,
+    workdir: Annotated[Path | None, typer.Option(help="keep state and logs here")] = None,
+    seed: int = 0,
+    timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 600.0,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Run a whole federation locally (broker, aggregator, hospitals) and report accuracy."""
+    from healthnet.demo import DemoConfig, render, run_demo
+
+    _setup_logging(log_level)
+    if mode not in ("fedbuff", "sync", "fedasync"):
+        raise _fail(ValueError(f"--mode must be fedbuff, sync or fedasync, not {mode!r}"))
+    if broker not in ("auto", "mosquitto", "amqtt"):
+        raise _fail(ValueError(f"--broker must be auto, mosquitto or amqtt, not {broker!r}"))
+    delays: dict[str, float] = {}
+    for item in delay or []:
+        node, sep, seconds = item.partition("=")
+        if not sep:
+            raise _fail(ValueError(f"--delay takes NODE=SECONDS, got {item!r}"))
+        delays[node] = float(seconds)
+    config = DemoConfig(
+        federation=federation,
+        versions=versions,
+        target_accuracy=target_accuracy,
+        mode=mode,  # type: ignore[arg-type]
+        buffer_size=buffer_size,
+        broker=broker,  # type: ignore[arg-type]
+        broker_url=broker_url,
+        workdir=workdir,
+        delays=delays,
+        seed=seed,
+        timeout=timeout,
+    )
+    try:
+        result = run_demo(config, err_console)
+    except HealthNetError as exc:
+        raise _fail(exc) from exc
+    render(result, console)
+    if summary is not None:
+        summary.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+        err_console.print(f"summary written to {summary}")
+
+
+# -- services --------------------------------------------------------------------------------------
+
+
+@aggregator_app.command("run")
+def aggregator_run(
+    broker_url: BrokerUrl = None,
+    federation: FederationOpt = None,
+    state_dir: Annotated[Path | None, typer.Option(help="checkpoints, WAL, versions log")] = None,
+    run_id: Annotated[str | None, typer.Option(help="name of a new run")] = None,
+    model: Annotated[str | None, typer.Option(help="logreg, mlp, cnn or module:function")] = None,
+    model_kwargs: Annotated[str | None, typer.Option(help="JSON object of model arguments")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the initial weights")] = None,
+    buffer_size: Annotated[int | None, typer.Option(help="K: updates per version")] = None,
+    buffer_timeout: Annotated[
+        float | None, typer.Option(help="fold a partial buffer after")
+    ] = None,
+    max_staleness: Annotated[int | None, typer.Option(help="reject updates staler than")] = None,
+    staleness: Annotated[StalenessKind | None, typer.Option(help="staleness function")] = None,
+    staleness_a: Annotated[float | None, typer.Option(help="its exponent / slope a")] = None,
+    staleness_b: Annotated[int | None, typer.Option(help="hinge point b")] = None,
+    sample_exponent: Annotated[float | None, typer.Option(help="beta: n**beta weighting")] = None,
+    server_optimizer: Annotated[ServerOptimizerKind | None, typer.Option()] = None,
+    server_lr: Annotated[float | None, typer.Option(help="server learning rate eta")] = None,
+    max_update_norm: Annotated[float | None, typer.Option(help="reject larger updates")] = None,
+    max_versions: Annotated[int | None, typer.Option(help="stop the run at this version")] = None,
+    epochs: Annotated[int | None, typer.Option(help="local epochs per update")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="local batch size")] = None,
+    lr: Annotated[float | None, typer.Option(help="local learning rate")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="local optimizer: sgd or adam")] = None,
+    autostart: Annotated[
+        bool | None, typer.Option("--autostart/--no-autostart", help="fold at once")
+    ] = None,
+    status_interval: Annotated[float | None, typer.Option(help="status heartbeat, s")] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run the aggregator of one federation until the run is stopped."""
+    from aggregator.service import AggregatorService
+    from aggregator.settings import AggregatorSettings
+
+    _setup_logging(log_level)
+    knobs = _given(
+        buffer_size=buffer_size,
+        buffer_timeout=buffer_timeout,
+        max_staleness=max_staleness,
+        staleness=staleness,
+        staleness_a=staleness_a,
+        staleness_b=staleness_b,
+        sample_exponent=sample_exponent,
+        server_optimizer=server_optimizer,
+        server_lr=server_lr,
+        max_update_norm=max_update_norm,
+        max_versions=max_versions,
+    )
+    training = _given(epochs=epochs, batch_size=batch_size, learning_rate=lr, optimizer=optimizer)
+    if training:
+        knobs["training"] = training
+    model_spec: dict[str, Any] = _given(name=model)
+    if model_kwargs is not None:
+        model_spec["kwargs"] = json.loads(model_kwargs)
+    try:
+        settings = AggregatorSettings(
+            **_given(
+                broker_url=broker_url,
+                federation=federation,
+                state_dir=state_dir,
+                run_id=run_id,
+                seed=seed,
+                autostart=autostart,
+                status_interval=status_interval,
+                knobs=knobs or None,
+                model=model_spec or None,
+            )
+        )
+        AggregatorService(settings).run(_stop_on_signals())
+    except HealthNetError as exc:
+        raise _fail(exc) from exc
+
+
+@node_app.command("run")
+def node_run(
+    broker_url: BrokerUrl = None,
+    federation: FederationOpt = None,
+    node_id: Annotated[str | None, typer.Option(help="this hospital's broker identity")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="heart-disease:<hospital>, csv:<path>, npz:<path> or module:function"),
+    ] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="outbox and node state")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+    torch_threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
+    seed: int | None = None,
+    delay_seconds: Annotated[
+        float | None, typer.Option(help="artificial delay per update (tests, benchmarks)")
+    ] = None,
+    ack_timeout: Annotated[float | None, typer.Option(help="resend unacked updates after")] = None,
+    exit_when_stopped: Annotated[
+        bool | None, typer.Option("--exit-when-stopped/--stay", help="exit when the run stops")
+    ] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run one hospital's edge node: train on local data, publish deltas, evaluate versions."""
+    from edge_node.service import NodeService
+    from edge_node.settings import NodeSettings
+
+    _setup_logging(log_level)
+    try:
+        settings = NodeSettings(
+            **_given(
+                broker_url=broker_url,
+                federation=federation,
+                node_id=node_id,
+                data=data,
+                state_dir=state_dir,
+                device=device,
+                torch_threads=torch_threads,
+                seed=seed,
+                delay_seconds=delay_seconds,
+                ack_timeout=ack_timeout,
+                exit_when_stopped=exit_when_stopped,
+            )
+        )
+        NodeService(settings).run(_stop_on_signals())
+    except HealthNetError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def broker(
+    port: Annotated[int, typer.Option(help="TCP port")] = 1883,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    implementation: Annotated[str, typer.Option(help="auto, mosquitto or amqtt")] = "auto",
+    workdir: Annotated[Path | None, typer.Option(help="config, log, persistence")] = None,
+    persistence: Annotated[bool, typer.Option(help="keep sessions across restarts")] = False,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run the embedded MQTT broker (Mosquitto when installed, else amqtt) until interrupted."""
+    from healthnet.broker import BrokerConfig, EmbeddedBroker
+
+    _setup_logging(log_level)
+    if implementation not in ("auto", "mosquitto", "amqtt"):
+        raise _fail(ValueError("--implementation must be auto, mosquitto or amqtt"))
+    stop = _stop_on_signals()
+    config = BrokerConfig(
+        host=host,
+        port=port,
+        implementation=implementation,  # type: ignore[arg-type]
+        workdir=workdir,
+        persistence=persistence,
+    )
+    try:
+        with EmbeddedBroker(config) as running:
+            err_console.print(
+                f"{running.implementation} listening at {running.url} (log: {running.log_path}); "
+                "Ctrl-C stops it"
+            )
+            stop.wait()
+    except HealthNetError as exc:
+        raise _fail(exc) from exc
+
+
+# -- run control -----------------------------------------------------------------------------------
+
+
+def _control(command: ControlCommand, broker_url: str | None, federation: str | None,
+             knobs: dict[str, Any] | None = None) -> None:  # fmt: skip
+    from common.settings import ConnectionSettings
+    from healthnet.control import ControlClient
+
+    settings = ConnectionSettings(**_given(broker_url=broker_url, federation=federation))
+    try:
+        with ControlClient(settings) as client:
+            reply = client.request(command, knobs)
+    except HealthNetError as exc:
+        raise _fail(exc) from exc
+    console.print(reply.message)
+
+
+@app.command()
+def start(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> None:
+    """Start folding updates (for an aggregator run with --no-autostart)."""
+    _control(ControlCommand.START, broker_url, federation)
+
+
+@app.command()
+def pause(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> None:
+    """Pause the run: updates are still accepted and buffered, no new version is published."""
+    _control(ControlCommand.PAUSE, broker_url, federation)
+
+
+@app.command()
+def resume(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> None:
+    """Resume a paused run."""
+    _control(ControlCommand.RESUME, broker_url, federation)
+
+
+@app.command()
+def stop(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> None:
+    """Stop the run for good: a final checkpoint is written and the aggregator exits."""
+    _control(ControlCommand.STOP, broker_url, federation)
+
+
+@app.command("set")
+def set_knobs(
+    assignments: Annotated[list[str], typer.Argument(help="KNOB=VALUE, e.g. buffer_size=4")],
+    broker_url: BrokerUrl = None,
+    federation: FederationOpt = None,
+) -> None:
+    """Change live knobs (buffer_size, max_staleness, server_lr, training.epochs, ...)."""
+    knobs: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise _fail(ValueError(f"expected KNOB=VALUE, got {item!r}"))
+        knobs[key] = _parse_value(raw)
+    _control(ControlCommand.SET, broker_url, federation, knobs)
+
+
+def _parse_value(raw: str) -> int | float | str | bool | None:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    if isinstance(value, int | float | str | bool) or value is None:
+        return value
+    return raw
+
+
+@app.command()
+def status(
+    broker_url: BrokerUrl = None,
+    federation: FederationOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show the aggregator's state, version, buffer, knobs and counters."""
+    from common.settings import ConnectionSettings
+    from healthnet.control import ControlClient
+
+    settings = ConnectionSettings(**_given(broker_url=broker_url, federation=federation))
+    try:
+        with ControlClient(settings) as client:
+            snapshot = client.status()
+    except HealthNetError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        console.print_json(snapshot.model_dump_json())
+        return
+    _render_status(snapshot)
+
+
+def _render_status(snapshot: AggregatorStatus) -> None:
+    c, k = snapshot.counters, snapshot.knobs
+    console.print(
+        f"run [bold]{snapshot.run_id}[/bold]: {snapshot.state.value}, version {snapshot.version}, "
+        f"buffer {snapshot.buffer_fill}/{k.buffer_size}"
+    )
+    console.print(
+        f"updates: {c.received} received, {c.accepted} accepted, {c.rejected} rejected, "
+        f"{c.duplicates} duplicates, {c.folded} folded"
+    )
+    if c.rejections:
+        console.print("rejections: " + ", ".join(f"{r}={n}" for r, n in c.rejections.items()))
+    console.print(
+        f"knobs: K={k.buffer_size}, max_staleness={k.max_staleness}, staleness={k.staleness.value}"
+        f"(a={k.staleness_a}, b={k.staleness_b}), beta={k.sample_exponent}, "
+        f"server={k.server_optimizer.value}(lr={k.server_lr}), training={k.training.model_dump()}"
+    )
+
+
+@app.command()
+def nodes(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> None:
+    """List the hospitals: state, version lag, updates accepted and rejected, last accuracy."""
+    from common.settings import ConnectionSettings
+    from healthnet.control import ControlClient
+
+    settings = ConnectionSettings(**_given(broker_url=broker_url, federation=federation))
+    try:
+        with ControlClient(settings) as client:
+            snapshot = client.status()
+            statuses = client.nodes()
+    except HealthNetError as exc:
+        raise _fail(exc) from exc
+    ledger = {entry.node: entry for entry in snapshot.nodes}
+    table = Table(title=f"federation {settings.federation}, global v{snapshot.version}")
+    for column in ("node", "state", "version", "lag", "accepted", "rejected", "accuracy"):
+        table.add_column(column)
+    for name in sorted(set(ledger) | set(statuses)):
+        node_status, entry = statuses.get(name), ledger.get(name)
+        version = node_status.version if node_status else None
+        table.add_row(
+            name,
+            node_status.state.value if node_status else "?",
+            "-" if version is None else str(version),
+            "-" if version is None else str(snapshot.version - version),
+            str(entry.accepted) if entry else "0",
+            str(entry.rejected) if entry else "0",
+            "-" if entry is None or entry.eval_accuracy is None else f"{entry.eval_accuracy:.3f}",
+        )
+    console.print(table)
+
+
+def main() -> None:
+    app()

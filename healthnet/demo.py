@@ -1,0 +1,420 @@
+"""``healthnet demo``: a whole federation on one machine, as separate processes, to a summary.
+
+It starts a broker (embedded unless one is given), the aggregator and one node per hospital as
+child processes, follows the run over MQTT like any operator would (status, versions, the nodes'
+evaluations), stops it after N versions or at a target accuracy, and reports the test accuracy of
+the final global model at every hospital.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import queue
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.broker_url import BrokerEndpoint
+from common.codec import decode, encode, envelope, new_id
+from common.errors import HealthNetError, ProtocolError, TopicError
+from common.messages import (
+    AggregatorState,
+    AggregatorStatus,
+    ControlCommand,
+    ControlRequest,
+    Evaluation,
+    VersionRecord,
+)
+from common.mqtt import Message, MqttClient
+from common.topics import Route, TopicTree
+from healthnet.broker import BrokerConfig, BrokerImplementation, EmbeddedBroker
+from healthnet.federations import FEDERATIONS, Federation
+from healthnet.processes import ProcessGroup
+
+__all__ = ["DemoConfig", "DemoError", "DemoResult", "aggregator_args", "node_args", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["fedbuff", "sync", "fedasync"]
+
+
+class DemoError(HealthNetError):
+    """The demo federation failed: a process died or the run did not finish in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class DemoConfig:
+    federation: str = "heart-disease"
+    versions: int = 40
+    target_accuracy: float | None = None
+    mode: Mode = "fedbuff"
+    buffer_size: int | None = None
+    broker: BrokerImplementation = "auto"
+    broker_url: str | None = None
+    workdir: Path | None = None
+    delays: dict[str, float] = field(default_factory=dict)
+    timeout: float = 600.0
+    seed: int = 0
+    torch_threads: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DemoResult:
+    mean_accuracy: float
+    pooled_accuracy: float
+    per_node: dict[str, float]
+    versions: int
+    updates_folded: int
+    wall_seconds: float
+    mode: Mode
+    buffer_size: int
+    federation: str
+    broker: str
+    stalenesses: list[int]
+    max_staleness_weight: dict[str, float]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "mean_accuracy": self.mean_accuracy,
+            "pooled_accuracy": self.pooled_accuracy,
+            "per_node": self.per_node,
+            "versions": self.versions,
+            "updates_folded": self.updates_folded,
+            "wall_seconds": self.wall_seconds,
+            "mode": self.mode,
+            "buffer_size": self.buffer_size,
+            "federation": self.federation,
+            "broker": self.broker,
+        }
+
+
+def aggregator_args(
+    *,
+    broker_url: str,
+    federation_id: str,
+    state_dir: Path,
+    federation: Federation,
+    buffer_size: int,
+    max_staleness: int,
+    server_lr: float = 1.0,
+    max_versions: int | None = None,
+    seed: int = 0,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    knobs = federation.knobs
+    training = knobs.training
+    args = [
+        "aggregator", "run",
+        "--broker-url", broker_url,
+        "--federation", federation_id,
+        "--state-dir", str(state_dir),
+        "--model", federation.model.name,
+        "--model-kwargs", json.dumps(federation.model.kwargs),
+        "--seed", str(seed),
+        "--buffer-size", str(buffer_size),
+        "--max-staleness", str(max_staleness),
+        "--server-lr", str(server_lr),
+        "--epochs", str(training.epochs),
+        "--batch-size", str(training.batch_size),
+        "--lr", str(training.learning_rate),
+        "--optimizer", training.optimizer,
+        "--status-interval", "1",
+    ]  # fmt: skip
+    if max_versions is not None:
+        args += ["--max-versions", str(max_versions)]
+    return [*args, *extra]
+
+
+def node_args(
+    *,
+    broker_url: str,
+    federation_id: str,
+    node_id: str,
+    data: str,
+    state_dir: Path,
+    delay: float = 0.0,
+    seed: int = 0,
+    torch_threads: int = 1,
+    exit_when_stopped: bool = True,
+) -> list[str]:
+    args = [
+        "node", "run",
+        "--broker-url", broker_url,
+        "--federation", federation_id,
+        "--node-id", node_id,
+        "--data", data,
+        "--state-dir", str(state_dir),
+        "--seed", str(seed),
+        "--delay-seconds", str(delay),
+        "--torch-threads", str(torch_threads),
+        "--ack-timeout", "10",
+    ]  # fmt: skip
+    if exit_when_stopped:
+        args.append("--exit-when-stopped")
+    return args
+
+
+def resolve_mode(mode: Mode, nodes: int, buffer_size: int | None) -> tuple[int, int, float]:
+    """(buffer size K, max staleness, server lr) for a mode: sync FedAvg, FedBuff or FedAsync."""
+    match mode:
+        case "sync":
+            return nodes, 0, 1.0
+        case "fedasync":
+            return 1, 20, 1.0
+        case "fedbuff":
+            return buffer_size or max(2, nodes // 2), 20, 1.0
+
+
+@contextlib.contextmanager
+def _broker(config: DemoConfig, workdir: Path) -> Iterator[tuple[str, str]]:
+    if config.broker_url is not None:
+        yield config.broker_url, "external"
+        return
+    with EmbeddedBroker(
+        BrokerConfig(implementation=config.broker, workdir=workdir / "broker")
+    ) as broker:
+        yield broker.url, broker.implementation
+
+
+def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
+    """Run a whole federation to completion and return its summary."""
+    console = console or Console(stderr=True)
+    federation = FEDERATIONS.get(config.federation)
+    if federation is None:
+        raise DemoError(f"unknown federation {config.federation!r}; known: {sorted(FEDERATIONS)}")
+    with contextlib.ExitStack() as stack:
+        if config.workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="healthnet-")))
+        else:
+            workdir = config.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
+        url, implementation = stack.enter_context(_broker(config, workdir))
+        console.print(f"broker: {implementation} at {url}; logs in {workdir / 'logs'}")
+        return _run(
+            config=config,
+            federation=federation,
+            url=url,
+            implementation=implementation,
+            workdir=workdir,
+            console=console,
+        )
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _run(
+    *,
+    config: DemoConfig,
+    federation: Federation,
+    url: str,
+    implementation: str,
+    workdir: Path,
+    console: Console,
+) -> DemoResult:
+    fed_id = f"demo-{new_id()[:8]}"
+    sites = federation.sites
+    k, max_staleness, server_lr = resolve_mode(config.mode, len(sites), config.buffer_size)
+    topics = TopicTree(fed_id)
+    started = time.monotonic()
+    monitor = MqttClient(BrokerEndpoint.parse(url), f"{fed_id}-monitor")
+    with ProcessGroup(workdir / "logs") as group, monitor:
+        for topic_filter in (
+            str(topics.aggregator_status()),
+            str(topics.versions()),
+            topics.all_node_evals(),
+        ):
+            monitor.subscribe(topic_filter)
+        group.start(
+            "aggregator",
+            aggregator_args(
+                broker_url=url,
+                federation_id=fed_id,
+                state_dir=workdir / "aggregator",
+                federation=federation,
+                buffer_size=k,
+                max_staleness=max_staleness,
+                server_lr=server_lr,
+                max_versions=config.versions,
+                seed=config.seed,
+            ),
+        )
+        for site in sites:
+            group.start(
+                site.node_id,
+                node_args(
+                    broker_url=url,
+                    federation_id=fed_id,
+                    node_id=site.node_id,
+                    data=site.data,
+                    state_dir=workdir / "nodes" / site.node_id,
+                    delay=config.delays.get(site.node_id, 0.0),
+                    seed=config.seed,
+                    torch_threads=config.torch_threads,
+                ),
+            )
+        watch = _Watch(topics, [s.node_id for s in sites])
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("v{task.completed:.0f}/{task.total:.0f}"),
+            TextColumn("{task.fields[accuracy]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
+            task = progress.add_task(
+                f"{federation.name} ({config.mode}, K={k})", total=config.versions, accuracy=""
+            )
+            stop_sent = False
+            aggregator_gone: float | None = None
+            deadline = started + config.timeout
+            while not watch.finished():
+                if time.monotonic() > deadline:
+                    raise DemoError(f"the run did not finish within {config.timeout:.0f}s")
+                for proc in group.failed():
+                    raise DemoError(f"{proc.name} exited with {proc.poll()}:\n{proc.tail()}")
+                if group["aggregator"].poll() is not None and aggregator_gone is None:
+                    aggregator_gone = time.monotonic()
+                if aggregator_gone is not None and time.monotonic() - aggregator_gone > 30:
+                    raise DemoError(
+                        "the aggregator exited but the hospitals never reported on the final "
+                        f"version:\n{group['aggregator'].tail()}"
+                    )
+                try:
+                    item = monitor.inbox.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if isinstance(item, Message):
+                    watch.on_message(item)
+                mean = watch.latest_mean()
+                progress.update(
+                    task,
+                    completed=watch.version,
+                    accuracy="" if mean is None else f"mean acc {mean[1]:.3f} @v{mean[0]}",
+                )
+                target = config.target_accuracy
+                if target is not None and not stop_sent and mean and mean[1] >= target:
+                    _send_stop(monitor, topics, fed_id)
+                    stop_sent = True
+        if not group.wait_all(timeout=30):
+            log.warning("some processes did not exit on their own; stopping them")
+    return watch.result(config, k, implementation, time.monotonic() - started, federation.name)
+
+
+def _send_stop(monitor: MqttClient, topics: TopicTree, fed_id: str) -> None:
+    request = ControlRequest(request_id=new_id(), command=ControlCommand.STOP)
+    sender = f"{fed_id}-monitor"
+    monitor.publish(
+        topics.control_requests(), encode(envelope(request, sender=sender, sent_at=time.time()))
+    )
+
+
+class _Watch:
+    """What the demo has seen of the run so far."""
+
+    def __init__(self, topics: TopicTree, nodes: list[str]) -> None:
+        self.topics = topics
+        self.nodes = nodes
+        self.status: AggregatorStatus | None = None
+        self.records: dict[int, VersionRecord] = {}
+        self.evals: dict[int, dict[str, Evaluation]] = {}
+
+    @property
+    def version(self) -> int:
+        return 0 if self.status is None else self.status.version
+
+    def on_message(self, message: Message) -> None:
+        if not message.payload:
+            return
+        try:
+            topic = self.topics.parse(message.topic)
+            body = decode(message.payload).body
+        except (ProtocolError, TopicError) as exc:
+            log.warning("demo monitor ignored a message: %s", exc)
+            return
+        match body:
+            case AggregatorStatus():
+                self.status = body
+            case VersionRecord():
+                self.records[body.version] = body
+            case Evaluation() if topic.route is Route.NODE_EVAL and topic.node:
+                self.evals.setdefault(body.version, {})[topic.node] = body
+            case _:
+                pass
+
+    def complete(self, version: int) -> bool:
+        return set(self.nodes) <= set(self.evals.get(version, {}))
+
+    def latest_mean(self) -> tuple[int, float] | None:
+        done = [v for v in self.evals if self.complete(v)]
+        if not done:
+            return None
+        version = max(done)
+        return version, _mean(e.accuracy for e in self.evals[version].values())
+
+    def finished(self) -> bool:
+        status = self.status
+        return (
+            status is not None
+            and status.state is AggregatorState.STOPPED
+            and self.complete(status.version)
+        )
+
+    def result(
+        self, config: DemoConfig, k: int, broker: str, seconds: float, name: str
+    ) -> DemoResult:
+        status = self.status
+        if status is None:
+            raise DemoError("no aggregator status was ever seen")
+        final = self.evals[status.version]
+        records = [self.records[v] for v in sorted(self.records)]
+        stalenesses = [c.staleness for r in records for c in r.contributions]
+        lowest: dict[str, float] = {}
+        for record in records:
+            for c in record.contributions:
+                lowest[c.node] = min(lowest.get(c.node, 1.0), c.staleness_factor)
+        return DemoResult(
+            mean_accuracy=_mean(e.accuracy for e in final.values()),
+            pooled_accuracy=sum(e.correct for e in final.values())
+            / max(1, sum(e.num_examples for e in final.values())),
+            per_node={node: final[node].accuracy for node in self.nodes},
+            versions=status.version,
+            updates_folded=status.counters.folded,
+            wall_seconds=seconds,
+            mode=config.mode,
+            buffer_size=k,
+            federation=name,
+            broker=broker,
+            stalenesses=stalenesses,
+            max_staleness_weight=lowest,
+        )
+
+
+def _mean(values: Iterator[float] | list[float]) -> float:
+    items = list(values)
+    return math.fsum(items) / len(items) if items else 0.0
+
+
+def render(result: DemoResult, console: Console) -> None:
+    table = Table(title=f"{result.federation}: test accuracy of global v{result.versions}")
+    table.add_column("hospital")
+    table.add_column("accuracy", justify="right")
+    for node, accuracy in result.per_node.items():
+        table.add_row(node, f"{accuracy:.3f}")
+    table.add_section()
+    table.add_row("[bold]mean", f"[bold]{result.mean_accuracy:.3f}")
+    table.add_row("pooled", f"{result.pooled_accuracy:.3f}")
+    console.print(table)
+    console.print(
+        f"{result.updates_folded} updates folded into {result.versions} versions "
+        f"({result.mode}, K={result.buffer_size}) in {result.wall_seconds:.1f}s"
+    )
