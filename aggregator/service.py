@@ -165,7 +165,7 @@ class AggregatorService:
         settings = self.settings
         client = MqttClient(
             settings.endpoint(),
-            settings.client_id,
+            settings.mqtt_client_id(),
             persistent_session=True,
             tls_files=settings.tls_files(),
             connect_timeout=settings.connect_timeout,
@@ -408,7 +408,7 @@ class AggregatorService:
         self._last_status = now
 
     def _send(self, topic: Topic, body: Body) -> None:
-        env = envelope(body, sender=self.settings.client_id, sent_at=self._clock())
+        env = envelope(body, sender=self.settings.mqtt_client_id(), sent_at=self._clock())
         self._require_client().publish(topic, encode(env))
 
     def _require_client(self) -> MqttClient:

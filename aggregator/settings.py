@@ -13,7 +13,15 @@ __all__ = ["AggregatorSettings"]
 
 
 class AggregatorSettings(ConnectionSettings):
-    client_id: str = Field(default="aggregator", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    client_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="MQTT client id (and sender); default aggregator.<federation>",
+    )
+
+    def mqtt_client_id(self) -> str:
+        # The persistent session is keyed by client id: one per federation, never shared.
+        return self.client_id or f"aggregator.{self.federation}"[:64]
     state_dir: Path = Path("runs/aggregator")
     run_id: str | None = Field(
         default=None,

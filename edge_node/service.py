@@ -106,7 +106,7 @@ class NodeService:
         )
         client = MqttClient(
             settings.endpoint(),
-            settings.node_id,
+            f"{settings.node_id}.{settings.federation}"[:64],
             persistent_session=False,
             will=Will(self.topics.node_status(settings.node_id), self._status_bytes(offline=True)),
             tls_files=settings.tls_files(),

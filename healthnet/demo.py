@@ -81,7 +81,8 @@ class DemoResult:
     federation: str
     broker: str
     stalenesses: list[int]
-    max_staleness_weight: dict[str, float]
+    min_staleness_factor: dict[str, float]
+    updates_per_node: dict[str, int]
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -379,9 +380,11 @@ class _Watch:
         records = [self.records[v] for v in sorted(self.records)]
         stalenesses = [c.staleness for r in records for c in r.contributions]
         lowest: dict[str, float] = {}
+        counts: dict[str, int] = {}
         for record in records:
             for c in record.contributions:
                 lowest[c.node] = min(lowest.get(c.node, 1.0), c.staleness_factor)
+                counts[c.node] = counts.get(c.node, 0) + 1
         return DemoResult(
             mean_accuracy=_mean(e.accuracy for e in final.values()),
             pooled_accuracy=sum(e.correct for e in final.values())
@@ -395,7 +398,8 @@ class _Watch:
             federation=name,
             broker=broker,
             stalenesses=stalenesses,
-            max_staleness_weight=lowest,
+            min_staleness_factor=lowest,
+            updates_per_node=counts,
         )
 
 

@@ -104,8 +104,11 @@ class ProcessGroup:
         self.stop_all()
 
     def start(self, name: str, args: list[str]) -> ManagedProcess:
-        if name in self.processes and self.processes[name].poll() is None:
-            raise HealthNetError(f"process {name} is already running")
+        previous = self.processes.get(name)
+        if previous is not None:
+            if previous.poll() is None:
+                raise HealthNetError(f"process {name} is already running")
+            previous.stop()  # reaps it and closes its log
         proc = ManagedProcess(name, args, self.log_dir / f"{name}.log")
         proc.start()
         self.processes[name] = proc
