@@ -250,6 +250,33 @@ class AggregatorCore:
         entry.last_staleness = staleness
         return verdict
 
+    def restore_buffered(
+        self, node: str, update: Update, size: int, staleness: int, now: float
+    ) -> None:
+        """Put back an update that a checkpoint counted as buffered (from the write-ahead log).
+
+        It was validated when it arrived and is already in ``seen`` and the counters, so only the
+        buffer changes.
+        """
+        delta = {t.name: tensor_to_array(t) for t in update.delta}
+        if delta.keys() != self._params.keys() or any(
+            delta[name].shape != ref.shape for name, ref in self._params.items()
+        ):
+            raise ValueError(f"logged update {update.update_id} does not fit the model")
+        self._buffer.append(
+            BufferedUpdate(
+                node=node,
+                update_id=update.update_id,
+                base_version=update.base_version,
+                staleness=staleness,
+                num_samples=update.num_samples,
+                delta=delta,
+                bytes=size,
+                train_loss=update.metrics.loss,
+                received_at=now,
+            )
+        )
+
     def note_malformed(self, node: str, reason: RejectReason, now: float, size: int) -> None:
         """Count a message that never reached validation (it has no update id to answer)."""
         self._counters["received"] += 1

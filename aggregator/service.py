@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
 from aggregator.core import AggregatorCore, Fold
@@ -125,7 +125,7 @@ class AggregatorService:
                 nodes=checkpoint.nodes,
             )
             log.info("run %s: resumed at v%d (%s)", core.run_id, core.version, core.state.value)
-        self._replay_wal(core)
+        self._replay_wal(core, checkpoint.buffered if checkpoint else {})
         return core
 
     def _fresh_core(self) -> AggregatorCore:
@@ -141,25 +141,35 @@ class AggregatorService:
             core.command(ControlCommand.START)
         return core
 
-    def _replay_wal(self, core: AggregatorCore) -> None:
-        """Put back into the buffer the accepted updates that no checkpoint has folded yet."""
+    def _replay_wal(self, core: AggregatorCore, buffered: Mapping[str, int]) -> None:
+        """Rebuild the buffer: accepted updates in the WAL that no checkpoint has folded yet.
+
+        An update the checkpoint lists as buffered goes back as it was; one accepted after the
+        checkpoint goes through validation again (and is counted, as the checkpoint did not); one
+        the checkpoint has seen otherwise was folded, and its log entry is dropped.
+        """
         folded: set[str] = set()
-        replayed = 0
+        restored = 0
         for entry in self.store.wal_entries():
             env = decode(entry.payload, max_bytes=self.settings.max_update_bytes)
-            if not isinstance(env.body, Update):
+            update = env.body
+            if not isinstance(update, Update):
+                folded.add(entry.update_id)
                 continue
-            verdict = core.receive(
-                entry.node, env.sender, env.body, len(entry.payload), self._clock()
-            )
+            size, now = len(entry.payload), self._clock()
+            if update.update_id in buffered:
+                core.restore_buffered(entry.node, update, size, buffered[update.update_id], now)
+                restored += 1
+                continue
+            verdict = core.receive(entry.node, env.sender, update, size, now)
             if verdict.duplicate or not verdict.accepted:
                 folded.add(entry.update_id)
             else:
-                replayed += 1
+                restored += 1
         if folded:
             self.store.drop_wal(folded)
-        if replayed:
-            log.info("run %s: %d buffered updates restored from the WAL", core.run_id, replayed)
+        if restored:
+            log.info("run %s: %d buffered updates restored from the WAL", core.run_id, restored)
 
     def _connect(self) -> MqttClient:
         settings = self.settings
@@ -366,6 +376,7 @@ class AggregatorService:
                 optimizer_m=Checkpoint.tensors(opt.m),
                 optimizer_v=Checkpoint.tensors(opt.v),
                 seen=dict(core.seen),
+                buffered={u.update_id: u.staleness for u in core.buffer},
                 counters=core.counters(),
                 nodes=core.ledger(),
                 created_at=self._clock(),

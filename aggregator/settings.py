@@ -19,9 +19,6 @@ class AggregatorSettings(ConnectionSettings):
         description="MQTT client id (and sender); default aggregator.<federation>",
     )
 
-    def mqtt_client_id(self) -> str:
-        # The persistent session is keyed by client id: one per federation, never shared.
-        return self.client_id or f"aggregator.{self.federation}"[:64]
     state_dir: Path = Path("runs/aggregator")
     run_id: str | None = Field(
         default=None,
@@ -38,3 +35,7 @@ class AggregatorSettings(ConnectionSettings):
     )
     status_interval: float = Field(default=5.0, gt=0, description="status heartbeat, seconds")
     keep_checkpoints: int = Field(default=3, ge=1)
+
+    def mqtt_client_id(self) -> str:
+        # The persistent session is keyed by client id: one per federation, never shared.
+        return self.client_id or f"aggregator.{self.federation}"[:64]

@@ -58,6 +58,9 @@ class Checkpoint(BaseModel):
     optimizer_m: tuple[TensorPayload, ...] = ()
     optimizer_v: tuple[TensorPayload, ...] = ()
     seen: dict[str, str]
+    # Accepted but not yet folded when this checkpoint was written: update id -> its staleness at
+    # arrival. Their bodies are in the WAL; ``seen`` and ``counters`` already include them.
+    buffered: dict[str, int] = {}
     counters: Counters
     nodes: tuple[NodeLedgerEntry, ...]
     created_at: float

@@ -1,4 +1,4 @@
-"""Shared fixtures: real brokers on 127.0.0.1 (Mosquitto and the embedded amqtt), one per session."""
+"""Shared fixtures: real brokers on 127.0.0.1 (Mosquitto and the embedded amqtt), one a session."""
 
 from __future__ import annotations
 
