@@ -74,7 +74,10 @@ class ModelDownload:
         if manifest is None or self._done(manifest):
             return None
         chunks = self._chunks.get(manifest.version, {})
-        if len(chunks) < manifest.chunk_count and manifest.blob_bytes > 0:
+        # Count only the announced indices: a stray chunk stored before the manifest arrived
+        # (when no bound was known) must not make a download look complete.
+        have = sum(1 for index in chunks if index < manifest.chunk_count)
+        if have < manifest.chunk_count and manifest.blob_bytes > 0:
             return None
         blob = b"".join(chunks.get(i, b"") for i in range(manifest.chunk_count))
         self._chunks.pop(manifest.version, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -44,6 +45,8 @@ class BrokerEndpoint:
             port = parts.port
         except ValueError as exc:
             raise ConfigError(f"broker URL {_redact(url)!r}: {exc}") from exc
+        if port == 0:
+            raise ConfigError(f"broker URL {_redact(url)!r}: port 0 is not a broker port")
         query = parse_qs(parts.query)
         protocol = query.get("protocol", ["3.1.1"])[-1]
         if protocol not in ("3.1.1", "5"):
@@ -51,7 +54,7 @@ class BrokerEndpoint:
         tls = parts.scheme == "mqtts"
         return cls(
             host=parts.hostname,
-            port=port or (8883 if tls else 1883),
+            port=port if port is not None else (8883 if tls else 1883),
             tls=tls,
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
@@ -65,8 +68,9 @@ class BrokerEndpoint:
         return f"{scheme}://{user}{self.host}:{self.port}?protocol={self.protocol}"
 
 
+_USERINFO_PASSWORD = re.compile(r":[^:@/]*@")
+
+
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
+    """Hide anything that looks like ``:password@``, whether or not the URL parses."""
+    return _USERINFO_PASSWORD.sub(":***@", url)

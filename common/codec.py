@@ -179,8 +179,10 @@ def _unpack(data: bytes, max_bytes: int) -> object:
             max_map_len=_MAX_MAP,
             max_ext_len=0,
         )
-    except (ValueError, msgpack.UnpackException, RecursionError) as exc:
-        raise DecodeError(f"not a msgpack document: {exc}") from exc
+    except (msgpack.StackError, RecursionError) as exc:
+        raise DecodeError("not a healthNET message: msgpack nesting is too deep") from exc
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise DecodeError(f"not a msgpack document: {type(exc).__name__} {exc}".rstrip()) from exc
 
 
 def _first_error(exc: ValidationError) -> str:

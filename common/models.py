@@ -82,7 +82,8 @@ def _import_factory(reference: str) -> Callable[..., Any]:
         raise ConfigError(f"model {reference!r} is neither built in ({known}) nor module:function")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        # TypeError / ValueError: relative or empty module names that importlib refuses.
         raise ConfigError(f"cannot load model factory {reference!r}: {exc}") from exc
     if not callable(factory):
         raise ConfigError(f"model factory {reference!r} is not callable")

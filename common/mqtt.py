@@ -178,10 +178,9 @@ class MqttClient:
         While offline, QoS 1 messages are queued and sent on reconnect.
         """
         client = self._require()
-        info = client.publish(str(topic), payload, qos=topic.qos, retain=topic.retain)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        info = self._publish(client, str(topic), payload, qos=topic.qos, retain=topic.retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
             raise BrokerError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-        self._track(info)
         if wait is not None:
             deadline = time.monotonic() + wait
             while not info.is_published():
@@ -205,14 +204,22 @@ class MqttClient:
 
     def clear_retained(self, topic: Topic) -> None:
         """Remove a retained message (a zero-length retained publish)."""
-        client = self._require()
-        self._track(client.publish(str(topic), b"", qos=topic.qos, retain=True))
+        self._publish(self._require(), str(topic), b"", qos=topic.qos, retain=True)
 
-    def _track(self, info: paho.MQTTMessageInfo) -> None:
+    def _publish(
+        self, client: paho.Client, topic: str, payload: bytes, *, qos: int, retain: bool
+    ) -> paho.MQTTMessageInfo:
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            # paho keeps a QoS 1 message published while offline and sends it on reconnect, but
+            # leaves NO_CONN on its info forever, so is_published() would raise even after the
+            # broker acked it. AGAIN is paho's own code for "queued, will be sent".
+            info.rc = MQTTErrorCode.MQTT_ERR_AGAIN
         with self._lock:
             if len(self._unconfirmed) > 256:
                 self._unconfirmed = [i for i in self._unconfirmed if not i.is_published()]
             self._unconfirmed.append(info)
+        return info
 
     # -- internals
 

@@ -183,7 +183,11 @@ class TopicTree:
         raise TopicError(f"topic {topic!r} is not a healthNET route")
 
 
+_NUMBER = re.compile(r"[0-9]{1,12}")
+
+
 def _number(text: str) -> int:
-    if not text.isdigit() or len(text) > 12:
+    # ASCII digits only: str.isdigit() also accepts "²" and other scripts' digits.
+    if not _NUMBER.fullmatch(text):
         raise TopicError(f"{text!r} is not a non-negative integer")
     return int(text)

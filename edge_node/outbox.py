@@ -1,8 +1,9 @@
 """The node's on-disk outbox: an encoded update stays here until the aggregator acks it.
 
-Each entry is one file named by its update id, written atomically (temp file, fsync, rename), so a
-crash at any moment leaves either the whole message or nothing. Resending is always the same bytes
-with the same update id, which the aggregator folds at most once.
+Each entry is one file ``{sequence}-{update id}.update``, written atomically (temp file, fsync,
+rename), so a crash at any moment leaves either the whole message or nothing. The sequence number
+keeps entries in the order they were written whatever the filesystem's timestamp resolution.
+Resending is always the same bytes with the same update id, which the aggregator folds at most once.
 """
 
 from __future__ import annotations
@@ -13,20 +14,28 @@ from pathlib import Path
 
 __all__ = ["Outbox"]
 
-_ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.update$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_ENTRY = re.compile(r"^(\d{12})-([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.update$")
 
 
 class Outbox:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._sequence = 0
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob("*.tmp"):
             stale.unlink()
+        self._sequence = max((seq for seq, _, _ in self._entries()), default=0)
 
     def put(self, update_id: str, payload: bytes) -> None:
-        path = self._path(update_id)
+        """Keep an update (replacing an entry of the same id in place, keeping its position)."""
+        _check(update_id)
+        path = self._find(update_id)
+        if path is None:
+            self._sequence += 1
+            path = self.directory / f"{self._sequence:012d}-{update_id}.update"
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("wb") as handle:
             handle.write(payload)
@@ -35,21 +44,36 @@ class Outbox:
         tmp.replace(path)
 
     def remove(self, update_id: str) -> bool:
-        path = self._path(update_id)
-        existed = path.exists()
+        """Forget an acked update; False if it was not here."""
+        _check(update_id)
+        path = self._find(update_id)
+        if path is None:
+            return False
         path.unlink(missing_ok=True)
-        return existed
+        return True
 
     def pending(self) -> list[tuple[str, bytes]]:
         """Unacked updates, oldest first."""
-        entries = [p for p in self.directory.iterdir() if _ENTRY.match(p.name)]
-        entries.sort(key=lambda p: p.stat().st_mtime_ns)
-        return [(p.name.removesuffix(".update"), p.read_bytes()) for p in entries]
+        return [(uid, path.read_bytes()) for _, uid, path in sorted(self._entries())]
 
     def __len__(self) -> int:
-        return sum(1 for p in self.directory.iterdir() if _ENTRY.match(p.name))
+        return sum(1 for _ in self._entries())
 
-    def _path(self, update_id: str) -> Path:
-        if not _ENTRY.match(f"{update_id}.update"):
-            raise ValueError(f"invalid update id {update_id!r}")
-        return self.directory / f"{update_id}.update"
+    def _find(self, update_id: str) -> Path | None:
+        for _, uid, path in self._entries():
+            if uid == update_id:
+                return path
+        return None
+
+    def _entries(self) -> list[tuple[int, str, Path]]:
+        found = []
+        for path in self.directory.iterdir():
+            match = _ENTRY.match(path.name)
+            if match is not None:
+                found.append((int(match.group(1)), match.group(2), path))
+        return found
+
+
+def _check(update_id: str) -> None:
+    if not _ID.fullmatch(update_id):
+        raise ValueError(f"invalid update id {update_id!r}")

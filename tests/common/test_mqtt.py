@@ -1,0 +1,303 @@
+"""Specification of the MQTT adapter against real brokers on 127.0.0.1 (Mosquitto and amqtt)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.backoff import Backoff
+from common.broker_url import BrokerEndpoint
+from common.errors import BrokerUnavailable
+from common.mqtt import ConnectionEvent, Message, MqttClient, Will
+from common.topics import TopicTree
+from healthnet.broker import BrokerConfig, EmbeddedBroker, find_mosquitto, free_port
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
+
+WAIT = 15.0  # seconds; every wait in this module is bounded by it
+FAST_RECONNECT = Backoff(initial=0.05, cap=0.3)
+needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+
+
+@pytest.fixture
+def tree() -> TopicTree:
+    """A federation of this test's own, so retained messages of other tests never show up."""
+    return TopicTree(f"t{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def connected(url: str, name: str, **options: Any) -> Iterator[MqttClient]:
+    """A started MqttClient with a unique client id, closed on exit."""
+    client = MqttClient(BrokerEndpoint.parse(url), f"{name}-{uuid.uuid4().hex[:8]}", **options)
+    client.start(timeout=WAIT)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def next_item(client: MqttClient, deadline: float) -> Message | ConnectionEvent:
+    remaining = deadline - time.monotonic()
+    assert remaining > 0, f"{client.client_id}: nothing arrived in time"
+    try:
+        return client.inbox.get(timeout=remaining)
+    except queue.Empty as exc:
+        raise AssertionError(f"{client.client_id}: nothing arrived within {WAIT}s") from exc
+
+
+def messages(client: MqttClient, count: int, topic: str | None = None) -> list[Message]:
+    """The next ``count`` messages (on ``topic`` if given), skipping connection events."""
+    deadline = time.monotonic() + WAIT
+    received: list[Message] = []
+    while len(received) < count:
+        item = next_item(client, deadline)
+        if isinstance(item, Message) and (topic is None or item.topic == topic):
+            received.append(item)
+    return received
+
+
+def connection_event(client: MqttClient) -> ConnectionEvent:
+    """The next connection event; messages before it fail the test (none are expected)."""
+    item = next_item(client, time.monotonic() + WAIT)
+    assert isinstance(item, ConnectionEvent), f"expected a connection event, got {item}"
+    return item
+
+
+def drain_connection_events(client: MqttClient) -> None:
+    while not client.inbox.empty():
+        assert isinstance(client.inbox.get_nowait(), ConnectionEvent)
+
+
+def wait_subscribed(client: MqttClient, tree: TopicTree) -> list[Message]:
+    """Return once every subscription made so far is active, with the messages seen meanwhile.
+
+    A broker handles one connection's packets in order, so once the client receives its own
+    publish on a probe topic subscribed last, the earlier SUBSCRIBEs have been processed.
+    """
+    probe = str(tree.ack(f"probe-{uuid.uuid4().hex[:8]}"))
+    client.subscribe(probe)
+    client.publish(tree.parse(probe), b"probe")
+    deadline = time.monotonic() + WAIT
+    seen: list[Message] = []
+    while True:
+        item = next_item(client, deadline)
+        if isinstance(item, Message):
+            if item.topic == probe:
+                client.unsubscribe(probe)
+                return seen
+            seen.append(item)
+
+
+def test_a_message_travels_between_two_clients(broker_url: str, tree: TopicTree) -> None:
+    """A publish on a route arrives at a subscriber as a Message with its topic and QoS 1."""
+    topic = tree.update("hosp-a")
+    with connected(broker_url, "sub") as sub, connected(broker_url, "pub") as pub:
+        assert connection_event(sub) == ConnectionEvent(connected=True, session_present=False)
+        sub.subscribe(tree.all_updates())
+        wait_subscribed(sub, tree)
+        pub.publish(topic, b"\x00delta\xff")
+        [message] = messages(sub, 1)
+    assert message == Message(str(topic), b"\x00delta\xff", retain=False, qos=1)
+
+
+def test_a_late_subscriber_sees_the_retained_status(broker_url: str, tree: TopicTree) -> None:
+    """A retained route's last message reaches a client that subscribes afterwards."""
+    topic = tree.node_status("hosp-a")
+    with connected(broker_url, "pub") as pub:
+        pub.publish(topic, b"first", wait=WAIT)
+        pub.publish(topic, b"idle", wait=WAIT)
+        with connected(broker_url, "late") as late:
+            late.subscribe(tree.all_node_status())
+            [message] = messages(late, 1)
+        pub.clear_retained(topic)
+    assert (message.topic, message.payload, message.retain) == (str(topic), b"idle", True)
+
+
+def test_a_cleared_retained_message_is_not_replayed(broker_url: str, tree: TopicTree) -> None:
+    """After clear_retained, a new subscriber gets nothing for that topic."""
+    topic, other = tree.node_status("gone"), tree.node_status("here")
+    with connected(broker_url, "pub") as pub:
+        pub.publish(topic, b"idle", wait=WAIT)
+        pub.clear_retained(topic)
+        pub.publish(other, b"idle", wait=WAIT)
+        with connected(broker_url, "late") as late:
+            late.subscribe(tree.all_node_status())
+            time.sleep(0.2)  # let a (wrongly) retained message be sent after the SUBACK
+            seen = [m.topic for m in wait_subscribed(late, tree)]
+        pub.clear_retained(other)
+    assert str(topic) not in seen
+    assert str(other) in seen
+
+
+def test_subscribing_before_start_takes_effect_on_connect(broker_url: str, tree: TopicTree) -> None:
+    """subscribe() before start() is remembered and made when the client connects."""
+    topic = tree.node_eval("hosp-b")
+    sub = MqttClient(BrokerEndpoint.parse(broker_url), f"early-{uuid.uuid4().hex[:8]}")
+    sub.subscribe(tree.all_node_evals())
+    sub.start(timeout=WAIT)
+    try:
+        wait_subscribed(sub, tree)
+        with connected(broker_url, "pub") as pub:
+            pub.publish(topic, b"eval")
+            [message] = messages(sub, 1)
+    finally:
+        sub.close()
+    assert (message.topic, message.payload) == (str(topic), b"eval")
+
+
+def test_publish_with_wait_returns_once_the_broker_acked(broker_url: str, tree: TopicTree) -> None:
+    """publish(wait=...) returns only after the PUBACK: nothing is left to flush."""
+    with connected(broker_url, "sub") as sub, connected(broker_url, "pub") as pub:
+        sub.subscribe(str(tree.versions()))
+        wait_subscribed(sub, tree)
+        pub.publish(tree.versions(), b"v1", wait=5)
+        assert pub.flush(timeout=0.0) is True
+        [message] = messages(sub, 1)
+    assert message.payload == b"v1"
+
+
+def test_connecting_to_a_closed_port_raises_broker_unavailable_in_time() -> None:
+    """With nothing listening, start() raises BrokerUnavailable once connect_timeout has passed."""
+    port = free_port()
+    client = MqttClient(
+        BrokerEndpoint("127.0.0.1", port, username="u", password="hidden-pw"),  # noqa: S106 - fake
+        "nobody",
+        connect_timeout=1.0,
+        backoff=FAST_RECONNECT,
+    )
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match=rf"127\.0\.0\.1:{port}") as info:
+        client.start()
+    assert time.monotonic() - started < 5.0
+    assert "hidden-pw" not in str(info.value)
+    assert not client.connected
+
+
+@pytest.fixture
+def own_mosquitto() -> Iterator[EmbeddedBroker]:
+    """A Mosquitto of this test alone, which it may stop and restart."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed")
+    with EmbeddedBroker(BrokerConfig(implementation="mosquitto")) as broker:
+        yield broker
+
+
+@needs_mosquitto
+def test_the_client_reconnects_and_resubscribes_after_a_broker_restart(
+    own_mosquitto: EmbeddedBroker, tree: TopicTree
+) -> None:
+    """A broker restart shows as disconnected then connected, and subscriptions come back."""
+    url = own_mosquitto.url
+    with connected(url, "sub", backoff=FAST_RECONNECT) as sub:
+        sub.subscribe(tree.all_updates())
+        assert connection_event(sub).connected
+        own_mosquitto.restart()
+        lost, back = connection_event(sub), connection_event(sub)
+        assert (lost.connected, back.connected) == (False, True)
+        assert sub.connected
+        wait_subscribed(sub, tree)
+        with connected(url, "pub") as pub:
+            pub.publish(tree.update("hosp-a"), b"after restart")
+            [message] = messages(sub, 1)
+    assert message.payload == b"after restart"
+
+
+@needs_mosquitto
+def test_a_publish_made_while_the_broker_is_down_is_sent_on_reconnect(
+    own_mosquitto: EmbeddedBroker, tree: TopicTree
+) -> None:
+    """A QoS 1 publish while offline is queued, delivered after reconnect, and close() is clean."""
+    url = own_mosquitto.url
+    topic = tree.node_status("hosp-a")
+    pub = MqttClient(
+        BrokerEndpoint.parse(url), f"pub-{uuid.uuid4().hex[:8]}", backoff=FAST_RECONNECT
+    )
+    pub.start(timeout=WAIT)
+    drain_connection_events(pub)
+    own_mosquitto.kill()
+    assert not connection_event(pub).connected
+    pub.publish(topic, b"queued while offline")
+    own_mosquitto.start()
+    assert connection_event(pub).connected
+    with connected(url, "late") as late:
+        late.subscribe(str(topic))
+        [message] = messages(late, 1)
+    assert message.payload == b"queued while offline"
+    pub.close()
+    assert not pub.connected
+
+
+CHILD_WITH_WILL = textwrap.dedent(
+    """
+    import os, sys
+    from common.broker_url import BrokerEndpoint
+    from common.mqtt import MqttClient, Will
+    from common.topics import TopicTree
+
+    url, federation, client_id = sys.argv[1:]
+    topic = TopicTree(federation).node_status("dying")
+    client = MqttClient(BrokerEndpoint.parse(url), client_id, will=Will(topic, b"offline"))
+    client.start(timeout=10)
+    client.publish(topic, b"idle", wait=10)
+    os._exit(1)  # no DISCONNECT: the broker must publish the Last Will
+    """
+)
+
+
+def test_the_last_will_is_published_when_the_process_dies(broker_url: str, tree: TopicTree) -> None:
+    """A client whose process dies without DISCONNECT gets its Last Will published (retained)."""
+    topic = tree.node_status("dying")
+    with connected(broker_url, "watcher") as watcher:
+        watcher.subscribe(str(topic))
+        wait_subscribed(watcher, tree)
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD_WITH_WILL, broker_url, tree.federation, "dying-child"],
+            capture_output=True,
+            timeout=WAIT,
+            check=False,
+            cwd=Path(__file__).resolve().parents[2],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )
+        assert child.returncode == 1, child.stderr.decode()
+        status, will = messages(watcher, 2)
+        watcher.clear_retained(topic)
+    assert (status.payload, will.payload) == (b"idle", b"offline")
+
+
+def test_a_clean_close_does_not_publish_the_last_will(broker_url: str, tree: TopicTree) -> None:
+    """close() disconnects cleanly, so the Last Will stays unpublished."""
+    topic = tree.node_status("leaving")
+    with connected(broker_url, "watcher") as watcher:
+        watcher.subscribe(str(topic))
+        wait_subscribed(watcher, tree)
+        with connected(broker_url, "leaving", will=Will(topic, b"offline")) as leaving:
+            leaving.publish(topic, b"idle", wait=WAIT)
+        time.sleep(0.3)  # time for the broker to (wrongly) publish the will
+        seen = wait_subscribed(watcher, tree)
+        watcher.clear_retained(topic)
+    assert [m.payload for m in seen] == [b"idle"]
+
+
+def test_close_flushes_every_qos1_publish(broker_url: str, tree: TopicTree) -> None:
+    """Publishing 200 messages and closing at once still delivers all 200."""
+    with connected(broker_url, "sub") as sub:
+        sub.subscribe(tree.all_updates())
+        wait_subscribed(sub, tree)
+        pub = MqttClient(BrokerEndpoint.parse(broker_url), f"burst-{uuid.uuid4().hex[:8]}")
+        pub.start(timeout=WAIT)
+        for index in range(200):
+            pub.publish(tree.update("hosp-a"), index.to_bytes(2, "big"))
+        pub.close()
+        received = messages(sub, 200)
+    assert sorted(int.from_bytes(m.payload, "big") for m in received) == list(range(200))

@@ -1,0 +1,256 @@
+"""Specification of the node's session: what to evaluate and train next, decided without I/O."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.messages import AggregatorState, Manifest, ModelSpec, NodeState, TrainingConfig
+from edge_node.session import Job, JobKind, NodeSession
+
+PARAMS = {"w": np.zeros((2, 2), dtype=np.float32)}
+RUNNING, PAUSED, STOPPED, IDLE = (
+    AggregatorState.RUNNING,
+    AggregatorState.PAUSED,
+    AggregatorState.STOPPED,
+    AggregatorState.IDLE,
+)
+
+
+def manifest(version: int, run_id: str = "run-a") -> Manifest:
+    return Manifest(
+        run_id=run_id,
+        version=version,
+        sha256="0" * 64,
+        blob_bytes=10,
+        chunk_size=10,
+        chunk_count=1,
+        model=ModelSpec(name="logreg", kwargs={"in_features": 2}),
+        training=TrainingConfig(),
+        created_at=0.0,
+    )
+
+
+def session_with(
+    version: int | None = 1, state: AggregatorState | None = RUNNING, run_id: str = "run-a"
+) -> NodeSession:
+    """A session that has seen the given model version and aggregator state."""
+    session = NodeSession()
+    if state is not None:
+        session.on_status(state, run_id)
+    if version is not None:
+        session.on_model(manifest(version, run_id), PARAMS)
+    return session
+
+
+def run(session: NodeSession) -> Job | None:
+    """Start the next job and finish it at once; return it (None when there is none)."""
+    job = session.next_job()
+    if job is not None:
+        session.job_done(job)
+    return job
+
+
+def run_all(session: NodeSession) -> list[tuple[JobKind, int]]:
+    """Run jobs until none is due; return (kind, version) of each."""
+    done = []
+    while (job := run(session)) is not None:
+        done.append((job.kind, job.manifest.version))
+        assert len(done) < 10, "the session never runs out of jobs"
+    return done
+
+
+def test_nothing_is_due_before_a_model_arrives() -> None:
+    """Without a model there is nothing to evaluate or train, whatever the aggregator says."""
+    assert session_with(version=None).next_job() is None
+    assert NodeSession().next_job() is None
+
+
+def test_a_new_version_is_evaluated_then_trained_once_while_running() -> None:
+    """A running node evaluates a new version, trains on it once, then waits."""
+    session = session_with(version=1)
+    assert run_all(session) == [(JobKind.EVALUATE, 1), (JobKind.TRAIN, 1)]
+    assert session.next_job() is None
+
+
+def test_the_job_carries_the_model_it_is_about() -> None:
+    """A job names the manifest and params it must work on."""
+    job = session_with(version=4).next_job()
+    assert job is not None
+    assert (job.manifest.version, job.params) == (4, PARAMS)
+
+
+def test_every_new_version_is_evaluated_and_trained_on() -> None:
+    """Each new version gets one evaluation and one training, never more."""
+    session = session_with(version=1)
+    run_all(session)
+    session.on_model(manifest(2), PARAMS)
+    assert sorted(run_all(session)) == [(JobKind.EVALUATE, 2), (JobKind.TRAIN, 2)]
+    session.on_model(manifest(2), PARAMS)  # the same version announced again
+    assert session.next_job() is None
+
+
+def test_when_both_are_due_evaluation_and_training_alternate() -> None:
+    """Versions arriving during jobs never starve either kind: the kinds alternate."""
+    session = session_with(version=1)
+    kinds = []
+    for version in range(2, 8):
+        job = session.next_job()
+        assert job is not None
+        session.on_model(manifest(version), PARAMS)  # a newer version lands mid-job
+        session.job_done(job)
+        kinds.append(job.kind)
+    assert kinds == [JobKind.EVALUATE, JobKind.TRAIN] * 3
+
+
+def test_no_job_starts_while_one_is_running() -> None:
+    """next_job() returns None while busy, and resumes after job_done or job_failed."""
+    session = session_with(version=1)
+    first = session.next_job()
+    assert first is not None
+    assert session.busy is first.kind
+    assert session.next_job() is None
+    session.on_model(manifest(2), PARAMS)
+    assert session.next_job() is None
+    session.job_failed()
+    assert session.busy is None
+    assert session.next_job() is not None
+
+
+def test_a_failed_job_is_retried() -> None:
+    """job_failed does not mark the job done: the same job is due again."""
+    session = session_with(version=1)
+    job = session.next_job()
+    assert job is not None
+    session.job_failed()
+    again = session.next_job()
+    assert again is not None
+    assert (again.kind, again.manifest) == (job.kind, job.manifest)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        pytest.param(PAUSED, id="paused"),
+        pytest.param(STOPPED, id="stopped"),
+        pytest.param(IDLE, id="idle"),
+        pytest.param(None, id="no-status-yet"),
+    ],
+)
+def test_only_a_running_aggregator_gets_training_but_evaluation_goes_on(
+    state: AggregatorState | None,
+) -> None:
+    """Paused, stopped, idle or unknown: new versions are evaluated but never trained on."""
+    session = session_with(version=1, state=state)
+    assert run_all(session) == [(JobKind.EVALUATE, 1)]
+
+
+def test_training_resumes_when_the_run_resumes() -> None:
+    """A version seen while paused is trained on once the aggregator is running again."""
+    session = session_with(version=1, state=PAUSED)
+    run_all(session)
+    session.on_status(RUNNING, "run-a")
+    assert run_all(session) == [(JobKind.TRAIN, 1)]
+
+
+def test_no_training_on_a_model_of_another_run() -> None:
+    """A manifest of a run other than the running one is evaluated, not trained on."""
+    session = session_with(version=1, run_id="run-a")
+    session.on_status(RUNNING, "run-b")
+    assert run_all(session) == [(JobKind.EVALUATE, 1)]
+
+
+def test_a_new_run_with_the_same_version_number_is_worked_on_again() -> None:
+    """Jobs are per (run, version): run-b's v1 is evaluated and trained even after run-a's v1."""
+    session = session_with(version=1, run_id="run-a")
+    run_all(session)
+    session.on_status(RUNNING, "run-b")
+    session.on_model(manifest(1, "run-b"), PARAMS)
+    assert sorted(run_all(session)) == [(JobKind.EVALUATE, 1), (JobKind.TRAIN, 1)]
+
+
+@pytest.mark.parametrize(
+    ("state", "busy", "expected"),
+    [
+        pytest.param(RUNNING, None, NodeState.IDLE, id="running-idle"),
+        pytest.param(RUNNING, JobKind.TRAIN, NodeState.TRAINING, id="running-training"),
+        pytest.param(RUNNING, JobKind.EVALUATE, NodeState.IDLE, id="running-evaluating"),
+        pytest.param(PAUSED, None, NodeState.PAUSED, id="paused"),
+        pytest.param(STOPPED, None, NodeState.PAUSED, id="stopped"),
+        pytest.param(PAUSED, JobKind.EVALUATE, NodeState.PAUSED, id="paused-evaluating"),
+        pytest.param(IDLE, None, NodeState.IDLE, id="aggregator-idle"),
+        pytest.param(None, None, NodeState.IDLE, id="no-status"),
+    ],
+)
+def test_node_state_reports_training_paused_or_idle(
+    state: AggregatorState | None, busy: JobKind | None, expected: NodeState
+) -> None:
+    """TRAINING while a training job runs, PAUSED while the run is paused or stopped, else IDLE."""
+    session = session_with(version=1, state=state)
+    if busy is JobKind.EVALUATE:
+        assert session.next_job() is not None
+    if busy is JobKind.TRAIN:
+        run(session)  # the evaluation comes first
+        job = session.next_job()
+        assert job is not None
+        assert job.kind is JobKind.TRAIN
+    assert session.busy is busy
+    assert session.node_state() is expected
+
+
+def test_the_version_is_that_of_the_latest_model() -> None:
+    """version is None before any model, then the latest manifest's version."""
+    session = NodeSession()
+    assert session.version is None
+    session.on_model(manifest(3), PARAMS)
+    assert session.version == 3
+
+
+def test_finished_once_stopped_and_the_last_version_is_evaluated() -> None:
+    """finished() turns true only when the run is stopped and its last version was evaluated."""
+    session = session_with(version=2, state=RUNNING)
+    assert not session.finished()
+    session.on_status(STOPPED, "run-a")
+    assert not session.finished()
+    job = session.next_job()
+    assert job is not None
+    assert job.kind is JobKind.EVALUATE
+    assert not session.finished()  # still busy evaluating
+    session.job_done(job)
+    assert session.finished()
+
+
+def test_not_finished_while_running_or_paused_even_when_all_is_done() -> None:
+    """A run that is not stopped is never finished."""
+    for state in (RUNNING, PAUSED, IDLE):
+        session = session_with(version=1, state=state)
+        run_all(session)
+        assert not session.finished(), state
+
+
+def test_a_stopped_run_without_any_model_is_finished() -> None:
+    """With no model ever announced there is nothing left to evaluate."""
+    assert session_with(version=None, state=STOPPED).finished()
+
+
+def test_a_stopped_run_whose_model_is_not_yet_seen_is_not_finished() -> None:
+    """Stopped run-b while the node still holds run-a's model: wait for run-b's manifest."""
+    session = session_with(version=1, run_id="run-a")
+    run_all(session)
+    session.on_status(STOPPED, "run-b")
+    assert not session.finished()
+    session.on_model(manifest(5, "run-b"), PARAMS)
+    assert not session.finished()
+    assert run_all(session) == [(JobKind.EVALUATE, 5)]
+    assert session.finished()
+
+
+def test_a_newer_version_after_the_stop_must_be_evaluated_before_finishing() -> None:
+    """The last version announced, not an earlier one, must be evaluated."""
+    session = session_with(version=1, state=STOPPED)
+    run_all(session)
+    assert session.finished()
+    session.on_model(manifest(2), PARAMS)
+    assert not session.finished()
+    run_all(session)
+    assert session.finished()

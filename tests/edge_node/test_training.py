@@ -1,0 +1,276 @@
+"""Specification of models and local training: numpy weights in, trained numpy weights out."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from common.errors import ConfigError
+from common.messages import ModelSpec, TrainingConfig
+from common.models import BUILTIN_MODELS, build_model, load_params, model_params
+from edge_node.training import evaluate, resolve_device, train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    """Keep torch to two threads: these tests must stay fast on small CI machines."""
+    torch.set_num_threads(2)
+
+
+def separable(n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two Gaussian blobs in 4-d, far apart: a linear model can separate them."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n).astype(np.int64)
+    x = rng.normal(0, 0.5, (n, 4)).astype(np.float32) + (2 * y[:, None] - 1) * 1.5
+    return x.astype(np.float32), y
+
+
+LOGREG = ModelSpec(name="logreg", kwargs={"in_features": 4})
+CONFIG = TrainingConfig(epochs=5, batch_size=8, learning_rate=0.1)
+
+BUILTINS = [
+    pytest.param(LOGREG, (3, 4), id="logreg"),
+    pytest.param(ModelSpec(name="mlp", kwargs={"in_features": 4, "hidden": 8}), (3, 4), id="mlp"),
+    pytest.param(
+        ModelSpec(name="cnn", kwargs={"in_channels": 1, "width": 2, "num_classes": 3}),
+        (3, 1, 28, 28),
+        id="cnn",
+    ),
+]
+
+
+@pytest.mark.parametrize(("spec", "input_shape"), BUILTINS)
+def test_every_builtin_model_builds_and_maps_inputs_to_class_logits(
+    spec: ModelSpec, input_shape: tuple[int, ...]
+) -> None:
+    """Each built-in model builds from its spec and returns (batch, num_classes) logits."""
+    model = build_model(spec, seed=0)
+    num_classes = int(spec.kwargs.get("num_classes", 2))
+    assert model(torch.zeros(input_shape)).shape == (input_shape[0], num_classes)
+
+
+def test_the_builtin_table_covers_every_builtin() -> None:
+    """The table above has one row per built-in model."""
+    specs = [cast("ModelSpec", param.values[0]) for param in BUILTINS]
+    assert {spec.name for spec in specs} == set(BUILTIN_MODELS)
+
+
+@pytest.mark.parametrize(("spec", "input_shape"), BUILTINS)
+def test_params_round_trip_through_numpy(spec: ModelSpec, input_shape: tuple[int, ...]) -> None:
+    """model_params gives float32 arrays; load_params puts them into another model exactly."""
+    source, target = build_model(spec, seed=1), build_model(spec, seed=2)
+    params = model_params(source)
+    assert params
+    assert all(value.dtype == np.float32 for value in params.values())
+    load_params(target, params)
+    for name, value in model_params(target).items():
+        np.testing.assert_array_equal(value, params[name])
+    x = torch.randn(input_shape)
+    torch.testing.assert_close(source(x), target(x))
+
+
+def test_model_params_are_copies() -> None:
+    """Changing the returned arrays does not change the model's weights."""
+    model = build_model(LOGREG, seed=0)
+    params = model_params(model)
+    params["1.weight"][:] = 42.0
+    assert not np.any(model_params(model)["1.weight"] == 42.0)
+
+
+def test_the_same_seed_builds_the_same_initial_weights() -> None:
+    """build_model(spec, seed) is deterministic; another seed gives other weights."""
+    first, second = model_params(build_model(LOGREG, 3)), model_params(build_model(LOGREG, 3))
+    other = model_params(build_model(LOGREG, 4))
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name])
+    assert any(not np.array_equal(first[name], other[name]) for name in first)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param("missing", id="missing-tensor"),
+        pytest.param("extra", id="unexpected-tensor"),
+        pytest.param("shape", id="wrong-shape"),
+    ],
+)
+def test_weights_that_do_not_fit_the_model_are_refused(change: str) -> None:
+    """load_params raises ConfigError for missing, unexpected or mis-shaped tensors."""
+    model = build_model(LOGREG, seed=0)
+    before = model_params(model)
+    params = dict(before)
+    if change == "missing":
+        del params["1.bias"]
+    elif change == "extra":
+        params["2.weight"] = np.zeros(3, dtype=np.float32)
+    else:
+        params["1.weight"] = np.zeros((2, 5), dtype=np.float32)
+    with pytest.raises(ConfigError, match=r"1\.bias|2\.weight|1\.weight"):
+        load_params(model, params)
+    for name, value in model_params(model).items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_training_on_separable_data_lowers_the_loss() -> None:
+    """Training returns float32 weights of unchanged shapes whose loss is below the start."""
+    x, y = separable()
+    model = build_model(LOGREG, seed=0)
+    base = model_params(model)
+    before = evaluate(model, base, x, y, device=CPU)
+    result = train(model, base, x, y, CONFIG, seed=0, device=CPU)
+    after = evaluate(model, result.params, x, y, device=CPU)
+    assert after.loss < before.loss
+    assert after.accuracy >= 0.95
+    assert {name: v.shape for name, v in result.params.items()} == {
+        name: v.shape for name, v in base.items()
+    }
+    assert all(v.dtype == np.float32 for v in result.params.values())
+    assert result.num_samples == len(y)
+    assert np.isfinite(result.loss)
+    assert 0.0 <= result.accuracy <= 1.0
+    assert result.seconds >= 0.0
+
+
+def test_training_does_not_modify_the_base_weights() -> None:
+    """The base params passed in are left as they were."""
+    x, y = separable()
+    model = build_model(LOGREG, seed=0)
+    base = model_params(model)
+    snapshot = {name: value.copy() for name, value in base.items()}
+    train(model, base, x, y, CONFIG, seed=0, device=CPU)
+    for name, value in base.items():
+        np.testing.assert_array_equal(value, snapshot[name])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(CONFIG, id="sgd"),
+        pytest.param(
+            TrainingConfig(epochs=3, batch_size=5, learning_rate=0.05, momentum=0.9), id="momentum"
+        ),
+        pytest.param(
+            TrainingConfig(epochs=3, batch_size=16, optimizer="adam", learning_rate=0.01),
+            id="adam",
+        ),
+    ],
+)
+def test_the_same_seed_trains_to_identical_weights(config: TrainingConfig) -> None:
+    """Same base, data, config and seed: bit-identical weights, even from another model object."""
+    x, y = separable()
+    base = model_params(build_model(LOGREG, seed=0))
+    first = train(build_model(LOGREG, 9), base, x, y, config, seed=5, device=CPU)
+    second = train(build_model(LOGREG, 7), base, x, y, config, seed=5, device=CPU)
+    for name in base:
+        np.testing.assert_array_equal(first.params[name], second.params[name])
+    assert first.loss == second.loss
+
+
+def test_another_seed_shuffles_differently() -> None:
+    """The seed drives the batch order: another seed gives other weights."""
+    x, y = separable()
+    base = model_params(build_model(LOGREG, seed=0))
+    first = train(build_model(LOGREG), base, x, y, CONFIG, seed=1, device=CPU)
+    second = train(build_model(LOGREG), base, x, y, CONFIG, seed=2, device=CPU)
+    assert any(not np.array_equal(first.params[n], second.params[n]) for n in base)
+
+
+def test_evaluate_counts_the_correct_predictions() -> None:
+    """evaluate() counts argmax hits, in batches, and averages the loss over examples."""
+    model = build_model(LOGREG, seed=0)
+    # Logits = x @ W.T + b with W = identity on the first two features: class = argmax(x0, x1).
+    params = {
+        "1.weight": np.array([[1, 0, 0, 0], [0, 1, 0, 0]], dtype=np.float32),
+        "1.bias": np.zeros(2, dtype=np.float32),
+    }
+    x = np.array(
+        [[2, 0, 0, 0], [0, 2, 0, 0], [3, 1, 0, 0], [1, 3, 0, 0], [5, 0, 0, 0]], dtype=np.float32
+    )
+    y = np.array([0, 1, 1, 1, 1], dtype=np.int64)  # predictions: 0, 1, 0, 1, 0
+    result = evaluate(model, params, x, y, device=CPU, batch_size=2)
+    assert (result.correct, result.num_examples) == (3, 5)
+    assert result.accuracy == pytest.approx(0.6)
+    expected = nn.CrossEntropyLoss()(torch.from_numpy(x[:, :2]), torch.from_numpy(y))
+    assert result.loss == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_evaluating_no_examples_gives_zeros() -> None:
+    """An empty test split evaluates to zero counts without dividing by zero."""
+    model = build_model(LOGREG, seed=0)
+    empty_x, empty_y = np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    result = evaluate(model, model_params(model), empty_x, empty_y, device=CPU)
+    assert (result.correct, result.num_examples, result.accuracy, result.loss) == (0, 0, 0.0, 0.0)
+
+
+def test_auto_device_is_cuda_only_when_available() -> None:
+    """resolve_device('auto') picks CUDA if present, else the CPU; other names pass through."""
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == CPU
+
+
+def test_a_module_function_reference_builds_a_users_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`module:function` imports the user's installed factory and calls it with the kwargs."""
+    (tmp_path / "hospital_models.py").write_text(
+        textwrap.dedent(
+            """
+            from torch import nn
+
+            def tiny(in_features, num_classes=2):
+                return nn.Linear(in_features, num_classes)
+
+            NOT_CALLABLE = 3
+
+            def not_a_module():
+                return "a string"
+            """
+        ),
+        encoding="utf-8",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "hospital_models", raising=False)
+    model = build_model(ModelSpec(name="hospital_models:tiny", kwargs={"in_features": 5}), seed=0)
+    assert isinstance(model, nn.Linear)
+    assert (model.in_features, model.out_features) == (5, 2)
+    with pytest.raises(ConfigError, match="not callable"):
+        build_model(ModelSpec(name="hospital_models:NOT_CALLABLE"))
+    with pytest.raises(ConfigError, match="returned str"):
+        build_model(ModelSpec(name="hospital_models:not_a_module"))
+    with pytest.raises(ConfigError, match="rejected its arguments"):
+        build_model(ModelSpec(name="hospital_models:tiny", kwargs={"colour": "red"}))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        pytest.param("resnet", "neither built in", id="unknown-builtin"),
+        pytest.param("module:", "neither built in", id="no-function"),
+        pytest.param(":function", "neither built in", id="no-module"),
+        pytest.param("no_such_module_xyz:build", "cannot load", id="missing-module"),
+        pytest.param("common.models:no_such_function", "cannot load", id="missing-function"),
+        pytest.param("common.models:ConfigError.nope", "cannot load", id="dotted-attribute"),
+        pytest.param(".relative:build", "cannot load", id="relative-module"),
+        pytest.param("common.models:BUILTIN_MODELS", "not callable", id="not-callable"),
+    ],
+)
+def test_bad_model_references_raise_config_error(name: str, message: str) -> None:
+    """Unknown names and unloadable or uncallable `module:function` references are ConfigErrors."""
+    with pytest.raises(ConfigError, match=message):
+        build_model(ModelSpec(name=name))
+
+
+def test_builtin_models_reject_unknown_arguments() -> None:
+    """Kwargs a built-in does not take raise ConfigError naming the model."""
+    with pytest.raises(ConfigError, match="'logreg' rejected its arguments"):
+        build_model(ModelSpec(name="logreg", kwargs={"in_features": 4, "depth": 3}))
