@@ -11,6 +11,7 @@ queued by paho and sent on reconnect. Return codes become exceptions at the call
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import ssl
@@ -139,12 +140,17 @@ class MqttClient:
     def close(self, timeout: float = 5.0) -> None:
         """Flush QoS 1 publishes, disconnect cleanly (no Last Will) and stop the network thread."""
         self.flush(timeout)
-        self._stopping.set()
-        client = self._paho
+        client, thread = self._paho, self._thread
         if client is not None and self._connected.is_set():
-            client.disconnect()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+            client.disconnect()  # before _stopping, so the network thread still sends it
+        self._stopping.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        if client is not None and (thread is None or not thread.is_alive()):
+            sock = client.socket()
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
         self._connected.clear()
 
     # -- operations
