@@ -73,6 +73,29 @@ class BufferedUpdate:
     train_loss: float
     received_at: float
 
+    @classmethod
+    def of(
+        cls,
+        node: str,
+        update: Update,
+        *,
+        delta: Mapping[str, NDArray[np.float32]],
+        size: int,
+        staleness: int,
+        now: float,
+    ) -> BufferedUpdate:
+        return cls(
+            node=node,
+            update_id=update.update_id,
+            base_version=update.base_version,
+            staleness=staleness,
+            num_samples=update.num_samples,
+            delta=delta,
+            bytes=size,
+            train_loss=update.metrics.loss,
+            received_at=now,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Fold:
@@ -231,17 +254,7 @@ class AggregatorCore:
             return self._reject(entry, update.update_id, verdict)
         staleness = self._version - update.base_version
         self._buffer.append(
-            BufferedUpdate(
-                node=node,
-                update_id=update.update_id,
-                base_version=update.base_version,
-                staleness=staleness,
-                num_samples=update.num_samples,
-                delta=delta,
-                bytes=size,
-                train_loss=update.metrics.loss,
-                received_at=now,
-            )
+            BufferedUpdate.of(node, update, delta=delta, size=size, staleness=staleness, now=now)
         )
         self._seen[update.update_id] = "accepted"
         self._counters["accepted"] += 1
@@ -264,17 +277,7 @@ class AggregatorCore:
         ):
             raise ValueError(f"logged update {update.update_id} does not fit the model")
         self._buffer.append(
-            BufferedUpdate(
-                node=node,
-                update_id=update.update_id,
-                base_version=update.base_version,
-                staleness=staleness,
-                num_samples=update.num_samples,
-                delta=delta,
-                bytes=size,
-                train_loss=update.metrics.loss,
-                received_at=now,
-            )
+            BufferedUpdate.of(node, update, delta=delta, size=size, staleness=staleness, now=now)
         )
 
     def note_malformed(self, node: str, reason: RejectReason, now: float, size: int) -> None:

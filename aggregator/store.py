@@ -10,7 +10,6 @@ the checkpoint's ``seen`` set are recognised as duplicates and never folded twic
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from aggregator.aggregation import ServerOptimizerState
 from common.codec import array_to_tensor, decode_record, encode_record, tensor_to_array
 from common.errors import DecodeError
+from common.files import atomic_write, fsync_dir
 from common.messages import (
     AggregatorState,
     Counters,
@@ -114,7 +114,7 @@ class StateStore:
 
     def save(self, checkpoint: Checkpoint) -> Path:
         path = self._checkpoints / f"v{checkpoint.version:08d}.ckpt"
-        _atomic_write(path, encode_record(checkpoint))
+        atomic_write(path, encode_record(checkpoint))
         for old in self._checkpoint_paths()[: -self.keep_checkpoints]:
             old.unlink(missing_ok=True)
         return path
@@ -137,7 +137,7 @@ class StateStore:
     def append_wal(self, node: str, update_id: str, payload: bytes) -> None:
         """Durably record an accepted update's raw message before it is acknowledged."""
         self._sequence += 1
-        _atomic_write(self._wal / f"{self._sequence:012d}-{node}-{update_id}.msg", payload)
+        atomic_write(self._wal / f"{self._sequence:012d}-{node}-{update_id}.msg", payload)
 
     def wal_entries(self) -> list[WalEntry]:
         """Recorded updates in the order they were accepted."""
@@ -147,7 +147,7 @@ class StateStore:
         for entry in self._scan_wal():
             if entry.update_id in update_ids:
                 entry.path.unlink(missing_ok=True)
-        _fsync_dir(self._wal)
+        fsync_dir(self._wal)
 
     def _scan_wal(self) -> Iterator[WalEntry]:
         for path in self._wal.iterdir():
@@ -170,22 +170,3 @@ class StateStore:
             handle.write(record.model_dump_json() + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
-            os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,9 +8,10 @@ Resending is always the same bytes with the same update id, which the aggregator
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
+
+from common.files import atomic_write
 
 __all__ = ["Outbox"]
 
@@ -36,12 +37,7 @@ class Outbox:
         if path is None:
             self._sequence += 1
             path = self.directory / f"{self._sequence:012d}-{update_id}.update"
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        atomic_write(path, payload)
 
     def remove(self, update_id: str) -> bool:
         """Forget an acked update; False if it was not here."""
