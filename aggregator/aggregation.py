@@ -99,7 +99,7 @@ def weighted_average(
         raise ValueError(f"normalizer must be finite and positive, got {total}")
     names = list(deltas[0])
     for delta in deltas[1:]:
-        if list(delta) != names:
+        if delta.keys() != deltas[0].keys():
             raise ValueError("deltas name different tensors")
     out: dict[str, Array] = {}
     for name in names:
@@ -109,14 +109,20 @@ def weighted_average(
             tensor = delta[name]
             if tensor.shape != shape:
                 raise ValueError(f"tensor {name!r}: shape {tensor.shape} != {shape}")
-            acc += (weight / total) * tensor
+            # Accumulate in float64: numpy 2 would otherwise multiply in float32 first.
+            acc += (weight / total) * tensor.astype(np.float64)
         out[name] = acc.astype(np.float32)
     return out
 
 
 def global_norm(params: Params) -> float:
     """The L2 norm of all tensors taken together."""
-    return math.sqrt(math.fsum(float(np.vdot(t, t)) for t in params.values()))
+    # float64: squares of large but finite float32 values overflow float32.
+    return math.sqrt(
+        math.fsum(
+            float(np.vdot(t.astype(np.float64), t.astype(np.float64))) for t in params.values()
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +155,8 @@ def server_step(
     new_v: dict[str, Array] = {}
     for name, x in params.items():
         d = delta[name]
+        if d.shape != x.shape:
+            raise ValueError(f"tensor {name!r}: delta shape {d.shape} != params {x.shape}")
         step: NDArray[Any]
         match opt.kind:
             case ServerOptimizerKind.SGD:

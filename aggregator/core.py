@@ -46,7 +46,7 @@ from common.messages import (
     VersionRecord,
 )
 
-__all__ = ["AggregatorCore", "BufferedUpdate", "Fold", "FoldReason", "Verdict"]
+__all__ = ["AggregatorCore", "BufferedUpdate", "Discard", "Fold", "FoldReason", "Verdict"]
 
 FoldReason = Literal["buffer_full", "buffer_timeout"]
 
@@ -66,7 +66,6 @@ class BufferedUpdate:
     node: str
     update_id: str
     base_version: int
-    staleness: int
     num_samples: int
     delta: Mapping[str, NDArray[np.float32]]
     bytes: int
@@ -81,14 +80,12 @@ class BufferedUpdate:
         *,
         delta: Mapping[str, NDArray[np.float32]],
         size: int,
-        staleness: int,
         now: float,
     ) -> BufferedUpdate:
         return cls(
             node=node,
             update_id=update.update_id,
             base_version=update.base_version,
-            staleness=staleness,
             num_samples=update.num_samples,
             delta=delta,
             bytes=size,
@@ -105,6 +102,14 @@ class Fold:
     params: Mapping[str, NDArray[np.float32]]
     record: VersionRecord
     folded_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """A batch that was taken out of the buffer and refused, so no version was made."""
+
+    update_ids: tuple[str, ...]
+    detail: str
 
 
 @dataclass(slots=True)
@@ -140,6 +145,8 @@ class AggregatorCore:
         self._params: dict[str, NDArray[np.float32]] = {
             k: np.array(v, dtype=np.float32) for k, v in params.items()
         }
+        for array in self._params.values():
+            array.flags.writeable = False
         self._knobs = knobs
         self._version = version
         self._state = state
@@ -245,6 +252,14 @@ class AggregatorCore:
         self._counters["bytes_received"] += size
         entry = self._nodes.setdefault(node, _Ledger())
         entry.last_seen = now
+        if sender != node:
+            verdict = Verdict(
+                accepted=False,
+                reason=RejectReason.WRONG_SENDER,
+                detail=f"sent as {sender!r} on {node!r}'s topic",
+            )
+            self._count_rejection(entry, RejectReason.WRONG_SENDER)
+            return verdict  # not remembered: the id may be the rightful node's
         previous = self._seen.get(update.update_id)
         if previous == "accepted":
             self._counters["duplicates"] += 1
@@ -253,9 +268,7 @@ class AggregatorCore:
         if not verdict.accepted:
             return self._reject(entry, update.update_id, verdict)
         staleness = self._version - update.base_version
-        self._buffer.append(
-            BufferedUpdate.of(node, update, delta=delta, size=size, staleness=staleness, now=now)
-        )
+        self._buffer.append(BufferedUpdate.of(node, update, delta=delta, size=size, now=now))
         self._seen[update.update_id] = "accepted"
         self._counters["accepted"] += 1
         entry.accepted += 1
@@ -263,9 +276,7 @@ class AggregatorCore:
         entry.last_staleness = staleness
         return verdict
 
-    def restore_buffered(
-        self, node: str, update: Update, size: int, staleness: int, now: float
-    ) -> None:
+    def restore_buffered(self, node: str, update: Update, size: int, now: float) -> None:
         """Put back an update that a checkpoint counted as buffered (from the write-ahead log).
 
         It was validated when it arrived and is already in ``seen`` and the counters, so only the
@@ -276,9 +287,7 @@ class AggregatorCore:
             delta[name].shape != ref.shape for name, ref in self._params.items()
         ):
             raise ValueError(f"logged update {update.update_id} does not fit the model")
-        self._buffer.append(
-            BufferedUpdate.of(node, update, delta=delta, size=size, staleness=staleness, now=now)
-        )
+        self._buffer.append(BufferedUpdate.of(node, update, delta=delta, size=size, now=now))
 
     def note_malformed(self, node: str, reason: RejectReason, now: float, size: int) -> None:
         """Count a message that never reached validation (it has no update id to answer)."""
@@ -295,8 +304,6 @@ class AggregatorCore:
             return Verdict(accepted=False, reason=reason, detail=detail), {}
 
         knobs = self._knobs
-        if sender != node:
-            return no(RejectReason.WRONG_SENDER, f"sent as {sender!r} on {node!r}'s topic")
         if self._state is AggregatorState.STOPPED:
             return no(RejectReason.RUN_STOPPED, "the run is stopped")
         if update.run_id != self.run_id:
@@ -369,8 +376,12 @@ class AggregatorCore:
             return None
         return self._buffer[0].received_at + self._knobs.buffer_timeout
 
-    def fold(self, now: float) -> Fold:
-        """Fold the buffer into a new version (at most ``buffer_size`` updates, oldest first)."""
+    def fold(self, now: float) -> Fold | Discard:
+        """Fold the buffer into a new version (at most ``buffer_size`` updates, oldest first).
+
+        Returns :class:`Discard` instead, and keeps the version, when the batch would make the
+        model non-finite.
+        """
         reason = self.fold_due(now)
         if reason is None:
             raise ControlError("nothing to fold")
@@ -378,10 +389,13 @@ class AggregatorCore:
         knobs = self._knobs
         batch = self._buffer[: knobs.buffer_size]
         policy = StalenessPolicy(knobs.staleness, knobs.staleness_a, knobs.staleness_b)
+        # Staleness counts the versions published since each update's base, up to this fold:
+        # an update left in the buffer by an earlier fold is staler now than when it arrived.
+        stalenesses = [self._version - u.base_version for u in batch]
         aggregate, weights = buffer_aggregate(
             [u.delta for u in batch],
             [u.num_samples for u in batch],
-            [u.staleness for u in batch],
+            stalenesses,
             policy,
             knobs.sample_exponent,
         )
@@ -394,46 +408,51 @@ class AggregatorCore:
             tau=knobs.server_tau,
         )
         params, opt_state = server_step(self._params, aggregate, self._opt_state, optimizer)
-        fold_seconds = time.perf_counter() - started
+        folded_ids = tuple(u.update_id for u in batch)
+        self._buffer = self._buffer[len(batch) :]
+        norm = global_norm(aggregate)
+        if not math.isfinite(norm) or not all(np.isfinite(p).all() for p in params.values()):
+            # Each update was finite, but together they overflow float32: refuse the batch
+            # rather than publish a model of infinities.
+            for u in batch:
+                self._seen[u.update_id] = RejectReason.NON_FINITE.value
+                self._count_rejection(self._nodes[u.node], RejectReason.NON_FINITE)
+            return Discard(folded_ids, "the aggregate of these updates is not finite")
         contributions = tuple(
             Contribution(
                 node=u.node,
                 update_id=u.update_id,
                 base_version=u.base_version,
-                staleness=u.staleness,
+                staleness=s,
                 num_samples=u.num_samples,
-                staleness_factor=policy.factor(u.staleness),
+                staleness_factor=policy.factor(s),
                 weight=w,
                 bytes=u.bytes,
                 train_loss=u.train_loss,
             )
-            for u, w in zip(batch, weights, strict=True)
+            for u, s, w in zip(batch, stalenesses, weights, strict=True)
         )
-        self._version += 1
         record = VersionRecord(
             run_id=self.run_id,
-            version=self._version,
+            version=self._version + 1,
             created_at=now,
             contributions=contributions,
-            update_norm=global_norm(aggregate),
+            update_norm=norm,
             train_loss=math.fsum(c.weight * c.train_loss for c in contributions),
-            fold_seconds=fold_seconds,
+            fold_seconds=time.perf_counter() - started,
             reason=reason,
         )
+        for array in params.values():
+            array.flags.writeable = False  # versions are immutable; Fold shares these arrays
+        self._version += 1
         self._params = params
         self._opt_state = opt_state
-        self._buffer = self._buffer[len(batch) :]
         self._counters["folded"] += len(batch)
         for u in batch:
             self._nodes[u.node].folded += 1
         if knobs.max_versions is not None and self._version >= knobs.max_versions:
             self._state = AggregatorState.STOPPED
-        return Fold(
-            version=self._version,
-            params=params,
-            record=record,
-            folded_ids=tuple(u.update_id for u in batch),
-        )
+        return Fold(version=self._version, params=params, record=record, folded_ids=folded_ids)
 
 
 def _ledger_fields(entry: _Ledger) -> dict[str, Any]:

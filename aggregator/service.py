@@ -13,10 +13,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from aggregator.core import AggregatorCore, Fold
+from aggregator.core import AggregatorCore, Discard, Fold
 from aggregator.settings import AggregatorSettings
 from aggregator.store import Checkpoint, StateStore
 from common.blobs import split_blob
@@ -125,7 +125,7 @@ class AggregatorService:
                 nodes=checkpoint.nodes,
             )
             log.info("run %s: resumed at v%d (%s)", core.run_id, core.version, core.state.value)
-        self._replay_wal(core, checkpoint.buffered if checkpoint else {})
+        self._replay_wal(core, checkpoint.buffered if checkpoint else ())
         return core
 
     def _fresh_core(self) -> AggregatorCore:
@@ -141,7 +141,7 @@ class AggregatorService:
             core.command(ControlCommand.START)
         return core
 
-    def _replay_wal(self, core: AggregatorCore, buffered: Mapping[str, int]) -> None:
+    def _replay_wal(self, core: AggregatorCore, buffered: tuple[str, ...]) -> None:
         """Rebuild the buffer: accepted updates in the WAL that no checkpoint has folded yet.
 
         An update the checkpoint lists as buffered goes back as it was; one accepted after the
@@ -158,7 +158,7 @@ class AggregatorService:
                 continue
             size, now = len(entry.payload), self._clock()
             if update.update_id in buffered:
-                core.restore_buffered(entry.node, update, size, buffered[update.update_id], now)
+                core.restore_buffered(entry.node, update, size, now)
                 restored += 1
                 continue
             verdict = core.receive(entry.node, env.sender, update, size, now)
@@ -342,8 +342,18 @@ class AggregatorService:
     def _maybe_fold(self) -> None:
         core = self.core
         while core.fold_due(self._clock()) is not None:
-            fold = core.fold(self._clock())
-            self._commit(fold)
+            match core.fold(self._clock()):
+                case Fold() as fold:
+                    self._commit(fold)
+                case Discard() as discard:
+                    log.error(
+                        "discarded %d buffered updates at v%d: %s",
+                        len(discard.update_ids),
+                        core.version,
+                        discard.detail,
+                    )
+                    self._checkpoint(core)
+                    self.store.drop_wal(set(discard.update_ids))
 
     def _commit(self, fold: Fold) -> None:
         core = self.core
@@ -376,7 +386,7 @@ class AggregatorService:
                 optimizer_m=Checkpoint.tensors(opt.m),
                 optimizer_v=Checkpoint.tensors(opt.v),
                 seen=dict(core.seen),
-                buffered={u.update_id: u.staleness for u in core.buffer},
+                buffered=tuple(u.update_id for u in core.buffer),
                 counters=core.counters(),
                 nodes=core.ledger(),
                 created_at=self._clock(),

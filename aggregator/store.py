@@ -40,7 +40,10 @@ __all__ = ["Checkpoint", "StateStore", "WalEntry"]
 log = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^v(\d{8,})\.ckpt$")
-_WAL = re.compile(r"^(\d{12})-([A-Za-z0-9][A-Za-z0-9_.-]{0,63})-([A-Za-z0-9_.-]{1,64})\.msg$")
+# "+" separates the fields because identifiers cannot contain it (they may contain "-").
+_WAL = re.compile(
+    r"^(\d{12})\+([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\+([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.msg$"
+)
 
 
 class Checkpoint(BaseModel):
@@ -58,9 +61,9 @@ class Checkpoint(BaseModel):
     optimizer_m: tuple[TensorPayload, ...] = ()
     optimizer_v: tuple[TensorPayload, ...] = ()
     seen: dict[str, str]
-    # Accepted but not yet folded when this checkpoint was written: update id -> its staleness at
-    # arrival. Their bodies are in the WAL; ``seen`` and ``counters`` already include them.
-    buffered: dict[str, int] = {}
+    # Accepted but not yet folded when this checkpoint was written, oldest first. Their bodies
+    # are in the WAL; ``seen`` and ``counters`` already include them.
+    buffered: tuple[str, ...] = ()
     counters: Counters
     nodes: tuple[NodeLedgerEntry, ...]
     created_at: float
@@ -137,7 +140,7 @@ class StateStore:
     def append_wal(self, node: str, update_id: str, payload: bytes) -> None:
         """Durably record an accepted update's raw message before it is acknowledged."""
         self._sequence += 1
-        atomic_write(self._wal / f"{self._sequence:012d}-{node}-{update_id}.msg", payload)
+        atomic_write(self._wal / f"{self._sequence:012d}+{node}+{update_id}.msg", payload)
 
     def wal_entries(self) -> list[WalEntry]:
         """Recorded updates in the order they were accepted."""

@@ -6,6 +6,9 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from aggregator.aggregation import StalenessPolicy
+from common.messages import StalenessKind
+
 FINITE = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False, width=32)
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=5)
 
@@ -25,4 +28,29 @@ def params_like(layout: dict[str, tuple[int, ...]]) -> st.SearchStrategy[dict[st
     """float32 arrays with the given layout and finite values."""
     return st.fixed_dictionaries(
         {name: hnp.arrays(np.float32, shape, elements=FINITE) for name, shape in layout.items()}
+    )
+
+
+@st.composite
+def update_buffers(
+    draw: st.DrawFn, min_size: int = 1, max_size: int = 5
+) -> tuple[list[dict[str, np.ndarray]], list[int], list[int]]:
+    """A buffer of deltas over one layout: (deltas, sample counts, stalenesses)."""
+    layout = draw(model_shapes())
+    size = draw(st.integers(min_value=min_size, max_value=max_size))
+    drawn = draw(st.lists(params_like(layout), min_size=size, max_size=size))
+    # fixed_dictionaries may order keys differently per draw; give every delta the layout's order.
+    deltas = [{name: delta[name] for name in layout} for delta in drawn]
+    num_samples = draw(st.lists(st.integers(1, 1000), min_size=size, max_size=size))
+    stalenesses = draw(st.lists(st.integers(0, 50), min_size=size, max_size=size))
+    return deltas, num_samples, stalenesses
+
+
+@st.composite
+def staleness_policies(draw: st.DrawFn) -> StalenessPolicy:
+    """Any staleness function f(s) the knobs allow."""
+    return StalenessPolicy(
+        kind=draw(st.sampled_from(StalenessKind)),
+        a=draw(st.floats(min_value=0, max_value=5, allow_nan=False)),
+        b=draw(st.integers(min_value=0, max_value=20)),
     )

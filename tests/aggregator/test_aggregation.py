@@ -1,0 +1,479 @@
+"""Specification of the aggregation maths: staleness-weighted FedAvg and the server optimizers."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.aggregation import (
+    ServerOptimizer,
+    ServerOptimizerState,
+    StalenessPolicy,
+    buffer_aggregate,
+    global_norm,
+    sample_weight,
+    server_step,
+    weighted_average,
+)
+from common.messages import ServerOptimizerKind, StalenessKind
+from tests.strategies import (
+    model_shapes,
+    params_like,
+    staleness_policies,
+    update_buffers,
+)
+
+PROPERTY = settings(max_examples=40, deadline=None)
+EXPONENTS = st.floats(min_value=0, max_value=4, allow_nan=False)
+LEARNING_RATES = st.floats(min_value=0.01, max_value=10, allow_nan=False)
+
+Arrays = dict[str, np.ndarray]
+
+
+def float32_atol(deltas: list[Arrays]) -> float:
+    """What float32 rounding of K terms can shift a result by, relative to the largest input."""
+    largest = max(float(np.max(np.abs(t), initial=0.0)) for d in deltas for t in d.values())
+    return 4 * len(deltas) * float(np.finfo(np.float32).eps) * max(largest, 1.0)
+
+
+def assert_params_close(actual: Arrays, expected: Arrays, *, atol: float) -> None:
+    assert list(actual) == list(expected)
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-6, atol=atol)
+
+
+def assert_params_equal(actual: Any, expected: Any) -> None:
+    assert list(actual) == list(expected)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name])
+
+
+def arrays(**tensors: list[Any]) -> Arrays:
+    return {name: np.array(values, dtype=np.float32) for name, values in tensors.items()}
+
+
+# -- buffer_aggregate and weighted_average
+
+
+@PROPERTY
+@given(buffer=update_buffers(), policy=staleness_policies(), beta=EXPONENTS, data=st.data())
+def test_buffer_aggregate_does_not_depend_on_buffer_order(
+    buffer: tuple[list[Arrays], list[int], list[int]],
+    policy: StalenessPolicy,
+    beta: float,
+    data: st.DataObject,
+) -> None:
+    """Permuting the buffer permutes the effective weights and leaves the aggregate unchanged."""
+    deltas, num_samples, stalenesses = buffer
+    order = data.draw(st.permutations(range(len(deltas))))
+    aggregate, weights = buffer_aggregate(deltas, num_samples, stalenesses, policy, beta)
+    permuted, permuted_weights = buffer_aggregate(
+        [deltas[i] for i in order],
+        [num_samples[i] for i in order],
+        [stalenesses[i] for i in order],
+        policy,
+        beta,
+    )
+    assert_params_close(permuted, aggregate, atol=float32_atol(deltas))
+    np.testing.assert_allclose(permuted_weights, [weights[i] for i in order], rtol=1e-12)
+
+
+@PROPERTY
+@given(buffer=update_buffers(), data=st.data())
+def test_weighted_average_does_not_depend_on_order(
+    buffer: tuple[list[Arrays], list[int], list[int]], data: st.DataObject
+) -> None:
+    """weighted_average over a permuted buffer with permuted weights gives the same tensors."""
+    deltas, num_samples, _ = buffer
+    weights = [float(n) for n in num_samples]
+    order = data.draw(st.permutations(range(len(deltas))))
+    assert_params_close(
+        weighted_average([deltas[i] for i in order], [weights[i] for i in order]),
+        weighted_average(deltas, weights),
+        atol=float32_atol(deltas),
+    )
+
+
+@PROPERTY
+@given(
+    layout=model_shapes().flatmap(params_like),
+    num_samples=st.lists(st.integers(1, 1000), min_size=1, max_size=6),
+    beta=EXPONENTS,
+    policy=staleness_policies(),
+)
+def test_identical_fresh_updates_aggregate_to_that_update(
+    layout: Arrays, num_samples: list[int], beta: float, policy: StalenessPolicy
+) -> None:
+    """A buffer of the same fresh delta, whatever the sample counts, aggregates to that delta."""
+    deltas = [layout] * len(num_samples)
+    aggregate, weights = buffer_aggregate(deltas, num_samples, [0] * len(num_samples), policy, beta)
+    assert_params_equal(aggregate, layout)
+    assert math.isclose(math.fsum(weights), 1.0, rel_tol=1e-12)
+
+
+@PROPERTY
+@given(
+    buffer=update_buffers(),
+    policy=staleness_policies(),
+    beta=EXPONENTS,
+    scale=st.integers(1, 1000),
+)
+def test_aggregate_is_invariant_to_scaling_every_sample_count(
+    buffer: tuple[list[Arrays], list[int], list[int]],
+    policy: StalenessPolicy,
+    beta: float,
+    scale: int,
+) -> None:
+    """Multiplying every sample count by the same factor changes neither aggregate nor weights."""
+    deltas, num_samples, stalenesses = buffer
+    aggregate, weights = buffer_aggregate(deltas, num_samples, stalenesses, policy, beta)
+    scaled, scaled_weights = buffer_aggregate(
+        deltas, [n * scale for n in num_samples], stalenesses, policy, beta
+    )
+    assert_params_close(scaled, aggregate, atol=float32_atol(deltas))
+    np.testing.assert_allclose(scaled_weights, weights, rtol=1e-9)
+
+
+@PROPERTY
+@given(buffer=update_buffers(), policy=staleness_policies(), beta=EXPONENTS)
+def test_aggregate_preserves_names_shapes_and_float32(
+    buffer: tuple[list[Arrays], list[int], list[int]], policy: StalenessPolicy, beta: float
+) -> None:
+    """The aggregate names the same tensors, each with its shape, as float32."""
+    deltas, num_samples, stalenesses = buffer
+    aggregate, weights = buffer_aggregate(deltas, num_samples, stalenesses, policy, beta)
+    assert list(aggregate) == list(deltas[0])
+    for name, tensor in aggregate.items():
+        assert tensor.shape == deltas[0][name].shape
+        assert tensor.dtype == np.float32
+    assert len(weights) == len(deltas)
+
+
+@PROPERTY
+@given(buffer=update_buffers(), policy=staleness_policies(), beta=EXPONENTS)
+def test_aggregate_never_mutates_its_inputs(
+    buffer: tuple[list[Arrays], list[int], list[int]], policy: StalenessPolicy, beta: float
+) -> None:
+    """Deltas, sample counts and stalenesses are exactly as they were after aggregation."""
+    deltas, num_samples, stalenesses = buffer
+    before = copy.deepcopy(buffer)
+    buffer_aggregate(deltas, num_samples, stalenesses, policy, beta)
+    weighted_average(deltas, [float(n) for n in num_samples])
+    for delta, original in zip(deltas, before[0], strict=True):
+        assert_params_equal(delta, original)
+    assert (num_samples, stalenesses) == (before[1], before[2])
+
+
+@PROPERTY
+@given(buffer=update_buffers(), policy=staleness_policies())
+def test_beta_zero_with_fresh_updates_is_the_plain_mean(
+    buffer: tuple[list[Arrays], list[int], list[int]], policy: StalenessPolicy
+) -> None:
+    """With beta = 0 and no staleness every hospital counts equally: the aggregate is the mean."""
+    deltas, num_samples, _ = buffer
+    aggregate, weights = buffer_aggregate(deltas, num_samples, [0] * len(deltas), policy, 0.0)
+    expected = {
+        name: np.mean([d[name].astype(np.float64) for d in deltas], axis=0) for name in deltas[0]
+    }
+    assert_params_close(aggregate, expected, atol=float32_atol(deltas))
+    np.testing.assert_allclose(weights, [1 / len(deltas)] * len(deltas), rtol=1e-12)
+
+
+@PROPERTY
+@given(
+    delta=model_shapes().flatmap(params_like),
+    num_samples=st.integers(1, 10_000),
+    staleness=st.integers(0, 100),
+    policy=staleness_policies(),
+    beta=EXPONENTS,
+)
+def test_a_single_update_aggregates_to_its_discounted_delta(
+    delta: Arrays, num_samples: int, staleness: int, policy: StalenessPolicy, beta: float
+) -> None:
+    """K = 1 gives f(s) * delta (FedAsync): the staleness discount is not normalised away."""
+    factor = policy.factor(staleness)
+    aggregate, weights = buffer_aggregate([delta], [num_samples], [staleness], policy, beta)
+    expected = {name: factor * t.astype(np.float64) for name, t in delta.items()}
+    assert_params_close(aggregate, expected, atol=float32_atol([delta]))
+    assert weights == [pytest.approx(factor, rel=1e-12)]
+
+
+def test_sample_counts_and_staleness_set_the_effective_weights() -> None:
+    """w_i = n_i**beta * f(s_i), each divided by the sum of the sample weights n_i**beta."""
+    policy = StalenessPolicy(StalenessKind.POLYNOMIAL, a=0.5)
+    deltas = [arrays(w=[1.0, 0.0]), arrays(w=[0.0, 1.0])]
+    aggregate, weights = buffer_aggregate(deltas, [10, 30], [0, 3], policy, 1.0)
+    assert weights == [pytest.approx(0.25), pytest.approx(0.75 * 0.5)]
+    np.testing.assert_allclose(aggregate["w"], [0.25, 0.375], rtol=1e-6)
+
+
+def test_tensors_are_matched_by_name_not_by_position() -> None:
+    """Two deltas naming the same tensors in a different order are averaged name by name."""
+    first = {"w": np.ones(2, np.float32), "b": np.zeros(3, np.float32)}
+    second = {"b": np.ones(3, np.float32), "w": np.zeros(2, np.float32)}
+    out = weighted_average([first, second], [1.0, 1.0])
+    np.testing.assert_allclose(out["w"], [0.5, 0.5])
+    np.testing.assert_allclose(out["b"], [0.5, 0.5, 0.5])
+
+
+# -- staleness functions
+
+
+@pytest.mark.parametrize(
+    ("policy", "staleness", "expected"),
+    [
+        pytest.param(StalenessPolicy(StalenessKind.CONSTANT), 0, 1.0, id="constant-fresh"),
+        pytest.param(StalenessPolicy(StalenessKind.CONSTANT), 1000, 1.0, id="constant-stale"),
+        pytest.param(StalenessPolicy(StalenessKind.POLYNOMIAL, a=0.5), 0, 1.0, id="poly-fresh"),
+        pytest.param(StalenessPolicy(StalenessKind.POLYNOMIAL, a=0.5), 3, 0.5, id="poly-a0.5-s3"),
+        pytest.param(StalenessPolicy(StalenessKind.POLYNOMIAL, a=0.5), 8, 1 / 3, id="poly-a0.5-s8"),
+        pytest.param(StalenessPolicy(StalenessKind.POLYNOMIAL, a=1.0), 1, 0.5, id="poly-a1-s1"),
+        pytest.param(StalenessPolicy(StalenessKind.POLYNOMIAL, a=0.0), 9, 1.0, id="poly-a0"),
+        pytest.param(StalenessPolicy(StalenessKind.HINGE, a=0.5, b=4), 0, 1.0, id="hinge-fresh"),
+        pytest.param(StalenessPolicy(StalenessKind.HINGE, a=0.5, b=4), 4, 1.0, id="hinge-at-b"),
+        pytest.param(
+            StalenessPolicy(StalenessKind.HINGE, a=0.5, b=4), 5, 2 / 3, id="hinge-just-past-b"
+        ),
+        pytest.param(StalenessPolicy(StalenessKind.HINGE, a=0.5, b=4), 6, 0.5, id="hinge-b+2"),
+        pytest.param(StalenessPolicy(StalenessKind.HINGE, a=1.0, b=0), 0, 1.0, id="hinge-b0-s0"),
+        pytest.param(StalenessPolicy(StalenessKind.HINGE, a=1.0, b=0), 1, 0.5, id="hinge-b0-s1"),
+        pytest.param(StalenessPolicy(), 3, 0.5, id="default-is-poly-a0.5"),
+    ],
+)
+def test_staleness_factor(policy: StalenessPolicy, staleness: int, expected: float) -> None:
+    """f(s) for constant, polynomial (1+s)**-a and hinge 1 up to b, then 1/(a(s-b)+1)."""
+    assert policy.factor(staleness) == pytest.approx(expected, rel=1e-12)
+
+
+@PROPERTY
+@given(policy=staleness_policies(), s=st.integers(0, 10_000), extra=st.integers(0, 10_000))
+def test_staleness_factor_is_in_unit_interval_and_non_increasing(
+    policy: StalenessPolicy, s: int, extra: int
+) -> None:
+    """f(0) = 1, 0 <= f(s) <= 1, and a staler update never counts more than a fresher one."""
+    assert policy.factor(0) == 1.0
+    assert 0.0 <= policy.factor(s + extra) <= policy.factor(s) <= 1.0
+
+
+# -- refusals
+
+
+def _w(*values: float) -> Arrays:
+    return arrays(w=list(values))
+
+
+POLICY = StalenessPolicy()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda: StalenessPolicy(StalenessKind.CONSTANT).factor(-1), id="constant-s<0"),
+        pytest.param(lambda: StalenessPolicy(StalenessKind.POLYNOMIAL).factor(-1), id="poly-s<0"),
+        pytest.param(lambda: StalenessPolicy(StalenessKind.HINGE).factor(-1), id="hinge-s<0"),
+        pytest.param(
+            lambda: buffer_aggregate([_w(1)], [1], [-1], POLICY, 1.0), id="buffer-negative-s"
+        ),
+        pytest.param(lambda: sample_weight(0, 1.0), id="zero-samples"),
+        pytest.param(lambda: sample_weight(-3, 0.0), id="negative-samples"),
+        pytest.param(lambda: buffer_aggregate([_w(1)], [0], [0], POLICY, 1.0), id="buffer-n=0"),
+        pytest.param(lambda: buffer_aggregate([], [], [], POLICY, 1.0), id="empty-buffer"),
+        pytest.param(
+            lambda: buffer_aggregate([_w(1), _w(2)], [1], [0, 0], POLICY, 1.0),
+            id="buffer-missing-count",
+        ),
+        pytest.param(
+            lambda: buffer_aggregate([_w(1)], [1], [0, 0], POLICY, 1.0),
+            id="buffer-extra-staleness",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1), arrays(b=[1])], [1, 1]), id="different-names"
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1), arrays(w=[1], b=[1])], [1, 1]), id="extra-name"
+        ),
+        pytest.param(
+            lambda: weighted_average([arrays(w=[1], b=[1]), _w(1)], [1, 1]), id="missing-name"
+        ),
+        pytest.param(lambda: weighted_average([_w(1, 2), _w(1)], [1, 1]), id="different-shapes"),
+        pytest.param(
+            lambda: buffer_aggregate([_w(1, 2), _w(1, 2, 3)], [1, 1], [0, 0], POLICY, 1.0),
+            id="buffer-different-shapes",
+        ),
+        pytest.param(lambda: weighted_average([], []), id="no-deltas"),
+        pytest.param(lambda: weighted_average([_w(1)], [1, 1]), id="weights-length"),
+        pytest.param(lambda: weighted_average([_w(1), _w(2)], [1, -1]), id="negative-weight"),
+        pytest.param(lambda: weighted_average([_w(1), _w(2)], [1, math.nan]), id="nan-weight"),
+        pytest.param(lambda: weighted_average([_w(1), _w(2)], [1, math.inf]), id="inf-weight"),
+        pytest.param(lambda: weighted_average([_w(1), _w(2)], [0, 0]), id="all-zero-weights"),
+        pytest.param(lambda: weighted_average([_w(1)], [1], 0.0), id="zero-normalizer"),
+        pytest.param(lambda: weighted_average([_w(1)], [1], -1.0), id="negative-normalizer"),
+        pytest.param(lambda: weighted_average([_w(1)], [1], math.nan), id="nan-normalizer"),
+        pytest.param(lambda: weighted_average([_w(1)], [1], math.inf), id="inf-normalizer"),
+        pytest.param(
+            lambda: server_step(_w(1), arrays(b=[1]), ServerOptimizerState(), ServerOptimizer()),
+            id="step-different-names",
+        ),
+        pytest.param(
+            lambda: server_step(_w(1), _w(1, 2, 3), ServerOptimizerState(), ServerOptimizer()),
+            id="step-different-shapes",
+        ),
+    ],
+)
+def test_invalid_input_raises_value_error(call: Any) -> None:
+    """Negative staleness, empty samples, mismatched tensors and bad weights are refused."""
+    with pytest.raises(ValueError):  # noqa: PT011 - every refusal in this table is a ValueError
+        call()
+
+
+# -- server optimizers
+
+
+@PROPERTY
+@given(layout=model_shapes(), lr=LEARNING_RATES, data=st.data())
+def test_sgd_step_is_params_plus_lr_times_delta(
+    layout: dict[str, tuple[int, ...]], lr: float, data: st.DataObject
+) -> None:
+    """The plain server optimizer returns exactly x + lr * delta, in float32."""
+    params = data.draw(params_like(layout))
+    delta = data.draw(params_like(layout))
+    new, state = server_step(
+        params, delta, ServerOptimizerState(), ServerOptimizer(ServerOptimizerKind.SGD, lr=lr)
+    )
+    assert_params_equal(new, {k: params[k] + np.float32(lr) * delta[k] for k in params})
+    assert all(t.dtype == np.float32 for t in new.values())
+    assert state.step == 1
+
+
+@PROPERTY
+@given(
+    layout=model_shapes(),
+    lr=st.floats(min_value=0.01, max_value=2, allow_nan=False),
+    momentum=st.floats(min_value=0, max_value=0.99, allow_nan=False),
+    data=st.data(),
+)
+def test_fedavgm_momentum_accumulates_across_steps(
+    layout: dict[str, tuple[int, ...]], lr: float, momentum: float, data: st.DataObject
+) -> None:
+    """FedAvgM: m1 = d1, x1 = x0 + lr m1; m2 = mu m1 + d2, x2 = x1 + lr m2."""
+    x0, d1, d2 = (data.draw(params_like(layout)) for _ in range(3))
+    opt = ServerOptimizer(ServerOptimizerKind.FEDAVGM, lr=lr, momentum=momentum)
+    x1, state1 = server_step(x0, d1, ServerOptimizerState(), opt)
+    x2, state2 = server_step(x1, d2, state1, opt)
+    for name in layout:
+        m1 = d1[name].astype(np.float64)
+        m2 = momentum * m1 + d2[name]
+        np.testing.assert_allclose(state1.m[name], m1, rtol=1e-6)
+        np.testing.assert_allclose(state2.m[name], m2, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(x2[name], x0[name] + lr * m1 + lr * m2, rtol=1e-5, atol=1e-2)
+    assert state2.step == 2
+
+
+def test_fedavgm_moves_further_on_a_repeated_delta() -> None:
+    """With momentum, the same delta twice moves the params by lr * (1 + (1 + mu)) * delta."""
+    opt = ServerOptimizer(ServerOptimizerKind.FEDAVGM, lr=1.0, momentum=0.5)
+    x1, state = server_step(_w(0.0), _w(1.0), ServerOptimizerState(), opt)
+    x2, _ = server_step(x1, _w(1.0), state, opt)
+    np.testing.assert_allclose(x1["w"], [1.0])
+    np.testing.assert_allclose(x2["w"], [2.5])
+
+
+ADAPTIVE = [
+    pytest.param(ServerOptimizerKind.FEDADAM, id="fedadam"),
+    pytest.param(ServerOptimizerKind.FEDYOGI, id="fedyogi"),
+]
+
+
+@pytest.mark.parametrize("kind", ADAPTIVE)
+@PROPERTY
+@given(layout=model_shapes(), lr=LEARNING_RATES, data=st.data())
+def test_adaptive_optimizers_move_params_with_the_delta(
+    kind: ServerOptimizerKind,
+    layout: dict[str, tuple[int, ...]],
+    lr: float,
+    data: st.DataObject,
+) -> None:
+    """Every coordinate moves in the direction of its delta, over two steps of the same delta."""
+    params = data.draw(params_like(layout))
+    delta = data.draw(params_like(layout))
+    opt = ServerOptimizer(kind, lr=lr)
+    once, state = server_step(params, delta, ServerOptimizerState(), opt)
+    twice, _ = server_step(once, delta, state, opt)
+    for name in layout:
+        assert np.all((once[name] - params[name]) * delta[name] >= 0)
+        assert np.all((twice[name] - once[name]) * delta[name] >= 0)
+
+
+@pytest.mark.parametrize("kind", ADAPTIVE)
+def test_adaptive_optimizers_take_a_visible_step_with_the_delta_sign(
+    kind: ServerOptimizerKind,
+) -> None:
+    """From zero, a delta of +-1 moves each coordinate by a clearly non-zero step of its sign."""
+    delta = arrays(w=[[1.0, -1.0], [-0.5, 0.25]])
+    new, _ = server_step(
+        arrays(w=[[0.0, 0.0], [0.0, 0.0]]), delta, ServerOptimizerState(), ServerOptimizer(kind)
+    )
+    np.testing.assert_array_equal(np.sign(new["w"]), np.sign(delta["w"]))
+    assert np.all(np.abs(new["w"]) > 0.1)
+
+
+@pytest.mark.parametrize("kind", ADAPTIVE)
+@PROPERTY
+@given(layout=model_shapes(), data=st.data())
+def test_adaptive_optimizers_keep_one_moment_per_tensor(
+    kind: ServerOptimizerKind, layout: dict[str, tuple[int, ...]], data: st.DataObject
+) -> None:
+    """m and v name every tensor, with its shape, as float32, and the step count grows."""
+    params = data.draw(params_like(layout))
+    state = ServerOptimizerState()
+    for step in (1, 2):
+        params, state = server_step(
+            params, data.draw(params_like(layout)), state, ServerOptimizer(kind)
+        )
+        assert state.step == step
+        for moments in (state.m, state.v):
+            assert {n: t.shape for n, t in moments.items()} == layout
+            assert all(t.dtype == np.float32 for t in moments.values())
+        assert all(np.all(v > 0) for v in state.v.values())
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [pytest.param(kind, id=kind.value) for kind in ServerOptimizerKind],
+)
+@PROPERTY
+@given(layout=model_shapes(), data=st.data())
+def test_server_step_never_mutates_params_delta_or_state(
+    kind: ServerOptimizerKind, layout: dict[str, tuple[int, ...]], data: st.DataObject
+) -> None:
+    """params, delta and the optimizer state are unchanged after a step, on its second use too."""
+    params, delta = data.draw(params_like(layout)), data.draw(params_like(layout))
+    opt = ServerOptimizer(kind)
+    _, state = server_step(params, delta, ServerOptimizerState(), opt)
+    before = copy.deepcopy((params, delta, dict(state.m), dict(state.v), state.step))
+    server_step(params, delta, state, opt)
+    assert_params_equal(params, before[0])
+    assert_params_equal(delta, before[1])
+    assert_params_equal(state.m, before[2])
+    assert_params_equal(state.v, before[3])
+    assert state.step == before[4]
+
+
+@PROPERTY
+@given(params=model_shapes().flatmap(params_like))
+def test_global_norm_matches_numpy(params: Arrays) -> None:
+    """The L2 norm of all tensors together equals numpy's norm of their concatenation."""
+    flat = np.concatenate([t.ravel().astype(np.float64) for t in params.values()])
+    assert global_norm(params) == pytest.approx(float(np.linalg.norm(flat)), rel=1e-5, abs=1e-6)
+
+
+def test_global_norm_of_large_finite_tensors_is_finite() -> None:
+    """Any finite float32 tensor has a finite norm: squares are summed beyond float32's range."""
+    params = arrays(w=[3e19, 4e19], b=[0.0])
+    assert global_norm(params) == pytest.approx(5e19, rel=1e-6)

@@ -1,0 +1,719 @@
+"""Specification of the aggregator's decisions: validate, buffer, fold, control (no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from aggregator.core import AggregatorCore, Verdict
+from common.codec import array_to_tensor
+from common.errors import ControlError
+from common.messages import (
+    AggregatorState,
+    ControlCommand,
+    Counters,
+    Evaluation,
+    Knobs,
+    RejectReason,
+    ServerOptimizerKind,
+    StalenessKind,
+    TensorPayload,
+    TrainingConfig,
+    TrainMetrics,
+    Update,
+)
+
+RUN = "run-1"
+PARAMS = {
+    "w": np.array([[0.1, 0.2, 0.3], [-0.1, -0.2, -0.3]], dtype=np.float32),
+    "b": np.array([0.5, -0.5], dtype=np.float32),
+}
+DELTA = {
+    "w": np.full((2, 3), 0.1, dtype=np.float32),
+    "b": np.full(2, -0.2, dtype=np.float32),
+}
+SIZE = 100
+
+Arrays = Mapping[str, np.ndarray]
+
+
+def make_core(
+    *,
+    version: int = 0,
+    state: AggregatorState = AggregatorState.RUNNING,
+    **knobs: Any,
+) -> AggregatorCore:
+    return AggregatorCore(
+        run_id=RUN, params=PARAMS, knobs=Knobs(**knobs), version=version, state=state
+    )
+
+
+def make_update(
+    update_id: str = "u1",
+    *,
+    base_version: int = 0,
+    num_samples: int = 10,
+    delta: Arrays | None = None,
+    tensors: tuple[TensorPayload, ...] | None = None,
+    run_id: str = RUN,
+    loss: float = 0.5,
+) -> Update:
+    if tensors is None:
+        tensors = tuple(array_to_tensor(n, a) for n, a in (delta or DELTA).items())
+    return Update(
+        update_id=update_id,
+        run_id=run_id,
+        base_version=base_version,
+        num_samples=num_samples,
+        metrics=TrainMetrics(loss=loss, accuracy=0.5, seconds=1.0),
+        delta=tensors,
+    )
+
+
+def scaled(factor: float) -> dict[str, np.ndarray]:
+    return {name: (factor * t).astype(np.float32) for name, t in DELTA.items()}
+
+
+def send(
+    core: AggregatorCore,
+    update: Update,
+    *,
+    node: str = "n1",
+    sender: str | None = None,
+    now: float = 0.0,
+) -> Verdict:
+    return core.receive(node, sender or node, update, SIZE, now)
+
+
+def assert_params_equal(actual: Arrays, expected: Arrays) -> None:
+    assert list(actual) == list(expected)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name])
+
+
+def ledger_of(core: AggregatorCore, node: str) -> Any:
+    (entry,) = [e for e in core.ledger() if e.node == node]
+    return entry
+
+
+# -- rejections
+
+W_ONLY = {"w": DELTA["w"]}
+
+
+def _with(name: str, value: float) -> dict[str, np.ndarray]:
+    delta = {k: v.copy() for k, v in DELTA.items()}
+    delta[name].flat[0] = value
+    return delta
+
+
+REJECTIONS = [
+    pytest.param({}, {"sender": "n2"}, make_update(), RejectReason.WRONG_SENDER, id="wrong-sender"),
+    pytest.param({}, {}, make_update(run_id="run-2"), RejectReason.WRONG_RUN, id="wrong-run"),
+    pytest.param(
+        {"state": AggregatorState.STOPPED},
+        {},
+        make_update(),
+        RejectReason.RUN_STOPPED,
+        id="stopped-run",
+    ),
+    pytest.param(
+        {"version": 3}, {}, make_update(base_version=4), RejectReason.FUTURE_VERSION, id="future"
+    ),
+    pytest.param(
+        {"version": 5, "max_staleness": 2},
+        {},
+        make_update(base_version=2),
+        RejectReason.STALE,
+        id="stale",
+    ),
+    pytest.param(
+        {}, {}, make_update(delta=W_ONLY), RejectReason.SHAPE_MISMATCH, id="missing-tensor"
+    ),
+    pytest.param(
+        {},
+        {},
+        make_update(delta={**DELTA, "extra": np.zeros(1, np.float32)}),
+        RejectReason.SHAPE_MISMATCH,
+        id="extra-tensor",
+    ),
+    pytest.param(
+        {},
+        {},
+        make_update(
+            tensors=(
+                array_to_tensor("w", DELTA["w"]),
+                array_to_tensor("w", DELTA["w"]),
+                array_to_tensor("b", DELTA["b"]),
+            )
+        ),
+        RejectReason.SHAPE_MISMATCH,
+        id="tensor-twice",
+    ),
+    pytest.param(
+        {},
+        {},
+        make_update(delta={"w": DELTA["w"].reshape(3, 2), "b": DELTA["b"]}),
+        RejectReason.SHAPE_MISMATCH,
+        id="wrong-shape",
+    ),
+    pytest.param(
+        {},
+        {},
+        make_update(delta={"w": DELTA["w"].astype(np.float16), "b": DELTA["b"]}),
+        RejectReason.SHAPE_MISMATCH,
+        id="float16",
+    ),
+    pytest.param({}, {}, make_update(delta=_with("w", np.nan)), RejectReason.NON_FINITE, id="nan"),
+    pytest.param({}, {}, make_update(delta=_with("b", np.inf)), RejectReason.NON_FINITE, id="inf"),
+    pytest.param(
+        {}, {}, make_update(delta=_with("b", -np.inf)), RejectReason.NON_FINITE, id="-inf"
+    ),
+    pytest.param(
+        {"max_update_norm": 0.1},
+        {},
+        make_update(),
+        RejectReason.NORM_BOUND,
+        id="norm-bound",
+    ),
+]
+
+
+@pytest.mark.parametrize(("core_options", "send_options", "update", "reason"), REJECTIONS)
+def test_rejected_update_is_counted_and_changes_nothing(
+    core_options: dict[str, Any],
+    send_options: dict[str, Any],
+    update: Update,
+    reason: RejectReason,
+) -> None:
+    """Each rule rejects with its reason, counted overall and per node; model and buffer stay."""
+    core = make_core(**core_options)
+    version = core.version
+    verdict = send(core, update, **send_options)
+    assert verdict.accepted is False
+    assert verdict.reason is reason
+    assert not verdict.duplicate
+    assert verdict.detail
+    counters = core.counters()
+    assert (counters.received, counters.accepted, counters.rejected) == (1, 0, 1)
+    assert counters.rejections == {reason.value: 1}
+    assert counters.bytes_received == SIZE
+    entry = ledger_of(core, "n1")
+    assert (entry.accepted, entry.rejected, entry.folded) == (0, 1, 0)
+    assert entry.rejections == {reason.value: 1}
+    assert core.buffer == ()
+    assert core.version == version
+    assert_params_equal(core.params, PARAMS)
+    if reason is RejectReason.WRONG_SENDER:
+        # Not remembered: the id may belong to the rightful node, whose update must still count.
+        assert update.update_id not in core.seen
+    else:
+        assert core.seen[update.update_id] == reason.value
+    assert core.fold_due(now=1e9) is None
+
+
+def test_rejection_leaves_an_existing_buffer_alone() -> None:
+    """A rejected update after an accepted one leaves exactly the accepted one in the buffer."""
+    core = make_core(buffer_size=3)
+    send(core, make_update("good"))
+    verdict = send(core, make_update("bad", delta=_with("w", np.nan)))
+    assert verdict.reason is RejectReason.NON_FINITE
+    assert [u.update_id for u in core.buffer] == ["good"]
+    assert_params_equal(core.params, PARAMS)
+
+
+def test_update_within_norm_bound_is_accepted() -> None:
+    """An update whose global norm is at most max_update_norm passes the norm rule."""
+    norm = float(np.sqrt(sum(float(np.sum(t.astype(np.float64) ** 2)) for t in DELTA.values())))
+    core = make_core(max_update_norm=norm * 1.001)
+    assert send(core, make_update()).accepted
+
+
+def test_update_at_max_staleness_is_accepted() -> None:
+    """Staleness equal to max_staleness is still allowed; only beyond it is stale."""
+    core = make_core(version=5, max_staleness=2)
+    verdict = send(core, make_update(base_version=3))
+    assert verdict == Verdict(accepted=True)
+    assert core.version - core.buffer[0].base_version == 2
+
+
+# -- acceptance
+
+
+def test_accepted_update_is_buffered_seen_and_counted() -> None:
+    """A valid update is buffered with its base version, marked seen, and counted for its node."""
+    core = make_core(version=2, buffer_size=5)
+    verdict = send(core, make_update(base_version=1, num_samples=7), now=12.5)
+    assert verdict == Verdict(accepted=True)
+    (buffered,) = core.buffer
+    assert (buffered.node, buffered.update_id, buffered.base_version) == ("n1", "u1", 1)
+    assert (buffered.num_samples, buffered.received_at) == (7, 12.5)
+    assert_params_equal(buffered.delta, DELTA)
+    assert core.seen == {"u1": "accepted"}
+    counters = core.counters()
+    assert (counters.received, counters.accepted, counters.rejected) == (1, 1, 0)
+    entry = ledger_of(core, "n1")
+    assert (entry.accepted, entry.last_base_version, entry.last_staleness) == (1, 1, 1)
+    assert entry.last_seen == 12.5
+
+
+def test_duplicate_of_an_accepted_update_is_acknowledged_but_not_buffered_again() -> None:
+    """Resending an accepted update id answers accepted+duplicate and buffers nothing new."""
+    core = make_core(buffer_size=5)
+    send(core, make_update())
+    verdict = send(core, make_update())
+    assert verdict.accepted is True
+    assert verdict.duplicate is True
+    assert len(core.buffer) == 1
+    counters = core.counters()
+    assert (counters.received, counters.accepted, counters.duplicates) == (2, 1, 1)
+
+
+def test_duplicate_of_a_folded_update_is_never_folded_again() -> None:
+    """After its fold, the same update id is a duplicate: no second buffer entry, no new version."""
+    core = make_core(buffer_size=1)
+    send(core, make_update())
+    core.fold(now=0.0)
+    params = {k: v.copy() for k, v in core.params.items()}
+    verdict = send(core, make_update(base_version=1))
+    assert verdict == Verdict(accepted=True, duplicate=True, detail=verdict.detail)
+    assert core.buffer == ()
+    assert core.fold_due(now=0.0) is None
+    assert core.version == 1
+    assert_params_equal(core.params, params)
+    assert core.counters().folded == 1
+
+
+def test_paused_run_accepts_and_buffers_updates() -> None:
+    """PAUSED accepts updates into the buffer (work in flight is kept) but does not fold."""
+    core = make_core(state=AggregatorState.PAUSED, buffer_size=2)
+    assert send(core, make_update("u1")).accepted
+    assert send(core, make_update("u2")).accepted
+    assert len(core.buffer) == 2
+    assert core.fold_due(now=0.0) is None
+
+
+# -- folding
+
+
+def test_no_fold_below_buffer_size() -> None:
+    """With fewer than K updates and no timeout, no fold is due."""
+    core = make_core(buffer_size=3)
+    send(core, make_update("u1"))
+    send(core, make_update("u2"))
+    assert core.fold_due(now=1e6) is None
+    assert core.next_deadline() is None
+    with pytest.raises(ControlError):
+        core.fold(now=0.0)
+
+
+def test_fold_is_due_when_the_buffer_is_full() -> None:
+    """The K-th accepted update makes a fold due, for reason buffer_full."""
+    core = make_core(buffer_size=2)
+    send(core, make_update("u1"))
+    assert core.fold_due(now=0.0) is None
+    send(core, make_update("u2"))
+    assert core.fold_due(now=0.0) == "buffer_full"
+
+
+def test_fold_is_due_when_the_oldest_update_waited_buffer_timeout() -> None:
+    """With buffer_timeout, a partial buffer folds once its oldest update waited that long."""
+    core = make_core(buffer_size=5, buffer_timeout=10.0)
+    send(core, make_update("u1"), now=100.0)
+    send(core, make_update("u2"), now=105.0)
+    assert core.next_deadline() == 110.0
+    assert core.fold_due(now=109.9) is None
+    assert core.fold_due(now=110.0) == "buffer_timeout"
+    fold = core.fold(now=110.0)
+    assert fold.record.reason == "buffer_timeout"
+    assert fold.folded_ids == ("u1", "u2")
+    assert core.next_deadline() is None
+
+
+def test_paused_run_folds_after_resume() -> None:
+    """A full buffer waits while PAUSED and folds as soon as the run resumes."""
+    core = make_core(buffer_size=2)
+    core.command(ControlCommand.PAUSE)
+    send(core, make_update("u1"))
+    send(core, make_update("u2"))
+    assert core.fold_due(now=0.0) is None
+    with pytest.raises(ControlError):
+        core.fold(now=0.0)
+    core.command(ControlCommand.RESUME)
+    assert core.fold_due(now=0.0) == "buffer_full"
+    assert core.fold(now=0.0).version == 1
+
+
+def test_idle_run_does_not_fold() -> None:
+    """Before start, a full buffer is not folded."""
+    core = make_core(state=AggregatorState.IDLE, buffer_size=1)
+    send(core, make_update())
+    assert core.fold_due(now=0.0) is None
+
+
+def test_fold_takes_at_most_k_oldest_updates() -> None:
+    """A buffer longer than K folds its K oldest updates and keeps the rest, in order."""
+    core = make_core(buffer_size=2, state=AggregatorState.PAUSED)
+    for i in range(5):
+        send(core, make_update(f"u{i}"), now=float(i))
+    core.command(ControlCommand.RESUME)
+    fold = core.fold(now=10.0)
+    assert fold.folded_ids == ("u0", "u1")
+    assert [u.update_id for u in core.buffer] == ["u2", "u3", "u4"]
+    assert [c.update_id for c in fold.record.contributions] == ["u0", "u1"]
+    assert core.counters().folded == 2
+
+
+def test_updates_left_in_the_buffer_count_the_versions_folded_before_them() -> None:
+    """Every contribution's staleness is the versions between its base and the params it updates."""
+    core = make_core(buffer_size=3, max_staleness=0)
+    for i in range(3):
+        send(core, make_update(f"u{i}"))
+    core.set_knobs({"buffer_size": 1})
+    records = [core.fold(now=0.0).record for _ in range(3)]
+    for record in records:
+        for c in record.contributions:
+            assert c.staleness == record.version - 1 - c.base_version, record
+
+
+def test_fold_increments_the_version_and_records_the_contributions() -> None:
+    """A fold makes version t+1 whose record gives each update's staleness, f(s) and weight."""
+    core = make_core(version=3, buffer_size=2, staleness=StalenessKind.POLYNOMIAL, staleness_a=0.5)
+    send(core, make_update("fresh", base_version=3, num_samples=10, loss=1.0), node="a")
+    send(core, make_update("stale", base_version=0, num_samples=30, loss=2.0), node="b")
+    fold = core.fold(now=42.0)
+    assert fold.version == core.version == 4
+    record = fold.record
+    assert (record.run_id, record.version, record.created_at) == (RUN, 4, 42.0)
+    assert record.reason == "buffer_full"
+    fresh, stale = record.contributions
+    assert (fresh.node, fresh.staleness, fresh.staleness_factor) == ("a", 0, 1.0)
+    assert (stale.node, stale.staleness, stale.base_version) == ("b", 3, 0)
+    assert stale.staleness_factor == pytest.approx(0.5)
+    assert stale.staleness_factor < 1
+    assert fresh.weight == pytest.approx(10 / 40)
+    assert stale.weight == pytest.approx(30 * 0.5 / 40)
+    assert (fresh.num_samples, stale.num_samples) == (10, 30)
+    assert (fresh.bytes, fresh.train_loss, stale.train_loss) == (SIZE, 1.0, 2.0)
+    assert record.update_norm >= 0
+    assert record.fold_seconds >= 0
+    assert [(e.node, e.folded) for e in core.ledger()] == [("a", 1), ("b", 1)]
+
+
+@pytest.mark.parametrize(
+    ("server_lr", "sample_exponent"),
+    [
+        pytest.param(1.0, 1.0, id="lr1-by-samples"),
+        pytest.param(0.5, 1.0, id="lr0.5-by-samples"),
+        pytest.param(2.0, 0.0, id="lr2-equal-hospitals"),
+    ],
+)
+def test_sgd_fold_adds_server_lr_times_the_weighted_aggregate(
+    server_lr: float, sample_exponent: float
+) -> None:
+    """New params are old + lr * sum(n_i**beta f(s_i) delta_i) / sum(n_i**beta), per tensor."""
+    core = make_core(version=2, buffer_size=3, server_lr=server_lr, sample_exponent=sample_exponent)
+    updates = [("a", 2, 10, 1.0), ("b", 1, 20, -2.0), ("c", 0, 5, 3.0)]
+    for node, base, n, factor in updates:
+        send(
+            core,
+            make_update(node, base_version=base, num_samples=n, delta=scaled(factor)),
+            node=node,
+        )
+    fold = core.fold(now=0.0)
+    a = [n**sample_exponent for _, _, n, _ in updates]
+    f = [(1 + (2 - base)) ** -0.5 for _, base, _, _ in updates]
+    for name, x in PARAMS.items():
+        aggregate = sum(
+            ai * fi * factor * DELTA[name].astype(np.float64)
+            for ai, fi, (_, _, _, factor) in zip(a, f, updates, strict=True)
+        ) / sum(a)
+        expected = x.astype(np.float64) + server_lr * aggregate
+        np.testing.assert_allclose(core.params[name], expected, rtol=1e-6, atol=1e-7)
+        assert core.params[name].dtype == np.float32
+    assert_params_equal(fold.params, core.params)
+
+
+def test_max_versions_stops_the_run_after_the_fold() -> None:
+    """The fold that reaches max_versions stops the run; later updates are refused."""
+    core = make_core(buffer_size=1, max_versions=2)
+    send(core, make_update("u1"))
+    core.fold(now=0.0)
+    assert core.state is AggregatorState.RUNNING
+    send(core, make_update("u2", base_version=1))
+    assert core.fold(now=0.0).version == 2
+    assert core.state is AggregatorState.STOPPED
+    assert send(core, make_update("u3", base_version=2)).reason is RejectReason.RUN_STOPPED
+
+
+def test_synchronous_fedavg_folds_a_round_when_every_node_reported() -> None:
+    """buffer_size = n, max_staleness = 0: each round folds exactly at n; late ones are stale."""
+    nodes = ["a", "b", "c"]
+    core = make_core(buffer_size=3, max_staleness=0)
+    for round_ in range(2):
+        for i, node in enumerate(nodes):
+            assert core.fold_due(now=0.0) is None
+            update = make_update(f"{node}{round_}", base_version=round_, num_samples=10 * (i + 1))
+            assert send(core, update, node=node).accepted
+        assert core.fold_due(now=0.0) == "buffer_full"
+        assert core.fold(now=0.0).version == round_ + 1
+        late = send(core, make_update(f"late{round_}", base_version=round_), node="a")
+        assert late.reason is RejectReason.STALE
+    expected = {k: PARAMS[k] + 2 * DELTA[k] for k in PARAMS}  # FedAvg of equal deltas, twice
+    for name in PARAMS:
+        np.testing.assert_allclose(core.params[name], expected[name], rtol=1e-6)
+
+
+def test_fedasync_folds_every_update_at_once_with_weight_f_of_s() -> None:
+    """buffer_size = 1, server_lr = alpha: x + alpha * f(s) * delta right after each update."""
+    alpha = 0.6
+    core = make_core(version=4, buffer_size=1, server_lr=alpha, staleness_a=0.5)
+    before = {k: v.astype(np.float64) for k, v in core.params.items()}
+    send(core, make_update("u1", base_version=1, num_samples=17))
+    assert core.fold_due(now=0.0) == "buffer_full"
+    fold = core.fold(now=0.0)
+    (contribution,) = fold.record.contributions
+    assert contribution.staleness == 3
+    assert contribution.weight == pytest.approx(0.5)
+    for name in PARAMS:
+        np.testing.assert_allclose(
+            core.params[name], before[name] + alpha * 0.5 * DELTA[name], rtol=1e-6
+        )
+
+
+# -- knobs, commands, status
+
+
+def test_set_knobs_applies_a_valid_patch() -> None:
+    """A patch of top-level and training.<field> knobs is validated and applied."""
+    core = make_core()
+    knobs = core.set_knobs(
+        {"buffer_size": 5, "server_lr": 0.25, "staleness": "hinge", "training.epochs": 3}
+    )
+    assert knobs is core.knobs
+    assert (knobs.buffer_size, knobs.server_lr, knobs.staleness) == (5, 0.25, StalenessKind.HINGE)
+    assert knobs.training == TrainingConfig(epochs=3)
+
+
+def test_set_knobs_can_clear_an_optional_knob() -> None:
+    """An optional knob such as max_update_norm is set and cleared with None."""
+    core = make_core()
+    assert core.set_knobs({"max_update_norm": 2.0}).max_update_norm == 2.0
+    assert core.set_knobs({"max_update_norm": None}).max_update_norm is None
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        pytest.param({"no_such_knob": 1}, id="unknown"),
+        pytest.param({"training": 3}, id="training-as-a-value"),
+        pytest.param({"training.no_such_field": 1}, id="unknown-training-field"),
+        pytest.param({"other.epochs": 1}, id="unknown-group"),
+        pytest.param({"buffer_size": 0}, id="buffer-size-zero"),
+        pytest.param({"buffer_size": "many"}, id="buffer-size-text"),
+        pytest.param({"server_lr": -1.0}, id="negative-lr"),
+        pytest.param({"staleness": "linear"}, id="unknown-staleness"),
+        pytest.param({"server_optimizer": "lion"}, id="unknown-optimizer"),
+        pytest.param({"training.epochs": 0}, id="zero-epochs"),
+        pytest.param({"buffer_size": 4, "server_lr": 0.0}, id="valid-then-invalid"),
+    ],
+)
+def test_set_knobs_refuses_a_bad_patch_and_changes_nothing(patch: dict[str, Any]) -> None:
+    """An unknown knob or an invalid value raises ControlError and leaves every knob as it was."""
+    core = make_core(buffer_size=2)
+    before = core.knobs
+    with pytest.raises(ControlError):
+        core.set_knobs(patch)
+    assert core.knobs == before
+
+
+def test_illegal_command_raises_and_keeps_the_state() -> None:
+    """An illegal command raises ControlError and the run stays in its state."""
+    core = make_core(state=AggregatorState.RUNNING)
+    with pytest.raises(ControlError, match="running"):
+        core.command(ControlCommand.RESUME)
+    assert core.state is AggregatorState.RUNNING
+    assert core.command(ControlCommand.STOP) is AggregatorState.STOPPED
+
+
+def test_status_ledger_and_counters_reflect_everything() -> None:
+    """status() reports run, state, version, buffer fill, knobs, counters and every node."""
+    core = make_core(buffer_size=3)
+    send(core, make_update("u1"), node="a", now=1.0)
+    send(core, make_update("u2", delta=_with("w", np.nan)), node="b", now=2.0)
+    send(core, make_update("u1"), node="a", now=3.0)
+    status = core.status(now=9.0)
+    assert (status.run_id, status.state, status.version) == (RUN, AggregatorState.RUNNING, 0)
+    assert (status.buffer_fill, status.updated_at) == (1, 9.0)
+    assert status.knobs == core.knobs
+    assert status.counters == Counters(
+        received=3,
+        accepted=1,
+        rejected=1,
+        duplicates=1,
+        bytes_received=3 * SIZE,
+        rejections={"non_finite": 1},
+    )
+    assert status.counters == core.counters()
+    assert status.nodes == core.ledger()
+    a, b = status.nodes
+    assert (a.node, a.accepted, a.rejected, a.last_seen) == ("a", 1, 0, 3.0)
+    assert (b.node, b.accepted, b.rejected, b.rejections) == ("b", 0, 1, {"non_finite": 1})
+
+
+def test_counters_are_a_snapshot() -> None:
+    """A Counters value taken earlier does not change when more updates arrive."""
+    core = make_core()
+    snapshot = core.counters()
+    send(core, make_update(run_id="other"))
+    assert snapshot == Counters()
+    assert core.counters().rejections == {"wrong_run": 1}
+
+
+def test_note_malformed_counts_a_rejection_for_the_node() -> None:
+    """A message that never decoded is counted as received and rejected for its topic's node."""
+    core = make_core()
+    core.note_malformed("n1", RejectReason.TOO_LARGE, now=5.0, size=9999)
+    counters = core.counters()
+    assert (counters.received, counters.rejected, counters.bytes_received) == (1, 1, 9999)
+    assert counters.rejections == {"too_large": 1}
+    assert ledger_of(core, "n1").rejections == {"too_large": 1}
+
+
+def _evaluation(version: int, accuracy: float, run_id: str = RUN) -> Evaluation:
+    return Evaluation(
+        run_id=run_id, version=version, loss=0.3, accuracy=accuracy, correct=1, num_examples=2
+    )
+
+
+def test_record_evaluation_keeps_the_newest_version() -> None:
+    """A node's ledger shows the accuracy of the newest version it evaluated, whatever the order."""
+    core = make_core()
+    core.record_evaluation("a", _evaluation(2, 0.8))
+    core.record_evaluation("a", _evaluation(1, 0.5))
+    assert (ledger_of(core, "a").eval_version, ledger_of(core, "a").eval_accuracy) == (2, 0.8)
+    core.record_evaluation("a", _evaluation(3, 0.9))
+    assert (ledger_of(core, "a").eval_version, ledger_of(core, "a").eval_accuracy) == (3, 0.9)
+
+
+def test_record_evaluation_ignores_other_runs() -> None:
+    """An evaluation of another run's model changes no ledger entry."""
+    core = make_core()
+    core.record_evaluation("a", _evaluation(5, 0.9, run_id="old-run"))
+    assert core.ledger() == ()
+
+
+def test_core_copies_the_params_it_is_given() -> None:
+    """Folding never writes into the caller's arrays."""
+    params = {k: v.copy() for k, v in PARAMS.items()}
+    core = AggregatorCore(
+        run_id=RUN, params=params, knobs=Knobs(buffer_size=1), state=AggregatorState.RUNNING
+    )
+    send(core, make_update())
+    core.fold(now=0.0)
+    assert_params_equal(params, PARAMS)
+
+
+# -- resuming from exported state
+
+
+def _drive(core: AggregatorCore, first: int, count: int) -> list[Any]:
+    """Feed ``count`` updates and fold whenever due; return the verdicts and records."""
+    out: list[Any] = []
+    for i in range(first, first + count):
+        node = "ab"[i % 2]
+        update = make_update(
+            f"s{i}",
+            base_version=max(core.version - i % 2, 0),
+            delta=scaled(i - 1.5),
+            num_samples=i + 1,
+        )
+        out.append(send(core, update, node=node, now=float(i)))
+        if i % 3 == 0:
+            out.append(send(core, make_update(f"bad{i}", run_id="other"), node=node, now=float(i)))
+        while core.fold_due(now=float(i)) is not None:
+            out.append(core.fold(now=float(i)).record.model_copy(update={"fold_seconds": 0.0}))
+    return out
+
+
+def _resumed(core: AggregatorCore) -> AggregatorCore:
+    return AggregatorCore(
+        run_id=core.run_id,
+        params=core.params,
+        knobs=core.knobs,
+        version=core.version,
+        state=core.state,
+        optimizer_state=core.optimizer_state,
+        seen=core.seen,
+        counters=core.counters(),
+        nodes=core.ledger(),
+    )
+
+
+def test_core_rebuilt_from_exported_state_continues_identically() -> None:
+    """seen, counters, ledger, optimizer state, params, version and state are a complete resume."""
+    knobs = {"buffer_size": 2, "server_optimizer": ServerOptimizerKind.FEDADAM, "server_lr": 0.1}
+    original = make_core(**knobs)
+    _drive(original, 0, 6)
+    original.record_evaluation("a", _evaluation(original.version, 0.7))
+    assert original.buffer == ()
+    assert original.optimizer_state.step > 0
+    resumed = _resumed(original)
+
+    assert send(resumed, make_update("s0"), node="a").duplicate
+    assert send(original, make_update("s0"), node="a").duplicate
+    assert _drive(resumed, 6, 6) == _drive(original, 6, 6)
+    assert resumed.version == original.version
+    assert_params_equal(resumed.params, original.params)
+    assert resumed.optimizer_state.step == original.optimizer_state.step
+    assert_params_equal(resumed.optimizer_state.m, original.optimizer_state.m)
+    assert_params_equal(resumed.optimizer_state.v, original.optimizer_state.v)
+    assert resumed.status(now=99.0) == original.status(now=99.0)
+
+
+def test_restored_buffered_update_folds_as_if_never_interrupted() -> None:
+    """An update buffered at export goes back with restore_buffered and folds with the next one."""
+    original = make_core(version=1, buffer_size=2)
+    pending = make_update("p", base_version=0, delta=scaled(2.0))
+    send(original, pending, now=1.0)
+    resumed = _resumed(original)
+    resumed.restore_buffered("n1", pending, SIZE, now=1.0)
+    assert resumed.counters() == original.counters()
+    assert [u.update_id for u in resumed.buffer] == ["p"]
+    assert send(resumed, pending).duplicate
+    for core in (original, resumed):
+        send(core, make_update("q", base_version=1), node="n2", now=2.0)
+    fold_a, fold_b = original.fold(now=3.0), resumed.fold(now=3.0)
+    assert fold_a.record.model_copy(update={"fold_seconds": 0}) == fold_b.record.model_copy(
+        update={"fold_seconds": 0}
+    )
+    assert_params_equal(resumed.params, original.params)
+
+
+def test_restore_buffered_refuses_an_update_that_does_not_fit_the_model() -> None:
+    """A logged update whose tensors do not match the model raises instead of poisoning it."""
+    core = make_core()
+    with pytest.raises(ValueError, match="does not fit"):
+        core.restore_buffered("n1", make_update(delta=W_ONLY), SIZE, now=0.0)
+
+
+def test_huge_but_finite_update_folds_into_a_valid_record() -> None:
+    """An accepted finite update, however large, folds; its record's norm is finite."""
+    core = make_core(buffer_size=1)
+    huge = {"w": np.full((2, 3), 1e20, np.float32), "b": np.zeros(2, np.float32)}
+    assert send(core, make_update(delta=huge)).accepted
+    fold = core.fold(now=0.0)
+    assert fold.record.update_norm == pytest.approx(1e20 * np.sqrt(6), rel=1e-5)
+
+
+def test_an_impostor_replaying_an_accepted_id_is_refused() -> None:
+    """A node replaying another's accepted update on its own topic gets wrong_sender."""
+    core = make_core(buffer_size=5)
+    update = make_update()
+    assert send(core, update).accepted
+    verdict = send(core, update, node="n2", sender="n1")
+    assert (verdict.accepted, verdict.reason) == (False, RejectReason.WRONG_SENDER)
+    assert core.counters().duplicates == 0

@@ -1,0 +1,601 @@
+"""Specification of the aggregator service on a real Mosquitto: fake nodes drive it over MQTT."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
+from common.blobs import ModelDownload
+from common.broker_url import BrokerEndpoint
+from common.codec import array_to_tensor, decode, decode_tensors, encode, envelope, new_id
+from common.messages import (
+    Ack,
+    AggregatorState,
+    AggregatorStatus,
+    Body,
+    ControlCommand,
+    ControlReply,
+    ControlRequest,
+    Knobs,
+    Manifest,
+    ModelSpec,
+    NodeState,
+    NodeStatus,
+    RejectReason,
+    TensorPayload,
+    TrainMetrics,
+    Update,
+    VersionRecord,
+)
+from common.mqtt import Message, MqttClient
+from common.topics import Route, TopicTree
+from healthnet.broker import EmbeddedBroker
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
+
+WAIT = 15.0  # seconds; every wait in this module is bounded by it
+MODEL = ModelSpec(name="logreg", kwargs={"in_features": 3, "num_classes": 2})
+SHAPES = {"1.weight": (2, 3), "1.bias": (2,)}
+
+T = TypeVar("T")
+Params = dict[str, np.ndarray]
+
+
+class Aggregator:
+    """An AggregatorService running in a thread of this test, stopped through its event."""
+
+    def __init__(self, settings: AggregatorSettings) -> None:
+        self.settings = settings
+        self.service = AggregatorService(settings)
+        self.stop_event = threading.Event()
+        self.result: AggregatorState | None = None
+        self.error: BaseException | None = None
+        self.started_at = time.time()
+        self.thread = threading.Thread(target=self._run, name="aggregator-under-test")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.service.run(self.stop_event)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread, which fails on it
+            self.error = exc
+
+    def check_alive(self) -> None:
+        if self.error is not None:
+            raise AssertionError(f"the aggregator died: {self.error!r}") from self.error
+        if not self.thread.is_alive():
+            raise AssertionError(f"the aggregator returned {self.result}")
+
+    def stop(self) -> AggregatorState | None:
+        self.stop_event.set()
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive(), "the aggregator did not stop within WAIT"
+        if self.error is not None:
+            raise AssertionError(f"the aggregator died: {self.error!r}") from self.error
+        return self.result
+
+
+class Peer:
+    """A fake node (and operator) on the real broker: sends updates and reads what comes back."""
+
+    def __init__(self, url: str, tree: TopicTree, name: str) -> None:
+        self.tree = tree
+        self.name = name
+        self.aggregator: Aggregator | None = None
+        self.client = MqttClient(BrokerEndpoint.parse(url), f"{name}-{uuid.uuid4().hex[:8]}")
+        for topic_filter in (
+            str(tree.manifest()),
+            tree.all_chunks(),
+            str(tree.ack(name)),
+            str(tree.versions()),
+            str(tree.aggregator_status()),
+            f"{tree.prefix}/control/replies/+",
+        ):
+            self.client.subscribe(topic_filter)
+        self.bodies: list[tuple[Route, Body]] = []
+        self.models: dict[int, tuple[Manifest, Params]] = {}
+        self._download = ModelDownload(max_blob_bytes=1 << 20)
+
+    # -- receiving
+
+    def pump(self, timeout: float) -> None:
+        try:
+            item = self.client.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, Message):
+                self._take(item)
+            try:
+                item = self.client.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _take(self, message: Message) -> None:
+        if not message.payload:
+            return  # a cleared retained chunk
+        topic = self.tree.parse(message.topic)
+        if topic.route is Route.CHUNK:
+            assert topic.version is not None
+            assert topic.chunk is not None
+            self._download.on_chunk(topic.version, topic.chunk, message.payload)
+        else:
+            body = decode(message.payload).body
+            self.bodies.append((topic.route, body))
+            if isinstance(body, Manifest):
+                self._download.on_manifest(body)
+        done = self._download.take()
+        if done is not None:
+            manifest, blob = done
+            self.models[manifest.version] = (manifest, decode_tensors(blob))
+
+    def wait_for(self, probe: Callable[[], T | None], what: str) -> T:
+        """Pump the inbox until ``probe`` returns something, at most WAIT seconds."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            found = probe()
+            if found is not None:
+                return found
+            if self.aggregator is not None:
+                self.aggregator.check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: no {what} within {WAIT}s")
+            self.pump(0.05)
+
+    def of(self, route: Route, kind: type[T]) -> list[T]:
+        return [body for r, body in self.bodies if r is route and isinstance(body, kind)]
+
+    def acks(self, update_id: str) -> list[Ack]:
+        return [ack for ack in self.of(Route.ACK, Ack) if ack.update_id == update_id]
+
+    def ack(self, update_id: str, count: int = 1) -> Ack:
+        """The ``count``-th ack of an update."""
+        return self.wait_for(
+            lambda: a[count - 1] if len(a := self.acks(update_id)) >= count else None,
+            f"ack #{count} of {update_id}",
+        )
+
+    def model(self, version: int) -> tuple[Manifest, Params]:
+        return self.wait_for(lambda: self.models.get(version), f"model v{version}")
+
+    def status(self, check: Callable[[AggregatorStatus], bool], what: str) -> AggregatorStatus:
+        def probe() -> AggregatorStatus | None:
+            matching = [s for s in self.of(Route.AGGREGATOR_STATUS, AggregatorStatus) if check(s)]
+            return matching[-1] if matching else None
+
+        return self.wait_for(probe, f"status with {what}")
+
+    def record(self, version: int) -> VersionRecord:
+        return self.wait_for(
+            lambda: next(
+                (r for r in self.of(Route.VERSIONS, VersionRecord) if r.version == version), None
+            ),
+            f"versions record of v{version}",
+        )
+
+    def reply(self, request_id: str) -> ControlReply:
+        return self.wait_for(
+            lambda: next(
+                (
+                    r
+                    for r in self.of(Route.CONTROL_REPLY, ControlReply)
+                    if r.request_id == request_id
+                ),
+                None,
+            ),
+            f"reply to {request_id}",
+        )
+
+    # -- sending
+
+    def publish_raw(self, payload: bytes) -> None:
+        self.client.publish(self.tree.update(self.name), payload, wait=WAIT)
+
+    def publish(self, body: Body, *, sender: str | None = None) -> None:
+        env = envelope(body, sender=sender or self.name, sent_at=time.time())
+        self.publish_raw(encode(env))
+
+    def update(
+        self,
+        base_version: int,
+        *,
+        update_id: str | None = None,
+        value: float = 0.01,
+        delta: Params | None = None,
+        tensors: tuple[TensorPayload, ...] | None = None,
+    ) -> Update:
+        """An update against the run of the latest manifest; a constant delta unless given."""
+        run_id = self.model(0)[0].run_id
+        if tensors is None:
+            delta = delta or {n: np.full(s, value, np.float32) for n, s in SHAPES.items()}
+            tensors = tuple(array_to_tensor(n, a) for n, a in delta.items())
+        return Update(
+            update_id=update_id or new_id(),
+            run_id=run_id,
+            base_version=base_version,
+            num_samples=10,
+            metrics=TrainMetrics(loss=0.5, accuracy=0.5, seconds=0.1),
+            delta=tensors,
+        )
+
+    def send(self, update: Update) -> Ack:
+        """Publish a valid update and return its ack, asserting it was accepted."""
+        self.publish(update)
+        ack = self.ack(update.update_id, count=len(self.acks(update.update_id)) + 1)
+        assert ack.accepted, ack
+        return ack
+
+    def control(self, command: ControlCommand, **knobs: Any) -> ControlReply:
+        request = ControlRequest(request_id=new_id(), command=command, knobs=knobs)
+        env = envelope(request, sender="operator", sent_at=time.time())
+        self.client.publish(self.tree.control_requests(), encode(env), wait=WAIT)
+        return self.reply(request.request_id)
+
+    def fold_next(self, version: int) -> VersionRecord:
+        """Two valid updates from ``version`` make version + 1 (buffer_size 2)."""
+        self.send(self.update(version))
+        self.send(self.update(version))
+        self.model(version + 1)
+        return self.record(version + 1)
+
+
+@pytest.fixture
+def tree() -> TopicTree:
+    return TopicTree(f"agg{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def start(
+    mosquitto: EmbeddedBroker, tree: TopicTree, tmp_path: Path
+) -> Iterator[Callable[..., Aggregator]]:
+    """Starts an aggregator of this test's federation and state dir; all are stopped at the end."""
+    running: list[Aggregator] = []
+
+    def _start(**overrides: Any) -> Aggregator:
+        fields: dict[str, Any] = {
+            "broker_url": mosquitto.url,
+            "federation": tree.federation,
+            "state_dir": tmp_path / "aggregator",
+            "run_id": f"run-{tree.federation}",
+            "model": MODEL,
+            "knobs": Knobs(buffer_size=2),
+            "autostart": True,
+            "status_interval": 0.2,
+            "connect_timeout": WAIT,
+        }
+        fields.update(overrides)
+        aggregator = Aggregator(AggregatorSettings(**fields))
+        running.append(aggregator)
+        return aggregator
+
+    yield _start
+    for aggregator in running:
+        aggregator.stop_event.set()
+    for aggregator in running:
+        aggregator.thread.join(WAIT)
+
+
+@pytest.fixture
+def node(mosquitto: EmbeddedBroker, tree: TopicTree) -> Iterator[Peer]:
+    peer = Peer(mosquitto.url, tree, "n1")
+    with peer.client:
+        yield peer
+
+
+@pytest.fixture
+def running(start: Callable[..., Aggregator], node: Peer) -> Aggregator:
+    """A running aggregator whose v0 model the node has downloaded."""
+    aggregator = start()
+    node.aggregator = aggregator
+    node.model(0)
+    return aggregator
+
+
+# -- the happy path
+
+
+def test_initial_model_is_published_as_manifest_and_chunks(running: Aggregator, node: Peer) -> None:
+    """v0's retained manifest names the run and model; its chunks decode to the model's tensors."""
+    manifest, params = node.model(0)
+    assert manifest.run_id == running.settings.run_id
+    assert manifest.model == MODEL
+    assert {name: p.shape for name, p in params.items()} == SHAPES
+    status = node.status(lambda s: True, "anything")
+    assert (status.state, status.version, status.buffer_fill) == (AggregatorState.RUNNING, 0, 0)
+
+
+def test_valid_updates_are_acked_and_fold_into_a_new_version(
+    running: Aggregator, node: Peer
+) -> None:
+    """K accepted updates publish v1 = v0 + their mean delta, with a versions record."""
+    _, v0 = node.model(0)
+    first, second = node.update(0, value=0.1), node.update(0, value=0.3)
+    ack = node.send(first)
+    assert (ack.reason, ack.current_version) == (None, 0)
+    node.send(second)
+    manifest, v1 = node.model(1)
+    assert manifest.run_id == running.settings.run_id
+    for name in SHAPES:
+        np.testing.assert_allclose(v1[name], v0[name] + 0.2, rtol=1e-6)
+    record = node.record(1)
+    assert [c.update_id for c in record.contributions] == [first.update_id, second.update_id]
+    assert all(c.node == "n1" and c.staleness == 0 for c in record.contributions)
+    status = node.status(lambda s: s.version == 1, "v1")
+    assert (status.counters.accepted, status.counters.folded, status.buffer_fill) == (2, 2, 0)
+
+
+# -- hostile input: each is refused, and the aggregator goes on folding
+
+
+def assert_rejected(node: Peer, update: Update, reason: RejectReason) -> None:
+    ack = node.ack(update.update_id)
+    assert (ack.accepted, ack.reason) == (False, reason), ack
+    node.status(lambda s: s.counters.rejections.get(reason.value) == 1, f"{reason.value} counted")
+
+
+def test_garbage_bytes_are_counted_as_malformed(running: Aggregator, node: Peer) -> None:
+    """Bytes that are no envelope are counted as malformed; the next valid updates still fold."""
+    node.publish_raw(b"\x00\xffnot msgpack at all")
+    node.status(lambda s: s.counters.rejections.get("malformed") == 1, "a malformed count")
+    node.fold_next(0)
+
+
+def test_wrong_kind_on_the_update_topic_is_malformed(running: Aggregator, node: Peer) -> None:
+    """A valid envelope of another kind on updates/{node} is counted as malformed."""
+    node.publish(NodeStatus(state=NodeState.IDLE))
+    node.status(lambda s: s.counters.rejections.get("malformed") == 1, "a malformed count")
+    node.fold_next(0)
+
+
+def test_wrong_sender_is_rejected(running: Aggregator, node: Peer) -> None:
+    """An envelope whose sender is not the topic's node is rejected as wrong_sender."""
+    update = node.update(0)
+    node.publish(update, sender="n2")
+    assert_rejected(node, update, RejectReason.WRONG_SENDER)
+    node.fold_next(0)
+
+
+def test_nan_delta_is_rejected(running: Aggregator, node: Peer) -> None:
+    """A delta holding NaN is rejected as non_finite and never reaches the model."""
+    delta = {n: np.full(s, np.nan, np.float32) for n, s in SHAPES.items()}
+    update = node.update(0, delta=delta)
+    node.publish(update)
+    assert_rejected(node, update, RejectReason.NON_FINITE)
+    record = node.fold_next(0)
+    assert update.update_id not in {c.update_id for c in record.contributions}
+    assert all(np.isfinite(p).all() for p in node.model(1)[1].values())
+
+
+def test_wrong_shape_is_rejected(running: Aggregator, node: Peer) -> None:
+    """A delta whose tensor shapes differ from the model's is rejected as shape_mismatch."""
+    update = node.update(
+        0, delta={"1.weight": np.zeros((3, 2), np.float32), "1.bias": np.zeros(2, np.float32)}
+    )
+    node.publish(update)
+    assert_rejected(node, update, RejectReason.SHAPE_MISMATCH)
+    node.fold_next(0)
+
+
+def test_stale_update_is_rejected(running: Aggregator, node: Peer) -> None:
+    """With max_staleness 0, an update from v0 arriving at v1 is rejected as stale."""
+    assert node.control(ControlCommand.SET, max_staleness=0).ok
+    node.fold_next(0)
+    update = node.update(0)
+    node.publish(update)
+    assert_rejected(node, update, RejectReason.STALE)
+    assert node.ack(update.update_id).current_version == 1
+    node.fold_next(1)
+
+
+def test_future_version_is_rejected(running: Aggregator, node: Peer) -> None:
+    """An update claiming a base version the aggregator never published is rejected."""
+    update = node.update(5)
+    node.publish(update)
+    assert_rejected(node, update, RejectReason.FUTURE_VERSION)
+    node.fold_next(0)
+
+
+def test_oversized_message_is_dropped_and_counted(
+    start: Callable[..., Aggregator], node: Peer
+) -> None:
+    """A message over max_update_bytes is counted as too_large and never decoded."""
+    node.aggregator = start(max_update_bytes=4096)
+    node.model(0)
+    tensors = (
+        *node.update(0).delta,
+        array_to_tensor("padding", np.zeros(2000, np.float32)),
+    )
+    update = node.update(0, tensors=tensors)
+    payload = encode(envelope(update, sender="n1", sent_at=time.time()))
+    assert len(payload) > 4096
+    node.publish_raw(payload)
+    node.status(lambda s: s.counters.rejections.get("too_large") == 1, "a too_large count")
+    assert node.acks(update.update_id) == []
+    node.fold_next(0)
+
+
+def test_replayed_update_is_acked_again_and_folded_once(running: Aggregator, node: Peer) -> None:
+    """Resending an accepted update id is acked as accepted, counted as duplicate, folded once."""
+    first = node.update(0)
+    node.send(first)
+    node.send(first)
+    node.status(lambda s: s.counters.duplicates == 1, "one duplicate")
+    second = node.update(0)
+    node.send(second)
+    record = node.record(1)
+    assert [c.update_id for c in record.contributions] == [first.update_id, second.update_id]
+    node.send(first)
+    status = node.status(lambda s: s.counters.duplicates == 2, "two duplicates")
+    assert (status.version, status.buffer_fill, status.counters.folded) == (1, 0, 2)
+    node.fold_next(1)
+    folded = [c.update_id for r in node.of(Route.VERSIONS, VersionRecord) for c in r.contributions]
+    assert folded.count(first.update_id) == 1
+
+
+def test_huge_finite_update_does_not_crash_the_aggregator(running: Aggregator, node: Peer) -> None:
+    """An accepted update of huge but finite values folds; the aggregator keeps serving."""
+    huge = {n: np.full(s, 1e20, np.float32) for n, s in SHAPES.items()}
+    node.send(node.update(0, delta=huge))
+    node.send(node.update(0))
+    node.record(1)
+    node.fold_next(1)
+
+
+# -- control
+
+
+def test_pause_buffers_updates_and_resume_folds_them(running: Aggregator, node: Peer) -> None:
+    """While paused, updates are acked and buffered but not folded; resume folds them."""
+    reply = node.control(ControlCommand.PAUSE)
+    assert reply.ok
+    assert reply.status is not None
+    assert reply.status.state is AggregatorState.PAUSED
+    node.send(node.update(0))
+    node.send(node.update(0))
+    status = node.status(lambda s: s.buffer_fill == 2, "a full buffer")
+    assert (status.state, status.version) == (AggregatorState.PAUSED, 0)
+    assert node.control(ControlCommand.RESUME).ok
+    node.model(1)
+    node.status(lambda s: s.state is AggregatorState.RUNNING and s.version == 1, "running v1")
+
+
+def test_set_changes_knobs_and_the_next_manifest(running: Aggregator, node: Peer) -> None:
+    """A set request changes the knobs at once; training knobs travel in the next manifest."""
+    reply = node.control(ControlCommand.SET, buffer_size=1, **{"training.epochs": 3})
+    assert reply.ok, reply.message
+    assert reply.status is not None
+    assert reply.status.knobs.buffer_size == 1
+    node.send(node.update(0))
+    manifest, _ = node.model(1)
+    assert manifest.training.epochs == 3
+
+
+def test_invalid_set_is_refused_and_changes_nothing(running: Aggregator, node: Peer) -> None:
+    """A set request with an unknown knob replies ok=False and leaves the knobs alone."""
+    reply = node.control(ControlCommand.SET, no_such_knob=1)
+    assert not reply.ok
+    assert "no_such_knob" in reply.message
+    assert reply.status is not None
+    assert reply.status.knobs == running.settings.knobs
+
+
+def test_illegal_transition_replies_not_ok(running: Aggregator, node: Peer) -> None:
+    """Resuming a running run replies ok=False naming the state, and the run keeps running."""
+    reply = node.control(ControlCommand.RESUME)
+    assert not reply.ok
+    assert "running" in reply.message
+    assert reply.status is not None
+    assert reply.status.state is AggregatorState.RUNNING
+    node.fold_next(0)
+
+
+def test_stop_ends_the_run_and_the_service(running: Aggregator, node: Peer) -> None:
+    """Stop replies ok, publishes a stopped status and makes run() return STOPPED."""
+    reply = node.control(ControlCommand.STOP)
+    assert reply.ok
+    running.thread.join(WAIT)
+    assert not running.thread.is_alive()
+    assert running.result is AggregatorState.STOPPED
+    node.aggregator = None
+    node.status(lambda s: s.state is AggregatorState.STOPPED, "stopped")
+
+
+# -- restart
+
+
+def restart(node: Peer, start: Callable[..., Aggregator], old: Aggregator) -> AggregatorStatus:
+    """Stop the aggregator, start another on the same state dir; return its first status."""
+    old.stop()
+    node.aggregator = start()
+    since = node.aggregator.started_at
+    return node.status(lambda s: s.updated_at >= since, "a status from the new aggregator")
+
+
+def test_restart_resumes_the_run_at_its_version(
+    start: Callable[..., Aggregator], running: Aggregator, node: Peer
+) -> None:
+    """A new service on the same state dir continues the same run at the same version."""
+    node.fold_next(0)
+    status = restart(node, start, running)
+    assert (status.run_id, status.version) == (running.settings.run_id, 1)
+    assert status.counters.folded == 2
+    manifest = node.wait_for(
+        lambda: next(
+            (
+                m
+                for m in node.of(Route.MANIFEST, Manifest)
+                if m.created_at >= node.aggregator.started_at  # type: ignore[union-attr]
+            ),
+            None,
+        ),
+        "the new aggregator's manifest",
+    )
+    assert (manifest.run_id, manifest.version) == (running.settings.run_id, 1)
+    node.fold_next(1)
+
+
+def test_buffered_update_survives_restart_and_folds_once(
+    start: Callable[..., Aggregator], running: Aggregator, node: Peer
+) -> None:
+    """An update acked before a stop is still buffered after restart, folds once, and a resend is a
+    duplicate."""
+    pending = node.update(0)
+    node.send(pending)
+    status = restart(node, start, running)
+    assert (status.version, status.buffer_fill) == (0, 1)
+    again = node.send(pending)
+    assert again.accepted
+    node.status(lambda s: s.counters.duplicates == 1, "the resend counted as duplicate")
+    later = node.update(0)
+    node.send(later)
+    record = node.record(1)
+    assert [c.update_id for c in record.contributions] == [pending.update_id, later.update_id]
+    status = node.status(lambda s: s.version == 1, "v1")
+    assert (status.buffer_fill, status.counters.folded, status.counters.accepted) == (0, 2, 2)
+
+
+def test_buffered_update_of_a_dashed_node_and_id_survives_restart(
+    start: Callable[..., Aggregator], mosquitto: EmbeddedBroker, tree: TopicTree
+) -> None:
+    """Node and update ids may contain dashes; an acked update of such a node survives restart."""
+    first = start()
+    hospital = Peer(mosquitto.url, tree, "st-marys")
+    hospital.aggregator = first
+    with hospital.client:
+        hospital.model(0)
+        pending = hospital.update(0, update_id="update-1")
+        hospital.send(pending)
+        status = restart(hospital, start, first)
+        assert (status.buffer_fill, status.counters.rejected) == (1, 0)
+        assert hospital.send(pending).accepted
+        hospital.send(hospital.update(0))
+        record = hospital.record(1)
+    assert [c.node for c in record.contributions] == ["st-marys", "st-marys"]
+    assert record.contributions[0].update_id == "update-1"
+
+
+def test_updates_buffered_when_a_checkpoint_is_written_survive_restart(
+    start: Callable[..., Aggregator], running: Aggregator, node: Peer
+) -> None:
+    """A control command checkpoints while updates are buffered; a restart still folds them once."""
+    pending = node.update(0)
+    node.send(pending)
+    assert node.control(ControlCommand.PAUSE).ok  # writes a checkpoint with the update buffered
+    status = restart(node, start, running)
+    assert (status.state, status.version, status.buffer_fill) == (AggregatorState.PAUSED, 0, 1)
+    assert status.counters.accepted == 1  # counted once, not again by the replay
+    assert node.control(ControlCommand.RESUME).ok
+    later = node.update(0)
+    node.send(later)
+    record = node.record(1)
+    assert [c.update_id for c in record.contributions] == [pending.update_id, later.update_id]
