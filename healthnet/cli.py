@@ -90,7 +90,7 @@ def _fail(exc: Exception) -> typer.Exit:
 
 @app.command()
 def demo(
-    versions: Annotated[int, typer.Option(help="stop after this many global versions")] = 40,
+    versions: Annotated[int, typer.Option(help="stop after this many global versions")] = 60,
     target_accuracy: Annotated[
         float | None, typer.Option(help="stop once the mean test accuracy reaches this")
     ] = None,

@@ -55,7 +55,7 @@ class DemoError(HealthNetError):
 @dataclass(frozen=True, slots=True)
 class DemoConfig:
     federation: str = "heart-disease"
-    versions: int = 40
+    versions: int = 60
     target_accuracy: float | None = None
     mode: Mode = "fedbuff"
     buffer_size: int | None = None
@@ -165,15 +165,18 @@ def node_args(
     return args
 
 
-def resolve_mode(mode: Mode, nodes: int, buffer_size: int | None) -> tuple[int, int, float]:
+def resolve_mode(
+    mode: Mode, federation: Federation, buffer_size: int | None
+) -> tuple[int, int, float]:
     """(buffer size K, max staleness, server lr) for a mode: sync FedAvg, FedBuff or FedAsync."""
+    knobs = federation.knobs
     match mode:
         case "sync":
-            return nodes, 0, 1.0
+            return len(federation.sites), 0, 1.0
         case "fedasync":
-            return 1, 20, 1.0
+            return 1, knobs.max_staleness, knobs.server_lr
         case "fedbuff":
-            return buffer_size or max(2, nodes // 2), 20, 1.0
+            return buffer_size or knobs.buffer_size, knobs.max_staleness, knobs.server_lr
 
 
 @contextlib.contextmanager
@@ -223,7 +226,7 @@ def _run(
 ) -> DemoResult:
     fed_id = f"demo-{new_id()[:8]}"
     sites = federation.sites
-    k, max_staleness, server_lr = resolve_mode(config.mode, len(sites), config.buffer_size)
+    k, max_staleness, server_lr = resolve_mode(config.mode, federation, config.buffer_size)
     topics = TopicTree(fed_id)
     started = time.monotonic()
     monitor = MqttClient(BrokerEndpoint.parse(url), f"{fed_id}-monitor")

@@ -35,9 +35,10 @@ HEART_DISEASE = Federation(
         Site(node_id=name, data=f"heart-disease:{name}")
         for name in ("cleveland", "hungarian", "switzerland", "va")
     ),
+    # K = 3 of 4 hospitals: measured over seeds, K = 2 gives the same mean with a wider spread.
     knobs=Knobs(
-        buffer_size=2,
-        max_staleness=10,
+        buffer_size=3,
+        max_staleness=20,
         training=TrainingConfig(epochs=1, batch_size=8, learning_rate=0.05, optimizer="sgd"),
     ),
 )
