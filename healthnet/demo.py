@@ -412,7 +412,7 @@ def _mean(values: Iterator[float] | list[float]) -> float:
 
 
 def render(result: DemoResult, console: Console) -> None:
-    table = Table(title=f"{result.federation}: test accuracy of global v{result.versions}")
+    table = Table(title=f"test accuracy, global v{result.versions}")
     table.add_column("hospital")
     table.add_column("accuracy", justify="right")
     for node, accuracy in result.per_node.items():
