@@ -301,3 +301,35 @@ def test_close_flushes_every_qos1_publish(broker_url: str, tree: TopicTree) -> N
         pub.close()
         received = messages(sub, 200)
     assert sorted(int.from_bytes(m.payload, "big") for m in received) == list(range(200))
+
+
+@needs_mosquitto
+@pytest.mark.parametrize(
+    "protocol", [pytest.param("3.1.1", id="mqtt311"), pytest.param("5", id="mqtt5")]
+)
+def test_a_persistent_session_receives_what_was_published_while_it_was_away(
+    mosquitto: EmbeddedBroker, tree: TopicTree, protocol: str
+) -> None:
+    """With a persistent session, QoS 1 messages sent while the client was away arrive on return."""
+    url = f"{mosquitto.url}?protocol={protocol}"
+    client_id = f"persistent-{uuid.uuid4().hex[:8]}"
+    topic = tree.update("n1")
+
+    first = MqttClient(BrokerEndpoint.parse(url), client_id, persistent_session=True)
+    first.subscribe(str(topic))
+    first.start(timeout=WAIT)
+    first.close()
+    with connected(mosquitto.url, "sender") as sender:
+        for i in range(3):
+            sender.publish(topic, f"while away {i}".encode(), wait=WAIT)
+
+    second = MqttClient(BrokerEndpoint.parse(url), client_id, persistent_session=True)
+    second.subscribe(str(topic))
+    second.start(timeout=WAIT)
+    try:
+        event = connection_event(second)
+        assert event.session_present
+        payloads = [m.payload for m in messages(second, 3, str(topic))]
+    finally:
+        second.close()
+    assert payloads == [b"while away 0", b"while away 1", b"while away 2"]
