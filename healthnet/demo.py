@@ -203,7 +203,8 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
             workdir = config.workdir
             workdir.mkdir(parents=True, exist_ok=True)
         url, implementation = stack.enter_context(_broker(config, workdir))
-        console.print(f"broker: {implementation} at {url}; logs in {workdir / 'logs'}")
+        kept = f"logs in {workdir / 'logs'}" if config.workdir else "--workdir DIR keeps the logs"
+        console.print(f"broker: {implementation} at {url}; {kept}")
         return _run(
             config=config,
             federation=federation,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -35,13 +36,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "healthnet", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -88,8 +92,8 @@ class Federation:
         with ControlClient(self.settings) as client:
             return client.status(timeout=10)
 
-    def control(self, command: str) -> subprocess.CompletedProcess[str]:
-        return cli(command, "--broker-url", self.url, "--federation", self.name)
+    def control(self, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return cli(command, *args, "--broker-url", self.url, "--federation", self.name)
 
 
 @pytest.fixture
@@ -211,3 +215,31 @@ def test_a_restarted_aggregator_resumes_from_its_checkpoint(
         for line in (federation.workdir / "aggregator" / "versions.jsonl").read_text().splitlines()
     ]
     assert versions == list(range(1, len(versions) + 1)), "versions must be contiguous, none twice"
+
+
+def test_an_idle_run_starts_on_command_and_knobs_change_live(federation: Federation) -> None:
+    """With --no-autostart nodes wait until `healthnet start`; `healthnet set` changes K live."""
+    federation.start_aggregator("--no-autostart")
+    federation.start_nodes()
+    wait_for(lambda: federation.status().state is AggregatorState.IDLE, 30, "an idle aggregator")
+    with ControlClient(federation.settings) as client:
+        wait_for(lambda: len(client.nodes(settle=0.5)) == 4, 60, "four idle hospitals")
+    idle = federation.status()
+    assert (idle.version, idle.buffer_fill, idle.counters.received) == (0, 0, 0)
+
+    assert federation.control("start").returncode == 0
+    wait_for(lambda: federation.status().version >= 2, 60, "versions after start")
+    changed = federation.control("set", "buffer_size=3", "training.epochs=2")
+    assert changed.returncode == 0, changed.stderr
+    knobs = federation.status().knobs
+    assert (knobs.buffer_size, knobs.training.epochs) == (3, 2)
+    refused = federation.control("set", "buffer_size=0")
+    assert refused.returncode == 1
+    assert "buffer_size" in refused.stderr
+
+    # Settings come from the environment as well as from flags.
+    env = {"HEALTHNET_BROKER_URL": federation.url, "HEALTHNET_FEDERATION": federation.name}
+    nodes = cli("nodes", env=env)
+    assert nodes.returncode == 0, nodes.stderr
+    for hospital in ("cleveland", "hungarian", "switzerland", "va"):
+        assert hospital in nodes.stdout
