@@ -225,27 +225,30 @@ class AggregatorService:
             case Route.UPDATE:
                 self._on_update(topic.node or "", message.payload)
             case Route.NODE_EVAL:
-                body = self._decode(message, Evaluation)
-                if body is not None and topic.node is not None:
-                    self.core.record_evaluation(topic.node, body)
+                decoded = self._decode(message, Evaluation)
+                if decoded is not None and decoded[0] == topic.node:
+                    self.core.record_evaluation(decoded[0], decoded[1])
                     self._status_dirty = True
+                elif decoded is not None:
+                    log.warning("dropping %s's evaluation sent on %s", decoded[0], message.topic)
             case Route.CONTROL_REQUEST:
-                request = self._decode(message, ControlRequest)
-                if request is not None:
-                    self._on_control(request)
+                decoded_request = self._decode(message, ControlRequest)
+                if decoded_request is not None:
+                    self._on_control(decoded_request[1])
             case _:
                 log.debug("ignoring %s", message.topic)
 
-    def _decode(self, message: Message, kind: type[B]) -> B | None:
+    def _decode(self, message: Message, kind: type[B]) -> tuple[str, B] | None:
+        """(sender, body) of a message that must carry ``kind``; None, logged, otherwise."""
         try:
-            body = decode(message.payload, max_bytes=self.settings.max_update_bytes).body
+            env = decode(message.payload, max_bytes=self.settings.max_update_bytes)
         except ProtocolError as exc:
             log.warning("dropping malformed message on %s: %s", message.topic, exc)
             return None
-        if not isinstance(body, kind):
-            log.warning("dropping %s on %s", type(body).__name__, message.topic)
+        if not isinstance(env.body, kind):
+            log.warning("dropping %s on %s", type(env.body).__name__, message.topic)
             return None
-        return body
+        return env.sender, env.body
 
     def _on_update(self, node: str, payload: bytes) -> None:
         core, now = self.core, self._clock()

@@ -26,6 +26,7 @@ from common.messages import (
     ControlCommand,
     ControlReply,
     ControlRequest,
+    Evaluation,
     Knobs,
     Manifest,
     ModelSpec,
@@ -599,3 +600,33 @@ def test_updates_buffered_when_a_checkpoint_is_written_survive_restart(
     node.send(later)
     record = node.record(1)
     assert [c.update_id for c in record.contributions] == [pending.update_id, later.update_id]
+
+
+def test_evaluations_count_only_from_the_node_whose_topic_they_use(
+    running: Aggregator, node: Peer
+) -> None:
+    """An evaluation is recorded for its node only when the envelope's sender owns the topic."""
+
+    def evaluate(accuracy: float, sender: str) -> None:
+        body = Evaluation(
+            run_id=running.settings.run_id or "",
+            version=0,
+            loss=0.5,
+            accuracy=accuracy,
+            correct=int(accuracy * 10),
+            num_examples=10,
+        )
+        env = envelope(body, sender=sender, sent_at=time.time())
+        node.client.publish(node.tree.node_eval(node.name), encode(env), wait=WAIT)
+
+    evaluate(0.9, sender="impostor")
+    node.send(node.update(0))  # acked only after the evaluation before it was handled
+    status = node.status(lambda s: s.counters.accepted == 1, "the update after the evaluation")
+    assert all(e.eval_accuracy is None for e in status.nodes)
+    evaluate(0.4, sender=node.name)
+    status = node.status(
+        lambda s: any(e.node == node.name and e.eval_accuracy is not None for e in s.nodes),
+        "the evaluation in the ledger",
+    )
+    (entry,) = [e for e in status.nodes if e.node == node.name]
+    assert entry.eval_accuracy == pytest.approx(0.4)
