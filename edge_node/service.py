@@ -41,12 +41,11 @@ from edge_node.datasets import LocalDataset, load_dataset
 from edge_node.outbox import Outbox
 from edge_node.session import Job, JobKind, NodeSession
 from edge_node.settings import NodeSettings
+from edge_node.training import EvalResult, TrainResult, evaluate, train
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-    from edge_node.training import EvalResult, TrainResult
 
 __all__ = ["NodeService"]
 
@@ -77,7 +76,7 @@ class NodeService:
         self._model: nn.Module | None = None
         self._model_spec: ModelSpec | None = None
         self._device: torch.device | None = None
-        self._job: tuple[Job, concurrent.futures.Future[object]] | None = None
+        self._job: tuple[Job, concurrent.futures.Future[EvalResult | TrainResult]] | None = None
         self._sent_at: dict[str, float] = {}
         self._published_state: tuple[NodeState, int | None] | None = None
 
@@ -259,13 +258,11 @@ class NodeService:
         job = self.session.next_job()
         if job is None:
             return
-        future: concurrent.futures.Future[object] = worker.submit(self._run_job, job)
+        future = worker.submit(self._run_job, job)
         self._job = (job, future)
         self._publish_status()
 
-    def _run_job(self, job: Job) -> object:
-        from edge_node.training import evaluate, train
-
+    def _run_job(self, job: Job) -> EvalResult | TrainResult:
         model, dataset, device = self._model, self._dataset, self._device
         if model is None or dataset is None or device is None:
             raise ConfigError("node is not ready: model, dataset or device missing")
@@ -293,16 +290,19 @@ class NodeService:
         try:
             result = future.result()
         except Exception:
+            # Training code is the user's (plug-in models and data): log it, skip this version's
+            # job rather than retry it in a loop, and carry on with the next version.
             log.exception(
                 "node %s: %s of v%d failed", self.settings.node_id, job.kind, job.manifest.version
             )
-            self.session.job_failed()
+            self.session.job_done(job)
             return
         self.session.job_done(job)
-        if job.kind is JobKind.EVALUATE:
-            self._publish_evaluation(job, result)  # type: ignore[arg-type]
-        else:
-            self._publish_update(job, result)  # type: ignore[arg-type]
+        match result:
+            case EvalResult():
+                self._publish_evaluation(job, result)
+            case TrainResult():
+                self._publish_update(job, result)
 
     def _publish_evaluation(self, job: Job, result: EvalResult) -> None:
         evaluation = Evaluation(

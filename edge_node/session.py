@@ -84,9 +84,6 @@ class NodeSession:
         self._last = job.kind
         self._busy = None
 
-    def job_failed(self) -> None:
-        self._busy = None
-
     def node_state(self) -> NodeState:
         if self._busy is JobKind.TRAIN:
             return NodeState.TRAINING
