@@ -151,6 +151,13 @@ class MqttClient:
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.close()
+            # Our bound-method callbacks make a reference cycle, so paho's __del__ (which closes
+            # its wake-up socket pair) would wait for the garbage collector. Break the cycle and
+            # drop the client: it is finalised, and its sockets closed, right here.
+            client.on_connect = None
+            client.on_disconnect = None
+            client.on_message = None
+            self._paho = None
         self._connected.clear()
 
     # -- operations
