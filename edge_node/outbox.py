@@ -48,8 +48,17 @@ class Outbox:
         path.unlink(missing_ok=True)
         return True
 
+    def ids(self) -> list[str]:
+        """Ids of the unacked updates, oldest first (no payload is read)."""
+        return [uid for _, uid, _ in sorted(self._entries())]
+
+    def read(self, update_id: str) -> bytes | None:
+        """The payload kept for ``update_id``, or None if it has been acked meanwhile."""
+        path = self._find(update_id)
+        return None if path is None else path.read_bytes()
+
     def pending(self) -> list[tuple[str, bytes]]:
-        """Unacked updates, oldest first."""
+        """Unacked updates with their payloads, oldest first."""
         return [(uid, path.read_bytes()) for _, uid, path in sorted(self._entries())]
 
     def __len__(self) -> int:

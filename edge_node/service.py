@@ -355,10 +355,14 @@ class NodeService:
         self._sent_at[update_id] = self._clock()
 
     def _resend(self, *, force: bool) -> None:
+        # Runs on every turn of the service loop: list ids only, read a payload only when due.
         now = self._clock()
-        for update_id, payload in self.outbox.pending():
+        for update_id in self.outbox.ids():
             last = self._sent_at.get(update_id)
-            if force or last is None or now - last >= self.settings.ack_timeout:
+            if not (force or last is None or now - last >= self.settings.ack_timeout):
+                continue
+            payload = self.outbox.read(update_id)
+            if payload is not None:
                 log.info("node %s: resending update %s", self.settings.node_id, update_id[:8])
                 self._publish_raw_update(update_id, payload)
 

@@ -80,7 +80,6 @@ class DemoResult:
     buffer_size: int
     federation: str
     broker: str
-    stalenesses: list[int]
     min_staleness_factor: dict[str, float]
     updates_per_node: dict[str, int]
 
@@ -382,7 +381,6 @@ class _Watch:
             raise DemoError("no aggregator status was ever seen")
         final = self.evals[status.version]
         records = [self.records[v] for v in sorted(self.records)]
-        stalenesses = [c.staleness for r in records for c in r.contributions]
         lowest: dict[str, float] = {}
         counts: dict[str, int] = {}
         for record in records:
@@ -401,7 +399,6 @@ class _Watch:
             buffer_size=k,
             federation=name,
             broker=broker,
-            stalenesses=stalenesses,
             min_staleness_factor=lowest,
             updates_per_node=counts,
         )

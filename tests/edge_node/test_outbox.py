@@ -106,3 +106,14 @@ def test_pending_lists_the_oldest_first(tmp_path: Path) -> None:
         outbox.put(update_id, update_id.encode())
     assert [update_id for update_id, _ in outbox.pending()] == ids
     assert [update_id for update_id, _ in opened(tmp_path).pending()] == ids
+
+
+def test_ids_list_pending_updates_oldest_first_and_read_returns_their_bytes(tmp_path: Path) -> None:
+    """ids() lists without reading payloads; read() gives a kept payload, None once removed."""
+    outbox = opened(tmp_path)
+    outbox.put("b", b"first")
+    outbox.put("a", b"second")
+    assert outbox.ids() == ["b", "a"]
+    assert outbox.read("a") == b"second"
+    outbox.remove("a")
+    assert outbox.read("a") is None
