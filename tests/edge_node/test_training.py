@@ -274,3 +274,26 @@ def test_builtin_models_reject_unknown_arguments() -> None:
     """Kwargs a built-in does not take raise ConfigError naming the model."""
     with pytest.raises(ConfigError, match="'logreg' rejected its arguments"):
         build_model(ModelSpec(name="logreg", kwargs={"in_features": 4, "depth": 3}))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="this machine has no CUDA device")
+def test_training_on_cuda_matches_the_cpu_and_returns_cpu_float32_weights() -> None:
+    """On CUDA the CNN trains to the CPU's weights (within float noise), returned on the CPU."""
+    spec = ModelSpec(name="cnn", kwargs={"in_channels": 1, "width": 4, "num_classes": 2})
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 64).astype(np.int64)
+    x = rng.normal(0, 1, (64, 1, 28, 28)).astype(np.float32) + y[:, None, None, None]
+    base = model_params(build_model(spec, seed=0))
+    config = TrainingConfig(epochs=2, batch_size=16, learning_rate=0.05)
+    cuda = resolve_device("auto")
+    assert cuda.type == "cuda"
+    on_gpu = train(build_model(spec, seed=0), base, x, y, config, seed=3, device=cuda)
+    on_cpu = train(build_model(spec, seed=0), base, x, y, config, seed=3, device=CPU)
+    for name, value in on_gpu.params.items():
+        assert value.dtype == np.float32
+        np.testing.assert_allclose(value, on_cpu.params[name], rtol=1e-3, atol=1e-4)
+    scored = evaluate(build_model(spec), on_gpu.params, x, y, device=cuda)
+    assert scored.accuracy == pytest.approx(
+        evaluate(build_model(spec), on_cpu.params, x, y, device=CPU).accuracy, abs=1 / 64
+    )
