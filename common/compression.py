@@ -30,9 +30,9 @@ sparse tensor. Decoding and folding are vectorised; loops run over byte position
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -92,8 +92,7 @@ class Compressed:
         return self.raw_bytes / self.wire_bytes if self.wire_bytes else 1.0
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class DecodedTensor:
+class DecodedTensor(NamedTuple):
     """A compressed tensor that passed every check, ready to fold.
 
     ``indices`` are the strictly increasing flat positions of ``values`` (``None``: every entry in
@@ -361,6 +360,7 @@ def _all_finite(values: NDArray[Any]) -> bool:
 
 # -- folding -----------------------------------------------------------------------------------
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # The largest factor each accumulator dtype can take.
 _ACCUMULATOR_MAX = {
     np.dtype(np.float32): float(np.finfo(np.float32).max),
@@ -381,7 +381,11 @@ def fold(decoded: DecodedTensor, out: NDArray[np.floating[Any]], weight: float) 
     if indices is None and factor == 1.0 and values.dtype != np.float16:
         np.add(flat, values, out=flat)  # int8 or float32 values are cast on the fly
         return
-    for start, stop, part in _scaled_blocks(values, factor, out.dtype):
+    scale = _Scaler(values, factor, out.dtype)
+    n = values.size
+    for start in range(0, n, _BLOCK):
+        stop = min(start + _BLOCK, n)
+        part = scale(start, stop)
         if indices is None:
             target = flat[start:stop]
             np.add(target, part, out=target)
@@ -404,35 +408,37 @@ def _checked_factor(decoded: DecodedTensor, out: NDArray[np.floating[Any]], weig
     return factor
 
 
-def _scaled_blocks(
-    values: NDArray[Any], factor: float, dtype: np.dtype[Any]
-) -> Iterator[tuple[int, int, NDArray[np.floating[Any]]]]:
-    """``(start, stop, factor * values[start:stop])`` in ``dtype``, reusing one scratch buffer."""
-    n = values.size
-    block = max(1, min(n, _BLOCK))
-    if values.dtype != np.float16:
-        a = dtype.type(factor)
-        scratch = np.empty(block, dtype=dtype)
-        for start in range(0, n, block):
-            stop = min(start + block, n)
-            part = scratch[: stop - start]
-            np.multiply(values[start:stop], a, out=part)
-            yield start, stop, part
-        return
-    bits = values.view(np.int16)
-    # The bit trick yields value * 2**-112: fold the bias into the factor if that fits.
-    two_steps = dtype == np.float32 and abs(factor) * _HALF_BIAS > _ACCUMULATOR_MAX[dtype]
-    a = dtype.type(factor if two_steps else factor * _HALF_BIAS)
-    bits_scratch = np.empty(block, dtype=np.int32)
-    scratch = bits_scratch.view(np.float32) if dtype == np.float32 else np.empty(block, dtype)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        biased = _half_to_biased_float32(bits[start:stop], bits_scratch[: stop - start])
-        if two_steps:
+class _Scaler:
+    """``factor * values[start:stop]`` in the accumulator's dtype, in one reused scratch buffer."""
+
+    __slots__ = ("_bits", "_factor", "_scratch", "_two_steps", "_values")
+
+    def __init__(self, values: NDArray[Any], factor: float, dtype: np.dtype[Any]) -> None:
+        block = min(values.size, _BLOCK)
+        self._values = values
+        self._two_steps = False
+        self._bits: NDArray[np.int32] | None = None
+        if values.dtype != np.float16:
+            self._factor = dtype.type(factor)
+            self._scratch: NDArray[np.floating[Any]] = np.empty(block, dtype=dtype)
+            return
+        self._values = values.view(np.int16)
+        # The bit trick yields value * 2**-112: fold the bias into the factor if that fits.
+        self._two_steps = dtype == np.float32 and abs(factor) * _HALF_BIAS > _FLOAT32_MAX
+        self._factor = dtype.type(factor if self._two_steps else factor * _HALF_BIAS)
+        self._bits = np.empty(block, dtype=np.int32)
+        self._scratch = self._bits.view(np.float32) if dtype == np.float32 else np.empty(block)
+
+    def __call__(self, start: int, stop: int) -> NDArray[np.floating[Any]]:
+        part = self._scratch[: stop - start]
+        if self._bits is None:
+            np.multiply(self._values[start:stop], self._factor, out=part)
+            return part
+        biased = _half_to_biased_float32(self._values[start:stop], self._bits[: stop - start])
+        if self._two_steps:
             np.multiply(biased, np.float32(_HALF_BIAS), out=biased)
-        part = scratch[: stop - start]
-        np.multiply(biased, a, out=part)
-        yield start, stop, part
+        np.multiply(biased, self._factor, out=part)
+        return part
 
 
 def accumulate(tensor: CompressedTensor, out: NDArray[np.floating[Any]], weight: float) -> None:
