@@ -3,6 +3,8 @@
     HealthNetError
     ├── ProtocolError            a peer sent something we cannot accept
     │   ├── DecodeError          bytes are not a well-formed envelope or tensor
+    │   │   └── CompressionError a compressed tensor does not fit the model or its own fields
+    │   │       └── NonFiniteValues   it decodes to NaN or infinity
     │   ├── SchemaError          unknown schema version or message kind
     │   └── IntegrityError       a blob's sha256 does not match its manifest
     ├── TopicError               a topic string is not one of ours (or a bad identifier)
@@ -19,11 +21,13 @@ from __future__ import annotations
 __all__ = [
     "BrokerError",
     "BrokerUnavailable",
+    "CompressionError",
     "ConfigError",
     "ControlError",
     "DecodeError",
     "HealthNetError",
     "IntegrityError",
+    "NonFiniteValues",
     "ProtocolError",
     "SchemaError",
     "TopicError",
@@ -40,6 +44,14 @@ class ProtocolError(HealthNetError):
 
 class DecodeError(ProtocolError):
     """Bytes are not a well-formed envelope, body or tensor."""
+
+
+class CompressionError(DecodeError):
+    """A compressed tensor is malformed: wrong shape, inconsistent counts, bad indices or scale."""
+
+
+class NonFiniteValues(CompressionError):
+    """A compressed tensor is well formed but carries NaN or infinity."""
 
 
 class SchemaError(ProtocolError):

@@ -15,12 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "BODY_TYPES",
+    "MAX_VARINT_BYTES",
     "SCHEMA_VERSION",
     "TENSOR_DTYPES",
+    "VALUES_DTYPES",
     "Ack",
     "AggregatorState",
     "AggregatorStatus",
     "Body",
+    "CompressedTensor",
+    "Compression",
     "Contribution",
     "ControlCommand",
     "ControlReply",
@@ -35,6 +39,7 @@ __all__ = [
     "NodeLedgerEntry",
     "NodeState",
     "NodeStatus",
+    "Quantization",
     "RejectReason",
     "ServerOptimizerKind",
     "StalenessKind",
@@ -81,6 +86,169 @@ class TensorPayload(Frozen):
                 f"tensor {self.name!r}: {len(self.data)} bytes for {self.dtype}{list(self.shape)}, "
                 f"expected {expected}"
             )
+        return self
+
+
+class Quantization(StrEnum):
+    """How a compressed delta's values travel, weakest first; the value names the wire dtype."""
+
+    NONE = "none"
+    FP16 = "float16"
+    INT8 = "int8"
+
+    @property
+    def strength(self) -> int:
+        """0 for NONE, 1 for FP16, 2 for INT8: a higher number sends fewer bits per value."""
+        return _QUANTIZATION_ORDER.index(self)
+
+    @property
+    def values_dtype(self) -> Literal["float32", "float16", "int8"]:
+        """The dtype that values quantized this way travel as."""
+        return _VALUES_DTYPE[self]
+
+    @classmethod
+    def of_dtype(cls, values_dtype: str) -> Quantization:
+        """The quantization that a tensor sent with ``values_dtype`` used."""
+        for quantization, dtype in _VALUES_DTYPE.items():
+            if dtype == values_dtype:
+                return quantization
+        raise ValueError(f"values dtype {values_dtype!r} is not one of {sorted(VALUES_DTYPES)}")
+
+
+_QUANTIZATION_ORDER = (Quantization.NONE, Quantization.FP16, Quantization.INT8)
+_VALUES_DTYPE: dict[Quantization, Literal["float32", "float16", "int8"]] = {
+    Quantization.NONE: "float32",
+    Quantization.FP16: "float16",
+    Quantization.INT8: "int8",
+}
+# The dtypes a compressed tensor's values may travel as -> itemsize.
+VALUES_DTYPES: dict[str, int] = {dtype: TENSOR_DTYPES[dtype] for dtype in _VALUES_DTYPE.values()}
+# The longest LEB128 varint that fits 64 bits; indices need at most this many bytes each.
+MAX_VARINT_BYTES = 10
+
+
+class Compression(Frozen):
+    """How nodes compress their deltas (DESIGN §5); the operator sets it for the whole run.
+
+    ``top_k`` is the fraction of entries kept per tensor (``None``: all of them); a node may
+    compress more than asked (a smaller fraction, a stronger quantization), never less. Error
+    feedback changes what a node sends over time, not how many bytes, so it is not part of that
+    order: the policy asks for it and the node keeps its residual.
+    """
+
+    top_k: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    quantization: Quantization = Quantization.NONE
+    error_feedback: bool = True
+
+    @property
+    def kept_fraction(self) -> float:
+        return 1.0 if self.top_k is None else self.top_k
+
+    def keep_count(self, size: int) -> int:
+        """How many of a tensor's ``size`` entries are sent: ``max(1, ceil(top_k * size))``."""
+        if size <= 0:
+            return 0
+        if self.top_k is None:
+            return size
+        return min(size, max(1, math.ceil(self.top_k * size)))
+
+    def at_least_as_strict_as(self, asked: Compression) -> bool:
+        """True when this policy keeps no more entries and quantizes no weaker than ``asked``."""
+        return (
+            self.kept_fraction <= asked.kept_fraction
+            and self.quantization.strength >= asked.quantization.strength
+        )
+
+    def admits(self, tensor: CompressedTensor) -> bool:
+        """True when ``tensor`` is compressed at least as much as this policy asks."""
+        try:
+            quantization = Quantization.of_dtype(tensor.values_dtype)
+        except ValueError:
+            return False
+        return (
+            tensor.count <= self.keep_count(tensor.size)
+            and quantization.strength >= self.quantization.strength
+        )
+
+
+class CompressedTensor(Frozen):
+    """One tensor of a compressed delta: which entries were sent, and their values.
+
+    ``index_coding`` says how ``indices`` lists the sent entries of the flattened tensor:
+    ``dense`` sends every entry in order and no indices; ``varint`` sends the gaps between
+    increasing indices (the first gap is the first index) as unsigned LEB128 varints; ``bitmap``
+    sends one bit per entry, most significant bit first (``numpy.packbits``). ``values`` holds
+    ``count`` little-endian ``values_dtype`` numbers; an int8 value ``q`` means ``q * scale``.
+
+    Construction checks everything that costs O(1) (:meth:`structural_error`); the decoder in
+    ``common.compression`` checks it again, then the index stream and the values themselves.
+    """
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    shape: Annotated[tuple[NonNegative, ...], Field(max_length=MAX_TENSOR_RANK)]
+    count: NonNegative
+    index_coding: Literal["dense", "varint", "bitmap"]
+    indices: bytes = b""
+    values_dtype: Literal["float32", "float16", "int8"]
+    scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    values: bytes
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def structural_error(self) -> str | None:
+        """Why the fields disagree with each other, or None; reads no payload byte."""
+        if any(not isinstance(side, int) or side < 0 for side in self.shape):
+            return f"shape {list(self.shape)} has a negative or non-integer side"
+        size = self.size
+        if not isinstance(self.count, int) or self.count < 0:
+            return f"count {self.count!r} is not a non-negative integer"
+        if self.count > size:
+            return f"count {self.count} exceeds the {size} entries of shape {list(self.shape)}"
+        itemsize = VALUES_DTYPES.get(self.values_dtype)
+        if itemsize is None:
+            return f"values dtype {self.values_dtype!r} is not one of {sorted(VALUES_DTYPES)}"
+        if len(self.values) != self.count * itemsize:
+            return (
+                f"{len(self.values)} value bytes for {self.count} {self.values_dtype} values, "
+                f"expected {self.count * itemsize}"
+            )
+        if self.values_dtype == "int8":
+            if self.scale is None:
+                return "int8 values need a scale"
+            if not math.isfinite(self.scale) or self.scale <= 0:
+                return f"scale {self.scale!r} is not a finite positive number"
+        elif self.scale is not None:
+            return f"{self.values_dtype} values take no scale, got {self.scale!r}"
+        return self._index_error(size)
+
+    def _index_error(self, size: int) -> str | None:
+        match self.index_coding:
+            case "dense":
+                if self.count != size:
+                    return f"dense coding sends all {size} entries, count says {self.count}"
+                if self.indices:
+                    return f"dense coding takes no indices, got {len(self.indices)} bytes"
+            case "bitmap":
+                expected = -(-size // 8)
+                if len(self.indices) != expected:
+                    return (
+                        f"bitmap of {len(self.indices)} bytes for {size} entries, "
+                        f"expected {expected}"
+                    )
+            case "varint":
+                # Each index takes 1 to MAX_VARINT_BYTES bytes.
+                if not self.count <= len(self.indices) <= self.count * MAX_VARINT_BYTES:
+                    return f"{len(self.indices)} varint bytes cannot hold {self.count} indices"
+            case other:
+                return f"unknown index coding {other!r}"
+        return None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if (error := self.structural_error()) is not None:
+            raise ValueError(f"tensor {self.name!r}: {error}")
         return self
 
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from aggregator.aggregation import StalenessPolicy
-from common.messages import StalenessKind
+from common.messages import Compression, Quantization, StalenessKind
 
 FINITE = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False, width=32)
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=5)
@@ -53,4 +53,51 @@ def staleness_policies(draw: st.DrawFn) -> StalenessPolicy:
         kind=draw(st.sampled_from(StalenessKind)),
         a=draw(st.floats(min_value=0, max_value=5, allow_nan=False)),
         b=draw(st.integers(min_value=0, max_value=20)),
+    )
+
+
+# Deltas for compression: finite float32 values, with exact repeats and signed zeros often enough
+# that top-k has ties to break.
+DELTA_VALUES = st.one_of(FINITE, st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -0.5]))
+
+
+@st.composite
+def deltas(draw: st.DrawFn, max_side: int = 6) -> dict[str, np.ndarray]:
+    """A delta over a random layout of small tensors, scalars and empty tensors included."""
+    names = draw(
+        st.lists(
+            st.sampled_from(["w", "b", "conv", "fc", "head"]), min_size=1, max_size=4, unique=True
+        )
+    )
+    layout_shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=max_side)
+    return {
+        name: draw(hnp.arrays(np.float32, draw(layout_shapes), elements=DELTA_VALUES))
+        for name in names
+    }
+
+
+def deltas_like(delta: dict[str, np.ndarray]) -> st.SearchStrategy[dict[str, np.ndarray]]:
+    """Another delta with the same names and shapes."""
+    return st.fixed_dictionaries(
+        {
+            name: hnp.arrays(np.float32, value.shape, elements=DELTA_VALUES)
+            for name, value in delta.items()
+        }
+    )
+
+
+def long_vectors(max_size: int = 3000) -> st.SearchStrategy[np.ndarray]:
+    """float32 vectors long enough for gaps between kept entries to need two varint bytes."""
+    return hnp.arrays(np.float32, st.integers(1, max_size), elements=DELTA_VALUES)
+
+
+def compressions(
+    *, quantization: st.SearchStrategy[Quantization] | None = None
+) -> st.SearchStrategy[Compression]:
+    """Any compression policy: dense or top-k (all of it included), any quantization."""
+    return st.builds(
+        Compression,
+        top_k=st.none() | st.just(1.0) | st.floats(min_value=1e-3, max_value=1.0),
+        quantization=st.sampled_from(Quantization) if quantization is None else quantization,
+        error_feedback=st.booleans(),
     )

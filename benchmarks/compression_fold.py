@@ -1,0 +1,138 @@
+"""Decode-and-fold time of compressed deltas against a plain dense numpy add, per model size.
+
+    python benchmarks/compression_fold.py [--json OUT] [--repeats N]
+
+For each model layout (the built-in CNN at widths 16 and 128, and a ResNet-18 layout of 11.7 M
+parameters) and each compression setting, it compresses one random delta, then times
+``accumulate`` of every tensor into a float32 accumulator with a weight, against
+``acc[name] += delta[name]`` over the same arrays in the same process. Best of ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from common.compression import accumulate, compress
+from common.messages import Compression, Quantization
+
+Layout = dict[str, tuple[int, ...]]
+
+
+def cnn(width: int) -> Layout:
+    """The built-in ``cnn`` model's parameters for 28x28 single-channel images."""
+    w = width
+    return {
+        "0.weight": (w, 1, 3, 3),
+        "0.bias": (w,),
+        "3.weight": (2 * w, w, 3, 3),
+        "3.bias": (2 * w,),
+        "7.weight": (64, 2 * w * 7 * 7),
+        "7.bias": (64,),
+        "9.weight": (2, 64),
+        "9.bias": (2,),
+    }
+
+
+def resnet18() -> Layout:
+    """torchvision's ResNet-18 parameters (weights, biases, batch-norm affine): 11.7 M entries."""
+    layout: Layout = {"conv1.weight": (64, 3, 7, 7), "bn1.weight": (64,), "bn1.bias": (64,)}
+    channels = 64
+    for stage, out in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            prefix = f"layer{stage}.{block}"
+            first_in = channels if block == 0 else out
+            layout[f"{prefix}.conv1.weight"] = (out, first_in, 3, 3)
+            layout[f"{prefix}.conv2.weight"] = (out, out, 3, 3)
+            for bn in ("bn1", "bn2"):
+                layout[f"{prefix}.{bn}.weight"] = (out,)
+                layout[f"{prefix}.{bn}.bias"] = (out,)
+            if block == 0 and first_in != out:
+                layout[f"{prefix}.downsample.0.weight"] = (out, first_in, 1, 1)
+                layout[f"{prefix}.downsample.1.weight"] = (out,)
+                layout[f"{prefix}.downsample.1.bias"] = (out,)
+        channels = out
+    layout["fc.weight"] = (1000, 512)
+    layout["fc.bias"] = (1000,)
+    return layout
+
+
+LAYOUTS: dict[str, Layout] = {"cnn-16": cnn(16), "cnn-128": cnn(128), "resnet18": resnet18()}
+SETTINGS: dict[str, Compression] = {
+    "dense-fp32": Compression(),
+    "fp16": Compression(quantization=Quantization.FP16),
+    "int8": Compression(quantization=Quantization.INT8),
+    "top10%-int8": Compression(top_k=0.1, quantization=Quantization.INT8),
+    "top1%-fp16": Compression(top_k=0.01, quantization=Quantization.FP16),
+}
+WEIGHT = 0.37
+
+
+def best_of(repeats: int, action: Callable[[], None]) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    rows = []
+    for model, layout in LAYOUTS.items():
+        delta = {
+            name: (rng.standard_normal(shape) * 1e-3).astype(np.float32)
+            for name, shape in layout.items()
+        }
+        params = sum(math.prod(shape) for shape in layout.values())
+        acc = {name: np.zeros(shape, dtype=np.float32) for name, shape in layout.items()}
+
+        def dense_add(acc: dict[str, np.ndarray] = acc, delta: dict = delta) -> None:
+            for name, value in delta.items():
+                acc[name] += value
+
+        for setting, policy in SETTINGS.items():
+            tensors = compress(delta, policy).tensors
+
+            def fold(acc: dict[str, np.ndarray] = acc, tensors: tuple = tensors) -> None:
+                for tensor in tensors:
+                    accumulate(tensor, acc[tensor.name], WEIGHT)
+
+            # Interleave so that both see the same machine state; best of each.
+            base = min(best_of(args.repeats, dense_add) for _ in range(2))
+            folded = min(best_of(args.repeats, fold) for _ in range(2))
+            wire = sum(len(t.indices) + len(t.values) for t in tensors)
+            rows.append(
+                {
+                    "model": model,
+                    "params": params,
+                    "tensors": len(layout),
+                    "setting": setting,
+                    "wire_bytes": wire,
+                    "dense_add_ms": base * 1e3,
+                    "fold_ms": folded * 1e3,
+                    "fold_ratio": folded / base,
+                }
+            )
+            print(
+                f"{model:9} {params:>10,} params  {setting:12} {wire:>11,} B  "
+                f"add {base * 1e3:8.3f} ms  fold {folded * 1e3:8.3f} ms  "
+                f"ratio {folded / base:5.2f}"
+            )
+    if args.json:
+        args.json.write_text(json.dumps({"weight": WEIGHT, "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
