@@ -187,7 +187,7 @@ def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
         settings: dict[str, str] = {"HEALTHNET_FEDERATION": spec.federation}
         settings["HEALTHNET_CA_FILE"] = str(installed / "ca.crt")
         if spec.auth is AuthMode.MTLS:
-            issued = ca.issue_client(identity, days=spec.days)
+            issued = ca.issue_client(identity, federation=spec.federation, days=spec.days)
             _write(folder / f"{identity}.crt", issued.certificate, _PUBLIC)
             _write(folder / f"{identity}.key", issued.private_key, _PRIVATE)
             settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity)

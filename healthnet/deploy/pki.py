@@ -131,13 +131,17 @@ class CertificateAuthority:
         )
 
     def issue_client(
-        self, identity: str, *, days: int, now: dt.datetime | None = None
+        self, identity: str, *, federation: str, days: int, now: dt.datetime | None = None
     ) -> IssuedCertificate:
-        """A client certificate whose common name is the broker identity."""
+        """A client certificate whose common name is the broker identity.
+
+        It also names ``urn:healthnet:<federation>:<identity>``: RFC 5280 verifiers require a
+        subject alternative name, and a URI cannot be mistaken for a host name.
+        """
         return self._issue(
             common_name=identity,
             usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-            alt_names=[],
+            alt_names=[x509.UniformResourceIdentifier(f"urn:healthnet:{federation}:{identity}")],
             days=days,
             now=now,
         )
