@@ -11,6 +11,14 @@ with ``beta = 0`` it is FedBuff's ``sum(f(s_i) * delta_i) / K``. A server optimi
 plain ``x + lr * delta`` (FedAvg, FedBuff, FedAsync), FedAvgM, FedAdam or FedYogi (Reddi et al.,
 "Adaptive Federated Optimization", 2021). Model states are ``name -> float32 array`` mappings;
 nothing here mutates its arguments.
+
+Poisoning defences. :func:`clip_to_norm` scales an update down to a norm bound. The robust rules
+replace the mean by a coordinate-wise statistic of the staleness-discounted deltas ``f(s_i) *
+delta_i``: the median (Yin et al., "Byzantine-Robust Distributed Learning", 2018) or the trimmed
+mean, which drops the ``trim`` largest and smallest values of each coordinate. Both ignore sample
+counts, which a malicious node could inflate, and both leave the aggregate inside the range of
+the honest values as long as fewer than half (median) or fewer than the trimmed count are
+poisoned.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from common.messages import ServerOptimizerKind, StalenessKind
+from common.messages import AggregationRule, ServerOptimizerKind, StalenessKind
 
 __all__ = [
     "Params",
@@ -31,14 +39,20 @@ __all__ = [
     "ServerOptimizerState",
     "StalenessPolicy",
     "buffer_aggregate",
+    "clip_to_norm",
+    "coordinate_median",
     "global_norm",
+    "robust_buffer_aggregate",
     "sample_weight",
     "server_step",
+    "trimmed_mean",
     "weighted_average",
 ]
 
 Array = NDArray[np.float32]
 Params = Mapping[str, Array]
+# The robust statistics also take the float64 intermediates of the staleness discount.
+AnyParams = Mapping[str, NDArray[np.floating[Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +127,85 @@ def weighted_average(
             acc += (weight / total) * tensor.astype(np.float64)
         out[name] = acc.astype(np.float32)
     return out
+
+
+def clip_to_norm(params: Params, max_norm: float) -> tuple[dict[str, Array], float]:
+    """``params`` scaled so that its global L2 norm is at most ``max_norm``, and its norm before."""
+    if not math.isfinite(max_norm) or max_norm <= 0:
+        raise ValueError(f"max_norm must be finite and positive, got {max_norm}")
+    norm = global_norm(params)
+    if norm <= max_norm:
+        return {name: np.array(t, dtype=np.float32) for name, t in params.items()}, norm
+    scale = max_norm / norm
+    return {
+        name: (t.astype(np.float64) * scale).astype(np.float32) for name, t in params.items()
+    }, norm
+
+
+def coordinate_median(deltas: Sequence[AnyParams]) -> dict[str, Array]:
+    """The coordinate-wise median of the deltas (the mean of the middle two for an even count)."""
+    return {name: np.median(stack, axis=0).astype(np.float32) for name, stack in _stacks(deltas)}
+
+
+def trimmed_mean(deltas: Sequence[AnyParams], trim: float) -> dict[str, Array]:
+    """Per coordinate, the mean after dropping the ``floor(trim * n)`` largest and smallest values.
+
+    At least one value always remains: with ``trim`` near 0.5 it is the median.
+    """
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    n = len(deltas)
+    k = min(math.floor(trim * n), (n - 1) // 2)
+    out: dict[str, Array] = {}
+    for name, stack in _stacks(deltas):
+        ordered = np.sort(stack, axis=0)
+        out[name] = ordered[k : n - k].mean(axis=0).astype(np.float32)
+    return out
+
+
+def robust_buffer_aggregate(
+    deltas: Sequence[Params],
+    stalenesses: Sequence[int],
+    policy: StalenessPolicy,
+    rule: AggregationRule,
+    trim: float = 0.0,
+) -> tuple[dict[str, Array], list[float]]:
+    """A robust statistic of ``f(s_i) * delta_i`` and each update's nominal weight ``f(s_i) / K``.
+
+    ``rule`` is MEDIAN or TRIMMED_MEAN; sample counts play no part (a node chooses its own).
+    """
+    if len(deltas) != len(stalenesses):
+        raise ValueError("need one staleness per delta")
+    factors = [policy.factor(s) for s in stalenesses]
+    discounted = [
+        {name: (t.astype(np.float64) * f) for name, t in delta.items()}
+        for delta, f in zip(deltas, factors, strict=True)
+    ]
+    match rule:
+        case AggregationRule.MEDIAN:
+            aggregate = coordinate_median(discounted)
+        case AggregationRule.TRIMMED_MEAN:
+            aggregate = trimmed_mean(discounted, trim)
+        case AggregationRule.MEAN:
+            raise ValueError("the mean is buffer_aggregate's rule, not a robust one")
+    return aggregate, [f / len(deltas) for f in factors]
+
+
+def _stacks(deltas: Sequence[AnyParams]) -> list[tuple[str, NDArray[np.float64]]]:
+    """Each tensor of all deltas stacked along a new first axis, in float64."""
+    if not deltas:
+        raise ValueError("need at least one delta")
+    names = list(deltas[0])
+    for delta in deltas[1:]:
+        if delta.keys() != deltas[0].keys():
+            raise ValueError("deltas name different tensors")
+    stacks = []
+    for name in names:
+        shape = deltas[0][name].shape
+        if any(delta[name].shape != shape for delta in deltas):
+            raise ValueError(f"tensor {name!r}: deltas disagree on its shape")
+        stacks.append((name, np.stack([np.asarray(d[name], dtype=np.float64) for d in deltas])))
+    return stacks
 
 
 def global_norm(params: Params) -> float:

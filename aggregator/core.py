@@ -2,8 +2,10 @@
 
 Theory of operation. The service shell decodes each message and hands the typed update to
 :meth:`AggregatorCore.receive`, with the broker identity it came from and the current time. The
-core validates it (DESIGN §7: sender, run, staleness, shapes, finiteness, norm) and either rejects
-it with a reason or adds it to the buffer. Versions change only in :meth:`fold`, so an update's
+core validates it (DESIGN §7: sender, replay, quarantine, rate, run, staleness, sample count,
+shapes, finiteness, norm) and either rejects it with a reason or adds it to the buffer. An update
+id is judged once: a resent accepted update is acknowledged again but never refolded; any other
+update id seen before is a replay. Versions change only in :meth:`fold`, so an update's
 staleness at arrival is its staleness at fold. The shell asks :meth:`fold_due` after every accepted
 update and on a timer (for ``buffer_timeout``), folds, persists, then publishes. Time always comes
 in as an argument; nothing here reads a clock, a file or the network.
@@ -26,13 +28,16 @@ from aggregator.aggregation import (
     ServerOptimizerState,
     StalenessPolicy,
     buffer_aggregate,
+    clip_to_norm,
     global_norm,
+    robust_buffer_aggregate,
     server_step,
 )
 from aggregator.run_state import transition
 from common.codec import tensor_to_array
 from common.errors import ControlError
 from common.messages import (
+    AggregationRule,
     AggregatorState,
     AggregatorStatus,
     Contribution,
@@ -41,6 +46,7 @@ from common.messages import (
     Evaluation,
     Knobs,
     NodeLedgerEntry,
+    NormPolicy,
     RejectReason,
     Update,
     VersionRecord,
@@ -59,6 +65,7 @@ class Verdict:
     reason: RejectReason | None = None
     detail: str = ""
     duplicate: bool = False
+    clipped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +130,7 @@ class _Ledger:
     last_staleness: int | None = None
     eval_version: int | None = None
     eval_accuracy: float | None = None
+    quarantined: bool = False
 
 
 class AggregatorCore:
@@ -138,6 +146,7 @@ class AggregatorCore:
         state: AggregatorState = AggregatorState.IDLE,
         optimizer_state: ServerOptimizerState | None = None,
         seen: Mapping[str, str] | None = None,
+        seen_by: Mapping[str, str] | None = None,
         counters: Counters | None = None,
         nodes: tuple[NodeLedgerEntry, ...] = (),
     ) -> None:
@@ -153,6 +162,8 @@ class AggregatorCore:
         self._opt_state = optimizer_state or ServerOptimizerState()
         # update id -> "accepted" or the rejection reason; persisted so replays are recognised.
         self._seen: dict[str, str] = dict(seen or {})
+        # accepted update id -> the node it came from, so another node's replay is told apart.
+        self._seen_by: dict[str, str] = dict(seen_by or {})
         self._counters = (counters or Counters()).model_dump()
         self._nodes: dict[str, _Ledger] = {
             e.node: _Ledger(**e.model_dump(exclude={"node"})) for e in nodes
@@ -184,6 +195,10 @@ class AggregatorCore:
     @property
     def seen(self) -> Mapping[str, str]:
         return self._seen
+
+    @property
+    def seen_by(self) -> Mapping[str, str]:
+        return self._seen_by
 
     @property
     def buffer(self) -> tuple[BufferedUpdate, ...]:
@@ -236,6 +251,28 @@ class AggregatorCore:
             raise ControlError(f"invalid knob value: {exc}") from exc
         return self._knobs
 
+    def quarantine(self, node: str) -> tuple[str, ...]:
+        """Refuse ``node``'s updates from now on and drop its buffered ones; returns their ids.
+
+        The dropped updates were acknowledged, so they count as accepted, never as folded.
+        """
+        entry = self._nodes.setdefault(node, _Ledger())
+        if entry.quarantined:
+            raise ControlError(f"node {node!r} is already quarantined")
+        entry.quarantined = True
+        dropped = tuple(u.update_id for u in self._buffer if u.node == node)
+        self._buffer = [u for u in self._buffer if u.node != node]
+        for update_id in dropped:
+            self._seen[update_id] = RejectReason.QUARANTINED.value
+        return dropped
+
+    def readmit(self, node: str) -> None:
+        """Accept ``node``'s updates again."""
+        entry = self._nodes.get(node)
+        if entry is None or not entry.quarantined:
+            raise ControlError(f"node {node!r} is not quarantined")
+        entry.quarantined = False
+
     def record_evaluation(self, node: str, evaluation: Evaluation) -> None:
         if evaluation.run_id != self.run_id:
             return
@@ -261,16 +298,52 @@ class AggregatorCore:
             self._count_rejection(entry, RejectReason.WRONG_SENDER)
             return verdict  # not remembered: the id may be the rightful node's
         previous = self._seen.get(update.update_id)
-        if previous == "accepted":
-            self._counters["duplicates"] += 1
-            return Verdict(accepted=True, duplicate=True, detail="already accepted")
+        if previous is not None:
+            if previous == "accepted" and self._seen_by.get(update.update_id, node) == node:
+                self._counters["duplicates"] += 1
+                return Verdict(accepted=True, duplicate=True, detail="already accepted")
+            self._count_rejection(entry, RejectReason.REPLAY)
+            judged = "accepted from another node" if previous == "accepted" else previous
+            return Verdict(
+                accepted=False,
+                reason=RejectReason.REPLAY,
+                detail=f"update id already seen ({judged})",
+            )  # not remembered: the first verdict on this id stands
+        if entry.quarantined:
+            return self._reject(
+                entry,
+                update.update_id,
+                Verdict(
+                    accepted=False,
+                    reason=RejectReason.QUARANTINED,
+                    detail="an operator quarantined this node",
+                ),
+            )
+        if (
+            self._knobs.one_update_per_version
+            and entry.last_base_version is not None
+            and update.base_version <= entry.last_base_version
+        ):
+            return self._reject(
+                entry,
+                update.update_id,
+                Verdict(
+                    accepted=False,
+                    reason=RejectReason.RATE_LIMITED,
+                    detail=f"already accepted an update from base v{entry.last_base_version}; "
+                    "one per version",
+                ),
+            )
         verdict, delta = self._validate(node, sender, update)
         if not verdict.accepted:
             return self._reject(entry, update.update_id, verdict)
         staleness = self._version - update.base_version
         self._buffer.append(BufferedUpdate.of(node, update, delta=delta, size=size, now=now))
         self._seen[update.update_id] = "accepted"
+        self._seen_by[update.update_id] = node
         self._counters["accepted"] += 1
+        if verdict.clipped:
+            self._counters["clipped"] += 1
         entry.accepted += 1
         entry.last_base_version = update.base_version
         entry.last_staleness = staleness
@@ -319,6 +392,11 @@ class AggregatorCore:
                 RejectReason.STALE,
                 f"staleness {staleness} exceeds max_staleness {knobs.max_staleness}",
             )
+        if knobs.max_num_samples is not None and update.num_samples > knobs.max_num_samples:
+            return no(
+                RejectReason.SAMPLE_COUNT,
+                f"{update.num_samples} samples exceed max_num_samples {knobs.max_num_samples}",
+            )
         tensors = {t.name: t for t in update.delta}
         if len(tensors) != len(update.delta) or tensors.keys() != self._params.keys():
             return no(RejectReason.SHAPE_MISMATCH, "delta does not name the model's tensors")
@@ -336,12 +414,16 @@ class AggregatorCore:
                 return no(RejectReason.NON_FINITE, f"{name} holds NaN or infinity")
             delta[name] = array
         if knobs.max_update_norm is not None:
-            norm = global_norm(delta)
-            if norm > knobs.max_update_norm:
+            bound = knobs.max_update_norm
+            clipped, norm = clip_to_norm(delta, bound)
+            if norm > bound and knobs.norm_policy is NormPolicy.REJECT:
                 return no(
                     RejectReason.NORM_BOUND,
-                    f"update norm {norm:.4g} exceeds max_update_norm {knobs.max_update_norm:.4g}",
+                    f"update norm {norm:.4g} exceeds max_update_norm {bound:.4g}",
                 )
+            if norm > bound:
+                detail = f"clipped from norm {norm:.4g} to max_update_norm {bound:.4g}"
+                return Verdict(accepted=True, detail=detail, clipped=True), clipped
         return Verdict(accepted=True), delta
 
     def _reject(self, entry: _Ledger, update_id: str, verdict: Verdict) -> Verdict:
@@ -392,13 +474,22 @@ class AggregatorCore:
         # Staleness counts the versions published since each update's base, up to this fold:
         # an update left in the buffer by an earlier fold is staler now than when it arrived.
         stalenesses = [self._version - u.base_version for u in batch]
-        aggregate, weights = buffer_aggregate(
-            [u.delta for u in batch],
-            [u.num_samples for u in batch],
-            stalenesses,
-            policy,
-            knobs.sample_exponent,
-        )
+        if knobs.aggregation is AggregationRule.MEAN:
+            aggregate, weights = buffer_aggregate(
+                [u.delta for u in batch],
+                [u.num_samples for u in batch],
+                stalenesses,
+                policy,
+                knobs.sample_exponent,
+            )
+        else:
+            aggregate, weights = robust_buffer_aggregate(
+                [u.delta for u in batch],
+                stalenesses,
+                policy,
+                knobs.aggregation,
+                knobs.trim_fraction,
+            )
         optimizer = ServerOptimizer(
             kind=knobs.server_optimizer,
             lr=knobs.server_lr,

@@ -121,6 +121,7 @@ class AggregatorService:
                 state=checkpoint.state,
                 optimizer_state=checkpoint.optimizer_state(),
                 seen=checkpoint.seen,
+                seen_by=checkpoint.seen_by,
                 counters=checkpoint.counters,
                 nodes=checkpoint.nodes,
             )
@@ -315,6 +316,8 @@ class AggregatorService:
                     log.info("%s at v%d", message, core.version)
                 case ControlCommand.STATUS:
                     message = f"{core.state.value} at v{core.version}"
+                case ControlCommand.QUARANTINE | ControlCommand.READMIT:
+                    message = self._on_quarantine(request)
                 case _:
                     state = core.command(request.command)
                     message = f"run is {state.value} at v{core.version}"
@@ -339,6 +342,19 @@ class AggregatorService:
         self._send(self.topics.control_reply(request.request_id), reply)
         self._maybe_fold()
         self._publish_status(force=True)
+
+    def _on_quarantine(self, request: ControlRequest) -> str:
+        core, node = self.core, request.node or ""
+        if request.command is ControlCommand.READMIT:
+            core.readmit(node)
+            message = f"node {node} readmitted"
+        else:
+            dropped = core.quarantine(node)
+            self._checkpoint(core)  # before the log loses them: a crash must not bring them back
+            self.store.drop_wal(set(dropped))
+            message = f"node {node} quarantined; {len(dropped)} buffered updates dropped"
+        log.warning("operator: %s at v%d", message, core.version)
+        return message
 
     # -- folding and publishing
 
@@ -389,6 +405,7 @@ class AggregatorService:
                 optimizer_m=Checkpoint.tensors(opt.m),
                 optimizer_v=Checkpoint.tensors(opt.v),
                 seen=dict(core.seen),
+                seen_by=dict(core.seen_by),
                 buffered=tuple(u.update_id for u in core.buffer),
                 counters=core.counters(),
                 nodes=core.ledger(),

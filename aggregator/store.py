@@ -61,6 +61,8 @@ class Checkpoint(BaseModel):
     optimizer_m: tuple[TensorPayload, ...] = ()
     optimizer_v: tuple[TensorPayload, ...] = ()
     seen: dict[str, str]
+    # Accepted update id -> its node; older checkpoints lack it (a replay then counts as a resend).
+    seen_by: dict[str, str] = {}
     # Accepted but not yet folded when this checkpoint was written, oldest first. Their bodies
     # are in the WAL; ``seen`` and ``counters`` already include them.
     buffered: tuple[str, ...] = ()

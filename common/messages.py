@@ -20,6 +20,7 @@ __all__ = [
     "TENSOR_DTYPES",
     "VALUES_DTYPES",
     "Ack",
+    "AggregationRule",
     "AggregatorState",
     "AggregatorStatus",
     "Body",
@@ -40,6 +41,7 @@ __all__ = [
     "NodeState",
     "NodeStatus",
     "Quantization",
+    "NormPolicy",
     "RejectReason",
     "ServerOptimizerKind",
     "StalenessKind",
@@ -265,6 +267,23 @@ class ServerOptimizerKind(StrEnum):
     FEDYOGI = "fedyogi"
 
 
+class NormPolicy(StrEnum):
+    """What ``max_update_norm`` does to a larger update: refuse it, or scale it down to it."""
+
+    REJECT = "reject"
+    CLIP = "clip"
+
+
+class AggregationRule(StrEnum):
+    """How a buffer of deltas becomes one: the staleness-weighted mean, or a robust statistic of
+    the staleness-discounted deltas (coordinate-wise median, trimmed mean) that a few poisoned
+    updates cannot drag far."""
+
+    MEAN = "mean"
+    MEDIAN = "median"
+    TRIMMED_MEAN = "trimmed_mean"
+
+
 class TrainingConfig(Frozen):
     """What a node does with each global version; travels in the manifest."""
 
@@ -297,6 +316,15 @@ class Knobs(Frozen):
     server_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99
     server_tau: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
     max_update_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    norm_policy: NormPolicy = NormPolicy.REJECT
+    aggregation: AggregationRule = AggregationRule.MEAN
+    # Of each end, per coordinate: 0.25 of a buffer of 4 drops the largest and smallest value.
+    trim_fraction: Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)] = 0.1
+    # A node trains once per global version; a second update from the same (or an older) base
+    # is a flood, refused when this is on.
+    one_update_per_version: bool = False
+    # An update's sample count is its weight; a node claiming millions would outvote the rest.
+    max_num_samples: Annotated[int, Field(ge=1)] | None = None
     max_versions: Annotated[int, Field(ge=1)] | None = None
     training: TrainingConfig = TrainingConfig()
 
@@ -356,6 +384,10 @@ class RejectReason(StrEnum):
     NORM_BOUND = "norm_bound"
     TOO_LARGE = "too_large"
     RUN_STOPPED = "run_stopped"
+    REPLAY = "replay"
+    QUARANTINED = "quarantined"
+    RATE_LIMITED = "rate_limited"
+    SAMPLE_COUNT = "sample_count"
 
 
 class Ack(Frozen):
@@ -404,6 +436,8 @@ class ControlCommand(StrEnum):
     STOP = "stop"
     SET = "set"
     STATUS = "status"
+    QUARANTINE = "quarantine"
+    READMIT = "readmit"
 
 
 class ControlRequest(Frozen):
@@ -411,6 +445,15 @@ class ControlRequest(Frozen):
     command: ControlCommand
     # For SET: knob name -> new value; ``training.<field>`` reaches the training config.
     knobs: dict[str, int | float | str | bool | None] = Field(default_factory=dict)
+    # For QUARANTINE and READMIT: the node's broker identity.
+    node: Identifier | None = None
+
+    @model_validator(mode="after")
+    def _node_given_when_needed(self) -> Self:
+        needs_node = self.command in (ControlCommand.QUARANTINE, ControlCommand.READMIT)
+        if needs_node != (self.node is not None):
+            raise ValueError(f"{self.command} {'needs' if needs_node else 'takes no'} node")
+        return self
 
 
 class AggregatorState(StrEnum):
@@ -426,6 +469,7 @@ class Counters(Frozen):
     rejected: NonNegative = 0
     duplicates: NonNegative = 0
     folded: NonNegative = 0
+    clipped: NonNegative = 0
     bytes_received: NonNegative = 0
     rejections: dict[str, NonNegative] = Field(default_factory=dict)
 
@@ -443,6 +487,7 @@ class NodeLedgerEntry(Frozen):
     last_staleness: NonNegative | None = None
     eval_version: NonNegative | None = None
     eval_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    quarantined: bool = False
 
 
 class AggregatorStatus(Frozen):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -292,6 +293,7 @@ class MqttClient:
                 rc = client.reconnect()
             except (OSError, ssl.SSLError) as exc:
                 self._last_error = f"{type(exc).__name__}: {exc}"
+                _close_abandoned_sockets(exc)
                 rc = MQTTErrorCode.MQTT_ERR_NO_CONN
             while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stopping.is_set():
                 rc = client.loop(timeout=0.5)
@@ -345,6 +347,23 @@ class MqttClient:
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         self.inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos)))
+
+
+def _close_abandoned_sockets(exc: BaseException) -> None:
+    """Close the socket paho opened for a connection attempt that failed in the TLS handshake.
+
+    paho wraps and handshakes the socket before it keeps a reference to it, so when the handshake
+    fails (the broker's certificate is not trusted, say) the socket is only reachable from the
+    exception's frames; left there, it is closed by the garbage collector with a ResourceWarning,
+    once per reconnect attempt.
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        for value in list(tb.tb_frame.f_locals.values()):
+            if isinstance(value, socket.socket):
+                with contextlib.suppress(OSError):
+                    value.close()
+        tb = tb.tb_next
 
 
 def _check(rc: MQTTErrorCode, what: str) -> None:

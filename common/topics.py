@@ -149,6 +149,19 @@ class TopicTree:
     def all_node_evals(self) -> str:
         return f"{self.prefix}/nodes/+/eval"
 
+    def route_filter(self, route: Route, node: str = "+") -> str:
+        """The filter matching every topic of ``route``; ``node`` fills the node segment (``+``
+        for any node, or a broker ACL substitution such as Mosquitto's ``%u``)."""
+        match route:
+            case Route.CHUNK:
+                return self.all_chunks()
+            case Route.CONTROL_REPLY:
+                return f"{self.prefix}/control/replies/+"
+            case Route.UPDATE | Route.ACK | Route.NODE_STATUS | Route.NODE_EVAL:
+                return str(Topic(self.federation, route, node=node))
+            case _:
+                return str(Topic(self.federation, route))
+
     def parse(self, topic: str) -> Topic:
         """Parse a topic name of this federation; raise TopicError for anything else."""
         head = self.prefix + "/"

@@ -25,6 +25,7 @@ from common.messages import (
     ServerOptimizerKind,
     StalenessKind,
 )
+from healthnet.deploy.cli import deploy_app
 
 app = typer.Typer(
     name="healthnet",
@@ -36,6 +37,7 @@ aggregator_app = typer.Typer(help="Run the aggregator.", no_args_is_help=True)
 node_app = typer.Typer(help="Run an edge node (one per hospital).", no_args_is_help=True)
 app.add_typer(aggregator_app, name="aggregator")
 app.add_typer(node_app, name="node")
+app.add_typer(deploy_app, name="deploy")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -311,15 +313,15 @@ def broker(
 
 
 def _control(command: ControlCommand, broker_url: str | None, federation: str | None,
-             knobs: dict[str, Any] | None = None) -> None:  # fmt: skip
+             knobs: dict[str, Any] | None = None, node: str | None = None) -> None:  # fmt: skip
     from common.settings import ConnectionSettings
     from healthnet.control import ControlClient
 
     settings = ConnectionSettings(**_given(broker_url=broker_url, federation=federation))
     try:
         with ControlClient(settings) as client:
-            reply = client.request(command, knobs)
-    except HealthNetError as exc:
+            reply = client.request(command, knobs, node=node)
+    except (HealthNetError, ValueError) as exc:
         raise _fail(exc) from exc
     console.print(reply.message)
 
@@ -346,6 +348,26 @@ def resume(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> No
 def stop(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> None:
     """Stop the run for good: a final checkpoint is written and the aggregator exits."""
     _control(ControlCommand.STOP, broker_url, federation)
+
+
+@app.command()
+def quarantine(
+    node: Annotated[str, typer.Argument(help="the hospital's broker identity")],
+    broker_url: BrokerUrl = None,
+    federation: FederationOpt = None,
+) -> None:
+    """Refuse a node's updates from now on and drop its buffered ones (poisoning defence)."""
+    _control(ControlCommand.QUARANTINE, broker_url, federation, node=node)
+
+
+@app.command()
+def readmit(
+    node: Annotated[str, typer.Argument(help="the hospital's broker identity")],
+    broker_url: BrokerUrl = None,
+    federation: FederationOpt = None,
+) -> None:
+    """Accept a quarantined node's updates again."""
+    _control(ControlCommand.READMIT, broker_url, federation, node=node)
 
 
 @app.command("set")

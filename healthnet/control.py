@@ -54,10 +54,11 @@ class ControlClient:
         command: ControlCommand,
         knobs: dict[str, int | float | str | bool | None] | None = None,
         *,
+        node: str | None = None,
         timeout: float = 10.0,
     ) -> ControlReply:
         """Send one command and wait for its reply; ControlError when refused or unanswered."""
-        request = ControlRequest(request_id=new_id(), command=command, knobs=knobs or {})
+        request = ControlRequest(request_id=new_id(), command=command, knobs=knobs or {}, node=node)
         reply_topic = self.topics.control_reply(request.request_id)
         self._client.subscribe(str(reply_topic))
         payload = encode(envelope(request, sender=self.client_id, sent_at=time.time()))

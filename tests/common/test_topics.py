@@ -202,3 +202,32 @@ def test_every_valid_identifier_round_trips_through_every_route(
     for topic in topics:
         assert t.parse(str(topic)) == topic
         assert str(t.parse(str(topic))) == str(topic)
+
+
+def _matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching with + and # (enough for the filters the tree builds)."""
+    levels, parts = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(levels):
+        if level == "#":
+            return True
+        if i >= len(parts) or (level not in ("+", parts[i])):
+            return False
+    return len(levels) == len(parts)
+
+
+@pytest.mark.parametrize(("build", "expected"), ROUTES)
+def test_route_filter_matches_its_routes_topics_and_no_other(
+    build: Callable[[TopicTree], Topic], expected: str
+) -> None:
+    """A route's filter matches every topic of that route and none of another route."""
+    route = build(tree).route
+    assert _matches(tree.route_filter(route), expected)
+    for param in ROUTES:
+        other = cast("Callable[[TopicTree], Topic]", param.values[0])(tree)
+        assert _matches(tree.route_filter(route), str(other)) is (other.route is route)
+
+
+def test_route_filter_puts_a_substitution_in_the_node_segment() -> None:
+    """route_filter(route, "%u") gives the Mosquitto ACL pattern of a node's own topic."""
+    assert tree.route_filter(Route.UPDATE, "%u") == f"{PREFIX}/updates/%u"
+    assert tree.route_filter(Route.NODE_EVAL, "%u") == f"{PREFIX}/nodes/%u/eval"

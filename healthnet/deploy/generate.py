@@ -1,0 +1,361 @@
+"""``healthnet deploy init``: everything a federation's broker and identities need, in one folder.
+
+Given a federation name and its hospitals, :func:`generate_deployment` writes::
+
+    OUT/README.txt                  what goes where
+    OUT/ca/ca.crt, ca.key           the federation's CA (keep ca.key offline)
+    OUT/broker/mosquitto.conf       TLS listener, no anonymous access, ACL, limits, persistence
+    OUT/broker/acl                  the access policy of healthnet.deploy.acl
+    OUT/broker/ca.crt, server.crt, server.key
+    OUT/broker/passwd               (password mode) Mosquitto $7$ hashes, one per identity
+    OUT/clients/<identity>/         one folder per identity, to hand over as it is:
+        healthnet.env               HEALTHNET_* settings the services read (broker URL, TLS files)
+        ca.crt                      to verify the broker
+        <identity>.crt, .key        (mutual TLS) the identity's client certificate and key
+
+The identities are the aggregator, each hospital, an operator and a read-only dashboard. Private
+keys, password hashes and env files (which carry the password in password mode) are written with
+mode 0600, folders with 0700; nothing secret is returned or logged. Paths inside the files are
+absolute under ``prefix`` (default: OUT itself), the place where the folders will live.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from common.errors import ConfigError, TopicError
+from common.topics import TopicTree, validate_identifier
+from healthnet.deploy.acl import SERVICE_IDENTITIES, Role, render_acl, role_of
+from healthnet.deploy.passwords import mosquitto_hash, new_password
+from healthnet.deploy.pki import CertificateAuthority
+
+__all__ = [
+    "AuthMode",
+    "BrokerLimits",
+    "Deployment",
+    "DeploymentSpec",
+    "generate_deployment",
+    "read_env_file",
+]
+
+_PRIVATE = 0o600
+_PUBLIC = 0o644
+_PRIVATE_DIR = 0o700
+MIB = 1024 * 1024
+# Room above the largest message for the packet's topic and headers.
+_PACKET_OVERHEAD = 64 * 1024
+
+
+class AuthMode(StrEnum):
+    MTLS = "mtls"
+    PASSWORD = "password"  # noqa: S105 - the name of a mode, not a password
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerLimits:
+    """Mosquitto's per-client limits, sized for the federation (DESIGN §6)."""
+
+    max_packet_size: int
+    max_queued_messages: int
+    max_queued_bytes: int
+    max_inflight_messages: int = 20
+
+    @classmethod
+    def for_federation(
+        cls, hospitals: int, *, max_message_bytes: int, updates_in_flight: int
+    ) -> BrokerLimits:
+        # The aggregator's persistent session must hold, while it is away, every update the
+        # hospitals may have in flight plus their resends and evaluations; a hospital's must hold
+        # a whole model in chunks. Mosquitto silently drops what exceeds these; the application
+        # acks make nodes resend, so a drop costs time, never an update.
+        messages = 1000 + 100 * hospitals
+        return cls(
+            max_packet_size=max_message_bytes + _PACKET_OVERHEAD,
+            max_queued_messages=messages,
+            max_queued_bytes=max_message_bytes * (updates_in_flight * hospitals + 16),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    federation: str
+    hospitals: tuple[str, ...]
+    host: str = "127.0.0.1"
+    """The name or address clients dial; the server certificate names it."""
+    port: int = 8883
+    bind: str = "127.0.0.1"
+    """The address the broker listens on: loopback unless asked (e.g. 0.0.0.0)."""
+    auth: AuthMode = AuthMode.MTLS
+    prefix: Path | None = None
+    """Where the generated folder will live on the machines; paths in the files point there."""
+    days: int = 825
+    ca_days: int = 3650
+    max_message_bytes: int = 64 * MIB
+    updates_in_flight: int = 4
+    broker_user: str | None = None
+    """Mosquitto's ``user`` line: the account it runs as when started as root (default its own)."""
+
+    def __post_init__(self) -> None:
+        try:
+            validate_identifier(self.federation, "federation")
+            for hospital in self.hospitals:
+                validate_identifier(hospital, "hospital")
+        except TopicError as exc:
+            raise ConfigError(str(exc)) from exc
+        if not self.hospitals:
+            raise ConfigError("a federation needs at least one hospital")
+        if len(set(self.hospitals)) != len(self.hospitals):
+            raise ConfigError(f"hospital names repeat: {', '.join(self.hospitals)}")
+        reserved = [h for h in self.hospitals if role_of(h) is not Role.HOSPITAL]
+        if reserved:
+            raise ConfigError(f"hospital names {reserved} are reserved for service identities")
+        for what, value in (("host", self.host), ("bind", self.bind)):
+            if not value or any(c.isspace() or c in "/@?#" for c in value):
+                raise ConfigError(f"{what} {value!r} is not a host name or address")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is outside 1-65535")
+        if self.days < 1 or self.ca_days < self.days:
+            raise ConfigError("certificates need days >= 1 and a CA that outlives them")
+        if self.max_message_bytes < 64 * 1024:
+            raise ConfigError("max_message_bytes below 64 KiB cannot carry a model manifest")
+        if self.updates_in_flight < 1:
+            raise ConfigError("updates_in_flight must be at least 1")
+
+    @property
+    def identities(self) -> dict[str, Role]:
+        """Every broker identity and its role, the aggregator first."""
+        out = {SERVICE_IDENTITIES[Role.AGGREGATOR]: Role.AGGREGATOR}
+        out.update(dict.fromkeys(self.hospitals, Role.HOSPITAL))
+        out[SERVICE_IDENTITIES[Role.OPERATOR]] = Role.OPERATOR
+        out[SERVICE_IDENTITIES[Role.DASHBOARD]] = Role.DASHBOARD
+        return out
+
+    def broker_url(self, identity: str, password: str | None = None) -> str:
+        host = f"[{self.host}]" if _is_ipv6(self.host) else self.host
+        user = f"{identity}:{password}@" if password is not None else ""
+        return f"mqtts://{user}{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """Where the generated files are (no secret is held here)."""
+
+    out: Path
+    broker_config: Path
+    acl_file: Path
+    ca_file: Path
+    env_files: Mapping[str, Path] = field(default_factory=dict)
+    limits: BrokerLimits | None = None
+
+
+def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
+    """Write a complete deployment into ``out``, which must not exist or be empty."""
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty: refusing to overwrite keys or passwords there")
+    prefix = (spec.prefix or out).absolute()
+    tree = TopicTree(spec.federation)
+    limits = BrokerLimits.for_federation(
+        len(spec.hospitals),
+        max_message_bytes=spec.max_message_bytes,
+        updates_in_flight=spec.updates_in_flight,
+    )
+    ca = CertificateAuthority.create(spec.federation, days=spec.ca_days)
+    for folder in (out, out / "ca", out / "broker", out / "broker" / "data", out / "clients"):
+        _mkdir(folder)
+    _write(out / "ca" / "ca.crt", ca.certificate_pem, _PUBLIC)
+    _write(out / "ca" / "ca.key", ca.private_key_pem, _PRIVATE)
+
+    broker = out / "broker"
+    server = ca.issue_server(spec.host, days=spec.days)
+    _write(broker / "ca.crt", ca.certificate_pem, _PUBLIC)
+    _write(broker / "server.crt", server.certificate, _PUBLIC)
+    _write(broker / "server.key", server.private_key, _PRIVATE)
+    _write(broker / "acl", render_acl(tree, spec.hospitals).encode(), _PUBLIC)
+
+    hashes: list[str] = []
+    env_files: dict[str, Path] = {}
+    for identity, role in spec.identities.items():
+        folder = out / "clients" / identity
+        installed = prefix / "clients" / identity
+        _mkdir(folder)
+        _write(folder / "ca.crt", ca.certificate_pem, _PUBLIC)
+        settings: dict[str, str] = {"HEALTHNET_FEDERATION": spec.federation}
+        settings["HEALTHNET_CA_FILE"] = str(installed / "ca.crt")
+        if spec.auth is AuthMode.MTLS:
+            issued = ca.issue_client(identity, federation=spec.federation, days=spec.days)
+            _write(folder / f"{identity}.crt", issued.certificate, _PUBLIC)
+            _write(folder / f"{identity}.key", issued.private_key, _PRIVATE)
+            settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity)
+            settings["HEALTHNET_CERT_FILE"] = str(installed / f"{identity}.crt")
+            settings["HEALTHNET_KEY_FILE"] = str(installed / f"{identity}.key")
+        else:
+            password = new_password()
+            hashes.append(f"{identity}:{mosquitto_hash(password)}")
+            settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity, password)
+        settings.update(_role_settings(role, identity))
+        env_path = folder / "healthnet.env"
+        _write(env_path, _env_text(spec, identity, role, settings).encode(), _PRIVATE)
+        env_files[identity] = env_path
+    if hashes:
+        _write(broker / "passwd", ("\n".join(hashes) + "\n").encode(), _PRIVATE)
+
+    config = broker / "mosquitto.conf"
+    _write(config, mosquitto_conf(spec, limits, prefix / "broker").encode(), _PUBLIC)
+    _write(out / "README.txt", _readme(spec, prefix).encode(), _PUBLIC)
+    return Deployment(
+        out=out,
+        broker_config=config,
+        acl_file=broker / "acl",
+        ca_file=out / "ca" / "ca.crt",
+        env_files=env_files,
+        limits=limits,
+    )
+
+
+def mosquitto_conf(spec: DeploymentSpec, limits: BrokerLimits, broker_dir: Path) -> str:
+    """The broker's configuration (pure: paths point into ``broker_dir``)."""
+    lines = [
+        f"# Mosquitto for healthNET federation {spec.federation} (`healthnet deploy init`).",
+        f"# Run: mosquitto -c {broker_dir / 'mosquitto.conf'}",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"acl_file {broker_dir / 'acl'}",
+    ]
+    if spec.auth is AuthMode.PASSWORD:
+        lines.append(f"password_file {broker_dir / 'passwd'}")
+    lines += [
+        "",
+        f"listener {spec.port} {spec.bind}",
+        f"cafile {broker_dir / 'ca.crt'}",
+        f"certfile {broker_dir / 'server.crt'}",
+        f"keyfile {broker_dir / 'server.key'}",
+        "tls_version tlsv1.2",
+    ]
+    if spec.auth is AuthMode.MTLS:
+        lines += [
+            "# Every client shows a certificate of the federation's CA; its CN is the identity.",
+            "require_certificate true",
+            "use_identity_as_username true",
+        ]
+    else:
+        lines.append("require_certificate false")
+    lines += [
+        "# The client id is the identity: nobody can take over another identity's session.",
+        "use_username_as_clientid true",
+        "",
+        "# Limits sized for the federation: mosquitto drops QoS 1 messages beyond them.",
+        f"max_packet_size {limits.max_packet_size}",
+        f"max_inflight_messages {limits.max_inflight_messages}",
+        f"max_queued_messages {limits.max_queued_messages}",
+        f"max_queued_bytes {limits.max_queued_bytes}",
+        "set_tcp_nodelay true",
+        "",
+        "# The aggregator's persistent session and the retained model survive a restart.",
+        "persistence true",
+        # mosquitto before 2.0 joins location and file name without a separator (2.x adds one).
+        f"persistence_location {broker_dir / 'data'}{os.sep}",
+        "autosave_interval 60",
+        "",
+        "log_dest stderr",
+        *(f"log_type {kind}" for kind in ("error", "warning", "notice", "information")),
+        "connection_messages true",
+    ]
+    if spec.broker_user is not None:
+        lines.append(f"user {spec.broker_user}")
+    return "\n".join(lines) + "\n"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The ``KEY=value`` lines of a generated env file (comments and blanks skipped)."""
+    values: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def _role_settings(role: Role, identity: str) -> dict[str, str]:
+    match role:
+        case Role.HOSPITAL:
+            return {"HEALTHNET_NODE_ID": identity}
+        case Role.AGGREGATOR:
+            return {
+                "HEALTHNET_CLIENT_ID": identity,
+                # A node trains once per global version; more is a flood (README, Security).
+                "HEALTHNET_KNOBS__ONE_UPDATE_PER_VERSION": "true",
+            }
+        case Role.OPERATOR | Role.DASHBOARD:
+            return {}
+
+
+_ROLE_NOTES = {
+    Role.HOSPITAL: "writes its own updates, status and evaluations; reads the model, the "
+    "aggregator's status and its own acks",
+    Role.AGGREGATOR: "the only writer of the model, acks, versions and the aggregator's status",
+    Role.OPERATOR: "the only writer of control requests; reads their replies and every status",
+    Role.DASHBOARD: "read-only: statuses and version records, never the model or updates",
+}
+
+
+def _env_text(spec: DeploymentSpec, identity: str, role: Role, settings: dict[str, str]) -> str:
+    lines = [
+        f"# healthNET settings of {identity} ({role.value}) in federation {spec.federation}.",
+        f"# It {_ROLE_NOTES[role]}.",
+        "# Private to this identity (mode 0600). Use it as .env in the working directory, or",
+        "# export it: set -a; . ./healthnet.env; set +a",
+        *(f"{key}={value}" for key, value in settings.items()),
+    ]
+    if role is Role.AGGREGATOR:
+        lines += [
+            "# Poisoning defences (README, Security), model-dependent, off until chosen:",
+            "# HEALTHNET_KNOBS__AGGREGATION=median",
+            "# HEALTHNET_KNOBS__MAX_UPDATE_NORM=10",
+            "# HEALTHNET_KNOBS__NORM_POLICY=clip",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _readme(spec: DeploymentSpec, prefix: Path) -> str:
+    owner = "the account mosquitto runs as (user mosquitto unless configured)"
+    return "\n".join(
+        [
+            f"healthNET deployment of federation {spec.federation} ({spec.auth.value})",
+            "",
+            f"Install this folder at {prefix} (paths in the files point there).",
+            f"broker/    on the broker machine; owned by {owner}:",
+            f"           mosquitto -c {prefix / 'broker' / 'mosquitto.conf'}",
+            "clients/X/ to identity X only (its env file, CA certificate and key):",
+            "           cd clients/X && cp healthnet.env .env && healthnet ...",
+            "ca/ca.key  signs new certificates: keep it offline.",
+            "",
+            f"Broker: mqtts://{spec.host}:{spec.port}, listening on {spec.bind}.",
+            "Identities: " + ", ".join(spec.identities),
+            "",
+        ]
+    )
+
+
+def _mkdir(path: Path) -> None:
+    path.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
+    path.chmod(_PRIVATE_DIR)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode`` from the start, so a key is never readable by others."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(fd, mode)  # the umask may have taken bits away
+        handle.write(data)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
