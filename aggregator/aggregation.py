@@ -19,6 +19,9 @@ mean, which drops the ``trim`` largest and smallest values of each coordinate. B
 counts, which a malicious node could inflate, and both leave the aggregate inside the range of
 the honest values as long as fewer than half (median) or fewer than the trimmed count are
 poisoned.
+
+Compressed deltas are folded as they came (:func:`decoded_sum`): a sparse update touches only
+the entries it sent, so folding a top-k update costs what it weighs, not what the model weighs.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from common.compression import DecodedTensor, fold
 from common.messages import AggregationRule, ServerOptimizerKind, StalenessKind
 
 __all__ = [
@@ -39,8 +43,11 @@ __all__ = [
     "ServerOptimizerState",
     "StalenessPolicy",
     "buffer_aggregate",
+    "buffer_weights",
     "clip_to_norm",
     "coordinate_median",
+    "decoded_sum",
+    "densify",
     "global_norm",
     "robust_buffer_aggregate",
     "sample_weight",
@@ -98,6 +105,53 @@ def buffer_aggregate(
     w = [ai * policy.factor(s) for ai, s in zip(a, stalenesses, strict=True)]
     total = math.fsum(a)
     return weighted_average(deltas, w, total), [wi / total for wi in w]
+
+
+def buffer_weights(
+    num_samples: Sequence[int],
+    stalenesses: Sequence[int],
+    policy: StalenessPolicy,
+    sample_exponent: float,
+) -> list[float]:
+    """Each update's coefficient ``w_i / sum(a_i)`` in the buffer's pseudo-gradient."""
+    if len(num_samples) != len(stalenesses) or not num_samples:
+        raise ValueError("need one sample count per staleness, and at least one")
+    a = [sample_weight(n, sample_exponent) for n in num_samples]
+    total = math.fsum(a)
+    return [ai * policy.factor(s) / total for ai, s in zip(a, stalenesses, strict=True)]
+
+
+def decoded_sum(
+    deltas: Sequence[Mapping[str, DecodedTensor]],
+    coefficients: Sequence[float],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> dict[str, Array]:
+    """``sum(c_i * delta_i)`` of decoded (possibly sparse, quantized) deltas, as float32.
+
+    Accumulates in float32: a buffer sums a handful of small deltas, and float64 would double the
+    memory traffic of the one step whose speed grows with the model.
+    """
+    if len(deltas) != len(coefficients) or not deltas:
+        raise ValueError("need one coefficient per delta, and at least one delta")
+    if any(not math.isfinite(c) for c in coefficients):
+        raise ValueError(f"coefficients must be finite: {list(coefficients)}")
+    out = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+    for delta, coefficient in zip(deltas, coefficients, strict=True):
+        if delta.keys() != out.keys():
+            raise ValueError("a delta names other tensors than the model")
+        for name, acc in out.items():
+            fold(delta[name], acc, coefficient)
+    return out
+
+
+def densify(delta: Mapping[str, DecodedTensor], scale: float = 1.0) -> dict[str, Array]:
+    """A decoded delta as dense float32 arrays, times ``scale`` (for the robust statistics)."""
+    out = {}
+    for name, decoded in delta.items():
+        acc = np.zeros(decoded.shape, dtype=np.float32)
+        fold(decoded, acc, scale)
+        out[name] = acc
+    return out
 
 
 def weighted_average(

@@ -27,15 +27,16 @@ from aggregator.aggregation import (
     ServerOptimizer,
     ServerOptimizerState,
     StalenessPolicy,
-    buffer_aggregate,
-    clip_to_norm,
+    buffer_weights,
+    decoded_sum,
+    densify,
     global_norm,
     robust_buffer_aggregate,
     server_step,
 )
 from aggregator.run_state import transition
-from common.codec import tensor_to_array
-from common.errors import ControlError
+from common.compression import DecodedTensor, decode_tensor, squared_norm
+from common.errors import CompressionError, ControlError, NonFiniteValues
 from common.messages import (
     AggregationRule,
     AggregatorState,
@@ -74,10 +75,15 @@ class BufferedUpdate:
     update_id: str
     base_version: int
     num_samples: int
-    delta: Mapping[str, NDArray[np.float32]]
+    # As sent (sparse, quantized), checked against the model; ``scale`` is the norm clip's factor.
+    delta: Mapping[str, DecodedTensor]
     bytes: int
     train_loss: float
     received_at: float
+    scale: float = 1.0
+    raw_bytes: int = 0
+    encode_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
     @classmethod
     def of(
@@ -85,9 +91,11 @@ class BufferedUpdate:
         node: str,
         update: Update,
         *,
-        delta: Mapping[str, NDArray[np.float32]],
+        delta: Mapping[str, DecodedTensor],
         size: int,
         now: float,
+        scale: float = 1.0,
+        decode_seconds: float = 0.0,
     ) -> BufferedUpdate:
         return cls(
             node=node,
@@ -98,6 +106,10 @@ class BufferedUpdate:
             bytes=size,
             train_loss=update.metrics.loss,
             received_at=now,
+            scale=scale,
+            raw_bytes=4 * sum(math.prod(d.shape) for d in delta.values()),
+            encode_seconds=update.encode_seconds,
+            decode_seconds=decode_seconds,
         )
 
 
@@ -334,11 +346,23 @@ class AggregatorCore:
                     "one per version",
                 ),
             )
-        verdict, delta = self._validate(node, sender, update)
+        started = time.perf_counter()
+        verdict, delta, scale = self._validate(node, sender, update)
         if not verdict.accepted:
             return self._reject(entry, update.update_id, verdict)
         staleness = self._version - update.base_version
-        self._buffer.append(BufferedUpdate.of(node, update, delta=delta, size=size, now=now))
+        buffered = BufferedUpdate.of(
+            node,
+            update,
+            delta=delta,
+            size=size,
+            now=now,
+            scale=scale,
+            decode_seconds=time.perf_counter() - started,
+        )
+        self._buffer.append(buffered)
+        self._counters["bytes_accepted"] += size
+        self._counters["raw_bytes_accepted"] += buffered.raw_bytes
         self._seen[update.update_id] = "accepted"
         self._seen_by[update.update_id] = node
         self._counters["accepted"] += 1
@@ -355,12 +379,19 @@ class AggregatorCore:
         It was validated when it arrived and is already in ``seen`` and the counters, so only the
         buffer changes.
         """
-        delta = {t.name: tensor_to_array(t) for t in update.delta}
-        if delta.keys() != self._params.keys() or any(
-            delta[name].shape != ref.shape for name, ref in self._params.items()
-        ):
+        tensors = {t.name: t for t in update.delta}
+        if tensors.keys() != self._params.keys():
             raise ValueError(f"logged update {update.update_id} does not fit the model")
-        self._buffer.append(BufferedUpdate.of(node, update, delta=delta, size=size, now=now))
+        try:
+            delta = {
+                name: decode_tensor(tensors[name], p.shape) for name, p in self._params.items()
+            }
+        except CompressionError as exc:
+            raise ValueError(f"logged update {update.update_id} does not decode: {exc}") from exc
+        scale = self._clip_scale(delta)[0] if self._knobs.norm_policy is NormPolicy.CLIP else 1.0
+        self._buffer.append(
+            BufferedUpdate.of(node, update, delta=delta, size=size, now=now, scale=scale)
+        )
 
     def note_malformed(self, node: str, reason: RejectReason, now: float, size: int) -> None:
         """Count a message that never reached validation (it has no update id to answer)."""
@@ -372,9 +403,11 @@ class AggregatorCore:
 
     def _validate(
         self, node: str, sender: str, update: Update
-    ) -> tuple[Verdict, dict[str, NDArray[np.float32]]]:
-        def no(reason: RejectReason, detail: str) -> tuple[Verdict, dict[str, Any]]:
-            return Verdict(accepted=False, reason=reason, detail=detail), {}
+    ) -> tuple[Verdict, dict[str, DecodedTensor], float]:
+        """The verdict, the decoded delta and the factor that clips it to the norm bound."""
+
+        def no(reason: RejectReason, detail: str) -> tuple[Verdict, dict[str, Any], float]:
+            return Verdict(accepted=False, reason=reason, detail=detail), {}, 1.0
 
         knobs = self._knobs
         if self._state is AggregatorState.STOPPED:
@@ -397,25 +430,12 @@ class AggregatorCore:
                 RejectReason.SAMPLE_COUNT,
                 f"{update.num_samples} samples exceed max_num_samples {knobs.max_num_samples}",
             )
-        tensors = {t.name: t for t in update.delta}
-        if len(tensors) != len(update.delta) or tensors.keys() != self._params.keys():
-            return no(RejectReason.SHAPE_MISMATCH, "delta does not name the model's tensors")
-        delta: dict[str, NDArray[np.float32]] = {}
-        for name, reference in self._params.items():
-            tensor = tensors[name]
-            if tensor.dtype != "float32" or tensor.shape != reference.shape:
-                return no(
-                    RejectReason.SHAPE_MISMATCH,
-                    f"{name}: got {tensor.dtype}{list(tensor.shape)}, "
-                    f"model has float32{list(reference.shape)}",
-                )
-            array = tensor_to_array(tensor)
-            if not np.isfinite(array).all():
-                return no(RejectReason.NON_FINITE, f"{name} holds NaN or infinity")
-            delta[name] = array
+        refused, delta = self._decode(update)
+        if refused is not None:
+            return refused, {}, 1.0
         if knobs.max_update_norm is not None:
             bound = knobs.max_update_norm
-            clipped, norm = clip_to_norm(delta, bound)
+            scale, norm = self._clip_scale(delta)
             if norm > bound and knobs.norm_policy is NormPolicy.REJECT:
                 return no(
                     RejectReason.NORM_BOUND,
@@ -423,8 +443,49 @@ class AggregatorCore:
                 )
             if norm > bound:
                 detail = f"clipped from norm {norm:.4g} to max_update_norm {bound:.4g}"
-                return Verdict(accepted=True, detail=detail, clipped=True), clipped
-        return Verdict(accepted=True), delta
+                return Verdict(accepted=True, detail=detail, clipped=True), delta, scale
+        return Verdict(accepted=True), delta, 1.0
+
+    def _decode(self, update: Update) -> tuple[Verdict | None, dict[str, DecodedTensor]]:
+        """Check each tensor against the model and the run's compression policy, and decode it."""
+
+        def no(reason: RejectReason, detail: str) -> tuple[Verdict, dict[str, DecodedTensor]]:
+            return Verdict(accepted=False, reason=reason, detail=detail), {}
+
+        tensors = {t.name: t for t in update.delta}
+        if len(tensors) != len(update.delta) or tensors.keys() != self._params.keys():
+            return no(RejectReason.SHAPE_MISMATCH, "delta does not name the model's tensors")
+        policy = self._knobs.compression
+        delta: dict[str, DecodedTensor] = {}
+        for name, reference in self._params.items():
+            tensor = tensors[name]
+            if tensor.shape != reference.shape:
+                return no(
+                    RejectReason.SHAPE_MISMATCH,
+                    f"{name}: got {list(tensor.shape)}, model has {list(reference.shape)}",
+                )
+            if not policy.admits(tensor):
+                return no(
+                    RejectReason.COMPRESSION_POLICY,
+                    f"{name}: {tensor.count} of {tensor.size} entries as {tensor.values_dtype}; "
+                    f"the run asks for at most {policy.keep_count(tensor.size)} as "
+                    f"{policy.quantization.values_dtype} or narrower",
+                )
+            try:
+                delta[name] = decode_tensor(tensor, reference.shape)
+            except NonFiniteValues as exc:
+                return no(RejectReason.NON_FINITE, str(exc))
+            except CompressionError as exc:
+                return no(RejectReason.MALFORMED, str(exc))
+        return None, delta
+
+    def _clip_scale(self, delta: Mapping[str, DecodedTensor]) -> tuple[float, float]:
+        """The factor that brings ``delta`` within ``max_update_norm`` (or 1), and its norm."""
+        norm = math.sqrt(math.fsum(squared_norm(d) for d in delta.values()))
+        bound = self._knobs.max_update_norm
+        if bound is None or not norm > bound:
+            return 1.0, norm
+        return bound / norm, norm
 
     def _reject(self, entry: _Ledger, update_id: str, verdict: Verdict) -> Verdict:
         reason = verdict.reason or RejectReason.MALFORMED
@@ -475,16 +536,17 @@ class AggregatorCore:
         # an update left in the buffer by an earlier fold is staler now than when it arrived.
         stalenesses = [self._version - u.base_version for u in batch]
         if knobs.aggregation is AggregationRule.MEAN:
-            aggregate, weights = buffer_aggregate(
+            weights = buffer_weights(
+                [u.num_samples for u in batch], stalenesses, policy, knobs.sample_exponent
+            )
+            aggregate = decoded_sum(
                 [u.delta for u in batch],
-                [u.num_samples for u in batch],
-                stalenesses,
-                policy,
-                knobs.sample_exponent,
+                [w * u.scale for u, w in zip(batch, weights, strict=True)],
+                {name: p.shape for name, p in self._params.items()},
             )
         else:
             aggregate, weights = robust_buffer_aggregate(
-                [u.delta for u in batch],
+                [densify(u.delta, u.scale) for u in batch],
                 stalenesses,
                 policy,
                 knobs.aggregation,
@@ -520,6 +582,9 @@ class AggregatorCore:
                 weight=w,
                 bytes=u.bytes,
                 train_loss=u.train_loss,
+                raw_bytes=u.raw_bytes,
+                encode_seconds=u.encode_seconds,
+                decode_seconds=u.decode_seconds,
             )
             for u, s, w in zip(batch, stalenesses, weights, strict=True)
         )

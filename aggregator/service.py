@@ -13,8 +13,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
 
 from aggregator.core import AggregatorCore, Discard, Fold
 from aggregator.settings import AggregatorSettings
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 B = TypeVar("B", bound=Body)
 
 _STATUS_MIN_INTERVAL = 0.5
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class AggregatorService:
@@ -416,7 +420,18 @@ class AggregatorService:
     def _publish_model(self) -> None:
         """Chunks first, manifest last (retained), then clear the previous version's chunks."""
         core, client = self.core, self._require_client()
-        blob = encode_tensors(core.params)
+        dtype = core.knobs.broadcast_dtype
+        params: Mapping[str, NDArray[Any]] = core.params
+        if dtype == "float16":
+            if all(float(np.abs(p).max(initial=0.0)) <= _FLOAT16_MAX for p in params.values()):
+                params = {name: p.astype(np.float16) for name, p in params.items()}
+            else:
+                # A weight beyond float16's range would arrive as infinity: send this one whole.
+                log.warning(
+                    "v%d has weights beyond float16's range; broadcast as float32", core.version
+                )
+                dtype = "float32"
+        blob = encode_tensors(params)
         chunks = split_blob(blob, self.settings.chunk_size)
         for index, chunk in enumerate(chunks):
             client.publish(self.topics.chunk(core.version, index), chunk)
@@ -430,6 +445,8 @@ class AggregatorService:
             model=self.settings.model,
             training=core.knobs.training,
             created_at=self._clock(),
+            compression=core.knobs.compression,
+            broadcast_dtype=dtype,
         )
         self._send(self.topics.manifest(), manifest)
         previous = self._published_chunks

@@ -47,6 +47,8 @@ __all__ = [
     "compress",
     "decode_tensor",
     "decompress",
+    "dense_tensor",
+    "effective_policy",
     "fold",
     "squared_norm",
 ]
@@ -107,6 +109,35 @@ class DecodedTensor(NamedTuple):
 
 
 # -- encoding ----------------------------------------------------------------------------------
+
+
+def dense_tensor(name: str, array: NDArray[Any]) -> CompressedTensor:
+    """``array`` as an uncompressed float32 tensor of a delta (every entry, in order)."""
+    values = np.ascontiguousarray(array, dtype=_WIRE_DTYPES["float32"])
+    return CompressedTensor(
+        name=name,
+        shape=tuple(int(side) for side in values.shape),
+        count=values.size,
+        index_coding="dense",
+        values_dtype="float32",
+        values=values.tobytes(),
+    )
+
+
+def effective_policy(asked: Compression, own: Compression | None) -> Compression:
+    """What a node sends under: the run's policy, tightened wherever the node asks for more.
+
+    The smaller kept fraction and the narrower quantization win; error feedback follows the
+    node's own choice when it states one.
+    """
+    if own is None:
+        return asked
+    top_k = min(asked.kept_fraction, own.kept_fraction)
+    return Compression(
+        top_k=None if top_k >= 1.0 else top_k,
+        quantization=max(asked.quantization, own.quantization, key=lambda q: q.strength),
+        error_feedback=own.error_feedback,
+    )
 
 
 def compress(

@@ -143,6 +143,11 @@ class Compression(Frozen):
     error_feedback: bool = True
 
     @property
+    def lossless(self) -> bool:
+        """Every entry sent at full precision: nothing is left over for error feedback."""
+        return self.top_k is None and self.quantization is Quantization.NONE
+
+    @property
     def kept_fraction(self) -> float:
         return 1.0 if self.top_k is None else self.top_k
 
@@ -325,6 +330,10 @@ class Knobs(Frozen):
     one_update_per_version: bool = False
     # An update's sample count is its weight; a node claiming millions would outvote the rest.
     max_num_samples: Annotated[int, Field(ge=1)] | None = None
+    # How nodes compress their deltas (they may compress more, never less) and what dtype the
+    # model broadcast travels as; both reach the nodes in the manifest.
+    compression: Compression = Compression()
+    broadcast_dtype: Literal["float32", "float16"] = "float32"
     max_versions: Annotated[int, Field(ge=1)] | None = None
     training: TrainingConfig = TrainingConfig()
 
@@ -348,6 +357,9 @@ class Manifest(Frozen):
     model: ModelSpec
     training: TrainingConfig
     created_at: FiniteFloat
+    compression: Compression = Compression()
+    # The blob's tensors travel as this dtype; a node trains in float32 from the decoded values.
+    broadcast_dtype: Literal["float32", "float16"] = "float32"
 
     @model_validator(mode="after")
     def _chunks_cover_blob(self) -> Self:
@@ -370,7 +382,9 @@ class Update(Frozen):
     base_version: NonNegative
     num_samples: Annotated[int, Field(ge=1)]
     metrics: TrainMetrics
-    delta: tuple[TensorPayload, ...]
+    # One compressed tensor per model tensor (``dense`` float32 when nothing is compressed).
+    delta: tuple[CompressedTensor, ...]
+    encode_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
 
 
 class RejectReason(StrEnum):
@@ -388,6 +402,7 @@ class RejectReason(StrEnum):
     QUARANTINED = "quarantined"
     RATE_LIMITED = "rate_limited"
     SAMPLE_COUNT = "sample_count"
+    COMPRESSION_POLICY = "compression_policy"
 
 
 class Ack(Frozen):
@@ -471,6 +486,9 @@ class Counters(Frozen):
     folded: NonNegative = 0
     clipped: NonNegative = 0
     bytes_received: NonNegative = 0
+    # Accepted updates only: their size on the wire and as dense float32 (the compression ratio).
+    bytes_accepted: NonNegative = 0
+    raw_bytes_accepted: NonNegative = 0
     rejections: dict[str, NonNegative] = Field(default_factory=dict)
 
 
@@ -518,8 +536,11 @@ class Contribution(Frozen):
     num_samples: Annotated[int, Field(ge=1)]
     staleness_factor: Annotated[float, Field(ge=0, le=1)]
     weight: Annotated[float, Field(ge=0, allow_inf_nan=False)]
-    bytes: NonNegative
+    bytes: NonNegative  # the update message as it came over the wire
     train_loss: FiniteFloat
+    raw_bytes: NonNegative = 0  # the same delta as dense float32
+    encode_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0  # on the node
+    decode_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0  # here, validation too
 
 
 class VersionRecord(Frozen):

@@ -5,6 +5,11 @@ hands training and evaluation to a single named worker thread, so the connection
 serviced while torch runs. An update goes to the on-disk outbox before it is published and leaves
 it only when the aggregator's ack arrives; on every reconnect and after ``ack_timeout`` the outbox
 is resent with the same update ids.
+
+The worker also compresses each delta (DESIGN §5) with the run's policy, made stricter where this
+node's own settings ask for it, carrying the error-feedback residual from one update to the next.
+The residual is staged on disk before its update enters the outbox and committed after
+(:mod:`edge_node.residual`), so a crash neither loses nor repeats what it holds.
 """
 
 from __future__ import annotations
@@ -15,13 +20,18 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
+from numpy.typing import NDArray
+
 from common.blobs import ModelDownload
-from common.codec import array_to_tensor, decode, decode_tensors, encode, envelope, new_id
+from common.codec import decode, decode_tensors, encode, envelope, new_id
+from common.compression import compress, effective_policy
 from common.errors import ConfigError, ProtocolError, TopicError
 from common.messages import (
     Ack,
@@ -39,6 +49,7 @@ from common.mqtt import ConnectionEvent, Message, MqttClient, Will
 from common.topics import Route, Topic, TopicTree
 from edge_node.datasets import LocalDataset, load_dataset
 from edge_node.outbox import Outbox
+from edge_node.residual import ResidualStore
 from edge_node.session import Job, JobKind, NodeSession
 from edge_node.settings import NodeSettings
 from edge_node.training import EvalResult, TrainResult, evaluate, train
@@ -52,6 +63,18 @@ __all__ = ["NodeService"]
 log = logging.getLogger(__name__)
 
 B = TypeVar("B", bound=Body)
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A trained, compressed update ready for the outbox, with the residual it leaves behind."""
+
+    update: Update
+    payload: bytes
+    residual: Mapping[str, NDArray[np.float32]] | None  # None: error feedback is off
+    result: TrainResult
+    raw_bytes: int
+    wire_bytes: int
 
 
 def _software_version() -> str:
@@ -68,6 +91,11 @@ class NodeService:
         self.settings = settings
         self.topics = TopicTree(settings.federation)
         self.outbox = Outbox(settings.state_dir / "outbox")
+        self.residuals = ResidualStore(
+            settings.state_dir / "residual", max_bytes=settings.max_model_bytes
+        )
+        # (run id, residual) as last committed; read only by the worker, replaced by this thread.
+        self._residual: tuple[str, Mapping[str, NDArray[np.float32]]] | None = None
         self.session = NodeSession()
         self._clock = clock
         self._download = ModelDownload(max_blob_bytes=settings.max_model_bytes)
@@ -76,7 +104,7 @@ class NodeService:
         self._model: nn.Module | None = None
         self._model_spec: ModelSpec | None = None
         self._device: torch.device | None = None
-        self._job: tuple[Job, concurrent.futures.Future[EvalResult | TrainResult]] | None = None
+        self._job: tuple[Job, concurrent.futures.Future[EvalResult | Upload]] | None = None
         self._sent_at: dict[str, float] = {}
         self._published_state: tuple[NodeState, int | None] | None = None
 
@@ -94,6 +122,7 @@ class NodeService:
         self._device = resolve_device(settings.device)
         self._dataset = load_dataset(settings.data)
         self.outbox.open()
+        self.residuals.open(set(self.outbox.ids()))
         log.info(
             "node %s: %s, %d train / %d test examples, device %s, %d updates in the outbox",
             settings.node_id,
@@ -205,7 +234,11 @@ class NodeService:
         if ready is None:
             return
         manifest, blob = ready
-        params = decode_tensors(blob, max_bytes=self.settings.max_model_bytes)
+        # float16 broadcasts too: training and the delta are float32, against these exact values.
+        params = {
+            name: np.asarray(array, dtype=np.float32)
+            for name, array in decode_tensors(blob, max_bytes=self.settings.max_model_bytes).items()
+        }
         self._ensure_model(manifest.model)
         self.session.on_model(manifest, params)
         log.info(
@@ -262,7 +295,7 @@ class NodeService:
         self._job = (job, future)
         self._publish_status()
 
-    def _run_job(self, job: Job) -> EvalResult | TrainResult:
+    def _run_job(self, job: Job) -> EvalResult | Upload:
         model, dataset, device = self._model, self._dataset, self._device
         if model is None or dataset is None or device is None:
             raise ConfigError("node is not ready: model, dataset or device missing")
@@ -280,7 +313,42 @@ class NodeService:
         )
         if self.settings.delay_seconds > 0:
             time.sleep(self.settings.delay_seconds)  # the worker thread simulates a slow site
-        return result
+        return self._prepare_upload(job, result)
+
+    def _prepare_upload(self, job: Job, result: TrainResult) -> Upload:
+        """Delta, compression and envelope, on the worker thread (this is CPU work too)."""
+        started = time.perf_counter()
+        manifest = job.manifest
+        policy = effective_policy(manifest.compression, self.settings.compression)
+        feedback = policy.error_feedback and not policy.lossless
+        residual = self._current_residual(manifest.run_id) if feedback else None
+        delta = {name: result.params[name] - base for name, base in job.params.items()}
+        compressed = compress(delta, policy, residual)
+        update = Update(
+            update_id=new_id(),
+            run_id=manifest.run_id,
+            base_version=manifest.version,
+            num_samples=result.num_samples,
+            metrics=TrainMetrics(
+                loss=result.loss, accuracy=result.accuracy, seconds=result.seconds
+            ),
+            delta=compressed.tensors,
+            encode_seconds=time.perf_counter() - started,
+        )
+        payload = encode(envelope(update, sender=self.settings.node_id, sent_at=self._clock()))
+        return Upload(
+            update=update,
+            payload=payload,
+            residual=compressed.residual if feedback else None,
+            result=result,
+            raw_bytes=compressed.raw_bytes,
+            wire_bytes=len(payload),
+        )
+
+    def _current_residual(self, run_id: str) -> Mapping[str, NDArray[np.float32]]:
+        if self._residual is None or self._residual[0] != run_id:
+            self._residual = (run_id, self.residuals.load(run_id))
+        return self._residual[1]
 
     def _collect_job(self) -> None:
         if self._job is None or not self._job[1].done():
@@ -301,7 +369,7 @@ class NodeService:
         match result:
             case EvalResult():
                 self._publish_evaluation(job, result)
-            case TrainResult():
+            case Upload():
                 self._publish_update(job, result)
 
     def _publish_evaluation(self, job: Job, result: EvalResult) -> None:
@@ -323,28 +391,25 @@ class NodeService:
             result.num_examples,
         )
 
-    def _publish_update(self, job: Job, result: TrainResult) -> None:
-        delta = {name: result.params[name] - base for name, base in job.params.items()}
-        update = Update(
-            update_id=new_id(),
-            run_id=job.manifest.run_id,
-            base_version=job.manifest.version,
-            num_samples=result.num_samples,
-            metrics=TrainMetrics(
-                loss=result.loss, accuracy=result.accuracy, seconds=result.seconds
-            ),
-            delta=tuple(array_to_tensor(name, value) for name, value in delta.items()),
-        )
-        payload = encode(envelope(update, sender=self.settings.node_id, sent_at=self._clock()))
+    def _publish_update(self, job: Job, upload: Upload) -> None:
+        update, payload = upload.update, upload.payload
+        run_id = job.manifest.run_id
+        if upload.residual is not None:
+            self.residuals.stage(update.update_id, run_id, upload.residual)
         self.outbox.put(update.update_id, payload)
+        if upload.residual is not None:
+            self.residuals.commit(update.update_id)
+            self._residual = (run_id, upload.residual)
         self._publish_raw_update(update.update_id, payload)
         log.info(
-            "node %s: update %s from v%d sent (%d bytes, train loss %.4f)",
+            "node %s: update %s from v%d sent (%d bytes, %.1fx smaller than dense, "
+            "train loss %.4f)",
             self.settings.node_id,
             update.update_id[:8],
             job.manifest.version,
             len(payload),
-            result.loss,
+            upload.raw_bytes / max(len(payload), 1),
+            upload.result.loss,
         )
 
     # -- outbound

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from common.messages import Compression
 from common.settings import ConnectionSettings
 
 __all__ = ["NodeSettings"]
@@ -28,6 +29,10 @@ class NodeSettings(ConnectionSettings):
     )
     ack_timeout: float = Field(default=60.0, gt=0, description="resend an unacked update after")
     max_model_bytes: int = Field(default=1024**3, ge=1024)
+    compression: Compression | None = Field(
+        default=None,
+        description="compress more than the run asks (a smaller top_k, a narrower quantization)",
+    )
     exit_when_stopped: bool = Field(
         default=False, description="exit once the run is stopped and the last version evaluated"
     )

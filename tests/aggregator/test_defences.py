@@ -11,6 +11,7 @@ from aggregator.aggregation import (
     StalenessPolicy,
     clip_to_norm,
     coordinate_median,
+    densify,
     global_norm,
     robust_buffer_aggregate,
     trimmed_mean,
@@ -196,7 +197,8 @@ def test_norm_policy_clip_accepts_a_large_update_scaled_to_the_bound() -> None:
     assert verdict.accepted
     assert verdict.clipped
     assert "clipped" in verdict.detail
-    assert global_norm(core.buffer[0].delta) == pytest.approx(0.1, rel=1e-5)
+    buffered = core.buffer[0]
+    assert global_norm(densify(buffered.delta, buffered.scale)) == pytest.approx(0.1, rel=1e-5)
     assert core.counters().clipped == 1
 
 

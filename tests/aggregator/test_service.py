@@ -17,12 +17,14 @@ from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from common.blobs import ModelDownload
 from common.broker_url import BrokerEndpoint
-from common.codec import array_to_tensor, decode, decode_tensors, encode, envelope, new_id
+from common.codec import decode, decode_tensors, encode, envelope, new_id
+from common.compression import dense_tensor
 from common.messages import (
     Ack,
     AggregatorState,
     AggregatorStatus,
     Body,
+    CompressedTensor,
     ControlCommand,
     ControlReply,
     ControlRequest,
@@ -33,7 +35,6 @@ from common.messages import (
     NodeState,
     NodeStatus,
     RejectReason,
-    TensorPayload,
     TrainMetrics,
     Update,
     VersionRecord,
@@ -213,13 +214,13 @@ class Peer:
         update_id: str | None = None,
         value: float = 0.01,
         delta: Params | None = None,
-        tensors: tuple[TensorPayload, ...] | None = None,
+        tensors: tuple[CompressedTensor, ...] | None = None,
     ) -> Update:
         """An update against the run of the latest manifest; a constant delta unless given."""
         run_id = self.model(0)[0].run_id
         if tensors is None:
             delta = delta or {n: np.full(s, value, np.float32) for n, s in SHAPES.items()}
-            tensors = tuple(array_to_tensor(n, a) for n, a in delta.items())
+            tensors = tuple(dense_tensor(n, a) for n, a in delta.items())
         return Update(
             update_id=update_id or new_id(),
             run_id=run_id,
@@ -414,7 +415,7 @@ def test_oversized_message_is_dropped_and_counted(
     node.model(0)
     tensors = (
         *node.update(0).delta,
-        array_to_tensor("padding", np.zeros(2000, np.float32)),
+        dense_tensor("padding", np.zeros(2000, np.float32)),
     )
     update = node.update(0, tensors=tensors)
     payload = encode(envelope(update, sender="n1", sent_at=time.time()))

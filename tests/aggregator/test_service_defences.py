@@ -14,13 +14,16 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from common.codec import array_to_tensor, encode, encode_record, envelope
+from common.codec import encode, encode_record, envelope
+from common.compression import compress
 from common.messages import (
     AggregationRule,
+    Compression,
     ControlCommand,
     ControlReply,
     ControlRequest,
     NormPolicy,
+    Quantization,
     RejectReason,
 )
 from common.topics import TopicTree
@@ -70,14 +73,21 @@ def test_unknown_schema_version_and_non_envelopes_are_malformed(
     node.fold_next(0)
 
 
-def test_wrong_dtype_is_rejected(running: Aggregator, node: Peer) -> None:
-    """A float16 delta of the right shape is rejected: the model is float32."""
-    tensors = tuple(array_to_tensor(n, np.zeros(s, np.float16)) for n, s in SHAPES.items())
-    update = node.update(0, tensors=tensors)
+def test_a_delta_compressed_less_than_the_run_asks_is_rejected(
+    start: Callable[..., Aggregator], node: Peer
+) -> None:
+    """The run asks for int8: float16 values are rejected as compression_policy, int8 folds."""
+    policy = Compression(quantization=Quantization.INT8)
+    node.aggregator = start(knobs={"buffer_size": 1, "compression": policy})
+    node.model(0)
+    delta = {n: np.full(s, 0.01, np.float32) for n, s in SHAPES.items()}
+    loose = compress(delta, Compression(quantization=Quantization.FP16)).tensors
+    update = node.update(0, tensors=loose)
     node.publish(update)
-    assert_rejected(node, update, RejectReason.SHAPE_MISMATCH)
+    assert_rejected(node, update, RejectReason.COMPRESSION_POLICY)
     assert "float16" in node.ack(update.update_id).detail
-    node.fold_next(0)
+    node.send(node.update(0, tensors=compress(delta, policy).tensors))
+    node.model(1)
 
 
 def test_update_of_another_run_is_rejected(running: Aggregator, node: Peer) -> None:

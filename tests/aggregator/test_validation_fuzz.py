@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from aggregator.aggregation import global_norm
+from aggregator.aggregation import densify, global_norm
 from aggregator.core import AggregatorCore, Fold
 from common.codec import decode, encode, envelope
+from common.compression import dense_tensor
 from common.errors import ProtocolError
 from common.messages import (
-    TENSOR_DTYPES,
     AggregationRule,
     AggregatorState,
+    CompressedTensor,
     Knobs,
     NormPolicy,
-    TensorPayload,
     TrainMetrics,
     Update,
 )
@@ -60,7 +60,7 @@ def fresh_core(rule: AggregationRule, policy: NormPolicy) -> AggregatorCore:
 
 # Strategies are built once: building them per draw costs more than the validation they feed.
 _NAMES = st.sampled_from(["w", "b", "w", "b", "x"])
-_DTYPES = st.sampled_from(["float32"] * 4 + list(TENSOR_DTYPES))
+_VALUES_DTYPES = st.sampled_from(["float32"] * 3 + ["float16", "int8"])
 _SHAPES = {
     name: st.sampled_from([SHAPES.get(name, (1,))] * 3 + [(3, 2), (2,), (6,), (0,), (1, 2, 3)])
     for name in ("w", "b", "x")
@@ -74,22 +74,45 @@ _SAMPLES = st.integers(1, 10**12)
 _METRICS = TrainMetrics(loss=0.5, accuracy=0.5, seconds=0.1)
 
 
+_SCALES = st.sampled_from([1e-3, 1.0, 1e-45, 3.4e38])
+_WIRE = {"float32": "<f4", "float16": "<f2", "int8": "i1"}
+
+
 @st.composite
-def tensors(draw: st.DrawFn) -> TensorPayload:
-    """A tensor that passes the codec's size check but may be wrong in every other way: random
-    bytes (any float32 bit pattern: NaN, infinities, huge values) with special values planted."""
+def tensors(draw: st.DrawFn) -> CompressedTensor:
+    """A compressed tensor whose fields agree with each other (the codec refuses any other) but
+    may be wrong in every other way: shape, index stream (random bytes: repeats, out of range,
+    truncated), values (any bit pattern: NaN, infinities, huge values, specials planted), scale."""
     name = draw(_NAMES)
-    dtype = draw(_DTYPES)
     shape = draw(_SHAPES[name])
-    count = int(np.prod(shape))
-    size = count * TENSOR_DTYPES[dtype]
-    data = draw(st.binary(min_size=size, max_size=size))
-    if dtype == "float32" and count:
-        values = np.frombuffer(data, dtype="<f4").copy()
+    size = int(np.prod(shape))
+    values_dtype = draw(_VALUES_DTYPES)
+    coding = draw(st.sampled_from(["dense", "dense", "varint", "bitmap"]))
+    count = size if coding == "dense" else draw(st.integers(0, size))
+    if coding == "varint":
+        indices = draw(st.binary(min_size=count, max_size=count * 2))
+    elif coding == "bitmap":
+        indices = draw(st.binary(min_size=-(-size // 8), max_size=-(-size // 8)))
+    else:
+        indices = b""
+    dtype = np.dtype(_WIRE[values_dtype])
+    data = draw(st.binary(min_size=count * dtype.itemsize, max_size=count * dtype.itemsize))
+    if dtype.kind == "f" and count:
+        values = np.frombuffer(data, dtype=dtype).copy()
         for index, special in draw(_SPECIAL_AT):
-            values[index % count] = special
+            with np.errstate(over="ignore"):
+                values[index % count] = special
         data = values.tobytes()
-    return TensorPayload(name=name, dtype=dtype, shape=shape, data=data)  # type: ignore[arg-type]
+    return CompressedTensor(
+        name=name,
+        shape=shape,
+        count=count,
+        index_coding=coding,  # type: ignore[arg-type]
+        indices=indices,
+        values_dtype=values_dtype,  # type: ignore[arg-type]
+        scale=draw(_SCALES) if values_dtype == "int8" else None,
+        values=data,
+    )
 
 
 _TENSOR_LISTS = st.lists(tensors(), min_size=0, max_size=3)
@@ -120,7 +143,8 @@ def check_receive(core: AggregatorCore, node: str, sender: str, update: Update) 
         assert len(core.buffer) == buffered
     else:
         assert len(core.buffer) == buffered + 1
-        delta = core.buffer[-1].delta
+        buffered_update = core.buffer[-1]
+        delta = densify(buffered_update.delta, buffered_update.scale)
         assert delta.keys() == SHAPES.keys()
         for name, shape in SHAPES.items():
             assert delta[name].dtype == np.float32
@@ -184,10 +208,7 @@ def test_the_fuzz_budget_is_ten_thousand_inputs() -> None:
 def test_a_valid_seed_update_is_accepted() -> None:
     """The fuzzed core accepts a plain valid update, so rejections above are the rules at work."""
     core = fresh_core(AggregationRule.MEAN, NormPolicy.REJECT)
-    delta = tuple(
-        TensorPayload(name=n, dtype="float32", shape=s, data=np.zeros(s, "<f4").tobytes())
-        for n, s in SHAPES.items()
-    )
+    delta = tuple(dense_tensor(n, np.zeros(s, np.float32)) for n, s in SHAPES.items())
     update = Update(
         update_id="ok",
         run_id=RUN,

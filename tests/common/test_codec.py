@@ -23,6 +23,7 @@ from common.codec import (
     sha256_hex,
     tensor_to_array,
 )
+from common.compression import dense_tensor
 from common.errors import DecodeError, ProtocolError, SchemaError
 from common.messages import (
     SCHEMA_VERSION,
@@ -83,7 +84,7 @@ UPDATE = Update(
     base_version=3,
     num_samples=120,
     metrics=TrainMetrics(loss=0.4, accuracy=0.8, seconds=1.5),
-    delta=(TENSOR, array_to_tensor("b", np.array([1, -2], dtype=np.int8))),
+    delta=(dense_tensor("w", np.arange(6, dtype=np.float32).reshape(2, 3)),),
 )
 
 BODIES = [
@@ -156,8 +157,17 @@ def frame(
 
 
 def update_frame(**delta: Any) -> bytes:
-    """An encoded update whose single tensor has the given fields overridden."""
-    tensor = {"name": "w", "dtype": "float32", "shape": [2], "data": b"\0" * 8, **delta}
+    """An encoded update whose single (dense) tensor has the given fields overridden."""
+    tensor = {
+        "name": "w",
+        "shape": [2],
+        "count": 2,
+        "index_coding": "dense",
+        "indices": b"",
+        "values_dtype": "float32",
+        "values": b"\0" * 8,
+        **delta,
+    }
     body = UPDATE.model_dump() | {"delta": [tensor]}
     return frame(body, kind="update")
 
@@ -305,16 +315,18 @@ MALFORMED = [
     pytest.param(frame(VALID_STATUS, sender="a/b"), DecodeError, "sender", id="bad-sender"),
     pytest.param(frame(VALID_STATUS, message_id=7), DecodeError, "message_id", id="bad-id"),
     pytest.param(frame(VALID_STATUS, sent_at=float("nan")), DecodeError, "sent_at", id="nan-time"),
-    pytest.param(update_frame(data=b"\0" * 7), DecodeError, "7 bytes", id="tensor-short"),
-    pytest.param(update_frame(data=b"\0" * 9), DecodeError, "expected 8", id="tensor-long"),
-    pytest.param(update_frame(dtype="float64"), DecodeError, "dtype", id="dtype-float64"),
-    pytest.param(update_frame(dtype="object"), DecodeError, "dtype", id="dtype-object"),
-    pytest.param(update_frame(dtype="<f4"), DecodeError, "dtype", id="dtype-numpy-string"),
-    pytest.param(update_frame(shape=[1] * 9, data=b"\0" * 4), DecodeError, "shape", id="rank-9"),
-    pytest.param(update_frame(shape=[-2], data=b""), DecodeError, "shape", id="negative-dim"),
+    pytest.param(update_frame(values=b"\0" * 7), DecodeError, "7 value bytes", id="tensor-short"),
+    pytest.param(update_frame(values=b"\0" * 9), DecodeError, "expected 8", id="tensor-long"),
+    pytest.param(update_frame(values_dtype="float64"), DecodeError, "dtype", id="dtype-float64"),
+    pytest.param(update_frame(values_dtype="object"), DecodeError, "dtype", id="dtype-object"),
+    pytest.param(update_frame(values_dtype="<f4"), DecodeError, "dtype", id="dtype-numpy-string"),
     pytest.param(
-        update_frame(shape=[2**62, 2**62], data=b""), DecodeError, "expected", id="huge-dims"
+        update_frame(shape=[1] * 9, count=1, values=b"\0" * 4), DecodeError, "shape", id="rank-9"
     ),
+    pytest.param(
+        update_frame(shape=[-2], count=0, values=b""), DecodeError, "shape", id="negative-dim"
+    ),
+    pytest.param(update_frame(shape=[2**62, 2**62]), DecodeError, "dense coding", id="huge-dims"),
     pytest.param(msgpack.packb("a" * 70_000), DecodeError, "max_str_len", id="long-string"),
     pytest.param(
         frame(VALID_STATUS | {"software": "x" * 70_000}),

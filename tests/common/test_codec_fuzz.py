@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from common.codec import array_to_tensor, decode, encode, envelope
+from common.codec import decode, encode, envelope
+from common.compression import dense_tensor
 from common.errors import ProtocolError
 from common.messages import Envelope, Kind, TrainMetrics, Update
 from tests.fuzzing import run_fuzz
@@ -31,8 +32,8 @@ def valid_update_bytes() -> bytes:
         num_samples=10,
         metrics=TrainMetrics(loss=0.5, accuracy=0.5, seconds=0.1),
         delta=(
-            array_to_tensor("w", np.ones((2, 3), np.float32)),
-            array_to_tensor("b", np.zeros(2, np.float32)),
+            dense_tensor("w", np.ones((2, 3), np.float32)),
+            dense_tensor("b", np.zeros(2, np.float32)),
         ),
     )
     return encode(envelope(update, sender="n1", sent_at=time.time()))
