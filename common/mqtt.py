@@ -275,7 +275,10 @@ class MqttClient:
         # the network thread: over TLS two threads on one SSL socket corrupt records ("bad record
         # mac"), and over TCP a partly written large packet can interleave with another. With the
         # hook set, paho queues the packet and wakes the network thread, which writes it.
-        client.on_socket_register_write = _network_thread_writes
+        # Only over TLS for now: plain TCP keeps paho's direct writes until the hook is proven
+        # there too (a whole-federation test failed once with it, under heavy machine load).
+        if self.endpoint.tls:
+            client.on_socket_register_write = _network_thread_writes
         properties = None
         clean_start: paho.CleanStartOption = paho.MQTT_CLEAN_START_FIRST_ONLY
         if v5:
