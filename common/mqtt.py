@@ -270,6 +270,15 @@ class MqttClient:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        # Only the network thread may touch the socket. Without an event-loop hook, paho (outside
+        # its own loop_start thread) writes a publish straight from the caller's thread, racing
+        # the network thread: over TLS two threads on one SSL socket corrupt records ("bad record
+        # mac"), and over TCP a partly written large packet can interleave with another. With the
+        # hook set, paho queues the packet and wakes the network thread, which writes it.
+        # Only over TLS for now: plain TCP keeps paho's direct writes until the hook is proven
+        # there too (a whole-federation test failed once with it, under heavy machine load).
+        if self.endpoint.tls:
+            client.on_socket_register_write = _network_thread_writes
         properties = None
         clean_start: paho.CleanStartOption = paho.MQTT_CLEAN_START_FIRST_ONLY
         if v5:
@@ -347,6 +356,10 @@ class MqttClient:
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         self.inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos)))
+
+
+def _network_thread_writes(client: paho.Client, userdata: object, sock: object) -> None:
+    """paho's write hook: nothing to do, the network thread's loop() writes what is queued."""
 
 
 def _close_abandoned_sockets(exc: BaseException) -> None:

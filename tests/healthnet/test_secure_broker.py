@@ -353,3 +353,30 @@ def test_a_hospital_cannot_take_over_the_aggregators_session(mtls: SecureBroker)
                 break
         assert not any(isinstance(e, ConnectionEvent) and not e.connected for e in events)
         assert aggregator.connected
+
+
+def test_publishing_from_another_thread_over_tls_keeps_the_connection_intact(
+    mtls: SecureBroker,
+) -> None:
+    """Large publishes from the caller's thread while messages arrive on the network thread all
+    get through, and the TLS session survives (only the network thread writes the socket)."""
+    tree = tree_of(mtls)
+    with (
+        mtls.client("aggregator") as aggregator,
+        mtls.client("cleveland") as cleveland,
+    ):
+        aggregator.subscribe(tree.all_updates())
+        cleveland.subscribe(str(tree.ack("cleveland")))
+        time.sleep(0.3)
+        blob = bytes(range(256)) * 400  # 100 KiB
+        for i in range(60):
+            cleveland.publish(tree.update("cleveland"), blob + i.to_bytes(2, "big"))
+            aggregator.publish(tree.ack("cleveland"), i.to_bytes(2, "big") + blob)
+        assert cleveland.flush(WAIT)
+        assert aggregator.flush(WAIT)
+        last = (59).to_bytes(2, "big")
+        updates = until(aggregator, tree.update("cleveland"), blob + last)
+        acks = until(cleveland, tree.ack("cleveland"), last + blob)
+        assert len(updates) == len(acks) == 60
+        assert aggregator.connected
+        assert cleveland.connected
