@@ -180,6 +180,10 @@ def aggregator_run(
         bool | None, typer.Option("--autostart/--no-autostart", help="fold at once")
     ] = None,
     status_interval: Annotated[float | None, typer.Option(help="status heartbeat, s")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="serve Prometheus /metrics on this port (off by default)")
+    ] = None,
+    metrics_host: Annotated[str | None, typer.Option(help="address of /metrics")] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the aggregator of one federation until the run is stopped."""
@@ -216,6 +220,8 @@ def aggregator_run(
                 seed=seed,
                 autostart=autostart,
                 status_interval=status_interval,
+                metrics_port=metrics_port,
+                metrics_host=metrics_host,
                 knobs=knobs or None,
                 model=model_spec or None,
             )
