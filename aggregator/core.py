@@ -137,6 +137,7 @@ class _Ledger:
     rejected: int = 0
     folded: int = 0
     rejections: dict[str, int] = field(default_factory=dict)
+    bytes_received: int = 0
     last_seen: float | None = None
     last_base_version: int | None = None
     last_staleness: int | None = None
@@ -301,6 +302,7 @@ class AggregatorCore:
         self._counters["bytes_received"] += size
         entry = self._nodes.setdefault(node, _Ledger())
         entry.last_seen = now
+        entry.bytes_received += size
         if sender != node:
             verdict = Verdict(
                 accepted=False,
@@ -399,6 +401,7 @@ class AggregatorCore:
         self._counters["bytes_received"] += size
         entry = self._nodes.setdefault(node, _Ledger())
         entry.last_seen = now
+        entry.bytes_received += size
         self._count_rejection(entry, reason)
 
     def _validate(

@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from aggregator.core import AggregatorCore, Discard, Fold
+from aggregator.metrics import AggregatorMetrics, serve_metrics
 from aggregator.settings import AggregatorSettings
 from aggregator.store import Checkpoint, StateStore
 from common.blobs import split_blob
@@ -34,6 +35,7 @@ from common.messages import (
     ControlRequest,
     Evaluation,
     Manifest,
+    NodeStatus,
     RejectReason,
     Update,
 )
@@ -65,6 +67,8 @@ class AggregatorService:
         self._published_chunks: tuple[int, int] | None = None
         self._status_dirty = True
         self._last_status = 0.0
+        self.metrics = AggregatorMetrics()
+        self.metrics_url: str | None = None
 
     @property
     def core(self) -> AggregatorCore:
@@ -86,7 +90,7 @@ class AggregatorService:
                     self.core.version,
                 )
                 return AggregatorState.STOPPED
-            with self._connect() as client:
+            with self._connect() as client, self._metrics_endpoint():
                 log.info("aggregator connected to %s", self.settings.endpoint().redacted())
                 self._client = client
                 self._publish_model()
@@ -176,6 +180,16 @@ class AggregatorService:
         if restored:
             log.info("run %s: %d buffered updates restored from the WAL", core.run_id, restored)
 
+    @contextlib.contextmanager
+    def _metrics_endpoint(self) -> Iterator[None]:
+        port = self.settings.metrics_port
+        if port is None:
+            yield
+            return
+        with serve_metrics(self.metrics, self.settings.metrics_host, port) as url:
+            self.metrics_url = url
+            yield
+
     def _connect(self) -> MqttClient:
         settings = self.settings
         client = MqttClient(
@@ -187,6 +201,7 @@ class AggregatorService:
         )
         client.subscribe(self.topics.all_updates())
         client.subscribe(self.topics.all_node_evals())
+        client.subscribe(self.topics.all_node_status())
         client.subscribe(str(self.topics.control_requests()))
         return client
 
@@ -234,8 +249,14 @@ class AggregatorService:
                 if decoded is not None and decoded[0] == topic.node:
                     self.core.record_evaluation(decoded[0], decoded[1])
                     self._status_dirty = True
+                    if decoded[1].run_id == self.core.run_id:
+                        self.store.append_evaluation(decoded[0], decoded[1], self._clock())
                 elif decoded is not None:
                     log.warning("dropping %s's evaluation sent on %s", decoded[0], message.topic)
+            case Route.NODE_STATUS if message.payload:
+                node_status = self._decode(message, NodeStatus)
+                if node_status is not None and node_status[0] == topic.node:
+                    self.metrics.observe_node_status(node_status[0], node_status[1])
             case Route.CONTROL_REQUEST:
                 decoded_request = self._decode(message, ControlRequest)
                 if decoded_request is not None:
@@ -385,6 +406,7 @@ class AggregatorService:
         self.store.drop_wal(set(fold.folded_ids))
         self._publish_model()
         self._send(self.topics.versions(), fold.record)
+        self.metrics.observe_version(fold.record)
         stalenesses = [c.staleness for c in fold.record.contributions]
         log.info(
             "v%d folded from %d updates (staleness %s, %s)",
@@ -461,7 +483,9 @@ class AggregatorService:
         throttled = now - self._last_status < _STATUS_MIN_INTERVAL
         if not (force or due or (self._status_dirty and not throttled)):
             return
-        self._send(self.topics.aggregator_status(), self.core.status(now))
+        status = self.core.status(now)
+        self._send(self.topics.aggregator_status(), status)
+        self.metrics.observe_status(status)
         self._status_dirty = False
         self._last_status = now
 

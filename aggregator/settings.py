@@ -35,6 +35,11 @@ class AggregatorSettings(ConnectionSettings):
     )
     status_interval: float = Field(default=5.0, gt=0, description="status heartbeat, seconds")
     keep_checkpoints: int = Field(default=3, ge=1)
+    # Off unless asked for: an aggregator opens no listening port of its own by default.
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="serve Prometheus /metrics here (0: any free)"
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="address of /metrics")
 
     def mqtt_client_id(self) -> str:
         # The persistent session is keyed by client id: one per federation, never shared.

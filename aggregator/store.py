@@ -28,6 +28,7 @@ from common.files import atomic_write, fsync_dir
 from common.messages import (
     AggregatorState,
     Counters,
+    Evaluation,
     Knobs,
     ModelSpec,
     NodeLedgerEntry,
@@ -35,7 +36,7 @@ from common.messages import (
     VersionRecord,
 )
 
-__all__ = ["Checkpoint", "StateStore", "WalEntry"]
+__all__ = ["Checkpoint", "EvaluationLogEntry", "StateStore", "WalEntry"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,16 @@ class Checkpoint(BaseModel):
         )
 
 
+class EvaluationLogEntry(BaseModel):
+    """One line of ``evaluations.jsonl``: a node's evaluation of a version, as it arrived."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    node: str
+    received_at: float
+    evaluation: Evaluation
+
+
 @dataclass(frozen=True, slots=True)
 class WalEntry:
     sequence: int
@@ -104,6 +115,7 @@ class StateStore:
         self._checkpoints = directory / "checkpoints"
         self._wal = directory / "wal"
         self.versions_log = directory / "versions.jsonl"
+        self.evaluations_log = directory / "evaluations.jsonl"
         self._sequence = 0
 
     def open(self) -> None:
@@ -175,3 +187,9 @@ class StateStore:
             handle.write(record.model_dump_json() + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+    def append_evaluation(self, node: str, evaluation: Evaluation, received_at: float) -> None:
+        """One JSON line per evaluation, for reports; not fsynced (metrics, not model state)."""
+        entry = EvaluationLogEntry(node=node, received_at=received_at, evaluation=evaluation)
+        with self.evaluations_log.open("a", encoding="utf-8") as handle:
+            handle.write(entry.model_dump_json() + "\n")

@@ -500,6 +500,8 @@ class NodeLedgerEntry(Frozen):
     rejected: NonNegative = 0
     folded: NonNegative = 0
     rejections: dict[str, NonNegative] = Field(default_factory=dict)
+    # Every update message from this node, accepted or not, as it arrived on the wire.
+    bytes_received: NonNegative = 0
     last_seen: FiniteFloat | None = None
     last_base_version: NonNegative | None = None
     last_staleness: NonNegative | None = None

@@ -110,6 +110,12 @@ def demo(
     workdir: Annotated[Path | None, typer.Option(help="keep state and logs here")] = None,
     seed: int = 0,
     timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 600.0,
+    dashboard: Annotated[
+        bool, typer.Option("--dashboard/--no-dashboard", help="serve the web dashboard meanwhile")
+    ] = True,
+    dashboard_port: Annotated[
+        int, typer.Option(help="its port on 127.0.0.1 (a free one when taken)")
+    ] = 8765,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Run a whole federation locally (broker, aggregator, hospitals) and report accuracy."""
@@ -138,6 +144,8 @@ def demo(
         delays=delays,
         seed=seed,
         timeout=timeout,
+        dashboard=dashboard,
+        dashboard_port=dashboard_port,
     )
     try:
         result = run_demo(config, err_console)
@@ -182,6 +190,10 @@ def aggregator_run(
         bool | None, typer.Option("--autostart/--no-autostart", help="fold at once")
     ] = None,
     status_interval: Annotated[float | None, typer.Option(help="status heartbeat, s")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="serve Prometheus /metrics on this port (off by default)")
+    ] = None,
+    metrics_host: Annotated[str | None, typer.Option(help="address of /metrics")] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the aggregator of one federation until the run is stopped."""
@@ -218,6 +230,8 @@ def aggregator_run(
                 seed=seed,
                 autostart=autostart,
                 status_interval=status_interval,
+                metrics_port=metrics_port,
+                metrics_host=metrics_host,
                 knobs=knobs or None,
                 model=model_spec or None,
             )
@@ -467,6 +481,83 @@ def nodes(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> Non
             "-" if entry is None or entry.eval_accuracy is None else f"{entry.eval_accuracy:.3f}",
         )
     console.print(table)
+
+
+# -- observing ------------------------------------------------------------------------------------
+
+
+@app.command("dashboard")
+def dashboard_command(
+    broker_url: BrokerUrl = None,
+    federation: FederationOpt = None,
+    host: Annotated[
+        str | None, typer.Option(help="address to bind [env: HEALTHNET_DASHBOARD_HOST]")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="port, 0 for any free [env: HEALTHNET_DASHBOARD_PORT]")
+    ] = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Serve the live web dashboard of a federation (read-only; 127.0.0.1:8765 by default)."""
+    from healthnet.dashboard import DashboardServer, DashboardSettings
+    from healthnet.feed import FederationFeed
+
+    _setup_logging(log_level)
+    stop = _stop_on_signals()
+    try:
+        settings = DashboardSettings(
+            **_given(
+                broker_url=broker_url,
+                federation=federation,
+                dashboard_host=host,
+                dashboard_port=port,
+            )
+        )
+        with (
+            FederationFeed(settings) as feed,
+            DashboardServer(feed, settings.dashboard_host, settings.dashboard_port) as server,
+        ):
+            err_console.print(
+                f"dashboard of federation {settings.federation!r} at {server.url}; Ctrl-C stops it"
+            )
+            stop.wait()
+    except (HealthNetError, OSError) as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def watch(
+    broker_url: BrokerUrl = None,
+    federation: FederationOpt = None,
+    refresh: Annotated[float, typer.Option(help="redraw at least this often, seconds")] = 1.0,
+) -> None:
+    """Follow a federation live in the terminal: version, rate, hospitals, accuracy, staleness."""
+    from common.settings import ConnectionSettings
+    from healthnet.watch import watch as watch_live
+
+    settings = ConnectionSettings(**_given(broker_url=broker_url, federation=federation))
+    try:
+        watch_live(settings, console, _stop_on_signals(), refresh=refresh)
+    except HealthNetError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="an aggregator state dir, or a demo --workdir, with its logs")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="folder for the PNGs")] = Path("report"),
+) -> None:
+    """Plot a run from its logs: accuracy per hospital, staleness histogram, bytes per update."""
+    from healthnet.report import write_report
+
+    try:
+        written = write_report(run_dir, out, err_console)
+    except HealthNetError as exc:
+        raise _fail(exc) from exc
+    for path in written:
+        console.print(str(path))
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ from common.messages import (
 from common.mqtt import Message, MqttClient
 from common.topics import Route, TopicTree
 from healthnet.broker import BrokerConfig, BrokerImplementation, EmbeddedBroker
+from healthnet.dashboard import DEFAULT_PORT, demo_dashboard
 from healthnet.federations import FEDERATIONS, Federation
 from healthnet.processes import ProcessGroup
 
@@ -66,6 +67,8 @@ class DemoConfig:
     timeout: float = 600.0
     seed: int = 0
     torch_threads: int = 1
+    dashboard: bool = False  # serve the web dashboard while the run lasts
+    dashboard_port: int = DEFAULT_PORT
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +233,12 @@ def _run(
     topics = TopicTree(fed_id)
     started = time.monotonic()
     monitor = MqttClient(BrokerEndpoint.parse(url), f"{fed_id}-monitor")
-    with ProcessGroup(workdir / "logs") as group, monitor:
+    dashboard = (
+        demo_dashboard(url, fed_id, console, port=config.dashboard_port)
+        if config.dashboard
+        else contextlib.nullcontext()
+    )
+    with ProcessGroup(workdir / "logs") as group, monitor, dashboard:
         for topic_filter in (
             str(topics.aggregator_status()),
             str(topics.versions()),

@@ -588,6 +588,7 @@ def test_status_ledger_and_counters_reflect_everything() -> None:
     a, b = status.nodes
     assert (a.node, a.accepted, a.rejected, a.last_seen) == ("a", 1, 0, 3.0)
     assert (b.node, b.accepted, b.rejected, b.rejections) == ("b", 0, 1, {"non_finite": 1})
+    assert (a.bytes_received, b.bytes_received) == (2 * SIZE, SIZE)
 
 
 def test_counters_are_a_snapshot() -> None:
@@ -607,6 +608,7 @@ def test_note_malformed_counts_a_rejection_for_the_node() -> None:
     assert (counters.received, counters.rejected, counters.bytes_received) == (1, 1, 9999)
     assert counters.rejections == {"too_large": 1}
     assert ledger_of(core, "n1").rejections == {"too_large": 1}
+    assert ledger_of(core, "n1").bytes_received == 9999
 
 
 def _evaluation(version: int, accuracy: float, run_id: str = RUN) -> Evaluation:

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.store import Checkpoint, StateStore
+from aggregator.store import Checkpoint, EvaluationLogEntry, StateStore
 from common.messages import (
     AggregatorState,
     Contribution,
     Counters,
+    Evaluation,
     Knobs,
     ModelSpec,
     NodeLedgerEntry,
@@ -265,3 +266,19 @@ def test_append_version_writes_one_json_line_per_version(store: StateStore) -> N
         store.append_version(r)
     lines = store.versions_log.read_text(encoding="utf-8").splitlines()
     assert [VersionRecord.model_validate_json(line) for line in lines] == records
+
+
+def test_append_evaluation_keeps_who_evaluated_what_and_when(store: StateStore) -> None:
+    """Each evaluation adds one line naming its node and arrival time, with the evaluation."""
+    evaluations = [
+        Evaluation(run_id="run-1", version=v, loss=0.4, accuracy=0.5 + v / 10, correct=5,
+                   num_examples=10)
+        for v in (0, 1)
+    ]  # fmt: skip
+    for at, evaluation in enumerate(evaluations):
+        store.append_evaluation("cleveland", evaluation, received_at=float(at))
+    lines = store.evaluations_log.read_text(encoding="utf-8").splitlines()
+    assert [EvaluationLogEntry.model_validate_json(line) for line in lines] == [
+        EvaluationLogEntry(node="cleveland", received_at=float(at), evaluation=evaluation)
+        for at, evaluation in enumerate(evaluations)
+    ]

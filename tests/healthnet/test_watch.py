@@ -1,0 +1,57 @@
+"""Specification of the terminal view: what `healthnet watch` draws from a snapshot."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from common.messages import NodeLedgerEntry, NodeState, NodeStatus
+from common.topics import TopicTree
+from healthnet.observe import Observer
+from healthnet.watch import render, sparkline
+from tests.healthnet.test_observe import evaluation, record, status
+
+
+def _text(observer: Observer) -> str:
+    console = Console(record=True, width=160, color_system=None)
+    console.print(render(observer.snapshot(now=101.0)))
+    return console.export_text()
+
+
+def test_watch_shows_headline_hospitals_accuracy_and_staleness() -> None:
+    """Version, buffer, every hospital with state, counts and accuracy, and the staleness bars."""
+    observer = Observer("fed")
+    tree = TopicTree("fed")
+    ledger = (NodeLedgerEntry(node="cleveland", accepted=12, rejected=3, bytes_received=4096),)
+    observer.on_status(status(9, nodes=ledger, buffer_fill=2), now=100.0)
+    observer.observe(
+        tree.node_status("cleveland"), NodeStatus(state=NodeState.TRAINING, version=8), 100.0
+    )
+    observer.observe(tree.node_eval("cleveland"), evaluation(8, 0.812), 100.0)
+    observer.observe(tree.versions(), record(9, 0, 2), 100.0)
+    text = _text(observer)
+    assert "run-1" in text
+    assert "v9" in text
+    assert "buffer 2/3" in text
+    row = next(line for line in text.splitlines() if line.startswith("cleveland"))
+    assert row.split()[:8] == ["cleveland", "training", "v8", "1", "-", "12", "3", "4.0"]
+    assert "0.812" in row
+    assert "0:1 1:0 2:1" in text
+
+
+def test_watch_before_any_status_says_so() -> None:
+    """With no status yet the view still renders and says what it is waiting for."""
+    assert "no status yet" in _text(Observer("fed"))
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        pytest.param([0.0, 0.5, 1.0], "▁▅█", id="scaled"),
+        pytest.param([None, 1.0], " █", id="gap"),
+        pytest.param([2.0, -1.0], "█▁", id="clipped"),
+    ],
+)
+def test_sparkline_scales_values_into_bars(values: list[float | None], expected: str) -> None:
+    """One bar per value between low and high; None is a gap and outliers are clipped."""
+    assert sparkline(values) == expected
