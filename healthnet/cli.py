@@ -92,12 +92,23 @@ def _fail(exc: Exception) -> typer.Exit:
 
 @app.command()
 def demo(
-    versions: Annotated[int, typer.Option(help="stop after this many global versions")] = 60,
+    versions: Annotated[
+        int | None,
+        typer.Option(help="stop after this many global versions [default: the federation's]"),
+    ] = None,
     target_accuracy: Annotated[
         float | None, typer.Option(help="stop once the mean test accuracy reaches this")
     ] = None,
     summary: Annotated[Path | None, typer.Option(help="write a JSON summary here")] = None,
-    federation: Annotated[str, typer.Option(help="named federation to run")] = "heart-disease",
+    federation: Annotated[
+        str,
+        typer.Option(
+            "--federation", "--dataset", help="named federation to run: heart-disease or pneumonia"
+        ),
+    ] = "heart-disease",
+    nodes: Annotated[
+        int | None, typer.Option(help="run only the federation's first N hospitals")
+    ] = None,
     mode: Annotated[str, typer.Option(help="fedbuff, sync (FedAvg) or fedasync")] = "fedbuff",
     buffer_size: Annotated[int | None, typer.Option(help="K for fedbuff")] = None,
     broker: Annotated[str, typer.Option(help="embedded broker: auto, mosquitto or amqtt")] = "auto",
@@ -135,6 +146,7 @@ def demo(
     config = DemoConfig(
         federation=federation,
         versions=versions,
+        nodes=nodes,
         target_accuracy=target_accuracy,
         mode=mode,  # type: ignore[arg-type]
         buffer_size=buffer_size,

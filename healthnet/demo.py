@@ -9,6 +9,7 @@ the final global model at every hospital.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -42,7 +43,15 @@ from healthnet.dashboard import DEFAULT_PORT, demo_dashboard
 from healthnet.federations import FEDERATIONS, Federation
 from healthnet.processes import ProcessGroup
 
-__all__ = ["DemoConfig", "DemoError", "DemoResult", "aggregator_args", "node_args", "run_demo"]
+__all__ = [
+    "DemoConfig",
+    "DemoError",
+    "DemoResult",
+    "aggregator_args",
+    "first_sites",
+    "node_args",
+    "run_demo",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +65,10 @@ class DemoError(HealthNetError):
 @dataclass(frozen=True, slots=True)
 class DemoConfig:
     federation: str = "heart-disease"
-    versions: int = 60
+    versions: int | None = None
+    """Stop after this many versions; None: the federation's ``demo_versions``."""
+    nodes: int | None = None
+    """Run only the federation's first N sites; None: all of them."""
     target_accuracy: float | None = None
     mode: Mode = "fedbuff"
     buffer_size: int | None = None
@@ -181,6 +193,29 @@ def resolve_mode(
             return buffer_size or knobs.buffer_size, knobs.max_staleness, knobs.server_lr
 
 
+def first_sites(federation: Federation, nodes: int | None, buffer_size: int | None) -> Federation:
+    """The federation cut to its first ``nodes`` sites, its own K lowered to at most ``nodes``.
+
+    An explicit ``buffer_size`` above ``nodes`` is refused: no version could ever be folded.
+    """
+    total = len(federation.sites)
+    count = total if nodes is None else nodes
+    if not 1 <= count <= total:
+        raise DemoError(f"{federation.name} has {total} sites; --nodes must be 1..{total}")
+    if buffer_size is not None and buffer_size > count:
+        raise DemoError(
+            f"--buffer-size {buffer_size} exceeds the {count} nodes: no version could be folded"
+        )
+    if count == total:
+        return federation
+    knobs = federation.knobs
+    return dataclasses.replace(
+        federation,
+        sites=federation.sites[:count],
+        knobs=knobs.model_copy(update={"buffer_size": min(knobs.buffer_size, count)}),
+    )
+
+
 @contextlib.contextmanager
 def _broker(config: DemoConfig, workdir: Path) -> Iterator[tuple[str, str]]:
     if config.broker_url is not None:
@@ -198,6 +233,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     federation = FEDERATIONS.get(config.federation)
     if federation is None:
         raise DemoError(f"unknown federation {config.federation!r}; known: {sorted(FEDERATIONS)}")
+    federation = first_sites(federation, config.nodes, config.buffer_size)
     with contextlib.ExitStack() as stack:
         if config.workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="healthnet-")))
@@ -230,6 +266,7 @@ def _run(
     fed_id = f"demo-{new_id()[:8]}"
     sites = federation.sites
     k, max_staleness, server_lr = resolve_mode(config.mode, federation, config.buffer_size)
+    versions = federation.demo_versions if config.versions is None else config.versions
     topics = TopicTree(fed_id)
     started = time.monotonic()
     monitor = MqttClient(BrokerEndpoint.parse(url), f"{fed_id}-monitor")
@@ -255,7 +292,7 @@ def _run(
                 buffer_size=k,
                 max_staleness=max_staleness,
                 server_lr=server_lr,
-                max_versions=config.versions,
+                max_versions=versions,
                 seed=config.seed,
             ),
         )
@@ -284,7 +321,7 @@ def _run(
             transient=False,
         ) as progress:
             task = progress.add_task(
-                f"{federation.name} ({config.mode}, K={k})", total=config.versions, accuracy=""
+                f"{federation.name} ({config.mode}, K={k})", total=versions, accuracy=""
             )
             stop_sent = False
             aggregator_gone: float | None = None

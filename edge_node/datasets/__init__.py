@@ -7,6 +7,11 @@ here, with numpy only. The spec grammar:
     The built-in UCI Heart Disease data of one hospital (`HEART_DISEASE_HOSPITALS`), preprocessed
     and split as in FLamby's Fed-Heart-Disease; see `edge_node.datasets.heart_disease`.
 
+``pneumonia:<hospital>``
+    The built-in PneumoniaMNIST chest X-rays: one of eight simulated hospitals
+    (`PNEUMONIA_HOSPITALS`, a Dirichlet(0.5) label-skew share of the official train split), tested
+    on the whole official test split; see `edge_node.datasets.pneumonia`.
+
 ``csv:<path>`` or ``csv:<path>#<key>=<value>&...``
     A CSV file with a header row, numeric cells and one integer label column. The keys are
     ``label`` (the label column, default ``label``), ``test`` (a test CSV with the same columns),
@@ -34,5 +39,12 @@ from __future__ import annotations
 from ._dataset import DatasetError, LocalDataset
 from ._spec import load_dataset
 from .heart_disease import HEART_DISEASE_HOSPITALS
+from .pneumonia import PNEUMONIA_HOSPITALS
 
-__all__ = ["HEART_DISEASE_HOSPITALS", "DatasetError", "LocalDataset", "load_dataset"]
+__all__ = [
+    "HEART_DISEASE_HOSPITALS",
+    "PNEUMONIA_HOSPITALS",
+    "DatasetError",
+    "LocalDataset",
+    "load_dataset",
+]

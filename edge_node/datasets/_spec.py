@@ -10,6 +10,7 @@ from ._dataset import DatasetError, LocalDataset
 from ._npz_loader import load_npz
 from ._plugin import load_plugin
 from .heart_disease import load_heart_disease
+from .pneumonia import load_pneumonia
 
 __all__ = ["load_dataset"]
 
@@ -26,6 +27,8 @@ def load_dataset(spec: str) -> LocalDataset:
     match scheme:
         case "heart-disease":
             return load_heart_disease(rest)
+        case "pneumonia":
+            return load_pneumonia(rest)
         case "csv":
             path, options = _csv_arguments(spec, rest)
             return load_csv(path, options)
@@ -34,8 +37,8 @@ def load_dataset(spec: str) -> LocalDataset:
         case _ if _is_dotted_name(scheme) and rest.isidentifier():
             return load_plugin(scheme, rest)
     raise DatasetError(
-        f"unknown dataset spec {spec!r}: expected heart-disease:<hospital>, csv:<path>, "
-        "npz:<path> or <module.path>:<function>"
+        f"unknown dataset spec {spec!r}: expected heart-disease:<hospital>, "
+        "pneumonia:<hospital>, csv:<path>, npz:<path> or <module.path>:<function>"
     )
 
 
