@@ -56,6 +56,8 @@ from common.messages import (
 __all__ = ["AggregatorCore", "BufferedUpdate", "Discard", "Fold", "FoldReason", "Verdict"]
 
 FoldReason = Literal["buffer_full", "buffer_timeout"]
+# Knobs that are records of their own, set field by field as ``<knob>.<field>``.
+_NESTED_KNOBS = ("training", "compression")
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,15 +248,16 @@ class AggregatorCore:
         return self._state
 
     def set_knobs(self, patch: Mapping[str, Any]) -> Knobs:
-        """Validate and apply a knob patch (``training.<field>`` reaches the training config)."""
+        """Validate and apply a knob patch (``training.<field>``, ``compression.<field>`` reach
+        the training config and the compression policy)."""
         current = self._knobs.model_dump()
         for key, value in patch.items():
             target, _, leaf = key.partition(".")
             if leaf:
-                if target != "training" or leaf not in current["training"]:
+                if target not in _NESTED_KNOBS or leaf not in current[target]:
                     raise ControlError(f"unknown knob {key!r}")
-                current["training"][leaf] = value
-            elif key not in current or key == "training":
+                current[target][leaf] = value
+            elif key not in current or key in _NESTED_KNOBS:
                 raise ControlError(f"unknown knob {key!r}")
             else:
                 current[key] = value

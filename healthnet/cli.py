@@ -21,7 +21,9 @@ from rich.table import Table
 from common.errors import HealthNetError
 from common.messages import (
     AggregatorStatus,
+    Compression,
     ControlCommand,
+    Quantization,
     ServerOptimizerKind,
     StalenessKind,
 )
@@ -127,6 +129,15 @@ def demo(
     dashboard_port: Annotated[
         int, typer.Option(help="its port on 127.0.0.1 (a free one when taken)")
     ] = 8765,
+    top_k: Annotated[
+        float | None, typer.Option(help="hospitals send this fraction of each delta tensor")
+    ] = None,
+    quantization: Annotated[
+        Quantization | None, typer.Option(help="hospitals send values as float32, float16, int8")
+    ] = None,
+    error_feedback: Annotated[
+        bool, typer.Option("--error-feedback/--no-error-feedback", help="carry what was not sent")
+    ] = True,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Run a whole federation locally (broker, aggregator, hospitals) and report accuracy."""
@@ -158,6 +169,7 @@ def demo(
         timeout=timeout,
         dashboard=dashboard,
         dashboard_port=dashboard_port,
+        compression=_demo_compression(top_k, quantization, error_feedback),
     )
     try:
         result = run_demo(config, err_console)
@@ -167,6 +179,21 @@ def demo(
     if summary is not None:
         summary.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
         err_console.print(f"summary written to {summary}")
+
+
+def _demo_compression(
+    top_k: float | None, quantization: Quantization | None, error_feedback: bool
+) -> Compression | None:
+    if top_k is None and quantization is None:
+        return None
+    try:
+        return Compression(
+            top_k=top_k,
+            quantization=quantization or Quantization.NONE,
+            error_feedback=error_feedback,
+        )
+    except ValueError as exc:
+        raise _fail(exc) from exc
 
 
 # -- services --------------------------------------------------------------------------------------
@@ -198,6 +225,19 @@ def aggregator_run(
     batch_size: Annotated[int | None, typer.Option(help="local batch size")] = None,
     lr: Annotated[float | None, typer.Option(help="local learning rate")] = None,
     optimizer: Annotated[str | None, typer.Option(help="local optimizer: sgd or adam")] = None,
+    top_k: Annotated[
+        float | None, typer.Option(help="compression: fraction of each delta tensor sent")
+    ] = None,
+    quantization: Annotated[
+        Quantization | None, typer.Option(help="compression: values as float32, float16, int8")
+    ] = None,
+    error_feedback: Annotated[
+        bool | None,
+        typer.Option("--error-feedback/--no-error-feedback", help="carry what was not sent"),
+    ] = None,
+    broadcast_dtype: Annotated[
+        str | None, typer.Option(help="model broadcast as float32 or float16")
+    ] = None,
     autostart: Annotated[
         bool | None, typer.Option("--autostart/--no-autostart", help="fold at once")
     ] = None,
@@ -225,10 +265,14 @@ def aggregator_run(
         server_lr=server_lr,
         max_update_norm=max_update_norm,
         max_versions=max_versions,
+        broadcast_dtype=broadcast_dtype,
     )
     training = _given(epochs=epochs, batch_size=batch_size, learning_rate=lr, optimizer=optimizer)
     if training:
         knobs["training"] = training
+    compression = _given(top_k=top_k, quantization=quantization, error_feedback=error_feedback)
+    if compression:
+        knobs["compression"] = compression
     model_spec: dict[str, Any] = _given(name=model)
     if model_kwargs is not None:
         model_spec["kwargs"] = json.loads(model_kwargs)
@@ -456,6 +500,16 @@ def _render_status(snapshot: AggregatorStatus) -> None:
     )
     if c.rejections:
         console.print("rejections: " + ", ".join(f"{r}={n}" for r, n in c.rejections.items()))
+    if c.accepted and c.bytes_accepted:
+        console.print(
+            f"traffic: {c.bytes_accepted / c.accepted:,.0f} bytes per update, "
+            f"{c.raw_bytes_accepted / c.bytes_accepted:.1f}x smaller than dense float32"
+        )
+    z = k.compression
+    console.print(
+        f"compression: top_k={z.top_k}, quantization={z.quantization.value}, "
+        f"error_feedback={z.error_feedback}, broadcast={k.broadcast_dtype}"
+    )
     console.print(
         f"knobs: K={k.buffer_size}, max_staleness={k.max_staleness}, staleness={k.staleness.value}"
         f"(a={k.staleness_a}, b={k.staleness_b}), beta={k.sample_exponent}, "

@@ -31,6 +31,7 @@ from common.errors import HealthNetError, ProtocolError, TopicError
 from common.messages import (
     AggregatorState,
     AggregatorStatus,
+    Compression,
     ControlCommand,
     ControlRequest,
     Evaluation,
@@ -81,6 +82,9 @@ class DemoConfig:
     torch_threads: int = 1
     dashboard: bool = False  # serve the web dashboard while the run lasts
     dashboard_port: int = DEFAULT_PORT
+    compression: Compression | None = None
+    """How hospitals compress their deltas; None: the federation's."""
+    broadcast_dtype: Literal["float32", "float16"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,10 @@ class DemoResult:
     broker: str
     min_staleness_factor: dict[str, float]
     updates_per_node: dict[str, int]
+    bytes_per_update: float = 0.0
+    """Mean size of a folded update on the wire (the whole message)."""
+    compression_ratio: float = 1.0
+    """Dense float32 bytes of the folded deltas over their bytes on the wire."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -110,6 +118,8 @@ class DemoResult:
             "buffer_size": self.buffer_size,
             "federation": self.federation,
             "broker": self.broker,
+            "bytes_per_update": self.bytes_per_update,
+            "compression_ratio": self.compression_ratio,
         }
 
 
@@ -124,10 +134,13 @@ def aggregator_args(
     server_lr: float = 1.0,
     max_versions: int | None = None,
     seed: int = 0,
+    compression: Compression | None = None,
+    broadcast_dtype: str | None = None,
     extra: tuple[str, ...] = (),
 ) -> list[str]:
     knobs = federation.knobs
     training = knobs.training
+    compression = compression or knobs.compression
     args = [
         "aggregator", "run",
         "--broker-url", broker_url,
@@ -143,8 +156,13 @@ def aggregator_args(
         "--batch-size", str(training.batch_size),
         "--lr", str(training.learning_rate),
         "--optimizer", training.optimizer,
+        "--quantization", compression.quantization.value,
+        "--error-feedback" if compression.error_feedback else "--no-error-feedback",
+        "--broadcast-dtype", broadcast_dtype or knobs.broadcast_dtype,
         "--status-interval", "1",
     ]  # fmt: skip
+    if compression.top_k is not None:
+        args += ["--top-k", repr(compression.top_k)]
     if max_versions is not None:
         args += ["--max-versions", str(max_versions)]
     return [*args, *extra]
@@ -294,6 +312,8 @@ def _run(
                 server_lr=server_lr,
                 max_versions=versions,
                 seed=config.seed,
+                compression=config.compression,
+                broadcast_dtype=config.broadcast_dtype,
             ),
         )
         for site in sites:
@@ -428,6 +448,8 @@ class _Watch:
         records = [self.records[v] for v in sorted(self.records)]
         lowest: dict[str, float] = {}
         counts: dict[str, int] = {}
+        contributions = [c for record in records for c in record.contributions]
+        wire = sum(c.bytes for c in contributions)
         for record in records:
             for c in record.contributions:
                 lowest[c.node] = min(lowest.get(c.node, 1.0), c.staleness_factor)
@@ -446,6 +468,8 @@ class _Watch:
             broker=broker,
             min_staleness_factor=lowest,
             updates_per_node=counts,
+            bytes_per_update=wire / max(len(contributions), 1),
+            compression_ratio=sum(c.raw_bytes for c in contributions) / max(wire, 1),
         )
 
 
@@ -466,5 +490,7 @@ def render(result: DemoResult, console: Console) -> None:
     console.print(table)
     console.print(
         f"{result.updates_folded} updates folded into {result.versions} versions "
-        f"({result.mode}, K={result.buffer_size}) in {result.wall_seconds:.1f}s"
+        f"({result.mode}, K={result.buffer_size}) in {result.wall_seconds:.1f}s; "
+        f"{result.bytes_per_update:,.0f} bytes per update, "
+        f"{result.compression_ratio:.1f}x smaller than dense float32"
     )
