@@ -63,13 +63,24 @@ _WIRE_DTYPES: dict[str, np.dtype[Any]] = {
 }
 _FP16_MAX = float(np.finfo(np.float16).max)
 _INT8_MAX = 127
-# Entries per block when folding: the block's temporaries stay in a core's L2 cache.
-_BLOCK = 1 << 16
+# Entries per block when folding: big enough that per-block overhead is small, small enough that
+# the block's temporaries stay in cache.
+_BLOCK = 1 << 17
 # float16 -> float32 by bit arithmetic (see _half_to_biased_float32): the float32 whose bits are
 # the half's sign, exponent and mantissa in place is the half's value times 2**-112, since the
 # exponent biases differ by 112; subnormals included.
 _HALF_MASK = np.int32(-0x70000001)  # 0x8FFFFFFF
 _HALF_BIAS = 2.0**112
+# From this many float32 values on, a dot product checks finiteness faster than np.isfinite.
+_DOT_CHECK_MIN = 4096
+# Below this many entries, a sparse fold gathers, adds and scatters instead of calling add.at,
+# and float16 values are checked by numpy's own (scalar) isfinite.
+_SMALL_SCATTER = 1024
+# The largest factor each accumulator dtype can take.
+_ACCUMULATOR_MAX = {
+    np.dtype(np.float32): float(np.finfo(np.float32).max),
+    np.dtype(np.float64): float(np.finfo(np.float64).max),
+}
 # float16 bit patterns at or above these are infinities or NaNs (int16 view: positive ones;
 # uint16 view: negative ones).
 _HALF_POSITIVE_INF = 0x7C00
@@ -286,7 +297,7 @@ def decode_tensor(tensor: CompressedTensor, shape: Iterable[int]) -> DecodedTens
     for NaN or infinity) saying what is wrong, before allocating anything that a claimed size
     would dictate.
     """
-    expected = tuple(shape)
+    expected = shape if isinstance(shape, tuple) else tuple(shape)
     name = tensor.name
     if tensor.shape != expected:
         raise CompressionError(
@@ -295,15 +306,14 @@ def decode_tensor(tensor: CompressedTensor, shape: Iterable[int]) -> DecodedTens
         )
     if (error := tensor.structural_error()) is not None:
         raise CompressionError(f"tensor {name!r}: {error}")
-    size = math.prod(expected)
     values = np.frombuffer(tensor.values, dtype=_WIRE_DTYPES[tensor.values_dtype])
     match tensor.index_coding:
         case "dense":
             indices = None
         case "varint":
-            indices = _decode_varints(name, tensor.indices, tensor.count, size)
+            indices = _decode_varints(name, tensor.indices, tensor.count, math.prod(expected))
         case "bitmap":
-            indices = _decode_bitmap(name, tensor.indices, tensor.count, size)
+            indices = _decode_bitmap(name, tensor.indices, tensor.count, math.prod(expected))
     if not _all_finite(values):
         raise NonFiniteValues(f"tensor {name!r}: values hold NaN or infinity")
     return DecodedTensor(expected, indices, values, 1.0 if tensor.scale is None else tensor.scale)
@@ -319,7 +329,9 @@ def _decode_varints(name: str, data: bytes, count: int, size: int) -> NDArray[np
         # Every gap below 128, one byte each: the common case, decoded without temporaries.
         if count > 1 and raw[1:].min() == 0:
             raise CompressionError(f"tensor {name!r}: indices repeat (a gap of zero)")
-        indices = np.cumsum(raw, dtype=np.intp)
+        # Widen first: numpy's cumsum with a dtype argument casts slowly, entry by entry.
+        indices = raw.astype(np.intp)
+        np.cumsum(indices, out=indices)
     else:
         indices = _decode_long_varints(name, raw, count, size)
     if indices[-1] >= size:
@@ -349,15 +361,15 @@ def _decode_long_varints(
             f"tensor {name!r}: a varint of {longest} bytes is overlong; indices below {size} "
             f"need at most {limit}"
         )
-    gaps = np.bitwise_and(raw[starts], 0x7F, dtype=np.intp)
+    gaps = (raw[starts] & 0x7F).astype(np.intp)
     longer = np.flatnonzero(lengths > 1)
     for position in range(1, longest):  # over byte positions (< 10), not entries
         longer = longer[lengths[longer] > position]
-        group = np.bitwise_and(raw[starts[longer] + position], 0x7F, dtype=np.intp)
+        group = (raw[starts[longer] + position] & 0x7F).astype(np.intp)
         gaps[longer] |= group << (7 * position)
     if count > 1 and gaps[1:].min() == 0:
         raise CompressionError(f"tensor {name!r}: indices repeat (a gap of zero)")
-    indices = np.cumsum(gaps)
+    indices = np.cumsum(gaps, out=gaps)
     # Gaps are below 2**(7 * limit); only a tensor of 2**31 entries or more could overflow their
     # int64 sum, and an overflow shows as a decrease.
     if size >= 1 << 31 and count > 1 and not (indices[1:] > indices[:-1]).all():
@@ -378,25 +390,25 @@ def _decode_bitmap(name: str, data: bytes, count: int, size: int) -> NDArray[np.
 
 
 def _all_finite(values: NDArray[Any]) -> bool:
+    """Whether every value is finite (int8 always is), by the cheapest check for the size."""
     if values.size == 0 or values.dtype.kind == "i":
         return True
-    if values.dtype.itemsize == 2:
+    if values.dtype.itemsize == 2 and values.size >= _SMALL_SCATTER:
         # Integer reductions over the bit patterns: numpy's float16 arithmetic is scalar and slow.
         return bool(
             values.view(np.int16).max() < _HALF_POSITIVE_INF
             and values.view(np.uint16).max() < _HALF_NEGATIVE_INF
         )
+    if values.size >= _DOT_CHECK_MIN:
+        # One BLAS pass: a sum of squares is finite when every value is. If it is not, either a
+        # value is NaN or infinite or the sum overflowed; the exact check below tells which.
+        with np.errstate(over="ignore", invalid="ignore"):
+            if math.isfinite(np.dot(values, values)):
+                return True
     return bool(np.isfinite(values).all())
 
 
 # -- folding -----------------------------------------------------------------------------------
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-# The largest factor each accumulator dtype can take.
-_ACCUMULATOR_MAX = {
-    np.dtype(np.float32): float(np.finfo(np.float32).max),
-    np.dtype(np.float64): float(np.finfo(np.float64).max),
-}
 
 
 def fold(decoded: DecodedTensor, out: NDArray[np.floating[Any]], weight: float) -> None:
@@ -412,8 +424,20 @@ def fold(decoded: DecodedTensor, out: NDArray[np.floating[Any]], weight: float) 
     if indices is None and factor == 1.0 and values.dtype != np.float16:
         np.add(flat, values, out=flat)  # int8 or float32 values are cast on the fly
         return
-    scale = _Scaler(values, factor, out.dtype)
     n = values.size
+    if n <= _BLOCK:
+        # One block: a temporary this small costs less than setting up a scratch buffer.
+        if values.dtype == np.float16:
+            bits = np.empty(n, dtype=np.int32)
+            part = _scale_half(values.view(np.int16), bits, factor, out.dtype, None)
+        else:
+            part = np.multiply(values, out.dtype.type(factor))
+        if indices is None:
+            np.add(flat, part, out=flat)
+        else:
+            _scatter_add(flat, indices, part)
+        return
+    scale = _Scaler(values, factor, out.dtype)
     for start in range(0, n, _BLOCK):
         stop = min(start + _BLOCK, n)
         part = scale(start, stop)
@@ -421,8 +445,18 @@ def fold(decoded: DecodedTensor, out: NDArray[np.floating[Any]], weight: float) 
             target = flat[start:stop]
             np.add(target, part, out=target)
         else:
-            # Indices are unique and sorted; numpy's add.at has a fast path for this case.
-            np.add.at(flat, indices[start:stop], part)
+            _scatter_add(flat, indices[start:stop], part)
+
+
+def _scatter_add(
+    flat: NDArray[np.floating[Any]], indices: NDArray[np.intp], part: NDArray[Any]
+) -> None:
+    if indices.size < _SMALL_SCATTER:
+        # Indices are unique, so gather, add and scatter is exact; for a few entries it costs
+        # less than add.at, whose fast path pays off for many.
+        flat[indices] += part
+    else:
+        np.add.at(flat, indices, part)
 
 
 def _checked_factor(decoded: DecodedTensor, out: NDArray[np.floating[Any]], weight: float) -> float:
@@ -442,34 +476,49 @@ def _checked_factor(decoded: DecodedTensor, out: NDArray[np.floating[Any]], weig
 class _Scaler:
     """``factor * values[start:stop]`` in the accumulator's dtype, in one reused scratch buffer."""
 
-    __slots__ = ("_bits", "_factor", "_scratch", "_two_steps", "_values")
+    __slots__ = ("_bits", "_dtype", "_factor", "_scratch", "_values")
 
     def __init__(self, values: NDArray[Any], factor: float, dtype: np.dtype[Any]) -> None:
         block = min(values.size, _BLOCK)
-        self._values = values
-        self._two_steps = False
+        self._dtype = dtype
+        self._factor = factor
         self._bits: NDArray[np.int32] | None = None
-        if values.dtype != np.float16:
+        if values.dtype == np.float16:
+            self._values = values.view(np.int16)
+            self._bits = np.empty(block, dtype=np.int32)
+            same = dtype == np.float32  # then the float32 results overwrite their own bits
+            self._scratch = self._bits.view(np.float32) if same else np.empty(block, dtype)
+        else:
+            self._values = values
             self._factor = dtype.type(factor)
-            self._scratch: NDArray[np.floating[Any]] = np.empty(block, dtype=dtype)
-            return
-        self._values = values.view(np.int16)
-        # The bit trick yields value * 2**-112: fold the bias into the factor if that fits.
-        self._two_steps = dtype == np.float32 and abs(factor) * _HALF_BIAS > _FLOAT32_MAX
-        self._factor = dtype.type(factor if self._two_steps else factor * _HALF_BIAS)
-        self._bits = np.empty(block, dtype=np.int32)
-        self._scratch = self._bits.view(np.float32) if dtype == np.float32 else np.empty(block)
+            self._scratch = np.empty(block, dtype=dtype)
 
     def __call__(self, start: int, stop: int) -> NDArray[np.floating[Any]]:
         part = self._scratch[: stop - start]
         if self._bits is None:
             np.multiply(self._values[start:stop], self._factor, out=part)
             return part
-        biased = _half_to_biased_float32(self._values[start:stop], self._bits[: stop - start])
-        if self._two_steps:
-            np.multiply(biased, np.float32(_HALF_BIAS), out=biased)
-        np.multiply(biased, self._factor, out=part)
-        return part
+        bits = self._bits[: stop - start]
+        return _scale_half(self._values[start:stop], bits, self._factor, self._dtype, part)
+
+
+def _scale_half(
+    bits: NDArray[np.int16],
+    scratch: NDArray[np.int32],
+    factor: float,
+    dtype: np.dtype[Any],
+    out: NDArray[np.floating[Any]] | None,
+) -> NDArray[np.floating[Any]]:
+    """``factor *`` the float16 values whose bit patterns are ``bits``, in ``dtype``."""
+    biased = _half_to_biased_float32(bits, scratch)
+    # The bit trick yields value * 2**-112: fold the bias into the factor if that fits.
+    if dtype == np.float32 and abs(factor) * _HALF_BIAS > _ACCUMULATOR_MAX[dtype]:
+        np.multiply(biased, np.float32(_HALF_BIAS), out=biased)
+        a = dtype.type(factor)
+    else:
+        a = dtype.type(factor * _HALF_BIAS)
+    result: NDArray[np.floating[Any]] = np.multiply(biased, a, out=out)
+    return result
 
 
 def accumulate(tensor: CompressedTensor, out: NDArray[np.floating[Any]], weight: float) -> None:
@@ -519,6 +568,7 @@ def _half_to_biased_float32(bits: NDArray[np.int16], out: NDArray[np.int32]) -> 
     in bits 31..28; the mask keeps bit 31 of those. numpy's own float16 cast runs one value at a
     time and costs about twenty dense adds.
     """
-    np.left_shift(bits, 13, out=out, dtype=np.int32)
+    np.copyto(out, bits)  # widening first and shifting in place beats a widening shift
+    np.left_shift(out, 13, out=out)
     np.bitwise_and(out, _HALF_MASK, out=out)
     return out.view(np.float32)

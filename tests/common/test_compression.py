@@ -761,6 +761,38 @@ def test_a_huge_claimed_count_fails_fast_without_allocating(tensor: CompressedTe
     assert peak < 64 * 1024
 
 
+@pytest.mark.parametrize("dtype", ["<f4", "<f2"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_single_non_finite_value_in_a_large_tensor_is_refused(dtype: str, bad: float) -> None:
+    """The fast finiteness checks for large tensors still find one bad value among many."""
+    values = np.full(50_000, 0.5, dtype=dtype)
+    values[31_337] = bad
+    tensor = CompressedTensor(
+        name="w",
+        shape=(50_000,),
+        count=50_000,
+        index_coding="dense",
+        values_dtype=np.dtype(dtype).name,
+        values=values.tobytes(),
+    )
+    with pytest.raises(NonFiniteValues):
+        decode_tensor(tensor, (50_000,))
+
+
+def test_large_finite_values_whose_squares_overflow_are_accepted() -> None:
+    """Finiteness is about the values, not their sum of squares."""
+    values = np.full(50_000, 3e30, dtype="<f4")
+    tensor = CompressedTensor(
+        name="w",
+        shape=(50_000,),
+        count=50_000,
+        index_coding="dense",
+        values_dtype="float32",
+        values=values.tobytes(),
+    )
+    np.testing.assert_array_equal(decompress(tensor, (50_000,)), values)
+
+
 @given(
     vector=long_vectors(max_size=400),
     policy=compressions(),
