@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from common.compression import accumulate, compress
-from common.messages import Compression, Quantization
+from common.messages import CompressedTensor, Compression, Quantization
 
 Layout = dict[str, tuple[int, ...]]
 
@@ -96,6 +96,23 @@ def best_of_pairs(
     return {clock: (times[0], times[1]) for clock, times in best.items()}
 
 
+def fold_pair(
+    delta: dict[str, np.ndarray], tensors: tuple[CompressedTensor, ...]
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(dense add of ``delta``, decode-and-fold of ``tensors``) into one float32 accumulator."""
+    acc = {name: np.zeros(value.shape, dtype=np.float32) for name, value in delta.items()}
+
+    def dense_add() -> None:
+        for name, value in delta.items():
+            acc[name] += value
+
+    def fold() -> None:
+        for tensor in tensors:
+            accumulate(tensor, acc[tensor.name], WEIGHT)
+
+    return dense_add, fold
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -109,19 +126,9 @@ def main() -> None:
             for name, shape in layout.items()
         }
         params = sum(math.prod(shape) for shape in layout.values())
-        acc = {name: np.zeros(shape, dtype=np.float32) for name, shape in layout.items()}
-
-        def dense_add(acc: dict[str, np.ndarray] = acc, delta: dict = delta) -> None:
-            for name, value in delta.items():
-                acc[name] += value
-
         for setting, policy in SETTINGS.items():
             tensors = compress(delta, policy).tensors
-
-            def fold(acc: dict[str, np.ndarray] = acc, tensors: tuple = tensors) -> None:
-                for tensor in tensors:
-                    accumulate(tensor, acc[tensor.name], WEIGHT)
-
+            dense_add, fold = fold_pair(delta, tensors)
             timings = best_of_pairs(args.repeats, dense_add, fold)
             wire = sum(len(t.indices) + len(t.values) for t in tensors)
             row: dict[str, object] = {

@@ -105,6 +105,8 @@ class DemoResult:
     """Mean size of a folded update on the wire (the whole message)."""
     compression_ratio: float = 1.0
     """Dense float32 bytes of the folded deltas over their bytes on the wire."""
+    mean_accuracy_last5: float = 0.0
+    """Mean test accuracy over the last five versions (each hospital's evaluation of each)."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -120,6 +122,7 @@ class DemoResult:
             "broker": self.broker,
             "bytes_per_update": self.bytes_per_update,
             "compression_ratio": self.compression_ratio,
+            "mean_accuracy_last5": self.mean_accuracy_last5,
         }
 
 
@@ -470,6 +473,11 @@ class _Watch:
             updates_per_node=counts,
             bytes_per_update=wire / max(len(contributions), 1),
             compression_ratio=sum(c.raw_bytes for c in contributions) / max(wire, 1),
+            mean_accuracy_last5=_mean(
+                e.accuracy
+                for v in range(max(0, status.version - 4), status.version + 1)
+                for e in self.evals.get(v, {}).values()
+            ),
         )
 
 
