@@ -283,7 +283,7 @@ def test_training_on_cuda_matches_the_cpu_and_returns_cpu_float32_weights() -> N
     spec = ModelSpec(name="cnn", kwargs={"in_channels": 1, "width": 4, "num_classes": 2})
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 64).astype(np.int64)
-    x = rng.normal(0, 1, (64, 1, 28, 28)).astype(np.float32) + y[:, None, None, None]
+    x = (rng.normal(0, 1, (64, 1, 28, 28)) + y[:, None, None, None]).astype(np.float32)
     base = model_params(build_model(spec, seed=0))
     config = TrainingConfig(epochs=2, batch_size=16, learning_rate=0.05)
     cuda = resolve_device("auto")
