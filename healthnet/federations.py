@@ -57,13 +57,17 @@ PNEUMONIA = Federation(
     ),
     model=ModelSpec(name="cnn", kwargs={"in_channels": 1, "num_classes": 2, "width": 16}),
     sites=tuple(Site(node_id=f"hospital-{i}", data=f"pneumonia:hospital-{i}") for i in range(1, 9)),
-    # Measured on the 2-core machine (README): with Adam at 1e-3 the official-test accuracy
-    # settles at 0.85-0.87 after about 20 versions; SGD needs two epochs per update for the same,
-    # K = 2 swings between all-normal and all-pneumonia for longer, K = 8 waits for hospital-3.
+    # Measured on the 2-core machine (README): the official-test accuracy of this CNN levels off
+    # at 0.85-0.87, and with these knobs it holds there from about version 20. Halving the server
+    # step (server_lr 0.5) damps the swings that label-skewed buffers cause (a buffer of mostly
+    # normal or mostly pneumonia hospitals tips the model one way); a doubled Adam step makes up
+    # for the slower start. SGD needed two local epochs to match; K = 2 swings for longer, K = 8
+    # waits for hospital-3 (1,967 images) every version.
     knobs=Knobs(
         buffer_size=4,
         max_staleness=20,
-        training=TrainingConfig(epochs=1, batch_size=32, learning_rate=1e-3, optimizer="adam"),
+        server_lr=0.5,
+        training=TrainingConfig(epochs=1, batch_size=32, learning_rate=2e-3, optimizer="adam"),
     ),
     demo_versions=40,
 )
