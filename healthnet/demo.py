@@ -35,6 +35,7 @@ from common.messages import (
     ControlCommand,
     ControlRequest,
     Evaluation,
+    Manifest,
     VersionRecord,
 )
 from common.mqtt import Message, MqttClient
@@ -48,6 +49,7 @@ __all__ = [
     "DemoConfig",
     "DemoError",
     "DemoResult",
+    "TimelinePoint",
     "aggregator_args",
     "first_sites",
     "node_args",
@@ -85,6 +87,29 @@ class DemoConfig:
     compression: Compression | None = None
     """How hospitals compress their deltas; None: the federation's."""
     broadcast_dtype: Literal["float32", "float16"] | None = None
+    budget_seconds: float | None = None
+    """Stop the run (gracefully, like a target) this many seconds after every hospital was ready
+    (had evaluated v0), so that process start-up does not eat into it."""
+
+
+@dataclass(frozen=True, slots=True)
+class TimelinePoint:
+    """One global version as the monitor saw it: when it appeared and how good it was."""
+
+    version: int
+    seconds: float
+    """Since the demo started its processes, when the monitor saw the version's record."""
+    mean_accuracy: float
+    """Mean test accuracy over the hospitals that evaluated this version."""
+    evaluations: int
+    """How many hospitals evaluated it (async nodes may skip versions that arrive mid-job)."""
+    updates_folded: int
+    """Updates folded into this version and all before it."""
+    update_bytes: int
+    """Wire bytes of those updates."""
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +132,12 @@ class DemoResult:
     """Dense float32 bytes of the folded deltas over their bytes on the wire."""
     mean_accuracy_last5: float = 0.0
     """Mean test accuracy over the last five versions (each hospital's evaluation of each)."""
+    timeline: tuple[TimelinePoint, ...] = ()
+    """Every version with at least one evaluation, v0 included, in version order."""
+    ready_seconds: float = 0.0
+    """When every hospital had evaluated v0 (all processes up), since the demo started them."""
+    blob_bytes: int = 0
+    """Size of one broadcast model blob (the last manifest seen)."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -123,6 +154,9 @@ class DemoResult:
             "bytes_per_update": self.bytes_per_update,
             "compression_ratio": self.compression_ratio,
             "mean_accuracy_last5": self.mean_accuracy_last5,
+            "timeline": [point.to_json() for point in self.timeline],
+            "ready_seconds": self.ready_seconds,
+            "blob_bytes": self.blob_bytes,
         }
 
 
@@ -301,6 +335,7 @@ def _run(
             str(topics.aggregator_status()),
             str(topics.versions()),
             topics.all_node_evals(),
+            str(topics.manifest()),
         ):
             monitor.subscribe(topic_filter)
         group.start(
@@ -333,7 +368,7 @@ def _run(
                     torch_threads=config.torch_threads,
                 ),
             )
-        watch = _Watch(topics, [s.node_id for s in sites])
+        watch = _Watch(topics, [s.node_id for s in sites], started)
         with Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -374,7 +409,12 @@ def _run(
                     accuracy="" if mean is None else f"mean acc {mean[1]:.3f} @v{mean[0]}",
                 )
                 target = config.target_accuracy
-                if target is not None and not stop_sent and mean and mean[1] >= target:
+                budget = config.budget_seconds
+                ready = watch.ready_seconds
+                over = (
+                    budget is not None and ready > 0 and time.monotonic() - started > ready + budget
+                )
+                if not stop_sent and (over or (target is not None and mean and mean[1] >= target)):
                     _send_stop(monitor, topics, fed_id)
                     stop_sent = True
         if not group.wait_all(timeout=30):
@@ -393,12 +433,16 @@ def _send_stop(monitor: MqttClient, topics: TopicTree, fed_id: str) -> None:
 class _Watch:
     """What the demo has seen of the run so far."""
 
-    def __init__(self, topics: TopicTree, nodes: list[str]) -> None:
+    def __init__(self, topics: TopicTree, nodes: list[str], started: float = 0.0) -> None:
         self.topics = topics
         self.nodes = nodes
+        self.started = started
         self.status: AggregatorStatus | None = None
         self.records: dict[int, VersionRecord] = {}
         self.evals: dict[int, dict[str, Evaluation]] = {}
+        self.seen_at: dict[int, float] = {0: 0.0}  # version -> seconds since start
+        self.ready_seconds = 0.0
+        self.blob_bytes = 0
 
     @property
     def version(self) -> int:
@@ -418,8 +462,13 @@ class _Watch:
                 self.status = body
             case VersionRecord():
                 self.records[body.version] = body
+                self.seen_at.setdefault(body.version, time.monotonic() - self.started)
+            case Manifest():
+                self.blob_bytes = body.blob_bytes
             case Evaluation() if topic.route is Route.NODE_EVAL and topic.node:
                 self.evals.setdefault(body.version, {})[topic.node] = body
+                if body.version == 0 and not self.ready_seconds and self.complete(0):
+                    self.ready_seconds = time.monotonic() - self.started
             case _:
                 pass
 
@@ -432,6 +481,29 @@ class _Watch:
             return None
         version = max(done)
         return version, _mean(e.accuracy for e in self.evals[version].values())
+
+    def timeline(self) -> tuple[TimelinePoint, ...]:
+        points: list[TimelinePoint] = []
+        folded = wire = 0
+        for version in sorted(set(self.records) | set(self.evals) | {0}):
+            record = self.records.get(version)
+            if record is not None:
+                folded += len(record.contributions)
+                wire += sum(c.bytes for c in record.contributions)
+            evals = self.evals.get(version, {})
+            if not evals or version not in self.seen_at:
+                continue
+            points.append(
+                TimelinePoint(
+                    version=version,
+                    seconds=self.seen_at[version],
+                    mean_accuracy=_mean(e.accuracy for e in evals.values()),
+                    evaluations=len(evals),
+                    updates_folded=folded,
+                    update_bytes=wire,
+                )
+            )
+        return tuple(points)
 
     def finished(self) -> bool:
         status = self.status
@@ -478,6 +550,9 @@ class _Watch:
                 for v in range(max(0, status.version - 4), status.version + 1)
                 for e in self.evals.get(v, {}).values()
             ),
+            timeline=self.timeline(),
+            ready_seconds=self.ready_seconds,
+            blob_bytes=self.blob_bytes,
         )
 
 

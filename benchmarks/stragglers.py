@@ -1,0 +1,344 @@
+"""Time to accuracy under stragglers: synchronous FedAvg against FedBuff and FedAsync.
+
+    python benchmarks/stragglers.py --json OUT [--budget S] [--seeds 0 1 2] [--plot PNG] [--quick]
+
+Every hospital's update is delayed (a sleep on the node, after training) by a fixed amount drawn
+once per hospital from a log-normal distribution, median 0.5 s, sigma 1, with a fixed seed
+(``--delay-seed``), the same delays for every mode and seed. Each run is a whole federation with
+real processes on an embedded Mosquitto (``healthnet.demo.run_demo``), stopped after a fixed
+wall-clock budget counted from the moment every hospital was ready (see below). Modes:
+synchronous FedAvg (K = all
+hospitals, max staleness 0), FedBuff (K in 2, 3, 4, polynomial staleness) and FedAsync (K = 1).
+
+Seconds to an accuracy are counted from the moment every hospital has evaluated v0 (all processes
+up and the data loaded, which takes the same time in every mode) to the moment the aggregator
+published the first version whose test accuracy reaches it; updates to an accuracy are the
+updates folded into that version and all before it. Pneumonia's hospitals all test on the
+official test split, so one hospital's evaluation of a version is that version's accuracy; a
+heart-disease version counts only once all four hospitals (each with its own test split) have
+evaluated it. ``--quick`` runs heart-disease, synchronous and FedBuff K = 2, one seed, a few
+seconds' budget: CI runs it so the benchmark cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from healthnet.demo import DemoConfig, DemoResult, Mode, run_demo
+from healthnet.federations import FEDERATIONS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_report
+
+TARGETS = (0.85, 0.88)
+HEART_TARGETS = (0.75, 0.78)
+ALL_TARGETS = (*HEART_TARGETS, *TARGETS)
+ORDER = {"sync": 0, "fedbuff": 1, "fedasync": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    mode: Mode
+    k: int
+
+    @property
+    def name(self) -> str:
+        return {"sync": "sync FedAvg", "fedasync": "FedAsync"}.get(self.mode, "FedBuff") + (
+            f" K={self.k}"
+        )
+
+
+def settings(sites: int) -> tuple[Setting, ...]:
+    return (
+        Setting("sync", sites),
+        Setting("fedbuff", 2),
+        Setting("fedbuff", 3),
+        Setting("fedbuff", 4),
+        Setting("fedasync", 1),
+    )
+
+
+def draw_delays(nodes: list[str], seed: int, median: float, sigma: float) -> dict[str, float]:
+    """One delay per hospital, log-normal: the same hospitals are slow in every run."""
+    draws = np.random.default_rng(seed).lognormal(math.log(median), sigma, len(nodes))
+    return {node: round(float(d), 3) for node, d in zip(nodes, draws, strict=True)}
+
+
+def to_target(
+    result: DemoResult, target: float, min_evaluations: int
+) -> tuple[float | None, int | None]:
+    """(seconds after all hospitals were ready, updates folded) to the first version at target."""
+    for point in result.timeline:
+        if point.evaluations >= min_evaluations and point.mean_accuracy >= target:
+            return max(0.0, point.seconds - result.ready_seconds), point.updates_folded
+    return None, None
+
+
+def run_one(  # noqa: PLR0917 - one call site, each argument named there
+    federation: str,
+    setting: Setting,
+    seed: int,
+    delays: dict[str, float],
+    budget: float,
+    workdir: Path,
+    console: Console,
+) -> dict[str, object]:
+    sites = len(FEDERATIONS[federation].sites)
+    result = run_demo(
+        DemoConfig(
+            federation=federation,
+            versions=100_000,
+            mode=setting.mode,
+            buffer_size=setting.k if setting.mode == "fedbuff" else None,
+            delays=delays,
+            seed=seed,
+            budget_seconds=budget,
+            timeout=budget + 300,
+            workdir=workdir,
+        ),
+        console,
+    )
+    # Pneumonia: one shared test split, so any evaluation is the version's accuracy.
+    needed = 1 if federation == "pneumonia" else sites
+    row: dict[str, object] = {
+        "federation": federation,
+        "mode": setting.mode,
+        "k": setting.k,
+        "seed": seed,
+        "budget_seconds": budget,
+    }
+    for target in ALL_TARGETS:  # every run has every key; null where not reached
+        seconds, updates = to_target(result, target, needed)
+        label = f"{round(target * 100)}"
+        row[f"seconds_to_{label}"] = seconds
+        row[f"updates_to_{label}"] = updates
+    downlink = result.blob_bytes * sites * result.versions
+    uplink = result.timeline[-1].update_bytes if result.timeline else 0
+    row.update(
+        {
+            "final_accuracy": result.mean_accuracy,
+            "final_accuracy_last5": result.mean_accuracy_last5,
+            "versions": result.versions,
+            "updates_folded": result.updates_folded,
+            "ready_seconds": result.ready_seconds,
+            "wall_seconds": result.wall_seconds,
+            "bytes_up": uplink,
+            "bytes_down": downlink,
+            "bytes_moved": uplink + downlink,
+            "timeline": [
+                {
+                    "seconds": round(max(0.0, p.seconds - result.ready_seconds), 3),
+                    "version": p.version,
+                    "accuracy": p.mean_accuracy,
+                    "evaluations": p.evaluations,
+                    "updates_folded": p.updates_folded,
+                }
+                for p in result.timeline
+            ],
+        }
+    )
+    return row
+
+
+def _spread(values: list[float | None]) -> dict[str, object]:
+    """Median and range over seeds; a seed that never reached a target makes the median None
+    when half or more of them missed it (a missed target is slower than any reached one)."""
+    reached = sorted(v for v in values if v is not None)
+    missed = len(values) - len(reached)
+    ordered: list[float] = reached + [math.inf] * missed
+    median = statistics.median(ordered) if ordered else math.inf
+    return {
+        "median": None if math.isinf(median) else median,
+        "min": reached[0] if reached else None,
+        "max": None if missed or not reached else reached[-1],
+        "reached": f"{len(reached)}/{len(values)}",
+    }
+
+
+def summarise(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    keys = sorted({(str(r["federation"]), str(r["mode"]), int(r["k"])) for r in rows},  # type: ignore[call-overload]
+                  key=lambda t: (t[0], ORDER[t[1]], t[2]))  # fmt: skip
+    for federation, mode, k in keys:
+        runs = [r for r in rows if (r["federation"], r["mode"], r["k"]) == (federation, mode, k)]
+        entry: dict[str, object] = {"federation": federation, "mode": mode, "k": k,
+                                    "seeds": [r["seed"] for r in runs]}  # fmt: skip
+        for target in ALL_TARGETS:
+            label = f"{round(target * 100)}"
+            entry[f"seconds_to_{label}"] = _spread([r[f"seconds_to_{label}"] for r in runs])  # type: ignore[misc]
+            entry[f"updates_to_{label}"] = _spread([r[f"updates_to_{label}"] for r in runs])  # type: ignore[misc]
+        entry["final_accuracy"] = _spread([float(r["final_accuracy"]) for r in runs])  # type: ignore[arg-type]
+        entry["bytes_moved"] = statistics.median(int(r["bytes_moved"]) for r in runs)  # type: ignore[call-overload]
+        entry["versions"] = statistics.median(int(r["versions"]) for r in runs)  # type: ignore[call-overload]
+        out.append(entry)
+    for federation in {str(e["federation"]) for e in out}:
+        label = f"{round((TARGETS if federation == 'pneumonia' else HEART_TARGETS)[0] * 100)}"
+        group = [e for e in out if e["federation"] == federation]
+        sync = next((e for e in group if e["mode"] == "sync"), None)
+        base = None if sync is None else sync[f"seconds_to_{label}"]["median"]  # type: ignore[index]
+        for e in group:
+            mine = e[f"seconds_to_{label}"]["median"]  # type: ignore[index]
+            e[f"speedup_to_{label}"] = base / mine if base is not None and mine else None
+    return out
+
+
+def _fmt(spread: object, unit: str = "s") -> str:
+    s = spread if isinstance(spread, dict) else {}
+    if s.get("median") is None:
+        return f"- ({s.get('reached', '')})"
+    lo = s.get("min")
+    hi = s.get("max")
+    rng = f" [{lo:.0f}-{hi:.0f}]" if hi is not None and lo is not None else f" [{lo:.0f}-...]"
+    return f"{s['median']:.0f}{unit}{rng}"
+
+
+def render(summary: list[dict[str, object]], console: Console) -> None:
+    for federation in sorted({str(e["federation"]) for e in summary}):
+        targets = TARGETS if federation == "pneumonia" else HEART_TARGETS
+        a, b = (f"{round(t * 100)}" for t in targets)
+        table = Table(title=f"{federation}: median [min-max] over seeds")
+        for column in ("setting", f"s to {a}%", f"updates to {a}%", f"s to {b}%",
+                       f"updates to {b}%", "final acc", "versions", "MB moved",
+                       "speedup"):  # fmt: skip
+            table.add_column(column, justify="left" if column == "setting" else "right")
+        for e in (e for e in summary if e["federation"] == federation):
+            acc = e["final_accuracy"]
+            assert isinstance(acc, dict)
+            speed = e.get(f"speedup_to_{a}")
+            table.add_row(
+                Setting(e["mode"], int(e["k"])).name,  # type: ignore[arg-type, call-overload]
+                _fmt(e[f"seconds_to_{a}"]),
+                _fmt(e[f"updates_to_{a}"], ""),
+                _fmt(e[f"seconds_to_{b}"]),
+                _fmt(e[f"updates_to_{b}"], ""),
+                f"{acc['median']:.3f} [{acc['min']:.3f}-{acc['max']:.3f}]",
+                f"{e['versions']:.0f}",
+                f"{float(e['bytes_moved']) / 1e6:.0f}",  # type: ignore[arg-type]
+                "-" if speed is None else f"{speed:.2f}x",
+            )
+        Console(width=170).print(table)
+
+
+def plot(rows: list[dict[str, object]], path: Path, federation: str, seed: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for r in rows:
+        if r["federation"] != federation or r["seed"] != seed:
+            continue
+        points = r["timeline"]
+        assert isinstance(points, list)
+        # Every evaluated version, not the running best, which would hide the swings.
+        best = [(p["seconds"], p["accuracy"]) for p in points]
+        xs, ys = zip(*best, strict=True) if best else ((), ())
+        name = Setting(r["mode"], int(r["k"])).name  # type: ignore[arg-type, call-overload]
+        ax.plot(xs, ys, label=name, lw=1.4 if r["mode"] == "sync" else 1.0,
+                color="black" if r["mode"] == "sync" else None)  # fmt: skip
+    for target in TARGETS if federation == "pneumonia" else HEART_TARGETS:
+        ax.axhline(target, color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("seconds since every hospital was ready")
+    ax.set_ylabel("test accuracy of the global model")
+    ax.set_title(f"{federation}, log-normal straggler delays (median 0.5 s, sigma 1), seed {seed}")
+    ax.set_ylim(0.4, 1.0)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--json", type=Path, required=True, help="write the results here")
+    parser.add_argument("--budget", type=float, default=60.0,
+                        help="seconds per pneumonia run, from all hospitals ready")  # fmt: skip
+    parser.add_argument("--heart-budget", type=float, default=10.0,
+                        help="wall-clock seconds per heart-disease run")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--delay-seed", type=int, default=0)
+    parser.add_argument("--delay-median", type=float, default=0.5)
+    parser.add_argument("--delay-sigma", type=float, default=1.0)
+    parser.add_argument("--skip-heart", action="store_true")
+    parser.add_argument("--plot", type=Path, help="accuracy against wall clock, first seed (PNG)")
+    parser.add_argument("--quick", action="store_true", help="a few seconds' smoke run")
+    args = parser.parse_args()
+    console = Console(stderr=True)
+    plan: list[tuple[str, Setting, float, tuple[float, float]]] = []
+    if args.quick:
+        seeds = args.seeds[:1]
+        plan += [("heart-disease", s, 4.0, HEART_TARGETS)
+                 for s in (Setting("sync", 4), Setting("fedbuff", 2))]  # fmt: skip
+    else:
+        seeds = args.seeds
+        plan += [("pneumonia", s, args.budget, TARGETS) for s in settings(8)]
+        if not args.skip_heart:
+            plan += [("heart-disease", s, args.heart_budget, HEART_TARGETS)
+                     for s in (Setting("sync", 4), Setting("fedbuff", 3),
+                               Setting("fedasync", 1))]  # fmt: skip
+    delays = {
+        name: draw_delays(
+            [s.node_id for s in FEDERATIONS[name].sites],
+            args.delay_seed,
+            args.delay_median,
+            args.delay_sigma,
+        )
+        for name in {p[0] for p in plan}
+    }
+    rows: list[dict[str, object]] = []
+    report: dict[str, object] = {
+        "benchmark": "stragglers",
+        "quick": args.quick,
+        "seeds": seeds,
+        "delay_model": {
+            "distribution": "lognormal",
+            "median": args.delay_median,
+            "sigma": args.delay_sigma,
+            "seed": args.delay_seed,
+        },
+        "delays": delays,
+        "targets": {"pneumonia": TARGETS, "heart-disease": HEART_TARGETS},
+        "budget_seconds": {"pneumonia": args.budget, "heart-disease": args.heart_budget},
+        "command": " ".join(sys.argv),
+        "runs": rows,
+    }
+    with tempfile.TemporaryDirectory(prefix="healthnet-stragglers-") as tmp:
+        for seed in seeds:  # seeds outermost: a cut-short run still compares every mode
+            for federation, setting, budget, _targets in plan:
+                console.rule(f"{federation} {setting.name} seed {seed}")
+                rows.append(
+                    run_one(
+                        federation,
+                        setting,
+                        seed,
+                        delays[federation],
+                        budget,
+                        Path(tmp) / f"{federation}-{setting.mode}-{setting.k}-{seed}",
+                        console,
+                    )
+                )
+                summary = summarise(rows)
+                report["summary"] = summary
+                write_report(args.json, report)  # after every run: partial results survive
+    summary = summarise(rows)
+    render(summary, console)
+    report["summary"] = summary
+    write_report(args.json, report)
+    if args.plot:
+        plot(rows, args.plot, "heart-disease" if args.quick else "pneumonia", seeds[0])
+    console.print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

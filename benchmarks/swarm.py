@@ -1,0 +1,331 @@
+"""Scale: hundreds of simulated hospitals against one real aggregator and one Mosquitto.
+
+    python benchmarks/swarm.py --json OUT [--nodes 200] [--seconds 180] [--think 10] [--quick]
+
+The aggregator is the real service (``healthnet aggregator run``, the heart-disease logistic
+regression, FedBuff K = ``--buffer-size``) in its own process; the hospitals are light clients,
+many per process (``--procs``), each one ``MqttClient`` built from the protocol's own parts: it
+follows the retained manifest and chunks (``common.blobs.ModelDownload``), and after a think time
+drawn around ``--think`` seconds sends a random dense delta (``compression.dense_tensor``, the
+codec's envelope) against the version it holds, at most one per version, and counts the acks.
+After ``--seconds`` the clients stop sending and wait for the acks still due. It reports versions
+per minute, updates folded per second, updates sent, accepted, rejected and never acknowledged
+(lost), and the aggregator's resident memory (VmRSS sampled from /proc every second, VmHWM at
+the end) with its growth from the first to the last third of the run. ``--quick`` runs 20
+hospitals for a few seconds: CI runs it so the benchmark cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import queue
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.synchronize import Event as MpEvent
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from common.blobs import ModelDownload
+from common.broker_url import BrokerEndpoint
+from common.codec import decode, decode_tensors, encode, envelope, new_id
+from common.compression import dense_tensor
+from common.messages import Ack, AggregatorStatus, Manifest, TrainMetrics, Update
+from common.mqtt import ConnectionEvent, Message, MqttClient
+from common.topics import Route, TopicTree
+from healthnet.broker import BrokerConfig, EmbeddedBroker
+from healthnet.demo import aggregator_args
+from healthnet.federations import HEART_DISEASE
+from healthnet.processes import ProcessGroup
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_report
+
+MAX_BLOB = 64 * 1024 * 1024
+
+
+class _Hospital:
+    """One simulated hospital: a connection, the model it holds, and its own tallies."""
+
+    def __init__(self, url: str, federation: str, name: str, think: float, seed: int) -> None:
+        self.name = name
+        self.topics = TopicTree(federation)
+        self.client = MqttClient(BrokerEndpoint.parse(url), name)
+        self.download = ModelDownload(max_blob_bytes=MAX_BLOB)
+        self.rng = random.Random(seed)
+        self.nprng = np.random.default_rng(seed)
+        self.think = think
+        self.held: tuple[Manifest, dict[str, np.ndarray]] | None = None
+        self.sent_base = -1
+        self.due_at = time.monotonic() + self.rng.uniform(0, think)
+        self.pending: set[str] = set()
+        self.tally = {"sent": 0, "accepted": 0, "rejected": 0}
+
+    def run(self, sending: threading.Event, stop: threading.Event) -> None:
+        topics = self.topics
+        with self.client as client:
+            client.subscribe(str(topics.manifest()))
+            client.subscribe(topics.all_chunks())
+            client.subscribe(str(topics.ack(self.name)))
+            while not stop.is_set():
+                try:
+                    item = client.inbox.get(timeout=0.1)
+                except queue.Empty:
+                    item = None
+                if isinstance(item, Message) and item.payload:
+                    self._on_message(item)
+                elif isinstance(item, ConnectionEvent) and not item.connected:
+                    self.tally["disconnects"] = self.tally.get("disconnects", 0) + 1
+                if sending.is_set():
+                    self._maybe_send(client)
+
+    def _on_message(self, item: Message) -> None:
+        topic = self.topics.parse(item.topic)
+        if topic.route is Route.CHUNK and topic.version is not None:
+            self.download.on_chunk(topic.version, topic.chunk or 0, item.payload)
+        else:
+            body = decode(item.payload, max_bytes=MAX_BLOB).body
+            if isinstance(body, Manifest):
+                self.download.on_manifest(body)
+            elif isinstance(body, Ack) and body.update_id in self.pending:
+                self.pending.discard(body.update_id)
+                self.tally["accepted" if body.accepted else "rejected"] += 1
+                if not body.accepted:
+                    self.tally[f"rejected_{body.reason}"] = (
+                        self.tally.get(f"rejected_{body.reason}", 0) + 1
+                    )
+        got = self.download.take()
+        if got is not None:
+            manifest, blob = got
+            self.held = (manifest, dict(decode_tensors(blob, max_bytes=MAX_BLOB)))
+
+    def _maybe_send(self, client: MqttClient) -> None:
+        if self.held is None or time.monotonic() < self.due_at:
+            return
+        manifest, params = self.held
+        if manifest.version <= self.sent_base:
+            return  # one update per version, as a real node
+        delta = tuple(
+            dense_tensor(name, (self.nprng.standard_normal(p.shape) * 1e-3).astype(np.float32))
+            for name, p in params.items()
+        )
+        update = Update(
+            update_id=new_id(),
+            run_id=manifest.run_id,
+            base_version=manifest.version,
+            num_samples=self.rng.randint(50, 300),
+            metrics=TrainMetrics(loss=0.5, accuracy=0.75, seconds=self.think),
+            delta=delta,
+        )
+        payload = encode(envelope(update, sender=self.name, sent_at=time.time()))
+        client.publish(self.topics.update(self.name), payload)
+        self.pending.add(update.update_id)
+        self.sent_base = manifest.version
+        self.tally["sent"] += 1
+        self.due_at = time.monotonic() + self.rng.uniform(0.5 * self.think, 1.5 * self.think)
+
+
+def _worker(  # noqa: PLR0917 - a process target, called with args
+    url: str, federation: str, names: list[str], think: float,
+            out: mp.Queue[dict[str, int]], ready: mp.Queue[str],
+            sending: MpEvent, stop: MpEvent) -> None:  # fmt: skip
+    local_send, local_stop = threading.Event(), threading.Event()
+    hospitals = [_Hospital(url, federation, n, think, seed=i) for i, n in enumerate(names)]
+    threads = [threading.Thread(target=h.run, args=(local_send, local_stop), daemon=True)
+               for h in hospitals]  # fmt: skip
+    for t in threads:
+        t.start()
+    while any(h.held is None for h in hospitals):
+        time.sleep(0.1)
+    ready.put(str(len(hospitals)))
+    sending.wait()
+    local_send.set()
+    while not stop.is_set():
+        time.sleep(0.1)
+        if not sending.is_set():
+            local_send.clear()
+    # drain: wait for the acks still due, up to the stop signal's grace
+    local_send.clear()
+    deadline = time.monotonic() + 30
+    while any(h.pending for h in hospitals) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    local_stop.set()
+    for t in threads:
+        t.join(timeout=10)
+    total: dict[str, int] = {"lost": sum(len(h.pending) for h in hospitals)}
+    for h in hospitals:
+        for key, value in h.tally.items():
+            total[key] = total.get(key, 0) + value
+    out.put(total)
+
+
+def _memory(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def main() -> None:  # noqa: PLR0915 - one script, read top to bottom
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--json", type=Path, required=True, help="write the results here")
+    parser.add_argument("--nodes", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=180.0, help="sending time")
+    parser.add_argument("--think", type=float, default=10.0, help="mean seconds between updates")
+    parser.add_argument("--buffer-size", type=int, default=10)
+    parser.add_argument("--max-staleness", type=int, default=1000)
+    parser.add_argument("--procs", type=int, default=4, help="client processes")
+    parser.add_argument("--quick", action="store_true", help="a few seconds' smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.nodes, args.seconds, args.think, args.procs, args.buffer_size = 20, 5.0, 1.0, 2, 4
+    console = Console(stderr=True)
+    federation = f"swarm-{new_id()[:8]}"
+    topics = TopicTree(federation)
+    ctx = mp.get_context("spawn")
+    out: mp.Queue[dict[str, int]] = ctx.Queue()
+    ready: mp.Queue[str] = ctx.Queue()
+    sending, stop = ctx.Event(), ctx.Event()
+    names = [f"h{i:04d}" for i in range(args.nodes)]
+    samples: list[tuple[float, int]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="healthnet-swarm-") as tmp,
+        EmbeddedBroker(BrokerConfig(implementation="mosquitto", workdir=Path(tmp) / "broker"))
+        as broker,
+        ProcessGroup(Path(tmp) / "logs") as group,
+        MqttClient(BrokerEndpoint.parse(broker.url), f"{federation}-watch") as watch,
+    ):  # fmt: skip
+        watch.subscribe(str(topics.aggregator_status()))
+        aggregator = group.start(
+            "aggregator",
+            aggregator_args(
+                broker_url=broker.url,
+                federation_id=federation,
+                state_dir=Path(tmp) / "aggregator",
+                federation=HEART_DISEASE,
+                buffer_size=args.buffer_size,
+                max_staleness=args.max_staleness,
+            ),
+        )
+        workers = [
+            ctx.Process(target=_worker, args=(broker.url, federation, names[p::args.procs],
+                                              args.think, out, ready, sending, stop))
+            for p in range(args.procs)
+        ]  # fmt: skip
+        for w in workers:
+            w.start()
+        for _ in workers:
+            ready.get(timeout=300)
+        pid = aggregator.pid
+        assert pid is not None
+        status: AggregatorStatus | None = None
+
+        def drain_status() -> AggregatorStatus | None:
+            latest = status
+            while True:
+                try:
+                    item = watch.inbox.get_nowait()
+                except queue.Empty:
+                    return latest
+                if isinstance(item, Message) and item.payload:
+                    body = decode(item.payload).body
+                    if isinstance(body, AggregatorStatus):
+                        latest = body
+
+        status = drain_status()
+        start_version = 0 if status is None else status.version
+        start_folded = 0 if status is None else status.counters.folded
+        console.print(f"{args.nodes} hospitals hold the model; sending for {args.seconds:.0f}s")
+        started = time.monotonic()
+        sending.set()
+        while time.monotonic() - started < args.seconds:
+            samples.append((time.monotonic() - started, _memory(pid)["VmRSS"]))
+            status = drain_status()
+            if aggregator.poll() is not None:
+                raise SystemExit(f"the aggregator exited:\n{aggregator.tail()}")
+            time.sleep(1.0)
+        sending.clear()
+        sent_for = time.monotonic() - started
+        status = drain_status()
+        mid_version = 0 if status is None else status.version
+        mid_folded = 0 if status is None else status.counters.folded
+        stop.set()
+        totals: dict[str, int] = {}
+        for _ in workers:
+            for key, value in out.get(timeout=120).items():
+                totals[key] = totals.get(key, 0) + value
+        for w in workers:
+            w.join(timeout=30)
+        time.sleep(2.0)  # one more status heartbeat
+        status = drain_status()
+        hwm = _memory(pid)["VmHWM"]
+    assert status is not None
+    third = max(1, len(samples) // 3)
+    first = statistics.median(r for _, r in samples[:third])
+    last = statistics.median(r for _, r in samples[-third:])
+    counters = status.counters
+    result = {
+        "nodes": args.nodes,
+        "sending_seconds": sent_for,
+        "versions": mid_version - start_version,
+        "versions_per_minute": (mid_version - start_version) / sent_for * 60,
+        "updates_folded_per_second": (mid_folded - start_folded) / sent_for,
+        "sent": totals.get("sent", 0),
+        "accepted": totals.get("accepted", 0),
+        "rejected": totals.get("rejected", 0),
+        "lost": totals.get("lost", 0),
+        "client_tallies": totals,
+        "aggregator_counters": counters.model_dump(),
+        "aggregator_rss_first_third_bytes": first,
+        "aggregator_rss_last_third_bytes": last,
+        "aggregator_rss_growth": last / first - 1,
+        "aggregator_peak_rss_bytes": hwm,
+        "rss_samples": samples,
+    }
+    table = Table(title=f"{args.nodes} hospitals, {sent_for:.0f}s, K = {args.buffer_size}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows: tuple[tuple[str, str], ...] = (
+        ("versions per minute", f"{result['versions_per_minute']:.1f}"),
+        ("updates folded per second", f"{result['updates_folded_per_second']:.2f}"),
+        ("updates sent / accepted", f"{result['sent']} / {result['accepted']}"),
+        ("rejected / lost", f"{result['rejected']} / {result['lost']}"),
+        ("aggregator rejected (its counter)", str(counters.rejected)),
+        ("aggregator RSS first / last third", f"{first / 2**20:.1f} / {last / 2**20:.1f} MiB"),
+        ("aggregator peak RSS (VmHWM)", f"{hwm / 2**20:.1f} MiB"),
+    )
+    for label, text in rows:
+        table.add_row(label, text)
+    Console(width=120).print(table)
+    write_report(
+        args.json,
+        {
+            "benchmark": "swarm",
+            "quick": args.quick,
+            "settings": {
+                "nodes": args.nodes,
+                "seconds": args.seconds,
+                "think": args.think,
+                "buffer_size": args.buffer_size,
+                "max_staleness": args.max_staleness,
+                "procs": args.procs,
+                "model": HEART_DISEASE.model.model_dump(),
+            },
+            "command": " ".join(sys.argv),
+            "result": result,
+        },
+    )
+    console.print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

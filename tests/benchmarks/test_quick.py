@@ -1,0 +1,80 @@
+"""Every benchmark's quick mode runs to the end and writes the JSON keys its README tables use."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.slow, pytest.mark.broker]
+
+
+def run_quick(name: str, tmp_path: Path) -> dict[str, object]:
+    out = tmp_path / f"{name}.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, object] = json.loads(out.read_text())
+    machine = report["machine"]
+    assert isinstance(machine, dict)
+    assert {"cores", "cpu", "git_revision"} <= machine.keys()
+    assert report["quick"] is True
+    return report
+
+
+def test_stragglers_quick_reports_every_run(tmp_path: Path) -> None:
+    """stragglers --quick writes one run per mode with the time-to-accuracy keys."""
+    report = run_quick("stragglers", tmp_path)
+    runs = report["runs"]
+    assert isinstance(runs, list)
+    assert {r["mode"] for r in runs} == {"sync", "fedbuff"}
+    for run in runs:
+        assert {"mode", "k", "seed", "seconds_to_85", "seconds_to_88", "final_accuracy",
+                "bytes_moved", "timeline"} <= run.keys()  # fmt: skip
+        assert 0.0 <= run["final_accuracy"] <= 1.0
+
+
+def test_fold_quick_measures_every_setting(tmp_path: Path) -> None:
+    """fold --quick reports updates per second and the ratio to numpy's add per setting."""
+    report = run_quick("fold", tmp_path)
+    results = report["results"]
+    assert isinstance(results, list)
+    assert {r["setting"] for r in results} == {"dense-fp32", "fp16", "top10%-int8"}
+    for row in results:
+        assert row["updates_per_second"] > 0
+        assert row["ratio_to_numpy_add"] > 0
+
+
+def test_broadcast_quick_times_every_node(tmp_path: Path) -> None:
+    """broadcast --quick times each version from creation to the median and the worst node."""
+    report = run_quick("broadcast", tmp_path)
+    results = report["results"]
+    assert isinstance(results, list)
+    row = results[0]
+    assert 0 < row["first_node_seconds"] <= row["median_node_seconds"] <= row["worst_node_seconds"]
+
+
+def test_swarm_quick_loses_no_update(tmp_path: Path) -> None:
+    """swarm --quick folds updates from its simulated hospitals and loses or rejects none."""
+    report = run_quick("swarm", tmp_path)
+    result = report["result"]
+    assert isinstance(result, dict)
+    assert result["sent"] > 0
+    assert result["accepted"] == result["sent"]
+    assert result["rejected"] == 0
+    assert result["lost"] == 0
+    assert result["aggregator_peak_rss_bytes"] > 0
