@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from common.compression import DecodedTensor, fold
+from common.compression import DecodedTensor, fold, sum_of_squares
 from common.messages import AggregationRule, ServerOptimizerKind, StalenessKind
 
 __all__ = [
@@ -263,13 +263,8 @@ def _stacks(deltas: Sequence[AnyParams]) -> list[tuple[str, NDArray[np.float64]]
 
 
 def global_norm(params: Params) -> float:
-    """The L2 norm of all tensors taken together."""
-    # float64: squares of large but finite float32 values overflow float32.
-    return math.sqrt(
-        math.fsum(
-            float(np.vdot(t.astype(np.float64), t.astype(np.float64))) for t in params.values()
-        )
-    )
+    """The L2 norm of all tensors taken together (accumulated in float64)."""
+    return math.sqrt(math.fsum(sum_of_squares(t) for t in params.values()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,5 +318,8 @@ def server_step(
                 new_m[name] = m.astype(np.float32)
                 new_v[name] = v.astype(np.float32)
                 step = m / (np.sqrt(v) + opt.tau)
-        new_params[name] = (x + opt.lr * step).astype(np.float32)
+        # In place in one new float32 array: this runs over the whole model every version.
+        updated = np.multiply(step, opt.lr, dtype=np.float32)
+        np.add(updated, x, out=updated)
+        new_params[name] = updated
     return new_params, ServerOptimizerState(step=state.step + 1, m=new_m, v=new_v)

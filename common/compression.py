@@ -51,6 +51,7 @@ __all__ = [
     "effective_policy",
     "fold",
     "squared_norm",
+    "sum_of_squares",
 ]
 
 Array = NDArray[np.float32]
@@ -545,8 +546,25 @@ def decompress(tensor: CompressedTensor, shape: Iterable[int]) -> Array:
 
 def squared_norm(decoded: DecodedTensor) -> float:
     """The squared L2 norm of the decoded tensor, accumulated in float64."""
-    wide = _float32_values(decoded).astype(np.float64)
-    return float(np.dot(wide, wide))
+    return sum_of_squares(_float32_values(decoded))
+
+
+def sum_of_squares(array: NDArray[np.floating[Any]]) -> float:
+    """``sum(array ** 2)`` accumulated in float64, one cache-sized block at a time.
+
+    float64 because the squares of large finite float32 values overflow float32; blocks because
+    a float64 copy of a whole large tensor costs more memory traffic than the sum itself (and
+    numpy's float64 ``dot`` can be slower still where BLAS threads compete for few cores).
+    """
+    flat = np.asarray(array).reshape(-1)
+    block = np.empty(min(flat.size, _BLOCK), dtype=np.float64)
+    total = 0.0
+    for start in range(0, flat.size, _BLOCK):
+        part = flat[start : start + _BLOCK]
+        squares = block[: part.size]
+        np.multiply(part, part, out=squares, dtype=np.float64)
+        total += float(squares.sum())
+    return total
 
 
 def _float32_values(decoded: DecodedTensor) -> Array:
