@@ -98,9 +98,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=30, help="fold timing repeats")
     parser.add_argument("--quick", action="store_true", help="a few seconds' smoke run")
+    parser.add_argument(
+        "--settings", nargs="+", choices=[s.name for s in SETTINGS], help="run only these"
+    )
     args = parser.parse_args()
     console = Console(stderr=True)
     settings = SETTINGS[::4] if args.quick else SETTINGS
+    if args.settings:
+        settings = tuple(s for s in settings if s.name in args.settings)
     versions = 2 if args.quick else args.versions
     nodes = 3 if args.quick else None
     repeats = 3 if args.quick else args.repeats
