@@ -7,6 +7,15 @@ runs paho's loop, and on any loss reconnects with capped, fully jittered backoff
 reconnect delay has no jitter, so a broker restart would bring every hospital back in step).
 Subscriptions are remembered and renewed on every connect. QoS 1 publishes made while offline are
 queued by paho and sent on reconnect. Return codes become exceptions at the call site.
+
+Manual acknowledgement. A client made with ``manual_ack=True`` does not PUBACK a QoS 1 message
+when it arrives: the owner calls :meth:`MqttClient.ack` once the message is safely handled (for the
+aggregator: durably recorded). With a persistent session the broker redelivers every message that
+was never acked after a crash or a lost connection. Packet ids belong to one session, and a
+message still on the inbox from before a reconnect has been (or will be) redelivered under its id
+on the new connection; acking the old copy could acknowledge a *different* message that the broker
+later sends under a reused id. So each message carries the number of the connection it came on,
+and an ack for an earlier connection is not sent: the redelivered copy is acked instead.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import queue
 import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
@@ -46,6 +55,9 @@ class Message:
     payload: bytes
     retain: bool
     qos: int
+    # The packet id and the connection it arrived on, for MqttClient.ack (see the module docstring).
+    mid: int = field(default=0, compare=False)
+    connection: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +93,7 @@ class MqttClient:
         backoff: Backoff | None = None,
         max_inflight: int = 20,
         connect_timeout: float = 15.0,
+        manual_ack: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.client_id = client_id
@@ -92,6 +105,8 @@ class MqttClient:
         self._backoff = backoff or Backoff()
         self._max_inflight = max_inflight
         self._connect_timeout = connect_timeout
+        self._manual_ack = manual_ack
+        self._connection = 0  # counts successful connects; written by the network thread only
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -215,6 +230,31 @@ class MqttClient:
             self._unconfirmed = [i for i in self._unconfirmed if not i.is_published()]
         return not self._unconfirmed
 
+    def ack(self, message: Message) -> bool:
+        """Acknowledge a QoS 1 message to the broker (``manual_ack`` clients only).
+
+        Returns False, and sends nothing, when the message came on an earlier connection (the
+        broker redelivers it on this one) or the client is offline; True when the PUBACK is queued
+        or none is needed (QoS 0, or a client that acks on arrival).
+        """
+        if not self._manual_ack or message.qos == 0:
+            return True
+        client = self._paho
+        if client is None or not self._connected.is_set() or message.connection != self._connection:
+            log.debug(
+                "%s: not acking %s (mid %d) from connection %d; the broker redelivers it",
+                self.client_id,
+                message.topic,
+                message.mid,
+                message.connection,
+            )
+            return False
+        rc = client.ack(message.mid, message.qos)
+        if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            return False
+        _check(rc, f"ack of {message.topic}")
+        return True
+
     def clear_retained(self, topic: Topic) -> None:
         """Remove a retained message (a zero-length retained publish)."""
         self._publish(self._require(), str(topic), b"", qos=topic.qos, retain=True)
@@ -249,6 +289,7 @@ class MqttClient:
             clean_session=None if v5 else not self._persistent,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             reconnect_on_failure=False,
+            manual_ack=self._manual_ack,
         )
         client.max_inflight_messages_set(self._max_inflight)
         if self.endpoint.username:
@@ -323,6 +364,7 @@ class MqttClient:
             return
         self._attempt = 0
         self._last_error = ""
+        self._connection += 1
         with self._lock:
             subscriptions = list(self._subscriptions.items())
         for topic_filter, qos in subscriptions:
@@ -344,7 +386,16 @@ class MqttClient:
             self.inbox.put(ConnectionEvent(connected=False, reason=str(reason_code)))
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
-        self.inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos)))
+        self.inbox.put(
+            Message(
+                msg.topic,
+                bytes(msg.payload),
+                bool(msg.retain),
+                int(msg.qos),
+                mid=int(msg.mid),
+                connection=self._connection,
+            )
+        )
 
 
 def _check(rc: MQTTErrorCode, what: str) -> None:
