@@ -1,8 +1,11 @@
 """The aggregator's shell: MQTT, disk and clocks around :class:`~aggregator.core.AggregatorCore`.
 
 One service thread drains the MQTT inbox and does all the work (decoding, validation, folding,
-checkpointing), so paho's network thread only moves bytes. Every accepted update is in the
-write-ahead log before its ack is published; every version is checkpointed before it is announced.
+checkpointing), so paho's network thread only moves bytes. Every verdict on an update is durable
+(write-ahead log and ledger, see :mod:`aggregator.journal`) before it is acknowledged, both to the
+node (the application ack) and to the broker (a manual PUBACK on a persistent session, so that the
+broker redelivers whatever a crash interrupted); every version is checkpointed before it is
+announced.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from aggregator.core import AggregatorCore, Discard, Fold
+from aggregator.journal import Journal
 from aggregator.settings import AggregatorSettings
-from aggregator.store import Checkpoint, StateStore
 from common.blobs import split_blob
 from common.codec import decode, encode, encode_tensors, envelope, new_id, sha256_hex
 from common.errors import ControlError, HealthNetError, ProtocolError, TopicError
@@ -54,13 +57,19 @@ class AggregatorService:
     ) -> None:
         self.settings = settings
         self.topics = TopicTree(settings.federation)
-        self.store = StateStore(settings.state_dir, keep_checkpoints=settings.keep_checkpoints)
+        self.journal = Journal(
+            settings.state_dir,
+            model=settings.model,
+            keep_checkpoints=settings.keep_checkpoints,
+            clock=clock,
+        )
         self._clock = clock
         self._core: AggregatorCore | None = None
         self._client: MqttClient | None = None
         self._published_chunks: tuple[int, int] | None = None
         self._status_dirty = True
         self._last_status = 0.0
+        self._connected_before = False
 
     @property
     def core(self) -> AggregatorCore:
@@ -71,8 +80,7 @@ class AggregatorService:
     def run(self, stop_event: threading.Event | None = None) -> AggregatorState:
         """Serve until the run is stopped (returns STOPPED) or ``stop_event`` is set."""
         stop_event = stop_event or threading.Event()
-        with self._locked_state_dir():
-            self.store.open()
+        with self._locked_state_dir(), contextlib.closing(self.journal):
             self._core = self._restore()
             if self.core.state is AggregatorState.STOPPED:
                 log.warning(
@@ -107,25 +115,15 @@ class AggregatorService:
             yield
 
     def _restore(self) -> AggregatorCore:
-        checkpoint = self.store.load_latest()
+        core, checkpoint, restored = self.journal.resume(
+            self._fresh_core, max_bytes=self.settings.max_update_bytes
+        )
         if checkpoint is None:
-            core = self._fresh_core()
-            self._checkpoint(core)
             log.info("run %s: new, v0 from model %s", core.run_id, self.settings.model.name)
         else:
-            core = AggregatorCore(
-                run_id=checkpoint.run_id,
-                params=Checkpoint.arrays(checkpoint.params),
-                knobs=checkpoint.knobs,
-                version=checkpoint.version,
-                state=checkpoint.state,
-                optimizer_state=checkpoint.optimizer_state(),
-                seen=checkpoint.seen,
-                counters=checkpoint.counters,
-                nodes=checkpoint.nodes,
-            )
             log.info("run %s: resumed at v%d (%s)", core.run_id, core.version, core.state.value)
-        self._replay_wal(core, checkpoint.buffered if checkpoint else ())
+        if restored:
+            log.info("run %s: %d buffered updates restored from the WAL", core.run_id, restored)
         return core
 
     def _fresh_core(self) -> AggregatorCore:
@@ -141,36 +139,6 @@ class AggregatorService:
             core.command(ControlCommand.START)
         return core
 
-    def _replay_wal(self, core: AggregatorCore, buffered: tuple[str, ...]) -> None:
-        """Rebuild the buffer: accepted updates in the WAL that no checkpoint has folded yet.
-
-        An update the checkpoint lists as buffered goes back as it was; one accepted after the
-        checkpoint goes through validation again (and is counted, as the checkpoint did not); one
-        the checkpoint has seen otherwise was folded, and its log entry is dropped.
-        """
-        folded: set[str] = set()
-        restored = 0
-        for entry in self.store.wal_entries():
-            env = decode(entry.payload, max_bytes=self.settings.max_update_bytes)
-            update = env.body
-            if not isinstance(update, Update):
-                folded.add(entry.update_id)
-                continue
-            size, now = len(entry.payload), self._clock()
-            if update.update_id in buffered:
-                core.restore_buffered(entry.node, update, size, now)
-                restored += 1
-                continue
-            verdict = core.receive(entry.node, env.sender, update, size, now)
-            if verdict.duplicate or not verdict.accepted:
-                folded.add(entry.update_id)
-            else:
-                restored += 1
-        if folded:
-            self.store.drop_wal(folded)
-        if restored:
-            log.info("run %s: %d buffered updates restored from the WAL", core.run_id, restored)
-
     def _connect(self) -> MqttClient:
         settings = self.settings
         client = MqttClient(
@@ -179,6 +147,10 @@ class AggregatorService:
             persistent_session=True,
             tls_files=settings.tls_files(),
             connect_timeout=settings.connect_timeout,
+            keepalive=settings.keepalive,
+            # PUBACK only once a message is handled (an update: durably recorded), so that the
+            # broker redelivers what a crash interrupted.
+            manual_ack=True,
         )
         client.subscribe(self.topics.all_updates())
         client.subscribe(self.topics.all_node_evals())
@@ -196,8 +168,14 @@ class AggregatorService:
             match item:
                 case Message():
                     self._on_message(item)
+                    client.ack(item)
                 case ConnectionEvent(connected=True):
                     self._status_dirty = True
+                    if self._connected_before:
+                        # A broker that crashed may have come back with older retained messages
+                        # (or none): announce the current version again.
+                        self._publish_model()
+                    self._connected_before = True
                 case ConnectionEvent(connected=False):
                     log.warning("lost the broker (%s); reconnecting", item.reason)
                 case None:
@@ -255,6 +233,9 @@ class AggregatorService:
         self._status_dirty = True
         if len(payload) > self.settings.max_update_bytes:
             core.note_malformed(node, RejectReason.TOO_LARGE, now, len(payload))
+            self.journal.record_unreadable(
+                core, node, RejectReason.TOO_LARGE, "over max_update_bytes", len(payload)
+            )
             log.warning(
                 "node %s: dropped an update of %d bytes (limit %d) at v%d",
                 node,
@@ -267,16 +248,21 @@ class AggregatorService:
             env = decode(payload, max_bytes=self.settings.max_update_bytes)
         except ProtocolError as exc:
             core.note_malformed(node, RejectReason.MALFORMED, now, len(payload))
+            self.journal.record_unreadable(
+                core, node, RejectReason.MALFORMED, str(exc)[:200], len(payload)
+            )
             log.warning("node %s: dropped a malformed update at v%d: %s", node, core.version, exc)
             return
         update = env.body
         if not isinstance(update, Update):
             core.note_malformed(node, RejectReason.MALFORMED, now, len(payload))
+            self.journal.record_unreadable(
+                core, node, RejectReason.MALFORMED, f"{env.kind} on the update topic", len(payload)
+            )
             log.warning("node %s: %s on its update topic at v%d", node, env.kind, core.version)
             return
         verdict = core.receive(node, env.sender, update, len(payload), now)
-        if verdict.accepted and not verdict.duplicate:
-            self.store.append_wal(node, update.update_id, payload)
+        self.journal.record_update(core, node, update, verdict, payload)
         if verdict.accepted:
             log.info(
                 "node %s: update %s from v%d accepted at v%d%s",
@@ -320,7 +306,7 @@ class AggregatorService:
                     message = f"run is {state.value} at v{core.version}"
                     log.info("operator: %s -> %s", request.command.value, message)
             if request.command is not ControlCommand.STATUS:
-                self._checkpoint(core)
+                self.journal.checkpoint(core)
             reply = ControlReply(
                 request_id=request.request_id,
                 ok=True,
@@ -355,14 +341,10 @@ class AggregatorService:
                         core.version,
                         discard.detail,
                     )
-                    self._checkpoint(core)
-                    self.store.drop_wal(set(discard.update_ids))
+                    self.journal.commit_discard(core, discard)
 
     def _commit(self, fold: Fold) -> None:
-        core = self.core
-        self._checkpoint(core)
-        self.store.append_version(fold.record)
-        self.store.drop_wal(set(fold.folded_ids))
+        self.journal.commit_fold(self.core, fold)
         self._publish_model()
         self._send(self.topics.versions(), fold.record)
         stalenesses = [c.staleness for c in fold.record.contributions]
@@ -374,27 +356,6 @@ class AggregatorService:
             fold.record.reason,
         )
         self._publish_status(force=True)
-
-    def _checkpoint(self, core: AggregatorCore) -> None:
-        opt = core.optimizer_state
-        self.store.save(
-            Checkpoint(
-                run_id=core.run_id,
-                version=core.version,
-                state=core.state,
-                model=self.settings.model,
-                knobs=core.knobs,
-                params=Checkpoint.tensors(core.params),
-                optimizer_step=opt.step,
-                optimizer_m=Checkpoint.tensors(opt.m),
-                optimizer_v=Checkpoint.tensors(opt.v),
-                seen=dict(core.seen),
-                buffered=tuple(u.update_id for u in core.buffer),
-                counters=core.counters(),
-                nodes=core.ledger(),
-                created_at=self._clock(),
-            )
-        )
 
     def _publish_model(self) -> None:
         """Chunks first, manifest last (retained), then clear the previous version's chunks."""
