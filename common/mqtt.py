@@ -172,6 +172,7 @@ class MqttClient:
             client.on_connect = None
             client.on_disconnect = None
             client.on_message = None
+            client.on_socket_register_write = None
             self._paho = None
         self._connected.clear()
 
@@ -310,6 +311,12 @@ class MqttClient:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        # Only the network thread may write to the socket. Without a loop_start() thread or this
+        # callback, paho writes a publish (or a PUBACK) from the caller's thread, concurrently
+        # with the network thread's loop(): the two interleave the bytes of large packets and
+        # the broker drops the connection as malformed. With it, a publish is only queued, and
+        # paho's wake-up socket makes loop() write it.
+        client.on_socket_register_write = _only_the_network_thread_writes
         properties = None
         clean_start: paho.CleanStartOption = paho.MQTT_CLEAN_START_FIRST_ONLY
         if v5:
@@ -396,6 +403,10 @@ class MqttClient:
                 connection=self._connection,
             )
         )
+
+
+def _only_the_network_thread_writes(client: paho.Client, userdata: object, sock: object) -> None:
+    """paho's hook for an external event loop: ours (the network thread) needs no telling."""
 
 
 def _check(rc: MQTTErrorCode, what: str) -> None:

@@ -403,3 +403,24 @@ def test_an_ack_for_an_earlier_connection_is_not_sent(tree: TopicTree, tmp_path:
             assert client.ack(again)
         finally:
             client.close()
+
+
+def test_large_publishes_from_another_thread_arrive_intact(
+    mosquitto: EmbeddedBroker, tree: TopicTree
+) -> None:
+    """Publishing multi-megabyte messages from the owner's thread never corrupts the stream.
+
+    Only the network thread may write to the socket: paho writes from the caller's thread when it
+    believes no loop thread runs, and two writers interleave the bytes of large packets.
+    """
+    payloads = [bytes([i]) * (16 * 1024 * 1024 + i) for i in range(6)]
+    with connected(mosquitto.url, "sub") as sub:
+        sub.subscribe(tree.all_updates())
+        wait_subscribed(sub, tree)
+        with connected(mosquitto.url, "big") as pub:
+            for payload in payloads:
+                pub.publish(tree.update("hosp-a"), payload)
+            assert pub.flush(WAIT)
+        received = messages(sub, len(payloads))
+    assert sorted(len(m.payload) for m in received) == sorted(len(p) for p in payloads)
+    assert all(m.payload == bytes([m.payload[0]]) * len(m.payload) for m in received)
