@@ -61,6 +61,7 @@ class AggregatorService:
             settings.state_dir,
             model=settings.model,
             keep_checkpoints=settings.keep_checkpoints,
+            checkpoint_every=settings.checkpoint_every,
             clock=clock,
         )
         self._clock = clock
@@ -96,6 +97,7 @@ class AggregatorService:
                 self._publish_model()
                 self._publish_status(force=True)
                 self._serve(client, stop_event)
+                self.journal.checkpoint(self.core)  # a clean stop leaves nothing to fold again
                 self._publish_status(force=True)
             return self.core.state
 
@@ -115,15 +117,19 @@ class AggregatorService:
             yield
 
     def _restore(self) -> AggregatorCore:
-        core, checkpoint, restored = self.journal.resume(
+        core, checkpoint, _ = self.journal.resume(
             self._fresh_core, max_bytes=self.settings.max_update_bytes
         )
         if checkpoint is None:
             log.info("run %s: new, v0 from model %s", core.run_id, self.settings.model.name)
         else:
-            log.info("run %s: resumed at v%d (%s)", core.run_id, core.version, core.state.value)
-        if restored:
-            log.info("run %s: %d buffered updates restored from the WAL", core.run_id, restored)
+            log.info(
+                "run %s: resumed at v%d (%s) with %d buffered updates",
+                core.run_id,
+                core.version,
+                core.state.value,
+                len(core.buffer),
+            )
         return core
 
     def _fresh_core(self) -> AggregatorCore:

@@ -35,6 +35,12 @@ class AggregatorSettings(ConnectionSettings):
     )
     status_interval: float = Field(default=5.0, gt=0, description="status heartbeat, seconds")
     keep_checkpoints: int = Field(default=3, ge=1)
+    checkpoint_every: int = Field(
+        default=10,
+        ge=1,
+        description="write a checkpoint every N versions; between two, versions.jsonl and the "
+        "write-ahead log make a crash lose nothing (recovery folds the logged versions again)",
+    )
 
     def mqtt_client_id(self) -> str:
         # The persistent session is keyed by client id: one per federation, never shared.

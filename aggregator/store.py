@@ -295,6 +295,10 @@ class StateStore:
 
     def last_logged_version(self) -> int:
         """The newest version in ``versions.jsonl`` (0 when none)."""
-        for record in read_json_lines_backwards(self.versions_log, VersionRecord):
+        for record in self.versions_backwards():
             return record.version
         return 0
+
+    def versions_backwards(self) -> Iterator[VersionRecord]:
+        """The records of ``versions.jsonl``, newest first."""
+        return read_json_lines_backwards(self.versions_log, VersionRecord)

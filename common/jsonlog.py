@@ -70,11 +70,13 @@ class JsonLog(Generic[R]):
             self._handle = None
 
     def append(self, records: Iterable[R]) -> None:
-        """Write records at the end (buffered: durable only after :meth:`sync`)."""
+        """Write records at the end. They reach the kernel at once, so they survive the process
+        being killed; they survive a power cut only after :meth:`sync`."""
         handle = self._require()
         data = b"".join(record.model_dump_json().encode() + b"\n" for record in records)
         if data:
             handle.write(data)
+            handle.flush()
             self._dirty = True
 
     def sync(self) -> None:
