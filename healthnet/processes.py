@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,13 +27,14 @@ class ManagedProcess:
     name: str
     args: list[str]
     log_path: Path
+    env: Mapping[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "healthnet", *self.args],
             stdout=self._log,
@@ -103,13 +105,16 @@ class ProcessGroup:
     ) -> None:
         self.stop_all()
 
-    def start(self, name: str, args: list[str]) -> ManagedProcess:
+    def start(
+        self, name: str, args: list[str], env: Mapping[str, str] | None = None
+    ) -> ManagedProcess:
+        """Start (or restart, once it has exited) a child; ``env`` adds environment variables."""
         previous = self.processes.get(name)
         if previous is not None:
             if previous.poll() is None:
                 raise HealthNetError(f"process {name} is already running")
             previous.stop()  # reaps it and closes its log
-        proc = ManagedProcess(name, args, self.log_dir / f"{name}.log")
+        proc = ManagedProcess(name, args, self.log_dir / f"{name}.log", dict(env or {}))
         proc.start()
         self.processes[name] = proc
         return proc
