@@ -378,11 +378,14 @@ class AggregatorCore:
         entry.last_staleness = staleness
         return verdict
 
-    def restore_buffered(self, node: str, update: Update, size: int, now: float) -> None:
-        """Put back an update that a checkpoint counted as buffered (from the write-ahead log).
+    def restore_buffered(
+        self, node: str, update: Update, size: int, now: float, *, count: bool = False
+    ) -> None:
+        """Put back an accepted update from the write-ahead log, without validating it again.
 
-        It was validated when it arrived and is already in ``seen`` and the counters, so only the
-        buffer changes.
+        It was validated when it arrived. One that the checkpoint lists as buffered is already in
+        ``seen`` and the counters; one accepted after the checkpoint (``count=True``) is added to
+        them as :meth:`receive` did.
         """
         tensors = {t.name: t for t in update.delta}
         if tensors.keys() != self._params.keys():
@@ -397,6 +400,19 @@ class AggregatorCore:
         self._buffer.append(
             BufferedUpdate.of(node, update, delta=delta, size=size, now=now, scale=scale)
         )
+        if count:
+            self._seen[update.update_id] = "accepted"
+            self._seen_by[update.update_id] = node
+            self._counters["received"] += 1
+            self._counters["accepted"] += 1
+            self._counters["bytes_received"] += size
+            self._counters["bytes_accepted"] += size
+            self._counters["raw_bytes_accepted"] += self._buffer[-1].raw_bytes
+            entry = self._nodes.setdefault(node, _Ledger())
+            entry.accepted += 1
+            entry.last_seen = now
+            entry.last_base_version = update.base_version
+            entry.bytes_received += size
 
     def note_malformed(self, node: str, reason: RejectReason, now: float, size: int) -> None:
         """Count a message that never reached validation (it has no update id to answer)."""
@@ -534,9 +550,29 @@ class AggregatorCore:
         reason = self.fold_due(now)
         if reason is None:
             raise ControlError("nothing to fold")
+        return self._fold(self._buffer[: self._knobs.buffer_size], reason, now)
+
+    def refold(self, record: VersionRecord, now: float) -> Fold:
+        """Fold again the batch that ``record`` names, after a crash lost the version it made.
+
+        Recovery between checkpoints: the same updates, in the same order, on the same weights
+        give the same version (numpy is deterministic), so nodes that trained on it are right.
+        """
+        if record.version != self._version + 1 or record.run_id != self.run_id:
+            raise ControlError(f"cannot refold v{record.version} of {record.run_id} now")
+        by_id = {u.update_id: u for u in self._buffer}
+        missing = [c.update_id for c in record.contributions if c.update_id not in by_id]
+        if missing:
+            raise ControlError(f"v{record.version}: updates {missing} are not buffered")
+        batch = [by_id[c.update_id] for c in record.contributions]
+        result = self._fold(batch, record.reason, now)
+        if not isinstance(result, Fold):
+            raise ControlError(f"v{record.version} does not fold again: {result.detail}")
+        return result
+
+    def _fold(self, batch: list[BufferedUpdate], reason: FoldReason, now: float) -> Fold | Discard:
         started = time.perf_counter()
         knobs = self._knobs
-        batch = self._buffer[: knobs.buffer_size]
         policy = StalenessPolicy(knobs.staleness, knobs.staleness_a, knobs.staleness_b)
         # Staleness counts the versions published since each update's base, up to this fold:
         # an update left in the buffer by an earlier fold is staler now than when it arrived.
@@ -568,7 +604,8 @@ class AggregatorCore:
         )
         params, opt_state = server_step(self._params, aggregate, self._opt_state, optimizer)
         folded_ids = tuple(u.update_id for u in batch)
-        self._buffer = self._buffer[len(batch) :]
+        taken = set(folded_ids)
+        self._buffer = [u for u in self._buffer if u.update_id not in taken]
         norm = global_norm(aggregate)
         if not math.isfinite(norm) or not all(np.isfinite(p).all() for p in params.values()):
             # Each update was finite, but together they overflow float32: refuse the batch

@@ -1,8 +1,11 @@
 """The aggregator's shell: MQTT, disk and clocks around :class:`~aggregator.core.AggregatorCore`.
 
 One service thread drains the MQTT inbox and does all the work (decoding, validation, folding,
-checkpointing), so paho's network thread only moves bytes. Every accepted update is in the
-write-ahead log before its ack is published; every version is checkpointed before it is announced.
+checkpointing), so paho's network thread only moves bytes. Every verdict on an update is durable
+(write-ahead log and ledger, see :mod:`aggregator.journal`) before it is acknowledged, both to the
+node (the application ack) and to the broker (a manual PUBACK on a persistent session, so that the
+broker redelivers whatever a crash interrupted); every version is checkpointed before it is
+announced.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from aggregator.core import AggregatorCore, Discard, Fold
+from aggregator.journal import Journal
 from aggregator.metrics import AggregatorMetrics, serve_metrics
 from aggregator.settings import AggregatorSettings
-from aggregator.store import Checkpoint, StateStore
 from common.blobs import split_blob
 from common.codec import decode, encode, encode_tensors, envelope, new_id, sha256_hex
 from common.errors import ControlError, HealthNetError, ProtocolError, TopicError
@@ -60,7 +63,13 @@ class AggregatorService:
     ) -> None:
         self.settings = settings
         self.topics = TopicTree(settings.federation)
-        self.store = StateStore(settings.state_dir, keep_checkpoints=settings.keep_checkpoints)
+        self.journal = Journal(
+            settings.state_dir,
+            model=settings.model,
+            keep_checkpoints=settings.keep_checkpoints,
+            checkpoint_every=settings.checkpoint_every,
+            clock=clock,
+        )
         self._clock = clock
         self._core: AggregatorCore | None = None
         self._client: MqttClient | None = None
@@ -69,6 +78,7 @@ class AggregatorService:
         self._last_status = 0.0
         self.metrics = AggregatorMetrics()
         self.metrics_url: str | None = None
+        self._connected_before = False
 
     @property
     def core(self) -> AggregatorCore:
@@ -79,8 +89,7 @@ class AggregatorService:
     def run(self, stop_event: threading.Event | None = None) -> AggregatorState:
         """Serve until the run is stopped (returns STOPPED) or ``stop_event`` is set."""
         stop_event = stop_event or threading.Event()
-        with self._locked_state_dir():
-            self.store.open()
+        with self._locked_state_dir(), contextlib.closing(self.journal):
             self._core = self._restore()
             if self.core.state is AggregatorState.STOPPED:
                 log.warning(
@@ -96,6 +105,7 @@ class AggregatorService:
                 self._publish_model()
                 self._publish_status(force=True)
                 self._serve(client, stop_event)
+                self.journal.checkpoint(self.core)  # a clean stop leaves nothing to fold again
                 self._publish_status(force=True)
             return self.core.state
 
@@ -115,26 +125,19 @@ class AggregatorService:
             yield
 
     def _restore(self) -> AggregatorCore:
-        checkpoint = self.store.load_latest()
+        core, checkpoint, _ = self.journal.resume(
+            self._fresh_core, max_bytes=self.settings.max_update_bytes
+        )
         if checkpoint is None:
-            core = self._fresh_core()
-            self._checkpoint(core)
             log.info("run %s: new, v0 from model %s", core.run_id, self.settings.model.name)
         else:
-            core = AggregatorCore(
-                run_id=checkpoint.run_id,
-                params=Checkpoint.arrays(checkpoint.params),
-                knobs=checkpoint.knobs,
-                version=checkpoint.version,
-                state=checkpoint.state,
-                optimizer_state=checkpoint.optimizer_state(),
-                seen=checkpoint.seen,
-                seen_by=checkpoint.seen_by,
-                counters=checkpoint.counters,
-                nodes=checkpoint.nodes,
+            log.info(
+                "run %s: resumed at v%d (%s) with %d buffered updates",
+                core.run_id,
+                core.version,
+                core.state.value,
+                len(core.buffer),
             )
-            log.info("run %s: resumed at v%d (%s)", core.run_id, core.version, core.state.value)
-        self._replay_wal(core, checkpoint.buffered if checkpoint else ())
         return core
 
     def _fresh_core(self) -> AggregatorCore:
@@ -149,36 +152,6 @@ class AggregatorService:
         if self.settings.autostart:
             core.command(ControlCommand.START)
         return core
-
-    def _replay_wal(self, core: AggregatorCore, buffered: tuple[str, ...]) -> None:
-        """Rebuild the buffer: accepted updates in the WAL that no checkpoint has folded yet.
-
-        An update the checkpoint lists as buffered goes back as it was; one accepted after the
-        checkpoint goes through validation again (and is counted, as the checkpoint did not); one
-        the checkpoint has seen otherwise was folded, and its log entry is dropped.
-        """
-        folded: set[str] = set()
-        restored = 0
-        for entry in self.store.wal_entries():
-            env = decode(entry.payload, max_bytes=self.settings.max_update_bytes)
-            update = env.body
-            if not isinstance(update, Update):
-                folded.add(entry.update_id)
-                continue
-            size, now = len(entry.payload), self._clock()
-            if update.update_id in buffered:
-                core.restore_buffered(entry.node, update, size, now)
-                restored += 1
-                continue
-            verdict = core.receive(entry.node, env.sender, update, size, now)
-            if verdict.duplicate or not verdict.accepted:
-                folded.add(entry.update_id)
-            else:
-                restored += 1
-        if folded:
-            self.store.drop_wal(folded)
-        if restored:
-            log.info("run %s: %d buffered updates restored from the WAL", core.run_id, restored)
 
     @contextlib.contextmanager
     def _metrics_endpoint(self) -> Iterator[None]:
@@ -198,6 +171,10 @@ class AggregatorService:
             persistent_session=True,
             tls_files=settings.tls_files(),
             connect_timeout=settings.connect_timeout,
+            keepalive=settings.keepalive,
+            # PUBACK only once a message is handled (an update: durably recorded), so that the
+            # broker redelivers what a crash interrupted.
+            manual_ack=True,
         )
         client.subscribe(self.topics.all_updates())
         client.subscribe(self.topics.all_node_evals())
@@ -216,8 +193,14 @@ class AggregatorService:
             match item:
                 case Message():
                     self._on_message(item)
+                    client.ack(item)
                 case ConnectionEvent(connected=True):
                     self._status_dirty = True
+                    if self._connected_before:
+                        # A broker that crashed may have come back with older retained messages
+                        # (or none): announce the current version again.
+                        self._publish_model()
+                    self._connected_before = True
                 case ConnectionEvent(connected=False):
                     log.warning("lost the broker (%s); reconnecting", item.reason)
                 case None:
@@ -250,7 +233,7 @@ class AggregatorService:
                     self.core.record_evaluation(decoded[0], decoded[1])
                     self._status_dirty = True
                     if decoded[1].run_id == self.core.run_id:
-                        self.store.append_evaluation(decoded[0], decoded[1], self._clock())
+                        self.journal.store.append_evaluation(decoded[0], decoded[1], self._clock())
                 elif decoded is not None:
                     log.warning("dropping %s's evaluation sent on %s", decoded[0], message.topic)
             case Route.NODE_STATUS if message.payload:
@@ -281,6 +264,9 @@ class AggregatorService:
         self._status_dirty = True
         if len(payload) > self.settings.max_update_bytes:
             core.note_malformed(node, RejectReason.TOO_LARGE, now, len(payload))
+            self.journal.record_unreadable(
+                core, node, RejectReason.TOO_LARGE, "over max_update_bytes", len(payload)
+            )
             log.warning(
                 "node %s: dropped an update of %d bytes (limit %d) at v%d",
                 node,
@@ -293,16 +279,21 @@ class AggregatorService:
             env = decode(payload, max_bytes=self.settings.max_update_bytes)
         except ProtocolError as exc:
             core.note_malformed(node, RejectReason.MALFORMED, now, len(payload))
+            self.journal.record_unreadable(
+                core, node, RejectReason.MALFORMED, str(exc)[:200], len(payload)
+            )
             log.warning("node %s: dropped a malformed update at v%d: %s", node, core.version, exc)
             return
         update = env.body
         if not isinstance(update, Update):
             core.note_malformed(node, RejectReason.MALFORMED, now, len(payload))
+            self.journal.record_unreadable(
+                core, node, RejectReason.MALFORMED, f"{env.kind} on the update topic", len(payload)
+            )
             log.warning("node %s: %s on its update topic at v%d", node, env.kind, core.version)
             return
         verdict = core.receive(node, env.sender, update, len(payload), now)
-        if verdict.accepted and not verdict.duplicate:
-            self.store.append_wal(node, update.update_id, payload)
+        self.journal.record_update(core, node, update, verdict, payload)
         if verdict.accepted:
             log.info(
                 "node %s: update %s from v%d accepted at v%d%s",
@@ -348,7 +339,7 @@ class AggregatorService:
                     message = f"run is {state.value} at v{core.version}"
                     log.info("operator: %s -> %s", request.command.value, message)
             if request.command is not ControlCommand.STATUS:
-                self._checkpoint(core)
+                self.journal.checkpoint(core)
             reply = ControlReply(
                 request_id=request.request_id,
                 ok=True,
@@ -374,9 +365,8 @@ class AggregatorService:
             core.readmit(node)
             message = f"node {node} readmitted"
         else:
+            # The control path checkpoints next; that drops their write-ahead entries with it.
             dropped = core.quarantine(node)
-            self._checkpoint(core)  # before the log loses them: a crash must not bring them back
-            self.store.drop_wal(set(dropped))
             message = f"node {node} quarantined; {len(dropped)} buffered updates dropped"
         log.warning("operator: %s at v%d", message, core.version)
         return message
@@ -396,14 +386,10 @@ class AggregatorService:
                         core.version,
                         discard.detail,
                     )
-                    self._checkpoint(core)
-                    self.store.drop_wal(set(discard.update_ids))
+                    self.journal.commit_discard(core, discard)
 
     def _commit(self, fold: Fold) -> None:
-        core = self.core
-        self._checkpoint(core)
-        self.store.append_version(fold.record)
-        self.store.drop_wal(set(fold.folded_ids))
+        self.journal.commit_fold(self.core, fold)
         self._publish_model()
         self._send(self.topics.versions(), fold.record)
         self.metrics.observe_version(fold.record)
@@ -416,28 +402,6 @@ class AggregatorService:
             fold.record.reason,
         )
         self._publish_status(force=True)
-
-    def _checkpoint(self, core: AggregatorCore) -> None:
-        opt = core.optimizer_state
-        self.store.save(
-            Checkpoint(
-                run_id=core.run_id,
-                version=core.version,
-                state=core.state,
-                model=self.settings.model,
-                knobs=core.knobs,
-                params=Checkpoint.tensors(core.params),
-                optimizer_step=opt.step,
-                optimizer_m=Checkpoint.tensors(opt.m),
-                optimizer_v=Checkpoint.tensors(opt.v),
-                seen=dict(core.seen),
-                seen_by=dict(core.seen_by),
-                buffered=tuple(u.update_id for u in core.buffer),
-                counters=core.counters(),
-                nodes=core.ledger(),
-                created_at=self._clock(),
-            )
-        )
 
     def _publish_model(self) -> None:
         """Chunks first, manifest last (retained), then clear the previous version's chunks."""

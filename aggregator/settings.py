@@ -40,6 +40,12 @@ class AggregatorSettings(ConnectionSettings):
         default=None, ge=0, le=65535, description="serve Prometheus /metrics here (0: any free)"
     )
     metrics_host: str = Field(default="127.0.0.1", description="address of /metrics")
+    checkpoint_every: int = Field(
+        default=10,
+        ge=1,
+        description="write a checkpoint every N versions; between two, versions.jsonl and the "
+        "write-ahead log make a crash lose nothing (recovery folds the logged versions again)",
+    )
 
     def mqtt_client_id(self) -> str:
         # The persistent session is keyed by client id: one per federation, never shared.

@@ -7,6 +7,15 @@ runs paho's loop, and on any loss reconnects with capped, fully jittered backoff
 reconnect delay has no jitter, so a broker restart would bring every hospital back in step).
 Subscriptions are remembered and renewed on every connect. QoS 1 publishes made while offline are
 queued by paho and sent on reconnect. Return codes become exceptions at the call site.
+
+Manual acknowledgement. A client made with ``manual_ack=True`` does not PUBACK a QoS 1 message
+when it arrives: the owner calls :meth:`MqttClient.ack` once the message is safely handled (for the
+aggregator: durably recorded). With a persistent session the broker redelivers every message that
+was never acked after a crash or a lost connection. Packet ids belong to one session, and a
+message still on the inbox from before a reconnect has been (or will be) redelivered under its id
+on the new connection; acking the old copy could acknowledge a *different* message that the broker
+later sends under a reused id. So each message carries the number of the connection it came on,
+and an ack for an earlier connection is not sent: the redelivered copy is acked instead.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
@@ -47,6 +56,9 @@ class Message:
     payload: bytes
     retain: bool
     qos: int
+    # The packet id and the connection it arrived on, for MqttClient.ack (see the module docstring).
+    mid: int = field(default=0, compare=False)
+    connection: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +94,7 @@ class MqttClient:
         backoff: Backoff | None = None,
         max_inflight: int = 20,
         connect_timeout: float = 15.0,
+        manual_ack: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.client_id = client_id
@@ -93,6 +106,8 @@ class MqttClient:
         self._backoff = backoff or Backoff()
         self._max_inflight = max_inflight
         self._connect_timeout = connect_timeout
+        self._manual_ack = manual_ack
+        self._connection = 0  # counts successful connects; written by the network thread only
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -158,6 +173,7 @@ class MqttClient:
             client.on_connect = None
             client.on_disconnect = None
             client.on_message = None
+            client.on_socket_register_write = None
             self._paho = None
         self._connected.clear()
 
@@ -216,6 +232,31 @@ class MqttClient:
             self._unconfirmed = [i for i in self._unconfirmed if not i.is_published()]
         return not self._unconfirmed
 
+    def ack(self, message: Message) -> bool:
+        """Acknowledge a QoS 1 message to the broker (``manual_ack`` clients only).
+
+        Returns False, and sends nothing, when the message came on an earlier connection (the
+        broker redelivers it on this one) or the client is offline; True when the PUBACK is queued
+        or none is needed (QoS 0, or a client that acks on arrival).
+        """
+        if not self._manual_ack or message.qos == 0:
+            return True
+        client = self._paho
+        if client is None or not self._connected.is_set() or message.connection != self._connection:
+            log.debug(
+                "%s: not acking %s (mid %d) from connection %d; the broker redelivers it",
+                self.client_id,
+                message.topic,
+                message.mid,
+                message.connection,
+            )
+            return False
+        rc = client.ack(message.mid, message.qos)
+        if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            return False
+        _check(rc, f"ack of {message.topic}")
+        return True
+
     def clear_retained(self, topic: Topic) -> None:
         """Remove a retained message (a zero-length retained publish)."""
         self._publish(self._require(), str(topic), b"", qos=topic.qos, retain=True)
@@ -250,6 +291,7 @@ class MqttClient:
             clean_session=None if v5 else not self._persistent,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             reconnect_on_failure=False,
+            manual_ack=self._manual_ack,
         )
         client.max_inflight_messages_set(self._max_inflight)
         if self.endpoint.username:
@@ -270,15 +312,12 @@ class MqttClient:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        # Only the network thread may touch the socket. Without an event-loop hook, paho (outside
-        # its own loop_start thread) writes a publish straight from the caller's thread, racing
-        # the network thread: over TLS two threads on one SSL socket corrupt records ("bad record
-        # mac"), and over TCP a partly written large packet can interleave with another. With the
-        # hook set, paho queues the packet and wakes the network thread, which writes it.
-        # Only over TLS for now: plain TCP keeps paho's direct writes until the hook is proven
-        # there too (a whole-federation test failed once with it, under heavy machine load).
-        if self.endpoint.tls:
-            client.on_socket_register_write = _network_thread_writes
+        # Only the network thread may write to the socket. Without a loop_start() thread or this
+        # callback, paho writes a publish (or a PUBACK) from the caller's thread, concurrently
+        # with the network thread's loop(): the two interleave the bytes of large packets and
+        # the broker drops the connection as malformed. With it, a publish is only queued, and
+        # paho's wake-up socket makes loop() write it.
+        client.on_socket_register_write = _only_the_network_thread_writes
         properties = None
         clean_start: paho.CleanStartOption = paho.MQTT_CLEAN_START_FIRST_ONLY
         if v5:
@@ -334,6 +373,7 @@ class MqttClient:
             return
         self._attempt = 0
         self._last_error = ""
+        self._connection += 1
         with self._lock:
             subscriptions = list(self._subscriptions.items())
         for topic_filter, qos in subscriptions:
@@ -355,11 +395,20 @@ class MqttClient:
             self.inbox.put(ConnectionEvent(connected=False, reason=str(reason_code)))
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
-        self.inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos)))
+        self.inbox.put(
+            Message(
+                msg.topic,
+                bytes(msg.payload),
+                bool(msg.retain),
+                int(msg.qos),
+                mid=int(msg.mid),
+                connection=self._connection,
+            )
+        )
 
 
-def _network_thread_writes(client: paho.Client, userdata: object, sock: object) -> None:
-    """paho's write hook: nothing to do, the network thread's loop() writes what is queued."""
+def _only_the_network_thread_writes(client: paho.Client, userdata: object, sock: object) -> None:
+    """paho's hook for an external event loop: ours (the network thread) needs no telling."""
 
 
 def _close_abandoned_sockets(exc: BaseException) -> None:

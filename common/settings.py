@@ -36,6 +36,13 @@ class ConnectionSettings(BaseSettings):
     cert_file: str | None = None
     key_file: str | None = None
     connect_timeout: float = Field(default=15.0, gt=0)
+    keepalive: int = Field(
+        default=30,
+        ge=1,
+        le=65535,
+        description="MQTT keep-alive, seconds: the broker drops a silent client after 1.5 times "
+        "this and publishes its Last Will",
+    )
 
     def endpoint(self) -> BrokerEndpoint:
         return BrokerEndpoint.parse(self.broker_url.get_secret_value())

@@ -4,7 +4,8 @@ The service thread drains the MQTT inbox (model chunks, manifests, aggregator st
 hands training and evaluation to a single named worker thread, so the connection keeps being
 serviced while torch runs. An update goes to the on-disk outbox before it is published and leaves
 it only when the aggregator's ack arrives; on every reconnect and after ``ack_timeout`` the outbox
-is resent with the same update ids.
+is resent with the same update ids. The sent log (:mod:`edge_node.sentlog`) records each update
+and its ack, and tells a restarted node which version it already trained on.
 
 The worker also compresses each delta (DESIGN §5) with the run's policy, made stricter where this
 node's own settings ask for it, carrying the error-feedback residual from one update to the next.
@@ -15,6 +16,7 @@ The residual is staged on disk before its update enters the outbox and committed
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import queue
@@ -50,6 +52,7 @@ from common.topics import Route, Topic, TopicTree
 from edge_node.datasets import LocalDataset, load_dataset
 from edge_node.outbox import Outbox
 from edge_node.residual import ResidualStore
+from edge_node.sentlog import SentEntry, SentEvent, SentLog
 from edge_node.session import Job, JobKind, NodeSession
 from edge_node.settings import NodeSettings
 from edge_node.training import EvalResult, TrainResult, evaluate, train
@@ -96,6 +99,7 @@ class NodeService:
         )
         # (run id, residual) as last committed; read only by the worker, replaced by this thread.
         self._residual: tuple[str, Mapping[str, NDArray[np.float32]]] | None = None
+        self.sent_log = SentLog(settings.state_dir)
         self.session = NodeSession()
         self._clock = clock
         self._download = ModelDownload(max_blob_bytes=settings.max_model_bytes)
@@ -122,6 +126,8 @@ class NodeService:
         self._device = resolve_device(settings.device)
         self._dataset = load_dataset(settings.data)
         self.outbox.open()
+        self.sent_log.open()
+        self._recover_progress()
         self.residuals.open(set(self.outbox.ids()))
         log.info(
             "node %s: %s, %d train / %d test examples, device %s, %d updates in the outbox",
@@ -139,8 +145,10 @@ class NodeService:
             will=Will(self.topics.node_status(settings.node_id), self._status_bytes(offline=True)),
             tls_files=settings.tls_files(),
             connect_timeout=settings.connect_timeout,
+            keepalive=settings.keepalive,
         )
         with (
+            contextlib.closing(self.sent_log),
             concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"work-{settings.node_id}"
             ) as worker,
@@ -160,6 +168,34 @@ class NodeService:
                     self._status_bytes(offline=True),
                     wait=2.0,
                 )
+
+    def _recover_progress(self) -> None:
+        """Log outbox entries a crash kept out of the sent log; skip the version last trained on."""
+        queued = []
+        for update_id in self.outbox.ids():
+            payload = self.outbox.read(update_id)
+            if payload is None:
+                continue
+            try:
+                update = decode(payload, max_bytes=self.settings.max_model_bytes).body
+            except ProtocolError as exc:
+                log.warning("node %s: outbox entry %s: %s", self.settings.node_id, update_id, exc)
+                continue
+            if isinstance(update, Update):
+                queued.append(self._queued_entry(update, len(payload)))
+        if adopted := self.sent_log.adopt(queued):
+            log.info(
+                "node %s: %d outbox updates added to the sent log", self.settings.node_id, adopted
+            )
+        last = self.sent_log.last_trained()
+        if last is not None:
+            self.session.mark_trained(*last)
+            log.info(
+                "node %s: resuming after an update from v%d of run %s",
+                self.settings.node_id,
+                last[1],
+                last[0],
+            )
 
     def _serve(
         self,
@@ -262,10 +298,23 @@ class NodeService:
         self._model_spec = spec
 
     def _on_ack(self, ack: Ack) -> None:
-        known = self.outbox.remove(ack.update_id)
         self._sent_at.pop(ack.update_id, None)
-        if not known:
-            return
+        if ack.update_id not in self.outbox.ids():
+            return  # an ack we already had (a resend's, or a duplicate delivery)
+        # The log line first: a crash before the removal costs a resend, never a record.
+        self.sent_log.write(
+            [
+                SentEntry(
+                    event=SentEvent.ACKED,
+                    at=self._clock(),
+                    update_id=ack.update_id,
+                    accepted=ack.accepted,
+                    reason=ack.reason.value if ack.reason else None,
+                    current_version=ack.current_version,
+                )
+            ]
+        )
+        self.outbox.remove(ack.update_id)
         if ack.accepted:
             log.info(
                 "node %s: update %s accepted (global v%d)",
@@ -400,6 +449,7 @@ class NodeService:
         if upload.residual is not None:
             self.residuals.commit(update.update_id)
             self._residual = (run_id, upload.residual)
+        self.sent_log.write([self._queued_entry(update, len(payload))])
         self._publish_raw_update(update.update_id, payload)
         log.info(
             "node %s: update %s from v%d sent (%d bytes, %.1fx smaller than dense, "
@@ -410,6 +460,16 @@ class NodeService:
             len(payload),
             upload.raw_bytes / max(len(payload), 1),
             upload.result.loss,
+        )
+
+    def _queued_entry(self, update: Update, size: int) -> SentEntry:
+        return SentEntry(
+            event=SentEvent.QUEUED,
+            at=self._clock(),
+            update_id=update.update_id,
+            run_id=update.run_id,
+            base_version=update.base_version,
+            bytes=size,
         )
 
     # -- outbound

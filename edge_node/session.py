@@ -56,6 +56,10 @@ class NodeSession:
         self.aggregator_state = state
         self.run_id = run_id
 
+    def mark_trained(self, run_id: str, version: int) -> None:
+        """Remember an update made before a restart, so that version is not trained on again."""
+        self._trained = (run_id, version)
+
     def on_model(self, manifest: Manifest, params: Mapping[str, NDArray[np.float32]]) -> None:
         self._manifest = manifest
         self._params = params

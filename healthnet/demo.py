@@ -216,6 +216,7 @@ def node_args(
     seed: int = 0,
     torch_threads: int = 1,
     exit_when_stopped: bool = True,
+    ack_timeout: float = 10.0,
 ) -> list[str]:
     args = [
         "node", "run",
@@ -227,7 +228,7 @@ def node_args(
         "--seed", str(seed),
         "--delay-seconds", str(delay),
         "--torch-threads", str(torch_threads),
-        "--ack-timeout", "10",
+        "--ack-timeout", str(ack_timeout),
     ]  # fmt: skip
     if exit_when_stopped:
         args.append("--exit-when-stopped")

@@ -35,7 +35,7 @@ class ManagedProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "healthnet", *self.args],
             stdout=self._log,
@@ -109,6 +109,7 @@ class ProcessGroup:
     def start(
         self, name: str, args: list[str], env: Mapping[str, str] | None = None
     ) -> ManagedProcess:
+        """Start (or restart, once it has exited) a child; ``env`` adds environment variables."""
         previous = self.processes.get(name)
         if previous is not None:
             if previous.poll() is None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from aggregator.aggregation import densify
-from aggregator.core import AggregatorCore, Verdict
+from aggregator.core import AggregatorCore, Fold, Verdict
 from common.compression import dense_tensor
 from common.errors import ControlError
 from common.messages import (
@@ -23,7 +23,6 @@ from common.messages import (
     RejectReason,
     ServerOptimizerKind,
     StalenessKind,
-    TensorPayload,
     TrainingConfig,
     TrainMetrics,
     Update,
@@ -61,7 +60,7 @@ def make_update(
     base_version: int = 0,
     num_samples: int = 10,
     delta: Arrays | None = None,
-    tensors: tuple[TensorPayload, ...] | None = None,
+    tensors: tuple[CompressedTensor, ...] | None = None,
     run_id: str = RUN,
     loss: float = 0.5,
 ) -> Update:
@@ -751,3 +750,40 @@ def test_an_impostor_replaying_an_accepted_id_is_refused() -> None:
     verdict = send(core, update, node="n2", sender="n1")
     assert (verdict.accepted, verdict.reason) == (False, RejectReason.WRONG_SENDER)
     assert core.counters().duplicates == 0
+
+
+def test_refold_makes_the_logged_version_again_bit_for_bit() -> None:
+    """Recovery between checkpoints: refold of a record gives the weights the fold gave."""
+    original = make_core(buffer_size=2, server_optimizer=ServerOptimizerKind.FEDADAM)
+    updates = [make_update(f"u{i}", delta=scaled(0.5 + i)) for i in range(3)]
+    for u in updates:
+        send(original, u, now=1.0)
+    fold = original.fold(2.0)
+    assert isinstance(fold, Fold)
+
+    again = make_core(buffer_size=2, server_optimizer=ServerOptimizerKind.FEDADAM)
+    for u in updates:
+        again.restore_buffered("n1", u, SIZE, now=5.0, count=True)
+    refolded = again.refold(fold.record, now=6.0)
+    assert refolded.folded_ids == fold.folded_ids
+    for name, value in fold.params.items():
+        assert np.array_equal(again.params[name], value)
+    assert [u.update_id for u in again.buffer] == ["u2"]
+    assert again.counters().model_dump(exclude={"duplicates"}) == original.counters().model_dump(
+        exclude={"duplicates"}
+    )
+
+
+def test_refold_refuses_a_record_it_cannot_make_again() -> None:
+    """A record for another version, or naming updates not buffered, raises and changes nothing."""
+    original = make_core(buffer_size=1)
+    send(original, make_update("u1"))
+    fold = original.fold(1.0)
+    assert isinstance(fold, Fold)
+    empty = make_core(buffer_size=1)
+    with pytest.raises(ControlError, match="not buffered"):
+        empty.refold(fold.record, now=2.0)
+    ahead = make_core(buffer_size=1, version=3)
+    with pytest.raises(ControlError, match="cannot refold"):
+        ahead.refold(fold.record, now=2.0)
+    assert (empty.version, ahead.version) == (0, 3)

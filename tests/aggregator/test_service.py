@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
+from aggregator.ledger import read_ledger, update_fates
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from common.blobs import ModelDownload
@@ -41,7 +42,7 @@ from common.messages import (
 )
 from common.mqtt import Message, MqttClient
 from common.topics import Route, TopicTree
-from healthnet.broker import EmbeddedBroker
+from healthnet.broker import BrokerConfig, EmbeddedBroker
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
@@ -631,3 +632,55 @@ def test_evaluations_count_only_from_the_node_whose_topic_they_use(
     )
     (entry,) = [e for e in status.nodes if e.node == node.name]
     assert entry.eval_accuracy == pytest.approx(0.4)
+
+
+# -- durability
+
+
+def test_the_ledger_records_every_verdict_before_the_ack(running: Aggregator, node: Peer) -> None:
+    """By the time an ack arrives, its verdict is in ledger.jsonl; folds name their version."""
+    first, stale = node.update(0), node.update(3)
+    node.send(first)
+    node.send(first)
+    node.publish(stale)
+    assert not node.ack(stale.update_id).accepted
+    second = node.update(0)
+    node.send(second)
+    node.record(1)
+    node.status(lambda s: s.version == 1, "v1")  # published after the ledger's folded lines
+    fates = update_fates(read_ledger(running.settings.state_dir))
+    assert fates[first.update_id].folded_into == [1]
+    assert fates[first.update_id].duplicates == 1
+    assert fates[second.update_id].folded_into == [1]
+    assert fates[stale.update_id].rejections == ["future_version"]
+
+
+def test_a_broker_that_lost_its_retained_messages_gets_the_model_again(
+    tree: TopicTree, tmp_path: Path
+) -> None:
+    """After a broker restart without persistence, the aggregator republishes its manifest."""
+    with EmbeddedBroker(BrokerConfig(implementation="mosquitto")) as broker:
+        settings = AggregatorSettings(
+            broker_url=broker.url,  # type: ignore[arg-type]
+            federation=tree.federation,
+            state_dir=tmp_path / "aggregator",
+            run_id=f"run-{tree.federation}",
+            model=MODEL,
+            knobs=Knobs(buffer_size=2),
+            status_interval=0.2,
+            connect_timeout=WAIT,
+        )
+        aggregator = Aggregator(settings)
+        try:
+            peer = Peer(broker.url, tree, "n1")
+            with peer.client:
+                peer.aggregator = aggregator
+                peer.model(0)
+            broker.restart()  # no persistence: the retained manifest and chunks are gone
+            late = Peer(broker.url, tree, "n2")
+            with late.client:
+                late.aggregator = aggregator
+                manifest, _ = late.model(0)
+            assert manifest.run_id == settings.run_id
+        finally:
+            aggregator.stop()

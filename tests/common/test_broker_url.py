@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from urllib.parse import quote
 
 import pytest
@@ -109,4 +110,7 @@ def test_no_password_ever_appears_in_redacted_or_repr(user: str, password: str, 
     assume(password not in visible)
     assert endpoint.redacted() == visible
     assert password not in endpoint.redacted()
+    # Only where the password is not already a word of the repr's other fields ("True", "1999").
+    shown = repr(dataclasses.replace(endpoint, password=None))
+    assume(password not in shown)
     assert password not in repr(endpoint)

@@ -333,3 +333,94 @@ def test_a_persistent_session_receives_what_was_published_while_it_was_away(
     finally:
         second.close()
     assert payloads == [b"while away 0", b"while away 1", b"while away 2"]
+
+
+def manual_session(url: str, client_id: str, topic: str) -> MqttClient:
+    """A started persistent-session client that acknowledges messages only when told to."""
+    client = MqttClient(
+        BrokerEndpoint.parse(url),
+        client_id,
+        persistent_session=True,
+        manual_ack=True,
+        backoff=FAST_RECONNECT,
+    )
+    client.subscribe(topic)
+    client.start(timeout=WAIT)
+    return client
+
+
+@needs_mosquitto
+@pytest.mark.parametrize(
+    "protocol", [pytest.param("3.1.1", id="mqtt311"), pytest.param("5", id="mqtt5")]
+)
+def test_an_unacked_message_is_redelivered_and_an_acked_one_is_not(
+    mosquitto: EmbeddedBroker, tree: TopicTree, protocol: str
+) -> None:
+    """With manual ack, a message received but never acked comes back on the next connection."""
+    url = f"{mosquitto.url}?protocol={protocol}"
+    client_id = f"manual-{uuid.uuid4().hex[:8]}"
+    topic = str(tree.update("n1"))
+
+    first = manual_session(url, client_id, topic)
+    with connected(mosquitto.url, "sender") as sender:
+        sender.publish(tree.update("n1"), b"m1", wait=WAIT)
+    assert [m.payload for m in messages(first, 1, topic)] == [b"m1"]
+    first.close()  # without an ack: the broker keeps m1 in flight for this session
+
+    second = manual_session(url, client_id, topic)
+    [again] = messages(second, 1, topic)
+    assert again.payload == b"m1"
+    assert second.ack(again)
+    second.close()
+
+    third = manual_session(url, client_id, topic)
+    try:
+        with connected(mosquitto.url, "sender") as sender:
+            sender.publish(tree.update("n1"), b"m2", wait=WAIT)
+        [after] = messages(third, 1, topic)
+        assert third.ack(after)
+    finally:
+        third.close()
+    assert after.payload == b"m2", "an acked message was delivered again"
+
+
+@needs_mosquitto
+def test_an_ack_for_an_earlier_connection_is_not_sent(tree: TopicTree, tmp_path: Path) -> None:
+    """After a reconnect, the old copy of a message is not acked; its redelivered copy is."""
+    config = BrokerConfig(implementation="mosquitto", persistence=True, workdir=tmp_path / "b")
+    with EmbeddedBroker(config) as broker:
+        topic = str(tree.update("n1"))
+        client = manual_session(broker.url, f"manual-{uuid.uuid4().hex[:8]}", topic)
+        try:
+            with connected(broker.url, "sender") as sender:
+                sender.publish(tree.update("n1"), b"m1", wait=WAIT)
+            [old] = messages(client, 1, topic)
+            broker.restart()  # the session (and m1, unacked) survives in the broker's store
+            [again] = messages(client, 1, topic)
+            assert again.payload == b"m1"
+            assert again.connection > old.connection
+            assert not client.ack(old)
+            assert client.ack(again)
+        finally:
+            client.close()
+
+
+def test_large_publishes_from_another_thread_arrive_intact(
+    mosquitto: EmbeddedBroker, tree: TopicTree
+) -> None:
+    """Publishing multi-megabyte messages from the owner's thread never corrupts the stream.
+
+    Only the network thread may write to the socket: paho writes from the caller's thread when it
+    believes no loop thread runs, and two writers interleave the bytes of large packets.
+    """
+    payloads = [bytes([i]) * (16 * 1024 * 1024 + i) for i in range(6)]
+    with connected(mosquitto.url, "sub") as sub:
+        sub.subscribe(tree.all_updates())
+        wait_subscribed(sub, tree)
+        with connected(mosquitto.url, "big") as pub:
+            for payload in payloads:
+                pub.publish(tree.update("hosp-a"), payload)
+            assert pub.flush(WAIT)
+        received = messages(sub, len(payloads))
+    assert sorted(len(m.payload) for m in received) == sorted(len(p) for p in payloads)
+    assert all(m.payload == bytes([m.payload[0]]) * len(m.payload) for m in received)

@@ -253,3 +253,14 @@ def test_a_newer_version_after_the_stop_must_be_evaluated_before_finishing() -> 
     assert not session.finished()
     run_all(session)
     assert session.finished()
+
+
+def test_a_version_marked_trained_before_a_restart_is_not_trained_again() -> None:
+    """mark_trained (from the sent log) stops a restarted node from training that version again."""
+    session = NodeSession()
+    session.mark_trained("run-a", 3)
+    session.on_status(RUNNING, "run-a")
+    session.on_model(manifest(3), PARAMS)
+    assert run_all(session) == [(JobKind.EVALUATE, 3)]
+    session.on_model(manifest(4), PARAMS)
+    assert sorted(run_all(session)) == [(JobKind.EVALUATE, 4), (JobKind.TRAIN, 4)]

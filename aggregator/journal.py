@@ -1,0 +1,357 @@
+"""The order in which the aggregator writes its durable records, and recovery from a crash between
+any two of them.
+
+Theory of operation. Four records live in the state directory (:class:`~aggregator.store.StateStore`
+and :class:`~aggregator.ledger.Ledger`): checkpoints, the write-ahead log (WAL) of accepted
+updates, ``versions.jsonl`` and the update ledger. The service calls this module at three moments,
+and acknowledges a message only after the call returns:
+
+1. **An update arrives** (:meth:`Journal.record_update`). Accepted and new: its raw message goes
+   to the WAL (fsync). Rejected: the ledger line is synced, since the rejection is the answer the
+   node gets and nothing else remembers it. Accepted or duplicate: the ledger line is written but
+   not synced; the WAL (and later ``versions.jsonl``) is the durable proof. Then the service acks
+   the update to the node and to the broker. A crash before the ack leaves the update unacked, so
+   the broker (manual ack on a persistent session) and the node's outbox deliver it again; a
+   crash after the WAL write finds it in the WAL on restart, and the redelivery is a duplicate.
+2. **A fold** (:meth:`Journal.commit_fold`), in this order:
+   a. the version record appended to ``versions.jsonl`` and synced: **the commit point**;
+   b. a ``folded`` ledger line per update (not synced: derived from (a) if lost);
+   c. every ``checkpoint_every`` versions, and whenever the run state changes, an (atomic)
+      checkpoint, after which the WAL entries of every update not in the buffer are deleted;
+   then the service publishes the manifest and the versions message.
+   Crash before (a): the version never existed and nobody saw it; its updates are still in the WAL
+   and fold again. Crash after (a): recovery (below) makes the version again from the WAL. A WAL
+   entry is deleted only once a checkpoint covers its update, so every update a version record
+   names is in the last checkpoint or in the WAL.
+3. **A control command** (:meth:`Journal.checkpoint`): a checkpoint, so knob and state changes are
+   durable and every version after a checkpoint was folded under the knobs it holds.
+
+Recovery (:meth:`Journal.resume`): load the newest checkpoint (version c); put back the updates it
+lists as buffered, and every WAL entry accepted after it, in the order they were accepted; then for
+each record in ``versions.jsonl`` after c, fold exactly the updates it names, in its order
+(:meth:`AggregatorCore.refold`). Deterministic maths on the same inputs gives the same weights, so
+the versions nodes already trained on are the versions the aggregator continues from. Then the
+ledger gets any ``folded`` lines it lacks, and a checkpoint is written. No update is folded into two
+versions (each refold takes its updates out of the buffer, and WAL entries that the checkpoint
+already folded are recognised by its ``seen`` set), and no acked update is lost (it is in the WAL
+or the checkpoint).
+
+``checkpoint_every`` trades recovery time (up to that many refolds) and WAL disk (that many
+versions' updates) against the cost of writing the model at every version; the durability
+benchmark measures both ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aggregator.core import AggregatorCore, Discard, Fold, Verdict
+from aggregator.ledger import Ledger, LedgerEntry, LedgerEvent
+from aggregator.store import Checkpoint, StateStore
+from common.codec import decode
+from common.errors import ControlError, HealthNetError, ProtocolError
+from common.messages import AggregatorState, ModelSpec, RejectReason, Update, VersionRecord
+
+__all__ = ["Journal"]
+
+log = logging.getLogger(__name__)
+
+
+class Journal:
+    """The aggregator's durable records in one state directory (one process at a time)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        model: ModelSpec,
+        keep_checkpoints: int = 3,
+        checkpoint_every: int = 1,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
+        self.store = StateStore(directory, keep_checkpoints=keep_checkpoints)
+        self.ledger = Ledger(directory)
+        self.checkpoint_every = checkpoint_every
+        self._model = model
+        self._clock = clock
+        self._record: VersionRecord | None = None
+        self._checkpointed: tuple[int, AggregatorState] | None = None
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    # -- recovery
+
+    def resume(
+        self, fresh: Callable[[], AggregatorCore], *, max_bytes: int
+    ) -> tuple[AggregatorCore, Checkpoint | None, int]:
+        """The core as the last process left it (or ``fresh()``, checkpointed at once).
+
+        Returns the core, the checkpoint it started from and how many versions were made again.
+        """
+        self.store.open()
+        self.ledger.open()
+        try:
+            return self._resume(fresh, max_bytes=max_bytes)
+        except BaseException:
+            self.close()
+            raise
+
+    def _resume(
+        self, fresh: Callable[[], AggregatorCore], *, max_bytes: int
+    ) -> tuple[AggregatorCore, Checkpoint | None, int]:
+        checkpoint = self.store.load_latest()
+        if checkpoint is None:
+            core = fresh()
+            self.checkpoint(core)
+            return core, None, 0
+        self._record = checkpoint.record
+        self._checkpointed = (checkpoint.version, checkpoint.state)
+        core = AggregatorCore(
+            run_id=checkpoint.run_id,
+            params=checkpoint.params,
+            knobs=checkpoint.knobs,
+            version=checkpoint.version,
+            state=checkpoint.state,
+            optimizer_state=checkpoint.optimizer_state(),
+            seen=checkpoint.seen,
+            seen_by=checkpoint.seen_by,
+            counters=checkpoint.counters,
+            nodes=checkpoint.nodes,
+        )
+        self._replay(core, checkpoint.buffered, max_bytes=max_bytes)
+        refolded = self._refold(core, self._records_after(checkpoint.version))
+        self._complete_ledger()
+        if refolded or core.buffer:
+            self.checkpoint(core)  # the next recovery starts here, and the WAL is trimmed
+        return core, checkpoint, refolded
+
+    def _replay(self, core: AggregatorCore, buffered: tuple[str, ...], *, max_bytes: int) -> None:
+        """Rebuild the buffer from the WAL, in the order the updates were accepted.
+
+        An update the checkpoint lists as buffered goes back as it was; one the checkpoint has
+        seen otherwise was folded (or discarded) and its entry is dropped; one accepted after the
+        checkpoint goes back and is counted (it was validated when it arrived; the versions made
+        since may have named it, so it is not validated again against a version it predates).
+        """
+        done: set[str] = set()
+        pending = set(buffered)
+        for entry in self.store.wal_entries():
+            seen = core.seen.get(entry.update_id)
+            if seen is not None and entry.update_id not in pending:
+                done.add(entry.update_id)
+                continue
+            payload = entry.payload
+            try:
+                env = decode(payload, max_bytes=max_bytes)
+            except ProtocolError:
+                # Written whole before the ack (fsync), so only damage gets here.
+                log.exception("WAL entry %s does not decode; dropping it", entry.path.name)
+                done.add(entry.update_id)
+                continue
+            update = env.body
+            if not isinstance(update, Update):
+                done.add(entry.update_id)
+                continue
+            try:
+                core.restore_buffered(
+                    entry.node, update, len(payload), self._clock(), count=seen is None
+                )
+            except ValueError:
+                log.exception("WAL entry %s cannot be restored; dropping it", entry.path.name)
+                done.add(entry.update_id)
+                continue
+            pending.discard(update.update_id)
+            if seen is None:
+                restored = self._entry(LedgerEvent.ACCEPTED, entry.node, update, core)
+                self.ledger.append(
+                    [restored.model_copy(update={"detail": "restored from the WAL"})]
+                )
+        for update_id in sorted(pending):
+            log.error("buffered update %s has no WAL entry; it cannot be restored", update_id)
+        if done:
+            self.store.drop_wal(done)
+
+    def _records_after(self, version: int) -> list[VersionRecord]:
+        records = []
+        for record in self.store.versions_backwards():
+            if record.version <= version:
+                break
+            records.append(record)
+        return records[::-1]
+
+    def _refold(self, core: AggregatorCore, records: list[VersionRecord]) -> int:
+        """Make the versions logged after the checkpoint again; returns how many."""
+        for record in records:
+            try:
+                fold = core.refold(record, self._clock())
+            except ControlError as exc:
+                # Only possible if files were damaged or deleted: going on would publish a second,
+                # different version under a number that nodes already trained on.
+                raise HealthNetError(
+                    f"run {core.run_id}: v{record.version} is in versions.jsonl but cannot be made "
+                    f"again from the checkpoint and the write-ahead log in "
+                    f"{self.store.directory} ({exc}); the state directory is damaged"
+                ) from exc
+            self._record = fold.record
+        if records:
+            log.info(
+                "run %s: made v%d-v%d again from the WAL",
+                core.run_id,
+                records[0].version,
+                core.version,
+            )
+        return len(records)
+
+    def _complete_ledger(self) -> None:
+        """Append the ``folded`` lines of logged versions that a crash kept out of the ledger."""
+        last = self.ledger.last_folded_version() or 0
+        missing = self._records_after(last)
+        if missing:
+            self.ledger.write(line for record in missing for line in self._folded(record))
+
+    # -- the three moments
+
+    def record_update(
+        self,
+        core: AggregatorCore,
+        node: str,
+        update: Update,
+        verdict: Verdict,
+        payload: bytes,
+    ) -> None:
+        """Make a verdict durable before it is acked (see the module docstring, step 1)."""
+        if verdict.accepted and not verdict.duplicate:
+            self.store.append_wal(node, update.update_id, payload)
+        event = (
+            LedgerEvent.DUPLICATE
+            if verdict.duplicate
+            else LedgerEvent.ACCEPTED
+            if verdict.accepted
+            else LedgerEvent.REJECTED
+        )
+        entry = self._entry(event, node, update, core, verdict=verdict, size=len(payload))
+        self.ledger.append([entry])
+        if event is LedgerEvent.REJECTED:
+            self.ledger.sync()
+
+    def record_unreadable(
+        self, core: AggregatorCore, node: str, reason: RejectReason, detail: str, size: int
+    ) -> None:
+        """A message on a node's update topic that never became an update (no id to ack)."""
+        self.ledger.append(
+            [
+                LedgerEntry(
+                    event=LedgerEvent.REJECTED,
+                    at=self._clock(),
+                    node=node,
+                    version=core.version,
+                    reason=reason.value,
+                    detail=detail,
+                    bytes=size,
+                )
+            ]
+        )
+
+    def commit_fold(self, core: AggregatorCore, fold: Fold) -> None:
+        """Versions log (the commit point), ledger, and a checkpoint when one is due."""
+        self._record = fold.record
+        self.store.append_version(fold.record)
+        self.ledger.append(self._folded(fold.record))
+        state_changed = self._checkpointed is None or self._checkpointed[1] is not core.state
+        if state_changed or fold.version % self.checkpoint_every == 0:
+            self.checkpoint(core)
+
+    def commit_discard(self, core: AggregatorCore, discard: Discard) -> None:
+        """Ledger (synced: these are rejections now), then a checkpoint that forgets them."""
+        ids = set(discard.update_ids)
+        nodes = {e.update_id: e.node for e in self.store.wal_entries() if e.update_id in ids}
+        now = self._clock()
+        self.ledger.write(
+            LedgerEntry(
+                event=LedgerEvent.DISCARDED,
+                at=now,
+                node=nodes.get(update_id, ""),
+                update_id=update_id,
+                version=core.version,
+                reason=RejectReason.NON_FINITE.value,
+                detail=discard.detail,
+            )
+            for update_id in discard.update_ids
+        )
+        self.checkpoint(core)
+
+    def checkpoint(self, core: AggregatorCore) -> None:
+        """Write a checkpoint of the core, then drop the WAL entries it covers."""
+        self.ledger.sync()  # what the checkpoint counts, the ledger has on disk too
+        opt = core.optimizer_state
+        record = self._record if self._record and self._record.version == core.version else None
+        buffered = tuple(u.update_id for u in core.buffer)
+        self.store.save(
+            Checkpoint(
+                run_id=core.run_id,
+                version=core.version,
+                state=core.state,
+                model=self._model,
+                knobs=core.knobs,
+                params=core.params,
+                seen=core.seen,
+                seen_by=core.seen_by,
+                counters=core.counters(),
+                nodes=core.ledger(),
+                created_at=self._clock(),
+                optimizer_step=opt.step,
+                optimizer_m=opt.m,
+                optimizer_v=opt.v,
+                buffered=buffered,
+                record=record,
+            )
+        )
+        self._checkpointed = (core.version, core.state)
+        keep = set(buffered)
+        self.store.drop_wal({e.update_id for e in self.store.wal_entries()} - keep)
+
+    # -- ledger lines
+
+    def _entry(
+        self,
+        event: LedgerEvent,
+        node: str,
+        update: Update,
+        core: AggregatorCore,
+        *,
+        verdict: Verdict | None = None,
+        size: int = 0,
+    ) -> LedgerEntry:
+        reason = verdict.reason if verdict is not None else None
+        return LedgerEntry(
+            event=event,
+            at=self._clock(),
+            node=node,
+            update_id=update.update_id,
+            base_version=update.base_version,
+            version=core.version,
+            reason=reason.value if reason else None,
+            detail=verdict.detail if verdict is not None else "",
+            bytes=size,
+        )
+
+    def _folded(self, record: VersionRecord) -> list[LedgerEntry]:
+        now = self._clock()
+        return [
+            LedgerEntry(
+                event=LedgerEvent.FOLDED,
+                at=now,
+                node=c.node,
+                update_id=c.update_id,
+                base_version=c.base_version,
+                version=record.version,
+                bytes=c.bytes,
+            )
+            for c in record.contributions
+        ]

@@ -1,0 +1,107 @@
+"""Specification of reconciliation: what counts as lost, double folded, or merely rejected."""
+
+from __future__ import annotations
+
+from aggregator.ledger import LedgerEntry, LedgerEvent
+from common.messages import Contribution, VersionRecord
+from edge_node.sentlog import SentEntry, SentEvent
+from healthnet.reconcile import NodeRecords, reconcile
+
+
+def sent(*ids: str, base: int = 0) -> tuple[SentEntry, ...]:
+    return tuple(
+        SentEntry(event=SentEvent.QUEUED, at=1.0, update_id=i, run_id="r", base_version=base)
+        for i in ids
+    )
+
+
+def record(version: int, *ids: str) -> VersionRecord:
+    return VersionRecord(
+        run_id="r",
+        version=version,
+        created_at=1.0,
+        contributions=tuple(
+            Contribution(
+                node="a",
+                update_id=i,
+                base_version=0,
+                staleness=0,
+                num_samples=1,
+                staleness_factor=1.0,
+                weight=1.0,
+                bytes=10,
+                train_loss=0.1,
+            )
+            for i in ids
+        ),
+        update_norm=0.0,
+        train_loss=0.1,
+        fold_seconds=0.0,
+        reason="buffer_full",
+    )
+
+
+def line(
+    event: LedgerEvent, update_id: str, version: int = 0, reason: str | None = None
+) -> LedgerEntry:
+    return LedgerEntry(
+        event=event, at=1.0, node="a", update_id=update_id, version=version, reason=reason
+    )
+
+
+def folded(version: int, *ids: str) -> list[LedgerEntry]:
+    return [line(LedgerEvent.FOLDED, i, version) for i in ids]
+
+
+def test_a_clean_run_has_nothing_lost_or_folded_twice() -> None:
+    """Every sent id folded once, in the ledger and the versions log alike: clean."""
+    result = reconcile(
+        [NodeRecords("a", sent("u1", "u2", "u3", "u4"), ())],
+        [record(1, "u1", "u2"), record(2, "u3", "u4")],
+        [*folded(1, "u1", "u2"), *folded(2, "u3", "u4")],
+    )
+    assert result.clean
+    assert (result.updates_sent, result.updates_folded, result.versions) == (4, 4, 2)
+
+
+def test_an_update_sent_and_never_answered_is_lost_unless_still_in_an_outbox() -> None:
+    """Not folded, not rejected: lost; the same id waiting in its node's outbox is not lost."""
+    lost = reconcile([NodeRecords("a", sent("u1", "u2"), ())], [record(1, "u1")], folded(1, "u1"))
+    assert lost.lost == ["u2"]
+    assert not lost.clean
+    waiting = reconcile(
+        [NodeRecords("a", sent("u1", "u2"), ("u2",))], [record(1, "u1")], folded(1, "u1")
+    )
+    assert (waiting.lost, waiting.still_in_outbox) == ([], ["u2"])
+
+
+def test_a_rejected_update_is_answered_not_lost() -> None:
+    """A rejection is the node's answer: counted by reason, not lost."""
+    result = reconcile(
+        [NodeRecords("a", sent("u1", "u2"), ())],
+        [record(1, "u1")],
+        [*folded(1, "u1"), line(LedgerEvent.REJECTED, "u2", reason="stale")],
+    )
+    assert (result.lost, result.updates_rejected, result.rejections) == ([], 1, {"stale": 1})
+
+
+def test_an_update_in_two_versions_is_double_folded() -> None:
+    """The same id in two version records is reported, whatever the ledger says."""
+    result = reconcile(
+        [NodeRecords("a", sent("u1", "u2"), ())],
+        [record(1, "u1"), record(2, "u1", "u2")],
+        [*folded(1, "u1"), *folded(2, "u2")],
+    )
+    assert result.double_folded == ["u1"]
+    assert result.ledger_disagrees == ["u1"]
+
+
+def test_gaps_in_versions_and_twice_trained_bases_are_reported() -> None:
+    """Versions 1, 3 are not contiguous; two updates from one base version are flagged."""
+    result = reconcile(
+        [NodeRecords("a", sent("u1", "u2", base=4), ())],
+        [record(1, "u1"), record(3, "u2")],
+        [*folded(1, "u1"), *folded(3, "u2")],
+    )
+    assert not result.versions_contiguous
+    assert result.same_base_twice == ["a@r/v4"]
