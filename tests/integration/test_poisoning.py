@@ -24,10 +24,10 @@ from aggregator.settings import AggregatorSettings
 from common.messages import AggregationRule, Knobs
 from common.models import build_model
 from edge_node.datasets import load_dataset
-from edge_node.service import NodeService
+from edge_node.service import NodeService, Upload
 from edge_node.session import Job
 from edge_node.settings import NodeSettings
-from edge_node.training import EvalResult, TrainResult, evaluate
+from edge_node.training import TrainResult, evaluate
 from healthnet.deploy import AuthMode
 from healthnet.federations import HEART_DISEASE
 from tests.aggregator.test_service import Aggregator
@@ -60,12 +60,10 @@ class MaliciousNode(NodeService):
         super().__init__(settings)
         self._poison = poison
 
-    def _run_job(self, job: Job) -> EvalResult | TrainResult:
-        result = super()._run_job(job)
-        if isinstance(result, TrainResult):
-            base = {name: np.asarray(value) for name, value in job.params.items()}
-            return dataclasses.replace(result, params=self._poison(base, dict(result.params)))
-        return result
+    def _prepare_upload(self, job: Job, result: TrainResult) -> Upload:
+        base = {name: np.asarray(value) for name, value in job.params.items()}
+        poisoned = dataclasses.replace(result, params=self._poison(base, dict(result.params)))
+        return super()._prepare_upload(job, poisoned)
 
 
 def mean_accuracy(params: Any) -> float:
