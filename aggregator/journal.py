@@ -168,7 +168,9 @@ class Journal:
                 continue
             pending.discard(update.update_id)
             if seen is None:
-                restored = self._entry(LedgerEvent.ACCEPTED, entry.node, update, core)
+                restored = self._entry(
+                    LedgerEvent.ACCEPTED, entry.node, update, core, size=len(payload)
+                )
                 self.ledger.append(
                     [restored.model_copy(update={"detail": "restored from the WAL"})]
                 )

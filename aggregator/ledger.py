@@ -83,8 +83,9 @@ class Ledger(JsonLog[LedgerEntry]):
         return None
 
 
-def read_ledger(path: Path) -> Iterator[LedgerEntry]:
+def read_ledger(path: Path | str) -> Iterator[LedgerEntry]:
     """Every complete entry of a ledger file (or of ``ledger.jsonl`` in a state directory)."""
+    path = Path(path)
     if path.is_dir():
         path = path / LEDGER_FILE
     return read_json_lines(path, LedgerEntry)

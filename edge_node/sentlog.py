@@ -81,8 +81,9 @@ class SentLog(JsonLog[SentEntry]):
         return len(missing)
 
 
-def read_sent_log(path: Path) -> Iterator[SentEntry]:
+def read_sent_log(path: Path | str) -> Iterator[SentEntry]:
     """Every complete entry of a sent log (or of ``sent.jsonl`` in a node's state directory)."""
+    path = Path(path)
     if path.is_dir():
         path = path / SENT_LOG_FILE
     return read_json_lines(path, SentEntry)

@@ -11,8 +11,8 @@ version, and then for ``seconds`` injects faults at moments drawn from a seeded 
 * ``node_kill_training``: SIGKILL a node while its status says it is training, restart it;
 * ``node_kill_upload``: SIGKILL a node while it holds an update in its outbox that the aggregator
   has not acknowledged (if none does, the aggregator is frozen with SIGSTOP until one does);
-* ``node_freeze``: SIGSTOP a node for longer than 1.5 keep-alives, so the broker drops it and
-  publishes its Last Will, then SIGCONT.
+* ``node_freeze``: SIGSTOP a node until the broker, past its keep-alive, has dropped it and
+  published its Last Will, then SIGCONT.
 
 Each kind recurs every ``every[kind]`` seconds on average (0.5 to 1.5 times that, so kinds drift
 against each other) and happens at least once in any run. Afterwards the federation runs without
@@ -68,6 +68,8 @@ from healthnet.reconcile import Reconciliation, load
 __all__ = ["DEFAULT_EVERY", "ChaosConfig", "ChaosError", "ChaosResult", "Fault", "run_chaos"]
 
 log = logging.getLogger(__name__)
+
+_FREEZE_CAP = 30.0  # seconds a frozen node waits at most for the broker to give it up
 
 
 class ChaosError(HealthNetError):
@@ -313,8 +315,8 @@ class _Chaos:
     def inject(self, fault: Fault) -> None:
         match fault:
             case Fault.AGGREGATOR_KILL:
-                self.kill("aggregator", self.rng.uniform(0.0, 1.5))
-                self.count(fault)
+                if self.kill("aggregator", self.rng.uniform(0.0, 1.5)):
+                    self.count(fault)
             case Fault.BROKER_RESTART:
                 self.broker.restart()
                 self.note("broker restarted")
@@ -327,8 +329,7 @@ class _Chaos:
                 self.count(fault)
             case Fault.NODE_KILL_TRAINING:
                 node = self.pick(self.training, wait=5.0)
-                if node is not None:
-                    self.kill(node, self.rng.uniform(0.0, 2.0))
+                if node is not None and self.kill(node, self.rng.uniform(0.0, 2.0)):
                     self.count(fault)
             case Fault.NODE_KILL_UPLOAD:
                 self.kill_holding_unacked()
@@ -338,15 +339,16 @@ class _Chaos:
                     self.freeze(node)
                     self.count(fault)
 
-    def kill(self, name: str, delay: float) -> None:
-        """SIGKILL a process and start it again after ``delay`` seconds."""
+    def kill(self, name: str, delay: float) -> bool:
+        """SIGKILL a process and start it again after ``delay`` seconds (False: it was down)."""
         if not self.alive(name):
-            return
+            return False
         self.group[name].signal(signal.SIGKILL)
         self.group[name].wait(10.0)
         self.expected_down.add(name)
         self.note(f"SIGKILL {name}; restart in {delay:.1f}s")
         self.later(delay, f"restart {name}", self.restarts[name])
+        return True
 
     def training(self, node: str) -> bool:
         monitor = self.monitor
@@ -373,29 +375,41 @@ class _Chaos:
             frozen_aggregator = True
             self.note("SIGSTOP aggregator until a node holds an unacked update")
             node = self.pick(lambda n: self.alive(n) and self.outbox_holds(n), wait=10.0)
-        if node is not None:
-            self.kill(node, self.rng.uniform(0.0, 2.0))
+        if node is not None and self.kill(node, self.rng.uniform(0.0, 2.0)):
             self.count(Fault.NODE_KILL_UPLOAD)
         if frozen_aggregator:
             self.group["aggregator"].signal(signal.SIGCONT)
             self.note("SIGCONT aggregator")
 
     def freeze(self, node: str) -> None:
+        """SIGSTOP a node until the broker has given it up (its Last Will is seen), then a little
+        longer, then SIGCONT; at most ``_FREEZE_CAP`` seconds."""
         self.group[node].signal(signal.SIGSTOP)
         self.frozen.add(node)
         if self.monitor is not None:
             self.monitor.went_offline.discard(node)
-        seconds = 1.5 * self.config.node_keepalive + self.rng.uniform(1.0, 3.0)
-        self.note(f"SIGSTOP {node} for {seconds:.1f}s")
+        frozen_at = time.monotonic()
+        extra = self.rng.uniform(0.0, 2.0)
+        self.note(f"SIGSTOP {node}")
 
         def thaw() -> None:
-            if self.monitor is not None and node in self.monitor.went_offline:
+            seen = self.monitor is not None and node in self.monitor.went_offline
+            waited = time.monotonic() - frozen_at
+            if not seen and waited < _FREEZE_CAP:
+                self.later(0.2, f"thaw {node}", thaw)  # the broker has not noticed yet
+                return
+            if seen:
                 self.count("freeze_seen_offline")
-            self.group[node].signal(signal.SIGCONT)
-            self.frozen.discard(node)
-            self.note(f"SIGCONT {node}")
+                self.later(extra, f"thaw {node}", lambda: self.thaw(node, frozen_at))
+            else:
+                self.thaw(node, frozen_at)
 
-        self.later(seconds, f"thaw {node}", thaw)
+        self.later(1.5 * self.config.node_keepalive, f"thaw {node}", thaw)
+
+    def thaw(self, node: str, frozen_at: float) -> None:
+        self.group[node].signal(signal.SIGCONT)
+        self.frozen.discard(node)
+        self.note(f"SIGCONT {node} after {time.monotonic() - frozen_at:.1f}s")
 
     # -- the loop
 
@@ -427,10 +441,13 @@ class _Chaos:
             self.tick(0.1)
 
     def settle(self) -> None:
-        """Run every pending restart and thaw now."""
-        for _, _, action in sorted(self.pending, key=lambda p: p[0]):
-            action()
-        self.pending = []
+        """Thaw every frozen node and run every pending restart now."""
+        for node in sorted(self.frozen):
+            self.thaw(node, time.monotonic())
+        pending, self.pending = self.pending, []
+        for _, what, action in sorted(pending, key=lambda p: p[0]):
+            if not what.startswith("thaw "):
+                action()
 
     def control(
         self,
