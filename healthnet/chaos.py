@@ -441,7 +441,10 @@ class _Chaos:
             self.tick(0.1)
 
     def settle(self) -> None:
-        """Thaw every frozen node and run every pending restart now."""
+        """Let every freeze run its course (bounded), then run every pending restart now."""
+        deadline = time.monotonic() + _FREEZE_CAP + 5.0
+        while self.frozen and time.monotonic() < deadline:
+            self.tick(0.1)
         for node in sorted(self.frozen):
             self.thaw(node, time.monotonic())
         pending, self.pending = self.pending, []

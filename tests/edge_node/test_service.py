@@ -10,12 +10,19 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from aggregator.ledger import read_ledger, update_fates
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
-from common.messages import Knobs, ModelSpec
+from common.broker_url import BrokerEndpoint
+from common.codec import array_to_tensor, encode, envelope, new_id
+from common.messages import Knobs, ModelSpec, TrainMetrics, Update
+from common.mqtt import MqttClient
 from common.settings import ConnectionSettings
+from common.topics import TopicTree
+from edge_node.outbox import Outbox
 from edge_node.sentlog import SentEvent, read_sent_log
 from edge_node.service import NodeService
 from edge_node.settings import NodeSettings
@@ -147,3 +154,95 @@ def test_a_restarted_node_does_not_train_again_on_the_version_it_sent_an_update_
     assert (status.version, status.counters.received, status.counters.accepted) == (0, 1, 1)
     lines = [e for e in read_sent_log(tmp_path / "node") if e.event is SentEvent.QUEUED]
     assert [(e.run_id, e.base_version) for e in lines] == [(status.run_id, 0)]
+
+
+def test_a_node_back_after_long_catches_up_and_its_stale_work_is_rejected_with_an_ack(
+    mosquitto: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """An update left in the outbox while versions moved on is resent, rejected as stale with an
+    ack, leaves the outbox and is logged; the node then trains on the retained current version."""
+    federation = f"svc{uuid.uuid4().hex[:12]}"
+    model = ModelSpec(name="logreg", kwargs={"in_features": 13, "num_classes": 2})
+    aggregator = AggregatorService(
+        AggregatorSettings(
+            broker_url=mosquitto.url,  # type: ignore[arg-type]
+            federation=federation,
+            state_dir=tmp_path / "aggregator",
+            model=model,
+            knobs=Knobs(buffer_size=1, max_staleness=0),
+            status_interval=0.2,
+        )
+    )
+    settings = ConnectionSettings(broker_url=mosquitto.url, federation=federation)  # type: ignore[arg-type]
+    stop = threading.Event()
+    agg_thread = threading.Thread(target=aggregator.run, args=(stop,), name="agg")
+    agg_thread.start()
+    try:
+        with ControlClient(settings) as control:
+            run_id = control.status(timeout=WAIT).run_id
+            zeros = tuple(
+                array_to_tensor(n, np.zeros(s, np.float32))
+                for n, s in (("1.weight", (2, 13)), ("1.bias", (2,)))
+            )
+
+            def update(base: int) -> Update:
+                return Update(
+                    update_id=new_id(),
+                    run_id=run_id,
+                    base_version=base,
+                    num_samples=5,
+                    metrics=TrainMetrics(loss=0.5, accuracy=0.5, seconds=0.1),
+                    delta=zeros,
+                )
+
+            # The node's work from v0, made before it went away, still unacked in its outbox.
+            stale = update(0)
+            outbox = Outbox(tmp_path / "node" / "outbox")
+            outbox.open()
+            outbox.put(stale.update_id, encode(envelope(stale, sender="va", sent_at=time.time())))
+            # Meanwhile another hospital moves the run on to v2.
+            topics = TopicTree(federation)
+            with MqttClient(BrokerEndpoint.parse(mosquitto.url), f"n2-{new_id()[:6]}") as n2:
+                for base in (0, 1):
+                    body = encode(envelope(update(base), sender="n2", sent_at=time.time()))
+                    n2.publish(topics.update("n2"), body, wait=WAIT)
+                    deadline = time.monotonic() + WAIT
+                    while control.status(timeout=WAIT).version <= base:
+                        assert time.monotonic() < deadline, "the run did not move on"
+                        time.sleep(0.1)
+
+            node = NodeService(
+                NodeSettings(
+                    broker_url=mosquitto.url,  # type: ignore[arg-type]
+                    federation=federation,
+                    node_id="va",
+                    data="heart-disease:va",
+                    state_dir=tmp_path / "node",
+                    torch_threads=1,
+                )
+            )
+            node_stop = threading.Event()
+            node_thread = threading.Thread(target=node.run, args=(node_stop,), name="node")
+            node_thread.start()
+            deadline = time.monotonic() + WAIT
+            while control.status(timeout=WAIT).version < 3:  # the node's fresh update from v2
+                assert time.monotonic() < deadline, "the node never caught up"
+                time.sleep(0.1)
+            node_stop.set()
+            node_thread.join(WAIT)
+    finally:
+        stop.set()
+        agg_thread.join(WAIT)
+    assert stale.update_id not in outbox.ids()
+    log = list(read_sent_log(tmp_path / "node"))
+    stale_lines = [(e.event, e.accepted, e.reason) for e in log if e.update_id == stale.update_id]
+    # adopted from the outbox at start (a crash kept it out of the log), then rejected with an ack
+    assert stale_lines == [(SentEvent.QUEUED, None, None), (SentEvent.ACKED, False, "stale")]
+    fates = update_fates(read_ledger(tmp_path / "aggregator"))
+    assert fates[stale.update_id].rejections == ["stale"]
+    fresh = [
+        e.base_version
+        for e in log
+        if e.event is SentEvent.QUEUED and e.update_id != stale.update_id
+    ]
+    assert fresh[:1] == [2], "the first update after catching up is from the current version"
