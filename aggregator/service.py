@@ -4,8 +4,8 @@ One service thread drains the MQTT inbox and does all the work (decoding, valida
 checkpointing), so paho's network thread only moves bytes. Every verdict on an update is durable
 (write-ahead log and ledger, see :mod:`aggregator.journal`) before it is acknowledged, both to the
 node (the application ack) and to the broker (a manual PUBACK on a persistent session, so that the
-broker redelivers whatever a crash interrupted); every version is checkpointed before it is
-announced.
+broker redelivers whatever a crash interrupted); every version is logged (and so recoverable)
+before it is announced.
 """
 
 from __future__ import annotations
