@@ -17,7 +17,8 @@ from aggregator.ledger import read_ledger, update_fates
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from common.broker_url import BrokerEndpoint
-from common.codec import array_to_tensor, encode, envelope, new_id
+from common.codec import encode, envelope, new_id
+from common.compression import dense_tensor
 from common.messages import Knobs, ModelSpec, TrainMetrics, Update
 from common.mqtt import MqttClient
 from common.settings import ConnectionSettings
@@ -181,7 +182,7 @@ def test_a_node_back_after_long_catches_up_and_its_stale_work_is_rejected_with_a
         with ControlClient(settings) as control:
             run_id = control.status(timeout=WAIT).run_id
             zeros = tuple(
-                array_to_tensor(n, np.zeros(s, np.float32))
+                dense_tensor(n, np.zeros(s, np.float32))
                 for n, s in (("1.weight", (2, 13)), ("1.bias", (2,)))
             )
 
