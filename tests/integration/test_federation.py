@@ -189,7 +189,9 @@ def test_a_slow_hospital_does_not_block_the_others(
             versions=30,
             mode="fedbuff",
             buffer_size=2,
-            delays={"switzerland": 1.0},
+            # The others a little slow too: versions must not race more than max_staleness (20)
+            # past switzerland's base while it sleeps, or its update is refused as stale.
+            delays={"switzerland": 1.0, "cleveland": 0.2, "hungarian": 0.2, "va": 0.2},
             workdir=tmp_path,
             timeout=180,
         )
