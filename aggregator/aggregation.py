@@ -101,10 +101,8 @@ def buffer_aggregate(
     """The buffer's pseudo-gradient and each update's effective weight ``w_i / sum(a_i)``."""
     if not (len(deltas) == len(num_samples) == len(stalenesses)):
         raise ValueError("need one sample count and one staleness per delta")
-    a = [sample_weight(n, sample_exponent) for n in num_samples]
-    w = [ai * policy.factor(s) for ai, s in zip(a, stalenesses, strict=True)]
-    total = math.fsum(a)
-    return weighted_average(deltas, w, total), [wi / total for wi in w]
+    coefficients = buffer_weights(num_samples, stalenesses, policy, sample_exponent)
+    return weighted_average(deltas, coefficients, 1.0), coefficients
 
 
 def buffer_weights(

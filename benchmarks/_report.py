@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["machine", "write_report"]
+__all__ = ["CLOCKS", "best_of", "machine", "write_report"]
 
 
 def machine() -> dict[str, object]:
@@ -47,3 +49,27 @@ def write_report(path: Path, report: dict[str, object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def best_of(
+    repeats: int, *actions: Callable[[], None], setup: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
+    """Per clock, the best time of each action over ``repeats`` alternating rounds.
+
+    ``setup`` runs untimed before each round. Process CPU time leaves out the slices other
+    processes take on a shared machine, which inflate a long operation more than a short one;
+    wall time is reported beside it.
+    """
+    best = {clock: [math.inf] * len(actions) for clock in CLOCKS}
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        for i, action in enumerate(actions):
+            starts = {clock: read() for clock, read in CLOCKS.items()}
+            action()
+            for clock, read in CLOCKS.items():
+                best[clock][i] = min(best[clock][i], read() - starts[clock])
+    return best

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -34,7 +31,8 @@ from common.messages import Compression, Quantization
 from healthnet.demo import DemoConfig, run_demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compression_fold import LAYOUTS, best_of_pairs, fold_pair
+from _report import best_of, machine
+from compression_fold import LAYOUTS, fold_pair
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,30 +62,8 @@ def fold_ratio(policy: Compression, layout: str, repeats: int) -> float:
         for name, shape in LAYOUTS[layout].items()
     }
     dense_add, fold = fold_pair(delta, compress(delta, policy).tensors)
-    base, folded = best_of_pairs(repeats, dense_add, fold)["cpu"]
+    base, folded = best_of(repeats, dense_add, fold)["cpu"]
     return folded / base
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        revision = subprocess.run(
-            ["git", "rev-parse", "HEAD"],  # noqa: S607 - whichever git is on PATH, read-only
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        revision = "unknown"
-    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "git_revision": revision}  # fmt: skip
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +22,9 @@ import numpy as np
 
 from common.compression import accumulate, compress
 from common.messages import CompressedTensor, Compression, Quantization
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import best_of
 
 Layout = dict[str, tuple[int, ...]]
 
@@ -75,27 +78,6 @@ SETTINGS: dict[str, Compression] = {
 WEIGHT = 0.37
 
 
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def best_of_pairs(
-    repeats: int, first: Callable[[], None], second: Callable[[], None]
-) -> dict[str, tuple[float, float]]:
-    """Per clock, the best time of each over ``repeats`` alternating runs (both meet one load).
-
-    Wall time is what a caller waits; process CPU time leaves out the time slices that other
-    processes take on a shared machine, which inflate a long operation more than a short one.
-    """
-    best = {clock: [math.inf, math.inf] for clock in CLOCKS}
-    for _ in range(repeats):
-        for slot, action in enumerate((first, second)):
-            starts = {clock: read() for clock, read in CLOCKS.items()}
-            action()
-            for clock, read in CLOCKS.items():
-                best[clock][slot] = min(best[clock][slot], read() - starts[clock])
-    return {clock: (times[0], times[1]) for clock, times in best.items()}
-
-
 def fold_pair(
     delta: dict[str, np.ndarray], tensors: tuple[CompressedTensor, ...]
 ) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -129,7 +111,7 @@ def main() -> None:
         for setting, policy in SETTINGS.items():
             tensors = compress(delta, policy).tensors
             dense_add, fold = fold_pair(delta, tensors)
-            timings = best_of_pairs(args.repeats, dense_add, fold)
+            timings = best_of(args.repeats, dense_add, fold)
             wire = sum(len(t.indices) + len(t.values) for t in tensors)
             row: dict[str, object] = {
                 "model": model,

@@ -20,7 +20,6 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ from common.messages import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_report
+from _report import best_of, write_report
 from compression_fold import LAYOUTS, Layout
 
 MODELS = {"cnn-16": "~100 K", "cnn-128": "~1 M", "resnet18": "~11.7 M"}
@@ -128,30 +127,6 @@ def measure(model: str, setting: str, k: int, repeats: int) -> dict[str, object]
         "wall_updates_per_second": k / wall_path,
         "wall_ratio_to_numpy_add": wall_path / wall_floor,
     }
-
-
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def best_of(
-    repeats: int, *actions: Callable[[], None], setup: Callable[[], None] | None = None
-) -> dict[str, list[float]]:
-    """Per clock, the best time of each action over ``repeats`` alternating rounds.
-
-    ``setup`` runs untimed before each round. Process CPU time leaves out the slices other
-    processes take on a shared machine, which inflate a long operation more than a short one;
-    wall time is reported beside it.
-    """
-    best = {clock: [math.inf] * len(actions) for clock in CLOCKS}
-    for _ in range(repeats):
-        if setup is not None:
-            setup()
-        for i, action in enumerate(actions):
-            starts = {clock: read() for clock, read in CLOCKS.items()}
-            action()
-            for clock, read in CLOCKS.items():
-                best[clock][i] = min(best[clock][i], read() - starts[clock])
-    return best
 
 
 def main() -> None:

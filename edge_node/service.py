@@ -77,7 +77,6 @@ class Upload:
     residual: Mapping[str, NDArray[np.float32]] | None  # None: error feedback is off
     result: TrainResult
     raw_bytes: int
-    wire_bytes: int
 
 
 def _software_version() -> str:
@@ -391,7 +390,6 @@ class NodeService:
             residual=compressed.residual if feedback else None,
             result=result,
             raw_bytes=compressed.raw_bytes,
-            wire_bytes=len(payload),
         )
 
     def _current_residual(self, run_id: str) -> Mapping[str, NDArray[np.float32]]:
