@@ -125,6 +125,9 @@ _VALUES_DTYPE: dict[Quantization, Literal["float32", "float16", "int8"]] = {
 }
 # The dtypes a compressed tensor's values may travel as -> itemsize.
 VALUES_DTYPES: dict[str, int] = {dtype: TENSOR_DTYPES[dtype] for dtype in _VALUES_DTYPE.values()}
+# An int8 value q means q * scale, which must be a float32: |q| <= 127.
+INT8_MAX = 127
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 # The longest LEB128 varint that fits 64 bits; indices need at most this many bytes each.
 MAX_VARINT_BYTES = 10
 
@@ -226,6 +229,8 @@ class CompressedTensor(Frozen):
                 return "int8 values need a scale"
             if not math.isfinite(self.scale) or self.scale <= 0:
                 return f"scale {self.scale!r} is not a finite positive number"
+            if self.scale * INT8_MAX > FLOAT32_MAX:
+                return f"scale {self.scale!r} takes int8 values beyond float32's range"
         elif self.scale is not None:
             return f"{self.values_dtype} values take no scale, got {self.scale!r}"
         return self._index_error(size)
