@@ -170,6 +170,8 @@ def fold_step(
     if any(delta.keys() != params.keys() for delta in deltas):
         raise ValueError("a delta names other tensors than the model")
     scale = np.float32(lr)
+    largest = max((math.prod(x.shape) for x in params.values()), default=0)
+    scratch = np.empty(min(largest, BLOCK), dtype=np.float32)
     squares: list[float] = []
     finite = True
     out: dict[str, Array] = {}
@@ -182,7 +184,7 @@ def fold_step(
             # Overflow is not an error here: it is reported, and the caller refuses the batch.
             with np.errstate(over="ignore", invalid="ignore"):
                 for i, (delta, c) in enumerate(zip(deltas, coefficients, strict=True)):
-                    fold_block(delta[name], block, c, start, replace=i == 0)
+                    fold_block(delta[name], block, c, start, replace=i == 0, scratch=scratch)
                 tensor_squares += sum_of_squares(block)
                 if lr != 1.0:
                     np.multiply(block, scale, out=block)

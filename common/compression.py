@@ -324,7 +324,7 @@ def decode_tensor(tensor: CompressedTensor, shape: Iterable[int]) -> DecodedTens
     return DecodedTensor(expected, indices, values, 1.0 if tensor.scale is None else tensor.scale)
 
 
-def _decode_varints(name: str, data: bytes, count: int, size: int) -> NDArray[np.intp]:
+def _decode_varints(name: str, data: bytes | memoryview, count: int, size: int) -> NDArray[np.intp]:
     raw = np.frombuffer(data, dtype=np.uint8)
     if count == 0:  # then the structural check left no bytes
         return np.empty(0, dtype=np.intp)
@@ -382,7 +382,7 @@ def _decode_long_varints(
     return indices
 
 
-def _decode_bitmap(name: str, data: bytes, count: int, size: int) -> NDArray[np.intp]:
+def _decode_bitmap(name: str, data: bytes | memoryview, count: int, size: int) -> NDArray[np.intp]:
     raw = np.frombuffer(data, dtype=np.uint8)  # length ceil(size / 8), checked structurally
     spare = -size % 8
     if spare and raw[-1] & ((1 << spare) - 1):
@@ -430,8 +430,10 @@ def fold(
     """
     _checked_factor(decoded, out, weight)
     flat = out.reshape(-1)
+    scratch = np.empty(min(flat.size, BLOCK), dtype=out.dtype)
     for start in range(0, flat.size, BLOCK):
-        fold_block(decoded, flat[start : start + BLOCK], weight, start, replace=replace)
+        block = flat[start : start + BLOCK]
+        fold_block(decoded, block, weight, start, replace=replace, scratch=scratch)
 
 
 def fold_block(
@@ -441,6 +443,7 @@ def fold_block(
     start: int,
     *,
     replace: bool = False,
+    scratch: NDArray[np.floating[Any]] | None = None,
 ) -> None:
     """:func:`fold` for entries ``start`` to ``start + out.size`` of the flattened tensor.
 
@@ -449,10 +452,14 @@ def fold_block(
     buffer of updates into one cache-sized block before moving to the next reads each update
     once and writes the result once; folding them one after the other reads and writes the
     whole accumulator once per update. A sparse tensor's indices are increasing: the block's
-    own are found by bisection. Temporaries are the size of the block's values.
+    own are found by bisection. The scaled values go through ``scratch`` (``out``'s dtype, at
+    least ``out.size`` entries) when given: a caller folding many blocks allocates it once,
+    instead of a temporary per block whose pages the allocator may fault in every time.
     """
     if out.ndim != 1:
         raise ValueError(f"a block is one-dimensional, got shape {out.shape}")
+    if scratch is not None and (scratch.dtype != out.dtype or scratch.size < out.size):
+        raise ValueError(f"scratch of {scratch.size} {scratch.dtype} for a {out.dtype} block")
     stop = start + out.size
     if not 0 <= start <= stop <= math.prod(decoded.shape):
         raise ValueError(f"block [{start}, {stop}) is outside tensor {decoded.shape}")
@@ -467,21 +474,41 @@ def fold_block(
         if replace:
             out.fill(0.0)
     target = out if replace and positions is None else None  # dense values are written
-    if values.dtype == np.float16:
-        bits = np.empty(values.size, dtype=np.int32)
-        part = _scale_half(values.view(np.int16), bits, factor, out.dtype, target)
-    elif factor == 1.0 and positions is None:  # int8 or float32, cast on the fly
+    if factor == 1.0 and positions is None and values.dtype != np.float16:
+        # int8 or float32 values, cast on the fly: no temporary
         if target is None:
             np.add(out, values, out=out)
         else:
             np.copyto(out, values)
         return
-    else:
-        part = np.multiply(values, out.dtype.type(factor), out=target)
+    temporary = None if scratch is None else scratch[: values.size]
+    part = _scaled(values, factor, out.dtype, target, temporary)
     if positions is not None:
         _scatter_add(out, positions, part)
     elif target is None:
         np.add(out, part, out=out)
+
+
+def _scaled(
+    values: NDArray[Any],
+    factor: float,
+    dtype: np.dtype[Any],
+    into: NDArray[np.floating[Any]] | None,
+    temporary: NDArray[np.floating[Any]] | None,
+) -> NDArray[np.floating[Any]]:
+    """``factor * values`` in ``dtype``, written into ``into``, else ``temporary``, else new."""
+    if values.dtype != np.float16:
+        into = into if into is not None else temporary
+        product: NDArray[np.floating[Any]] = np.multiply(values, dtype.type(factor), out=into)
+        return product
+    if temporary is not None and dtype == np.float32:
+        bits = temporary.view(np.int32)  # the float32 results overwrite their own bit patterns
+    else:
+        bits = np.empty(values.size, dtype=np.int32)
+        temporary = None
+    return _scale_half(
+        values.view(np.int16), bits, factor, dtype, into if into is not None else temporary
+    )
 
 
 def _scatter_add(
