@@ -606,7 +606,7 @@ HOSTILE = [
     pytest.param(int8(scale=math.inf), CompressionError, "finite positive", True, id="scale-inf"),
     pytest.param(int8(scale=0.0), CompressionError, "finite positive", True, id="scale-zero"),
     pytest.param(int8(scale=-1.0), CompressionError, "finite positive", True, id="scale-negative"),
-    pytest.param(int8(scale=3.4e38), CompressionError, "beyond float32", True, id="scale-overflows"),
+    pytest.param(int8(scale=3.4e38), CompressionError, "beyond float32", True, id="scale-too-big"),
     pytest.param(payload(scale=1.0), CompressionError, "take no scale", True, id="float32-scale"),
     pytest.param(
         payload(indices=bytes([3, 0x84])), CompressionError, "truncated", False, id="varint-cut"
