@@ -42,6 +42,7 @@ from common.messages import (
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "OUT_OF_LINE_ALIGN",
     "OUT_OF_LINE_BYTES",
     "array_to_tensor",
     "decode",
@@ -61,7 +62,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 OUT_OF_LINE_BYTES = 64 * 1024
 _OUT_OF_LINE_EXT = 1
 _LENGTH = struct.Struct("<Q")
-_ALIGN = 64
+OUT_OF_LINE_ALIGN = 64
 # The document itself is small (a body's fields and the tensors' metadata): read it this much at a
 # time, so that only about this much of a large message is ever copied.
 _READ_SIZE = 64 * 1024
@@ -102,7 +103,7 @@ def encode(env: Envelope) -> bytes:
     parts: list[bytes | memoryview] = [document]
     position = len(document)
     for data in tail:
-        padding = -position % _ALIGN
+        padding = -position % OUT_OF_LINE_ALIGN
         parts += [bytes(padding), data]
         position += padding + memoryview(data).nbytes
     return b"".join(parts)
@@ -255,7 +256,7 @@ def _unpack_envelope(data: bytes, max_bytes: int) -> object:
         return frame
     position = end
     for reference in references:  # lengths are at most 2**64 - 1: no overflow in Python ints
-        position += -position % _ALIGN + reference.length
+        position += -position % OUT_OF_LINE_ALIGN + reference.length
     if position != len(data):
         raise DecodeError(
             f"{len(references)} out-of-line byte strings need {position - end} bytes after the "
@@ -265,7 +266,7 @@ def _unpack_envelope(data: bytes, max_bytes: int) -> object:
     slices: dict[int, memoryview] = {}
     position = end
     for reference in references:
-        position += -position % _ALIGN
+        position += -position % OUT_OF_LINE_ALIGN
         slices[id(reference)] = view[position : position + reference.length]
         position += reference.length
     try:
