@@ -30,12 +30,13 @@ from aggregator.aggregation import (
     buffer_weights,
     decoded_sum,
     densify,
+    fold_step,
     global_norm,
     robust_buffer_aggregate,
     server_step,
 )
 from aggregator.run_state import transition
-from common.compression import DecodedTensor, decode_tensor, squared_norm
+from common.compression import DecodedTensor, all_finite, decode_tensor, squared_norm
 from common.errors import CompressionError, ControlError, NonFiniteValues
 from common.messages import (
     AggregationRule,
@@ -49,6 +50,7 @@ from common.messages import (
     NodeLedgerEntry,
     NormPolicy,
     RejectReason,
+    ServerOptimizerKind,
     Update,
     VersionRecord,
 )
@@ -577,23 +579,6 @@ class AggregatorCore:
         # Staleness counts the versions published since each update's base, up to this fold:
         # an update left in the buffer by an earlier fold is staler now than when it arrived.
         stalenesses = [self._version - u.base_version for u in batch]
-        if knobs.aggregation is AggregationRule.MEAN:
-            weights = buffer_weights(
-                [u.num_samples for u in batch], stalenesses, policy, knobs.sample_exponent
-            )
-            aggregate = decoded_sum(
-                [u.delta for u in batch],
-                [w * u.scale for u, w in zip(batch, weights, strict=True)],
-                {name: p.shape for name, p in self._params.items()},
-            )
-        else:
-            aggregate, weights = robust_buffer_aggregate(
-                [densify(u.delta, u.scale) for u in batch],
-                stalenesses,
-                policy,
-                knobs.aggregation,
-                knobs.trim_fraction,
-            )
         optimizer = ServerOptimizer(
             kind=knobs.server_optimizer,
             lr=knobs.server_lr,
@@ -602,12 +587,33 @@ class AggregatorCore:
             beta2=knobs.server_beta2,
             tau=knobs.server_tau,
         )
-        params, opt_state = server_step(self._params, aggregate, self._opt_state, optimizer)
+        opt_state = ServerOptimizerState(step=self._opt_state.step + 1)
+        if knobs.aggregation is AggregationRule.MEAN:
+            weights = buffer_weights(
+                [u.num_samples for u in batch], stalenesses, policy, knobs.sample_exponent
+            )
+            deltas = [u.delta for u in batch]
+            coefficients = [w * u.scale for u, w in zip(batch, weights, strict=True)]
+            if optimizer.kind is ServerOptimizerKind.SGD:
+                # The hot path: the weighted sum and the step in one pass over memory.
+                params, norm, finite = fold_step(self._params, deltas, coefficients, optimizer.lr)
+            else:
+                shapes = {name: p.shape for name, p in self._params.items()}
+                aggregate = decoded_sum(deltas, coefficients, shapes)
+                params, opt_state, norm, finite = self._step(aggregate, optimizer)
+        else:
+            aggregate, weights = robust_buffer_aggregate(
+                [densify(u.delta, u.scale) for u in batch],
+                stalenesses,
+                policy,
+                knobs.aggregation,
+                knobs.trim_fraction,
+            )
+            params, opt_state, norm, finite = self._step(aggregate, optimizer)
         folded_ids = tuple(u.update_id for u in batch)
         taken = set(folded_ids)
         self._buffer = [u for u in self._buffer if u.update_id not in taken]
-        norm = global_norm(aggregate)
-        if not math.isfinite(norm) or not all(np.isfinite(p).all() for p in params.values()):
+        if not math.isfinite(norm) or not finite:
             # Each update was finite, but together they overflow float32: refuse the batch
             # rather than publish a model of infinities.
             for u in batch:
@@ -652,6 +658,17 @@ class AggregatorCore:
         if knobs.max_versions is not None and self._version >= knobs.max_versions:
             self._state = AggregatorState.STOPPED
         return Fold(version=self._version, params=params, record=record, folded_ids=folded_ids)
+
+    def _step(
+        self, aggregate: dict[str, NDArray[np.float32]], optimizer: ServerOptimizer
+    ) -> tuple[dict[str, NDArray[np.float32]], ServerOptimizerState, float, bool]:
+        """The server optimizer's step from this fold's own aggregate, written over it in place;
+        with the aggregate's norm and whether the new weights are all finite."""
+        norm = global_norm(aggregate)  # before the step overwrites it
+        params, opt_state = server_step(
+            self._params, aggregate, self._opt_state, optimizer, reuse_delta=True
+        )
+        return params, opt_state, norm, all(all_finite(p) for p in params.values())
 
 
 def _ledger_fields(entry: _Ledger) -> dict[str, Any]:

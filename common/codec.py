@@ -4,11 +4,22 @@ This is the only module that calls msgpack. Decoding is defensive: sizes and nes
 before anything is allocated, unknown schema versions and kinds are refused, and tensor bytes are
 checked against their declared dtype and shape before ``numpy.frombuffer`` sees them. Nothing is
 ever unpickled.
+
+Large byte strings travel after the document. An envelope is one msgpack document; a byte string
+of :data:`OUT_OF_LINE_BYTES` or more in it (a tensor's values) is written as msgpack ext type 1
+holding its length (8 bytes, little-endian), and the strings themselves follow the document, in
+the order of their references, each starting at the next multiple of 64 bytes from the start of
+the message (zero bytes pad the gaps), so that a tensor read in place is aligned. The decoder
+hands them to the body as read-only views of the message, so a 47 MB update is not copied on
+arrival: msgpack copies every bin it decodes, and that copy cost the aggregator more than folding
+the update did. The strings must end exactly where the message does; anything else is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import struct
 import uuid
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -31,6 +42,8 @@ from common.messages import (
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "OUT_OF_LINE_ALIGN",
+    "OUT_OF_LINE_BYTES",
     "array_to_tensor",
     "decode",
     "decode_record",
@@ -45,6 +58,14 @@ __all__ = [
 ]
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# Byte strings this long or longer travel after the document (see the module's docstring).
+OUT_OF_LINE_BYTES = 64 * 1024
+_OUT_OF_LINE_EXT = 1
+_LENGTH = struct.Struct("<Q")
+OUT_OF_LINE_ALIGN = 64
+# The document itself is small (a body's fields and the tensors' metadata): read it this much at a
+# time, so that only about this much of a large message is ever copied.
+_READ_SIZE = 64 * 1024
 _MAX_STR = 64 * 1024
 _MAX_ARRAY = 1_000_000
 _MAX_MAP = 100_000
@@ -73,20 +94,27 @@ def envelope(body: Body, *, sender: str, sent_at: float, message_id: str | None 
 
 
 def encode(env: Envelope) -> bytes:
-    frame = [
-        env.schema_version,
-        env.kind.value,
-        env.message_id,
-        env.sender,
-        env.sent_at,
-        env.body.model_dump(),
-    ]
-    return _pack(frame)
+    tail: list[bytes | memoryview] = []
+    body = _move_out_of_line(env.body.model_dump(), tail)
+    frame = [env.schema_version, env.kind.value, env.message_id, env.sender, env.sent_at, body]
+    document = _pack(frame)
+    if not tail:
+        return document
+    parts: list[bytes | memoryview] = [document]
+    position = len(document)
+    for data in tail:
+        padding = -position % OUT_OF_LINE_ALIGN
+        parts += [bytes(padding), data]
+        position += padding + memoryview(data).nbytes
+    return b"".join(parts)
 
 
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Envelope:
-    """Decode and validate an envelope; raise a ProtocolError subclass saying what is wrong."""
-    frame = _unpack(data, max_bytes)
+    """Decode and validate an envelope; raise a ProtocolError subclass saying what is wrong.
+
+    The body's large byte strings are read-only views of ``data``, which they keep alive.
+    """
+    frame = _unpack_envelope(data, max_bytes)
     if not isinstance(frame, list) or len(frame) != 6:
         raise DecodeError("envelope is not a 6-element array")
     schema, kind_name, message_id, sender, sent_at, body = frame
@@ -158,6 +186,103 @@ def decode_tensors(
             raise DecodeError(f"tensor {tensor.name!r} appears twice in blob")
         out[tensor.name] = tensor_to_array(tensor)
     return out
+
+
+class _OutOfLine:
+    """A reference, while decoding, to the next byte string after the document."""
+
+    __slots__ = ("length",)
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+
+def _move_out_of_line(obj: object, tail: list[bytes | memoryview]) -> object:
+    """``obj`` with each long byte string replaced by a reference, the string appended to tail."""
+    if isinstance(obj, bytes | memoryview):
+        length = memoryview(obj).nbytes
+        if length < OUT_OF_LINE_BYTES:
+            return obj
+        tail.append(obj)
+        return msgpack.ExtType(_OUT_OF_LINE_EXT, _LENGTH.pack(length))
+    if isinstance(obj, dict):
+        return {key: _move_out_of_line(value, tail) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_move_out_of_line(value, tail) for value in obj]
+    return obj
+
+
+def _unpack_envelope(data: bytes, max_bytes: int) -> object:
+    """The msgpack document at the start of ``data``, its references resolved into views."""
+    if len(data) > max_bytes:
+        raise DecodeError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if not isinstance(data, bytes):  # views of a mutable buffer could change under the body
+        data = bytes(data)
+    references: list[_OutOfLine] = []
+
+    def ext_hook(code: int, payload: bytes) -> _OutOfLine:
+        if code != _OUT_OF_LINE_EXT or len(payload) != _LENGTH.size:
+            raise DecodeError(f"unknown msgpack ext type {code} ({len(payload)} bytes)")
+        references.append(_OutOfLine(_LENGTH.unpack(payload)[0]))
+        return references[-1]
+
+    limit = max(len(data), 1)
+    unpacker = msgpack.Unpacker(
+        io.BytesIO(data),  # shares data's buffer; the unpacker copies only what it reads
+        read_size=min(_READ_SIZE, limit),
+        max_buffer_size=limit,
+        raw=False,
+        strict_map_key=True,
+        ext_hook=ext_hook,
+        max_str_len=_MAX_STR,
+        max_bin_len=limit,
+        max_array_len=_MAX_ARRAY,
+        max_map_len=_MAX_MAP,
+        max_ext_len=_LENGTH.size,
+    )
+    try:
+        frame = unpacker.unpack()
+    except msgpack.OutOfData:
+        raise DecodeError("not a msgpack document: it is truncated") from None
+    except (msgpack.StackError, RecursionError) as exc:
+        raise DecodeError("not a healthNET message: msgpack nesting is too deep") from exc
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise DecodeError(f"not a msgpack document: {type(exc).__name__} {exc}".rstrip()) from exc
+    end = unpacker.tell()
+    after = len(data) - end
+    if not references:
+        if after:
+            raise DecodeError(f"not a msgpack document: extra data ({after} bytes after it)")
+        return frame
+    position = end
+    for reference in references:  # lengths are at most 2**64 - 1: no overflow in Python ints
+        position += -position % OUT_OF_LINE_ALIGN + reference.length
+    if position != len(data):
+        raise DecodeError(
+            f"{len(references)} out-of-line byte strings need {position - end} bytes after the "
+            f"document; {after} follow it"
+        )
+    view = memoryview(data).toreadonly()
+    slices: dict[int, memoryview] = {}
+    position = end
+    for reference in references:
+        position += -position % OUT_OF_LINE_ALIGN
+        slices[id(reference)] = view[position : position + reference.length]
+        position += reference.length
+    try:
+        return _resolve(frame, slices)
+    except RecursionError as exc:
+        raise DecodeError("not a healthNET message: msgpack nesting is too deep") from exc
+
+
+def _resolve(obj: object, slices: dict[int, memoryview]) -> object:
+    if isinstance(obj, _OutOfLine):
+        return slices[id(obj)]
+    if isinstance(obj, dict):
+        return {key: _resolve(value, slices) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_resolve(value, slices) for value in obj]
+    return obj
 
 
 def _pack(obj: object) -> bytes:

@@ -11,7 +11,7 @@ import math
 from enum import StrEnum
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
 __all__ = [
     "BODY_TYPES",
@@ -24,6 +24,7 @@ __all__ = [
     "AggregatorState",
     "AggregatorStatus",
     "Body",
+    "Buffer",
     "CompressedTensor",
     "Compression",
     "Contribution",
@@ -64,6 +65,28 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 NonNegative = Annotated[int, Field(ge=0)]
 
 
+def _buffer(value: object) -> bytes | memoryview:
+    """Raw bytes, or a read-only flat byte view of them (the decoder's zero-copy slices)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray):
+        return bytes(value)
+    if (
+        isinstance(value, memoryview)
+        and value.readonly
+        and value.ndim == 1
+        and value.format == "B"
+        and value.c_contiguous
+    ):
+        return value
+    raise ValueError(f"expected bytes, got {type(value).__name__}")
+
+
+# A tensor's payload. On decoding it is a read-only view into the received message, not a copy:
+# copying a model's worth of bytes cost the aggregator more than folding them.
+Buffer = Annotated[bytes | memoryview, PlainValidator(_buffer)]
+
+
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -74,7 +97,7 @@ class TensorPayload(Frozen):
     name: Annotated[str, Field(min_length=1, max_length=256)]
     dtype: Literal["float32", "float16", "int8", "uint8", "int32"]
     shape: Annotated[tuple[NonNegative, ...], Field(max_length=MAX_TENSOR_RANK)]
-    data: bytes
+    data: Buffer
 
     @property
     def size(self) -> int:
@@ -125,6 +148,9 @@ _VALUES_DTYPE: dict[Quantization, Literal["float32", "float16", "int8"]] = {
 }
 # The dtypes a compressed tensor's values may travel as -> itemsize.
 VALUES_DTYPES: dict[str, int] = {dtype: TENSOR_DTYPES[dtype] for dtype in _VALUES_DTYPE.values()}
+# An int8 value q means q * scale, which must be a float32: |q| <= 127.
+INT8_MAX = 127
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 # The longest LEB128 varint that fits 64 bits; indices need at most this many bytes each.
 MAX_VARINT_BYTES = 10
 
@@ -195,10 +221,10 @@ class CompressedTensor(Frozen):
     shape: Annotated[tuple[NonNegative, ...], Field(max_length=MAX_TENSOR_RANK)]
     count: NonNegative
     index_coding: Literal["dense", "varint", "bitmap"]
-    indices: bytes = b""
+    indices: Buffer = b""
     values_dtype: Literal["float32", "float16", "int8"]
     scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    values: bytes
+    values: Buffer
 
     @property
     def size(self) -> int:
@@ -226,6 +252,8 @@ class CompressedTensor(Frozen):
                 return "int8 values need a scale"
             if not math.isfinite(self.scale) or self.scale <= 0:
                 return f"scale {self.scale!r} is not a finite positive number"
+            if self.scale * INT8_MAX > FLOAT32_MAX:
+                return f"scale {self.scale!r} takes int8 values beyond float32's range"
         elif self.scale is not None:
             return f"{self.values_dtype} values take no scale, got {self.scale!r}"
         return self._index_error(size)

@@ -16,12 +16,15 @@ from aggregator.aggregation import (
     ServerOptimizerState,
     StalenessPolicy,
     buffer_aggregate,
+    decoded_sum,
+    fold_step,
     global_norm,
     sample_weight,
     server_step,
     weighted_average,
 )
-from common.messages import ServerOptimizerKind, StalenessKind
+from common.compression import BLOCK, compress, decode_tensor
+from common.messages import Compression, Quantization, ServerOptimizerKind, StalenessKind
 from tests.strategies import (
     model_shapes,
     params_like,
@@ -463,6 +466,95 @@ def test_server_step_never_mutates_params_delta_or_state(
     assert_params_equal(state.m, before[2])
     assert_params_equal(state.v, before[3])
     assert state.step == before[4]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [pytest.param(kind, id=kind.value) for kind in ServerOptimizerKind],
+)
+@PROPERTY
+@given(layout=model_shapes(), lr=st.sampled_from([1.0, 0.5]), data=st.data())
+def test_server_step_into_the_delta_equals_the_step_into_new_arrays(
+    kind: ServerOptimizerKind, layout: dict[str, tuple[int, ...]], lr: float, data: st.DataObject
+) -> None:
+    """reuse_delta writes the same params, bit for bit, into the delta's own arrays."""
+    params, delta = data.draw(params_like(layout)), data.draw(params_like(layout))
+    opt = ServerOptimizer(kind, lr=lr)
+    _, state = server_step(params, delta, ServerOptimizerState(), opt)
+    expected, expected_state = server_step(params, delta, state, opt)
+    given_up = {name: np.array(t, dtype=np.float32) for name, t in delta.items()}
+    got, got_state = server_step(params, given_up, state, opt, reuse_delta=True)
+    assert_params_equal(got, expected)
+    assert all(got[name] is given_up[name] for name in got)
+    assert_params_equal(got_state.m, expected_state.m)
+    assert_params_equal(got_state.v, expected_state.v)
+
+
+def test_server_step_into_a_read_only_delta_is_refused() -> None:
+    params = arrays(w=[1.0, 2.0])
+    frozen = arrays(w=[0.5, 0.5])
+    frozen["w"].flags.writeable = False
+    with pytest.raises(ValueError, match="writeable float32"):
+        server_step(params, frozen, ServerOptimizerState(), ServerOptimizer(), reuse_delta=True)
+
+
+# -- fold_step: the weighted sum and the plain server step in one pass
+
+FOLD_POLICIES = [
+    Compression(),
+    Compression(quantization=Quantization.FP16),
+    Compression(top_k=0.1, quantization=Quantization.INT8),
+    Compression(top_k=0.01, quantization=Quantization.FP16),
+]
+
+
+def decoded_buffer(
+    layout: dict[str, tuple[int, ...]], count: int, seed: int
+) -> list[dict[str, Any]]:
+    """``count`` deltas of the layout, each under another compression policy, decoded."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        raw = {n: rng.standard_normal(s).astype(np.float32) for n, s in layout.items()}
+        tensors = compress(raw, FOLD_POLICIES[i % len(FOLD_POLICIES)]).tensors
+        out.append({t.name: decode_tensor(t, layout[t.name]) for t in tensors})
+    return out
+
+
+@pytest.mark.parametrize("lr", [1.0, 0.7])
+@pytest.mark.parametrize("count", [1, 4])
+def test_fold_step_equals_the_sum_then_the_step_bit_for_bit(count: int, lr: float) -> None:
+    """Across block boundaries and every compression: the same version, norm and finiteness."""
+    layout = {"conv": (3, BLOCK + 17), "fc": (5, 7), "bias": (2,), "empty": (0,)}
+    rng = np.random.default_rng(3)
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in layout.items()}
+    deltas = decoded_buffer(layout, count, seed=count)
+    coefficients = [0.4, -0.25, 1.0, 0.125][:count]
+    aggregate = decoded_sum(deltas, coefficients, layout)
+    expected_norm = global_norm(aggregate)
+    expected, _ = server_step(params, aggregate, ServerOptimizerState(), ServerOptimizer(lr=lr))
+    got, norm, finite = fold_step(params, deltas, coefficients, lr)
+    assert_params_equal(got, expected)
+    assert norm == expected_norm
+    assert finite
+
+
+def test_fold_step_says_when_the_new_version_is_not_finite() -> None:
+    """Finite updates whose sum overflows float32 give a non-finite version: flagged, not hidden."""
+    layout = {"w": (4,)}
+    params = arrays(w=[3e38, 0.0, 0.0, 0.0])
+    deltas = decoded_buffer(layout, 1, seed=0)
+    big = {"w": deltas[0]["w"]._replace(values=np.full(4, 3e38, np.float32))}
+    _, _, finite = fold_step(params, [big], [1.0], 1.0)
+    assert not finite
+
+
+def test_fold_step_refuses_deltas_of_another_model() -> None:
+    deltas = decoded_buffer({"w": (4,)}, 1, seed=0)
+    with pytest.raises(ValueError, match="other tensors"):
+        fold_step(arrays(v=[1.0, 2.0, 3.0, 4.0]), deltas, [1.0], 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        fold_step(arrays(w=[1.0, 2.0, 3.0, 4.0]), deltas, [math.nan], 1.0)
 
 
 @PROPERTY

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Any, cast
 
 import msgpack  # noqa: TID251 - hand-crafted malformed frames need the raw encoder
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from common.codec import (
+    OUT_OF_LINE_ALIGN,
     array_to_tensor,
     decode,
     decode_record,
@@ -482,3 +484,98 @@ def test_decoding_well_formed_frames_with_wrong_values_only_raises_protocol_erro
 def test_the_fuzzed_base_message_is_itself_valid() -> None:
     """The mutation fuzzer starts from a valid update, so it explores near-valid inputs."""
     assert decode(VALID_UPDATE).body == UPDATE
+
+
+# -- large byte strings after the document
+
+
+LARGE = np.arange(20_000, dtype=np.float32)  # 80 KB of values: past OUT_OF_LINE_BYTES
+LARGE_UPDATE = UPDATE.model_copy(
+    update={"delta": (dense_tensor("big", LARGE), dense_tensor("w", np.ones(6, np.float32)))}
+)
+VALID_LARGE = encode(envelope(LARGE_UPDATE, sender="hosp-a", sent_at=1.0, message_id="m-2"))
+REFERENCE = b"\xd7\x01" + struct.pack("<Q", LARGE.nbytes)  # msgpack fixext 8, type 1
+
+
+def document_end(data: bytes) -> int:
+    unpacker = msgpack.Unpacker(raw=False, ext_hook=lambda code, payload: None)
+    unpacker.feed(data)
+    unpacker.skip()
+    return unpacker.tell()
+
+
+def test_large_byte_strings_follow_the_document_aligned_and_decode_in_place() -> None:
+    """The values travel after the msgpack document at a 64-byte offset and come back as a
+    read-only view of the message, equal to what was sent; small ones stay in the document."""
+    end = document_end(VALID_LARGE)
+    start = end + (-end % OUT_OF_LINE_ALIGN)
+    assert len(VALID_LARGE) == start + LARGE.nbytes
+    assert VALID_LARGE[start:] == LARGE.tobytes()
+    assert REFERENCE in VALID_LARGE[:end]
+    body = decode(VALID_LARGE).body
+    assert isinstance(body, Update)
+    big, small = body.delta
+    assert isinstance(big.values, memoryview)
+    assert big.values.readonly
+    assert bytes(big.values) == LARGE.tobytes()
+    assert isinstance(small.values, bytes)
+    assert body == LARGE_UPDATE
+    assert encode(envelope(body, sender="hosp-a", sent_at=1.0, message_id="m-2")) == VALID_LARGE
+
+
+def test_a_mutable_buffer_is_copied_before_its_views_are_handed_out() -> None:
+    """Decoding a bytearray gives values that later writes to the bytearray cannot change."""
+    data = bytearray(VALID_LARGE)
+    body = decode(data).body  # type: ignore[arg-type]
+    assert isinstance(body, Update)
+    data[-4:] = b"\xff\xff\xff\xff"
+    assert bytes(body.delta[0].values) == LARGE.tobytes()
+
+
+def _padded(document: bytes) -> bytes:
+    return document + bytes(-len(document) % OUT_OF_LINE_ALIGN)
+
+
+def _with_reference(length: int) -> bytes:
+    return VALID_LARGE.replace(REFERENCE, b"\xd7\x01" + struct.pack("<Q", length), 1)
+
+
+REFERENCE_AS_SENDER = (
+    _padded(
+        msgpack.packb(
+            [1, "update", "m-1", msgpack.ExtType(1, struct.pack("<Q", 1)), 1.0, UPDATE.model_dump()]
+        )
+    )
+    + b"x"
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param(VALID_LARGE[:-1], "follow", id="tail-truncated"),
+        pytest.param(VALID_LARGE + b"\x00", "follow", id="tail-too-long"),
+        pytest.param(VALID_LARGE[: document_end(VALID_LARGE)], "follow", id="tail-missing"),
+        pytest.param(_with_reference(LARGE.nbytes + 4), "follow", id="length-too-long"),
+        pytest.param(_with_reference(2**64 - 1), "follow", id="length-huge"),
+        pytest.param(
+            VALID_LARGE.replace(REFERENCE, b"\xd7\x02" + REFERENCE[2:], 1), "ext", id="other-ext"
+        ),
+        pytest.param(
+            msgpack.packb([1, "ack", "m-1", msgpack.ExtType(1, b"\x00" * 4), 1.0, {}]),
+            "ext",
+            id="short-reference",
+        ),
+        pytest.param(REFERENCE_AS_SENDER, "sender", id="reference-as-sender"),
+    ],
+)
+def test_malformed_out_of_line_strings_are_refused(data: bytes, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        decode(data)
+
+
+@FUZZ
+@given(mutations(base=VALID_LARGE[:4096] + VALID_LARGE[-64:]))
+def test_decoding_mutated_large_updates_only_raises_protocol_errors(data: bytes) -> None:
+    """Mutations of the document and the head and tail of the strings after it."""
+    decode_or_protocol_error(data)

@@ -19,6 +19,7 @@ from common.compression import (
     decode_tensor,
     decompress,
     fold,
+    fold_block,
     squared_norm,
 )
 from common.errors import CompressionError, DecodeError, NonFiniteValues
@@ -108,6 +109,16 @@ def test_an_all_zero_tensor_quantizes_to_zeros_with_a_unit_scale() -> None:
     (tensor,) = compress({"w": np.zeros((3, 2), np.float32)}, INT8).tensors
     assert tensor.scale == 1.0
     np.testing.assert_array_equal(sent(tensor), np.zeros((3, 2), np.float32))
+
+
+def test_int8_of_float32s_largest_value_stays_a_float32() -> None:
+    """peak / 127 rounds up at float32's largest value; the scale is rounded down instead, so the
+    tensor is one the receiver accepts and 127 * scale does not overflow."""
+    largest = float(np.finfo(np.float32).max)
+    vector = np.array([largest, -largest, 1.0], np.float32)
+    (tensor,) = compress({"v": vector}, INT8).tensors
+    assert tensor.structural_error() is None
+    assert np.all(np.isfinite(decompress(tensor, vector.shape)))
 
 
 def test_float16_clips_values_beyond_its_range_and_feeds_the_excess_back() -> None:
@@ -310,6 +321,62 @@ def test_accumulate_adds_weight_times_the_decompressed_tensor(
             # decompress rounds to float32, so its part of the sum is only float32-exact.
             tolerance = 4 * np.finfo(dtype).eps * np.abs(start) + 4 * EPS32 * np.abs(weight * dense)
             assert np.all(np.abs(out - expected) <= tolerance)
+
+
+@given(delta=deltas(), policy=compressions(), weight=WEIGHTS)
+def test_fold_with_replace_writes_weight_times_the_decompressed_tensor(
+    delta: dict[str, Any], policy: Compression, weight: float
+) -> None:
+    """fold(..., replace=True) overwrites whatever the accumulator held, zeros where unsent."""
+    for tensor in compress(delta, policy).tensors:
+        for dtype in (np.float32, np.float64):
+            expected = np.zeros(tensor.shape, dtype=dtype)
+            accumulate(tensor, expected, weight)
+            out = np.full(tensor.shape, np.nan, dtype=dtype)  # garbage, as np.empty may hold
+            fold(decode_tensor(tensor, tensor.shape), out, weight, replace=True)
+            np.testing.assert_array_equal(out, expected)
+
+
+def test_fold_with_replace_overwrites_large_tensors_block_by_block() -> None:
+    """Past one fold block, every setting's replace equals adding into zeros, bit for bit."""
+    rng = np.random.default_rng(11)
+    vector = rng.standard_normal(300_001).astype(np.float32)
+    for policy in (Compression(), FP16, INT8,
+                   Compression(top_k=0.3, quantization=Quantization.INT8)):  # fmt: skip
+        (tensor,) = compress({"v": vector}, policy).tensors
+        decoded = decode_tensor(tensor, vector.shape)
+        for weight in (1.0, -0.37):
+            expected = np.zeros(vector.size, np.float32)
+            fold(decoded, expected, weight)
+            out = np.full(vector.size, np.inf, np.float32)
+            fold(decoded, out, weight, replace=True)
+            np.testing.assert_array_equal(out, expected)
+
+
+@given(vector=long_vectors(), policy=compressions(), cut=st.floats(0, 1), replace=st.booleans())
+def test_folding_block_by_block_equals_folding_the_whole_tensor(
+    vector: np.ndarray, policy: Compression, cut: float, replace: bool
+) -> None:
+    """Any split of the flat tensor into two blocks folds to the same sums, bit for bit."""
+    (tensor,) = compress({"v": vector}, policy).tensors
+    decoded = decode_tensor(tensor, vector.shape)
+    start = np.linspace(-1, 1, vector.size, dtype=np.float32)
+    whole = start.copy()
+    fold(decoded, whole, -0.75, replace=replace)
+    blocks = start.copy()
+    middle = round(cut * vector.size)
+    fold_block(decoded, blocks[:middle], -0.75, 0, replace=replace)
+    fold_block(decoded, blocks[middle:], -0.75, middle, replace=replace)
+    np.testing.assert_array_equal(blocks, whole)
+
+
+def test_a_block_outside_the_tensor_is_refused() -> None:
+    (tensor,) = compress({"v": np.ones(10, np.float32)}, Compression()).tensors
+    decoded = decode_tensor(tensor, (10,))
+    with pytest.raises(ValueError, match="outside"):
+        fold_block(decoded, np.zeros(4, np.float32), 1.0, 8)
+    with pytest.raises(ValueError, match="one-dimensional"):
+        fold_block(decoded, np.zeros((2, 2), np.float32), 1.0, 0)
 
 
 @given(vector=long_vectors(), policy=compressions())
@@ -539,6 +606,7 @@ HOSTILE = [
     pytest.param(int8(scale=math.inf), CompressionError, "finite positive", True, id="scale-inf"),
     pytest.param(int8(scale=0.0), CompressionError, "finite positive", True, id="scale-zero"),
     pytest.param(int8(scale=-1.0), CompressionError, "finite positive", True, id="scale-negative"),
+    pytest.param(int8(scale=3.4e38), CompressionError, "beyond float32", True, id="scale-too-big"),
     pytest.param(payload(scale=1.0), CompressionError, "take no scale", True, id="float32-scale"),
     pytest.param(
         payload(indices=bytes([3, 0x84])), CompressionError, "truncated", False, id="varint-cut"
