@@ -21,6 +21,7 @@ import argparse
 import multiprocessing as mp
 import queue
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -161,6 +162,9 @@ def _worker(  # noqa: PLR0917 - a process target, called with args
         t.join(timeout=10)
     total: dict[str, int] = {"lost": sum(len(h.pending) for h in hospitals)}
     for h in hospitals:
+        for update_id in sorted(h.pending):  # named, so that the logs can tell what became of it
+            print(f"{h.name}: no ack for update {update_id}", file=sys.stderr, flush=True)
+    for h in hospitals:
         for key, value in h.tally.items():
             total[key] = total.get(key, 0) + value
     out.put(total)
@@ -268,6 +272,11 @@ def main() -> None:  # noqa: PLR0915 - one script, read top to bottom
         time.sleep(2.0)  # one more status heartbeat
         status = drain_status()
         hwm = _memory(pid)["VmHWM"]
+        if totals.get("lost", 0):  # keep the evidence: the aggregator's and the broker's logs
+            kept = args.json.with_name(args.json.stem + "-logs")
+            shutil.copytree(Path(tmp) / "logs", kept / "processes", dirs_exist_ok=True)
+            shutil.copytree(Path(tmp) / "broker", kept / "broker", dirs_exist_ok=True)
+            console.print(f"[red]{totals['lost']} updates never acknowledged; logs kept in {kept}")
     assert status is not None
     third = max(1, len(samples) // 3)
     first = statistics.median(r for _, r in samples[:third])
