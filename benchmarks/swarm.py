@@ -81,7 +81,13 @@ class _Hospital:
                 except queue.Empty:
                     item = None
                 if isinstance(item, Message) and item.payload:
-                    self._on_message(item)
+                    try:
+                        self._on_message(item)
+                    except Exception as exc:  # noqa: BLE001 - counted and named, never silent
+                        # A message this light client cannot handle must not end its thread,
+                        # which would leave its last update looking unacknowledged.
+                        self.tally["errors"] = self.tally.get("errors", 0) + 1
+                        print(f"{self.name}: {item.topic}: {exc!r}", file=sys.stderr, flush=True)
                 elif isinstance(item, ConnectionEvent) and not item.connected:
                     self.tally["disconnects"] = self.tally.get("disconnects", 0) + 1
                 if sending.is_set():
@@ -292,6 +298,7 @@ def main() -> None:  # noqa: PLR0915 - one script, read top to bottom
         "accepted": totals.get("accepted", 0),
         "rejected": totals.get("rejected", 0),
         "lost": totals.get("lost", 0),
+        "client_errors": totals.get("errors", 0),
         "client_tallies": totals,
         "aggregator_counters": counters.model_dump(),
         "aggregator_rss_first_third_bytes": first,
@@ -308,6 +315,7 @@ def main() -> None:  # noqa: PLR0915 - one script, read top to bottom
         ("updates folded per second", f"{result['updates_folded_per_second']:.2f}"),
         ("updates sent / accepted", f"{result['sent']} / {result['accepted']}"),
         ("rejected / lost", f"{result['rejected']} / {result['lost']}"),
+        ("messages a hospital could not handle", str(result["client_errors"])),
         ("aggregator rejected (its counter)", str(counters.rejected)),
         ("aggregator RSS first / last third", f"{first / 2**20:.1f} / {last / 2**20:.1f} MiB"),
         ("aggregator peak RSS (VmHWM)", f"{hwm / 2**20:.1f} MiB"),
