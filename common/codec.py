@@ -191,10 +191,11 @@ def decode_tensors(
 class _OutOfLine:
     """A reference, while decoding, to the next byte string after the document."""
 
-    __slots__ = ("length",)
+    __slots__ = ("length", "view")
 
     def __init__(self, length: int) -> None:
         self.length = length
+        self.view = memoryview(b"")
 
 
 def _move_out_of_line(obj: object, tail: list[bytes | memoryview]) -> object:
@@ -263,25 +264,28 @@ def _unpack_envelope(data: bytes, max_bytes: int) -> object:
             f"document; {after} follow it"
         )
     view = memoryview(data).toreadonly()
-    slices: dict[int, memoryview] = {}
     position = end
     for reference in references:
-        position += -position % OUT_OF_LINE_ALIGN
-        slices[id(reference)] = view[position : position + reference.length]
+        padding = -position % OUT_OF_LINE_ALIGN
+        if any(view[position : position + padding]):
+            raise DecodeError(f"non-zero padding before out-of-line byte string at {position}")
+        position += padding
+        reference.view = view[position : position + reference.length]
         position += reference.length
     try:
-        return _resolve(frame, slices)
+        return _resolve(frame)
     except RecursionError as exc:
         raise DecodeError("not a healthNET message: msgpack nesting is too deep") from exc
 
 
-def _resolve(obj: object, slices: dict[int, memoryview]) -> object:
+def _resolve(obj: object) -> object:
+    """``obj`` with every reference replaced by its view of the message."""
     if isinstance(obj, _OutOfLine):
-        return slices[id(obj)]
+        return obj.view
     if isinstance(obj, dict):
-        return {key: _resolve(value, slices) for key, value in obj.items()}
+        return {key: _resolve(value) for key, value in obj.items()}
     if isinstance(obj, list):
-        return [_resolve(value, slices) for value in obj]
+        return [_resolve(value) for value in obj]
     return obj
 
 

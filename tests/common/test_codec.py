@@ -559,6 +559,13 @@ REFERENCE_AS_SENDER = (
         pytest.param(_with_reference(LARGE.nbytes + 4), "follow", id="length-too-long"),
         pytest.param(_with_reference(2**64 - 1), "follow", id="length-huge"),
         pytest.param(
+            _padded(VALID_LARGE[: document_end(VALID_LARGE)])[:-1]
+            + b"\x01"
+            + VALID_LARGE[-LARGE.nbytes :],
+            "padding",
+            id="padding-not-zero",
+        ),
+        pytest.param(
             VALID_LARGE.replace(REFERENCE, b"\xd7\x02" + REFERENCE[2:], 1), "ext", id="other-ext"
         ),
         pytest.param(
