@@ -131,12 +131,7 @@ def decoded_sum(
     memory traffic of the one step whose speed grows with the model. The first delta is written,
     not added to zeros: one pass over the model fewer.
     """
-    if len(deltas) != len(coefficients) or not deltas:
-        raise ValueError("need one coefficient per delta, and at least one delta")
-    if any(not math.isfinite(c) for c in coefficients):
-        raise ValueError(f"coefficients must be finite: {list(coefficients)}")
-    if any(delta.keys() != shapes.keys() for delta in deltas):
-        raise ValueError("a delta names other tensors than the model")
+    _check_buffer(deltas, coefficients, shapes)
     out = {name: np.empty(shape, dtype=np.float32) for name, shape in shapes.items()}
     for i, (delta, coefficient) in enumerate(zip(deltas, coefficients, strict=True)):
         for name, acc in out.items():
@@ -163,12 +158,7 @@ def fold_step(
     other. It is the aggregator's hot path (FedAvg, FedBuff and FedAsync all take it), the one
     whose cost grows with the model.
     """
-    if len(deltas) != len(coefficients) or not deltas:
-        raise ValueError("need one coefficient per delta, and at least one delta")
-    if any(not math.isfinite(c) for c in coefficients):
-        raise ValueError(f"coefficients must be finite: {list(coefficients)}")
-    if any(delta.keys() != params.keys() for delta in deltas):
-        raise ValueError("a delta names other tensors than the model")
+    _check_buffer(deltas, coefficients, params)
     scale = np.float32(lr)
     largest = max((math.prod(x.shape) for x in params.values()), default=0)
     scratch = np.empty(min(largest, BLOCK), dtype=np.float32)
@@ -193,6 +183,20 @@ def fold_step(
         squares.append(tensor_squares)
         out[name] = new
     return out, math.sqrt(math.fsum(squares)), finite
+
+
+def _check_buffer(
+    deltas: Sequence[Mapping[str, DecodedTensor]],
+    coefficients: Sequence[float],
+    model: Mapping[str, object],
+) -> None:
+    """One finite coefficient per delta, at least one delta, each naming the model's tensors."""
+    if len(deltas) != len(coefficients) or not deltas:
+        raise ValueError("need one coefficient per delta, and at least one delta")
+    if any(not math.isfinite(c) for c in coefficients):
+        raise ValueError(f"coefficients must be finite: {list(coefficients)}")
+    if any(delta.keys() != model.keys() for delta in deltas):
+        raise ValueError("a delta names other tensors than the model")
 
 
 def densify(delta: Mapping[str, DecodedTensor], scale: float = 1.0) -> dict[str, Array]:

@@ -49,6 +49,37 @@ MISFIT_DATA = textwrap.dedent(
 )
 
 
+LOGREG = ModelSpec(name="logreg", kwargs={"in_features": 13, "num_classes": 2})
+
+
+def aggregator_service(
+    url: str, federation: str, tmp_path: Path, knobs: Knobs
+) -> AggregatorService:
+    return AggregatorService(
+        AggregatorSettings(
+            broker_url=url,  # type: ignore[arg-type]
+            federation=federation,
+            state_dir=tmp_path / "aggregator",
+            model=LOGREG,
+            knobs=knobs,
+            status_interval=0.2,
+        )
+    )
+
+
+def node_settings(
+    url: str, federation: str, node_id: str, data: str, tmp_path: Path
+) -> NodeSettings:
+    return NodeSettings(
+        broker_url=url,  # type: ignore[arg-type]
+        federation=federation,
+        node_id=node_id,
+        data=data,
+        state_dir=tmp_path / "node",
+        torch_threads=1,
+    )
+
+
 def test_a_failing_job_is_logged_once_per_version_and_the_node_keeps_running(
     mosquitto: EmbeddedBroker,
     tmp_path: Path,
@@ -60,25 +91,9 @@ def test_a_failing_job_is_logged_once_per_version_and_the_node_keeps_running(
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "misfit_site", raising=False)
     federation = f"svc{uuid.uuid4().hex[:12]}"
-    aggregator = AggregatorService(
-        AggregatorSettings(
-            broker_url=mosquitto.url,  # type: ignore[arg-type]
-            federation=federation,
-            state_dir=tmp_path / "aggregator",
-            model=ModelSpec(name="logreg", kwargs={"in_features": 13, "num_classes": 2}),
-            knobs=Knobs(buffer_size=1),
-            status_interval=0.2,
-        )
-    )
+    aggregator = aggregator_service(mosquitto.url, federation, tmp_path, Knobs(buffer_size=1))
     node = NodeService(
-        NodeSettings(
-            broker_url=mosquitto.url,  # type: ignore[arg-type]
-            federation=federation,
-            node_id="misfit",
-            data="misfit_site:misfit",
-            state_dir=tmp_path / "node",
-            torch_threads=1,
-        )
+        node_settings(mosquitto.url, federation, "misfit", "misfit_site:misfit", tmp_path)
     )
     stop = threading.Event()
     threads = [
@@ -111,23 +126,10 @@ def test_a_restarted_node_does_not_train_again_on_the_version_it_sent_an_update_
 ) -> None:
     """The sent log carries progress across a restart: one update per base version, not two."""
     federation = f"svc{uuid.uuid4().hex[:12]}"
-    aggregator = AggregatorService(
-        AggregatorSettings(
-            broker_url=mosquitto.url,  # type: ignore[arg-type]
-            federation=federation,
-            state_dir=tmp_path / "aggregator",
-            model=ModelSpec(name="logreg", kwargs={"in_features": 13, "num_classes": 2}),
-            knobs=Knobs(buffer_size=5),  # v0 stays current: a restarted node sees it again
-            status_interval=0.2,
-        )
-    )
-    node_settings = NodeSettings(
-        broker_url=mosquitto.url,  # type: ignore[arg-type]
-        federation=federation,
-        node_id="cleveland",
-        data="heart-disease:cleveland",
-        state_dir=tmp_path / "node",
-        torch_threads=1,
+    # buffer_size 5: v0 stays current, so a restarted node sees it again
+    aggregator = aggregator_service(mosquitto.url, federation, tmp_path, Knobs(buffer_size=5))
+    cleveland = node_settings(
+        mosquitto.url, federation, "cleveland", "heart-disease:cleveland", tmp_path
     )
     settings = ConnectionSettings(broker_url=mosquitto.url, federation=federation)  # type: ignore[arg-type]
     stop_aggregator = threading.Event()
@@ -137,7 +139,7 @@ def test_a_restarted_node_does_not_train_again_on_the_version_it_sent_an_update_
         with ControlClient(settings) as client:
             for _ in range(2):  # the node's first life, then its second
                 stop_node = threading.Event()
-                node = NodeService(node_settings)
+                node = NodeService(cleveland)
                 node_thread = threading.Thread(target=node.run, args=(stop_node,), name="node")
                 node_thread.start()
                 deadline = time.monotonic() + WAIT
@@ -163,16 +165,8 @@ def test_a_node_back_after_long_catches_up_and_its_stale_work_is_rejected_with_a
     """An update left in the outbox while versions moved on is resent, rejected as stale with an
     ack, leaves the outbox and is logged; the node then trains on the retained current version."""
     federation = f"svc{uuid.uuid4().hex[:12]}"
-    model = ModelSpec(name="logreg", kwargs={"in_features": 13, "num_classes": 2})
-    aggregator = AggregatorService(
-        AggregatorSettings(
-            broker_url=mosquitto.url,  # type: ignore[arg-type]
-            federation=federation,
-            state_dir=tmp_path / "aggregator",
-            model=model,
-            knobs=Knobs(buffer_size=1, max_staleness=0),
-            status_interval=0.2,
-        )
+    aggregator = aggregator_service(
+        mosquitto.url, federation, tmp_path, Knobs(buffer_size=1, max_staleness=0)
     )
     settings = ConnectionSettings(broker_url=mosquitto.url, federation=federation)  # type: ignore[arg-type]
     stop = threading.Event()
@@ -213,14 +207,7 @@ def test_a_node_back_after_long_catches_up_and_its_stale_work_is_rejected_with_a
                         time.sleep(0.1)
 
             node = NodeService(
-                NodeSettings(
-                    broker_url=mosquitto.url,  # type: ignore[arg-type]
-                    federation=federation,
-                    node_id="va",
-                    data="heart-disease:va",
-                    state_dir=tmp_path / "node",
-                    torch_threads=1,
-                )
+                node_settings(mosquitto.url, federation, "va", "heart-disease:va", tmp_path)
             )
             node_stop = threading.Event()
             node_thread = threading.Thread(target=node.run, args=(node_stop,), name="node")
