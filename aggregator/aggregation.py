@@ -124,15 +124,18 @@ def decoded_sum(
     deltas: Sequence[Mapping[str, DecodedTensor]],
     coefficients: Sequence[float],
     shapes: Mapping[str, tuple[int, ...]],
+    *,
+    out: Mapping[str, Array] | None = None,
 ) -> dict[str, Array]:
     """``sum(c_i * delta_i)`` of decoded (possibly sparse, quantized) deltas, as float32.
 
     Accumulates in float32: a buffer sums a handful of small deltas, and float64 would double the
     memory traffic of the one step whose speed grows with the model. The first delta is written,
-    not added to zeros: one pass over the model fewer.
+    not added to zeros: one pass over the model fewer. The sum goes into ``out`` when given
+    (see :func:`fold_step`), else into new arrays.
     """
     _check_buffer(deltas, coefficients, shapes)
-    out = {name: np.empty(shape, dtype=np.float32) for name, shape in shapes.items()}
+    out = _output(shapes, out)
     for i, (delta, coefficient) in enumerate(zip(deltas, coefficients, strict=True)):
         for name, acc in out.items():
             fold(delta[name], acc, coefficient, replace=i == 0)
@@ -144,6 +147,8 @@ def fold_step(
     deltas: Sequence[Mapping[str, DecodedTensor]],
     coefficients: Sequence[float],
     lr: float,
+    *,
+    out: Mapping[str, Array] | None = None,
 ) -> tuple[dict[str, Array], float, bool]:
     """The next version under the plain server step, ``params + lr * sum(c_i * delta_i)``.
 
@@ -157,16 +162,23 @@ def fold_step(
     for K updates, against 3K + 4 for the sum, the norm, the step and the check one after the
     other. It is the aggregator's hot path (FedAvg, FedBuff and FedAsync all take it), the one
     whose cost grows with the model.
+
+    The new version is written into ``out`` when given: writeable, C-contiguous float32 arrays of
+    the model's shapes, sharing no memory with ``params`` (the aggregator passes memory of a
+    version nobody holds any more, see :mod:`aggregator.memory`); else into new arrays.
     """
     _check_buffer(deltas, coefficients, params)
+    shapes = {name: x.shape for name, x in params.items()}
+    new_version = _output(shapes, out)
+    if any(np.may_share_memory(new_version[name], x) for name, x in params.items()):
+        raise ValueError("out shares memory with params: a fold never writes over a version")
     scale = np.float32(lr)
     largest = max((math.prod(x.shape) for x in params.values()), default=0)
     scratch = np.empty(min(largest, BLOCK), dtype=np.float32)
     squares: list[float] = []
     finite = True
-    out: dict[str, Array] = {}
     for name, x in params.items():
-        new = np.empty(x.shape, dtype=np.float32)
+        new = new_version[name]
         flat, old = new.reshape(-1), np.asarray(x, dtype=np.float32).reshape(-1)
         tensor_squares = 0.0  # summed as sum_of_squares sums a tensor's blocks
         for start in range(0, flat.size, BLOCK):
@@ -181,8 +193,25 @@ def fold_step(
                 np.add(block, old[start : start + BLOCK], out=block)
                 finite = finite and all_finite(block)
         squares.append(tensor_squares)
-        out[name] = new
-    return out, math.sqrt(math.fsum(squares)), finite
+    return new_version, math.sqrt(math.fsum(squares)), finite
+
+
+def _output(
+    shapes: Mapping[str, tuple[int, ...]], out: Mapping[str, Array] | None
+) -> dict[str, Array]:
+    """``out`` checked against the model's shapes, or new arrays of them."""
+    if out is None:
+        return {name: np.empty(shape, dtype=np.float32) for name, shape in shapes.items()}
+    if out.keys() != shapes.keys():
+        raise ValueError("out names other tensors than the model")
+    for name, array in out.items():
+        if array.shape != shapes[name] or array.dtype != np.float32:
+            raise ValueError(
+                f"out[{name!r}] is {array.dtype} {array.shape}, not float32 {shapes[name]}"
+            )
+        if not (array.flags.c_contiguous and array.flags.writeable):
+            raise ValueError(f"out[{name!r}] must be writeable and C-contiguous")
+    return dict(out)
 
 
 def _check_buffer(

@@ -35,6 +35,7 @@ from aggregator.aggregation import (
     robust_buffer_aggregate,
     server_step,
 )
+from aggregator.memory import VersionMemory
 from aggregator.run_state import transition
 from common.compression import DecodedTensor, all_finite, decode_tensor, squared_norm
 from common.errors import CompressionError, ControlError, NonFiniteValues
@@ -173,6 +174,8 @@ class AggregatorCore:
         }
         for array in self._params.values():
             array.flags.writeable = False
+        # Where folds write new versions: the memory of one that nothing holds any more.
+        self._memory = VersionMemory({name: p.shape for name, p in self._params.items()})
         self._knobs = knobs
         self._version = version
         self._state = state
@@ -596,10 +599,12 @@ class AggregatorCore:
             coefficients = [w * u.scale for u, w in zip(batch, weights, strict=True)]
             if optimizer.kind is ServerOptimizerKind.SGD:
                 # The hot path: the weighted sum and the step in one pass over memory.
-                params, norm, finite = fold_step(self._params, deltas, coefficients, optimizer.lr)
+                params, norm, finite = fold_step(
+                    self._params, deltas, coefficients, optimizer.lr, out=self._memory.take()
+                )
             else:
                 shapes = {name: p.shape for name, p in self._params.items()}
-                aggregate = decoded_sum(deltas, coefficients, shapes)
+                aggregate = decoded_sum(deltas, coefficients, shapes, out=self._memory.take())
                 params, opt_state, norm, finite = self._step(aggregate, optimizer)
         else:
             aggregate, weights = robust_buffer_aggregate(

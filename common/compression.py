@@ -67,8 +67,9 @@ _WIRE_DTYPES: dict[str, np.dtype[Any]] = {
 }
 _FP16_MAX = float(np.finfo(np.float16).max)
 # Entries per block when folding: big enough that per-block overhead is small, small enough that
-# the block's temporaries stay in cache.
-BLOCK = 1 << 17
+# a block and its scratch stay in cache. 1 MiB blocks folded an 11.7 M model's buffer 10 % faster
+# than 512 KiB ones on the 2-core EPYC (1 MiB of L2 per core); 4 MiB ones were no faster.
+BLOCK = 1 << 18
 # float16 -> float32 by bit arithmetic (see _half_to_biased_float32): the float32 whose bits are
 # the half's sign, exponent and mantissa in place is the half's value times 2**-112, since the
 # exponent biases differ by 112; subnormals included.

@@ -539,6 +539,51 @@ def test_fold_step_equals_the_sum_then_the_step_bit_for_bit(count: int, lr: floa
     assert finite
 
 
+def test_fold_step_and_decoded_sum_write_into_out_when_given() -> None:
+    """Into the caller's arrays, whatever they held, with the same result as into new ones."""
+    layout = {"conv": (3, BLOCK + 17), "fc": (5, 7), "empty": (0,)}
+    rng = np.random.default_rng(4)
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in layout.items()}
+    deltas = decoded_buffer(layout, 3, seed=5)
+    coefficients = [0.5, 0.25, -0.125]
+    expected, expected_norm, _ = fold_step(params, deltas, coefficients, 0.7)
+    out = {n: np.full(s, np.nan, dtype=np.float32) for n, s in layout.items()}
+    got, norm, finite = fold_step(params, deltas, coefficients, 0.7, out=out)
+    assert all(got[n] is out[n] for n in layout)
+    assert_params_equal(got, expected)
+    assert (norm, finite) == (expected_norm, True)
+    out = {n: np.full(s, np.nan, dtype=np.float32) for n, s in layout.items()}
+    total = decoded_sum(deltas, coefficients, layout, out=out)
+    assert all(total[n] is out[n] for n in layout)
+    assert_params_equal(total, decoded_sum(deltas, coefficients, layout))
+
+
+@pytest.mark.parametrize(
+    ("out", "match"),
+    [
+        pytest.param({"w": np.empty(4, np.float32)}, "other tensors", id="other-tensors"),
+        pytest.param({"v": np.empty(3, np.float32)}, "not float32", id="wrong-shape"),
+        pytest.param({"v": np.empty(4, np.float64)}, "not float32", id="wrong-dtype"),
+        pytest.param({"v": np.empty(8, np.float32)[::2]}, "C-contiguous", id="strided"),
+        pytest.param({"v": np.frombuffer(bytes(16), np.float32)}, "writeable", id="read-only"),
+    ],
+)
+def test_fold_step_refuses_an_out_that_does_not_fit(out: Arrays, match: str) -> None:
+    params = arrays(v=[1.0, 2.0, 3.0, 4.0])
+    deltas = decoded_buffer({"v": (4,)}, 1, seed=0)
+    with pytest.raises(ValueError, match=match):
+        fold_step(params, deltas, [1.0], 1.0, out=out)
+
+
+def test_fold_step_never_writes_over_the_version_it_folds_from() -> None:
+    """out sharing memory with params is refused: that version may be published or held."""
+    params = {"v": np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)}
+    deltas = decoded_buffer({"v": (4,)}, 1, seed=0)
+    with pytest.raises(ValueError, match="shares memory"):
+        fold_step(params, deltas, [1.0], 1.0, out={"v": params["v"]})
+    np.testing.assert_array_equal(params["v"], [1.0, 2.0, 3.0, 4.0])
+
+
 def test_fold_step_says_when_the_new_version_is_not_finite() -> None:
     """Finite updates whose sum overflows float32 give a non-finite version: flagged, not hidden."""
     layout = {"w": (4,)}

@@ -644,6 +644,33 @@ def test_core_copies_the_params_it_is_given() -> None:
     assert_params_equal(params, PARAMS)
 
 
+def test_folds_reuse_the_memory_of_versions_nobody_holds() -> None:
+    """A long run's versions live in two places in memory, alternately, whatever the optimizer."""
+    for optimizer in (ServerOptimizerKind.SGD, ServerOptimizerKind.FEDADAM):
+        core = make_core(buffer_size=1, server_optimizer=optimizer)
+        places = set()
+        for i in range(20):
+            send(core, make_update(f"u{i}", base_version=core.version))
+            fold = core.fold(now=0.0)
+            assert isinstance(fold, Fold)
+            places.add(fold.params["w"].__array_interface__["data"][0])
+        assert core.version == 20
+        assert len(places) == 2
+
+
+def test_a_version_a_caller_holds_is_never_written_over() -> None:
+    """Folds go on while versions are held: every held version keeps the values it was made with."""
+    core = make_core(buffer_size=1)
+    held: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+    for i in range(12):
+        send(core, make_update(f"u{i}", base_version=core.version, delta=scaled(i + 1.0)))
+        fold = core.fold(now=0.0)
+        if i % 3 == 0:  # keep every third version, as a slow publisher or a test might
+            held.append((dict(fold.params), {k: v.copy() for k, v in fold.params.items()}))
+    for arrays, values in held:
+        assert_params_equal(arrays, values)
+
+
 # -- resuming from exported state
 
 
