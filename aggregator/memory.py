@@ -1,11 +1,12 @@
 """Memory for the model's new versions, reused once nothing holds the version it held.
 
 A fold writes every weight of a new version. Memory fresh from the operating system costs a
-page fault per page on first write, and the kernel zeroes each page first: for an 11.7 M
-parameter model that was a third of the fold, more than the arithmetic of a whole buffer of
-updates. A running aggregator needs only two versions' memory at a time, the current one and the
-one being folded, so :class:`VersionMemory` keeps a few model-sized slabs and hands out one whose
-previous version is gone.
+page fault per page on first write, and the kernel zeroes each page first. glibc hands out fresh
+pages for every array over 32 MB, and for smaller ones whenever it has given freed memory back:
+then the faults cost a third of an 11.7 M parameter fold, more than the arithmetic of a whole
+buffer of updates. A running aggregator needs only two versions' memory at a time, the current
+one and the one being folded, so :class:`VersionMemory` keeps a few model-sized slabs and hands
+out one whose previous version is gone.
 
 "Gone" is decided by reference count, the test numpy's own ``ndarray.resize(refcheck=True)``
 makes. Every tensor of a version is a view of its slab, and numpy points every view, and every
@@ -54,7 +55,12 @@ class VersionMemory:
         # The reference count of a kept slab that nothing else holds, measured, not assumed:
         # what sys.getrefcount reports for the same expression differs between interpreters.
         self._free_count = 0
-        self.allocated = 0  # slabs allocated so far; the rest of the takes reused one
+        self._allocated = 0
+
+    @property
+    def allocated(self) -> int:
+        """How many slabs :meth:`take` has allocated; every other take reused one."""
+        return self._allocated
 
     @property
     def kept(self) -> int:
@@ -68,7 +74,7 @@ class VersionMemory:
                 return self._views(self._slabs[index])
         self._slabs.append(np.empty(self._size, dtype=np.float32))
         self._free_count = _references(self._slabs, len(self._slabs) - 1)
-        self.allocated += 1
+        self._allocated += 1
         if len(self._slabs) > self._keep:
             del self._slabs[0]
         return self._views(self._slabs[-1])
