@@ -11,7 +11,6 @@ was lost or folded twice, or the logs disagree. ``--minutes 0.5`` is the quick m
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -21,6 +20,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from healthnet.chaos import DEFAULT_EVERY, ChaosConfig, Fault, run_chaos
 from healthnet.federations import FEDERATIONS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_chaos(config, report)
     data = result.to_json()
-    args.json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_report(args.json, data)
     keys = ("aggregator_kills", "broker_restarts", "node_kills", "node_freezes", "updates_sent",
             "updates_folded", "lost", "double_folded", "versions", "final_accuracy")  # fmt: skip
     console.print(" ".join(f"{key}={data[key]}" for key in keys))

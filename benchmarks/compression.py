@@ -9,14 +9,15 @@ float32, the final test accuracy on the official test split (and the mean of the
 versions, which is steadier), and the aggregator's decode-and-fold time per update as a ratio
 against a plain numpy ``acc += delta`` of the same arrays, timed in this process (process CPU
 time, best of alternating runs) for the pneumonia CNN and for a ResNet-18 layout of 11.7 M
-parameters. ``--quick`` runs two settings for two versions on three hospitals: CI runs it so the
-benchmark cannot rot.
+parameters. ``--quick`` runs two settings (dense and top-1 % float16) for two versions on one
+hospital, with three fold timings each: tests/benchmarks/test_quick.py runs it so the benchmark
+cannot rot. It took 54 s at load average 7 on the 2-core development machine, most of it
+starting the two processes per setting that import torch; its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -28,10 +29,11 @@ from rich.table import Table
 
 from common.compression import compress
 from common.messages import Compression, Quantization
-from healthnet.demo import DemoConfig, run_demo
+from healthnet.demo import DemoConfig, Mode, resolve_mode, run_demo
+from healthnet.federations import FEDERATIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import best_of, machine
+from _report import best_of, write_report
 from compression_fold import LAYOUTS, fold_pair
 
 
@@ -66,6 +68,21 @@ def fold_ratio(policy: Compression, layout: str, repeats: int) -> float:
     return folded / base
 
 
+def knobs_of(rows: list[dict[str, object]], mode: Mode) -> dict[str, object]:
+    """The federation's knobs these runs used: what a reader needs to compare two reports."""
+    federation = FEDERATIONS["pneumonia"]
+    knobs = federation.knobs
+    return {
+        "mode": mode,
+        "buffer_size": rows[0]["buffer_size"] if rows else knobs.buffer_size,
+        "server_lr": resolve_mode(mode, federation, None)[2],
+        "optimizer": knobs.training.optimizer,
+        "learning_rate": knobs.training.learning_rate,
+        "batch_size": knobs.training.batch_size,
+        "epochs": knobs.training.epochs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, required=True, help="write the results here")
@@ -83,7 +100,7 @@ def main() -> None:
     if args.settings:
         settings = tuple(s for s in settings if s.name in args.settings)
     versions = 2 if args.quick else args.versions
-    nodes = 3 if args.quick else None
+    nodes = 1 if args.quick else None
     repeats = 3 if args.quick else args.repeats
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="healthnet-bench-") as tmp:
@@ -113,6 +130,7 @@ def main() -> None:
                     "accuracy": result.mean_accuracy,
                     "accuracy_last5": result.mean_accuracy_last5,
                     "updates_folded": result.updates_folded,
+                    "buffer_size": result.buffer_size,
                     "versions": result.versions,
                     "wall_seconds": result.wall_seconds,
                     "fold_ratio": fold_ratio(setting.policy, "cnn-16", repeats),
@@ -149,12 +167,12 @@ def main() -> None:
         "mode": args.mode,
         "versions": versions,
         "seed": args.seed,
+        "knobs": knobs_of(rows, args.mode),
         "quick": args.quick,
         "fold_models": {"fold_ratio": params["cnn-16"], "fold_ratio_11m": params["resnet18"]},
-        "machine": machine(),
         "settings": rows,
     }
-    args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(args.json, report)
     console.print(f"written to {args.json}")
 
 

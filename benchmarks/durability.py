@@ -1,6 +1,6 @@
 """Durability benchmark: what checkpoints and ledger writes (with fsync) add to a version's cost.
 
-    python benchmarks/durability.py --json durability.json [--versions 12] [--rounds 3]
+    python benchmarks/durability.py --json durability.json [--versions 23] [--rounds 3] [--quick]
 
 For each model (the pneumonia CNN: ``cnn`` on 1x28x28 images, 2 classes; and an ``mlp`` of more
 than 10 M parameters) a real aggregator (AggregatorService in this process) on a real Mosquitto is
@@ -22,12 +22,14 @@ The ratio of the median (over runs) of the mean time per version to the baseline
 overhead (target <= 1.20). The durable runs also time the checkpoint, ledger and versions-log
 writes themselves, which gives a second, less noisy estimate: time per version / (time per
 version - time in those writes).
+
+``--quick`` runs each configuration once, on the CNN only, for 5 versions (3 measured):
+tests/benchmarks/test_quick.py runs it so the benchmark cannot rot; its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import queue
@@ -57,6 +59,9 @@ from common.messages import Knobs, Manifest, ModelSpec, TrainMetrics, Update, Ve
 from common.mqtt import Message, MqttClient
 from common.topics import TopicTree
 from healthnet.broker import BrokerConfig, EmbeddedBroker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_report
 
 K = 3
 LOOKAHEAD = 2  # versions' worth of updates queued ahead of the aggregator
@@ -267,8 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--versions", type=int, default=23, help="versions per run (2 warm up)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each configuration")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    parser.add_argument("--quick", action="store_true", help="a few seconds' smoke run")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.versions, args.rounds, args.models = 5, 1, "cnn"
     results: dict[str, Any] = {
+        "benchmark": "durability",
+        "quick": args.quick,
         "target_ratio": 1.2,
         "buffer_size": K,
         "versions_per_run": args.versions,
@@ -320,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             summary["runs"] = runs
             results["models"][name] = summary
-    args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_report(args.json, results)
     return 0
 
 

@@ -78,3 +78,53 @@ def test_swarm_quick_loses_no_update(tmp_path: Path) -> None:
     assert result["rejected"] == 0
     assert result["lost"] == 0
     assert result["aggregator_peak_rss_bytes"] > 0
+
+
+def test_compression_quick_reports_bytes_accuracy_and_fold_cost(tmp_path: Path) -> None:
+    """compression --quick runs dense and top-1 % float16 with error feedback, and reports for
+    each the bytes on the wire, the ratio to dense, the accuracy and the fold cost."""
+    report = run_quick("compression", tmp_path)
+    assert report["versions"] == 2
+    knobs = report["knobs"]
+    assert isinstance(knobs, dict)
+    assert {"buffer_size", "server_lr", "optimizer", "learning_rate"} <= knobs.keys()
+    settings = report["settings"]
+    assert isinstance(settings, list)
+    rows = {row["name"]: row for row in settings}
+    assert rows.keys() == {"dense-fp32", "top1%-fp16-ef"}
+    for row in rows.values():
+        assert row["versions"] == 2
+        assert row["updates_folded"] >= 2
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["fold_ratio"] > 0
+        assert row["fold_ratio_11m"] > 0
+    assert rows["dense-fp32"]["ratio"] == 1.0
+    assert rows["top1%-fp16-ef"]["error_feedback"] is True
+    # Top 1 % of the values as float16 with their indices: far fewer bytes than dense float32.
+    assert rows["top1%-fp16-ef"]["ratio"] > 20
+
+
+def test_durability_quick_times_every_configuration(tmp_path: Path) -> None:
+    """durability --quick times each configuration once on the CNN, with its ratio to the
+    write-ahead log alone and the time spent in the durable writes."""
+    report = run_quick("durability", tmp_path)
+    assert report["rounds"] == 1
+    models = report["models"]
+    assert isinstance(models, dict)
+    assert models.keys() == {"cnn"}
+    cnn = models["cnn"]
+    assert cnn["parameters"] > 0
+    assert cnn["baseline_ms_per_version"] > 0
+    for mode in ("checkpoint-every-version", "checkpoint-every-version-ledger-fsync-per-line",
+                 "checkpoint-every-10"):  # fmt: skip
+        figures = cnn[mode]
+        assert figures["ms_per_version"] > 0
+        assert figures["ratio"] > 0
+        assert 0 < figures["checkpoint_and_ledger_ms_per_version"] < figures["ms_per_version"]
+        assert figures["instrumented_ratio"] >= 1
+    assert {mode: len(runs) for mode, runs in cnn["runs"].items()} == {
+        "baseline": 1,
+        "checkpoint-every-version": 1,
+        "checkpoint-every-version-ledger-fsync-per-line": 1,
+        "checkpoint-every-10": 1,
+    }

@@ -123,3 +123,4 @@ def test_the_chaos_benchmark_quick_mode_runs_clean(tmp_path: Path) -> None:
     assert data["versions_contiguous"]
     assert data["updates_sent"] == data["updates_folded"] + data["updates_rejected"]
     assert 0.0 < data["final_accuracy"] <= 1.0
+    assert {"cores", "cpu", "git_revision"} <= data["machine"].keys()
