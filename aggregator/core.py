@@ -179,7 +179,8 @@ class AggregatorCore:
     ) -> None:
         """``norms``, ``initial_norm`` and ``buffered_scales`` come from a checkpoint: the norms
         of the last accepted updates, the L2 norm of the run's initial weights (default: of
-        ``params``, right for a new run), and the norm clip's factor of each buffered update that
+        ``params``, right for a new run; for a checkpoint from before it was kept, the best
+        stand-in there is), and the norm clip's factor of each buffered update that
         was clipped (None: an older checkpoint, whose clip factors are worked out again)."""
         self.run_id = run_id
         self._params: dict[str, NDArray[np.float32]] = {
