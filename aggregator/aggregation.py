@@ -12,13 +12,18 @@ plain ``x + lr * delta`` (FedAvg, FedBuff, FedAsync), FedAvgM, FedAdam or FedYog
 "Adaptive Federated Optimization", 2021). Model states are ``name -> float32 array`` mappings;
 nothing here mutates its arguments.
 
-Poisoning defences. :func:`clip_to_norm` scales an update down to a norm bound. The robust rules
-replace the mean by a coordinate-wise statistic of the staleness-discounted deltas ``f(s_i) *
-delta_i``: the median (Yin et al., "Byzantine-Robust Distributed Learning", 2018) or the trimmed
-mean, which drops the ``trim`` largest and smallest values of each coordinate. Both ignore sample
-counts, which a malicious node could inflate, and both leave the aggregate inside the range of
-the honest values as long as fewer than half (median) or fewer than the trimmed count are
-poisoned.
+Poisoning defences. :func:`norm_bound` is the largest L2 norm an update may have: an absolute
+ceiling, and an adaptive bound, a multiple of the median norm of the last accepted updates (FLAME
+clips to the median norm: Nguyen et al., "FLAME: Taming Backdoors in Federated Learning", 2022),
+which follows the honest updates' scale as training goes on and needs no tuning per model.
+Before there is history, the first updates are held to a multiple of the norm of the run's
+initial weights: an attacker's update may well be the first one. :func:`clip_to_norm` scales an
+update down to a norm bound. The robust rules replace the mean by a coordinate-wise statistic of
+the staleness-discounted deltas ``f(s_i) * delta_i``: the median (Yin et al., "Byzantine-Robust
+Distributed Learning", 2018) or the trimmed mean, which drops the ``max(1, floor(trim * K))``
+largest and smallest values of each coordinate. Both ignore sample counts, which a malicious
+node could inflate, and both leave the aggregate inside the range of the honest values as long
+as fewer than half (median) or fewer than the trimmed count are poisoned.
 
 Compressed deltas are folded as they came (:func:`decoded_sum`): a sparse update touches only
 the entries it sent, so folding a top-k update costs what it weighs, not what the model weighs.
@@ -27,6 +32,7 @@ the entries it sent, so folding a top-k update costs what it weighs, not what th
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +44,8 @@ from common.compression import BLOCK, DecodedTensor, all_finite, fold, fold_bloc
 from common.messages import AggregationRule, ServerOptimizerKind, StalenessKind
 
 __all__ = [
+    "NORM_WARMUP",
+    "NormBound",
     "Params",
     "ServerOptimizer",
     "ServerOptimizerState",
@@ -50,6 +58,7 @@ __all__ = [
     "densify",
     "fold_step",
     "global_norm",
+    "norm_bound",
     "robust_buffer_aggregate",
     "sample_weight",
     "server_step",
@@ -286,14 +295,19 @@ def coordinate_median(deltas: Sequence[AnyParams]) -> dict[str, Array]:
 
 
 def trimmed_mean(deltas: Sequence[AnyParams], trim: float) -> dict[str, Array]:
-    """Per coordinate, the mean after dropping the ``floor(trim * n)`` largest and smallest values.
+    """Per coordinate, the mean after dropping the ``max(1, floor(trim * n))`` largest and
+    smallest values (none when ``trim`` is 0).
 
-    At least one value always remains: with ``trim`` near 0.5 it is the median.
+    ``floor(trim * n)`` alone is 0 for every buffer below ``1 / trim`` (below 10 at the default
+    0.1): the trimmed mean would be the mean exactly where buffers are small. So any ``trim``
+    above 0 drops at least one value per end. At least one value always remains: with fewer
+    than three values, or ``trim`` near 0.5, it is the median.
     """
     if not 0 <= trim < 0.5:
         raise ValueError(f"trim must be in [0, 0.5), got {trim}")
     n = len(deltas)
-    k = min(math.floor(trim * n), (n - 1) // 2)
+    asked = max(1, math.floor(trim * n)) if trim > 0 else 0
+    k = min(asked, (n - 1) // 2)
     out: dict[str, Array] = {}
     for name, stack in _stacks(deltas):
         ordered = np.sort(stack, axis=0)
@@ -344,6 +358,55 @@ def _stacks(deltas: Sequence[AnyParams]) -> list[tuple[str, NDArray[np.float64]]
             raise ValueError(f"tensor {name!r}: deltas disagree on its shape")
         stacks.append((name, np.stack([np.asarray(d[name], dtype=np.float64) for d in deltas])))
     return stacks
+
+
+# Accepted-update norms the adaptive bound needs before it trusts their median: with three, one
+# poisoned norm among them is never the median.
+NORM_WARMUP = 3
+
+
+@dataclass(frozen=True, slots=True)
+class NormBound:
+    """The largest L2 norm an update may have now, and what set it (for the node's ack)."""
+
+    value: float
+    source: str
+
+
+def norm_bound(
+    *,
+    ceiling: float | None,
+    multiplier: float | None,
+    history: Sequence[float],
+    window: int,
+    initial_norm: float,
+) -> NormBound | None:
+    """The tighter of the absolute ``ceiling`` and the adaptive bound; None when neither is set.
+
+    The adaptive bound (``multiplier`` set) is ``multiplier * median(history[-window:])`` once
+    ``min(NORM_WARMUP, window)`` accepted norms are known. Before that (the warm-up, when the
+    first update may be an attacker's) it is ``multiplier * initial_norm``, the L2 norm of the
+    run's initial weights: an honest first update moves a model by a fraction of its own size,
+    not by many times it. A reference of 0 (a model initialised to zeros, or zero updates) gives
+    no scale to go by, and only the ceiling applies. Pure: the same history gives the same bound,
+    so recovery replaying accepted updates in order judges them as they were judged.
+    """
+    bounds: list[NormBound] = []
+    if ceiling is not None:
+        bounds.append(NormBound(ceiling, "max_update_norm"))
+    if multiplier is not None:
+        if window < 1:
+            raise ValueError(f"norm window must be at least 1, got {window}")
+        recent = history[-window:]
+        if len(recent) >= min(NORM_WARMUP, window):
+            reference = statistics.median(recent)
+            source = f"median norm {reference:.4g} of the last {len(recent)} accepted updates"
+        else:
+            reference = initial_norm
+            source = f"the initial weights' norm {reference:.4g} (warm-up)"
+        if reference > 0 and math.isfinite(reference):
+            bounds.append(NormBound(multiplier * reference, f"{multiplier:g} x {source}"))
+    return min(bounds, key=lambda b: b.value, default=None)
 
 
 def global_norm(params: Params) -> float:

@@ -6,16 +6,19 @@ core validates it (DESIGN §7: sender, replay, quarantine, rate, run, staleness,
 shapes, finiteness, norm) and either rejects it with a reason or adds it to the buffer. An update
 id is judged once: a resent accepted update is acknowledged again but never refolded; any other
 update id seen before is a replay. Versions change only in :meth:`fold`, so an update's
-staleness at arrival is its staleness at fold. The shell asks :meth:`fold_due` after every accepted
-update and on a timer (for ``buffer_timeout``), folds, persists, then publishes. Time always comes
-in as an argument; nothing here reads a clock, a file or the network.
+staleness at arrival is its staleness at fold. The norm bound
+(:func:`~aggregator.aggregation.norm_bound`) depends on the norms of the updates accepted before,
+which the core keeps, in order, with its checkpoint: recovery replays the write-ahead log in
+order and so judges each update as it was judged. The shell asks :meth:`fold_due` after every
+accepted update and on a timer (for ``buffer_timeout``), folds, persists, then publishes. Time
+always comes in as an argument; nothing here reads a clock, a file or the network.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from aggregator.aggregation import (
+    NormBound,
     Params,
     ServerOptimizer,
     ServerOptimizerState,
@@ -32,6 +36,7 @@ from aggregator.aggregation import (
     densify,
     fold_step,
     global_norm,
+    norm_bound,
     robust_buffer_aggregate,
     server_step,
 )
@@ -40,6 +45,7 @@ from aggregator.run_state import transition
 from common.compression import DecodedTensor, all_finite, decode_tensor, squared_norm
 from common.errors import CompressionError, ControlError, NonFiniteValues
 from common.messages import (
+    NORM_HISTORY,
     AggregationRule,
     AggregatorState,
     AggregatorStatus,
@@ -167,7 +173,15 @@ class AggregatorCore:
         seen_by: Mapping[str, str] | None = None,
         counters: Counters | None = None,
         nodes: tuple[NodeLedgerEntry, ...] = (),
+        norms: Sequence[float] = (),
+        initial_norm: float | None = None,
+        buffered_scales: Mapping[str, float] | None = None,
     ) -> None:
+        """``norms``, ``initial_norm`` and ``buffered_scales`` come from a checkpoint: the norms
+        of the last accepted updates, the L2 norm of the run's initial weights (default: of
+        ``params``, right for a new run; for a checkpoint from before it was kept, the best
+        stand-in there is), and the norm clip's factor of each buffered update that
+        was clipped (None: an older checkpoint, whose clip factors are worked out again)."""
         self.run_id = run_id
         self._params: dict[str, NDArray[np.float32]] = {
             k: np.array(v, dtype=np.float32) for k, v in params.items()
@@ -189,6 +203,10 @@ class AggregatorCore:
             e.node: _Ledger(**e.model_dump(exclude={"node"})) for e in nodes
         }
         self._buffer: list[BufferedUpdate] = []
+        # The clipped norms of the last accepted updates, oldest first, while a bound was set.
+        self._norms: list[float] = [float(n) for n in norms][-NORM_HISTORY:]
+        self._initial_norm = global_norm(self._params) if initial_norm is None else initial_norm
+        self._restored_scales = None if buffered_scales is None else dict(buffered_scales)
 
     # -- read-only views
 
@@ -223,6 +241,27 @@ class AggregatorCore:
     @property
     def buffer(self) -> tuple[BufferedUpdate, ...]:
         return tuple(self._buffer)
+
+    @property
+    def norm_history(self) -> tuple[float, ...]:
+        """The (clipped) L2 norms of the last accepted updates, oldest first."""
+        return tuple(self._norms)
+
+    @property
+    def initial_norm(self) -> float:
+        """The L2 norm of the run's initial weights: the adaptive bound's warm-up reference."""
+        return self._initial_norm
+
+    def norm_bound(self) -> NormBound | None:
+        """The largest L2 norm an update may have now (None: no bound is set)."""
+        knobs = self._knobs
+        return norm_bound(
+            ceiling=knobs.max_update_norm,
+            multiplier=knobs.norm_multiplier,
+            history=self._norms,
+            window=knobs.norm_window,
+            initial_norm=self._initial_norm,
+        )
 
     def counters(self) -> Counters:
         return Counters.model_validate(self._counters)
@@ -357,9 +396,11 @@ class AggregatorCore:
                 ),
             )
         started = time.perf_counter()
-        verdict, delta, scale = self._validate(node, sender, update)
+        verdict, delta, scale, norm = self._validate(node, sender, update)
         if not verdict.accepted:
             return self._reject(entry, update.update_id, verdict)
+        if norm is not None:
+            self._remember_norm(norm * scale)
         staleness = self._version - update.base_version
         buffered = BufferedUpdate.of(
             node,
@@ -401,7 +442,20 @@ class AggregatorCore:
             }
         except CompressionError as exc:
             raise ValueError(f"logged update {update.update_id} does not decode: {exc}") from exc
-        scale = self._clip_scale(delta)[0] if self._knobs.norm_policy is NormPolicy.CLIP else 1.0
+        if count:
+            # Accepted after the checkpoint: judged again against the same history, in order.
+            scale, norm = self._clip_scale(delta, self.norm_bound())
+            if self._knobs.norm_policy is not NormPolicy.CLIP:
+                scale = 1.0
+            if norm is not None:
+                self._remember_norm(norm * scale)
+        elif self._restored_scales is not None:
+            scale = self._restored_scales.get(update.update_id, 1.0)
+        elif self._knobs.norm_policy is NormPolicy.CLIP and self._knobs.max_update_norm:
+            bound = NormBound(self._knobs.max_update_norm, "max_update_norm")
+            scale = self._clip_scale(delta, bound)[0]  # a checkpoint from before the history
+        else:
+            scale = 1.0
         self._buffer.append(
             BufferedUpdate.of(node, update, delta=delta, size=size, now=now, scale=scale)
         )
@@ -430,11 +484,12 @@ class AggregatorCore:
 
     def _validate(
         self, node: str, sender: str, update: Update
-    ) -> tuple[Verdict, dict[str, DecodedTensor], float]:
-        """The verdict, the decoded delta and the factor that clips it to the norm bound."""
+    ) -> tuple[Verdict, dict[str, DecodedTensor], float, float | None]:
+        """The verdict, the decoded delta, the factor that clips it to the norm bound and its
+        norm (None when no bound is set: then it is not worth a pass over the delta)."""
 
-        def no(reason: RejectReason, detail: str) -> tuple[Verdict, dict[str, Any], float]:
-            return Verdict(accepted=False, reason=reason, detail=detail), {}, 1.0
+        def no(reason: RejectReason, detail: str) -> tuple[Verdict, dict[str, Any], float, None]:
+            return Verdict(accepted=False, reason=reason, detail=detail), {}, 1.0, None
 
         knobs = self._knobs
         if self._state is AggregatorState.STOPPED:
@@ -459,19 +514,18 @@ class AggregatorCore:
             )
         refused, delta = self._decode(update)
         if refused is not None:
-            return refused, {}, 1.0
-        if knobs.max_update_norm is not None:
-            bound = knobs.max_update_norm
-            scale, norm = self._clip_scale(delta)
-            if norm > bound and knobs.norm_policy is NormPolicy.REJECT:
-                return no(
-                    RejectReason.NORM_BOUND,
-                    f"update norm {norm:.4g} exceeds max_update_norm {bound:.4g}",
-                )
-            if norm > bound:
-                detail = f"clipped from norm {norm:.4g} to max_update_norm {bound:.4g}"
-                return Verdict(accepted=True, detail=detail, clipped=True), delta, scale
-        return Verdict(accepted=True), delta, 1.0
+            return refused, {}, 1.0, None
+        bound = self.norm_bound()
+        scale, norm = self._clip_scale(delta, bound)
+        if bound is None or norm is None or not norm > bound.value:
+            return Verdict(accepted=True), delta, 1.0, norm
+        if knobs.norm_policy is NormPolicy.REJECT:
+            return no(
+                RejectReason.NORM_BOUND,
+                f"update norm {norm:.4g} exceeds the bound {bound.value:.4g} ({bound.source})",
+            )
+        detail = f"clipped from norm {norm:.4g} to {bound.value:.4g} ({bound.source})"
+        return Verdict(accepted=True, detail=detail, clipped=True), delta, scale, norm
 
     def _decode(self, update: Update) -> tuple[Verdict | None, dict[str, DecodedTensor]]:
         """Check each tensor against the model and the run's compression policy, and decode it."""
@@ -506,13 +560,22 @@ class AggregatorCore:
                 return no(RejectReason.MALFORMED, str(exc))
         return None, delta
 
-    def _clip_scale(self, delta: Mapping[str, DecodedTensor]) -> tuple[float, float]:
-        """The factor that brings ``delta`` within ``max_update_norm`` (or 1), and its norm."""
+    @staticmethod
+    def _clip_scale(
+        delta: Mapping[str, DecodedTensor], bound: NormBound | None
+    ) -> tuple[float, float | None]:
+        """The factor that brings ``delta`` within ``bound`` (or 1), and its norm (None, and
+        not computed, without a bound)."""
+        if bound is None:
+            return 1.0, None
         norm = math.sqrt(math.fsum(squared_norm(d) for d in delta.values()))
-        bound = self._knobs.max_update_norm
-        if bound is None or not norm > bound:
+        if not norm > bound.value:
             return 1.0, norm
-        return bound / norm, norm
+        return bound.value / norm, norm
+
+    def _remember_norm(self, norm: float) -> None:
+        self._norms.append(norm)
+        del self._norms[:-NORM_HISTORY]
 
     def _reject(self, entry: _Ledger, update_id: str, verdict: Verdict) -> Verdict:
         reason = verdict.reason or RejectReason.MALFORMED

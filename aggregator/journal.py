@@ -123,6 +123,9 @@ class Journal:
             seen_by=checkpoint.seen_by,
             counters=checkpoint.counters,
             nodes=checkpoint.nodes,
+            norms=checkpoint.norms,
+            initial_norm=checkpoint.initial_norm,
+            buffered_scales=checkpoint.buffered_scales,
         )
         self._replay(core, checkpoint.buffered, max_bytes=max_bytes)
         refolded = self._refold(core, self._records_after(checkpoint.version))
@@ -312,6 +315,9 @@ class Journal:
                 optimizer_v=opt.v,
                 buffered=buffered,
                 record=record,
+                norms=core.norm_history,
+                initial_norm=core.initial_norm,
+                buffered_scales={u.update_id: u.scale for u in core.buffer if u.scale != 1.0},
             )
         )
         self._checkpointed = (core.version, core.state)

@@ -43,7 +43,7 @@ from common.messages import (
     Update,
 )
 from common.mqtt import ConnectionEvent, Message, MqttClient
-from common.topics import Route, Topic, TopicTree
+from common.topics import Role, Route, Topic, TopicTree
 
 __all__ = ["AggregatorService"]
 
@@ -176,10 +176,9 @@ class AggregatorService:
             # broker redelivers what a crash interrupted.
             manual_ack=True,
         )
-        client.subscribe(self.topics.all_updates())
-        client.subscribe(self.topics.all_node_evals())
-        client.subscribe(self.topics.all_node_status())
-        client.subscribe(str(self.topics.control_requests()))
+        # The table the broker's ACL is generated from: what is subscribed here is readable there.
+        for topic_filter in self.topics.subscriptions(Role.AGGREGATOR):
+            client.subscribe(topic_filter)
         return client
 
     # -- the loop

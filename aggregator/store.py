@@ -87,6 +87,12 @@ class Checkpoint:
     # The provenance of ``version`` when a fold made it: lets recovery finish the versions log
     # and the ledger if the process died between this checkpoint and those appends.
     record: VersionRecord | None = None
+    # The norm bound's memory (aggregator.core): the clipped norms of the last accepted updates,
+    # the initial weights' norm, and the clip factor of each clipped buffered update. None where
+    # a checkpoint written before them has none.
+    norms: tuple[float, ...] = ()
+    initial_norm: float | None = None
+    buffered_scales: Mapping[str, float] | None = None
 
     def optimizer_state(self) -> ServerOptimizerState:
         return ServerOptimizerState(
@@ -121,6 +127,9 @@ class _Header(BaseModel):
     created_at: float
     record: VersionRecord | None
     arrays: tuple[_ArrayIndex, ...]
+    norms: tuple[float, ...] = ()
+    initial_norm: float | None = None
+    buffered_scales: dict[str, float] | None = None
 
 
 def encode_checkpoint(checkpoint: Checkpoint) -> list[bytes | memoryview]:
@@ -156,6 +165,11 @@ def encode_checkpoint(checkpoint: Checkpoint) -> list[bytes | memoryview]:
             created_at=checkpoint.created_at,
             record=checkpoint.record,
             arrays=tuple(index),
+            norms=checkpoint.norms,
+            initial_norm=checkpoint.initial_norm,
+            buffered_scales=(
+                None if checkpoint.buffered_scales is None else dict(checkpoint.buffered_scales)
+            ),
         )
     )
     prefix = _MAGIC + len(header).to_bytes(_LENGTH_BYTES, "little") + header
@@ -202,6 +216,9 @@ def decode_checkpoint(data: bytes) -> Checkpoint:
         optimizer_v=arrays["v"],
         buffered=header.buffered,
         record=header.record,
+        norms=header.norms,
+        initial_norm=header.initial_norm,
+        buffered_scales=header.buffered_scales,
     )
 
 

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validat
 __all__ = [
     "BODY_TYPES",
     "MAX_VARINT_BYTES",
+    "MIN_TRIMMED_BUFFER",
+    "NORM_HISTORY",
     "SCHEMA_VERSION",
     "TENSOR_DTYPES",
     "VALUES_DTYPES",
@@ -153,6 +155,10 @@ INT8_MAX = 127
 FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 # The longest LEB128 varint that fits 64 bits; indices need at most this many bytes each.
 MAX_VARINT_BYTES = 10
+# The most accepted-update norms the aggregator keeps for the adaptive norm bound.
+NORM_HISTORY = 1000
+# A trimmed mean drops at least one value per end and keeps one: three updates at least.
+MIN_TRIMMED_BUFFER = 3
 
 
 class Compression(Frozen):
@@ -348,10 +354,17 @@ class Knobs(Frozen):
     server_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     server_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99
     server_tau: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
+    # An absolute ceiling on an update's L2 norm, in force whatever the adaptive bound says.
     max_update_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    # The adaptive bound: at most this many times the median norm of the last ``norm_window``
+    # accepted updates (until a few are known, of the run's initial weights; see
+    # aggregator.aggregation.adaptive_norm_bound). None: off.
+    norm_multiplier: Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)] | None = None
+    norm_window: Annotated[int, Field(ge=1, le=NORM_HISTORY)] = 20
     norm_policy: NormPolicy = NormPolicy.REJECT
     aggregation: AggregationRule = AggregationRule.MEAN
-    # Of each end, per coordinate: 0.25 of a buffer of 4 drops the largest and smallest value.
+    # Of each end, per coordinate, at least one value when above 0 (see _trims_something):
+    # 0.25 of a buffer of 4 drops the largest and smallest value, and so does 0.1.
     trim_fraction: Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)] = 0.1
     # A node trains once per global version; a second update from the same (or an older) base
     # is a flood, refused when this is on.
@@ -364,6 +377,24 @@ class Knobs(Frozen):
     broadcast_dtype: Literal["float32", "float16"] = "float32"
     max_versions: Annotated[int, Field(ge=1)] | None = None
     training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _trims_something(self) -> Self:
+        # Refused rather than adjusted: a trimmed mean that cannot trim is the mean, and an
+        # operator who asked for a robust rule must not silently get the one it replaces.
+        if self.aggregation is AggregationRule.TRIMMED_MEAN:
+            if self.trim_fraction <= 0:
+                raise ValueError(
+                    "aggregation trimmed_mean with trim_fraction 0 trims nothing: "
+                    "set trim_fraction above 0 (0.1 trims one value per end) or use mean"
+                )
+            if self.buffer_size < MIN_TRIMMED_BUFFER:
+                raise ValueError(
+                    f"aggregation trimmed_mean with buffer_size {self.buffer_size} trims nothing: "
+                    f"it drops one value per end and keeps one, so it needs buffer_size >= "
+                    f"{MIN_TRIMMED_BUFFER} (set both in one request)"
+                )
+        return self
 
 
 class ModelSpec(Frozen):

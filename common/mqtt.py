@@ -136,6 +136,12 @@ class MqttClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        """The topic filters this client subscribes to (again on every connect)."""
+        with self._lock:
+            return tuple(self._subscriptions)
+
     def start(self, timeout: float | None = None) -> None:
         """Start the network thread and wait for the first successful connection."""
         timeout = self._connect_timeout if timeout is None else timeout

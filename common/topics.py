@@ -3,17 +3,34 @@
 All topics live under ``healthnet/v1/{federation}/``. The ``{node}`` segment is the broker identity
 of the sender; the aggregator checks it against the envelope's sender. Identifiers are restricted
 to a safe alphabet so that they can never inject MQTT wildcards or extra levels.
+
+:data:`ROLE_TOPICS` says, once, which routes each role's code reads and writes. The services
+subscribe through :meth:`TopicTree.subscriptions`, and ``healthnet deploy`` writes the broker's
+ACL from the same table, so a role never subscribes to a topic its ACL does not let it read.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from types import MappingProxyType
 
 from common.errors import TopicError
 
-__all__ = ["ROOT", "Route", "Topic", "TopicTree", "validate_identifier"]
+__all__ = [
+    "ROLE_TOPICS",
+    "ROOT",
+    "Role",
+    "RoleTopics",
+    "Route",
+    "Scope",
+    "Topic",
+    "TopicTree",
+    "Use",
+    "validate_identifier",
+]
 
 ROOT = "healthnet/v1"
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -55,6 +72,88 @@ class Route(StrEnum):
 
 
 _RETAINED = frozenset({Route.MANIFEST, Route.CHUNK, Route.NODE_STATUS, Route.AGGREGATOR_STATUS})
+
+
+class Role(StrEnum):
+    """Who connects to a federation's broker: each role is one kind of broker identity."""
+
+    HOSPITAL = "hospital"  # edge_node
+    AGGREGATOR = "aggregator"  # aggregator.service
+    OPERATOR = "operator"  # healthnet.control, and `healthnet watch` (healthnet.feed)
+    DASHBOARD = "dashboard"  # healthnet.feed
+
+
+class Scope(StrEnum):
+    OWN = "own"  # only the topic whose node segment is the identity itself
+    ANY = "any"  # every topic of the route
+
+
+@dataclass(frozen=True, slots=True)
+class Use:
+    """One route a role's code reads or writes."""
+
+    route: Route
+    scope: Scope = Scope.ANY
+
+
+@dataclass(frozen=True, slots=True)
+class RoleTopics:
+    """What a role's code subscribes to (``reads``) and publishes to (``writes``)."""
+
+    reads: tuple[Use, ...]
+    writes: tuple[Use, ...]
+
+
+_OBSERVED = (  # what an observer (healthnet.feed: dashboard, `healthnet watch`) follows
+    Use(Route.AGGREGATOR_STATUS),
+    Use(Route.VERSIONS),
+    Use(Route.NODE_STATUS),
+    Use(Route.NODE_EVAL),
+)
+
+ROLE_TOPICS: Mapping[Role, RoleTopics] = MappingProxyType(
+    {
+        # Hospitals: their own events out; the model, the run's state and their own verdicts in.
+        Role.HOSPITAL: RoleTopics(
+            reads=(
+                Use(Route.MANIFEST),
+                Use(Route.CHUNK),
+                Use(Route.AGGREGATOR_STATUS),
+                Use(Route.ACK, Scope.OWN),
+            ),
+            writes=(
+                Use(Route.UPDATE, Scope.OWN),
+                Use(Route.NODE_STATUS, Scope.OWN),
+                Use(Route.NODE_EVAL, Scope.OWN),
+            ),
+        ),
+        # The aggregator: sole writer of the model, verdicts, provenance and run state; it reads
+        # node statuses for its per-node connection view (/metrics).
+        Role.AGGREGATOR: RoleTopics(
+            reads=(
+                Use(Route.UPDATE),
+                Use(Route.NODE_EVAL),
+                Use(Route.NODE_STATUS),
+                Use(Route.CONTROL_REQUEST),
+            ),
+            writes=(
+                Use(Route.MANIFEST),
+                Use(Route.CHUNK),
+                Use(Route.ACK),
+                Use(Route.AGGREGATOR_STATUS),
+                Use(Route.VERSIONS),
+                Use(Route.CONTROL_REPLY),
+            ),
+        ),
+        # Operators steer the run and watch it.
+        Role.OPERATOR: RoleTopics(
+            reads=(Use(Route.CONTROL_REPLY), *_OBSERVED),
+            writes=(Use(Route.CONTROL_REQUEST),),
+        ),
+        # The dashboard only watches: statuses, version records and evaluations.
+        Role.DASHBOARD: RoleTopics(reads=_OBSERVED, writes=()),
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +247,19 @@ class TopicTree:
 
     def all_node_evals(self) -> str:
         return f"{self.prefix}/nodes/+/eval"
+
+    def subscriptions(self, role: Role, identity: str | None = None) -> tuple[str, ...]:
+        """The topic filters ``role``'s code subscribes to (:data:`ROLE_TOPICS`); ``identity``
+        fills the node segment of its own topics."""
+        filters = []
+        for use in ROLE_TOPICS[role].reads:
+            if use.scope is Scope.OWN:
+                if identity is None:
+                    raise TopicError(f"{role} reads its own {use.route} topic: name the identity")
+                filters.append(self.route_filter(use.route, validate_identifier(identity)))
+            else:
+                filters.append(self.route_filter(use.route))
+        return tuple(filters)
 
     def route_filter(self, route: Route, node: str = "+") -> str:
         """The filter matching every topic of ``route``; ``node`` fills the node segment (``+``

@@ -48,7 +48,7 @@ from common.messages import (
     Update,
 )
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
-from common.topics import Route, Topic, TopicTree
+from common.topics import Role, Route, Topic, TopicTree
 from edge_node.datasets import LocalDataset, load_dataset
 from edge_node.outbox import Outbox
 from edge_node.residual import ResidualStore
@@ -154,10 +154,9 @@ class NodeService:
             client,
         ):
             self._client = client
-            client.subscribe(str(self.topics.manifest()))
-            client.subscribe(self.topics.all_chunks())
-            client.subscribe(str(self.topics.aggregator_status()))
-            client.subscribe(str(self.topics.ack(settings.node_id)))
+            # The table the broker's ACL is generated from: what is subscribed here is readable.
+            for topic_filter in self.topics.subscriptions(Role.HOSPITAL, settings.node_id):
+                client.subscribe(topic_filter)
             self._publish_status()
             try:
                 self._serve(client, worker, stop_event)

@@ -20,7 +20,7 @@ from common.codec import decode, new_id
 from common.errors import ProtocolError, TopicError
 from common.mqtt import ConnectionEvent, Message, MqttClient
 from common.settings import ConnectionSettings
-from common.topics import TopicTree
+from common.topics import Role, TopicTree
 from healthnet.observe import Observer, Snapshot
 
 __all__ = ["FederationFeed", "subscriptions"]
@@ -29,13 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def subscriptions(topics: TopicTree) -> tuple[str, ...]:
-    """The topic filters an observer reads: status, versions, node status and evaluations."""
-    return (
-        str(topics.aggregator_status()),
-        str(topics.versions()),
-        topics.all_node_status(),
-        topics.all_node_evals(),
-    )
+    """The topic filters an observer reads: status, versions, node status and evaluations.
+
+    The dashboard's reads in the table the broker's ACL is generated from (an operator's, for
+    `healthnet watch`, include them).
+    """
+    return topics.subscriptions(Role.DASHBOARD)
 
 
 class FederationFeed:

@@ -1,14 +1,17 @@
 """Who may read and write which topic: the federation's roles, and the Mosquitto ACL file they give.
 
 Theory of operation. :data:`PERMISSIONS` is the whole access policy of DESIGN §7, one row per
-(role, route): a hospital writes only its own updates, status and evaluations and reads the model,
-the aggregator's status and its own acks; only the aggregator writes the model, acks, versions,
-its status and control replies; only an operator writes control requests (and reads their
-replies); the dashboard reads statuses and version records, never model chunks or updates.
-Routes come from :class:`~common.topics.TopicTree`, so the ACL cannot drift from the topics the
-code uses. ``OWN`` rows become Mosquitto ``pattern`` lines with ``%u`` (the broker identity: the
-certificate's common name, or the password file's user name); everything else is a ``topic``
-line under each identity's ``user`` block.
+(role, route, access), derived from :data:`common.topics.ROLE_TOPICS`: the table of what each
+role's code subscribes to and publishes, which the services themselves subscribe through
+(:meth:`~common.topics.TopicTree.subscriptions`). So the ACL grants a role exactly what its code
+uses: a hospital writes only its own updates, status and evaluations and reads the model, the
+aggregator's status and its own acks; only the aggregator writes the model, acks, versions, its
+status and control replies, and it reads updates, evaluations, node statuses and control
+requests; only an operator writes control requests (and reads their replies); the dashboard
+reads statuses, evaluations and version records, never model chunks or updates. ``OWN`` rows
+become Mosquitto ``pattern`` lines with ``%u`` (the broker identity: the certificate's common
+name, or the password file's user name); everything else is a ``topic`` line under each
+identity's ``user`` block.
 
 Mosquitto applies ``pattern`` lines to *every* user, so a pattern that lets hospital ``%u`` write
 ``updates/%u`` would also let the dashboard write ``updates/dashboard``. Each service identity
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from common.topics import Route, TopicTree
+from common.topics import ROLE_TOPICS, Role, Route, Scope, TopicTree
 
 __all__ = [
     "PERMISSIONS",
@@ -36,21 +39,9 @@ __all__ = [
 ]
 
 
-class Role(StrEnum):
-    HOSPITAL = "hospital"
-    AGGREGATOR = "aggregator"
-    OPERATOR = "operator"
-    DASHBOARD = "dashboard"
-
-
 class Access(StrEnum):
     READ = "read"
     WRITE = "write"
-
-
-class Scope(StrEnum):
-    OWN = "own"  # only the topic whose node segment is the identity itself
-    ANY = "any"  # every topic of the route
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,37 +52,11 @@ class Grant:
     scope: Scope = Scope.ANY
 
 
-_R, _W = Access.READ, Access.WRITE
-
-PERMISSIONS: tuple[Grant, ...] = (
-    # Hospitals: their own events out, the model and their own verdicts in.
-    Grant(Role.HOSPITAL, Route.UPDATE, _W, Scope.OWN),
-    Grant(Role.HOSPITAL, Route.NODE_STATUS, _W, Scope.OWN),
-    Grant(Role.HOSPITAL, Route.NODE_EVAL, _W, Scope.OWN),
-    Grant(Role.HOSPITAL, Route.ACK, _R, Scope.OWN),
-    Grant(Role.HOSPITAL, Route.MANIFEST, _R),
-    Grant(Role.HOSPITAL, Route.CHUNK, _R),
-    Grant(Role.HOSPITAL, Route.AGGREGATOR_STATUS, _R),
-    # The aggregator: sole writer of the model, verdicts, provenance and run state.
-    Grant(Role.AGGREGATOR, Route.UPDATE, _R),
-    Grant(Role.AGGREGATOR, Route.NODE_EVAL, _R),
-    Grant(Role.AGGREGATOR, Route.CONTROL_REQUEST, _R),
-    Grant(Role.AGGREGATOR, Route.MANIFEST, _W),
-    Grant(Role.AGGREGATOR, Route.CHUNK, _W),
-    Grant(Role.AGGREGATOR, Route.ACK, _W),
-    Grant(Role.AGGREGATOR, Route.AGGREGATOR_STATUS, _W),
-    Grant(Role.AGGREGATOR, Route.VERSIONS, _W),
-    Grant(Role.AGGREGATOR, Route.CONTROL_REPLY, _W),
-    # Operators steer the run and watch it.
-    Grant(Role.OPERATOR, Route.CONTROL_REQUEST, _W),
-    Grant(Role.OPERATOR, Route.CONTROL_REPLY, _R),
-    Grant(Role.OPERATOR, Route.AGGREGATOR_STATUS, _R),
-    Grant(Role.OPERATOR, Route.NODE_STATUS, _R),
-    Grant(Role.OPERATOR, Route.VERSIONS, _R),
-    # The dashboard only watches: statuses and version records.
-    Grant(Role.DASHBOARD, Route.AGGREGATOR_STATUS, _R),
-    Grant(Role.DASHBOARD, Route.NODE_STATUS, _R),
-    Grant(Role.DASHBOARD, Route.VERSIONS, _R),
+PERMISSIONS: tuple[Grant, ...] = tuple(
+    Grant(role, use.route, access, use.scope)
+    for role, topics in ROLE_TOPICS.items()
+    for access, uses in ((Access.WRITE, topics.writes), (Access.READ, topics.reads))
+    for use in uses
 )
 
 # The service identities' broker names (certificate common names or password-file users).

@@ -38,12 +38,31 @@ def init(
     broker_user: Annotated[
         str | None, typer.Option(help="account mosquitto switches to when started as root")
     ] = None,
+    max_samples: Annotated[
+        int | None,
+        typer.Option(
+            help="most training samples one update may claim (its weight): the largest "
+            "hospital's training set [default: 100000]"
+        ),
+    ] = None,
+    norm_multiplier: Annotated[
+        float | None,
+        typer.Option(
+            help="an update's norm may be this many times the median of recent ones [default: 10]"
+        ),
+    ] = None,
 ) -> None:
     """Write a CA, certificates or passwords, the ACL, mosquitto.conf and one env file per identity.
 
     Identities: aggregator, each hospital, operator, dashboard. No key or password is printed.
     """
-    from healthnet.deploy.generate import AuthMode, DeploymentSpec, generate_deployment
+    from healthnet.deploy.generate import (
+        DEFAULT_MAX_SAMPLES,
+        DEFAULT_NORM_MULTIPLIER,
+        AuthMode,
+        DeploymentSpec,
+        generate_deployment,
+    )
 
     try:
         mode = AuthMode(auth)
@@ -63,6 +82,10 @@ def init(
             ca_days=ca_days,
             max_message_bytes=max_message_mib * 1024 * 1024,
             broker_user=broker_user,
+            max_samples=DEFAULT_MAX_SAMPLES if max_samples is None else max_samples,
+            norm_multiplier=(
+                DEFAULT_NORM_MULTIPLIER if norm_multiplier is None else norm_multiplier
+            ),
         )
         deployment = generate_deployment(spec, out)
     except (HealthNetError, OSError) as exc:

@@ -49,6 +49,13 @@ _PRIVATE_DIR = 0o700
 MIB = 1024 * 1024
 # Room above the largest message for the packet's topic and headers.
 _PACKET_OVERHEAD = 64 * 1024
+# Out of the box an update may claim at most this many training samples: far above a hospital's
+# cohort in the built-in federations (hundreds to a few thousand), far below the millions that
+# would let one identity outvote the rest. Operators enrol a tighter cap with --max-samples.
+DEFAULT_MAX_SAMPLES = 100_000
+# An honest update's norm varies within a few times the median of its peers' (data sizes,
+# staleness); a poisoned one that wrecks the model is orders of magnitude beyond it.
+DEFAULT_NORM_MULTIPLIER = 10.0
 
 
 class AuthMode(StrEnum):
@@ -99,6 +106,12 @@ class DeploymentSpec:
     updates_in_flight: int = 4
     broker_user: str | None = None
     """Mosquitto's ``user`` line: the account it runs as when started as root (default its own)."""
+    max_samples: int = DEFAULT_MAX_SAMPLES
+    """The most training samples one update may claim: its weight in the mean (the aggregator's
+    ``max_num_samples``). Enrol it as the largest hospital's training set, or keep the default."""
+    norm_multiplier: float = DEFAULT_NORM_MULTIPLIER
+    """The aggregator's adaptive norm bound: an update's norm may be this many times the median
+    norm of the last accepted ones (``norm_multiplier``)."""
 
     def __post_init__(self) -> None:
         try:
@@ -125,6 +138,13 @@ class DeploymentSpec:
             raise ConfigError("max_message_bytes below 64 KiB cannot carry a model manifest")
         if self.updates_in_flight < 1:
             raise ConfigError("updates_in_flight must be at least 1")
+        self._check_defences()
+
+    def _check_defences(self) -> None:
+        if self.max_samples < 1:
+            raise ConfigError(f"max_samples {self.max_samples} must be at least 1")
+        if not 1 <= self.norm_multiplier <= 1e6:
+            raise ConfigError(f"norm_multiplier {self.norm_multiplier} must be in 1-1e6")
 
     @property
     def identities(self) -> dict[str, Role]:
@@ -197,7 +217,7 @@ def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
             password = new_password()
             hashes.append(f"{identity}:{mosquitto_hash(password)}")
             settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity, password)
-        settings.update(_role_settings(role, identity))
+        settings.update(_role_settings(spec, role, identity))
         env_path = folder / "healthnet.env"
         _write(env_path, _env_text(spec, identity, role, settings).encode(), _PRIVATE)
         env_files[identity] = env_path
@@ -280,15 +300,22 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def _role_settings(role: Role, identity: str) -> dict[str, str]:
+def _role_settings(spec: DeploymentSpec, role: Role, identity: str) -> dict[str, str]:
     match role:
         case Role.HOSPITAL:
             return {"HEALTHNET_NODE_ID": identity}
         case Role.AGGREGATOR:
+            # The defences every federation needs, model-independent (README, Security): one
+            # legitimate identity must not be able to flood, outvote or blow up the model.
             return {
                 "HEALTHNET_CLIENT_ID": identity,
-                # A node trains once per global version; more is a flood (README, Security).
+                # A node trains once per global version; more is a flood.
                 "HEALTHNET_KNOBS__ONE_UPDATE_PER_VERSION": "true",
+                # An update's sample count is its weight.
+                "HEALTHNET_KNOBS__MAX_NUM_SAMPLES": str(spec.max_samples),
+                # Its norm is bounded by its peers' (warm-up: by the initial weights'), so an
+                # update of huge values is refused without a bound tuned to the model.
+                "HEALTHNET_KNOBS__NORM_MULTIPLIER": f"{spec.norm_multiplier:g}",
             }
         case Role.OPERATOR | Role.DASHBOARD:
             return {}
@@ -313,7 +340,9 @@ def _env_text(spec: DeploymentSpec, identity: str, role: Role, settings: dict[st
     ]
     if role is Role.AGGREGATOR:
         lines += [
-            "# Poisoning defences (README, Security), model-dependent, off until chosen:",
+            "# More defences (README, Security), off until chosen: a robust rule (for a buffer",
+            "# of 3 or more), an absolute norm ceiling for this model, clipping instead of",
+            "# refusing updates above the norm bound:",
             "# HEALTHNET_KNOBS__AGGREGATION=median",
             "# HEALTHNET_KNOBS__MAX_UPDATE_NORM=10",
             "# HEALTHNET_KNOBS__NORM_POLICY=clip",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -13,6 +15,7 @@ from aggregator.aggregation import (
     coordinate_median,
     densify,
     global_norm,
+    norm_bound,
     robust_buffer_aggregate,
     trimmed_mean,
 )
@@ -20,6 +23,7 @@ from aggregator.core import AggregatorCore
 from common.errors import ControlError
 from common.messages import (
     AggregationRule,
+    Knobs,
     NodeLedgerEntry,
     NormPolicy,
     RejectReason,
@@ -210,3 +214,135 @@ def test_median_rule_folds_the_median_of_the_buffer() -> None:
     fold = core.fold(0.0)
     for name in PARAMS:
         np.testing.assert_allclose(fold.params[name], PARAMS[name] + DELTA[name], rtol=1e-6)
+
+
+# -- the norm bound: an absolute ceiling and an adaptive one that needs no tuning
+
+
+@pytest.mark.parametrize(
+    ("history", "initial", "expected"),
+    [
+        pytest.param([], 2.0, 20.0, id="warm-up-no-history"),
+        pytest.param([0.1, 0.1], 2.0, 20.0, id="warm-up-two-known"),
+        pytest.param([0.1, 0.3, 0.2], 2.0, 2.0, id="median-of-three"),
+        pytest.param([9.0] * 30 + [0.1, 0.2, 0.3], 2.0, 90.0, id="median-of-the-window-only"),
+        pytest.param([1e30, 0.1, 0.2], 2.0, 2.0, id="one-huge-norm-is-never-the-median"),
+    ],
+)
+def test_adaptive_bound_is_a_multiple_of_the_median_norm_after_a_warm_up_on_the_model(
+    history: list[float], initial: float, expected: float
+) -> None:
+    """10 x the median of the last 20 accepted norms once three are known; before that, 10 x
+    the initial weights' norm."""
+    bound = norm_bound(
+        ceiling=None, multiplier=10.0, history=history, window=20, initial_norm=initial
+    )
+    assert bound is not None
+    assert bound.value == pytest.approx(expected)
+
+
+def test_norm_bound_is_the_tighter_of_ceiling_and_adaptive_and_none_without_either() -> None:
+    """The ceiling always applies; a zero reference gives no adaptive bound; no knob, no bound."""
+    history = [1.0, 1.0, 1.0]
+    both = norm_bound(ceiling=5.0, multiplier=10.0, history=history, window=20, initial_norm=1.0)
+    assert both is not None
+    assert (both.value, both.source) == (5.0, "max_update_norm")
+    adaptive = norm_bound(ceiling=50.0, multiplier=10.0, history=history, window=20, initial_norm=1)
+    assert adaptive is not None
+    assert adaptive.value == 10.0
+    zero = norm_bound(ceiling=None, multiplier=10.0, history=[], window=20, initial_norm=0.0)
+    assert zero is None
+    assert (
+        norm_bound(ceiling=None, multiplier=None, history=history, window=20, initial_norm=1)
+        is None
+    )
+
+
+def test_an_attackers_first_update_is_held_to_the_initial_weights_norm() -> None:
+    """Before any update is known, an update of float32-max values is rejected as norm_bound,
+    and one the size of an honest step is accepted."""
+    core = make_core(norm_multiplier=10.0)
+    huge = make_update(
+        "huge", delta={n: np.full(t.shape, 3e38, np.float32) for n, t in DELTA.items()}
+    )
+    verdict = send(core, huge)
+    assert (verdict.accepted, verdict.reason) == (False, RejectReason.NORM_BOUND)
+    assert "warm-up" in verdict.detail
+    assert send(core, make_update("honest")).accepted
+    assert core.counters().rejections == {"norm_bound": 1}
+    assert core.norm_history == pytest.approx((global_norm(DELTA),))
+
+
+def test_adaptive_bound_follows_the_median_of_accepted_updates() -> None:
+    """Once three updates are known, 10 x their median norm separates accepted from rejected."""
+    core = make_core(buffer_size=100, norm_multiplier=10.0)
+    for i in range(3):
+        assert send(core, make_update(f"h{i}"), node=f"n{i}").accepted
+    assert send(core, make_update("nine", delta=scaled(9.0)), node="n4").accepted
+    verdict = send(core, make_update("eleven", delta=scaled(11.0)), node="n5")
+    assert (verdict.accepted, verdict.reason) == (False, RejectReason.NORM_BOUND)
+    assert "median norm" in verdict.detail
+
+
+def test_adaptive_clip_scales_to_the_bound_and_remembers_the_clipped_norm() -> None:
+    """With the clip policy, an update above the bound is scaled to it, and the history records
+    the norm it was folded with, so an attacker cannot drag the median up by sending big."""
+    core = make_core(buffer_size=100, norm_multiplier=2.0, norm_policy=NormPolicy.CLIP)
+    for i in range(3):
+        send(core, make_update(f"h{i}"), node=f"n{i}")
+    verdict = send(core, make_update("big", delta=scaled(1000.0)), node="bad")
+    assert verdict.accepted
+    assert verdict.clipped
+    unit = global_norm(DELTA)
+    assert core.norm_history[-1] == pytest.approx(2 * unit)
+    clipped = core.buffer[-1]
+    assert global_norm(densify(clipped.delta, clipped.scale)) == pytest.approx(2 * unit, rel=1e-5)
+
+
+# -- trimmed mean at its default trim_fraction
+
+
+def test_trimmed_mean_at_the_default_fraction_trims_one_value_per_end_of_a_small_buffer() -> None:
+    """floor(0.1 x 4) is 0, yet the default trim drops the largest and smallest value of four."""
+    deltas = [{"w": np.array([v, -v], np.float32)} for v in (1.0, 2.0, 3.0, 1000.0)]
+    default = Knobs().trim_fraction
+    np.testing.assert_allclose(trimmed_mean(deltas, default)["w"], [2.5, -2.5])
+
+
+def test_the_default_trimmed_mean_keeps_an_outlier_out_of_the_model() -> None:
+    """aggregation trimmed_mean with buffer_size 4 and the default trim_fraction folds the
+    honest delta: the 10^6 x update among four is trimmed."""
+    core = make_core(buffer_size=4, aggregation=AggregationRule.TRIMMED_MEAN)
+    for i, factor in enumerate((1.0, 1.0, 1.0, 1e6)):
+        send(core, make_update(f"u{i}", delta=scaled(factor)), node=f"n{i}")
+    fold = core.fold(0.0)
+    for name in PARAMS:
+        np.testing.assert_allclose(fold.params[name], PARAMS[name] + DELTA[name], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        pytest.param({"aggregation": "trimmed_mean"}, id="buffer-of-two"),
+        pytest.param({"aggregation": "trimmed_mean", "buffer_size": 1}, id="buffer-of-one"),
+        pytest.param(
+            {"aggregation": "trimmed_mean", "buffer_size": 10, "trim_fraction": 0.0},
+            id="trim-fraction-zero",
+        ),
+    ],
+)
+def test_a_trimmed_mean_that_would_trim_nothing_is_refused(knobs: dict[str, Any]) -> None:
+    """Knobs refuse a trimmed mean that could only be the mean, naming what to change."""
+    with pytest.raises(ValueError, match="trims nothing"):
+        Knobs(**knobs)
+
+
+def test_set_knob_refuses_trimmed_mean_on_a_buffer_of_two_and_takes_it_with_a_bigger_one() -> None:
+    """An operator's `set aggregation=trimmed_mean` at buffer_size 2 is refused cleanly; setting
+    buffer_size 4 in the same request works."""
+    core = make_core(buffer_size=2)
+    with pytest.raises(ControlError, match="buffer_size >= 3"):
+        core.set_knobs({"aggregation": "trimmed_mean"})
+    assert core.knobs.aggregation is AggregationRule.MEAN
+    knobs = core.set_knobs({"aggregation": "trimmed_mean", "buffer_size": 4})
+    assert (knobs.aggregation, knobs.buffer_size) == (AggregationRule.TRIMMED_MEAN, 4)

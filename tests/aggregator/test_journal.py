@@ -18,7 +18,7 @@ from aggregator.store import StateStore
 from common.codec import encode, envelope
 from common.compression import dense_tensor
 from common.errors import HealthNetError
-from common.messages import AggregatorState, Knobs, ModelSpec, TrainMetrics, Update
+from common.messages import AggregatorState, Knobs, ModelSpec, NormPolicy, TrainMetrics, Update
 
 MODEL = ModelSpec(name="logreg", kwargs={"in_features": 3, "num_classes": 2})
 PARAMS = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
@@ -246,3 +246,42 @@ def test_every_verdict_is_in_the_ledger(tmp_path: Path) -> None:
     fates = update_fates(read_ledger(tmp_path))
     assert fates["s"].rejections == ["future_version"]
     assert fates["a"].duplicates == 1
+
+
+def test_the_norm_bound_judges_updates_the_same_after_a_restart(tmp_path: Path) -> None:
+    """Norm history, warm-up reference and clip factors survive a restart: updates buffered at
+    the checkpoint keep their clip, and those replayed from the WAL after it are clipped as
+    they were on arrival."""
+    knobs = Knobs(buffer_size=100, norm_multiplier=2.0, norm_policy=NormPolicy.CLIP)
+    params = {"w": np.full((2, 3), 0.5, np.float32), "b": np.full(2, 0.5, np.float32)}
+
+    def clipping() -> AggregatorCore:
+        return AggregatorCore(
+            run_id="run-1", params=params, knobs=knobs, state=AggregatorState.RUNNING
+        )
+
+    journal = Journal(tmp_path, model=MODEL, checkpoint_every=1, clock=lambda: 5.0)
+    core, _, _ = journal.resume(clipping, max_bytes=MAX_BYTES)
+
+    def receive(update_id: str, value: float) -> None:
+        body, payload = update(update_id, core.version, value)
+        verdict = core.receive("n1", "n1", body, len(payload), 1.0)
+        assert verdict.accepted, verdict
+        journal.record_update(core, "n1", body, verdict, payload)
+
+    for update_id, value in (("a", 0.1), ("b", 50.0), ("c", 0.1)):  # b: clipped in warm-up
+        receive(update_id, value)
+    journal.checkpoint(core)
+    for update_id, value in (("d", 5.0), ("e", 0.1), ("f", 100.0)):  # WAL only
+        receive(update_id, value)
+    journal.close()
+    scales = [(u.update_id, u.scale) for u in core.buffer]
+    assert sum(scale < 1 for _, scale in scales) == 3
+
+    restarted = Journal(tmp_path, model=MODEL, checkpoint_every=1, clock=lambda: 5.0)
+    again, _, _ = restarted.resume(clipping, max_bytes=MAX_BYTES)
+    restarted.close()
+    assert [(u.update_id, u.scale) for u in again.buffer] == scales
+    assert again.norm_history == core.norm_history
+    assert again.initial_norm == core.initial_norm
+    assert again.norm_bound() == core.norm_bound()

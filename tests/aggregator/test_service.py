@@ -91,11 +91,16 @@ class Aggregator:
 class Peer:
     """A fake node (and operator) on the real broker: sends updates and reads what comes back."""
 
-    def __init__(self, url: str, tree: TopicTree, name: str) -> None:
+    def __init__(
+        self, url: str, tree: TopicTree, name: str, *, client: MqttClient | None = None
+    ) -> None:
         self.tree = tree
         self.name = name
         self.aggregator: Aggregator | None = None
-        self.client = MqttClient(BrokerEndpoint.parse(url), f"{name}-{uuid.uuid4().hex[:8]}")
+        # ``client``: an unstarted one with other credentials (a generated deployment's).
+        self.client = client or MqttClient(
+            BrokerEndpoint.parse(url), f"{name}-{uuid.uuid4().hex[:8]}"
+        )
         for topic_filter in (
             str(tree.manifest()),
             tree.all_chunks(),

@@ -218,3 +218,27 @@ def test_median_aggregation_keeps_a_poisoned_update_out_of_the_model(
     _, v1 = node.model(1)
     for name in SHAPES:
         np.testing.assert_allclose(v1[name], v0[name] + 0.01, rtol=1e-5)
+
+
+def test_the_default_trimmed_mean_trims_a_poisoned_update_and_refuses_a_buffer_of_two(
+    running: Aggregator, node: Peer, other: Peer
+) -> None:
+    """`set aggregation=trimmed_mean` alone (buffer_size 2: nothing to trim) is refused; with
+    buffer_size 4 and the default trim_fraction, a 1000x update among four does not move the
+    model."""
+    refused = node.control(ControlCommand.SET, aggregation=AggregationRule.TRIMMED_MEAN.value)
+    assert not refused.ok
+    assert "trims nothing" in refused.message
+    reply = node.control(
+        ControlCommand.SET, aggregation=AggregationRule.TRIMMED_MEAN.value, buffer_size=4
+    )
+    assert reply.ok, reply.message
+    assert reply.status is not None
+    assert reply.status.knobs.trim_fraction == 0.1
+    _, v0 = node.model(0)
+    for _ in range(3):
+        node.send(node.update(0, value=0.01))
+    other.send(other.update(0, value=1000.0))
+    _, v1 = node.model(1)
+    for name in SHAPES:
+        np.testing.assert_allclose(v1[name], v0[name] + 0.01, rtol=1e-5)

@@ -3,7 +3,8 @@
 Each input goes through the aggregator's receive path (decode, then AggregatorCore.receive, then a
 fold when one is due), as the service runs it. Properties: only ProtocolError escapes the decoder
 and nothing escapes the core; a rejected update leaves weights and buffer untouched; an accepted
-one is float32 of the model's shapes, finite and within the norm bound; the model stays finite.
+one is float32 of the model's shapes, finite and within the norm bound (the ceiling or the
+tighter adaptive bound); the model stays finite.
 """
 
 from __future__ import annotations
@@ -39,15 +40,19 @@ BOUND = 10.0
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 1e-45, 3.4e38, -3.4e38, float("nan"), float("inf"), -float("inf")]
 
 
-def fresh_core(rule: AggregationRule, policy: NormPolicy) -> AggregatorCore:
+def fresh_core(
+    rule: AggregationRule, policy: NormPolicy, multiplier: float | None = None
+) -> AggregatorCore:
     params = {
         n: np.linspace(-1, 1, int(np.prod(s)), dtype=np.float32).reshape(s)
         for n, s in SHAPES.items()
     }
     knobs = Knobs(
-        buffer_size=2,
+        # A trimmed mean needs three updates to trim one per end.
+        buffer_size=3 if rule is AggregationRule.TRIMMED_MEAN else 2,
         max_staleness=3,
         max_update_norm=BOUND,
+        norm_multiplier=multiplier,
         norm_policy=policy,
         aggregation=rule,
         max_num_samples=10_000,
@@ -139,6 +144,9 @@ def check_receive(core: AggregatorCore, node: str, sender: str, update: Update) 
     """One update through the core; the properties of the module docstring hold after it."""
     before = {n: p.copy() for n, p in core.params.items()}
     buffered = len(core.buffer)
+    bound = core.norm_bound()
+    assert bound is not None
+    assert bound.value <= BOUND
     verdict = core.receive(node, sender, update, 100, time.time())
     if not verdict.accepted or verdict.duplicate:
         assert len(core.buffer) == buffered
@@ -151,7 +159,7 @@ def check_receive(core: AggregatorCore, node: str, sender: str, update: Update) 
             assert delta[name].dtype == np.float32
             assert delta[name].shape == shape
             assert np.isfinite(delta[name]).all()
-        assert global_norm(delta) <= BOUND * (1 + 1e-5)
+        assert global_norm(delta) <= bound.value * (1 + 1e-5)
     for name, value in before.items():
         np.testing.assert_array_equal(core.params[name], value)
     if core.fold_due(time.time()) is not None:
@@ -165,12 +173,13 @@ def check_receive(core: AggregatorCore, node: str, sender: str, update: Update) 
 
 _RULES = st.sampled_from(list(AggregationRule))
 _POLICIES = st.sampled_from(list(NormPolicy))
+_MULTIPLIERS = st.sampled_from([None, 1.0, 3.0])
 _SEQUENCES = st.lists(hostile_updates(), min_size=1, max_size=3)
 
 
 @st.composite
 def sequences(draw: st.DrawFn) -> tuple[AggregatorCore, list[tuple[str, str, Update]]]:
-    return fresh_core(draw(_RULES), draw(_POLICIES)), draw(_SEQUENCES)
+    return fresh_core(draw(_RULES), draw(_POLICIES), draw(_MULTIPLIERS)), draw(_SEQUENCES)
 
 
 def test_hostile_updates_never_crash_the_core_or_reach_the_model() -> None:

@@ -15,7 +15,10 @@ from cryptography import x509
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
 from common.errors import ConfigError
+from common.messages import NormPolicy
 from common.settings import ConnectionSettings
 from common.topics import Route, TopicTree
 from healthnet.deploy import (
@@ -29,6 +32,7 @@ from healthnet.deploy import (
 )
 from healthnet.deploy.acl import render_acl
 from healthnet.deploy.passwords import mosquitto_hash, verify_mosquitto_hash
+from healthnet.feed import subscriptions as feed_subscriptions
 
 HOSPITALS = ("cleveland", "hungarian")
 
@@ -88,6 +92,41 @@ def test_env_files_are_what_the_services_read(tmp_path: Path) -> None:
     assert read_env_file(env)["HEALTHNET_NODE_ID"] == "cleveland"
     aggregator = read_env_file(out / "clients" / "aggregator" / "healthnet.env")
     assert aggregator["HEALTHNET_KNOBS__ONE_UPDATE_PER_VERSION"] == "true"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "max_samples", "multiplier"),
+    [
+        pytest.param({}, 100_000, 10.0, id="defaults"),
+        pytest.param({"max_samples": 5000, "norm_multiplier": 4.0}, 5000, 4.0, id="enrolled"),
+    ],
+)
+def test_the_generated_aggregator_defends_itself(
+    tmp_path: Path, overrides: dict[str, object], max_samples: int, multiplier: float
+) -> None:
+    """The aggregator's env file, read as the aggregator reads it, caps sample counts, bounds
+    update norms adaptively and refuses floods, with no knob to tune by hand."""
+    out = generate(tmp_path, **overrides)
+    knobs = AggregatorSettings(_env_file=out / "clients" / "aggregator" / "healthnet.env").knobs
+    assert knobs.one_update_per_version
+    assert knobs.max_num_samples == max_samples
+    assert knobs.norm_multiplier == multiplier
+    assert knobs.norm_policy is NormPolicy.REJECT
+
+
+def test_deploy_init_enrols_the_sample_cap_and_norm_multiplier(tmp_path: Path) -> None:
+    """--max-samples and --norm-multiplier reach the aggregator's env file."""
+    out = tmp_path / "deployment"
+    command = [
+        sys.executable, "-m", "healthnet", "deploy", "init", "--federation", "heart",
+        "--nodes", "cleveland", "--out", str(out), "--max-samples", "303",
+        "--norm-multiplier", "5",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    env = read_env_file(out / "clients" / "aggregator" / "healthnet.env")
+    assert env["HEALTHNET_KNOBS__MAX_NUM_SAMPLES"] == "303"
+    assert env["HEALTHNET_KNOBS__NORM_MULTIPLIER"] == "5"
 
 
 def test_password_mode_puts_a_distinct_password_in_each_env_file_only(tmp_path: Path) -> None:
@@ -253,13 +292,52 @@ def test_every_route_has_exactly_one_kind_of_writer_and_a_reader() -> None:
 
 
 def test_the_dashboard_never_reads_the_model_or_updates() -> None:
-    """The dashboard's grants are reads of statuses and version records only."""
+    """The dashboard's grants are reads of statuses, evaluations and version records only."""
     grants = {(g.route, g.access) for g in PERMISSIONS if g.role is Role.DASHBOARD}
     assert grants == {
         (Route.AGGREGATOR_STATUS, Access.READ),
         (Route.NODE_STATUS, Access.READ),
+        (Route.NODE_EVAL, Access.READ),
         (Route.VERSIONS, Access.READ),
     }
+
+
+def acl_reads(text: str, identity: str) -> set[str]:
+    """The filters ``identity`` may read under a generated ACL: its ``user`` block's read
+    lines and the ``pattern read`` lines with its name, less its block's denials."""
+    header, *blocks = text.split("\nuser ")
+    patterns = {
+        line.split()[2].replace("%u", identity)
+        for line in header.splitlines()
+        if line.startswith("pattern read ")
+    }
+    (block,) = [b.splitlines() for b in blocks if b.splitlines()[0] == identity]
+    denied = {line.split()[2] for line in block if line.startswith("topic deny ")}
+    granted = {line.split()[2] for line in block if line.startswith("topic read ")}
+    return (granted | patterns) - denied
+
+
+def test_every_topic_a_roles_code_subscribes_to_is_readable_under_the_generated_acl(
+    tmp_path: Path,
+) -> None:
+    """The aggregator's client, each hospital's, the dashboard's and `healthnet watch`'s feeds
+    subscribe only to filters the generated ACL lets their identity read (Mosquitto accepts any
+    SUBSCRIBE and silently delivers nothing that the ACL denies)."""
+    tree = TopicTree("heart")
+    text = render_acl(tree, HOSPITALS)
+    service = AggregatorService(
+        AggregatorSettings(federation="heart", state_dir=tmp_path, client_id="aggregator")
+    )
+    subscribed = {
+        "aggregator": service._connect().subscriptions,  # the real client, unstarted
+        "cleveland": tree.subscriptions(Role.HOSPITAL, "cleveland"),
+        "dashboard": feed_subscriptions(tree),
+        "operator": feed_subscriptions(tree),
+    }
+    for identity, filters in subscribed.items():
+        missing = set(filters) - acl_reads(text, identity)
+        assert not missing, (identity, missing)
+    assert tree.all_node_status() in subscribed["aggregator"]  # its per-node connection view
 
 
 def test_acl_text_uses_patterns_for_hospitals_and_denies_them_to_services() -> None:

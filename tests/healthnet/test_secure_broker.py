@@ -256,7 +256,8 @@ def test_a_hospital_cannot_read_another_hospitals_updates_or_acks(mtls: SecureBr
 def test_the_dashboard_sees_statuses_and_versions_but_no_model_or_updates(
     mtls: SecureBroker,
 ) -> None:
-    """The dashboard, subscribed to everything, receives statuses and version records only."""
+    """The dashboard, subscribed to everything, receives statuses, evaluations and version
+    records only."""
     tree = tree_of(mtls)
     with (
         mtls.client("aggregator") as aggregator,
@@ -274,7 +275,12 @@ def test_the_dashboard_sees_statuses_and_versions_but_no_model_or_updates(
         aggregator.publish(tree.versions(), b"version record", wait=WAIT)
         aggregator.publish(tree.aggregator_status(), b"status", wait=WAIT)
         got = until(dashboard, tree.aggregator_status(), b"status")
-        assert sorted(m.payload for m in got) == [b"node status", b"status", b"version record"]
+        assert sorted(m.payload for m in got) == [
+            b"eval",
+            b"node status",
+            b"status",
+            b"version record",
+        ]
         for topic in (tree.chunk(3, 0), tree.manifest(), tree.aggregator_status()):
             aggregator.clear_retained(topic)
         cleveland.clear_retained(tree.node_status("cleveland"))

@@ -104,8 +104,13 @@ def test_the_federation_trains_over_mutual_tls_with_the_generated_files(tmp_path
         assert final.returncode == 0, final.stderr
         snapshot = AggregatorStatus.model_validate_json(final.stdout)
         assert (snapshot.state, snapshot.version) == (AggregatorState.STOPPED, VERSIONS)
-        # The env file's secure default reached the aggregator alongside the flags.
+        # The env file's secure defaults reached the aggregator alongside the flags, and
+        # refused no honest hospital's update.
         assert snapshot.knobs.one_update_per_version
+        assert snapshot.knobs.norm_multiplier is not None
+        assert snapshot.knobs.max_num_samples is not None
+        for defence in ("norm_bound", "sample_count"):
+            assert defence not in snapshot.counters.rejections, snapshot.counters.rejections
         ledger = {entry.node: entry for entry in snapshot.nodes}
         assert set(ledger) == {site.node_id for site in HEART_DISEASE.sites}
         assert ledger["va"].quarantined

@@ -1,0 +1,110 @@
+"""On a real Mosquitto run with `healthnet deploy init`'s files, every role receives on every topic
+filter its code subscribes to: the ACL is written from the table the services subscribe through.
+
+Mosquitto 2 grants any SUBSCRIBE and then silently delivers nothing its ACL denies, so each filter
+is proven by delivery: the role that writes the route publishes probes until one arrives (a
+subscription is made on the network thread, so the first probe may come before it), within a
+bounded wait.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from common.mqtt import Message, MqttClient
+from common.topics import ROLE_TOPICS, Role, Route, Topic, TopicTree
+from healthnet.deploy import SERVICE_IDENTITIES, AuthMode
+from tests.secure import SecureBroker, secure_broker
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+
+WAIT = 10.0  # seconds; a probe that has not arrived by then never will
+HOSPITAL = "cleveland"
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    root = tmp_path_factory.mktemp("roles")
+    federation = f"roles{uuid.uuid4().hex[:8]}"
+    with secure_broker(root, auth=AuthMode.PASSWORD, federation=federation) as b:
+        yield b
+
+
+def identity(role: Role) -> str:
+    return HOSPITAL if role is Role.HOSPITAL else SERVICE_IDENTITIES[role]
+
+
+def writer(route: Route) -> Role:
+    (role,) = [r for r, t in ROLE_TOPICS.items() if any(u.route is route for u in t.writes)]
+    return role
+
+
+def example(tree: TopicTree, route: Route) -> Topic:
+    """A topic of ``route`` that the hospital's identity writes or is addressed by."""
+    match route:
+        case Route.MANIFEST:
+            return tree.manifest()
+        case Route.CHUNK:
+            return tree.chunk(1, 0)
+        case Route.UPDATE:
+            return tree.update(HOSPITAL)
+        case Route.ACK:
+            return tree.ack(HOSPITAL)
+        case Route.NODE_STATUS:
+            return tree.node_status(HOSPITAL)
+        case Route.NODE_EVAL:
+            return tree.node_eval(HOSPITAL)
+        case Route.CONTROL_REQUEST:
+            return tree.control_requests()
+        case Route.CONTROL_REPLY:
+            return tree.control_reply("r1")
+        case Route.AGGREGATOR_STATUS:
+            return tree.aggregator_status()
+        case Route.VERSIONS:
+            return tree.versions()
+
+
+def delivered(reader: MqttClient, sender: MqttClient, topic: Topic) -> bool:
+    """Publish probes on ``topic`` until one reaches ``reader`` (True) or WAIT passes (False)."""
+    deadline = time.monotonic() + WAIT
+    attempt = 0
+    while time.monotonic() < deadline:
+        attempt += 1
+        sender.publish(topic, f"probe {attempt}".encode(), wait=WAIT)
+        settle = min(time.monotonic() + 0.5, deadline)
+        while (left := settle - time.monotonic()) > 0:
+            try:
+                item = reader.inbox.get(timeout=left)
+            except queue.Empty:
+                break
+            if isinstance(item, Message) and item.topic == str(topic) and item.payload:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("role", list(Role), ids=[r.value for r in Role])
+def test_every_filter_a_role_subscribes_to_delivers_what_its_writer_publishes(
+    broker: SecureBroker, role: Role
+) -> None:
+    """Subscribed to its role's filters (as its service subscribes), the identity receives each
+    route from the identity that writes it: the aggregator its nodes' statuses, the dashboard and
+    operator their evaluations, a hospital its own acks."""
+    tree = TopicTree(broker.federation)
+    reader = broker.client(identity(role))
+    for topic_filter in tree.subscriptions(role, identity(role)):
+        reader.subscribe(topic_filter)
+    refused = []
+    with reader:
+        for use in ROLE_TOPICS[role].reads:
+            topic = example(tree, use.route)
+            with broker.client(identity(writer(use.route))) as sender:
+                if not delivered(reader, sender, topic):
+                    refused.append(str(topic))
+                if topic.retain:
+                    sender.clear_retained(topic)
+    assert refused == [], f"{identity(role)} subscribes to these but never receives them"
