@@ -323,3 +323,82 @@ def test_a_node_given_a_version_it_cannot_use_says_why_keeps_running_and_trains_
         stop.set()
         for thread in threads:
             thread.join(WAIT)
+
+
+def test_a_node_whose_accepted_update_is_discarded_hears_why_and_logs_it(
+    mosquitto: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The node's update shares a batch with one of 3e38s claiming 10^6 samples; the version they
+    make fails the aggregator's probe: the node gets a second ack, discarded with the reason, and
+    its sent log records it after the acceptance."""
+    federation = f"svc{uuid.uuid4().hex[:12]}"
+    aggregator = AggregatorService(
+        AggregatorSettings(
+            broker_url=mosquitto.url,  # type: ignore[arg-type]
+            federation=federation,
+            state_dir=tmp_path / "aggregator",
+            model=LOGREG,
+            knobs=Knobs(buffer_size=2),
+            status_interval=0.2,
+            autostart=False,  # the attack waits in the buffer for the node's update
+        )
+    )
+    node = NodeService(node_settings(mosquitto.url, federation, "va", "heart-disease:va", tmp_path))
+    settings = ConnectionSettings(broker_url=mosquitto.url, federation=federation)  # type: ignore[arg-type]
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=aggregator.run, args=(stop,), name="aggregator"),
+        threading.Thread(target=node.run, args=(stop,), name="node"),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        with ControlClient(settings) as control:
+            run_id = control.status(timeout=WAIT).run_id
+            attack = Update(
+                update_id=new_id(),
+                run_id=run_id,
+                base_version=0,
+                num_samples=10**6,
+                metrics=TrainMetrics(loss=0.5, accuracy=0.5, seconds=0.1),
+                delta=tuple(
+                    dense_tensor(n, np.full(s, 3e38, np.float32))
+                    for n, s in (("1.weight", (2, 13)), ("1.bias", (2,)))
+                ),
+            )
+            with MqttClient(BrokerEndpoint.parse(mosquitto.url), f"bad-{new_id()[:6]}") as bad:
+                payload = encode(envelope(attack, sender="bad", sent_at=time.time()))
+                bad.publish(TopicTree(federation).update("bad"), payload, wait=WAIT)
+            deadline = time.monotonic() + WAIT
+            while control.status(timeout=WAIT).buffer_fill < 1:
+                assert time.monotonic() < deadline, "the attack was never buffered"
+                time.sleep(0.1)
+            control.request(ControlCommand.START)
+            # Training, an upload and two acks: on a loaded 2-core machine that took over WAIT.
+            deadline = time.monotonic() + 3 * WAIT
+            while not any(
+                e.event is SentEvent.ACKED and e.reason == "discarded"
+                for e in read_sent_log(tmp_path / "node")
+            ):
+                assert time.monotonic() < deadline, "the node never heard of the discard"
+                assert all(thread.is_alive() for thread in threads)
+                time.sleep(0.1)
+            while (status := control.status(timeout=WAIT)).counters.discarded < 2:
+                assert time.monotonic() < deadline, "the status never counted the discard"
+                time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(WAIT)
+    (mine,) = [e for e in read_sent_log(tmp_path / "node") if e.event is SentEvent.QUEUED]
+    lines = [
+        (e.event, e.accepted, e.reason)
+        for e in read_sent_log(tmp_path / "node")
+        if e.update_id == mine.update_id
+    ]
+    assert lines == [
+        (SentEvent.QUEUED, None, None),
+        (SentEvent.ACKED, True, None),
+        (SentEvent.ACKED, False, "discarded"),
+    ]
+    assert (status.version, status.counters.discarded, status.counters.probe_failures) == (0, 2, 1)
