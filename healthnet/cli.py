@@ -446,8 +446,8 @@ def rollback(
     broker_url: BrokerUrl = None,
     federation: FederationOpt = None,
 ) -> None:
-    """Publish a new version with an earlier version's weights (one the aggregator kept a
-    checkpoint of); the version number still moves forward."""
+    """Publish a new version with an earlier version's weights (a kept checkpoint, or a version
+    since the newest one); the version number still moves forward."""
     from common.settings import ConnectionSettings
     from healthnet.control import ControlClient
 
