@@ -5,20 +5,27 @@ Theory of operation. The service shell decodes each message and hands the typed 
 core validates it (DESIGN §7: sender, replay, quarantine, rate, run, staleness, sample count,
 shapes, finiteness, norm) and either rejects it with a reason or adds it to the buffer. An update
 id is judged once: a resent accepted update is acknowledged again but never refolded; any other
-update id seen before is a replay. Versions change only in :meth:`fold`, so an update's
-staleness at arrival is its staleness at fold. The norm bound
+update id seen before is a replay. Versions change only in :meth:`fold` and :meth:`rollback`, so
+an update's staleness at arrival is its staleness at fold. The norm bound
 (:func:`~aggregator.aggregation.norm_bound`) depends on the norms of the updates accepted before,
 which the core keeps, in order, with its checkpoint: recovery replays the write-ahead log in
 order and so judges each update as it was judged. The shell asks :meth:`fold_due` after every
 accepted update and on a timer (for ``buffer_timeout``), folds, persists, then publishes. Time
 always comes in as an argument; nothing here reads a clock, a file or the network.
+
+A fold becomes a version only if the new weights are finite and, when the shell gave the core a
+``probe``, the model's outputs on the probe batch are finite too (weights of 3e38 are finite; the
+outputs they give are not, and every node would fail on them). Otherwise the batch is a
+:class:`Discard`: its updates count as ``discarded`` (accepted, then dropped; not rejected), the
+shell tells their nodes, and the current version stays. An operator's rollback makes a new version
+number from an earlier version's weights, so versions stay monotonic for staleness and nodes.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,9 +69,20 @@ from common.messages import (
     VersionRecord,
 )
 
-__all__ = ["AggregatorCore", "BufferedUpdate", "Discard", "Fold", "FoldReason", "Verdict"]
+__all__ = [
+    "AggregatorCore",
+    "BufferedUpdate",
+    "Discard",
+    "Fold",
+    "FoldReason",
+    "Probe",
+    "Verdict",
+]
 
 FoldReason = Literal["buffer_full", "buffer_timeout"]
+# Runs a candidate version on a probe batch: None when its outputs are finite, else why not.
+Probe = Callable[[Mapping[str, NDArray[np.float32]]], str | None]
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Knobs that are records of their own, set field by field as ``<knob>.<field>``.
 _NESTED_KNOBS = ("training", "compression")
 
@@ -136,9 +154,13 @@ class Fold:
 
 @dataclass(frozen=True, slots=True)
 class Discard:
-    """A batch that was taken out of the buffer and refused, so no version was made."""
+    """A batch that was taken out of the buffer and refused, so no version was made.
+
+    ``nodes[i]`` sent ``update_ids[i]``; each is told, with ``detail``.
+    """
 
     update_ids: tuple[str, ...]
+    nodes: tuple[str, ...]
     detail: str
 
 
@@ -147,6 +169,7 @@ class _Ledger:
     accepted: int = 0
     rejected: int = 0
     folded: int = 0
+    discarded: int = 0
     rejections: dict[str, int] = field(default_factory=dict)
     bytes_received: int = 0
     last_seen: float | None = None
@@ -154,6 +177,7 @@ class _Ledger:
     last_staleness: int | None = None
     eval_version: int | None = None
     eval_accuracy: float | None = None
+    eval_failure: str = ""
     quarantined: bool = False
 
 
@@ -176,6 +200,7 @@ class AggregatorCore:
         norms: Sequence[float] = (),
         initial_norm: float | None = None,
         buffered_scales: Mapping[str, float] | None = None,
+        probe: Probe | None = None,
     ) -> None:
         """``norms``, ``initial_norm`` and ``buffered_scales`` come from a checkpoint: the norms
         of the last accepted updates, the L2 norm of the run's initial weights (default: of
@@ -183,6 +208,7 @@ class AggregatorCore:
         stand-in there is), and the norm clip's factor of each buffered update that
         was clipped (None: an older checkpoint, whose clip factors are worked out again)."""
         self.run_id = run_id
+        self._probe = probe
         self._params: dict[str, NDArray[np.float32]] = {
             k: np.array(v, dtype=np.float32) for k, v in params.items()
         }
@@ -339,7 +365,8 @@ class AggregatorCore:
         entry = self._nodes.setdefault(node, _Ledger())
         if entry.eval_version is None or evaluation.version >= entry.eval_version:
             entry.eval_version = evaluation.version
-            entry.eval_accuracy = evaluation.accuracy
+            entry.eval_failure = evaluation.failure
+            entry.eval_accuracy = None if evaluation.failure else evaluation.accuracy
 
     # -- updates
 
@@ -628,17 +655,22 @@ class AggregatorCore:
         """
         if record.version != self._version + 1 or record.run_id != self.run_id:
             raise ControlError(f"cannot refold v{record.version} of {record.run_id} now")
+        if record.reason == "rollback":
+            raise ControlError(f"v{record.version} is a rollback: see redo_rollback")
         by_id = {u.update_id: u for u in self._buffer}
         missing = [c.update_id for c in record.contributions if c.update_id not in by_id]
         if missing:
             raise ControlError(f"v{record.version}: updates {missing} are not buffered")
         batch = [by_id[c.update_id] for c in record.contributions]
-        result = self._fold(batch, record.reason, now)
+        # No probe: this version was published and nodes hold it; it must come back as it was.
+        result = self._fold(batch, record.reason, now, probe=False)
         if not isinstance(result, Fold):
             raise ControlError(f"v{record.version} does not fold again: {result.detail}")
         return result
 
-    def _fold(self, batch: list[BufferedUpdate], reason: FoldReason, now: float) -> Fold | Discard:
+    def _fold(
+        self, batch: list[BufferedUpdate], reason: FoldReason, now: float, *, probe: bool = True
+    ) -> Fold | Discard:
         started = time.perf_counter()
         knobs = self._knobs
         policy = StalenessPolicy(knobs.staleness, knobs.staleness_a, knobs.staleness_b)
@@ -684,10 +716,13 @@ class AggregatorCore:
         if not math.isfinite(norm) or not finite:
             # Each update was finite, but together they overflow float32: refuse the batch
             # rather than publish a model of infinities.
-            for u in batch:
-                self._seen[u.update_id] = RejectReason.NON_FINITE.value
-                self._count_rejection(self._nodes[u.node], RejectReason.NON_FINITE)
-            return Discard(folded_ids, "the aggregate of these updates is not finite")
+            return self._discard(batch, "the aggregate of these updates is not finite")
+        failure = self._probe(params) if probe and self._probe is not None else None
+        if failure is not None:
+            # Finite weights can still give infinite outputs (3e38 times anything): a version
+            # that no node could evaluate or train on would stop the federation.
+            self._counters["probe_failures"] += 1
+            return self._discard(batch, f"the version they make fails the probe: {failure}")
         contributions = tuple(
             Contribution(
                 node=u.node,
@@ -726,6 +761,86 @@ class AggregatorCore:
         if knobs.max_versions is not None and self._version >= knobs.max_versions:
             self._state = AggregatorState.STOPPED
         return Fold(version=self._version, params=params, record=record, folded_ids=folded_ids)
+
+    def _discard(self, batch: list[BufferedUpdate], detail: str) -> Discard:
+        """Drop a batch that cannot become a version: accepted, never folded, not rejected."""
+        for u in batch:
+            self._seen[u.update_id] = RejectReason.DISCARDED.value
+            self._counters["discarded"] += 1
+            self._nodes.setdefault(u.node, _Ledger()).discarded += 1
+        return Discard(tuple(u.update_id for u in batch), tuple(u.node for u in batch), detail)
+
+    # -- rollback
+
+    def rollback(
+        self,
+        target: int,
+        params: Mapping[str, NDArray[np.float32]],
+        optimizer_state: ServerOptimizerState,
+        now: float,
+    ) -> Fold:
+        """Make version ``version + 1`` from ``target``'s weights (the shell found them).
+
+        The number moves on, never back: nodes' base versions and the staleness of buffered
+        updates stay sound. The server optimizer goes back to its state at ``target`` too, since
+        its moments carry the history that led away from it. Refuses (ControlError, nothing
+        changed) a target that is not an earlier version, a stopped run, weights that do not fit
+        the model, and weights whose outputs fail the probe.
+        """
+        if self._state is AggregatorState.STOPPED:
+            raise ControlError("the run is stopped")
+        if not 0 <= target < self._version:
+            raise ControlError(f"v{target} is not an earlier version (current: v{self._version})")
+        if params.keys() != self._params.keys() or any(
+            np.shape(params[k]) != p.shape for k, p in self._params.items()
+        ):
+            raise ControlError(f"the weights found for v{target} do not fit the model")
+        new = {k: np.array(params[k], dtype=np.float32) for k in self._params}
+        if not all(all_finite(p) for p in new.values()):
+            raise ControlError(f"v{target}'s weights are not finite")
+        failure = self._probe(new) if self._probe is not None else None
+        if failure is not None:
+            raise ControlError(f"v{target} fails the probe: {failure}")
+        # In float64: the step away from a huge version must not overflow the record's norm.
+        norm = math.sqrt(
+            math.fsum(
+                float(np.sum(np.square(new[k].astype(np.float64) - p), dtype=np.float64))
+                for k, p in self._params.items()
+            )
+        )
+        for array in new.values():
+            array.flags.writeable = False
+        record = VersionRecord(
+            run_id=self.run_id,
+            version=self._version + 1,
+            created_at=now,
+            contributions=(),
+            update_norm=norm if math.isfinite(norm) else _FLOAT32_MAX,
+            train_loss=0.0,
+            fold_seconds=0.0,
+            reason="rollback",
+            rollback_of=target,
+        )
+        self._version += 1
+        self._params = new
+        self._opt_state = optimizer_state
+        self._counters["rollbacks"] += 1
+        return Fold(version=self._version, params=new, record=record, folded_ids=())
+
+    def redo_rollback(
+        self,
+        record: VersionRecord,
+        params: Mapping[str, NDArray[np.float32]],
+        optimizer_state: ServerOptimizerState,
+    ) -> Fold:
+        """Make again the rollback that ``record`` logged, after a crash lost the version."""
+        if (
+            record.rollback_of is None
+            or record.version != self._version + 1
+            or record.run_id != self.run_id
+        ):
+            raise ControlError(f"v{record.version} of {record.run_id} is not the next rollback")
+        return self.rollback(record.rollback_of, params, optimizer_state, record.created_at)
 
     def _step(
         self, aggregate: dict[str, NDArray[np.float32]], optimizer: ServerOptimizer

@@ -26,15 +26,27 @@ and acknowledges a message only after the call returns:
 3. **A control command** (:meth:`Journal.checkpoint`): a checkpoint, so knob and state changes are
    durable and every version after a checkpoint was folded under the knobs it holds.
 
+A **discarded batch** (:meth:`Journal.commit_discard`): ``discarded`` ledger lines (synced), then a
+checkpoint that no longer lists the updates as buffered. Crash before the checkpoint: the updates
+come back from the WAL, fold again into the same batch and are discarded again; the ledger has
+their line twice, never a ``folded`` one.
+
+A **rollback** (:meth:`Journal.commit_rollback`) is a version made from a retained checkpoint's
+weights (:meth:`Journal.rollback_source`): the version record (``reason: rollback``,
+``rollback_of``) is its commit point, and a checkpoint follows at once. Crash between the two:
+recovery finds the record after the newest checkpoint and makes the rollback again from the same
+retained checkpoint, which no checkpoint write has rotated away since (the next write is the one
+that failed to happen), so the version has the same number and the same weights, once.
+
 Recovery (:meth:`Journal.resume`): load the newest checkpoint (version c); put back the updates it
 lists as buffered, and every WAL entry accepted after it, in the order they were accepted; then for
 each record in ``versions.jsonl`` after c, fold exactly the updates it names, in its order
-(:meth:`AggregatorCore.refold`). Deterministic maths on the same inputs gives the same weights, so
-the versions nodes already trained on are the versions the aggregator continues from. Then the
-ledger gets any ``folded`` lines it lacks, and a checkpoint is written. No update is folded into two
-versions (each refold takes its updates out of the buffer, and WAL entries that the checkpoint
-already folded are recognised by its ``seen`` set), and no acked update is lost (it is in the WAL
-or the checkpoint).
+(:meth:`AggregatorCore.refold`), or redo the rollback it logs. Deterministic maths on the same
+inputs gives the same weights, so the versions nodes already trained on are the versions the
+aggregator continues from. Then the ledger gets any ``folded`` lines it lacks, and a checkpoint is
+written. No update is folded into two versions (each refold takes its updates out of the buffer,
+and WAL entries that the checkpoint already folded are recognised by its ``seen`` set), and no
+acked update is lost (it is in the WAL or the checkpoint).
 
 ``checkpoint_every`` trades recovery time (up to that many refolds) and WAL disk (that many
 versions' updates) against the cost of writing the model at every version; the durability
@@ -48,7 +60,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aggregator.core import AggregatorCore, Discard, Fold, Verdict
+from aggregator.aggregation import Params, ServerOptimizerState
+from aggregator.core import AggregatorCore, Discard, Fold, Probe, Verdict
 from aggregator.ledger import Ledger, LedgerEntry, LedgerEvent
 from aggregator.store import Checkpoint, StateStore
 from common.codec import decode
@@ -88,22 +101,27 @@ class Journal:
     # -- recovery
 
     def resume(
-        self, fresh: Callable[[], AggregatorCore], *, max_bytes: int
+        self,
+        fresh: Callable[[], AggregatorCore],
+        *,
+        max_bytes: int,
+        probe: Probe | None = None,
     ) -> tuple[AggregatorCore, Checkpoint | None, int]:
-        """The core as the last process left it (or ``fresh()``, checkpointed at once).
+        """The core as the last process left it (or ``fresh()``, checkpointed at once), judging
+        new versions with ``probe``.
 
         Returns the core, the checkpoint it started from and how many versions were made again.
         """
         self.store.open()
         self.ledger.open()
         try:
-            return self._resume(fresh, max_bytes=max_bytes)
+            return self._resume(fresh, max_bytes=max_bytes, probe=probe)
         except BaseException:
             self.close()
             raise
 
     def _resume(
-        self, fresh: Callable[[], AggregatorCore], *, max_bytes: int
+        self, fresh: Callable[[], AggregatorCore], *, max_bytes: int, probe: Probe | None
     ) -> tuple[AggregatorCore, Checkpoint | None, int]:
         checkpoint = self.store.load_latest()
         if checkpoint is None:
@@ -126,6 +144,7 @@ class Journal:
             norms=checkpoint.norms,
             initial_norm=checkpoint.initial_norm,
             buffered_scales=checkpoint.buffered_scales,
+            probe=probe,
         )
         self._replay(core, checkpoint.buffered, max_bytes=max_bytes)
         refolded = self._refold(core, self._records_after(checkpoint.version))
@@ -194,7 +213,11 @@ class Journal:
         """Make the versions logged after the checkpoint again; returns how many."""
         for record in records:
             try:
-                fold = core.refold(record, self._clock())
+                if record.reason == "rollback":
+                    params, optimizer = self.rollback_source(core, record.rollback_of or 0)
+                    fold = core.redo_rollback(record, params, optimizer)
+                else:
+                    fold = core.refold(record, self._clock())
             except ControlError as exc:
                 # Only possible if files were damaged or deleted: going on would publish a second,
                 # different version under a number that nodes already trained on.
@@ -273,22 +296,92 @@ class Journal:
             self.checkpoint(core)
 
     def commit_discard(self, core: AggregatorCore, discard: Discard) -> None:
-        """Ledger (synced: these are rejections now), then a checkpoint that forgets them."""
-        ids = set(discard.update_ids)
-        nodes = {e.update_id: e.node for e in self.store.wal_entries() if e.update_id in ids}
+        """Ledger (synced: the nodes are told next), then a checkpoint that forgets them."""
         now = self._clock()
         self.ledger.write(
             LedgerEntry(
                 event=LedgerEvent.DISCARDED,
                 at=now,
-                node=nodes.get(update_id, ""),
+                node=node,
                 update_id=update_id,
                 version=core.version,
-                reason=RejectReason.NON_FINITE.value,
+                reason=RejectReason.DISCARDED.value,
                 detail=discard.detail,
             )
-            for update_id in discard.update_ids
+            for update_id, node in zip(discard.update_ids, discard.nodes, strict=True)
         )
+        self.checkpoint(core)
+
+    def rollback_source(
+        self, core: AggregatorCore, version: int
+    ) -> tuple[Params, ServerOptimizerState]:
+        """The weights and server optimizer state of ``version``, an earlier version of the run.
+
+        From its checkpoint when one is kept (``keep_checkpoints`` of them, one every
+        ``checkpoint_every`` versions); else, for a version since the newest checkpoint, made
+        again from that checkpoint and the WAL, as recovery would. Any other version is gone: a
+        ControlError names the versions there are.
+        """
+        if not 0 <= version < core.version:
+            raise ControlError(f"v{version} is not an earlier version (current: v{core.version})")
+        checkpoint = self.store.load_version(version)
+        if checkpoint is not None and checkpoint.run_id == core.run_id:
+            return checkpoint.params, checkpoint.optimizer_state()
+        latest = self.store.load_latest()
+        if latest is not None and latest.run_id == core.run_id and latest.version <= version:
+            return self._remake(latest, version)
+        kept = [v for v in self.store.retained_versions() if v < core.version]
+        listed = [f"v{v}" for v in kept if latest is None or v < latest.version]
+        if latest is not None and latest.version < core.version - 1:
+            listed.append(f"v{latest.version}-v{core.version - 1}")
+        elif latest is not None and latest.version < core.version:
+            listed.append(f"v{latest.version}")
+        raise ControlError(
+            f"v{version} is neither kept nor since the newest checkpoint; versions that can be "
+            f"rolled back to: {', '.join(listed) or 'none'} (keep_checkpoints and "
+            "checkpoint_every decide which are kept)"
+        )
+
+    def _remake(self, checkpoint: Checkpoint, version: int) -> tuple[Params, ServerOptimizerState]:
+        """``version``'s weights, folded again from ``checkpoint`` and the WAL in a scratch core:
+        the updates each logged version names, in its order, as :meth:`resume` does."""
+        scratch = AggregatorCore(
+            run_id=checkpoint.run_id,
+            params=checkpoint.params,
+            knobs=checkpoint.knobs,
+            version=checkpoint.version,
+            state=checkpoint.state,
+            optimizer_state=checkpoint.optimizer_state(),
+            seen=checkpoint.seen,
+            seen_by=checkpoint.seen_by,
+            nodes=checkpoint.nodes,
+        )
+        buffered = set(checkpoint.buffered)
+        for entry in self.store.wal_entries():
+            if entry.update_id in checkpoint.seen and entry.update_id not in buffered:
+                continue  # folded (or discarded) before the checkpoint
+            payload = entry.payload
+            try:
+                # Our own record, accepted under the service's size limit: any size it has is fine.
+                body = decode(payload, max_bytes=len(payload)).body
+                if isinstance(body, Update):
+                    new = entry.update_id not in checkpoint.seen
+                    scratch.restore_buffered(entry.node, body, 0, 0.0, count=new)
+            except (ProtocolError, ValueError) as exc:
+                log.warning("WAL entry %s left out of a rollback: %s", entry.path.name, exc)
+        for record in self._records_after(checkpoint.version):
+            if record.version > version:
+                break
+            scratch.refold(record, record.created_at)
+        if scratch.version != version:
+            raise ControlError(f"v{version} cannot be made again from the write-ahead log")
+        return scratch.params, scratch.optimizer_state
+
+    def commit_rollback(self, core: AggregatorCore, fold: Fold) -> None:
+        """The version record (the commit point), then a checkpoint at once: recovery can redo a
+        rollback only while its source checkpoint is kept, and the next write may rotate it."""
+        self._record = fold.record
+        self.store.append_version(fold.record)
         self.checkpoint(core)
 
     def checkpoint(self, core: AggregatorCore) -> None:

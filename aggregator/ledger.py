@@ -6,7 +6,9 @@ One JSON line per event, in ``ledger.jsonl`` of the state directory:
 * ``duplicate``: an accepted id came again (a resend or a broker redelivery): acked, not buffered;
 * ``rejected``: refused with a reason (``update_id`` is null when the message never decoded);
 * ``folded``: went into ``version``;
-* ``discarded``: its batch added up to a non-finite model and was dropped (counts as rejected).
+* ``discarded``: accepted, then dropped with its batch, which could not become a version (a
+  non-finite sum, or a version whose outputs failed the probe); the node is told in a second ack.
+  Neither folded nor rejected: work the run lost on purpose, counted on its own.
 
 The aggregator syncs the ledger before it acknowledges anything (to the node and to the broker), so
 an acked verdict is on disk. After a crash between a checkpoint and the ``folded`` lines of its
@@ -101,6 +103,7 @@ class UpdateFate:
     duplicates: int = 0
     rejections: list[str] = field(default_factory=list)
     folded_into: list[int] = field(default_factory=list)  # distinct versions, in ledger order
+    discarded: bool = False
 
     @property
     def folded(self) -> bool:
@@ -112,8 +115,8 @@ class UpdateFate:
 
     @property
     def rejected(self) -> bool:
-        """Refused (or discarded) and never folded: the node was told, nothing is owed to it."""
-        return bool(self.rejections) and not self.folded
+        """Refused and never folded: the node was told, nothing is owed to it."""
+        return bool(self.rejections) and not self.folded and not self.discarded
 
 
 def update_fates(entries: Iterable[LedgerEntry]) -> dict[str, UpdateFate]:
@@ -130,8 +133,11 @@ def update_fates(entries: Iterable[LedgerEntry]) -> dict[str, UpdateFate]:
                 fate.accepted = True
             case LedgerEvent.DUPLICATE:
                 fate.duplicates += 1
-            case LedgerEvent.REJECTED | LedgerEvent.DISCARDED:
+            case LedgerEvent.REJECTED:
                 fate.rejections.append(entry.reason or entry.event.value)
+            case LedgerEvent.DISCARDED:
+                fate.accepted = True
+                fate.discarded = True
             case LedgerEvent.FOLDED:
                 fate.accepted = True
                 if entry.version not in fate.folded_into:

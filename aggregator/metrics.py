@@ -133,11 +133,22 @@ def _status_families(status: AggregatorStatus) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "healthnet_received_bytes", "Bytes of update messages received.", c.bytes_received
     )
+    yield CounterMetricFamily(
+        "healthnet_probe_failures",
+        "Folds refused because the version's outputs on the probe batch were not finite.",
+        c.probe_failures,
+    )
+    yield CounterMetricFamily("healthnet_rollbacks", "Versions made by a rollback.", c.rollbacks)
     accepted = CounterMetricFamily(
         "healthnet_node_updates_accepted", "Updates accepted, by node.", labels=["node"]
     )
     folded = CounterMetricFamily(
         "healthnet_node_updates_folded", "Updates folded into a version, by node.", labels=["node"]
+    )
+    discarded = CounterMetricFamily(
+        "healthnet_node_updates_discarded",
+        "Accepted updates dropped with a batch that could not become a version, by node.",
+        labels=["node"],
     )
     rejected = CounterMetricFamily(
         "healthnet_node_updates_rejected",
@@ -163,6 +174,7 @@ def _status_families(status: AggregatorStatus) -> Iterator[Metric]:
     for entry in status.nodes:
         accepted.add_metric([entry.node], entry.accepted)
         folded.add_metric([entry.node], entry.folded)
+        discarded.add_metric([entry.node], entry.discarded)
         node_bytes.add_metric([entry.node], entry.bytes_received)
         for reason, count in sorted(entry.rejections.items()):
             rejected.add_metric([entry.node, reason], count)
@@ -171,7 +183,8 @@ def _status_families(status: AggregatorStatus) -> Iterator[Metric]:
             eval_version.add_metric([entry.node], entry.eval_version)
         if entry.last_seen is not None:
             last_seen.add_metric([entry.node], entry.last_seen)
-    yield from (accepted, folded, rejected, node_bytes, accuracy, eval_version, last_seen)
+    yield from (accepted, folded, discarded, rejected, node_bytes)
+    yield from (accuracy, eval_version, last_seen)
 
 
 @contextlib.contextmanager

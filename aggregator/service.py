@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from aggregator.core import AggregatorCore, Discard, Fold
+from aggregator.core import AggregatorCore, Discard, Fold, Probe
 from aggregator.journal import Journal
 from aggregator.metrics import AggregatorMetrics, serve_metrics
 from aggregator.settings import AggregatorSettings
@@ -79,6 +79,7 @@ class AggregatorService:
         self.metrics = AggregatorMetrics()
         self.metrics_url: str | None = None
         self._connected_before = False
+        self._probe: Probe | None = None
 
     @property
     def core(self) -> AggregatorCore:
@@ -125,8 +126,9 @@ class AggregatorService:
             yield
 
     def _restore(self) -> AggregatorCore:
+        self._probe = self._output_probe()
         core, checkpoint, _ = self.journal.resume(
-            self._fresh_core, max_bytes=self.settings.max_update_bytes
+            self._fresh_core, max_bytes=self.settings.max_update_bytes, probe=self._probe
         )
         if checkpoint is None:
             log.info("run %s: new, v0 from model %s", core.run_id, self.settings.model.name)
@@ -140,6 +142,18 @@ class AggregatorService:
             )
         return core
 
+    def _output_probe(self) -> Probe | None:
+        from common.models import output_probe
+
+        probe = output_probe(self.settings.model)
+        if probe is None:
+            log.warning(
+                "model %s: no input shape to probe new versions with; only their weights are "
+                "checked for finiteness (give the factory a probe_shape)",
+                self.settings.model.name,
+            )
+        return probe
+
     def _fresh_core(self) -> AggregatorCore:
         from common.models import build_model, model_params
 
@@ -148,6 +162,7 @@ class AggregatorService:
             run_id=self.settings.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{new_id()[:6]}",
             params=params,
             knobs=self.settings.knobs,
+            probe=self._probe,
         )
         if self.settings.autostart:
             core.command(ControlCommand.START)
@@ -333,12 +348,14 @@ class AggregatorService:
                     message = f"{core.state.value} at v{core.version}"
                 case ControlCommand.QUARANTINE | ControlCommand.READMIT:
                     message = self._on_quarantine(request)
+                case ControlCommand.ROLLBACK:
+                    message = self._on_rollback(request.version or 0)
                 case _:
                     state = core.command(request.command)
                     message = f"run is {state.value} at v{core.version}"
                     log.info("operator: %s -> %s", request.command.value, message)
-            if request.command is not ControlCommand.STATUS:
-                self.journal.checkpoint(core)
+            if request.command not in (ControlCommand.STATUS, ControlCommand.ROLLBACK):
+                self.journal.checkpoint(core)  # a rollback wrote its own
             reply = ControlReply(
                 request_id=request.request_id,
                 ok=True,
@@ -370,6 +387,16 @@ class AggregatorService:
         log.warning("operator: %s at v%d", message, core.version)
         return message
 
+    def _on_rollback(self, target: int) -> str:
+        core = self.core
+        params, optimizer = self.journal.rollback_source(core, target)
+        fold = core.rollback(target, params, optimizer, self._clock())
+        self.journal.commit_rollback(core, fold)
+        self._announce(fold)
+        message = f"rolled back to v{target}'s weights as v{fold.version}"
+        log.warning("operator: %s", message)
+        return message
+
     # -- folding and publishing
 
     def _maybe_fold(self) -> None:
@@ -386,20 +413,49 @@ class AggregatorService:
                         discard.detail,
                     )
                     self.journal.commit_discard(core, discard)
+                    self._tell_discarded(discard)
+
+    def _tell_discarded(self, discard: Discard) -> None:
+        """A second ack, after the accepted one: the node's work went nowhere, and why.
+
+        Sent after the ledger has it; a crash before this send loses only the message (the
+        node had already let the update go), never the record.
+        """
+        for update_id, node in zip(discard.update_ids, discard.nodes, strict=True):
+            log.warning(
+                "node %s: update %s discarded at v%d: %s",
+                node,
+                update_id[:8],
+                self.core.version,
+                discard.detail,
+            )
+            ack = Ack(
+                update_id=update_id,
+                accepted=False,
+                reason=RejectReason.DISCARDED,
+                detail=discard.detail,
+                current_version=self.core.version,
+            )
+            self._send(self.topics.ack(node), ack)
+        self._status_dirty = True
 
     def _commit(self, fold: Fold) -> None:
         self.journal.commit_fold(self.core, fold)
+        self._announce(fold)
+
+    def _announce(self, fold: Fold) -> None:
         self._publish_model()
         self._send(self.topics.versions(), fold.record)
         self.metrics.observe_version(fold.record)
         stalenesses = [c.staleness for c in fold.record.contributions]
-        log.info(
-            "v%d folded from %d updates (staleness %s, %s)",
-            fold.version,
-            len(stalenesses),
-            stalenesses,
-            fold.record.reason,
-        )
+        if fold.record.rollback_of is None:
+            log.info(
+                "v%d folded from %d updates (staleness %s, %s)",
+                fold.version,
+                len(stalenesses),
+                stalenesses,
+                fold.record.reason,
+            )
         self._publish_status(force=True)
 
     def _publish_model(self) -> None:

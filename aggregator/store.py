@@ -289,6 +289,21 @@ class StateStore:
                 log.warning("checkpoint %s is unreadable, trying an older one: %s", path, exc)
         return None
 
+    def retained_versions(self) -> list[int]:
+        """The versions that have a checkpoint on disk, oldest first."""
+        return [int(_CHECKPOINT.match(p.name).group(1)) for p in self._checkpoint_paths()]  # type: ignore[union-attr]
+
+    def load_version(self, version: int) -> Checkpoint | None:
+        """The checkpoint of ``version``, or None when none is kept (or it does not decode)."""
+        path = self._checkpoints / f"v{version:08d}.ckpt"
+        try:
+            return decode_checkpoint(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except DecodeError as exc:
+            log.warning("checkpoint %s is unreadable: %s", path, exc)
+            return None
+
     def _checkpoint_paths(self) -> list[Path]:
         found = [p for p in self._checkpoints.iterdir() if _CHECKPOINT.match(p.name)]
         return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))  # type: ignore[union-attr]

@@ -4,8 +4,10 @@
 
 Runs healthnet.chaos (real processes, a real Mosquitto with persistence) and writes its JSON:
 aggregator_kills, broker_restarts, node_kills, node_freezes, updates_sent, updates_folded,
-lost, double_folded, versions_contiguous, final_accuracy and more. Exit status 1 when anything
-was lost or folded twice, or the logs disagree. ``--minutes 0.5`` is the quick mode CI runs.
+lost, double_folded, versions_contiguous, final_accuracy and more. Exit status 1 when
+``healthnet.chaos.problems`` finds any (lost, folded twice, left in an outbox, trained twice on one
+base, discarded, logs that disagree, a process that exited on its own): the same check as
+tests/integration/test_durability.py. ``--minutes 0.5`` is the quick mode CI runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from healthnet.chaos import DEFAULT_EVERY, ChaosConfig, Fault, run_chaos
+from healthnet.chaos import DEFAULT_EVERY, ChaosConfig, Fault, problems, run_chaos
 from healthnet.federations import FEDERATIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             "updates_folded", "lost", "double_folded", "versions", "final_accuracy")  # fmt: skip
     console.print(" ".join(f"{key}={data[key]}" for key in keys))
     console.print(f"result written to {args.json}")
-    return 0 if result.reconciliation.clean else 1
+    found = problems(result)
+    for problem in found:
+        console.print(f"[red]problem:[/red] {problem}")
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

@@ -462,6 +462,9 @@ class RejectReason(StrEnum):
     RATE_LIMITED = "rate_limited"
     SAMPLE_COUNT = "sample_count"
     COMPRESSION_POLICY = "compression_policy"
+    # Not a refusal on arrival: an accepted update whose batch could not become a version (the
+    # sum was not finite, or the version failed the probe). Its node hears it in a second ack.
+    DISCARDED = "discarded"
 
 
 class Ack(Frozen):
@@ -482,10 +485,15 @@ class NodeState(StrEnum):
 
 
 class NodeStatus(Frozen):
-    """A node's retained status; its Last Will publishes the OFFLINE form."""
+    """A node's retained status; its Last Will publishes the OFFLINE form.
+
+    ``failure`` says why the node cannot evaluate or train on ``version`` (its outputs are not
+    finite, say); the node keeps running and waits for the next version. Empty when all is well.
+    """
 
     state: NodeState
     version: NonNegative | None = None
+    failure: Annotated[str, Field(max_length=500)] = ""
     software: str = ""
     device: str = ""
     num_train: NonNegative = 0
@@ -493,14 +501,25 @@ class NodeStatus(Frozen):
 
 
 class Evaluation(Frozen):
-    """A node's metrics for one global version on its local test split."""
+    """A node's metrics for one global version on its local test split.
+
+    ``failure`` (non-empty) says the version could not be evaluated, and why: then ``loss`` is
+    None and ``accuracy`` and ``correct`` are 0. Messages from before the field decode unchanged.
+    """
 
     run_id: Identifier
     version: NonNegative
-    loss: FiniteFloat
+    loss: FiniteFloat | None
     accuracy: Annotated[float, Field(ge=0, le=1)]
     correct: NonNegative
     num_examples: NonNegative
+    failure: Annotated[str, Field(max_length=500)] = ""
+
+    @model_validator(mode="after")
+    def _loss_unless_failed(self) -> Self:
+        if (self.loss is None) != bool(self.failure):
+            raise ValueError("an evaluation has a loss, or a failure and no loss")
+        return self
 
 
 class ControlCommand(StrEnum):
@@ -512,6 +531,7 @@ class ControlCommand(StrEnum):
     STATUS = "status"
     QUARANTINE = "quarantine"
     READMIT = "readmit"
+    ROLLBACK = "rollback"
 
 
 class ControlRequest(Frozen):
@@ -521,12 +541,17 @@ class ControlRequest(Frozen):
     knobs: dict[str, int | float | str | bool | None] = Field(default_factory=dict)
     # For QUARANTINE and READMIT: the node's broker identity.
     node: Identifier | None = None
+    # For ROLLBACK: the version whose weights become the next version.
+    version: NonNegative | None = None
 
     @model_validator(mode="after")
     def _node_given_when_needed(self) -> Self:
         needs_node = self.command in (ControlCommand.QUARANTINE, ControlCommand.READMIT)
         if needs_node != (self.node is not None):
             raise ValueError(f"{self.command} {'needs' if needs_node else 'takes no'} node")
+        needs_version = self.command is ControlCommand.ROLLBACK
+        if needs_version != (self.version is not None):
+            raise ValueError(f"{self.command} {'needs' if needs_version else 'takes no'} version")
         return self
 
 
@@ -543,6 +568,11 @@ class Counters(Frozen):
     rejected: NonNegative = 0
     duplicates: NonNegative = 0
     folded: NonNegative = 0
+    # Accepted, then dropped with their batch when it could not become a version.
+    discarded: NonNegative = 0
+    # Folds refused because the new version's outputs on the probe batch were not finite.
+    probe_failures: NonNegative = 0
+    rollbacks: NonNegative = 0
     clipped: NonNegative = 0
     bytes_received: NonNegative = 0
     # Accepted updates only: their size on the wire and as dense float32 (the compression ratio).
@@ -558,6 +588,7 @@ class NodeLedgerEntry(Frozen):
     accepted: NonNegative = 0
     rejected: NonNegative = 0
     folded: NonNegative = 0
+    discarded: NonNegative = 0
     rejections: dict[str, NonNegative] = Field(default_factory=dict)
     # Every update message from this node, accepted or not, as it arrived on the wire.
     bytes_received: NonNegative = 0
@@ -566,6 +597,8 @@ class NodeLedgerEntry(Frozen):
     last_staleness: NonNegative | None = None
     eval_version: NonNegative | None = None
     eval_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    # Why the node could not evaluate ``eval_version`` (empty when it could).
+    eval_failure: str = ""
     quarantined: bool = False
 
 
@@ -614,7 +647,9 @@ class VersionRecord(Frozen):
     update_norm: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     train_loss: FiniteFloat
     fold_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]
-    reason: Literal["buffer_full", "buffer_timeout"]
+    # ``rollback``: an operator made this version from ``rollback_of``'s weights (no updates).
+    reason: Literal["buffer_full", "buffer_timeout", "rollback"]
+    rollback_of: NonNegative | None = None
 
 
 Body = (

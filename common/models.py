@@ -3,6 +3,15 @@
 A :class:`~common.messages.ModelSpec` names a built-in (``logreg``, ``mlp``, ``cnn``) or a user's
 ``module:function`` installed on every node; code never travels over the broker, only weights. The
 aggregator builds the model once to draw the initial weights; nodes build it to train.
+
+The aggregator also runs every new version on a **probe batch** (:func:`output_probe`) before it
+publishes it: finite weights can give infinite outputs, and a version no node can evaluate would
+stop the federation. The batch is drawn from the model's input shape, which the aggregator, having
+no data, derives from the spec: the built-ins know theirs (:data:`PROBE_SHAPES`); a
+``module:function`` factory may carry a ``probe_shape`` attribute (a tuple, or a callable of the
+spec's kwargs giving one); failing that, a model whose first weighted layer is a ``Linear`` is
+probed with that layer's ``in_features``. Any other model is not probed (weights are still checked
+for finiteness).
 """
 
 from __future__ import annotations
@@ -19,7 +28,20 @@ from torch import nn
 from common.errors import ConfigError
 from common.messages import ModelSpec
 
-__all__ = ["BUILTIN_MODELS", "build_model", "load_params", "model_params"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "PROBE_SHAPES",
+    "build_model",
+    "load_params",
+    "model_params",
+    "output_probe",
+    "probe_shape",
+]
+
+# Rows in the probe batch, and the seed of its values: deterministic, so a recovery that makes a
+# version again judges it as the first time did.
+PROBE_ROWS = 4
+_PROBE_SEED = 20250613
 
 
 def _logreg(in_features: int, num_classes: int = 2) -> nn.Module:
@@ -56,6 +78,14 @@ BUILTIN_MODELS: Mapping[str, Callable[..., nn.Module]] = {
     "logreg": _logreg,
     "mlp": _mlp,
     "cnn": _cnn,
+}
+
+
+# One example's input shape for each built-in, from the spec's kwargs.
+PROBE_SHAPES: Mapping[str, Callable[..., tuple[int, ...]]] = {
+    "logreg": lambda in_features, **_: (int(in_features),),
+    "mlp": lambda in_features, **_: (int(in_features),),
+    "cnn": lambda in_channels=1, **_: (int(in_channels), 28, 28),
 }
 
 
@@ -112,3 +142,45 @@ def load_params(model: nn.Module, params: Mapping[str, NDArray[np.float32]]) -> 
             if tuple(target.shape) != value.shape:
                 raise ConfigError(f"{name}: weights {value.shape} vs model {tuple(target.shape)}")
             target.copy_(torch.from_numpy(np.array(value, dtype=np.float32)))
+
+
+def probe_shape(spec: ModelSpec, model: nn.Module) -> tuple[int, ...] | None:
+    """One example's input shape for ``spec`` (see the module docstring), or None if unknown."""
+    derive = PROBE_SHAPES.get(spec.name)
+    if derive is None:
+        declared = getattr(_import_factory(spec.name), "probe_shape", None)
+        if callable(declared):
+            return tuple(int(n) for n in declared(**spec.kwargs))
+        if declared is not None:
+            return tuple(int(n) for n in declared)
+        first = next((m for m in model.modules() if list(m.parameters(recurse=False))), None)
+        return (first.in_features,) if isinstance(first, nn.Linear) else None
+    try:
+        return derive(**spec.kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model {spec.name!r}: no input shape from {spec.kwargs}: {exc}") from exc
+
+
+def output_probe(
+    spec: ModelSpec, *, rows: int = PROBE_ROWS
+) -> Callable[[Mapping[str, NDArray[np.float32]]], str | None] | None:
+    """A function that runs weights on a fixed probe batch and says why its outputs are not
+    finite (None when they are); None when the input shape of ``spec`` cannot be known."""
+    model = build_model(spec)  # its own weights never matter: each call loads the candidate's
+    shape = probe_shape(spec, model)
+    if shape is None:
+        return None
+    generator = torch.Generator().manual_seed(_PROBE_SEED)
+    batch = torch.randn((rows, *shape), generator=generator)
+    model.eval()
+
+    def probe(params: Mapping[str, NDArray[np.float32]]) -> str | None:
+        load_params(model, params)
+        with torch.no_grad():
+            outputs = model(batch)
+        if bool(torch.isfinite(outputs).all()):
+            return None
+        bad = int((~torch.isfinite(outputs)).sum())
+        return f"{bad} of {outputs.numel()} outputs on the probe batch are not finite"
+
+    return probe

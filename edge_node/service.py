@@ -44,6 +44,7 @@ from common.messages import (
     ModelSpec,
     NodeState,
     NodeStatus,
+    RejectReason,
     TrainMetrics,
     Update,
 )
@@ -55,7 +56,7 @@ from edge_node.residual import ResidualStore
 from edge_node.sentlog import SentEntry, SentEvent, SentLog
 from edge_node.session import Job, JobKind, NodeSession
 from edge_node.settings import NodeSettings
-from edge_node.training import EvalResult, TrainResult, evaluate, train
+from edge_node.training import EvalResult, TrainResult, UnusableVersion, evaluate, train
 
 if TYPE_CHECKING:
     import torch
@@ -109,7 +110,7 @@ class NodeService:
         self._device: torch.device | None = None
         self._job: tuple[Job, concurrent.futures.Future[EvalResult | Upload]] | None = None
         self._sent_at: dict[str, float] = {}
-        self._published_state: tuple[NodeState, int | None] | None = None
+        self._published_state: tuple[NodeState, int | None, str] | None = None
 
     # -- lifecycle
 
@@ -297,6 +298,9 @@ class NodeService:
 
     def _on_ack(self, ack: Ack) -> None:
         self._sent_at.pop(ack.update_id, None)
+        if ack.reason is RejectReason.DISCARDED:
+            self._on_discarded(ack)
+            return
         if ack.update_id not in self.outbox.ids():
             return  # an ack we already had (a resend's, or a duplicate delivery)
         # The log line first: a crash before the removal costs a resend, never a record.
@@ -329,6 +333,31 @@ class NodeService:
                 ack.reason.value if ack.reason else "?",
                 ack.detail,
             )
+
+    def _on_discarded(self, ack: Ack) -> None:
+        """An update accepted earlier went nowhere: its batch could not become a version."""
+        log.warning(
+            "node %s: update %s was accepted, then discarded at v%d: %s",
+            self.settings.node_id,
+            ack.update_id[:8],
+            ack.current_version,
+            ack.detail,
+        )
+        self.sent_log.write(
+            [
+                SentEntry(
+                    event=SentEvent.ACKED,
+                    at=self._clock(),
+                    update_id=ack.update_id,
+                    accepted=False,
+                    reason=RejectReason.DISCARDED.value,
+                    current_version=ack.current_version,
+                )
+            ]
+        )
+        # An accepted ack may not have come yet (it raced this one): the update is answered.
+        if ack.update_id in self.outbox.ids():
+            self.outbox.remove(ack.update_id)
 
     # -- jobs
 
@@ -403,6 +432,20 @@ class NodeService:
         self._job = None
         try:
             result = future.result()
+        except UnusableVersion as exc:
+            # The version's fault, not the node's: say so (status, evaluation) and wait for the
+            # next version, which may repair it.
+            log.warning(
+                "node %s: cannot %s v%d: %s; waiting for the next version",
+                self.settings.node_id,
+                job.kind,
+                job.manifest.version,
+                exc,
+            )
+            self.session.job_failed(job, str(exc))
+            if job.kind is JobKind.EVALUATE:
+                self._publish_failed_evaluation(job, str(exc))
+            return
         except Exception:
             # Training code is the user's (plug-in models and data): log it, skip this version's
             # job rather than retry it in a loop, and carry on with the next version.
@@ -436,6 +479,19 @@ class NodeService:
             result.correct,
             result.num_examples,
         )
+
+    def _publish_failed_evaluation(self, job: Job, reason: str) -> None:
+        dataset = self._dataset
+        evaluation = Evaluation(
+            run_id=job.manifest.run_id,
+            version=job.manifest.version,
+            loss=None,
+            accuracy=0.0,
+            correct=0,
+            num_examples=dataset.num_test if dataset else 0,
+            failure=reason[:500],
+        )
+        self._send(self.topics.node_eval(self.settings.node_id), evaluation)
 
     def _publish_update(self, job: Job, upload: Upload) -> None:
         update, payload = upload.update, upload.payload
@@ -493,6 +549,7 @@ class NodeService:
         status = NodeStatus(
             state=NodeState.OFFLINE if offline else self.session.node_state(),
             version=self.session.version,
+            failure="" if offline else self.session.failure[:500],
             software=_software_version(),
             device=str(self._device or ""),
             num_train=dataset.num_train if dataset else 0,
@@ -501,7 +558,7 @@ class NodeService:
         return encode(envelope(status, sender=self.settings.node_id, sent_at=self._clock()))
 
     def _publish_status(self) -> None:
-        current = (self.session.node_state(), self.session.version)
+        current = (self.session.node_state(), self.session.version, self.session.failure)
         if current == self._published_state or self._client is None:
             return
         self._client.publish(self.topics.node_status(self.settings.node_id), self._status_bytes())

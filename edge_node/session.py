@@ -5,6 +5,10 @@ the aggregator's status. It evaluates every new global version on its local test
 at most once per version, only while the run is RUNNING: a node never sends two updates from the
 same base, which keeps synchronous FedAvg (K = number of nodes) honest. One job runs at a time off
 the MQTT thread; the shell asks :meth:`NodeSession.next_job` whenever something changes.
+
+A version that cannot be used (its outputs are not finite) is remembered with the reason
+(:meth:`NodeSession.job_failed`) until the next version arrives: the node reports it and waits. An
+evaluation that fails that way also rules out training on the version, which would fail the same.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class NodeSession:
         self._evaluated: tuple[str, int] | None = None
         self._busy: JobKind | None = None
         self._last: JobKind | None = None
+        self._failure: tuple[tuple[str, int], str] | None = None
 
     @property
     def version(self) -> int | None:
@@ -51,6 +56,15 @@ class NodeSession:
     @property
     def busy(self) -> JobKind | None:
         return self._busy
+
+    @property
+    def failure(self) -> str:
+        """Why the current version cannot be used (empty when it can, or is not known yet)."""
+        manifest = self._manifest
+        if self._failure is None or manifest is None:
+            return ""
+        key, reason = self._failure
+        return reason if key == (manifest.run_id, manifest.version) else ""
 
     def on_status(self, state: AggregatorState, run_id: str) -> None:
         self.aggregator_state = state
@@ -87,6 +101,14 @@ class NodeSession:
             self._trained = key
         self._last = job.kind
         self._busy = None
+
+    def job_failed(self, job: Job, reason: str) -> None:
+        """``job``'s version cannot be used, for ``reason``; do not try it again."""
+        self.job_done(job)
+        key = (job.manifest.run_id, job.manifest.version)
+        self._failure = (key, reason)
+        if job.kind is JobKind.EVALUATE:
+            self._trained = key
 
     def node_state(self) -> NodeState:
         if self._busy is JobKind.TRAIN:

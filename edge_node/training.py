@@ -1,7 +1,13 @@
-"""Local training and evaluation with PyTorch, on numpy arrays in and numpy arrays out."""
+"""Local training and evaluation with PyTorch, on numpy arrays in and numpy arrays out.
+
+A global version can be finite and still useless: weights of 3e38 give infinite outputs, and every
+loss on them is NaN. Both functions raise :class:`UnusableVersion` then, with the reason, so that
+the node reports it and waits for the next version instead of sending NaN metrics or a NaN delta.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,12 +17,18 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from common.errors import HealthNetError
 from common.messages import TrainingConfig
 from common.models import load_params, model_params
 
-__all__ = ["EvalResult", "TrainResult", "evaluate", "resolve_device", "train"]
+__all__ = ["EvalResult", "TrainResult", "UnusableVersion", "evaluate", "resolve_device", "train"]
 
 Params = Mapping[str, NDArray[np.float32]]
+
+
+class UnusableVersion(HealthNetError):
+    """The global version's loss or outputs are not finite: it can be neither evaluated nor
+    trained on. Not this node's fault, nor a reason to stop: a later version may repair it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +99,13 @@ def train(
             correct += int((logits.detach().argmax(dim=1) == labels[batch]).sum())
             seen += len(batch)
     model.to("cpu")
+    params = model_params(model)
+    if not math.isfinite(total_loss):
+        raise UnusableVersion(f"training loss is {total_loss}: the model's outputs are not finite")
+    if not all(np.isfinite(p).all() for p in params.values()):
+        raise UnusableVersion("training made the weights non-finite")
     return TrainResult(
-        params=model_params(model),
+        params=params,
         loss=total_loss / max(seen, 1),
         accuracy=correct / max(seen, 1),
         seconds=time.perf_counter() - started,
@@ -118,6 +135,10 @@ def evaluate(
         correct += int((logits.argmax(dim=1) == labels).sum())
     model.to("cpu")
     n = len(y)
+    if not math.isfinite(total_loss):
+        raise UnusableVersion(
+            f"evaluation loss is {total_loss} on {n} examples: the model's outputs are not finite"
+        )
     return EvalResult(
         loss=total_loss / max(n, 1), accuracy=correct / max(n, 1), correct=correct, num_examples=n
     )

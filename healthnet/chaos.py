@@ -20,7 +20,8 @@ faults until it has made ``min_versions`` versions, and is drained: pause (nodes
 the aggregator keeps acking), wait until every outbox is empty, stop the nodes, fold what is
 buffered with K = 1, stop the run. Then :mod:`healthnet.reconcile` compares the nodes' sent logs
 with the aggregator's ledger and versions log, and the final model is evaluated on every
-hospital's test split.
+hospital's test split. :func:`problems` is the verdict: the benchmark's exit status and the
+durability tests both read it.
 
 Nodes run with a short keep-alive (``node_keepalive``) so that a freeze is noticed within
 seconds, a short ``ack_timeout``, and a per-update delay drawn from ``node_delay`` (a slow
@@ -155,6 +156,38 @@ class ChaosResult:
             "faults": sorted(self.config.faults),
             "events": self.events,
         }
+
+
+def problems(result: ChaosResult) -> list[str]:
+    """What broke the durability contract in a chaos run (empty: nothing), one line each.
+
+    Nothing lost, folded twice, folded unsent, left in an outbox or discarded; no node trained
+    twice on one version; the ledger and the versions log agree, versions are contiguous, every
+    update sent is accounted for as folded, rejected or discarded; no process exited on its own.
+    An honest federation discards nothing, so a discarded update is a problem here too.
+    """
+    r = result.reconciliation
+    found = [
+        f"{len(ids)} {what}: {ids[:5]}"
+        for what, ids in (
+            ("lost (sent, never folded, rejected nor discarded)", r.lost),
+            ("folded into two versions", r.double_folded),
+            ("folded but never sent", r.folded_not_sent),
+            ("where the ledger and versions.jsonl disagree", r.ledger_disagrees),
+            ("left in an outbox", r.still_in_outbox),
+            ("(node, run, base) trained on twice", r.same_base_twice),
+            ("unexpected exits", result.unexpected_exits),
+        )
+        if ids
+    ]
+    if not r.versions_contiguous:
+        found.append("versions are not contiguous")
+    if r.updates_discarded:
+        found.append(f"{r.updates_discarded} updates discarded")
+    accounted = r.updates_folded + r.updates_rejected + r.updates_discarded
+    if accounted != r.updates_sent:
+        found.append(f"{r.updates_sent} updates sent, {accounted} folded, rejected or discarded")
+    return found
 
 
 def schedule(config: ChaosConfig, rng: random.Random) -> list[tuple[float, Fault]]:

@@ -440,6 +440,26 @@ def readmit(
     _control(ControlCommand.READMIT, broker_url, federation, node=node)
 
 
+@app.command()
+def rollback(
+    version: Annotated[int, typer.Argument(min=0, help="the earlier version to go back to")],
+    broker_url: BrokerUrl = None,
+    federation: FederationOpt = None,
+) -> None:
+    """Publish a new version with an earlier version's weights (a kept checkpoint, or a version
+    since the newest one); the version number still moves forward."""
+    from common.settings import ConnectionSettings
+    from healthnet.control import ControlClient
+
+    settings = ConnectionSettings(**_given(broker_url=broker_url, federation=federation))
+    try:
+        with ControlClient(settings) as client:
+            reply = client.request(ControlCommand.ROLLBACK, version=version)
+    except (HealthNetError, ValueError) as exc:
+        raise _fail(exc) from exc
+    console.print(reply.message)
+
+
 @app.command("set")
 def set_knobs(
     assignments: Annotated[list[str], typer.Argument(help="KNOB=VALUE, e.g. buffer_size=4")],
@@ -500,6 +520,11 @@ def _render_status(snapshot: AggregatorStatus) -> None:
     )
     if c.rejections:
         console.print("rejections: " + ", ".join(f"{r}={n}" for r, n in c.rejections.items()))
+    if c.discarded or c.rollbacks:
+        console.print(
+            f"discarded: {c.discarded} accepted updates whose batch made no version "
+            f"({c.probe_failures} failed the probe); rollbacks: {c.rollbacks}"
+        )
     if c.accepted and c.bytes_accepted:
         console.print(
             f"traffic: {c.bytes_accepted / c.accepted:,.0f} bytes per update, "

@@ -55,10 +55,13 @@ class ControlClient:
         knobs: dict[str, int | float | str | bool | None] | None = None,
         *,
         node: str | None = None,
+        version: int | None = None,
         timeout: float = 10.0,
     ) -> ControlReply:
         """Send one command and wait for its reply; ControlError when refused or unanswered."""
-        request = ControlRequest(request_id=new_id(), command=command, knobs=knobs or {}, node=node)
+        request = ControlRequest(
+            request_id=new_id(), command=command, knobs=knobs or {}, node=node, version=version
+        )
         reply_topic = self.topics.control_reply(request.request_id)
         self._client.subscribe(str(reply_topic))
         payload = encode(envelope(request, sender=self.client_id, sent_at=time.time()))

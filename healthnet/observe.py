@@ -215,6 +215,8 @@ class Observer:
     def on_evaluation(self, node: str, evaluation: Evaluation) -> bool:
         if self.run_id is not None and evaluation.run_id != self.run_id:
             return False
+        if evaluation.failure:
+            return True  # no accuracy to plot: the node could not evaluate this version
         self._add_eval(node, evaluation.version, evaluation.accuracy)
         return True
 

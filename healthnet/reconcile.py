@@ -9,7 +9,10 @@ Three records are compared, each written durably by its owner:
   was folded into.
 
 An update is **lost** when a node sent it and it was neither folded nor rejected (a rejection is
-an answer: the node was told) and it is not waiting in the node's outbox either. It is **double
+an answer: the node was told) nor discarded, and it is not waiting in the node's outbox either.
+**Discarded** updates were accepted and then dropped with a batch that could not become a version
+(the aggregator told their nodes): a category of its own, neither rejected nor lost, and a run
+without attacks should have none. It is **double
 folded** when it appears in two versions. The ledger and ``versions.jsonl`` must tell the same
 story; where they do not, the ids are listed. :func:`reconcile` is pure; :func:`load` reads the
 files.
@@ -43,6 +46,7 @@ class Reconciliation:
     updates_sent: int
     updates_folded: int
     updates_rejected: int
+    updates_discarded: int
     rejections: dict[str, int]
     duplicates: int
     versions: int
@@ -71,6 +75,7 @@ class Reconciliation:
             "updates_sent": self.updates_sent,
             "updates_folded": self.updates_folded,
             "updates_rejected": self.updates_rejected,
+            "updates_discarded": self.updates_discarded,
             "rejections": self.rejections,
             "duplicates": self.duplicates,
             "versions": self.versions,
@@ -116,15 +121,22 @@ def reconcile(
         if ledger_folds.get(uid) != sorted(set(folded_in.get(uid, [])))
     )
     rejected = {uid for uid, f in fates.items() if f.rejected}
+    discarded = {uid for uid, f in fates.items() if f.discarded and not f.folded}
     rejections = Counter(fates[uid].rejections[-1] for uid in rejected if uid in sent)
 
     lost = sorted(
-        uid for uid in sent if uid not in folded_in and uid not in rejected and uid not in in_outbox
+        uid
+        for uid in sent
+        if uid not in folded_in
+        and uid not in rejected
+        and uid not in discarded
+        and uid not in in_outbox
     )
     return Reconciliation(
         updates_sent=len(sent),
         updates_folded=len(folded_in),
         updates_rejected=len(rejected & set(sent)),
+        updates_discarded=len(discarded & set(sent)),
         rejections=dict(rejections),
         duplicates=sum(1 for e in entries if e.event is LedgerEvent.DUPLICATE),
         versions=len(numbers),

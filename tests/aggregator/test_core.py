@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.aggregation import densify
-from aggregator.core import AggregatorCore, Fold, Verdict
+from aggregator.aggregation import ServerOptimizerState, densify
+from aggregator.core import AggregatorCore, Discard, Fold, Verdict
 from common.compression import dense_tensor
 from common.errors import ControlError
 from common.messages import (
@@ -814,3 +814,180 @@ def test_refold_refuses_a_record_it_cannot_make_again() -> None:
     with pytest.raises(ControlError, match="cannot refold"):
         ahead.refold(fold.record, now=2.0)
     assert (empty.version, ahead.version) == (0, 3)
+
+
+# -- discarded batches, the probe, rollback
+
+
+def huge_probe(params: Mapping[str, np.ndarray]) -> str | None:
+    """Stands for the model on a probe batch: weights beyond 1e30 give infinite outputs."""
+    return (
+        "outputs not finite"
+        if max(float(np.abs(p).max()) for p in params.values()) > 1e30
+        else None
+    )
+
+
+def fill(core: AggregatorCore, *updates: tuple[str, str, Arrays, int]) -> None:
+    for node, update_id, delta, samples in updates:
+        update = make_update(update_id, delta=delta, num_samples=samples, base_version=core.version)
+        assert core.receive(node, node, update, SIZE, now=0.0).accepted
+
+
+@pytest.mark.parametrize(
+    ("knobs", "probe", "attack", "detail"),
+    [
+        pytest.param(
+            {"server_lr": 2.0}, None, 3e38, "aggregate of these updates is not finite", id="sum"
+        ),
+        pytest.param({}, huge_probe, 1e35, "fails the probe: outputs not finite", id="probe"),
+    ],
+)
+def test_a_batch_that_cannot_become_a_version_is_discarded_not_rejected(
+    knobs: dict[str, Any], probe: Any, attack: float, detail: str
+) -> None:
+    """A non-finite sum, or a version whose outputs fail the probe: the batch is discarded, each
+    update counted ``discarded`` (not rejected), its node named, and the version stays."""
+    core = AggregatorCore(
+        run_id=RUN, params=PARAMS, knobs=Knobs(**knobs), state=AggregatorState.RUNNING, probe=probe
+    )
+    big = {name: np.full(t.shape, attack, np.float32) for name, t in DELTA.items()}
+    fill(core, ("a", "u1", big, 10**6), ("b", "u2", big, 10))
+    result = core.fold(now=1.0)
+    assert isinstance(result, Discard)
+    assert (result.update_ids, result.nodes) == (("u1", "u2"), ("a", "b"))
+    assert detail in result.detail
+    counters = core.counters()
+    assert (counters.accepted, counters.discarded, counters.rejected, counters.folded) == (
+        2,
+        2,
+        0,
+        0,
+    )
+    assert counters.rejections == {}
+    assert counters.probe_failures == (1 if probe else 0)
+    assert {e.node: (e.discarded, e.rejected) for e in core.ledger()} == {"a": (1, 0), "b": (1, 0)}
+    assert core.version == 0
+    assert all(np.array_equal(core.params[n], PARAMS[n]) for n in PARAMS)
+    assert core.buffer == ()
+    again = core.receive("a", "a", make_update("u1"), SIZE, now=2.0)
+    assert (again.accepted, again.reason) == (False, RejectReason.REPLAY)
+    assert "discarded" in again.detail
+
+
+def test_a_version_that_passes_the_probe_is_folded_and_the_probe_saw_it() -> None:
+    """The probe is asked about the candidate weights, and a pass makes the version."""
+    seen: list[dict[str, np.ndarray]] = []
+
+    def probe(params: Mapping[str, np.ndarray]) -> str | None:
+        seen.append({n: p.copy() for n, p in params.items()})
+        return None
+
+    core = AggregatorCore(
+        run_id=RUN, params=PARAMS, knobs=Knobs(), state=AggregatorState.RUNNING, probe=probe
+    )
+    fill(core, ("a", "u1", DELTA, 10), ("b", "u2", DELTA, 10))
+    fold = core.fold(now=1.0)
+    assert isinstance(fold, Fold)
+    assert len(seen) == 1
+    assert all(np.array_equal(seen[0][n], fold.params[n]) for n in PARAMS)
+
+
+def two_versions(**kwargs: Any) -> tuple[AggregatorCore, dict[str, np.ndarray]]:
+    """A core at v2, and its v1 weights."""
+    core = AggregatorCore(
+        run_id=RUN, params=PARAMS, knobs=Knobs(), state=AggregatorState.RUNNING, **kwargs
+    )
+    fill(core, ("a", "u1", DELTA, 10), ("b", "u2", DELTA, 10))
+    assert isinstance(core.fold(now=1.0), Fold)
+    v1 = {n: p.copy() for n, p in core.params.items()}
+    fill(core, ("a", "u3", DELTA, 10), ("b", "u4", DELTA, 10))
+    assert isinstance(core.fold(now=2.0), Fold)
+    return core, v1
+
+
+def test_a_rollback_is_a_new_version_with_the_old_weights() -> None:
+    """Rolling back to v1 from v2 makes v3 with v1's weights, recorded as a rollback of v1; an
+    update buffered from v2 is one version stale at the next fold."""
+    core, v1 = two_versions()
+    fill(core, ("a", "u5", DELTA, 10))
+    fold = core.rollback(1, v1, ServerOptimizerState(), now=3.0)
+    assert (fold.version, core.version) == (3, 3)
+    assert all(np.array_equal(core.params[n], v1[n]) for n in PARAMS)
+    assert (fold.record.reason, fold.record.rollback_of, fold.record.contributions) == (
+        "rollback",
+        1,
+        (),
+    )
+    assert core.counters().rollbacks == 1
+    assert [u.update_id for u in core.buffer] == ["u5"]
+    fill(core, ("b", "u6", DELTA, 10))
+    record = core.fold(now=4.0)
+    assert isinstance(record, Fold)
+    assert [c.staleness for c in record.record.contributions] == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("target", "params", "match"),
+    [
+        pytest.param(2, None, "not an earlier version", id="the-current-version"),
+        pytest.param(5, None, "not an earlier version", id="a-future-version"),
+        pytest.param(1, {"w": np.zeros((2, 3), np.float32)}, "do not fit", id="misfit-weights"),
+        pytest.param(1, "huge", "fails the probe", id="fails-the-probe"),
+        pytest.param(1, "nan", "not finite", id="non-finite-weights"),
+    ],
+)
+def test_a_rollback_that_cannot_be_made_is_refused_and_changes_nothing(
+    target: int, params: Any, match: str
+) -> None:
+    """Only an earlier version whose weights fit the model and pass the probe can come back."""
+    core, v1 = two_versions(probe=huge_probe)
+    before = {n: p.copy() for n, p in core.params.items()}
+    if params is None:
+        params = v1
+    elif params == "huge":
+        params = {n: np.full_like(p, 3e38) for n, p in v1.items()}
+    elif params == "nan":
+        params = {n: np.full_like(p, np.nan) for n, p in v1.items()}
+    with pytest.raises(ControlError, match=match):
+        core.rollback(target, params, ServerOptimizerState(), now=3.0)
+    assert core.version == 2
+    assert core.counters().rollbacks == 0
+    assert all(np.array_equal(core.params[n], before[n]) for n in PARAMS)
+
+
+def test_a_stopped_run_cannot_be_rolled_back() -> None:
+    """A stopped run is over: a rollback is refused."""
+    core, v1 = two_versions()
+    core.command(ControlCommand.STOP)
+    with pytest.raises(ControlError, match="stopped"):
+        core.rollback(1, v1, ServerOptimizerState(), now=3.0)
+
+
+def test_a_logged_rollback_is_made_again_identically() -> None:
+    """redo_rollback from the logged record gives the same version, weights and record."""
+    core, v1 = two_versions()
+    other, _ = two_versions()
+    fold = core.rollback(1, v1, ServerOptimizerState(), now=3.0)
+    again = other.redo_rollback(fold.record, v1, ServerOptimizerState())
+    assert again.record == fold.record
+    assert all(np.array_equal(again.params[n], fold.params[n]) for n in PARAMS)
+    with pytest.raises(ControlError, match="not the next rollback"):
+        other.redo_rollback(fold.record, v1, ServerOptimizerState())
+
+
+def test_a_logged_version_is_folded_again_even_if_it_would_fail_the_probe() -> None:
+    """Recovery makes a published version again as it was: the probe does not judge it twice."""
+    big = {name: np.full(t.shape, 1e35, np.float32) for name, t in DELTA.items()}
+    lenient = AggregatorCore(
+        run_id=RUN, params=PARAMS, knobs=Knobs(), state=AggregatorState.RUNNING
+    )
+    fill(lenient, ("a", "u1", big, 10), ("b", "u2", big, 10))
+    fold = lenient.fold(now=1.0)
+    assert isinstance(fold, Fold)
+    strict = AggregatorCore(
+        run_id=RUN, params=PARAMS, knobs=Knobs(), state=AggregatorState.RUNNING, probe=huge_probe
+    )
+    fill(strict, ("a", "u1", big, 10), ("b", "u2", big, 10))
+    again = strict.refold(fold.record, now=1.0)
+    assert all(np.array_equal(again.params[n], fold.params[n]) for n in PARAMS)

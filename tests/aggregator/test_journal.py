@@ -4,21 +4,29 @@ folds nothing twice (the process is "killed" by an exception at the chosen write
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from aggregator.core import AggregatorCore, Fold
+from aggregator.core import AggregatorCore, Discard, Fold
 from aggregator.journal import Journal
 from aggregator.ledger import LedgerEvent, read_ledger, update_fates
 from aggregator.store import StateStore
 from common.codec import encode, envelope
 from common.compression import dense_tensor
-from common.errors import HealthNetError
-from common.messages import AggregatorState, Knobs, ModelSpec, NormPolicy, TrainMetrics, Update
+from common.errors import ControlError, HealthNetError
+from common.messages import (
+    AggregatorState,
+    Knobs,
+    ModelSpec,
+    NormPolicy,
+    RejectReason,
+    TrainMetrics,
+    Update,
+)
 
 MODEL = ModelSpec(name="logreg", kwargs={"in_features": 3, "num_classes": 2})
 PARAMS = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
@@ -285,3 +293,176 @@ def test_the_norm_bound_judges_updates_the_same_after_a_restart(tmp_path: Path) 
     assert again.norm_history == core.norm_history
     assert again.initial_norm == core.initial_norm
     assert again.norm_bound() == core.norm_bound()
+
+
+# -- discarded batches and rollbacks
+
+
+def huge_probe(params: Mapping[str, np.ndarray]) -> str | None:
+    """Stands for the model on a probe batch: weights beyond 1e30 give infinite outputs."""
+    worst = max(float(np.abs(p).max()) for p in params.values())
+    return "outputs not finite" if worst > 1e30 else None
+
+
+def die(*_: object) -> None:
+    raise Crash
+
+
+class Service:
+    """Like :class:`Aggregator`, with the probe, discards and rollbacks the service handles."""
+
+    def __init__(
+        self, directory: Path, *, keep_checkpoints: int = 3, checkpoint_every: int = 1
+    ) -> None:
+        self.journal = Journal(
+            directory,
+            model=MODEL,
+            keep_checkpoints=keep_checkpoints,
+            checkpoint_every=checkpoint_every,
+            clock=lambda: 5.0,
+        )
+        self.core, _, _ = self.journal.resume(
+            lambda: AggregatorCore(
+                run_id="run-1",
+                params=PARAMS,
+                knobs=Knobs(buffer_size=2),
+                state=AggregatorState.RUNNING,
+                probe=huge_probe,
+            ),
+            max_bytes=MAX_BYTES,
+            probe=huge_probe,
+        )
+        self.discards: list[Discard] = []
+        self.fold_due()
+
+    def receive(self, update_id: str, value: float = 0.01) -> None:
+        body, payload = update(update_id, self.core.version, value)
+        verdict = self.core.receive("n1", "n1", body, len(payload), 1.0)
+        self.journal.record_update(self.core, "n1", body, verdict, payload)
+        self.fold_due()
+
+    def fold_due(self) -> None:
+        while self.core.fold_due(2.0):
+            match self.core.fold(2.0):
+                case Fold() as fold:
+                    self.journal.commit_fold(self.core, fold)
+                case Discard() as discard:
+                    self.journal.commit_discard(self.core, discard)
+                    self.discards.append(discard)
+
+    def rollback(self, version: int) -> None:
+        params, optimizer = self.journal.rollback_source(self.core, version)
+        fold = self.core.rollback(version, params, optimizer, 3.0)
+        self.journal.commit_rollback(self.core, fold)
+
+    def close(self) -> None:
+        self.journal.close()
+
+
+@pytest.mark.parametrize(
+    "crash", [pytest.param(False, id="clean"), pytest.param(True, id="crash-before-its-checkpoint")]
+)
+def test_a_discarded_batch_stays_discarded_after_a_restart(
+    tmp_path: Path, crash: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose version fails the probe is discarded, in the ledger and the counters; after a
+    restart (or a crash before its checkpoint, which discards it again) it is neither buffered nor
+    folded, and a resend of one of its ids is a replay."""
+    first = Service(tmp_path)
+    first.receive("a", 1e35)
+    if crash:
+        monkeypatch.setattr(first.journal.store, "save", die)
+        with pytest.raises(Crash):
+            first.receive("b", 0.01)
+        monkeypatch.undo()
+    else:
+        first.receive("b", 0.01)
+        assert [d.update_ids for d in first.discards] == [("a", "b")]
+    first.close()
+
+    second = Service(tmp_path)
+    assert (second.core.version, second.core.buffer) == (0, ())
+    counters = second.core.counters()
+    assert (counters.accepted, counters.discarded, counters.rejected, counters.folded) == (
+        2,
+        2,
+        0,
+        0,
+    )
+    assert counters.probe_failures == 1
+    assert StateStore(tmp_path).wal_entries() == []
+    body, payload = update("a", 0, 1e35)
+    assert second.core.receive("n1", "n1", body, len(payload), 4.0).reason is RejectReason.REPLAY
+    second.close()
+    fates = update_fates(read_ledger(tmp_path))
+    assert {i: (f.discarded, f.folded, f.rejected) for i, f in fates.items()} == {
+        "a": (True, False, False),
+        "b": (True, False, False),
+    }
+    reasons = {e.reason for e in read_ledger(tmp_path) if e.event is LedgerEvent.DISCARDED}
+    assert reasons == {RejectReason.DISCARDED.value}
+
+
+@pytest.mark.parametrize(
+    "every",
+    [
+        pytest.param(1, id="to-a-kept-checkpoint"),
+        pytest.param(3, id="to-a-version-remade-from-the-wal"),
+    ],
+)
+def test_a_crash_right_after_a_rollback_recovers_the_same_version_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: int
+) -> None:
+    """The rollback's record is logged, then the process dies before its checkpoint: the restart
+    makes the same version from the same source, once, and the run goes on. The source is v4's
+    checkpoint, or (a checkpoint every 3 versions) v3's checkpoint and v4 folded again."""
+    reference = Service(tmp_path / "reference")
+    for update_id in "abcdefghij":
+        reference.receive(update_id)  # v1-v5
+    reference.close()
+    v4 = StateStore(tmp_path / "reference").load_version(4)
+    assert v4 is not None
+    run = tmp_path / "run"
+    first = Service(run, checkpoint_every=every)
+    for update_id in "abcdefghij":
+        first.receive(update_id)
+    monkeypatch.setattr(first.journal.store, "save", die)
+    with pytest.raises(Crash):
+        first.rollback(4)
+    monkeypatch.undo()
+    first.close()
+
+    second = Service(run, checkpoint_every=every)
+    assert second.core.version == 6
+    for name, value in v4.params.items():
+        assert np.array_equal(second.core.params[name], value), name
+    assert second.core.counters().rollbacks == 1
+    second.receive("k")
+    second.receive("l")
+    second.close()
+    third = Service(run, checkpoint_every=every)  # and again: nothing is redone twice
+    assert third.core.version == 7
+    third.close()
+    records = versions(run)
+    assert [(r["version"], r["reason"], r["rollback_of"]) for r in records] == [
+        *[(v, "buffer_full", None) for v in range(1, 6)],
+        (6, "rollback", 4),
+        (7, "buffer_full", None),
+    ]
+    assert folded_ids(run) == list("abcdefghijkl")
+
+
+def test_only_a_kept_version_or_one_since_the_newest_checkpoint_can_be_rolled_back_to(
+    tmp_path: Path,
+) -> None:
+    """Two checkpoints kept, one every 2 versions: at v5, v1 is gone (never checkpointed, its
+    WAL entries dropped), v2 and v4 are kept; the refusal names the versions there are."""
+    service = Service(tmp_path, keep_checkpoints=2, checkpoint_every=2)
+    for update_id in "abcdefghij":
+        service.receive(update_id)  # v1-v5; checkpoints v2, v4 kept
+    with pytest.raises(ControlError, match=r"v1 is neither kept .*: v2, v4 \("):
+        service.rollback(1)
+    assert service.core.version == 5
+    service.rollback(2)
+    assert service.core.version == 6
+    service.close()

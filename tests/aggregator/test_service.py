@@ -689,3 +689,100 @@ def test_a_broker_that_lost_its_retained_messages_gets_the_model_again(
             assert manifest.run_id == settings.run_id
         finally:
             aggregator.stop()
+
+
+# -- versions that cannot be used, and rollback
+
+
+@pytest.mark.parametrize(
+    ("knobs", "attacker_samples", "detail"),
+    [
+        pytest.param(Knobs(buffer_size=2), 10**6, "fails the probe", id="outputs-not-finite"),
+        pytest.param(
+            Knobs(buffer_size=2, server_lr=2.0), 10, "is not finite", id="weights-not-finite"
+        ),
+    ],
+)
+def test_a_batch_that_cannot_become_a_version_is_acked_discarded_and_the_version_stays(
+    start: Callable[..., Aggregator],
+    node: Peer,
+    knobs: Knobs,
+    attacker_samples: int,
+    detail: str,
+) -> None:
+    """An update of 3e38s folded into a version no node could use (infinite outputs on the probe
+    batch, or infinite weights): each update of the batch gets a second ack, ``discarded`` with
+    the reason; the counters say discarded, not rejected; v0 stays, and honest work goes on."""
+    node.aggregator = start(knobs=knobs)
+    node.model(0)
+    huge = {n: np.full(s, 3e38, np.float32) for n, s in SHAPES.items()}
+    attack = node.update(0, delta=huge).model_copy(update={"num_samples": attacker_samples})
+    honest = node.update(0, delta=huge if attacker_samples == 10 else None)
+    node.send(attack)
+    node.send(honest)
+    for update in (attack, honest):
+        discarded = node.ack(update.update_id, count=2)
+        assert (discarded.accepted, discarded.reason) == (False, RejectReason.DISCARDED)
+        assert detail in discarded.detail
+        assert discarded.current_version == 0
+    status = node.status(lambda s: s.counters.discarded == 2, "two discarded updates")
+    assert (status.version, status.counters.rejected, status.counters.folded) == (0, 0, 0)
+    assert status.counters.probe_failures == (1 if attacker_samples > 10 else 0)
+    (entry,) = status.nodes
+    assert (entry.discarded, entry.rejected) == (2, 0)
+    fates = update_fates(read_ledger(node.aggregator.settings.state_dir))
+    assert fates[attack.update_id].discarded
+    assert not fates[attack.update_id].rejected
+    node.fold_next(0)
+    _, params = node.model(1)
+    assert all(np.isfinite(p).all() and np.abs(p).max() < 1e3 for p in params.values())
+
+
+def rollback(node: Peer, version: int) -> ControlReply:
+    request = ControlRequest(request_id=new_id(), command=ControlCommand.ROLLBACK, version=version)
+    env = envelope(request, sender="operator", sent_at=time.time())
+    node.client.publish(node.tree.control_requests(), encode(env), wait=WAIT)
+    return node.reply(request.request_id)
+
+
+def test_a_rollback_publishes_a_new_version_with_an_earlier_versions_weights(
+    start: Callable[..., Aggregator], running: Aggregator, node: Peer
+) -> None:
+    """`rollback 1` at v2 publishes v3 with v1's weights, logged as a rollback of v1; a target that
+    is not an earlier version is refused with the reason; a restart resumes at v3, once."""
+    node.fold_next(0)
+    node.fold_next(1)
+    refused = rollback(node, 7)
+    assert not refused.ok
+    assert "not an earlier version" in refused.message
+    reply = rollback(node, 1)
+    assert reply.ok, reply.message
+    assert "v3" in reply.message
+    _, v1 = node.model(1)
+    _, v3 = node.model(3)
+    for name, value in v1.items():
+        assert np.array_equal(v3[name], value), name
+    record = node.record(3)
+    assert (record.reason, record.rollback_of, record.contributions) == ("rollback", 1, ())
+    status = restart(node, start, running)
+    assert (status.version, status.counters.rollbacks) == (3, 1)
+    node.fold_next(3)
+    assert node.record(4).reason == "buffer_full"
+
+
+def test_the_rollback_command_says_what_it_published_or_why_not(
+    running: Aggregator, node: Peer, mosquitto: EmbeddedBroker
+) -> None:
+    """`healthnet rollback 0` at v1 prints the new version; `rollback 5` fails with the reason."""
+    from typer.testing import CliRunner
+
+    from healthnet.cli import app
+
+    node.fold_next(0)
+    flags = ["--broker-url", mosquitto.url, "--federation", node.tree.federation]
+    done = CliRunner().invoke(app, ["rollback", "0", *flags])
+    assert done.exit_code == 0, done.output
+    assert "rolled back to v0's weights as v2" in done.output
+    refused = CliRunner().invoke(app, ["rollback", "5", *flags])
+    assert refused.exit_code != 0
+    assert "not an earlier version" in refused.output

@@ -8,6 +8,7 @@ import textwrap
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,15 @@ from aggregator.settings import AggregatorSettings
 from common.broker_url import BrokerEndpoint
 from common.codec import encode, envelope, new_id
 from common.compression import dense_tensor
-from common.messages import Knobs, ModelSpec, TrainMetrics, Update
+from common.messages import (
+    AggregatorStatus,
+    ControlCommand,
+    Knobs,
+    ModelSpec,
+    NodeLedgerEntry,
+    TrainMetrics,
+    Update,
+)
 from common.mqtt import MqttClient
 from common.settings import ConnectionSettings
 from common.topics import TopicTree
@@ -234,3 +243,162 @@ def test_a_node_back_after_long_catches_up_and_its_stale_work_is_rejected_with_a
         if e.event is SentEvent.QUEUED and e.update_id != stale.update_id
     ]
     assert fresh[:1] == [2], "the first update after catching up is from the current version"
+
+
+def test_a_node_given_a_version_it_cannot_use_says_why_keeps_running_and_trains_after_a_rollback(
+    mosquitto: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aggregator that cannot probe its model folds one hospital's update of 3e38s claiming
+    10^6 samples and publishes it; the node says why it cannot use that version, in its status and
+    its evaluation, keeps running, and trains again once a rollback publishes usable weights."""
+    import common.models
+
+    # A model the aggregator has no probe batch for (the gap the probe closes for built-ins).
+    monkeypatch.setattr(common.models, "output_probe", lambda spec, **_: None)
+    federation = f"svc{uuid.uuid4().hex[:12]}"
+    aggregator = aggregator_service(mosquitto.url, federation, tmp_path, Knobs(buffer_size=1))
+    node = NodeService(node_settings(mosquitto.url, federation, "va", "heart-disease:va", tmp_path))
+    settings = ConnectionSettings(broker_url=mosquitto.url, federation=federation)  # type: ignore[arg-type]
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=aggregator.run, args=(stop,), name="aggregator"),
+        threading.Thread(target=node.run, args=(stop,), name="node"),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        with ControlClient(settings) as control:
+
+            def wait_for(check: Callable[[AggregatorStatus], bool], what: str) -> AggregatorStatus:
+                deadline = time.monotonic() + WAIT
+                while not check(status := control.status(timeout=WAIT)):
+                    assert all(t.is_alive() for t in threads), f"a service exited before {what}"
+                    assert time.monotonic() < deadline, f"no {what} within {WAIT}s"
+                    time.sleep(0.1)
+                return status
+
+            def va(status: AggregatorStatus) -> NodeLedgerEntry:
+                return next(e for e in status.nodes if e.node == "va")
+
+            first = wait_for(lambda s: s.version >= 1, "a version from the node")
+            attack = Update(
+                update_id=new_id(),
+                run_id=first.run_id,
+                base_version=first.version,
+                num_samples=10**6,
+                metrics=TrainMetrics(loss=0.5, accuracy=0.5, seconds=0.1),
+                delta=tuple(
+                    dense_tensor(n, np.full(s, 3e38, np.float32))
+                    for n, s in (("1.weight", (2, 13)), ("1.bias", (2,)))
+                ),
+            )
+            with MqttClient(BrokerEndpoint.parse(mosquitto.url), f"bad-{new_id()[:6]}") as bad:
+                payload = encode(envelope(attack, sender="bad", sent_at=time.time()))
+                bad.publish(TopicTree(federation).update("bad"), payload, wait=WAIT)
+            broken = wait_for(lambda s: bool(va(s).eval_failure), "the node's failed evaluation")
+            assert "not finite" in va(broken).eval_failure
+            assert va(broken).eval_accuracy is None
+            deadline = time.monotonic() + WAIT
+            while not (reported := control.nodes(settle=0.3).get("va", None)) or not (
+                reported.failure
+            ):
+                assert time.monotonic() < deadline, "the node's status never said why"
+            assert "not finite" in reported.failure
+            assert reported.version is not None
+            assert reported.version > first.version
+
+            folded = va(broken).folded
+            reply = control.request(ControlCommand.ROLLBACK, version=first.version)
+            rolled_back = int(reply.message.rsplit("v", 1)[1])
+            wait_for(
+                lambda s: va(s).folded > folded and va(s).last_base_version == rolled_back,
+                "an update from the rolled-back version",
+            )
+            wait_for(
+                lambda s: va(s).eval_failure == "" and (va(s).eval_version or 0) >= rolled_back,
+                "an evaluation of a usable version",
+            )
+            assert all(thread.is_alive() for thread in threads)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(WAIT)
+
+
+def test_a_node_whose_accepted_update_is_discarded_hears_why_and_logs_it(
+    mosquitto: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The node's update shares a batch with one of 3e38s claiming 10^6 samples; the version they
+    make fails the aggregator's probe: the node gets a second ack, discarded with the reason, and
+    its sent log records it after the acceptance."""
+    federation = f"svc{uuid.uuid4().hex[:12]}"
+    aggregator = AggregatorService(
+        AggregatorSettings(
+            broker_url=mosquitto.url,  # type: ignore[arg-type]
+            federation=federation,
+            state_dir=tmp_path / "aggregator",
+            model=LOGREG,
+            knobs=Knobs(buffer_size=2),
+            status_interval=0.2,
+            autostart=False,  # the attack waits in the buffer for the node's update
+        )
+    )
+    node = NodeService(node_settings(mosquitto.url, federation, "va", "heart-disease:va", tmp_path))
+    settings = ConnectionSettings(broker_url=mosquitto.url, federation=federation)  # type: ignore[arg-type]
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=aggregator.run, args=(stop,), name="aggregator"),
+        threading.Thread(target=node.run, args=(stop,), name="node"),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        with ControlClient(settings) as control:
+            run_id = control.status(timeout=WAIT).run_id
+            attack = Update(
+                update_id=new_id(),
+                run_id=run_id,
+                base_version=0,
+                num_samples=10**6,
+                metrics=TrainMetrics(loss=0.5, accuracy=0.5, seconds=0.1),
+                delta=tuple(
+                    dense_tensor(n, np.full(s, 3e38, np.float32))
+                    for n, s in (("1.weight", (2, 13)), ("1.bias", (2,)))
+                ),
+            )
+            with MqttClient(BrokerEndpoint.parse(mosquitto.url), f"bad-{new_id()[:6]}") as bad:
+                payload = encode(envelope(attack, sender="bad", sent_at=time.time()))
+                bad.publish(TopicTree(federation).update("bad"), payload, wait=WAIT)
+            deadline = time.monotonic() + WAIT
+            while control.status(timeout=WAIT).buffer_fill < 1:
+                assert time.monotonic() < deadline, "the attack was never buffered"
+                time.sleep(0.1)
+            control.request(ControlCommand.START)
+            # Training, an upload and two acks: on a loaded 2-core machine that took over WAIT.
+            deadline = time.monotonic() + 3 * WAIT
+            while not any(
+                e.event is SentEvent.ACKED and e.reason == "discarded"
+                for e in read_sent_log(tmp_path / "node")
+            ):
+                assert time.monotonic() < deadline, "the node never heard of the discard"
+                assert all(thread.is_alive() for thread in threads)
+                time.sleep(0.1)
+            while (status := control.status(timeout=WAIT)).counters.discarded < 2:
+                assert time.monotonic() < deadline, "the status never counted the discard"
+                time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(WAIT)
+    (mine,) = [e for e in read_sent_log(tmp_path / "node") if e.event is SentEvent.QUEUED]
+    lines = [
+        (e.event, e.accepted, e.reason)
+        for e in read_sent_log(tmp_path / "node")
+        if e.update_id == mine.update_id
+    ]
+    assert lines == [
+        (SentEvent.QUEUED, None, None),
+        (SentEvent.ACKED, True, None),
+        (SentEvent.ACKED, False, "discarded"),
+    ]
+    assert (status.version, status.counters.discarded, status.counters.probe_failures) == (0, 2, 1)

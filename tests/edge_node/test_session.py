@@ -264,3 +264,33 @@ def test_a_version_marked_trained_before_a_restart_is_not_trained_again() -> Non
     assert run_all(session) == [(JobKind.EVALUATE, 3)]
     session.on_model(manifest(4), PARAMS)
     assert sorted(run_all(session)) == [(JobKind.EVALUATE, 4), (JobKind.TRAIN, 4)]
+
+
+def test_an_unusable_version_is_reported_until_the_next_one_and_not_trained_on() -> None:
+    """An evaluation that finds v1 unusable: the reason is the session's failure, training on v1
+    is skipped, and v2 clears the failure and is worked on as usual."""
+    session = session_with(1)
+    job = session.next_job()
+    assert job is not None
+    assert job.kind is JobKind.EVALUATE
+    session.job_failed(job, "outputs are not finite")
+    assert session.failure == "outputs are not finite"
+    assert session.next_job() is None
+    session.on_model(manifest(2), PARAMS)
+    assert session.failure == ""
+    assert sorted(run_all(session)) == [(JobKind.EVALUATE, 2), (JobKind.TRAIN, 2)]
+
+
+def test_a_failed_training_still_lets_the_version_be_evaluated() -> None:
+    """Training that finds the version unusable leaves its evaluation due, which reports it too."""
+    session = session_with(1)
+    session.on_model(manifest(1), PARAMS)
+    first = session.next_job()
+    assert first is not None
+    session.job_done(first)
+    second = session.next_job()
+    assert second is not None
+    session.job_failed(second, "training loss is nan")
+    assert session.failure == "training loss is nan"
+    assert run_all(session) == []
+    assert {first.kind, second.kind} == {JobKind.EVALUATE, JobKind.TRAIN}

@@ -14,8 +14,15 @@ from torch import nn
 
 from common.errors import ConfigError
 from common.messages import ModelSpec, TrainingConfig
-from common.models import BUILTIN_MODELS, build_model, load_params, model_params
-from edge_node.training import evaluate, resolve_device, train
+from common.models import (
+    BUILTIN_MODELS,
+    PROBE_SHAPES,
+    build_model,
+    load_params,
+    model_params,
+    output_probe,
+)
+from edge_node.training import UnusableVersion, evaluate, resolve_device, train
 
 CPU = torch.device("cpu")
 
@@ -297,3 +304,85 @@ def test_training_on_cuda_matches_the_cpu_and_returns_cpu_float32_weights() -> N
     assert scored.accuracy == pytest.approx(
         evaluate(build_model(spec), on_cpu.params, x, y, device=CPU).accuracy, abs=1 / 64
     )
+
+
+def huge(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Weights of 3e38: finite, and their outputs on any input are not."""
+    return {name: np.full_like(value, 3e38) for name, value in params.items()}
+
+
+def test_evaluating_a_version_whose_outputs_are_not_finite_says_why() -> None:
+    """Finite weights of 3e38 give a NaN loss: UnusableVersion with the reason, not a NaN."""
+    x, y = separable()
+    model = build_model(LOGREG, seed=0)
+    with pytest.raises(UnusableVersion, match="outputs are not finite"):
+        evaluate(model, huge(model_params(model)), x, y, device=CPU)
+
+
+def test_training_on_a_version_whose_outputs_are_not_finite_says_why() -> None:
+    """Training from weights of 3e38 raises UnusableVersion rather than return a NaN delta."""
+    x, y = separable()
+    model = build_model(LOGREG, seed=0)
+    with pytest.raises(UnusableVersion, match="not finite"):
+        train(model, huge(model_params(model)), x, y, CONFIG, seed=0, device=CPU)
+
+
+@pytest.mark.parametrize(("spec", "input_shape"), BUILTINS)
+def test_the_probe_passes_a_built_in_models_weights_and_fails_huge_ones(
+    spec: ModelSpec, input_shape: tuple[int, ...]
+) -> None:
+    """Each built-in is probed on a batch of its own input shape: its initial weights pass,
+    weights of 3e38 fail with a count of the non-finite outputs."""
+    probe = output_probe(spec)
+    assert probe is not None
+    params = model_params(build_model(spec, seed=3))
+    assert probe(params) is None
+    failure = probe(huge(params))
+    assert failure is not None
+    assert "outputs on the probe batch are not finite" in failure
+
+
+def test_the_probe_table_covers_every_builtin() -> None:
+    """Every built-in model has an input shape for the probe."""
+    assert set(PROBE_SHAPES) == set(BUILTIN_MODELS)
+
+
+def test_a_users_model_is_probed_by_its_declared_shape_or_its_first_linear_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A factory's ``probe_shape`` gives the input shape; without it a first Linear layer does;
+    a model with neither is not probed (None)."""
+    (tmp_path / "probe_models.py").write_text(
+        textwrap.dedent(
+            """
+            from torch import nn
+
+            def declared(channels=1):
+                return nn.Sequential(nn.Conv2d(channels, 2, 3), nn.Flatten(), nn.Linear(72, 2))
+
+            declared.probe_shape = lambda channels=1: (channels, 8, 8)
+
+            def linear(in_features):
+                return nn.Sequential(nn.Linear(in_features, 4), nn.ReLU(), nn.Linear(4, 2))
+
+            def conv():
+                return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+            """
+        ),
+        encoding="utf-8",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "probe_models", raising=False)
+    linear = ModelSpec(name="probe_models:linear", kwargs={"in_features": 6})
+    probe = output_probe(linear)
+    assert probe is not None
+    params = model_params(build_model(linear, seed=0))
+    assert probe(params) is None
+    assert probe(huge(params)) is not None
+    declared = ModelSpec(name="probe_models:declared", kwargs={"channels": 2})
+    declared_probe = output_probe(declared)
+    assert declared_probe is not None
+    params = model_params(build_model(declared, seed=0))
+    assert declared_probe(params) is None
+    assert declared_probe(huge(params)) is not None
+    assert output_probe(ModelSpec(name="probe_models:conv")) is None

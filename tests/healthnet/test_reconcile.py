@@ -105,3 +105,20 @@ def test_gaps_in_versions_and_twice_trained_bases_are_reported() -> None:
     )
     assert not result.versions_contiguous
     assert result.same_base_twice == ["a@r/v4"]
+
+
+def test_a_discarded_update_is_its_own_category_neither_rejected_nor_lost() -> None:
+    """Accepted, then discarded with its batch: counted as discarded, not rejected, not lost."""
+    result = reconcile(
+        [NodeRecords("a", sent("u1", "u2", "u3"), ())],
+        [record(1, "u1")],
+        [
+            *folded(1, "u1"),
+            line(LedgerEvent.ACCEPTED, "u2"),
+            line(LedgerEvent.DISCARDED, "u2", reason="discarded"),
+            line(LedgerEvent.REJECTED, "u3", reason="stale"),
+        ],
+    )
+    assert (result.updates_discarded, result.updates_rejected, result.lost) == (1, 1, [])
+    assert result.rejections == {"stale": 1}
+    assert result.to_json()["updates_discarded"] == 1

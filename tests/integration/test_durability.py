@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from healthnet.broker import find_mosquitto
-from healthnet.chaos import ChaosConfig, ChaosResult, Fault, run_chaos
+from healthnet.chaos import ChaosConfig, ChaosResult, Fault, problems, run_chaos
 
 pytestmark = [
     pytest.mark.broker,
@@ -42,18 +42,12 @@ def run(fault: Fault, workdir: Path, *, every: float = 4.0) -> ChaosResult:
 
 
 def assert_nothing_lost(result: ChaosResult) -> None:
-    """The contract, read from the nodes' sent logs, the ledger and versions.jsonl."""
+    """The contract, read from the nodes' sent logs, the ledger and versions.jsonl (the check the
+    chaos benchmark's exit status uses), and a run as long and accurate as one without faults."""
     r = result.reconciliation
-    assert r.lost == [], f"sent but never folded nor rejected: {r.lost}"
-    assert r.double_folded == [], f"folded into two versions: {r.double_folded}"
-    assert r.still_in_outbox == []
-    assert r.folded_not_sent == []
-    assert r.ledger_disagrees == []
-    assert r.same_base_twice == [], "a restarted node trained twice on one version"
-    assert r.versions_contiguous
-    assert r.updates_folded + r.updates_rejected == r.updates_sent > 0
+    assert problems(result) == []
+    assert r.updates_sent > 0
     assert result.final_version == r.versions >= 60
-    assert result.unexpected_exits == []
     assert result.final_accuracy >= ACCURACY_BAR, result.per_node_accuracy
 
 
@@ -121,6 +115,7 @@ def test_the_chaos_benchmark_quick_mode_runs_clean(tmp_path: Path) -> None:
         assert data[key] >= 1, key
     assert (data["lost"], data["double_folded"]) == (0, 0)
     assert data["versions_contiguous"]
+    assert data["updates_discarded"] == 0
     assert data["updates_sent"] == data["updates_folded"] + data["updates_rejected"]
     assert 0.0 < data["final_accuracy"] <= 1.0
     assert {"cores", "cpu", "git_revision"} <= data["machine"].keys()
