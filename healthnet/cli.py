@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -29,6 +30,7 @@ from rich.text import Text
 from common.broker_url import BrokerEndpoint
 from common.errors import ConfigError, HealthNetError
 from common.messages import (
+    AggregatorState,
     AggregatorStatus,
     Compression,
     ControlCommand,
@@ -36,6 +38,7 @@ from common.messages import (
     ServerOptimizerKind,
     StalenessKind,
 )
+from common.wire_size import describe_wire_size
 from healthnet.deploy.cli import deploy_app
 
 app = typer.Typer(
@@ -546,6 +549,14 @@ def set_knobs(
     _control(ControlCommand.SET, broker_url, federation, knobs)
 
 
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds / 3600:.1f}h" if seconds < 172800 else f"{seconds / 86400:.1f}d"
+
+
 def _parse_value(raw: str) -> int | float | str | bool | None:
     try:
         value = json.loads(raw)
@@ -572,18 +583,28 @@ def status(
             snapshot = client.status()
     except HealthNetError as exc:
         raise _fail(exc) from exc
+    # Measured on the aggregator's clock: the retained status may be the last word of an
+    # aggregator long gone, and its age is what tells.
+    age = max(0.0, time.time() - snapshot.updated_at)
     if as_json:
-        console.print_json(snapshot.model_dump_json())
+        console.print_json(
+            json.dumps({**snapshot.model_dump(mode="json"), "status_age_seconds": round(age, 3)})
+        )
         return
-    _render_status(snapshot)
+    _render_status(snapshot, age)
 
 
-def _render_status(snapshot: AggregatorStatus) -> None:
+def _render_status(snapshot: AggregatorStatus, age: float) -> None:
     c, k = snapshot.counters, snapshot.knobs
     console.print(
         f"run [bold]{snapshot.run_id}[/bold]: {snapshot.state.value}, version {snapshot.version}, "
-        f"buffer {snapshot.buffer_fill}/{k.buffer_size}"
+        f"buffer {snapshot.buffer_fill}/{k.buffer_size}; status {_age(age)} old"
     )
+    if snapshot.state is AggregatorState.OFFLINE:
+        console.print(
+            "the aggregator is gone (its Last Will, or its last word on a clean exit); the "
+            "numbers below are from that moment or, for a Last Will, from when it connected"
+        )
     console.print(
         f"updates: {c.received} received, {c.accepted} accepted, {c.rejected} rejected, "
         f"{c.duplicates} duplicates, {c.folded} folded"
@@ -591,10 +612,10 @@ def _render_status(snapshot: AggregatorStatus) -> None:
     if c.rejections:
         console.print("rejections: " + ", ".join(f"{r}={n}" for r, n in c.rejections.items()))
     if c.accepted and c.bytes_accepted:
-        console.print(
-            f"traffic: {c.bytes_accepted / c.accepted:,.0f} bytes per update, "
-            f"{c.raw_bytes_accepted / c.bytes_accepted:.1f}x smaller than dense float32"
+        per_update = describe_wire_size(
+            c.bytes_accepted / c.accepted, c.raw_bytes_accepted / c.accepted
         )
+        console.print(f"traffic per accepted update: {per_update}")
     z = k.compression
     console.print(
         f"compression: top_k={z.top_k}, quantization={z.quantization.value}, "

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from common.broker_url import BrokerEndpoint
+from common.codec import encode, envelope
+from common.messages import AggregatorState, AggregatorStatus, Counters, Knobs
+from common.mqtt import MqttClient
+from common.topics import TopicTree
+from healthnet.broker import EmbeddedBroker
 from healthnet.cli import app
 
 SECRET = "s3cr3t-Pa55"  # noqa: S105 - a made-up credential that must never be echoed
@@ -137,3 +146,41 @@ def test_a_node_asked_for_cuda_without_cuda_fails_at_start(
     assert result.exit_code == 1, result.output
     assert_one_line_refusal(result.stderr, "'cuda'", "no CUDA device")
     assert not state.exists() or not any(state.iterdir())
+
+
+def retained_status(url: str, federation: str, body: AggregatorStatus) -> None:
+    tree = TopicTree(federation)
+    with MqttClient(BrokerEndpoint.parse(url), f"agg-{uuid.uuid4().hex[:8]}") as client:
+        payload = encode(envelope(body, sender="aggregator", sent_at=body.updated_at))
+        client.publish(tree.aggregator_status(), payload, wait=15.0)
+
+
+@pytest.mark.broker
+def test_status_shows_its_age_and_an_update_size_that_is_right_way_round(
+    runner: CliRunner, mosquitto: EmbeddedBroker
+) -> None:
+    """`healthnet status` of a two-hour-old offline status says so; wire bytes beside dense."""
+    federation = f"cli{uuid.uuid4().hex[:12]}"
+    body = AggregatorStatus(
+        run_id="run-1",
+        state=AggregatorState.OFFLINE,
+        version=7,
+        buffer_fill=0,
+        knobs=Knobs(),
+        counters=Counters(accepted=3, bytes_accepted=3 * 559, raw_bytes_accepted=3 * 112),
+        updated_at=time.time() - 7200,
+    )
+    retained_status(mosquitto.url, federation, body)
+    flags = ["--broker-url", mosquitto.url, "--federation", federation]
+    shown = runner.invoke(app, ["status", *flags])
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.stdout.split())  # rich wraps at the terminal's width
+    assert "offline, version 7" in text
+    assert "status 2.0h old" in text
+    assert "559 bytes on the wire, 112 as dense float32 (5.0x larger than dense)" in text
+    assert "smaller" not in text
+    as_json = runner.invoke(app, ["status", "--json", *flags])
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.stdout)
+    assert data["state"] == "offline"
+    assert 7200 <= data["status_age_seconds"] < 7200 + 60
