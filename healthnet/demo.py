@@ -578,10 +578,11 @@ def render(result: DemoResult, console: Console) -> None:
     table.add_row("[bold]mean", f"[bold]{result.mean_accuracy:.3f}")
     table.add_row("pooled", f"{result.pooled_accuracy:.3f}")
     console.print(table)
+    # soft_wrap: a summary piped to a file or a log keeps its sentences whole.
     console.print(
         f"{result.updates_folded} updates folded into {result.versions} versions "
-        f"({result.mode}, K={result.buffer_size}) in {result.wall_seconds:.1f}s"
+        f"({result.mode}, K={result.buffer_size}) in {result.wall_seconds:.1f}s",
+        soft_wrap=True,
     )
-    console.print(
-        "per update: " + describe_wire_size(result.bytes_per_update, result.dense_bytes_per_update)
-    )
+    size = describe_wire_size(result.bytes_per_update, result.dense_bytes_per_update)
+    console.print(f"per update: {size}", soft_wrap=True)
