@@ -6,7 +6,7 @@ Theory of operation. :class:`Observer` takes typed bodies as they arrive (the re
 with the local time of arrival, and :meth:`Observer.snapshot` turns what it holds into a
 :class:`Snapshot`, a frozen, JSON-ready value. Nothing here reads a clock or the network.
 
-Three choices shape the numbers:
+These choices shape the numbers:
 
 - *Rate* uses local arrival times of the status, never the aggregator's clock, so a dashboard on
   another machine with a skewed clock still reports true versions per minute.
