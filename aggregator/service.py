@@ -32,6 +32,7 @@ from common.errors import ControlError, HealthNetError, ProtocolError, TopicErro
 from common.messages import (
     Ack,
     AggregatorState,
+    AggregatorStatus,
     Body,
     ControlCommand,
     ControlReply,
@@ -42,7 +43,7 @@ from common.messages import (
     RejectReason,
     Update,
 )
-from common.mqtt import ConnectionEvent, Message, MqttClient
+from common.mqtt import ConnectionEvent, Message, MqttClient, Will
 from common.topics import Role, Route, Topic, TopicTree
 
 __all__ = ["AggregatorService"]
@@ -107,7 +108,8 @@ class AggregatorService:
                 self._publish_status(force=True)
                 self._serve(client, stop_event)
                 self.journal.checkpoint(self.core)  # a clean stop leaves nothing to fold again
-                self._publish_status(force=True)
+                # A clean disconnect sends no Last Will: say so ourselves, unless the run stopped.
+                self._publish_status(force=True, leaving=True)
             return self.core.state
 
     # -- start-up
@@ -180,10 +182,16 @@ class AggregatorService:
 
     def _connect(self) -> MqttClient:
         settings = self.settings
+        # If this process dies, the broker replaces the retained status with this one, so that
+        # no one keeps reading "running" from an aggregator that is gone. The will is fixed when
+        # the connection is made: its version and counters are those of that moment, its
+        # updated_at that moment too (readers show its age).
+        offline = self._status_body(self._clock(), leaving=True)
         client = MqttClient(
             settings.endpoint(),
             settings.mqtt_client_id(),
             persistent_session=True,
+            will=Will(self.topics.aggregator_status(), self._encode(offline)),
             tls_files=settings.tls_files(),
             connect_timeout=settings.connect_timeout,
             keepalive=settings.keepalive,
@@ -496,21 +504,30 @@ class AggregatorService:
                 client.clear_retained(self.topics.chunk(previous[0], index))
         self._published_chunks = (core.version, len(chunks))
 
-    def _publish_status(self, *, force: bool = False) -> None:
+    def _publish_status(self, *, force: bool = False, leaving: bool = False) -> None:
         now = self._clock()
         due = now - self._last_status >= self.settings.status_interval
         throttled = now - self._last_status < _STATUS_MIN_INTERVAL
         if not (force or due or (self._status_dirty and not throttled)):
             return
-        status = self.core.status(now)
+        status = self._status_body(now, leaving=leaving)
         self._send(self.topics.aggregator_status(), status)
         self.metrics.observe_status(status)
         self._status_dirty = False
         self._last_status = now
 
+    def _status_body(self, now: float, *, leaving: bool = False) -> AggregatorStatus:
+        """The run's status; as this aggregator leaves, OFFLINE unless the run is over."""
+        status = self.core.status(now)
+        if leaving and status.state is not AggregatorState.STOPPED:
+            status = status.model_copy(update={"state": AggregatorState.OFFLINE})
+        return status
+
     def _send(self, topic: Topic, body: Body) -> None:
-        env = envelope(body, sender=self.settings.mqtt_client_id(), sent_at=self._clock())
-        self._require_client().publish(topic, encode(env))
+        self._require_client().publish(topic, self._encode(body))
+
+    def _encode(self, body: Body) -> bytes:
+        return encode(envelope(body, sender=self.settings.mqtt_client_id(), sent_at=self._clock()))
 
     def _require_client(self) -> MqttClient:
         if self._client is None:

@@ -560,6 +560,9 @@ class AggregatorState(StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     STOPPED = "stopped"
+    # Never a run's state: what aggregator/status says once the aggregator is gone, published by
+    # the broker as its Last Will (a crash) or by the aggregator as it exits before the run stops.
+    OFFLINE = "offline"
 
 
 class Counters(Frozen):

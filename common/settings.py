@@ -7,10 +7,11 @@ order of precedence. Tests construct settings directly.
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.broker_url import BrokerEndpoint, TlsFiles
+from common.errors import ConfigError
 
 __all__ = ["SETTINGS_CONFIG", "ConnectionSettings"]
 
@@ -21,6 +22,8 @@ SETTINGS_CONFIG = SettingsConfigDict(
     env_nested_delimiter="__",
     extra="ignore",
     frozen=True,
+    # A ValidationError's text would otherwise quote the broker URL, password and all.
+    hide_input_in_errors=True,
 )
 
 
@@ -43,6 +46,18 @@ class ConnectionSettings(BaseSettings):
         description="MQTT keep-alive, seconds: the broker drops a silent client after 1.5 times "
         "this and publishes its Last Will",
     )
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url_parses(cls, value: SecretStr) -> SecretStr:
+        # Checked here, when the settings are built, so that a bad URL stops a service before it
+        # locks its state directory or builds a model, not when it first connects.
+        try:
+            BrokerEndpoint.parse(value.get_secret_value())
+        except ConfigError as exc:
+            # The message is already redacted; pydantic wants a ValueError to report it.
+            raise ValueError(str(exc)) from None
+        return value
 
     def endpoint(self) -> BrokerEndpoint:
         return BrokerEndpoint.parse(self.broker_url.get_secret_value())

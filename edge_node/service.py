@@ -50,6 +50,7 @@ from common.messages import (
 )
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
 from common.topics import Role, Route, Topic, TopicTree
+from common.wire_size import describe_wire_size
 from edge_node.datasets import LocalDataset, load_dataset
 from edge_node.outbox import Outbox
 from edge_node.residual import ResidualStore
@@ -505,13 +506,11 @@ class NodeService:
         self.sent_log.write([self._queued_entry(update, len(payload))])
         self._publish_raw_update(update.update_id, payload)
         log.info(
-            "node %s: update %s from v%d sent (%d bytes, %.1fx smaller than dense, "
-            "train loss %.4f)",
+            "node %s: update %s from v%d sent: %s; train loss %.4f",
             self.settings.node_id,
             update.update_id[:8],
             job.manifest.version,
-            len(payload),
-            upload.raw_bytes / max(len(payload), 1),
+            describe_wire_size(len(payload), upload.raw_bytes),
             upload.result.loss,
         )
 

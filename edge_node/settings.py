@@ -16,8 +16,10 @@ class NodeSettings(ConnectionSettings):
     node_id: str = Field(
         default="node", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="broker identity"
     )
+    # No default: a node that forgot its data must not quietly train on public example data (the
+    # demo and the tests name theirs).
     data: str = Field(
-        default="heart-disease:cleveland",
+        min_length=1,
         description="heart-disease:<hospital>, csv:<path>, npz:<path> or module:function",
     )
     state_dir: Path = Field(default=Path("runs/node"), description="outbox and node state")

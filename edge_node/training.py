@@ -17,7 +17,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from common.errors import HealthNetError
+from common.errors import ConfigError, HealthNetError
 from common.messages import TrainingConfig
 from common.models import load_params, model_params
 
@@ -49,10 +49,31 @@ class EvalResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when this machine has it, else the CPU."""
+    """``auto`` picks CUDA when this machine has it, else the CPU; any other must exist here.
+
+    Checked when the node starts: a device that is not there would otherwise fail every job, and
+    the node would stay up contributing nothing.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not a torch device: {exc}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"device {name!r}: this machine has no CUDA device torch can use "
+                "(use --device cpu, or auto)"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r}: only cpu, cuda[:N] and mps are supported")
+    return device
 
 
 def train(

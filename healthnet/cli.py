@@ -2,6 +2,11 @@
 
 Every command takes the broker URL and federation as flags or ``HEALTHNET_*`` environment
 variables (or a ``.env`` file). Flags left unset fall through to the environment, then defaults.
+
+Bad input is refused before anything starts: every command builds its settings through
+:func:`_settings`, which turns a validation error into one line on stderr naming the flag, and exit
+status 2 (a usage error, as click gives for an unknown option). Failures at run time (a broker that
+does not answer, a refused request) are one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -11,15 +16,21 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from common.errors import HealthNetError
+from common.broker_url import BrokerEndpoint
+from common.errors import ConfigError, HealthNetError
 from common.messages import (
+    AggregatorState,
     AggregatorStatus,
     Compression,
     ControlCommand,
@@ -27,6 +38,7 @@ from common.messages import (
     ServerOptimizerKind,
     StalenessKind,
 )
+from common.wire_size import describe_wire_size
 from healthnet.deploy.cli import deploy_app
 
 app = typer.Typer(
@@ -84,9 +96,81 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def _error_line(message: str) -> None:
+    # soft_wrap: one line however narrow the terminal; Text: brackets in messages are not markup.
+    err_console.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
+
+
 def _fail(exc: Exception) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {exc}")
+    """A failure at run time: one line, exit status 1."""
+    _error_line(" ".join(str(exc).split()))
     return typer.Exit(code=1)
+
+
+def _bad_input(message: str) -> typer.Exit:
+    """Input refused before anything started: one line, exit status 2."""
+    _error_line(" ".join(message.split()))
+    return typer.Exit(code=2)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def _settings(cls: type[S], **values: Any) -> S:
+    """The command's settings from the flags given (the rest from env and defaults), or exit 2."""
+    try:
+        return cls(**_given(**values))
+    except ValidationError as exc:
+        raise _bad_input(_describe(exc)) from None
+
+
+# Settings fields whose flag is not the field's own name.
+_FLAGS = {
+    ("model", "name"): "--model",
+    ("model", "kwargs"): "--model-kwargs",
+    ("knobs", "training", "learning_rate"): "--lr",
+    ("dashboard_host",): "--host",
+    ("dashboard_port",): "--port",
+}
+# Groups of fields that no single flag sets; their own checks are named by the dotted path.
+_GROUPS = frozenset({"knobs", "model", "training", "compression"})
+# Never echoed: the URL may carry a password (the parser's own message is redacted).
+_SECRET_FIELDS = frozenset({"broker_url"})
+
+
+def _describe(exc: ValidationError) -> str:
+    """Every problem of a validation error, each naming its flag, on one line."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(str(part) for part in error["loc"])
+        flag = _flag_for(loc)
+        if error["type"] == "missing":
+            problems.append(f"{flag} is required")
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        value = error.get("input")
+        if isinstance(value, str | int | float) and not _SECRET_FIELDS & set(loc):
+            message += f" (got {value!r})"
+        problems.append(f"{flag}: {message}")
+    return "; ".join(problems)
+
+
+def _flag_for(loc: tuple[str, ...]) -> str:
+    """The option that sets a settings field: ``--top-k`` for knobs.compression.top_k."""
+    if loc in _FLAGS:
+        return _FLAGS[loc]
+    if not loc or loc[-1] in _GROUPS:
+        return ".".join(loc) or "settings"
+    return "--" + loc[-1].replace("_", "-")
+
+
+def _json_object(flag: str, raw: str | None) -> Any:
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise _bad_input(f"{flag}: not JSON ({exc})") from None
 
 
 # -- demo ------------------------------------------------------------------------------------------
@@ -145,15 +229,24 @@ def demo(
 
     _setup_logging(log_level)
     if mode not in ("fedbuff", "sync", "fedasync"):
-        raise _fail(ValueError(f"--mode must be fedbuff, sync or fedasync, not {mode!r}"))
+        raise _bad_input(f"--mode must be fedbuff, sync or fedasync, not {mode!r}")
     if broker not in ("auto", "mosquitto", "amqtt"):
-        raise _fail(ValueError(f"--broker must be auto, mosquitto or amqtt, not {broker!r}"))
+        raise _bad_input(f"--broker must be auto, mosquitto or amqtt, not {broker!r}")
+    if broker_url is not None:
+        try:
+            BrokerEndpoint.parse(broker_url)
+        except ConfigError as exc:
+            raise _bad_input(f"--broker-url: {exc}") from None
     delays: dict[str, float] = {}
     for item in delay or []:
         node, sep, seconds = item.partition("=")
-        if not sep:
-            raise _fail(ValueError(f"--delay takes NODE=SECONDS, got {item!r}"))
-        delays[node] = float(seconds)
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = -1.0
+        if not sep or not value >= 0:  # "not >=" refuses NaN too
+            raise _bad_input(f"--delay takes NODE=SECONDS, got {item!r}")
+        delays[node] = value
     config = DemoConfig(
         federation=federation,
         versions=versions,
@@ -193,7 +286,7 @@ def _demo_compression(
             error_feedback=error_feedback,
         )
     except ValueError as exc:
-        raise _fail(exc) from exc
+        raise _bad_input(f"--top-k/--quantization: {exc}") from None
 
 
 # -- services --------------------------------------------------------------------------------------
@@ -273,25 +366,24 @@ def aggregator_run(
     compression = _given(top_k=top_k, quantization=quantization, error_feedback=error_feedback)
     if compression:
         knobs["compression"] = compression
-    model_spec: dict[str, Any] = _given(name=model)
-    if model_kwargs is not None:
-        model_spec["kwargs"] = json.loads(model_kwargs)
+    model_spec: dict[str, Any] = _given(
+        name=model, kwargs=_json_object("--model-kwargs", model_kwargs)
+    )
+    settings = _settings(
+        AggregatorSettings,
+        broker_url=broker_url,
+        federation=federation,
+        state_dir=state_dir,
+        run_id=run_id,
+        seed=seed,
+        autostart=autostart,
+        status_interval=status_interval,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        knobs=knobs or None,
+        model=model_spec or None,
+    )
     try:
-        settings = AggregatorSettings(
-            **_given(
-                broker_url=broker_url,
-                federation=federation,
-                state_dir=state_dir,
-                run_id=run_id,
-                seed=seed,
-                autostart=autostart,
-                status_interval=status_interval,
-                metrics_port=metrics_port,
-                metrics_host=metrics_host,
-                knobs=knobs or None,
-                model=model_spec or None,
-            )
-        )
         AggregatorService(settings).run(_stop_on_signals())
     except HealthNetError as exc:
         raise _fail(exc) from exc
@@ -324,22 +416,21 @@ def node_run(
     from edge_node.settings import NodeSettings
 
     _setup_logging(log_level)
+    settings = _settings(
+        NodeSettings,
+        broker_url=broker_url,
+        federation=federation,
+        node_id=node_id,
+        data=data,
+        state_dir=state_dir,
+        device=device,
+        torch_threads=torch_threads,
+        seed=seed,
+        delay_seconds=delay_seconds,
+        ack_timeout=ack_timeout,
+        exit_when_stopped=exit_when_stopped,
+    )
     try:
-        settings = NodeSettings(
-            **_given(
-                broker_url=broker_url,
-                federation=federation,
-                node_id=node_id,
-                data=data,
-                state_dir=state_dir,
-                device=device,
-                torch_threads=torch_threads,
-                seed=seed,
-                delay_seconds=delay_seconds,
-                ack_timeout=ack_timeout,
-                exit_when_stopped=exit_when_stopped,
-            )
-        )
         NodeService(settings).run(_stop_on_signals())
     except HealthNetError as exc:
         raise _fail(exc) from exc
@@ -359,7 +450,9 @@ def broker(
 
     _setup_logging(log_level)
     if implementation not in ("auto", "mosquitto", "amqtt"):
-        raise _fail(ValueError("--implementation must be auto, mosquitto or amqtt"))
+        raise _bad_input(
+            f"--implementation must be auto, mosquitto or amqtt, not {implementation!r}"
+        )
     stop = _stop_on_signals()
     config = BrokerConfig(
         host=host,
@@ -383,14 +476,15 @@ def broker(
 
 
 def _control(command: ControlCommand, broker_url: str | None, federation: str | None,
-             knobs: dict[str, Any] | None = None, node: str | None = None) -> None:  # fmt: skip
+             knobs: dict[str, Any] | None = None, node: str | None = None,
+             version: int | None = None) -> None:  # fmt: skip
     from common.settings import ConnectionSettings
     from healthnet.control import ControlClient
 
-    settings = ConnectionSettings(**_given(broker_url=broker_url, federation=federation))
+    settings = _settings(ConnectionSettings, broker_url=broker_url, federation=federation)
     try:
         with ControlClient(settings) as client:
-            reply = client.request(command, knobs, node=node)
+            reply = client.request(command, knobs, node=node, version=version)
     except (HealthNetError, ValueError) as exc:
         raise _fail(exc) from exc
     console.print(reply.message)
@@ -448,16 +542,7 @@ def rollback(
 ) -> None:
     """Publish a new version with an earlier version's weights (a kept checkpoint, or a version
     since the newest one); the version number still moves forward."""
-    from common.settings import ConnectionSettings
-    from healthnet.control import ControlClient
-
-    settings = ConnectionSettings(**_given(broker_url=broker_url, federation=federation))
-    try:
-        with ControlClient(settings) as client:
-            reply = client.request(ControlCommand.ROLLBACK, version=version)
-    except (HealthNetError, ValueError) as exc:
-        raise _fail(exc) from exc
-    console.print(reply.message)
+    _control(ControlCommand.ROLLBACK, broker_url, federation, version=version)
 
 
 @app.command("set")
@@ -471,9 +556,17 @@ def set_knobs(
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise _fail(ValueError(f"expected KNOB=VALUE, got {item!r}"))
+            raise _bad_input(f"expected KNOB=VALUE, got {item!r}")
         knobs[key] = _parse_value(raw)
     _control(ControlCommand.SET, broker_url, federation, knobs)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds / 3600:.1f}h" if seconds < 172800 else f"{seconds / 86400:.1f}d"
 
 
 def _parse_value(raw: str) -> int | float | str | bool | None:
@@ -496,24 +589,34 @@ def status(
     from common.settings import ConnectionSettings
     from healthnet.control import ControlClient
 
-    settings = ConnectionSettings(**_given(broker_url=broker_url, federation=federation))
+    settings = _settings(ConnectionSettings, broker_url=broker_url, federation=federation)
     try:
         with ControlClient(settings) as client:
             snapshot = client.status()
     except HealthNetError as exc:
         raise _fail(exc) from exc
+    # Measured on the aggregator's clock: the retained status may be the last word of an
+    # aggregator long gone, and its age is what tells.
+    age = max(0.0, time.time() - snapshot.updated_at)
     if as_json:
-        console.print_json(snapshot.model_dump_json())
+        console.print_json(
+            json.dumps({**snapshot.model_dump(mode="json"), "status_age_seconds": round(age, 3)})
+        )
         return
-    _render_status(snapshot)
+    _render_status(snapshot, age)
 
 
-def _render_status(snapshot: AggregatorStatus) -> None:
+def _render_status(snapshot: AggregatorStatus, age: float) -> None:
     c, k = snapshot.counters, snapshot.knobs
     console.print(
         f"run [bold]{snapshot.run_id}[/bold]: {snapshot.state.value}, version {snapshot.version}, "
-        f"buffer {snapshot.buffer_fill}/{k.buffer_size}"
+        f"buffer {snapshot.buffer_fill}/{k.buffer_size}; status {_age(age)} old"
     )
+    if snapshot.state is AggregatorState.OFFLINE:
+        console.print(
+            "the aggregator is gone (its Last Will, or its last word on a clean exit); the "
+            "numbers below are from that moment or, for a Last Will, from when it connected"
+        )
     console.print(
         f"updates: {c.received} received, {c.accepted} accepted, {c.rejected} rejected, "
         f"{c.duplicates} duplicates, {c.folded} folded"
@@ -526,10 +629,10 @@ def _render_status(snapshot: AggregatorStatus) -> None:
             f"({c.probe_failures} failed the probe); rollbacks: {c.rollbacks}"
         )
     if c.accepted and c.bytes_accepted:
-        console.print(
-            f"traffic: {c.bytes_accepted / c.accepted:,.0f} bytes per update, "
-            f"{c.raw_bytes_accepted / c.bytes_accepted:.1f}x smaller than dense float32"
+        per_update = describe_wire_size(
+            c.bytes_accepted / c.accepted, c.raw_bytes_accepted / c.accepted
         )
+        console.print(f"traffic per accepted update: {per_update}")
     z = k.compression
     console.print(
         f"compression: top_k={z.top_k}, quantization={z.quantization.value}, "
@@ -548,7 +651,7 @@ def nodes(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> Non
     from common.settings import ConnectionSettings
     from healthnet.control import ControlClient
 
-    settings = ConnectionSettings(**_given(broker_url=broker_url, federation=federation))
+    settings = _settings(ConnectionSettings, broker_url=broker_url, federation=federation)
     try:
         with ControlClient(settings) as client:
             snapshot = client.status()
@@ -595,15 +698,14 @@ def dashboard_command(
 
     _setup_logging(log_level)
     stop = _stop_on_signals()
+    settings = _settings(
+        DashboardSettings,
+        broker_url=broker_url,
+        federation=federation,
+        dashboard_host=host,
+        dashboard_port=port,
+    )
     try:
-        settings = DashboardSettings(
-            **_given(
-                broker_url=broker_url,
-                federation=federation,
-                dashboard_host=host,
-                dashboard_port=port,
-            )
-        )
         with (
             FederationFeed(settings) as feed,
             DashboardServer(feed, settings.dashboard_host, settings.dashboard_port) as server,
@@ -626,7 +728,7 @@ def watch(
     from common.settings import ConnectionSettings
     from healthnet.watch import watch as watch_live
 
-    settings = ConnectionSettings(**_given(broker_url=broker_url, federation=federation))
+    settings = _settings(ConnectionSettings, broker_url=broker_url, federation=federation)
     try:
         watch_live(settings, console, _stop_on_signals(), refresh=refresh)
     except HealthNetError as exc:

@@ -33,7 +33,13 @@ from rich.console import Console
 from common.settings import ConnectionSettings
 from healthnet.feed import FederationFeed
 
-__all__ = ["DEFAULT_PORT", "DashboardServer", "DashboardSettings", "demo_dashboard"]
+__all__ = [
+    "DEFAULT_PORT",
+    "LISTEN_BACKLOG",
+    "DashboardServer",
+    "DashboardSettings",
+    "demo_dashboard",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,13 @@ _SECURITY_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+# The listen backlog: connections the kernel holds until the accept loop takes them. socketserver's
+# 5 is too few: a page load opens up to six connections at once (page, script, styles, chart
+# library, snapshot, event stream), and every open page reconnects its event stream at the same
+# moment when the server restarts, so a room of viewers overflowed it and each connection past the
+# fifth waited out a SYN retransmit (a second, then three). 256 holds forty viewers loading the
+# page together; Linux caps it at net.core.somaxconn (4096 by default) anyway.
+LISTEN_BACKLOG = 256
 
 
 class DashboardSettings(ConnectionSettings):
@@ -76,6 +89,7 @@ def _load_static() -> dict[str, tuple[bytes, str]]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], feed: FederationFeed) -> None:
         super().__init__(address, _Handler)

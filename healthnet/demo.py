@@ -40,6 +40,7 @@ from common.messages import (
 )
 from common.mqtt import Message, MqttClient
 from common.topics import Route, TopicTree
+from common.wire_size import describe_wire_size
 from healthnet.broker import BrokerConfig, BrokerImplementation, EmbeddedBroker
 from healthnet.dashboard import DEFAULT_PORT, demo_dashboard
 from healthnet.federations import FEDERATIONS, Federation
@@ -128,6 +129,8 @@ class DemoResult:
     updates_per_node: dict[str, int]
     bytes_per_update: float = 0.0
     """Mean size of a folded update on the wire (the whole message)."""
+    dense_bytes_per_update: float = 0.0
+    """Mean size of the same deltas as dense float32."""
     compression_ratio: float = 1.0
     """Dense float32 bytes of the folded deltas over their bytes on the wire."""
     mean_accuracy_last5: float = 0.0
@@ -152,6 +155,7 @@ class DemoResult:
             "federation": self.federation,
             "broker": self.broker,
             "bytes_per_update": self.bytes_per_update,
+            "dense_bytes_per_update": self.dense_bytes_per_update,
             "compression_ratio": self.compression_ratio,
             "mean_accuracy_last5": self.mean_accuracy_last5,
             "timeline": [point.to_json() for point in self.timeline],
@@ -526,6 +530,7 @@ class _Watch:
         counts: dict[str, int] = {}
         contributions = [c for record in records for c in record.contributions]
         wire = sum(c.bytes for c in contributions)
+        dense = sum(c.raw_bytes for c in contributions)
         for record in records:
             for c in record.contributions:
                 lowest[c.node] = min(lowest.get(c.node, 1.0), c.staleness_factor)
@@ -545,7 +550,8 @@ class _Watch:
             min_staleness_factor=lowest,
             updates_per_node=counts,
             bytes_per_update=wire / max(len(contributions), 1),
-            compression_ratio=sum(c.raw_bytes for c in contributions) / max(wire, 1),
+            dense_bytes_per_update=dense / max(len(contributions), 1),
+            compression_ratio=dense / max(wire, 1),
             mean_accuracy_last5=_mean(
                 e.accuracy
                 for v in range(max(0, status.version - 4), status.version + 1)
@@ -572,9 +578,11 @@ def render(result: DemoResult, console: Console) -> None:
     table.add_row("[bold]mean", f"[bold]{result.mean_accuracy:.3f}")
     table.add_row("pooled", f"{result.pooled_accuracy:.3f}")
     console.print(table)
+    # soft_wrap: a summary piped to a file or a log keeps its sentences whole.
     console.print(
         f"{result.updates_folded} updates folded into {result.versions} versions "
-        f"({result.mode}, K={result.buffer_size}) in {result.wall_seconds:.1f}s; "
-        f"{result.bytes_per_update:,.0f} bytes per update, "
-        f"{result.compression_ratio:.1f}x smaller than dense float32"
+        f"({result.mode}, K={result.buffer_size}) in {result.wall_seconds:.1f}s",
+        soft_wrap=True,
     )
+    size = describe_wire_size(result.bytes_per_update, result.dense_bytes_per_update)
+    console.print(f"per update: {size}", soft_wrap=True)

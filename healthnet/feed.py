@@ -139,4 +139,4 @@ class FederationFeed:
             self.ignored += 1
             log.warning("observer ignored a message on %s: %s", item.topic, exc)
             return False
-        return self.observer.observe(topic, body, self._clock())
+        return self.observer.observe(topic, body, self._clock(), retained=item.retain)

@@ -6,12 +6,19 @@ Theory of operation. :class:`Observer` takes typed bodies as they arrive (the re
 with the local time of arrival, and :meth:`Observer.snapshot` turns what it holds into a
 :class:`Snapshot`, a frozen, JSON-ready value. Nothing here reads a clock or the network.
 
-Three choices shape the numbers:
+These choices shape the numbers:
 
 - *Rate* uses local arrival times of the status, never the aggregator's clock, so a dashboard on
   another machine with a skewed clock still reports true versions per minute.
+- *Status age* is the time since the status arrived here, when it arrived live. A retained status
+  (what a new subscriber is handed) may be hours old: its age is measured from its ``updated_at``
+  (the aggregator's clock, never later than our arrival), so a dead aggregator's last word shows
+  its age instead of looking fresh.
+- *Offline*: the aggregator's Last Will is the status of its connection's start marked OFFLINE.
+  Arriving after a status of the same run, it changes only the state: the numbers stay the last
+  ones the aggregator published.
 - *Last seen* is the age of the node's last update as the aggregator stated it in its status
-  (``updated_at - last_seen``, both its clock) plus the time since that status arrived here.
+  (``updated_at - last_seen``, both its clock) plus the status's age.
 - *Accuracy* comes from the nodes' evaluations, and from the ledger in the status (each node's
   latest evaluation) so a dashboard that may not read the eval topics still draws a point per
   status. Nodes evaluate whichever version is newest when they are free, so they skip versions;
@@ -32,6 +39,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from common.messages import (
+    AggregatorState,
     AggregatorStatus,
     Body,
     Counters,
@@ -40,6 +48,7 @@ from common.messages import (
     VersionRecord,
 )
 from common.topics import Route, Topic
+from common.wire_size import describe_wire_size
 
 __all__ = [
     "AccuracySeries",
@@ -116,6 +125,8 @@ class Snapshot(_Frozen):
     buffer_size: int | None = None
     knobs: dict[str, object] = {}
     counters: Counters = Counters()
+    # The mean accepted update on the wire beside dense float32, in words (common.wire_size).
+    update_size: str | None = None
     status_age_seconds: float | None = None
     nodes: tuple[NodeRow, ...] = ()
     accuracy: AccuracySeries = AccuracySeries()
@@ -155,7 +166,7 @@ class RateWindow:
 @dataclass(slots=True)
 class _StatusSeen:
     status: AggregatorStatus
-    received_at: float
+    received_at: float  # local time; for a retained status, when it was published (see above)
 
 
 class Observer:
@@ -178,11 +189,11 @@ class Observer:
     def run_id(self) -> str | None:
         return None if self._status is None else self._status.status.run_id
 
-    def observe(self, topic: Topic, body: Body, now: float) -> bool:
-        """Take one message; True when the picture changed."""
+    def observe(self, topic: Topic, body: Body, now: float, *, retained: bool = False) -> bool:
+        """Take one message (``retained``: handed over on subscribing); True when it changed."""
         match body:
             case AggregatorStatus() if topic.route is Route.AGGREGATOR_STATUS:
-                self.on_status(body, now)
+                self.on_status(body, now, retained=retained)
             case VersionRecord() if topic.route is Route.VERSIONS:
                 return self.on_version(body)
             case NodeStatus() if topic.route is Route.NODE_STATUS and topic.node:
@@ -193,10 +204,19 @@ class Observer:
                 return False
         return True
 
-    def on_status(self, status: AggregatorStatus, now: float) -> None:
+    def on_status(self, status: AggregatorStatus, now: float, *, retained: bool = False) -> None:
         if self.run_id is not None and status.run_id != self.run_id:
             self._new_run(status.run_id)
-        self._status = _StatusSeen(status, now)
+        held = self._status
+        if (
+            status.state is AggregatorState.OFFLINE
+            and held is not None
+            and held.status.run_id == status.run_id
+        ):
+            # A Last Will carries the numbers of its connection's start: keep the newer ones.
+            status = held.status.model_copy(update={"state": AggregatorState.OFFLINE})
+        as_of = min(now, status.updated_at) if retained else now
+        self._status = _StatusSeen(status, as_of)
         self._rate.add(now, status.version)
         for entry in status.nodes:
             if entry.eval_version is not None and entry.eval_accuracy is not None:
@@ -262,6 +282,7 @@ class Observer:
                 "buffer_size": status.knobs.buffer_size,
                 "knobs": status.knobs.model_dump(mode="json"),
                 "counters": status.counters,
+                "update_size": _update_size(status.counters),
                 "status_age_seconds": max(0.0, now - seen.received_at),
             }
         )
@@ -324,6 +345,14 @@ class Observer:
     def _staleness_counts(self) -> tuple[int, ...]:
         counts = Counter(c.staleness for r in self._records.values() for c in r.contributions)
         return tuple(counts[s] for s in range(max(counts) + 1)) if counts else ()
+
+
+def _update_size(counters: Counters) -> str | None:
+    if not counters.accepted or not counters.bytes_accepted:
+        return None
+    return describe_wire_size(
+        counters.bytes_accepted / counters.accepted, counters.raw_bytes_accepted / counters.accepted
+    )
 
 
 def _version_row(record: VersionRecord) -> VersionRow:

@@ -59,6 +59,7 @@ def render(snapshot: Snapshot, *, width: int = 40) -> RenderableType:
     """The whole picture: headline, hospitals with accuracy sparklines, staleness and knobs."""
     s = snapshot
     state = s.state or "no status yet"
+    age = "" if s.status_age_seconds is None else f"  status {_age(s.status_age_seconds)} old"
     head = Text.assemble(
         ("federation ", "dim"),
         (s.federation, "bold"),
@@ -66,6 +67,7 @@ def render(snapshot: Snapshot, *, width: int = 40) -> RenderableType:
         (s.run_id or "-", "bold"),
         "  ",
         (state, _STATE_STYLE.get(state, "")),
+        (age, "dim"),
         ("" if s.connected else "  (broker lost)", "red"),
     )
     c = s.counters
@@ -133,11 +135,12 @@ def render(snapshot: Snapshot, *, width: int = 40) -> RenderableType:
         "  ",
         sparkline([n / top for n in counts]) if top else "",
     )
+    size = Text.assemble(("per update ", "dim"), s.update_size or "-")
     knobs = Text.assemble(
         ("knobs ", "dim"),
         ", ".join(f"{k}={v}" for k, v in s.knobs.items() if k != "training" and v is not None),
     )
-    return Group(head, line, Text(), nodes, Text(), staleness, knobs)
+    return Group(head, line, Text(), nodes, Text(), staleness, size, knobs)
 
 
 def watch(

@@ -159,7 +159,8 @@
     setBadge("run-state", s.state || "no status yet", s.state || "");
     if (!s.connected) setBadge("link", "broker lost", "lost");
     text("version", s.version == null ? "–" : "v" + s.version);
-    text("run-id", s.run_id || "");
+    text("run-id", (s.run_id || "") +
+      (s.status_age_seconds == null ? "" : " · status " + fmtAge(s.status_age_seconds)));
     text("rate", fmt(s.versions_per_minute, 1));
     text("mean-accuracy", fmt(s.latest_mean_accuracy, 3));
     const k = s.buffer_size;
@@ -170,7 +171,7 @@
     text("updates-sub", c.received + " received, " + c.rejected + " rejected, " +
       c.duplicates + " duplicates");
     text("bytes", fmtBytes(c.bytes_received));
-    text("bytes-sub", c.received ? fmtBytes(c.bytes_received / c.received) + " per update" : "");
+    text("bytes-sub", s.update_size ? "per update: " + s.update_size : "");
     updateCharts(s);
     renderNodes(s);
     renderKnobs(s);

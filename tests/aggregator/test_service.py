@@ -518,6 +518,17 @@ def test_stop_ends_the_run_and_the_service(running: Aggregator, node: Peer) -> N
     node.status(lambda s: s.state is AggregatorState.STOPPED, "stopped")
 
 
+def test_an_aggregator_leaving_before_the_run_stops_says_offline(
+    running: Aggregator, node: Peer
+) -> None:
+    """A clean exit sends no Last Will, so the aggregator publishes the offline status itself."""
+    node.fold_next(0)
+    running.stop()
+    node.aggregator = None
+    offline = node.status(lambda s: s.state is AggregatorState.OFFLINE, "offline")
+    assert offline.version == 1
+
+
 # -- restart
 
 

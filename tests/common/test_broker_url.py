@@ -8,9 +8,11 @@ from urllib.parse import quote
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from common.broker_url import BrokerEndpoint
 from common.errors import ConfigError
+from common.settings import ConnectionSettings
 
 SECRET = "s3cr3t-Pa55"  # noqa: S105 - a made-up credential that must never leak
 
@@ -114,3 +116,20 @@ def test_no_password_ever_appears_in_redacted_or_repr(user: str, password: str, 
     shown = repr(dataclasses.replace(endpoint, password=None))
     assume(password not in shown)
     assert password not in repr(endpoint)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param(f"http://node-a:{SECRET}@broker", id="scheme"),
+        pytest.param(f"mqtt://node-a:{SECRET}@:1883", id="no-host"),
+        pytest.param(f"mqtt://node-a:{SECRET}@broker:99999", id="port"),
+        pytest.param(f"mqtt://node-a:{SECRET}@broker?protocol=4", id="protocol"),
+    ],
+)
+def test_settings_refuse_a_malformed_broker_url_when_built_without_echoing_it(url: str) -> None:
+    """ConnectionSettings parse the URL at construction; the error never shows the password."""
+    with pytest.raises(ValidationError) as caught:
+        ConnectionSettings(broker_url=url)  # type: ignore[arg-type]
+    assert SECRET not in str(caught.value)
+    assert [e["loc"] for e in caught.value.errors()] == [("broker_url",)]

@@ -402,3 +402,53 @@ def test_a_node_whose_accepted_update_is_discarded_hears_why_and_logs_it(
         (SentEvent.ACKED, False, "discarded"),
     ]
     assert (status.version, status.counters.discarded, status.counters.probe_failures) == (0, 2, 1)
+
+
+class _Awaited(logging.Handler):
+    """Keeps the records whose message contains ``text`` and signals the first."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.INFO)
+        self.text = text
+        self.found: list[str] = []
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.text in message:
+            self.found.append(message)
+            self.event.set()
+
+
+def test_the_node_logs_each_update_in_wire_and_dense_bytes_the_right_way_round(
+    mosquitto: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """A logistic regression's update (112 dense bytes) is logged as larger on the wire."""
+    federation = f"svc{uuid.uuid4().hex[:12]}"
+    aggregator = aggregator_service(mosquitto.url, federation, tmp_path, Knobs(buffer_size=5))
+    node = NodeService(
+        node_settings(mosquitto.url, federation, "cleveland", "heart-disease:cleveland", tmp_path)
+    )
+    handler = _Awaited(" sent: ")
+    logger = logging.getLogger("edge_node.service")
+    logger.addHandler(handler)
+    previous_level = logger.level
+    logger.setLevel(logging.INFO)
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=aggregator.run, args=(stop,), name="aggregator"),
+        threading.Thread(target=node.run, args=(stop,), name="node"),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        assert handler.event.wait(45), "the node sent no update"
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(WAIT)
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+    assert "as dense float32 (" in handler.found[0]
+    assert ", 112 as dense float32 (" in handler.found[0]
+    assert "x larger than dense)" in handler.found[0]

@@ -225,6 +225,21 @@ def test_auto_device_is_cuda_only_when_available() -> None:
     assert resolve_device("cpu") == CPU
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:3"])
+def test_a_cuda_device_on_a_machine_without_cuda_is_a_config_error(name: str) -> None:
+    """Asking for CUDA where there is none fails when the node starts, naming the device."""
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        resolve_device(name)
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "meta"])
+def test_a_device_torch_does_not_know_or_we_do_not_train_on_is_a_config_error(name: str) -> None:
+    """A misspelt or unsupported device name is refused at start, not at the first job."""
+    with pytest.raises(ConfigError, match=repr(name)):
+        resolve_device(name)
+
+
 def test_a_module_function_reference_builds_a_users_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

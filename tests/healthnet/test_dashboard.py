@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +26,7 @@ from common.mqtt import MqttClient
 from common.settings import ConnectionSettings
 from common.topics import Topic, TopicTree
 from healthnet.broker import EmbeddedBroker
-from healthnet.dashboard import DashboardServer
+from healthnet.dashboard import LISTEN_BACKLOG, DashboardServer
 from healthnet.feed import FederationFeed, subscriptions
 from tests.healthnet.test_observe import evaluation, record, status
 
@@ -213,3 +215,45 @@ def test_dashboard_command_serves_until_interrupted(mosquitto: EmbeddedBroker) -
         assert proc.wait(WAIT) == 0
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+VIEWERS = 200  # connections opened at once, within LISTEN_BACKLOG and the kernel's cap
+
+
+def test_many_connections_at_once_wait_on_no_backlog(feed: FederationFeed) -> None:
+    """200 connections opened together, before the server accepts any, all connect at once.
+
+    Nothing is accepted until the server starts, so the listen backlog alone holds them: with
+    socketserver's 5, the sixth and later ones would wait out a SYN retransmit (a second, then
+    three). Then every one of them is served.
+    """
+    assert VIEWERS <= LISTEN_BACKLOG
+    server = DashboardServer(feed, "127.0.0.1", 0)  # listening, not yet accepting
+    host, port = server.url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    connections: list[socket.socket] = []
+    try:
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            # While nothing is accepted, a connection the backlog has no room for never completes
+            # (the kernel drops its SYN, and every retry): the timeout only bounds the failure.
+            futures = [
+                pool.submit(socket.create_connection, (host, int(port)), 5.0)
+                for _ in range(VIEWERS)
+            ]
+            stalled = 0
+            for future in futures:
+                try:
+                    connections.append(future.result())
+                except OSError:
+                    stalled += 1
+        assert stalled == 0, f"{stalled} of {VIEWERS} connections found no room in the backlog"
+        with server:
+            request = f"GET /api/snapshot HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+            for connection in connections:
+                connection.settimeout(WAIT)
+                connection.sendall(request)
+            for connection in connections:
+                assert connection.recv(12) == b"HTTP/1.1 200"
+    finally:
+        for connection in connections:
+            connection.close()
+        server.close()

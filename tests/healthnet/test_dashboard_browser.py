@@ -48,7 +48,9 @@ _PICTURE = """() => {
     (r) => [...r.cells].map((c) => c.textContent));
   const bars = window.healthnet.charts.staleness.data[1].reduce((a, b) => a + b, 0);
   return {points, rows, bars, version: document.getElementById("version").textContent,
-    link: document.getElementById("link").textContent};
+    link: document.getElementById("link").textContent,
+    run: document.getElementById("run-id").textContent,
+    size: document.getElementById("bytes-sub").textContent};
 }"""
 
 
@@ -172,6 +174,10 @@ def test_dashboard_draws_every_hospital_live(
     assert sorted(row[0] for row in picture["rows"]) == HOSPITALS
     assert picture["bars"] > 0, "the staleness histogram is empty"
     assert picture["link"] == "live"
+    assert " · status " in picture["run"], picture["run"]  # the status's age
+    # Heart disease: a logistic regression's update outweighs its dense float32 bytes.
+    size = r"per update: [\d,]+ bytes on the wire, [\d,]+ as dense float32 \([\d.]+x larger "
+    assert re.fullmatch(size + r"than dense\)", picture["size"]), picture["size"]
     assert screenshot.stat().st_size > 10_000
     if keep := os.environ.get("HEALTHNET_SCREENSHOT_DIR"):
         shutil.copy(screenshot, Path(keep) / "dashboard.png")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from rich.console import Console
 
-from healthnet.demo import DemoConfig, DemoError, first_sites, run_demo
+from healthnet.demo import DemoConfig, DemoError, DemoResult, first_sites, render, run_demo
 from healthnet.federations import HEART_DISEASE, PNEUMONIA
 
 
@@ -48,3 +49,32 @@ def test_run_demo_refuses_bad_nodes_before_starting_anything() -> None:
     """run_demo checks --nodes before it starts a broker or a process."""
     with pytest.raises(DemoError, match=r"must be 1\.\.4"):
         run_demo(DemoConfig(federation="heart-disease", nodes=5, broker_url="mqtt://127.0.0.1:1"))
+
+
+def test_the_summary_gives_wire_and_dense_bytes_per_update_the_right_way_round() -> None:
+    """A heart-disease run, whose updates outweigh their 112 dense bytes, is not called smaller."""
+    result = DemoResult(
+        mean_accuracy=0.8,
+        pooled_accuracy=0.8,
+        per_node={"cleveland": 0.8},
+        versions=60,
+        updates_folded=180,
+        wall_seconds=10.0,
+        mode="fedbuff",
+        buffer_size=3,
+        federation="heart-disease",
+        broker="mosquitto",
+        min_staleness_factor={},
+        updates_per_node={},
+        bytes_per_update=559.0,
+        dense_bytes_per_update=112.0,
+        compression_ratio=112 / 559,
+    )
+    console = Console(record=True, width=200, color_system=None)
+    render(result, console)
+    text = console.export_text()
+    assert (
+        "per update: 559 bytes on the wire, 112 as dense float32 (5.0x larger than dense)" in text
+    )
+    assert "smaller" not in text
+    assert result.to_json()["dense_bytes_per_update"] == 112.0

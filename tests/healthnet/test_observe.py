@@ -251,3 +251,43 @@ def test_rate_window_forgets_samples_older_than_the_window() -> None:
     for t in range(100, 200, 10):
         window.add(float(t), t)  # one version per second from t = 100
     assert window.per_minute(190.0) == pytest.approx(60.0)
+
+
+def test_a_live_status_ages_from_its_arrival_and_a_retained_one_from_its_updated_at() -> None:
+    """A retained status handed over on subscribing shows how old it was when it was published."""
+    live, retained = Observer(FED), Observer(FED)
+    live.observe(TREE.aggregator_status(), status(4, updated_at=100.0), 1000.0)
+    retained.observe(TREE.aggregator_status(), status(4, updated_at=100.0), 1000.0, retained=True)
+    assert live.snapshot(now=1010.0).status_age_seconds == pytest.approx(10.0)
+    assert retained.snapshot(now=1010.0).status_age_seconds == pytest.approx(910.0)
+
+
+def test_a_retained_status_from_a_clock_ahead_of_ours_is_no_younger_than_zero() -> None:
+    """An aggregator clock ahead of ours makes the status as fresh as its arrival, not negative."""
+    observer = Observer(FED)
+    observer.observe(TREE.aggregator_status(), status(4, updated_at=2000.0), 1000.0, retained=True)
+    assert observer.snapshot(now=1003.0).status_age_seconds == pytest.approx(3.0)
+
+
+def test_an_offline_will_changes_the_state_and_keeps_the_last_numbers() -> None:
+    """The Last Will (made when the aggregator connected, at v2) does not take the picture back."""
+    observer = Observer(FED)
+    observer.on_status(status(9, updated_at=500.0, buffer_fill=2), now=500.0)
+    will = status(2, updated_at=100.0, buffer_fill=0).model_copy(
+        update={"state": AggregatorState.OFFLINE}
+    )
+    observer.on_status(will, now=520.0)
+    snap = observer.snapshot(now=530.0)
+    assert (snap.state, snap.version, snap.buffer_fill) == ("offline", 9, 2)
+    assert snap.status_age_seconds == pytest.approx(10.0)
+
+
+def test_the_update_size_names_wire_and_dense_bytes_the_right_way_round() -> None:
+    """Accepted updates larger on the wire than dense are said to be larger, with both counts."""
+    observer = Observer(FED)
+    counters = Counters(accepted=3, bytes_accepted=3 * 559, raw_bytes_accepted=3 * 112)
+    observer.on_status(status(1).model_copy(update={"counters": counters}), now=1.0)
+    assert observer.snapshot(now=1.0).update_size == (
+        "559 bytes on the wire, 112 as dense float32 (5.0x larger than dense)"
+    )
+    assert Observer(FED).snapshot(now=1.0).update_size is None

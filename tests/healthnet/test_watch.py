@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from common.messages import NodeLedgerEntry, NodeState, NodeStatus
+from common.messages import Counters, NodeLedgerEntry, NodeState, NodeStatus
 from common.topics import TopicTree
 from healthnet.observe import Observer
 from healthnet.watch import render, sparkline
@@ -55,3 +55,13 @@ def test_watch_before_any_status_says_so() -> None:
 def test_sparkline_scales_values_into_bars(values: list[float | None], expected: str) -> None:
     """One bar per value between low and high; None is a gap and outliers are clipped."""
     assert sparkline(values) == expected
+
+
+def test_watch_shows_the_status_age_and_the_update_size() -> None:
+    """The headline says how old the status is; a line gives wire and dense bytes per update."""
+    observer = Observer("fed")
+    counters = Counters(accepted=2, bytes_accepted=2 * 30_000, raw_bytes_accepted=2 * 420_000)
+    observer.on_status(status(3).model_copy(update={"counters": counters}), now=41.0)
+    text = _text(observer)
+    assert "status 60s old" in text
+    assert "30,000 bytes on the wire, 420,000 as dense float32 (14.0x smaller than dense)" in text

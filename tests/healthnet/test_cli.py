@@ -1,0 +1,186 @@
+"""Specification of the CLI's refusals: bad input is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from common.broker_url import BrokerEndpoint
+from common.codec import encode, envelope
+from common.messages import AggregatorState, AggregatorStatus, Counters, Knobs
+from common.mqtt import MqttClient
+from common.topics import TopicTree
+from healthnet.broker import EmbeddedBroker
+from healthnet.cli import app
+
+SECRET = "s3cr3t-Pa55"  # noqa: S105 - a made-up credential that must never be echoed
+
+
+@pytest.fixture
+def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """A runner in an empty directory (no .env) with no HEALTHNET_ variables set."""
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("HEALTHNET_")]:
+        monkeypatch.delenv(name)
+    return CliRunner()
+
+
+def assert_one_line_refusal(stderr: str, *expected: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    for text in expected:
+        assert text in lines[0], stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        pytest.param(
+            ["--broadcast-dtype", "float64"], ["--broadcast-dtype", "float64"], id="broadcast-dtype"
+        ),
+        pytest.param(["--model-kwargs", "{bad"], ["--model-kwargs", "not JSON"], id="kwargs-json"),
+        pytest.param(
+            ["--model-kwargs", "[1]", "--model", "logreg"], ["--model-kwargs"], id="kwargs-list"
+        ),
+        pytest.param(
+            ["--broker-url", f"http://hospital:{SECRET}@broker"],
+            ["--broker-url", "mqtt://"],
+            id="broker-url-scheme",
+        ),
+        pytest.param(["--broker-url", "mqtt://:1883"], ["--broker-url", "no host"], id="no-host"),
+        pytest.param(["--broker-url", "mqtt://b:70000"], ["--broker-url"], id="port-range"),
+        pytest.param(["--lr", "-1"], ["--lr", "-1"], id="learning-rate"),
+        pytest.param(["--top-k", "2"], ["--top-k"], id="top-k"),
+        pytest.param(["--federation", "a/b"], ["--federation", "a/b"], id="federation"),
+    ],
+)
+def test_a_bad_aggregator_flag_is_one_line_exit_2_and_touches_no_state(
+    runner: CliRunner, tmp_path: Path, flags: list[str], expected: list[str]
+) -> None:
+    """`aggregator run` with a bad flag says which, exits 2, and creates no lock or checkpoint."""
+    state = tmp_path / "state"
+    result = runner.invoke(app, ["aggregator", "run", "--state-dir", str(state), *flags])
+    assert result.exit_code == 2, result.output
+    assert_one_line_refusal(result.stderr, *expected)
+    assert SECRET not in result.output
+    assert not state.exists()
+
+
+def test_a_bad_broker_url_is_refused_by_a_real_process_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """`python -m healthnet aggregator run --broker-url …` prints one line and exits 2."""
+    state = tmp_path / "state"
+    args = ["aggregator", "run", "--state-dir", str(state)]
+    done = subprocess.run(
+        [sys.executable, "-m", "healthnet", *args, "--broker-url", f"mqtt://h:{SECRET}@b:port"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert_one_line_refusal(done.stderr, "--broker-url")
+    assert SECRET not in done.stderr + done.stdout
+    assert not state.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["status", "--broker-url", "tcp://b"], id="status"),
+        pytest.param(["pause", "--broker-url", "mqtt://b?protocol=4"], id="pause"),
+        pytest.param(["nodes", "--federation", "no spaces"], id="nodes"),
+        pytest.param(["watch", "--broker-url", "mqtt://"], id="watch"),
+        pytest.param(["dashboard", "--port", "70000"], id="dashboard"),
+        pytest.param(["set", "buffer_size"], id="set-without-value"),
+        pytest.param(["demo", "--delay", "va=soon"], id="demo-delay"),
+        pytest.param(["demo", "--broker-url", "mqtt://"], id="demo-broker-url"),
+        pytest.param(["demo", "--mode", "fast"], id="demo-mode"),
+        pytest.param(["broker", "--implementation", "nats"], id="broker"),
+    ],
+)
+def test_every_command_refuses_bad_input_in_one_line_with_exit_2(
+    runner: CliRunner, args: list[str]
+) -> None:
+    """Control, observing, demo and broker commands share the same refusal."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert_one_line_refusal(result.stderr)
+
+
+def test_a_node_without_data_is_refused(runner: CliRunner, tmp_path: Path) -> None:
+    """`node run` without --data does not fall back to the bundled public heart data."""
+    state = tmp_path / "node"
+    result = runner.invoke(app, ["node", "run", "--state-dir", str(state)])
+    assert result.exit_code == 2, result.output
+    assert_one_line_refusal(result.stderr, "--data is required")
+    assert not state.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_node_asked_for_cuda_without_cuda_fails_at_start(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    """`node run --device cuda` on a CPU-only machine exits 1 at once, before broker or state."""
+    state = tmp_path / "node"
+    result = runner.invoke(
+        app,
+        [
+            *("node", "run", "--device", "cuda", "--data", "heart-disease:cleveland"),
+            *("--state-dir", str(state), "--broker-url", "mqtt://127.0.0.1:9"),
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    assert_one_line_refusal(result.stderr, "'cuda'", "no CUDA device")
+    assert not state.exists() or not any(state.iterdir())
+
+
+def retained_status(url: str, federation: str, body: AggregatorStatus) -> None:
+    tree = TopicTree(federation)
+    with MqttClient(BrokerEndpoint.parse(url), f"agg-{uuid.uuid4().hex[:8]}") as client:
+        payload = encode(envelope(body, sender="aggregator", sent_at=body.updated_at))
+        client.publish(tree.aggregator_status(), payload, wait=15.0)
+
+
+@pytest.mark.broker
+def test_status_shows_its_age_and_an_update_size_that_is_right_way_round(
+    runner: CliRunner, mosquitto: EmbeddedBroker
+) -> None:
+    """`healthnet status` of a two-hour-old offline status says so; wire bytes beside dense."""
+    federation = f"cli{uuid.uuid4().hex[:12]}"
+    body = AggregatorStatus(
+        run_id="run-1",
+        state=AggregatorState.OFFLINE,
+        version=7,
+        buffer_fill=0,
+        knobs=Knobs(),
+        counters=Counters(accepted=3, bytes_accepted=3 * 559, raw_bytes_accepted=3 * 112),
+        updated_at=time.time() - 7200,
+    )
+    retained_status(mosquitto.url, federation, body)
+    flags = ["--broker-url", mosquitto.url, "--federation", federation]
+    shown = runner.invoke(app, ["status", *flags])
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.stdout.split())  # rich wraps at the terminal's width
+    assert "offline, version 7" in text
+    assert "status 2.0h old" in text
+    assert "559 bytes on the wire, 112 as dense float32 (5.0x larger than dense)" in text
+    assert "smaller" not in text
+    as_json = runner.invoke(app, ["status", "--json", *flags])
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.stdout)
+    assert data["state"] == "offline"
+    assert 7200 <= data["status_age_seconds"] < 7200 + 60
