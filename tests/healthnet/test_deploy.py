@@ -328,6 +328,7 @@ def test_every_topic_a_roles_code_subscribes_to_is_readable_under_the_generated_
     service = AggregatorService(
         AggregatorSettings(federation="heart", state_dir=tmp_path, client_id="aggregator")
     )
+    service._core = service._fresh_core()  # its Last Will is built from the core's status
     subscribed = {
         "aggregator": service._connect().subscriptions,  # the real client, unstarted
         "cleveland": tree.subscriptions(Role.HOSPITAL, "cleveland"),
