@@ -51,9 +51,10 @@ from pathlib import Path
 from aggregator.core import AggregatorCore, Discard, Fold, Verdict
 from aggregator.ledger import Ledger, LedgerEntry, LedgerEvent
 from aggregator.store import Checkpoint, StateStore
-from common.codec import decode
+from common.codec import decode, sha256_hex
 from common.errors import ControlError, HealthNetError, ProtocolError
 from common.messages import AggregatorState, ModelSpec, RejectReason, Update, VersionRecord
+from common.provenance import record_digest, seal
 
 __all__ = ["Journal"]
 
@@ -70,16 +71,21 @@ class Journal:
         model: ModelSpec,
         keep_checkpoints: int = 3,
         checkpoint_every: int = 1,
+        archive_models: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
-        self.store = StateStore(directory, keep_checkpoints=keep_checkpoints)
+        self.store = StateStore(
+            directory, keep_checkpoints=keep_checkpoints, archive_models=archive_models
+        )
         self.ledger = Ledger(directory)
         self.checkpoint_every = checkpoint_every
         self._model = model
         self._clock = clock
         self._record: VersionRecord | None = None
+        # The digest of the newest record in versions.jsonl: the next version's parent.
+        self._head: str | None = None
         self._checkpointed: tuple[int, AggregatorState] | None = None
 
     def close(self) -> None:
@@ -105,6 +111,9 @@ class Journal:
     def _resume(
         self, fresh: Callable[[], AggregatorCore], *, max_bytes: int
     ) -> tuple[AggregatorCore, Checkpoint | None, int]:
+        for last in self.store.versions_backwards():
+            self._head = record_digest(last)
+            break
         checkpoint = self.store.load_latest()
         if checkpoint is None:
             core = fresh()
@@ -191,7 +200,7 @@ class Journal:
         """Make the versions logged after the checkpoint again; returns how many."""
         for record in records:
             try:
-                fold = core.refold(record, self._clock())
+                core.refold(record, self._clock())
             except ControlError as exc:
                 # Only possible if files were damaged or deleted: going on would publish a second,
                 # different version under a number that nodes already trained on.
@@ -200,7 +209,8 @@ class Journal:
                     f"again from the checkpoint and the write-ahead log in "
                     f"{self.store.directory} ({exc}); the state directory is damaged"
                 ) from exc
-            self._record = fold.record
+            # The logged record, not the refold's (its times differ): versions.jsonl is the chain.
+            self._record = record
         if records:
             log.info(
                 "run %s: made v%d-v%d again from the WAL",
@@ -260,14 +270,21 @@ class Journal:
             ]
         )
 
-    def commit_fold(self, core: AggregatorCore, fold: Fold) -> None:
-        """Versions log (the commit point), ledger, and a checkpoint when one is due."""
-        self._record = fold.record
-        self.store.append_version(fold.record)
-        self.ledger.append(self._folded(fold.record))
+    def commit_fold(self, core: AggregatorCore, fold: Fold, model_blob: bytes) -> VersionRecord:
+        """Model archive, versions log (the commit point), ledger, and a checkpoint when one is
+        due. ``model_blob`` is the version's blob as broadcast; returns the record as logged,
+        sealed into the hash chain (:mod:`common.provenance`)."""
+        record = seal(fold.record, parent=self._head, model_sha256=sha256_hex(model_blob))
+        # Before the commit point, so that every logged version has its model on disk.
+        self.store.archive_model(fold.version, model_blob)
+        self._record = record
+        self.store.append_version(record)
+        self._head = record_digest(record)
+        self.ledger.append(self._folded(record))
         state_changed = self._checkpointed is None or self._checkpointed[1] is not core.state
         if state_changed or fold.version % self.checkpoint_every == 0:
             self.checkpoint(core)
+        return record
 
     def commit_discard(self, core: AggregatorCore, discard: Discard) -> None:
         """Ledger (synced: these are rejections now), then a checkpoint that forgets them."""

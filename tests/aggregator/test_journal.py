@@ -15,10 +15,18 @@ from aggregator.core import AggregatorCore, Fold
 from aggregator.journal import Journal
 from aggregator.ledger import LedgerEvent, read_ledger, update_fates
 from aggregator.store import StateStore
-from common.codec import encode, envelope
+from common.codec import encode, encode_tensors, envelope, sha256_hex
 from common.compression import dense_tensor
 from common.errors import HealthNetError
-from common.messages import AggregatorState, Knobs, ModelSpec, TrainMetrics, Update
+from common.messages import (
+    AggregatorState,
+    Knobs,
+    ModelSpec,
+    TrainMetrics,
+    Update,
+    VersionRecord,
+)
+from common.provenance import verify_chain
 
 MODEL = ModelSpec(name="logreg", kwargs={"in_features": 3, "num_classes": 2})
 PARAMS = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
@@ -72,7 +80,7 @@ class Aggregator:
         while self.core.fold_due(2.0):
             fold = self.core.fold(2.0)
             assert isinstance(fold, Fold)
-            self.journal.commit_fold(self.core, fold)
+            self.journal.commit_fold(self.core, fold, encode_tensors(fold.params))
 
     def close(self) -> None:
         self.journal.close()
@@ -148,6 +156,10 @@ def test_a_crash_anywhere_in_a_fold_loses_nothing_and_folds_nothing_twice(
     assert {i: f.folded_into for i, f in fates.items()} == {
         c["update_id"]: [r["version"]] for r in versions(run) for c in r["contributions"]
     }
+    # The recovered run's records still form one hash chain, ending at v5's archived model.
+    records = [VersionRecord.model_validate(r) for r in versions(run)]
+    verify_chain(records, model_sha256=sha256_hex((run / "models" / "v00000005.blob").read_bytes()))
+
     if every == 1:
         assert StateStore(run).wal_entries() == []
 
