@@ -28,6 +28,7 @@ from common.messages import (
     StalenessKind,
 )
 from healthnet.deploy.cli import deploy_app
+from healthnet.model_cli import model_app, predict_command
 
 app = typer.Typer(
     name="healthnet",
@@ -40,6 +41,8 @@ node_app = typer.Typer(help="Run an edge node (one per hospital).", no_args_is_h
 app.add_typer(aggregator_app, name="aggregator")
 app.add_typer(node_app, name="node")
 app.add_typer(deploy_app, name="deploy")
+app.add_typer(model_app, name="model")
+app.command("predict")(predict_command)
 
 console = Console()
 err_console = Console(stderr=True)
