@@ -285,7 +285,7 @@ def predict_command(
         raise _fail(exc) from exc
     summary = f"{len(run.rows)} rows with v{run.version} to {out}"
     if run.errors:
-        summary += f"; {run.errors} rows have errors (see the error column)"
+        summary += f"; {run.errors} with an error (see the error column)"
     if run.accuracy is not None:
         summary += f"; accuracy {run.accuracy:.4f} ({run.correct}/{len(run.labelled)} labelled)"
     console.print(summary)
