@@ -14,7 +14,11 @@ and acknowledges a message only after the call returns:
    the broker (manual ack on a persistent session) and the node's outbox deliver it again; a
    crash after the WAL write finds it in the WAL on restart, and the redelivery is a duplicate.
 2. **A fold** (:meth:`Journal.commit_fold`), in this order:
-   a. the version record appended to ``versions.jsonl`` and synced: **the commit point**;
+   0. the version's model blob, as broadcast, archived in ``models/`` (atomic; a crash before (a)
+      leaves a blob of a version that never existed, overwritten when that number is made);
+   a. the version record, sealed into the hash chain (:mod:`common.provenance`: its parent's
+      digest is that of the last record in the log), appended to ``versions.jsonl`` and synced:
+      **the commit point**;
    b. a ``folded`` ledger line per update (not synced: derived from (a) if lost);
    c. every ``checkpoint_every`` versions, and whenever the run state changes, an (atomic)
       checkpoint, after which the WAL entries of every update not in the buffer are deleted;

@@ -300,14 +300,13 @@ def _record(history: RunHistory, version: int) -> VersionRecord | None:
 
 
 def _chain_to(records: Sequence[VersionRecord], version: int) -> list[VersionRecord]:
-    """The records up to ``version`` from the first one that carries the chain."""
+    """The records up to ``version`` from the first one that carries the chain (none for v0, or
+    for a run logged before the chain existed)."""
     upto = [r for r in records if r.version <= version]
-    sealed = [i for i, r in enumerate(upto) if r.updates_digest is not None]
-    if not upto or not sealed or upto[-1].version != version:
-        if upto and upto[-1].version != version and version > 0:
-            raise IntegrityError(f"versions.jsonl has no record of v{version}")
-        return []
-    return upto[sealed[0] :]
+    if version > 0 and (not upto or upto[-1].version != version):
+        raise IntegrityError(f"versions.jsonl has no record of v{version}: it cannot be verified")
+    first = next((i for i, r in enumerate(upto) if r.updates_digest is not None), None)
+    return [] if first is None else upto[first:]
 
 
 def _run_model(history: RunHistory, version: int) -> ModelSpec:

@@ -333,3 +333,13 @@ def test_model_list_and_verify_commands(tmp_path: Path) -> None:
     verified = runner.invoke(app, ["model", "verify", str(tmp_path / "copy")])
     assert verified.exit_code == 1
     assert "sha256" in verified.output
+
+
+def test_a_version_whose_record_is_missing_is_refused(tmp_path: Path) -> None:
+    """A version that has a model but no record in versions.jsonl cannot be verified: refused."""
+    make_run(tmp_path / "run", accuracy={3: {"a": 0.5}})
+    log = tmp_path / "run" / "versions.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:2] + lines[3:]) + "\n")  # v3's record is gone
+    with pytest.raises(IntegrityError, match="no record of v3"):
+        pull_from_run(tmp_path / "run", "3", tmp_path / "copy")
