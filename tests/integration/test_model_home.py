@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.provenance import verify_chain
 from edge_node.datasets import load_dataset
 from healthnet.lifecycle import load_history, load_model_copy
 
@@ -53,6 +54,10 @@ def test_pull_export_predict_reproduces_the_recorded_accuracy(demo: Path, tmp_pa
 
     listing = ok(cli("model", "list", "--run", str(demo)))
     history = load_history(demo)
+    # The aggregator archived every version it made, v0 included, and sealed every record.
+    assert [s.version for s in history.versions] == list(range(11))
+    assert all(s.retrievable for s in history.versions)
+    verify_chain(list(history.logs.records))
     best = history.resolve("best")
     assert "best" in listing
     recorded = history.summary(best).evaluations
