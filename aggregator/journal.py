@@ -14,7 +14,11 @@ and acknowledges a message only after the call returns:
    the broker (manual ack on a persistent session) and the node's outbox deliver it again; a
    crash after the WAL write finds it in the WAL on restart, and the redelivery is a duplicate.
 2. **A fold** (:meth:`Journal.commit_fold`), in this order:
-   a. the version record appended to ``versions.jsonl`` and synced: **the commit point**;
+   0. the version's model blob, as broadcast, archived in ``models/`` (atomic; a crash before (a)
+      leaves a blob of a version that never existed, overwritten when that number is made);
+   a. the version record, sealed into the hash chain (:mod:`common.provenance`: its parent's
+      digest is that of the last record in the log), appended to ``versions.jsonl`` and synced:
+      **the commit point**;
    b. a ``folded`` ledger line per update (not synced: derived from (a) if lost);
    c. every ``checkpoint_every`` versions, and whenever the run state changes, an (atomic)
       checkpoint, after which the WAL entries of every update not in the buffer are deleted;
@@ -64,9 +68,10 @@ from aggregator.aggregation import Params, ServerOptimizerState
 from aggregator.core import AggregatorCore, Discard, Fold, Probe, Verdict
 from aggregator.ledger import Ledger, LedgerEntry, LedgerEvent
 from aggregator.store import Checkpoint, StateStore
-from common.codec import decode
-from common.errors import ControlError, HealthNetError, ProtocolError
+from common.codec import decode, sha256_hex
+from common.errors import ControlError, DecodeError, HealthNetError, ProtocolError
 from common.messages import AggregatorState, ModelSpec, RejectReason, Update, VersionRecord
+from common.provenance import record_digest, seal
 
 __all__ = ["Journal"]
 
@@ -83,16 +88,21 @@ class Journal:
         model: ModelSpec,
         keep_checkpoints: int = 3,
         checkpoint_every: int = 1,
+        archive_models: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
-        self.store = StateStore(directory, keep_checkpoints=keep_checkpoints)
+        self.store = StateStore(
+            directory, keep_checkpoints=keep_checkpoints, archive_models=archive_models
+        )
         self.ledger = Ledger(directory)
         self.checkpoint_every = checkpoint_every
         self._model = model
         self._clock = clock
         self._record: VersionRecord | None = None
+        # The digest of the newest record in versions.jsonl: the next version's parent.
+        self._head: str | None = None
         self._checkpointed: tuple[int, AggregatorState] | None = None
 
     def close(self) -> None:
@@ -123,6 +133,9 @@ class Journal:
     def _resume(
         self, fresh: Callable[[], AggregatorCore], *, max_bytes: int, probe: Probe | None
     ) -> tuple[AggregatorCore, Checkpoint | None, int]:
+        for last in self.store.versions_backwards():
+            self._head = record_digest(last)
+            break
         checkpoint = self.store.load_latest()
         if checkpoint is None:
             core = fresh()
@@ -215,9 +228,9 @@ class Journal:
             try:
                 if record.reason == "rollback":
                     params, optimizer = self.rollback_source(core, record.rollback_of or 0)
-                    fold = core.redo_rollback(record, params, optimizer)
+                    core.redo_rollback(record, params, optimizer)
                 else:
-                    fold = core.refold(record, self._clock())
+                    core.refold(record, self._clock())
             except ControlError as exc:
                 # Only possible if files were damaged or deleted: going on would publish a second,
                 # different version under a number that nodes already trained on.
@@ -226,7 +239,8 @@ class Journal:
                     f"again from the checkpoint and the write-ahead log in "
                     f"{self.store.directory} ({exc}); the state directory is damaged"
                 ) from exc
-            self._record = fold.record
+            # The logged record, not the refold's (its times differ): versions.jsonl is the chain.
+            self._record = record
         if records:
             log.info(
                 "run %s: made v%d-v%d again from the WAL",
@@ -286,14 +300,16 @@ class Journal:
             ]
         )
 
-    def commit_fold(self, core: AggregatorCore, fold: Fold) -> None:
-        """Versions log (the commit point), ledger, and a checkpoint when one is due."""
-        self._record = fold.record
-        self.store.append_version(fold.record)
-        self.ledger.append(self._folded(fold.record))
+    def commit_fold(self, core: AggregatorCore, fold: Fold, model_blob: bytes) -> VersionRecord:
+        """Model archive, versions log (the commit point), ledger, and a checkpoint when one is
+        due. ``model_blob`` is the version's blob as broadcast; returns the record as logged,
+        sealed into the hash chain (:mod:`common.provenance`)."""
+        record = self._log_version(fold, model_blob)
+        self.ledger.append(self._folded(record))
         state_changed = self._checkpointed is None or self._checkpointed[1] is not core.state
         if state_changed or fold.version % self.checkpoint_every == 0:
             self.checkpoint(core)
+        return record
 
     def commit_discard(self, core: AggregatorCore, discard: Discard) -> None:
         """Ledger (synced: the nodes are told next), then a checkpoint that forgets them."""
@@ -324,13 +340,13 @@ class Journal:
         """
         if not 0 <= version < core.version:
             raise ControlError(f"v{version} is not an earlier version (current: v{core.version})")
-        checkpoint = self.store.load_version(version)
+        checkpoint = self._kept_checkpoint(version)
         if checkpoint is not None and checkpoint.run_id == core.run_id:
             return checkpoint.params, checkpoint.optimizer_state()
         latest = self.store.load_latest()
         if latest is not None and latest.run_id == core.run_id and latest.version <= version:
             return self._remake(latest, version)
-        kept = [v for v in self.store.retained_versions() if v < core.version]
+        kept = [v for v in self.store.checkpoint_versions() if v < core.version]
         listed = [f"v{v}" for v in kept if latest is None or v < latest.version]
         if latest is not None and latest.version < core.version - 1:
             listed.append(f"v{latest.version}-v{core.version - 1}")
@@ -341,6 +357,16 @@ class Journal:
             f"rolled back to: {', '.join(listed) or 'none'} (keep_checkpoints and "
             "checkpoint_every decide which are kept)"
         )
+
+    def _kept_checkpoint(self, version: int) -> Checkpoint | None:
+        """The checkpoint of ``version``, or None when none is kept (or it does not decode)."""
+        try:
+            return self.store.load_checkpoint(version)
+        except FileNotFoundError:
+            return None
+        except DecodeError as exc:
+            log.warning("checkpoint of v%d is unreadable: %s", version, exc)
+            return None
 
     def _remake(self, checkpoint: Checkpoint, version: int) -> tuple[Params, ServerOptimizerState]:
         """``version``'s weights, folded again from ``checkpoint`` and the WAL in a scratch core:
@@ -377,12 +403,22 @@ class Journal:
             raise ControlError(f"v{version} cannot be made again from the write-ahead log")
         return scratch.params, scratch.optimizer_state
 
-    def commit_rollback(self, core: AggregatorCore, fold: Fold) -> None:
+    def commit_rollback(self, core: AggregatorCore, fold: Fold, model_blob: bytes) -> VersionRecord:
         """The version record (the commit point), then a checkpoint at once: recovery can redo a
         rollback only while its source checkpoint is kept, and the next write may rotate it."""
-        self._record = fold.record
-        self.store.append_version(fold.record)
+        record = self._log_version(fold, model_blob)
         self.checkpoint(core)
+        return record
+
+    def _log_version(self, fold: Fold, model_blob: bytes) -> VersionRecord:
+        """Seal the version's record into the chain, archive its model, then log the record."""
+        record = seal(fold.record, parent=self._head, model_sha256=sha256_hex(model_blob))
+        # Before the commit point, so that every logged version has its model on disk.
+        self.store.archive_model(fold.version, model_blob)
+        self._record = record
+        self.store.append_version(record)
+        self._head = record_digest(record)
+        return record
 
     def checkpoint(self, core: AggregatorCore) -> None:
         """Write a checkpoint of the core, then drop the WAL entries it covers."""

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -42,6 +42,7 @@ from common.messages import (
     NodeStatus,
     RejectReason,
     Update,
+    VersionRecord,
 )
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
 from common.topics import Role, Route, Topic, TopicTree
@@ -69,6 +70,7 @@ class AggregatorService:
             model=settings.model,
             keep_checkpoints=settings.keep_checkpoints,
             checkpoint_every=settings.checkpoint_every,
+            archive_models=settings.archive_models,
             clock=clock,
         )
         self._clock = clock
@@ -399,8 +401,8 @@ class AggregatorService:
         core = self.core
         params, optimizer = self.journal.rollback_source(core, target)
         fold = core.rollback(target, params, optimizer, self._clock())
-        self.journal.commit_rollback(core, fold)
-        self._announce(fold)
+        blob, dtype = self._model_blob()
+        self._announce(self.journal.commit_rollback(core, fold, blob), blob, dtype)
         message = f"rolled back to v{target}'s weights as v{fold.version}"
         log.warning("operator: %s", message)
         return message
@@ -448,27 +450,30 @@ class AggregatorService:
         self._status_dirty = True
 
     def _commit(self, fold: Fold) -> None:
-        self.journal.commit_fold(self.core, fold)
-        self._announce(fold)
+        blob, dtype = self._model_blob()
+        self._announce(self.journal.commit_fold(self.core, fold, blob), blob, dtype)
 
-    def _announce(self, fold: Fold) -> None:
-        self._publish_model()
-        self._send(self.topics.versions(), fold.record)
-        self.metrics.observe_version(fold.record)
-        stalenesses = [c.staleness for c in fold.record.contributions]
-        if fold.record.rollback_of is None:
+    def _announce(
+        self, record: VersionRecord, blob: bytes, dtype: Literal["float32", "float16"]
+    ) -> None:
+        """Publish a committed version: its model, its record, the metrics and the log line."""
+        self._publish_model(blob, dtype)
+        self._send(self.topics.versions(), record)
+        self.metrics.observe_version(record)
+        stalenesses = [c.staleness for c in record.contributions]
+        if record.rollback_of is None:
             log.info(
                 "v%d folded from %d updates (staleness %s, %s)",
-                fold.version,
+                record.version,
                 len(stalenesses),
                 stalenesses,
-                fold.record.reason,
+                record.reason,
             )
         self._publish_status(force=True)
 
-    def _publish_model(self) -> None:
-        """Chunks first, manifest last (retained), then clear the previous version's chunks."""
-        core, client = self.core, self._require_client()
+    def _model_blob(self) -> tuple[bytes, Literal["float32", "float16"]]:
+        """The current version's blob as broadcast, and the dtype its tensors travel as."""
+        core = self.core
         dtype = core.knobs.broadcast_dtype
         params: Mapping[str, NDArray[Any]] = core.params
         if dtype == "float16":
@@ -480,7 +485,21 @@ class AggregatorService:
                     "v%d has weights beyond float16's range; broadcast as float32", core.version
                 )
                 dtype = "float32"
-        blob = encode_tensors(params)
+        return encode_tensors(params), dtype
+
+    def _publish_model(
+        self, blob: bytes | None = None, dtype: Literal["float32", "float16"] | None = None
+    ) -> None:
+        """Chunks first, manifest last (retained), then clear the previous version's chunks.
+
+        ``blob`` and ``dtype`` are the current version's, when the caller has encoded them.
+        """
+        core, client = self.core, self._require_client()
+        if blob is None or dtype is None:
+            blob, dtype = self._model_blob()
+            if self.journal.store.archived_model(core.version) is None:
+                # v0, or a run from before the archive: keep the version being announced too.
+                self.journal.store.archive_model(core.version, blob)
         chunks = split_blob(blob, self.settings.chunk_size)
         for index, chunk in enumerate(chunks):
             client.publish(self.topics.chunk(core.version, index), chunk)

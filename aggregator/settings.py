@@ -35,6 +35,11 @@ class AggregatorSettings(ConnectionSettings):
     )
     status_interval: float = Field(default=5.0, gt=0, description="status heartbeat, seconds")
     keep_checkpoints: int = Field(default=3, ge=1)
+    archive_models: bool = Field(
+        default=True,
+        description="keep every version's model blob in models/ so that any version can be "
+        "pulled later (healthnet model pull); off for models too large to keep one per version",
+    )
     # Off unless asked for: an aggregator opens no listening port of its own by default.
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="serve Prometheus /metrics here (0: any free)"

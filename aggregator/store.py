@@ -252,10 +252,14 @@ class WalEntry:
 class StateStore:
     """Files under one state directory; one aggregator process owns it at a time."""
 
-    def __init__(self, directory: Path, keep_checkpoints: int = 3) -> None:
+    def __init__(
+        self, directory: Path, keep_checkpoints: int = 3, *, archive_models: bool = True
+    ) -> None:
         self.directory = directory
         self.keep_checkpoints = keep_checkpoints
+        self.archive_models = archive_models
         self._checkpoints = directory / "checkpoints"
+        self.models = directory / "models"
         self._wal = directory / "wal"
         self.versions_log = directory / "versions.jsonl"
         self.evaluations_log = directory / "evaluations.jsonl"
@@ -263,9 +267,13 @@ class StateStore:
 
     def open(self) -> None:
         """Create the layout and remove temp files left by a crash mid-write."""
-        for folder in (self.directory, self._checkpoints, self._wal):
+        for folder in (self.directory, self._checkpoints, self._wal, self.models):
             folder.mkdir(parents=True, exist_ok=True)
-        for stale in [*self._checkpoints.glob("*.tmp"), *self._wal.glob("*.tmp")]:
+        for stale in [
+            *self._checkpoints.glob("*.tmp"),
+            *self._wal.glob("*.tmp"),
+            *self.models.glob("*.tmp"),
+        ]:
             stale.unlink()
         entries = list(self._scan_wal())
         self._sequence = max((e.sequence for e in entries), default=0)
@@ -289,24 +297,32 @@ class StateStore:
                 log.warning("checkpoint %s is unreadable, trying an older one: %s", path, exc)
         return None
 
-    def retained_versions(self) -> list[int]:
-        """The versions that have a checkpoint on disk, oldest first."""
+    def checkpoint_versions(self) -> list[int]:
+        """The versions of the retained checkpoints, oldest first."""
         return [int(_CHECKPOINT.match(p.name).group(1)) for p in self._checkpoint_paths()]  # type: ignore[union-attr]
 
-    def load_version(self, version: int) -> Checkpoint | None:
-        """The checkpoint of ``version``, or None when none is kept (or it does not decode)."""
-        path = self._checkpoints / f"v{version:08d}.ckpt"
-        try:
-            return decode_checkpoint(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except DecodeError as exc:
-            log.warning("checkpoint %s is unreadable: %s", path, exc)
-            return None
+    def load_checkpoint(self, version: int) -> Checkpoint:
+        """The retained checkpoint of ``version``; FileNotFoundError when none is kept,
+        DecodeError when it is damaged."""
+        return decode_checkpoint((self._checkpoints / f"v{version:08d}.ckpt").read_bytes())
 
     def _checkpoint_paths(self) -> list[Path]:
         found = [p for p in self._checkpoints.iterdir() if _CHECKPOINT.match(p.name)]
         return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))  # type: ignore[union-attr]
+
+    # -- model archive
+
+    def archive_model(self, version: int, blob: bytes) -> None:
+        """Keep a version's model blob as broadcast (``models/v{version:08d}.blob``), so that any
+        version can be pulled after the run; off (``archive_models=False``) for runs whose
+        models are too large to keep one per version."""
+        if self.archive_models:
+            atomic_write(self.models / f"v{version:08d}.blob", blob)
+
+    def archived_model(self, version: int) -> Path | None:
+        """The archived blob of ``version``, if it was kept."""
+        path = self.models / f"v{version:08d}.blob"
+        return path if path.is_file() else None
 
     # -- write-ahead log
 

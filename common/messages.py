@@ -65,6 +65,7 @@ MAX_TENSOR_RANK = 8
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 NonNegative = Annotated[int, Field(ge=0)]
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 def _buffer(value: object) -> bytes | memoryview:
@@ -653,6 +654,14 @@ class VersionRecord(Frozen):
     # ``rollback``: an operator made this version from ``rollback_of``'s weights (no updates).
     reason: Literal["buffer_full", "buffer_timeout", "rollback"]
     rollback_of: NonNegative | None = None
+    # The hash chain (common.provenance), filled in when the version is committed; None in
+    # records written before the chain existed. ``parent_digest`` is the digest of the previous
+    # version's record (None for the first version), ``updates_digest`` the digest of the
+    # contributions folded, ``model_sha256`` the sha256 of the version's model blob as broadcast
+    # (the manifest's sha256).
+    parent_digest: Sha256Hex | None = None
+    updates_digest: Sha256Hex | None = None
+    model_sha256: Sha256Hex | None = None
 
 
 Body = (

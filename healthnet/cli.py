@@ -40,6 +40,7 @@ from common.messages import (
 )
 from common.wire_size import describe_wire_size
 from healthnet.deploy.cli import deploy_app
+from healthnet.model_cli import model_app, predict_command
 
 app = typer.Typer(
     name="healthnet",
@@ -52,6 +53,8 @@ node_app = typer.Typer(help="Run an edge node (one per hospital).", no_args_is_h
 app.add_typer(aggregator_app, name="aggregator")
 app.add_typer(node_app, name="node")
 app.add_typer(deploy_app, name="deploy")
+app.add_typer(model_app, name="model")
+app.command("predict")(predict_command)
 
 console = Console()
 err_console = Console(stderr=True)

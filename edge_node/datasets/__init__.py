@@ -36,15 +36,22 @@ line or column at fault.
 
 from __future__ import annotations
 
+from ._csv_loader import CsvPreprocessing, csv_preprocessing
 from ._dataset import DatasetError, LocalDataset
-from ._spec import load_dataset
+from ._scaling import Scaling, fit_scaling
+from ._spec import csv_arguments, load_dataset
 from .heart_disease import HEART_DISEASE_HOSPITALS
 from .pneumonia import PNEUMONIA_HOSPITALS
 
 __all__ = [
     "HEART_DISEASE_HOSPITALS",
     "PNEUMONIA_HOSPITALS",
+    "CsvPreprocessing",
     "DatasetError",
     "LocalDataset",
+    "Scaling",
+    "csv_arguments",
+    "csv_preprocessing",
+    "fit_scaling",
     "load_dataset",
 ]

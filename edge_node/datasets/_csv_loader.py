@@ -12,12 +12,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._dataset import DatasetError, LocalDataset
-from ._scaling import binary_columns, standardise
+from ._scaling import Scaling, binary_columns, fit_scaling
 
 if TYPE_CHECKING:
     from _csv import Reader
 
-__all__ = ["CsvOptions", "load_csv", "split_rows"]
+__all__ = ["CsvOptions", "CsvPreprocessing", "csv_preprocessing", "load_csv", "split_rows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,17 @@ class _Table:
     y: NDArray[np.int64]
 
 
+@dataclass(frozen=True, slots=True)
+class CsvPreprocessing:
+    """What `load_csv` does to a record: its feature columns in order, the scaling fitted on the
+    train split, and the raw labels that the class indices 0..C-1 stand for."""
+
+    features: tuple[str, ...]
+    label: str
+    classes: tuple[int, ...]
+    scaling: Scaling
+
+
 def load_csv(path: Path, options: CsvOptions) -> LocalDataset:
     """Read `path` (and `options.test_path`) into a train/test split with standardised features.
 
@@ -46,26 +57,60 @@ def load_csv(path: Path, options: CsvOptions) -> LocalDataset:
     Columns that hold only 0 and 1 on train are left as they are; the others are standardised with
     the train split's mean and std.
     """
+    features, train_x, train_y, test_x, test_y = _split(path, options)
+    preprocessing = _fit(features, options.label, train_x, train_y, test_y)
+    classes = np.array(preprocessing.classes, dtype=np.int64)
+    return LocalDataset(
+        name=f"csv:{path.name}",
+        train_x=preprocessing.scaling.apply(train_x),
+        train_y=np.searchsorted(classes, train_y).astype(np.int64),
+        test_x=preprocessing.scaling.apply(test_x),
+        test_y=np.searchsorted(classes, test_y).astype(np.int64),
+        num_classes=len(classes),
+    )
+
+
+def csv_preprocessing(path: Path, options: CsvOptions) -> CsvPreprocessing:
+    """The preprocessing `load_csv` applies to this file's records (fitted on its train split)."""
+    features, train_x, train_y, _, test_y = _split(path, options)
+    return _fit(features, options.label, train_x, train_y, test_y)
+
+
+_Split = tuple[
+    tuple[str, ...], NDArray[np.float64], NDArray[np.int64], NDArray[np.float64], NDArray[np.int64]
+]
+
+
+def _split(path: Path, options: CsvOptions) -> _Split:
     table = _read_table(path, options.label)
     if options.test_path is None:
         train_idx, test_idx = split_rows(table.y, options.test_fraction, options.seed)
-        train_x, train_y = table.x[train_idx], table.y[train_idx]
-        test_x, test_y = table.x[test_idx], table.y[test_idx]
-    else:
-        test = _read_table(options.test_path, options.label)
-        train_x, train_y = table.x, table.y
-        test_x, test_y = _align(test, table.features, options.test_path), test.y
+        return (
+            table.features,
+            table.x[train_idx],
+            table.y[train_idx],
+            table.x[test_idx],
+            table.y[test_idx],
+        )
+    test = _read_table(options.test_path, options.label)
+    return table.features, table.x, table.y, _align(test, table.features, options.test_path), test.y
+
+
+def _fit(
+    features: tuple[str, ...],
+    label: str,
+    train_x: NDArray[np.float64],
+    train_y: NDArray[np.int64],
+    test_y: NDArray[np.int64],
+) -> CsvPreprocessing:
     classes = np.unique(np.concatenate([train_y, test_y]))
     binary = binary_columns(train_x)
     continuous = [j for j in range(train_x.shape[1]) if j not in binary]
-    train_xs, test_xs = standardise(train_x, test_x, continuous)
-    return LocalDataset(
-        name=f"csv:{path.name}",
-        train_x=train_xs,
-        train_y=np.searchsorted(classes, train_y).astype(np.int64),
-        test_x=test_xs,
-        test_y=np.searchsorted(classes, test_y).astype(np.int64),
-        num_classes=len(classes),
+    return CsvPreprocessing(
+        features=features,
+        label=label,
+        classes=tuple(int(c) for c in classes),
+        scaling=fit_scaling(train_x, continuous),
     )
 
 

@@ -12,7 +12,7 @@ from ._plugin import load_plugin
 from .heart_disease import load_heart_disease
 from .pneumonia import load_pneumonia
 
-__all__ = ["load_dataset"]
+__all__ = ["csv_arguments", "load_dataset"]
 
 _CSV_KEYS = ("label", "test", "test_fraction", "seed")
 # A slots dataclass keeps no defaults on the class, so read them from an instance.
@@ -30,7 +30,7 @@ def load_dataset(spec: str) -> LocalDataset:
         case "pneumonia":
             return load_pneumonia(rest)
         case "csv":
-            path, options = _csv_arguments(spec, rest)
+            path, options = csv_arguments(spec, rest)
             return load_csv(path, options)
         case "npz":
             return load_npz(Path(rest))
@@ -46,8 +46,9 @@ def _is_dotted_name(text: str) -> bool:
     return all(part.isidentifier() for part in text.split("."))
 
 
-def _csv_arguments(spec: str, rest: str) -> tuple[Path, CsvOptions]:
-    """Split `<path>#key=value&...` into the CSV path and its options."""
+def csv_arguments(spec: str, rest: str) -> tuple[Path, CsvOptions]:
+    """Split `<path>#key=value&...` (the part of a ``csv:`` spec after the colon) into the CSV
+    path and its options."""
     path, _, query = rest.partition("#")
     if not path:
         raise DatasetError(f"dataset spec {spec!r} names no CSV file")

@@ -15,7 +15,7 @@ from aggregator.core import AggregatorCore, Discard, Fold
 from aggregator.journal import Journal
 from aggregator.ledger import LedgerEvent, read_ledger, update_fates
 from aggregator.store import StateStore
-from common.codec import encode, envelope
+from common.codec import encode, encode_tensors, envelope, sha256_hex
 from common.compression import dense_tensor
 from common.errors import ControlError, HealthNetError
 from common.messages import (
@@ -26,7 +26,9 @@ from common.messages import (
     RejectReason,
     TrainMetrics,
     Update,
+    VersionRecord,
 )
+from common.provenance import verify_chain
 
 MODEL = ModelSpec(name="logreg", kwargs={"in_features": 3, "num_classes": 2})
 PARAMS = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
@@ -80,7 +82,7 @@ class Aggregator:
         while self.core.fold_due(2.0):
             fold = self.core.fold(2.0)
             assert isinstance(fold, Fold)
-            self.journal.commit_fold(self.core, fold)
+            self.journal.commit_fold(self.core, fold, encode_tensors(fold.params))
 
     def close(self) -> None:
         self.journal.close()
@@ -156,6 +158,10 @@ def test_a_crash_anywhere_in_a_fold_loses_nothing_and_folds_nothing_twice(
     assert {i: f.folded_into for i, f in fates.items()} == {
         c["update_id"]: [r["version"]] for r in versions(run) for c in r["contributions"]
     }
+    # The recovered run's records still form one hash chain, ending at v5's archived model.
+    records = [VersionRecord.model_validate(r) for r in versions(run)]
+    verify_chain(records, model_sha256=sha256_hex((run / "models" / "v00000005.blob").read_bytes()))
+
     if every == 1:
         assert StateStore(run).wal_entries() == []
 
@@ -345,7 +351,7 @@ class Service:
         while self.core.fold_due(2.0):
             match self.core.fold(2.0):
                 case Fold() as fold:
-                    self.journal.commit_fold(self.core, fold)
+                    self.journal.commit_fold(self.core, fold, encode_tensors(fold.params))
                 case Discard() as discard:
                     self.journal.commit_discard(self.core, discard)
                     self.discards.append(discard)
@@ -353,7 +359,7 @@ class Service:
     def rollback(self, version: int) -> None:
         params, optimizer = self.journal.rollback_source(self.core, version)
         fold = self.core.rollback(version, params, optimizer, 3.0)
-        self.journal.commit_rollback(self.core, fold)
+        self.journal.commit_rollback(self.core, fold, encode_tensors(fold.params))
 
     def close(self) -> None:
         self.journal.close()
@@ -420,7 +426,7 @@ def test_a_crash_right_after_a_rollback_recovers_the_same_version_once(
     for update_id in "abcdefghij":
         reference.receive(update_id)  # v1-v5
     reference.close()
-    v4 = StateStore(tmp_path / "reference").load_version(4)
+    v4 = StateStore(tmp_path / "reference").load_checkpoint(4)
     assert v4 is not None
     run = tmp_path / "run"
     first = Service(run, checkpoint_every=every)
