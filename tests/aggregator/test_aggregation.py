@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -275,63 +276,149 @@ POLICY = StalenessPolicy()
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "reason"),
     [
-        pytest.param(lambda: StalenessPolicy(StalenessKind.CONSTANT).factor(-1), id="constant-s<0"),
-        pytest.param(lambda: StalenessPolicy(StalenessKind.POLYNOMIAL).factor(-1), id="poly-s<0"),
-        pytest.param(lambda: StalenessPolicy(StalenessKind.HINGE).factor(-1), id="hinge-s<0"),
         pytest.param(
-            lambda: buffer_aggregate([_w(1)], [1], [-1], POLICY, 1.0), id="buffer-negative-s"
+            lambda: StalenessPolicy(StalenessKind.CONSTANT).factor(-1),
+            "staleness must be non-negative, got -1",
+            id="constant-s<0",
         ),
-        pytest.param(lambda: sample_weight(0, 1.0), id="zero-samples"),
-        pytest.param(lambda: sample_weight(-3, 0.0), id="negative-samples"),
-        pytest.param(lambda: buffer_aggregate([_w(1)], [0], [0], POLICY, 1.0), id="buffer-n=0"),
-        pytest.param(lambda: buffer_aggregate([], [], [], POLICY, 1.0), id="empty-buffer"),
+        pytest.param(
+            lambda: StalenessPolicy(StalenessKind.POLYNOMIAL).factor(-1),
+            "staleness must be non-negative, got -1",
+            id="poly-s<0",
+        ),
+        pytest.param(
+            lambda: StalenessPolicy(StalenessKind.HINGE).factor(-1),
+            "staleness must be non-negative, got -1",
+            id="hinge-s<0",
+        ),
+        pytest.param(
+            lambda: buffer_aggregate([_w(1)], [1], [-1], POLICY, 1.0),
+            "staleness must be non-negative, got -1",
+            id="buffer-negative-s",
+        ),
+        pytest.param(
+            lambda: sample_weight(0, 1.0),
+            "an update needs at least one sample, got 0",
+            id="zero-samples",
+        ),
+        pytest.param(
+            lambda: sample_weight(-3, 0.0),
+            "an update needs at least one sample, got -3",
+            id="negative-samples",
+        ),
+        pytest.param(
+            lambda: buffer_aggregate([_w(1)], [0], [0], POLICY, 1.0),
+            "an update needs at least one sample, got 0",
+            id="buffer-n=0",
+        ),
+        pytest.param(
+            lambda: buffer_aggregate([], [], [], POLICY, 1.0),
+            "need one sample count per staleness, and at least one",
+            id="empty-buffer",
+        ),
         pytest.param(
             lambda: buffer_aggregate([_w(1), _w(2)], [1], [0, 0], POLICY, 1.0),
+            "need one sample count and one staleness per delta",
             id="buffer-missing-count",
         ),
         pytest.param(
             lambda: buffer_aggregate([_w(1)], [1], [0, 0], POLICY, 1.0),
+            "need one sample count and one staleness per delta",
             id="buffer-extra-staleness",
         ),
         pytest.param(
-            lambda: weighted_average([_w(1), arrays(b=[1])], [1, 1]), id="different-names"
+            lambda: weighted_average([_w(1), arrays(b=[1])], [1, 1]),
+            "deltas name different tensors",
+            id="different-names",
         ),
         pytest.param(
-            lambda: weighted_average([_w(1), arrays(w=[1], b=[1])], [1, 1]), id="extra-name"
+            lambda: weighted_average([_w(1), arrays(w=[1], b=[1])], [1, 1]),
+            "deltas name different tensors",
+            id="extra-name",
         ),
         pytest.param(
-            lambda: weighted_average([arrays(w=[1], b=[1]), _w(1)], [1, 1]), id="missing-name"
+            lambda: weighted_average([arrays(w=[1], b=[1]), _w(1)], [1, 1]),
+            "deltas name different tensors",
+            id="missing-name",
         ),
-        pytest.param(lambda: weighted_average([_w(1, 2), _w(1)], [1, 1]), id="different-shapes"),
+        pytest.param(
+            lambda: weighted_average([_w(1, 2), _w(1)], [1, 1]),
+            "tensor 'w': shape (1,) != (2,)",
+            id="different-shapes",
+        ),
         pytest.param(
             lambda: buffer_aggregate([_w(1, 2), _w(1, 2, 3)], [1, 1], [0, 0], POLICY, 1.0),
+            "tensor 'w': shape (3,) != (2,)",
             id="buffer-different-shapes",
         ),
-        pytest.param(lambda: weighted_average([], []), id="no-deltas"),
-        pytest.param(lambda: weighted_average([_w(1)], [1, 1]), id="weights-length"),
-        pytest.param(lambda: weighted_average([_w(1), _w(2)], [1, -1]), id="negative-weight"),
-        pytest.param(lambda: weighted_average([_w(1), _w(2)], [1, math.nan]), id="nan-weight"),
-        pytest.param(lambda: weighted_average([_w(1), _w(2)], [1, math.inf]), id="inf-weight"),
-        pytest.param(lambda: weighted_average([_w(1), _w(2)], [0, 0]), id="all-zero-weights"),
-        pytest.param(lambda: weighted_average([_w(1)], [1], 0.0), id="zero-normalizer"),
-        pytest.param(lambda: weighted_average([_w(1)], [1], -1.0), id="negative-normalizer"),
-        pytest.param(lambda: weighted_average([_w(1)], [1], math.nan), id="nan-normalizer"),
-        pytest.param(lambda: weighted_average([_w(1)], [1], math.inf), id="inf-normalizer"),
+        pytest.param(
+            lambda: weighted_average([], []),
+            "need one weight per delta, got 0 deltas, 0",
+            id="no-deltas",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1)], [1, 1]),
+            "need one weight per delta, got 1 deltas, 2",
+            id="weights-length",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1), _w(2)], [1, -1]),
+            "weights must be finite, non-negative and not all zero: [1, -1]",
+            id="negative-weight",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1), _w(2)], [1, math.nan]),
+            "weights must be finite, non-negative and not all zero: [1, nan]",
+            id="nan-weight",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1), _w(2)], [1, math.inf]),
+            "weights must be finite, non-negative and not all zero: [1, inf]",
+            id="inf-weight",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1), _w(2)], [0, 0]),
+            "weights must be finite, non-negative and not all zero: [0, 0]",
+            id="all-zero-weights",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1)], [1], 0.0),
+            "normalizer must be finite and positive, got 0.0",
+            id="zero-normalizer",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1)], [1], -1.0),
+            "normalizer must be finite and positive, got -1.0",
+            id="negative-normalizer",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1)], [1], math.nan),
+            "normalizer must be finite and positive, got nan",
+            id="nan-normalizer",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1)], [1], math.inf),
+            "normalizer must be finite and positive, got inf",
+            id="inf-normalizer",
+        ),
         pytest.param(
             lambda: server_step(_w(1), arrays(b=[1]), ServerOptimizerState(), ServerOptimizer()),
+            "delta and params name different tensors",
             id="step-different-names",
         ),
         pytest.param(
             lambda: server_step(_w(1), _w(1, 2, 3), ServerOptimizerState(), ServerOptimizer()),
+            "tensor 'w': delta shape (3,) != params (1,)",
             id="step-different-shapes",
         ),
     ],
 )
-def test_invalid_input_raises_value_error(call: Any) -> None:
-    """Negative staleness, empty samples, mismatched tensors and bad weights are refused."""
-    with pytest.raises(ValueError):  # noqa: PT011 - every refusal in this table is a ValueError
+def test_invalid_input_raises_value_error(call: Any, reason: str) -> None:
+    """Negative staleness, empty samples, mismatched tensors and bad weights are refused, each
+    saying why."""
+    with pytest.raises(ValueError, match=f"^{re.escape(reason)}$"):
         call()
 
 
