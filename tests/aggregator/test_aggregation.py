@@ -500,17 +500,78 @@ def test_adaptive_optimizers_move_params_with_the_delta(
         assert np.all((twice[name] - once[name]) * delta[name] >= 0)
 
 
-@pytest.mark.parametrize("kind", ADAPTIVE)
-def test_adaptive_optimizers_take_a_visible_step_with_the_delta_sign(
+# Three pseudo-gradients for a two-coordinate tensor. Under FedYogi the first coordinate's second
+# moment grows (0.01 + tau^2 > tau^2 = v), shrinks (0.05^2 < v) and grows again (2^2 > v); the
+# second's stays put on a zero delta (sign times zero).
+ADAPTIVE_X0 = (0.0, 1.0)
+ADAPTIVE_DELTAS = ((1.0, -0.5), (0.05, -0.5), (-2.0, 0.0))
+ADAPTIVE_OPT = {"lr": 0.5, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+
+
+def adaptive_by_hand(kind: ServerOptimizerKind, steps: int) -> list[tuple[float, float, float]]:
+    """(x, m, v) per coordinate after ``steps`` steps, from Reddi et al., "Adaptive Federated
+    Optimization" (ICLR 2021), Algorithm 2, in float64 with the paper's initial moments:
+
+        m_0 = 0,  v_0 = tau^2
+        m_t = beta1 m_{t-1} + (1 - beta1) d_t
+        v_t = beta2 v_{t-1} + (1 - beta2) d_t^2                        (FedAdam)
+        v_t = v_{t-1} - (1 - beta2) d_t^2 sign(v_{t-1} - d_t^2)        (FedYogi)
+        x_t = x_{t-1} + lr m_t / (sqrt(v_t) + tau)
+    """
+    lr, beta1, beta2, tau = (ADAPTIVE_OPT[k] for k in ("lr", "beta1", "beta2", "tau"))
+    result = []
+    for coordinate, x0 in enumerate(ADAPTIVE_X0):
+        x, m, v = x0, 0.0, tau**2
+        for delta in ADAPTIVE_DELTAS[:steps]:
+            d = delta[coordinate]
+            m = beta1 * m + (1 - beta1) * d
+            if kind is ServerOptimizerKind.FEDADAM:
+                v = beta2 * v + (1 - beta2) * d * d
+            else:
+                v = v - (1 - beta2) * d * d * float(np.sign(v - d * d))
+            x = x + lr * m / (math.sqrt(v) + tau)
+        result.append((x, m, v))
+    return result
+
+
+@pytest.mark.parametrize(
+    ("kind", "first", "third"),
+    [
+        pytest.param(
+            ServerOptimizerKind.FEDADAM,
+            # m1 = 0.1 d1; v1 = 0.99 tau^2 + 0.01 d1^2; x1 = x0 + 0.5 m1 / (sqrt(v1) + tau)
+            [(0.495025244, 0.1, 0.01000099), (0.509899049, -0.05, 0.00250099)],
+            [(0.71172444, -0.1145, 0.0498267203), (-0.75459002, -0.0855, 0.0049262203)],
+            id="fedadam",
+        ),
+        pytest.param(
+            ServerOptimizerKind.FEDYOGI,
+            # m1 = 0.1 d1; v1 = tau^2 + 0.01 d1^2 (d1^2 > tau^2); x1 as for FedAdam
+            [(0.495024999, 0.1, 0.010001), (0.50990001, -0.05, 0.002501)],
+            [(0.710930995, -0.1145, 0.049976), (-0.748505356, -0.0855, 0.005001)],
+            id="fedyogi",
+        ),
+    ],
+)
+def test_adaptive_optimizers_follow_the_papers_update_step_by_step(
     kind: ServerOptimizerKind,
+    first: list[tuple[float, float, float]],
+    third: list[tuple[float, float, float]],
 ) -> None:
-    """From zero, a delta of +-1 moves each coordinate by a clearly non-zero step of its sign."""
-    delta = arrays(w=[[1.0, -1.0], [-0.5, 0.25]])
-    new, _ = server_step(
-        arrays(w=[[0.0, 0.0], [0.0, 0.0]]), delta, ServerOptimizerState(), ServerOptimizer(kind)
-    )
-    np.testing.assert_array_equal(np.sign(new["w"]), np.sign(delta["w"]))
-    assert np.all(np.abs(new["w"]) > 0.1)
+    """FedAdam and FedYogi give the params and moments of the paper's update rule after each of
+    three steps (to float32 precision), including Yogi's shrinking second moment."""
+    # The hand computation, checked against the figures listed with each case.
+    np.testing.assert_allclose(adaptive_by_hand(kind, 1), first, rtol=1e-8)
+    np.testing.assert_allclose(adaptive_by_hand(kind, 3), third, rtol=1e-8)
+    opt = ServerOptimizer(kind, **ADAPTIVE_OPT)  # type: ignore[arg-type]
+    params, state = arrays(w=list(ADAPTIVE_X0)), ServerOptimizerState()
+    for step, delta in enumerate(ADAPTIVE_DELTAS, start=1):
+        params, state = server_step(params, arrays(w=list(delta)), state, opt)
+        x, m, v = (list(column) for column in zip(*adaptive_by_hand(kind, step), strict=True))
+        np.testing.assert_allclose(params["w"], x, rtol=2e-6, err_msg=f"x after step {step}")
+        np.testing.assert_allclose(state.m["w"], m, rtol=2e-6, err_msg=f"m after step {step}")
+        np.testing.assert_allclose(state.v["w"], v, rtol=2e-6, err_msg=f"v after step {step}")
+        assert state.step == step
 
 
 @pytest.mark.parametrize("kind", ADAPTIVE)
