@@ -48,7 +48,8 @@ from healthnet.broker import BrokerConfig, EmbeddedBroker
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
-WAIT = 15.0  # seconds; every wait in this module is bounded by it
+WAIT = 15.0  # seconds; every wait in this module is bounded by it, or by TRAINING_WAIT
+TRAINING_WAIT = 90.0  # seconds; a real node's training, on a busy machine
 MODEL = ModelSpec(name="logreg", kwargs={"in_features": 3, "num_classes": 2})
 SHAPES = {"1.weight": (2, 3), "1.bias": (2,)}
 
@@ -156,9 +157,9 @@ class Peer:
             manifest, blob = done
             self.models[manifest.version] = (manifest, decode_tensors(blob))
 
-    def wait_for(self, probe: Callable[[], T | None], what: str) -> T:
-        """Pump the inbox until ``probe`` returns something, at most WAIT seconds."""
-        deadline = time.monotonic() + WAIT
+    def wait_for(self, probe: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
+        """Pump the inbox until ``probe`` returns something, at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
         while True:
             found = probe()
             if found is not None:
@@ -166,7 +167,7 @@ class Peer:
             if self.aggregator is not None:
                 self.aggregator.check_alive()
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: no {what} within {WAIT}s")
+                raise AssertionError(f"{self.name}: no {what} within {timeout}s")
             self.pump(0.05)
 
     def of(self, route: Route, kind: type[T]) -> list[T]:
@@ -192,12 +193,13 @@ class Peer:
 
         return self.wait_for(probe, f"status with {what}")
 
-    def record(self, version: int) -> VersionRecord:
+    def record(self, version: int, timeout: float = WAIT) -> VersionRecord:
         return self.wait_for(
             lambda: next(
                 (r for r in self.of(Route.VERSIONS, VersionRecord) if r.version == version), None
             ),
             f"versions record of v{version}",
+            timeout,
         )
 
     def reply(self, request_id: str) -> ControlReply:
@@ -354,6 +356,7 @@ def test_valid_updates_are_acked_and_fold_into_a_new_version(
 HEART = ModelSpec(name="logreg", kwargs={"in_features": 13, "num_classes": 2})
 
 
+@pytest.mark.timeout(TRAINING_WAIT + 60)
 def test_a_float16_broadcast_is_float16_on_the_wire_and_a_real_node_trains_on_it(
     start: Callable[..., Aggregator], node: Peer, mosquitto: EmbeddedBroker, tmp_path: Path
 ) -> None:
@@ -384,7 +387,8 @@ def test_a_float16_broadcast_is_float16_on_the_wire_and_a_real_node_trains_on_it
     thread = threading.Thread(target=hospital.run, args=(stop,), name="va")
     thread.start()
     try:
-        record = node.record(1)
+        # A real node: it loads its data and trains, which a busy machine makes slow.
+        record = node.record(1, timeout=TRAINING_WAIT)
     finally:
         stop.set()
         thread.join(WAIT)
