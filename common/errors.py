@@ -9,7 +9,8 @@
     │   └── IntegrityError       a blob's sha256 does not match its manifest
     ├── TopicError               a topic string is not one of ours (or a bad identifier)
     ├── BrokerError              talking to the MQTT broker failed
-    │   └── BrokerUnavailable    could not connect within the deadline
+    │   ├── BrokerUnavailable    could not connect within the deadline
+    │   └── SubscriptionRefused  the broker's SUBACK refused a subscription
     ├── ControlError             an operator request was refused or timed out
     └── ConfigError              settings or a model/data reference are invalid
 
@@ -30,6 +31,7 @@ __all__ = [
     "NonFiniteValues",
     "ProtocolError",
     "SchemaError",
+    "SubscriptionRefused",
     "TopicError",
 ]
 
@@ -72,6 +74,10 @@ class BrokerError(HealthNetError):
 
 class BrokerUnavailable(BrokerError):
     """The broker could not be reached within the deadline."""
+
+
+class SubscriptionRefused(BrokerError):
+    """The broker answered a SUBSCRIBE with a failure code (0x80 on 3.1.1, >= 0x80 on v5)."""
 
 
 class ControlError(HealthNetError):

@@ -8,6 +8,15 @@ reconnect delay has no jitter, so a broker restart would bring every hospital ba
 Subscriptions are remembered and renewed on every connect. QoS 1 publishes made while offline are
 queued by paho and sent on reconnect. Return codes become exceptions at the call site.
 
+Confirmed subscriptions. A subscription is in place only once the broker's SUBACK grants it, and a
+broker may refuse one (failure code 0x80 on MQTT 3.1.1, a reason code of 0x80 or more on v5).
+:meth:`MqttClient.subscribe` on a connected client, and :meth:`MqttClient.start` for the
+subscriptions made before it, return only once the broker has granted them on the current
+connection, and raise :class:`SubscriptionRefused` when it refused; so a caller that publishes
+after either knows the broker will route matching messages to it. A refusal of a renewal on a
+reconnect has no caller to raise to: it is logged. (Mosquitto's ACL file does not refuse
+subscriptions: it grants them and filters what it delivers.)
+
 Manual acknowledgement. A client made with ``manual_ack=True`` does not PUBACK a QoS 1 message
 when it arrives: the owner calls :meth:`MqttClient.ack` once the message is safely handled (for the
 aggregator: durably recorded). With a persistent session the broker redelivers every message that
@@ -39,7 +48,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from common.backoff import Backoff
 from common.broker_url import BrokerEndpoint, TlsFiles
-from common.errors import BrokerError, BrokerUnavailable
+from common.errors import BrokerError, BrokerUnavailable, SubscriptionRefused
 from common.topics import Topic
 
 __all__ = ["ConnectionEvent", "Message", "MqttClient", "Will"]
@@ -110,6 +119,14 @@ class MqttClient:
         self._connection = 0  # counts successful connects; written by the network thread only
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
+        # SUBACK bookkeeping, guarded by _subacks: the filter of each SUBSCRIBE awaiting its
+        # SUBACK (by packet id), the connection on which each filter was last granted, and the
+        # broker's reason for each refused one. Never held while waiting on paho's locks from
+        # paho's side: paho calls our callbacks without holding its own.
+        self._subacks = threading.Condition()
+        self._awaiting: dict[int, str] = {}
+        self._granted: dict[str, int] = {}
+        self._refused: dict[str, str] = {}
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -152,12 +169,21 @@ class MqttClient:
             target=self._network_loop, name=f"mqtt-{self.client_id}", daemon=True
         )
         self._thread.start()
+        deadline = time.monotonic() + timeout
         if not self._connected.wait(timeout):
             self.close()
             raise BrokerUnavailable(
                 f"could not connect to {self.endpoint.redacted()} as {self.client_id!r} within "
                 f"{timeout:.0f}s: {self._last_error or 'no answer'}"
             )
+        with self._lock:
+            filters = list(self._subscriptions)
+        try:
+            for topic_filter in filters:
+                self._await_suback(topic_filter, deadline)
+        except BrokerError:
+            self.close()
+            raise
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush QoS 1 publishes, disconnect cleanly (no Last Will) and stop the network thread."""
@@ -179,24 +205,45 @@ class MqttClient:
             client.on_connect = None
             client.on_disconnect = None
             client.on_message = None
+            client.on_subscribe = None
             client.on_socket_register_write = None
             self._paho = None
         self._connected.clear()
 
     # -- operations
 
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe now if connected, and on every (re)connect; may be called before start."""
+    def subscribe(self, topic_filter: str, qos: int = 1, *, timeout: float | None = None) -> None:
+        """Subscribe now if connected, and on every (re)connect; may be called before start.
+
+        On a connected client, returns once the broker's SUBACK has granted the subscription
+        (within ``timeout``, default the connect timeout); raises :class:`SubscriptionRefused`
+        when the broker refused it and :class:`BrokerError` when no SUBACK came in time. Before
+        start, only remembers it: :meth:`start` waits for its SUBACK.
+        """
         with self._lock:
             self._subscriptions[topic_filter] = qos
         client = self._paho
-        if client is not None and self._connected.is_set():
-            rc, _ = client.subscribe(topic_filter, qos)
+        if client is None or not self._connected.is_set():
+            return
+        with self._subacks:
+            self._granted.pop(topic_filter, None)
+            self._refused.pop(topic_filter, None)
+            # Under the condition's lock, so that the SUBACK cannot be handled before its
+            # packet id is recorded.
+            rc, mid = client.subscribe(topic_filter, qos)
             _check(rc, f"subscribe to {topic_filter}")
+            if mid is not None and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._awaiting[mid] = topic_filter
+        # Offline (NO_CONN) after all: the next connect renews it, and its SUBACK is awaited.
+        wait = self._connect_timeout if timeout is None else timeout
+        self._await_suback(topic_filter, time.monotonic() + wait)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             self._subscriptions.pop(topic_filter, None)
+        with self._subacks:
+            self._granted.pop(topic_filter, None)
+            self._refused.pop(topic_filter, None)
         client = self._paho
         if client is not None and self._connected.is_set():
             rc, _ = client.unsubscribe(topic_filter)
@@ -284,6 +331,28 @@ class MqttClient:
 
     # -- internals
 
+    def _await_suback(self, topic_filter: str, deadline: float) -> None:
+        """Wait until ``topic_filter`` is granted on the current connection, or refused."""
+        with self._subacks:
+            while True:
+                refused = self._refused.get(topic_filter)
+                if refused is not None:
+                    raise SubscriptionRefused(
+                        f"broker {self.endpoint.redacted()} refused {self.client_id!r} the "
+                        f"subscription to {topic_filter}: {refused}"
+                    )
+                # A loss and reconnect while waiting renews the subscription under a new packet
+                # id; the grant that counts is the one on the connection we have now.
+                if self._granted.get(topic_filter) == self._connection and self.connected:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerError(
+                        f"broker {self.endpoint.redacted()} did not confirm {self.client_id!r}'s "
+                        f"subscription to {topic_filter} in time"
+                    )
+                self._subacks.wait(min(left, 0.5))
+
     def _require(self) -> paho.Client:
         if self._paho is None:
             raise BrokerError(f"client {self.client_id} is not started")
@@ -318,6 +387,7 @@ class MqttClient:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         # Only the network thread may write to the socket. Without a loop_start() thread or this
         # callback, paho writes a publish (or a PUBACK) from the caller's thread, concurrently
         # with the network thread's loop(): the two interleave the bytes of large packets and
@@ -382,8 +452,16 @@ class MqttClient:
         self._connection += 1
         with self._lock:
             subscriptions = list(self._subscriptions.items())
+        with self._subacks:
+            # SUBACKs of the lost connection never come; its packet ids are reused.
+            self._awaiting.clear()
         for topic_filter, qos in subscriptions:
-            client.subscribe(topic_filter, qos)
+            # On this (the network) thread no SUBACK is handled before this callback returns, so
+            # recording the packet id after the call is in time.
+            rc, mid = client.subscribe(topic_filter, qos)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                with self._subacks:
+                    self._awaiting[mid] = topic_filter
         self._connected.set()
         self.inbox.put(ConnectionEvent(connected=True, session_present=flags.session_present))
 
@@ -399,6 +477,33 @@ class MqttClient:
         self._connected.clear()
         if was_connected:
             self.inbox.put(ConnectionEvent(connected=False, reason=str(reason_code)))
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        with self._subacks:
+            topic_filter = self._awaiting.pop(mid, None)
+            if topic_filter is None:
+                return
+            refusals = [code for code in reason_codes if code.is_failure]
+            if refusals:
+                reason = f"{refusals[0]} (0x{refusals[0].value:02x})"
+                self._refused[topic_filter] = reason
+                log.error(
+                    "broker %s refused %s the subscription to %s: %s",
+                    self.endpoint.redacted(),
+                    self.client_id,
+                    topic_filter,
+                    reason,
+                )
+            else:
+                self._granted[topic_filter] = self._connection
+            self._subacks.notify_all()
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         self.inbox.put(

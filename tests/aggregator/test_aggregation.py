@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -275,63 +276,149 @@ POLICY = StalenessPolicy()
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "reason"),
     [
-        pytest.param(lambda: StalenessPolicy(StalenessKind.CONSTANT).factor(-1), id="constant-s<0"),
-        pytest.param(lambda: StalenessPolicy(StalenessKind.POLYNOMIAL).factor(-1), id="poly-s<0"),
-        pytest.param(lambda: StalenessPolicy(StalenessKind.HINGE).factor(-1), id="hinge-s<0"),
         pytest.param(
-            lambda: buffer_aggregate([_w(1)], [1], [-1], POLICY, 1.0), id="buffer-negative-s"
+            lambda: StalenessPolicy(StalenessKind.CONSTANT).factor(-1),
+            "staleness must be non-negative, got -1",
+            id="constant-s<0",
         ),
-        pytest.param(lambda: sample_weight(0, 1.0), id="zero-samples"),
-        pytest.param(lambda: sample_weight(-3, 0.0), id="negative-samples"),
-        pytest.param(lambda: buffer_aggregate([_w(1)], [0], [0], POLICY, 1.0), id="buffer-n=0"),
-        pytest.param(lambda: buffer_aggregate([], [], [], POLICY, 1.0), id="empty-buffer"),
+        pytest.param(
+            lambda: StalenessPolicy(StalenessKind.POLYNOMIAL).factor(-1),
+            "staleness must be non-negative, got -1",
+            id="poly-s<0",
+        ),
+        pytest.param(
+            lambda: StalenessPolicy(StalenessKind.HINGE).factor(-1),
+            "staleness must be non-negative, got -1",
+            id="hinge-s<0",
+        ),
+        pytest.param(
+            lambda: buffer_aggregate([_w(1)], [1], [-1], POLICY, 1.0),
+            "staleness must be non-negative, got -1",
+            id="buffer-negative-s",
+        ),
+        pytest.param(
+            lambda: sample_weight(0, 1.0),
+            "an update needs at least one sample, got 0",
+            id="zero-samples",
+        ),
+        pytest.param(
+            lambda: sample_weight(-3, 0.0),
+            "an update needs at least one sample, got -3",
+            id="negative-samples",
+        ),
+        pytest.param(
+            lambda: buffer_aggregate([_w(1)], [0], [0], POLICY, 1.0),
+            "an update needs at least one sample, got 0",
+            id="buffer-n=0",
+        ),
+        pytest.param(
+            lambda: buffer_aggregate([], [], [], POLICY, 1.0),
+            "need one sample count per staleness, and at least one",
+            id="empty-buffer",
+        ),
         pytest.param(
             lambda: buffer_aggregate([_w(1), _w(2)], [1], [0, 0], POLICY, 1.0),
+            "need one sample count and one staleness per delta",
             id="buffer-missing-count",
         ),
         pytest.param(
             lambda: buffer_aggregate([_w(1)], [1], [0, 0], POLICY, 1.0),
+            "need one sample count and one staleness per delta",
             id="buffer-extra-staleness",
         ),
         pytest.param(
-            lambda: weighted_average([_w(1), arrays(b=[1])], [1, 1]), id="different-names"
+            lambda: weighted_average([_w(1), arrays(b=[1])], [1, 1]),
+            "deltas name different tensors",
+            id="different-names",
         ),
         pytest.param(
-            lambda: weighted_average([_w(1), arrays(w=[1], b=[1])], [1, 1]), id="extra-name"
+            lambda: weighted_average([_w(1), arrays(w=[1], b=[1])], [1, 1]),
+            "deltas name different tensors",
+            id="extra-name",
         ),
         pytest.param(
-            lambda: weighted_average([arrays(w=[1], b=[1]), _w(1)], [1, 1]), id="missing-name"
+            lambda: weighted_average([arrays(w=[1], b=[1]), _w(1)], [1, 1]),
+            "deltas name different tensors",
+            id="missing-name",
         ),
-        pytest.param(lambda: weighted_average([_w(1, 2), _w(1)], [1, 1]), id="different-shapes"),
+        pytest.param(
+            lambda: weighted_average([_w(1, 2), _w(1)], [1, 1]),
+            "tensor 'w': shape (1,) != (2,)",
+            id="different-shapes",
+        ),
         pytest.param(
             lambda: buffer_aggregate([_w(1, 2), _w(1, 2, 3)], [1, 1], [0, 0], POLICY, 1.0),
+            "tensor 'w': shape (3,) != (2,)",
             id="buffer-different-shapes",
         ),
-        pytest.param(lambda: weighted_average([], []), id="no-deltas"),
-        pytest.param(lambda: weighted_average([_w(1)], [1, 1]), id="weights-length"),
-        pytest.param(lambda: weighted_average([_w(1), _w(2)], [1, -1]), id="negative-weight"),
-        pytest.param(lambda: weighted_average([_w(1), _w(2)], [1, math.nan]), id="nan-weight"),
-        pytest.param(lambda: weighted_average([_w(1), _w(2)], [1, math.inf]), id="inf-weight"),
-        pytest.param(lambda: weighted_average([_w(1), _w(2)], [0, 0]), id="all-zero-weights"),
-        pytest.param(lambda: weighted_average([_w(1)], [1], 0.0), id="zero-normalizer"),
-        pytest.param(lambda: weighted_average([_w(1)], [1], -1.0), id="negative-normalizer"),
-        pytest.param(lambda: weighted_average([_w(1)], [1], math.nan), id="nan-normalizer"),
-        pytest.param(lambda: weighted_average([_w(1)], [1], math.inf), id="inf-normalizer"),
+        pytest.param(
+            lambda: weighted_average([], []),
+            "need one weight per delta, got 0 deltas, 0",
+            id="no-deltas",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1)], [1, 1]),
+            "need one weight per delta, got 1 deltas, 2",
+            id="weights-length",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1), _w(2)], [1, -1]),
+            "weights must be finite, non-negative and not all zero: [1, -1]",
+            id="negative-weight",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1), _w(2)], [1, math.nan]),
+            "weights must be finite, non-negative and not all zero: [1, nan]",
+            id="nan-weight",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1), _w(2)], [1, math.inf]),
+            "weights must be finite, non-negative and not all zero: [1, inf]",
+            id="inf-weight",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1), _w(2)], [0, 0]),
+            "weights must be finite, non-negative and not all zero: [0, 0]",
+            id="all-zero-weights",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1)], [1], 0.0),
+            "normalizer must be finite and positive, got 0.0",
+            id="zero-normalizer",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1)], [1], -1.0),
+            "normalizer must be finite and positive, got -1.0",
+            id="negative-normalizer",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1)], [1], math.nan),
+            "normalizer must be finite and positive, got nan",
+            id="nan-normalizer",
+        ),
+        pytest.param(
+            lambda: weighted_average([_w(1)], [1], math.inf),
+            "normalizer must be finite and positive, got inf",
+            id="inf-normalizer",
+        ),
         pytest.param(
             lambda: server_step(_w(1), arrays(b=[1]), ServerOptimizerState(), ServerOptimizer()),
+            "delta and params name different tensors",
             id="step-different-names",
         ),
         pytest.param(
             lambda: server_step(_w(1), _w(1, 2, 3), ServerOptimizerState(), ServerOptimizer()),
+            "tensor 'w': delta shape (3,) != params (1,)",
             id="step-different-shapes",
         ),
     ],
 )
-def test_invalid_input_raises_value_error(call: Any) -> None:
-    """Negative staleness, empty samples, mismatched tensors and bad weights are refused."""
-    with pytest.raises(ValueError):  # noqa: PT011 - every refusal in this table is a ValueError
+def test_invalid_input_raises_value_error(call: Any, reason: str) -> None:
+    """Negative staleness, empty samples, mismatched tensors and bad weights are refused, each
+    saying why."""
+    with pytest.raises(ValueError, match=f"^{re.escape(reason)}$"):
         call()
 
 
@@ -413,17 +500,78 @@ def test_adaptive_optimizers_move_params_with_the_delta(
         assert np.all((twice[name] - once[name]) * delta[name] >= 0)
 
 
-@pytest.mark.parametrize("kind", ADAPTIVE)
-def test_adaptive_optimizers_take_a_visible_step_with_the_delta_sign(
+# Three pseudo-gradients for a two-coordinate tensor. Under FedYogi the first coordinate's second
+# moment grows (0.01 + tau^2 > tau^2 = v), shrinks (0.05^2 < v) and grows again (2^2 > v); the
+# second's stays put on a zero delta (sign times zero).
+ADAPTIVE_X0 = (0.0, 1.0)
+ADAPTIVE_DELTAS = ((1.0, -0.5), (0.05, -0.5), (-2.0, 0.0))
+ADAPTIVE_OPT = {"lr": 0.5, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+
+
+def adaptive_by_hand(kind: ServerOptimizerKind, steps: int) -> list[tuple[float, float, float]]:
+    """(x, m, v) per coordinate after ``steps`` steps, from Reddi et al., "Adaptive Federated
+    Optimization" (ICLR 2021), Algorithm 2, in float64 with the paper's initial moments:
+
+        m_0 = 0,  v_0 = tau^2
+        m_t = beta1 m_{t-1} + (1 - beta1) d_t
+        v_t = beta2 v_{t-1} + (1 - beta2) d_t^2                        (FedAdam)
+        v_t = v_{t-1} - (1 - beta2) d_t^2 sign(v_{t-1} - d_t^2)        (FedYogi)
+        x_t = x_{t-1} + lr m_t / (sqrt(v_t) + tau)
+    """
+    lr, beta1, beta2, tau = (ADAPTIVE_OPT[k] for k in ("lr", "beta1", "beta2", "tau"))
+    result = []
+    for coordinate, x0 in enumerate(ADAPTIVE_X0):
+        x, m, v = x0, 0.0, tau**2
+        for delta in ADAPTIVE_DELTAS[:steps]:
+            d = delta[coordinate]
+            m = beta1 * m + (1 - beta1) * d
+            if kind is ServerOptimizerKind.FEDADAM:
+                v = beta2 * v + (1 - beta2) * d * d
+            else:
+                v = v - (1 - beta2) * d * d * float(np.sign(v - d * d))
+            x = x + lr * m / (math.sqrt(v) + tau)
+        result.append((x, m, v))
+    return result
+
+
+@pytest.mark.parametrize(
+    ("kind", "first", "third"),
+    [
+        pytest.param(
+            ServerOptimizerKind.FEDADAM,
+            # m1 = 0.1 d1; v1 = 0.99 tau^2 + 0.01 d1^2; x1 = x0 + 0.5 m1 / (sqrt(v1) + tau)
+            [(0.495025244, 0.1, 0.01000099), (0.509899049, -0.05, 0.00250099)],
+            [(0.71172444, -0.1145, 0.0498267203), (-0.75459002, -0.0855, 0.0049262203)],
+            id="fedadam",
+        ),
+        pytest.param(
+            ServerOptimizerKind.FEDYOGI,
+            # m1 = 0.1 d1; v1 = tau^2 + 0.01 d1^2 (d1^2 > tau^2); x1 as for FedAdam
+            [(0.495024999, 0.1, 0.010001), (0.50990001, -0.05, 0.002501)],
+            [(0.710930995, -0.1145, 0.049976), (-0.748505356, -0.0855, 0.005001)],
+            id="fedyogi",
+        ),
+    ],
+)
+def test_adaptive_optimizers_follow_the_papers_update_step_by_step(
     kind: ServerOptimizerKind,
+    first: list[tuple[float, float, float]],
+    third: list[tuple[float, float, float]],
 ) -> None:
-    """From zero, a delta of +-1 moves each coordinate by a clearly non-zero step of its sign."""
-    delta = arrays(w=[[1.0, -1.0], [-0.5, 0.25]])
-    new, _ = server_step(
-        arrays(w=[[0.0, 0.0], [0.0, 0.0]]), delta, ServerOptimizerState(), ServerOptimizer(kind)
-    )
-    np.testing.assert_array_equal(np.sign(new["w"]), np.sign(delta["w"]))
-    assert np.all(np.abs(new["w"]) > 0.1)
+    """FedAdam and FedYogi give the params and moments of the paper's update rule after each of
+    three steps (to float32 precision), including Yogi's shrinking second moment."""
+    # The hand computation, checked against the figures listed with each case.
+    np.testing.assert_allclose(adaptive_by_hand(kind, 1), first, rtol=1e-8)
+    np.testing.assert_allclose(adaptive_by_hand(kind, 3), third, rtol=1e-8)
+    opt = ServerOptimizer(kind, **ADAPTIVE_OPT)  # type: ignore[arg-type]
+    params, state = arrays(w=list(ADAPTIVE_X0)), ServerOptimizerState()
+    for step, delta in enumerate(ADAPTIVE_DELTAS, start=1):
+        params, state = server_step(params, arrays(w=list(delta)), state, opt)
+        x, m, v = (list(column) for column in zip(*adaptive_by_hand(kind, step), strict=True))
+        np.testing.assert_allclose(params["w"], x, rtol=2e-6, err_msg=f"x after step {step}")
+        np.testing.assert_allclose(state.m["w"], m, rtol=2e-6, err_msg=f"m after step {step}")
+        np.testing.assert_allclose(state.v["w"], v, rtol=2e-6, err_msg=f"v after step {step}")
+        assert state.step == step
 
 
 @pytest.mark.parametrize("kind", ADAPTIVE)

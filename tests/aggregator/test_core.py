@@ -329,7 +329,7 @@ def test_no_fold_below_buffer_size() -> None:
     send(core, make_update("u2"))
     assert core.fold_due(now=1e6) is None
     assert core.next_deadline() is None
-    with pytest.raises(ControlError):
+    with pytest.raises(ControlError, match=r"^nothing to fold$"):
         core.fold(now=0.0)
 
 
@@ -363,7 +363,7 @@ def test_paused_run_folds_after_resume() -> None:
     send(core, make_update("u1"))
     send(core, make_update("u2"))
     assert core.fold_due(now=0.0) is None
-    with pytest.raises(ControlError):
+    with pytest.raises(ControlError, match=r"^nothing to fold$"):
         core.fold(now=0.0)
     core.command(ControlCommand.RESUME)
     assert core.fold_due(now=0.0) == "buffer_full"
@@ -528,35 +528,80 @@ def test_set_knobs_can_clear_an_optional_knob() -> None:
     assert core.set_knobs({"max_update_norm": None}).max_update_norm is None
 
 
+def _invalid(field: str, problem: str) -> str:
+    """The start of set_knobs' refusal of one invalid value (pydantic's words)."""
+    return f"invalid knob value: 1 validation error for Knobs\n{field}\n  {problem}"
+
+
 @pytest.mark.parametrize(
-    "patch",
+    ("patch", "reason"),
     [
-        pytest.param({"no_such_knob": 1}, id="unknown"),
-        pytest.param({"training": 3}, id="training-as-a-value"),
-        pytest.param({"training.no_such_field": 1}, id="unknown-training-field"),
-        pytest.param({"other.epochs": 1}, id="unknown-group"),
-        pytest.param({"buffer_size": 0}, id="buffer-size-zero"),
-        pytest.param({"buffer_size": "many"}, id="buffer-size-text"),
-        pytest.param({"server_lr": -1.0}, id="negative-lr"),
-        pytest.param({"staleness": "linear"}, id="unknown-staleness"),
-        pytest.param({"server_optimizer": "lion"}, id="unknown-optimizer"),
-        pytest.param({"training.epochs": 0}, id="zero-epochs"),
-        pytest.param({"buffer_size": 4, "server_lr": 0.0}, id="valid-then-invalid"),
+        pytest.param({"no_such_knob": 1}, "unknown knob 'no_such_knob'", id="unknown"),
+        pytest.param({"training": 3}, "unknown knob 'training'", id="training-as-a-value"),
+        pytest.param(
+            {"training.no_such_field": 1},
+            "unknown knob 'training.no_such_field'",
+            id="unknown-training-field",
+        ),
+        pytest.param({"other.epochs": 1}, "unknown knob 'other.epochs'", id="unknown-group"),
+        pytest.param(
+            {"buffer_size": 0},
+            _invalid("buffer_size", "Input should be greater than or equal to 1"),
+            id="buffer-size-zero",
+        ),
+        pytest.param(
+            {"buffer_size": "many"},
+            _invalid("buffer_size", "Input should be a valid integer,"),
+            id="buffer-size-text",
+        ),
+        pytest.param(
+            {"server_lr": -1.0},
+            _invalid("server_lr", "Input should be greater than 0"),
+            id="negative-lr",
+        ),
+        pytest.param(
+            {"staleness": "linear"},
+            _invalid("staleness", "Input should be 'constant', 'polynomial' or 'hinge'"),
+            id="unknown-staleness",
+        ),
+        pytest.param(
+            {"server_optimizer": "lion"},
+            _invalid(
+                "server_optimizer", "Input should be 'sgd', 'fedavgm', 'fedadam' or 'fedyogi'"
+            ),
+            id="unknown-optimizer",
+        ),
+        pytest.param(
+            {"training.epochs": 0},
+            _invalid("training.epochs", "Input should be greater than or equal to 1"),
+            id="zero-epochs",
+        ),
+        pytest.param(
+            {"buffer_size": 4, "server_lr": 0.0},
+            _invalid("server_lr", "Input should be greater than 0"),
+            id="valid-then-invalid",
+        ),
     ],
 )
-def test_set_knobs_refuses_a_bad_patch_and_changes_nothing(patch: dict[str, Any]) -> None:
-    """An unknown knob or an invalid value raises ControlError and leaves every knob as it was."""
+def test_set_knobs_refuses_a_bad_patch_and_changes_nothing(
+    patch: dict[str, Any], reason: str
+) -> None:
+    """An unknown knob or an invalid value raises ControlError naming the knob and what is wrong,
+    and leaves every knob as it was."""
     core = make_core(buffer_size=2)
     before = core.knobs
-    with pytest.raises(ControlError):
+    with pytest.raises(ControlError) as info:
         core.set_knobs(patch)
+    assert str(info.value).startswith(reason), str(info.value)
     assert core.knobs == before
 
 
 def test_illegal_command_raises_and_keeps_the_state() -> None:
     """An illegal command raises ControlError and the run stays in its state."""
     core = make_core(state=AggregatorState.RUNNING)
-    with pytest.raises(ControlError, match="running"):
+    with pytest.raises(
+        ControlError, match=r"^cannot resume a run that is running \(allowed: pause, stop\)$"
+    ):
         core.command(ControlCommand.RESUME)
     assert core.state is AggregatorState.RUNNING
     assert core.command(ControlCommand.STOP) is AggregatorState.STOPPED

@@ -71,7 +71,7 @@ def test_illegal_transition_raises_naming_the_state(
 )
 def test_stopped_is_terminal(command: ControlCommand) -> None:
     """No command at all leaves STOPPED."""
-    with pytest.raises(IllegalTransition, match="stopped"):
+    with pytest.raises(IllegalTransition, match=f"^cannot {command.value} a run that is stopped$"):
         transition(STOPPED, command)
 
 
@@ -79,7 +79,9 @@ def test_set_and_status_are_never_transitions() -> None:
     """SET and STATUS change knobs or read state: no state accepts them as a transition."""
     for state in AggregatorState:
         for command in (ControlCommand.SET, ControlCommand.STATUS):
-            with pytest.raises(IllegalTransition):
+            with pytest.raises(
+                IllegalTransition, match=f"^cannot {command.value} a run that is {state.value}"
+            ):
                 transition(state, command)
 
 

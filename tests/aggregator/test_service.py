@@ -42,11 +42,14 @@ from common.messages import (
 )
 from common.mqtt import Message, MqttClient
 from common.topics import Route, TopicTree
+from edge_node.service import NodeService
+from edge_node.settings import NodeSettings
 from healthnet.broker import BrokerConfig, EmbeddedBroker
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
-WAIT = 15.0  # seconds; every wait in this module is bounded by it
+WAIT = 15.0  # seconds; every wait in this module is bounded by it, or by TRAINING_WAIT
+TRAINING_WAIT = 90.0  # seconds; a real node's training, on a busy machine
 MODEL = ModelSpec(name="logreg", kwargs={"in_features": 3, "num_classes": 2})
 SHAPES = {"1.weight": (2, 3), "1.bias": (2,)}
 
@@ -54,12 +57,24 @@ T = TypeVar("T")
 Params = dict[str, np.ndarray]
 
 
+class Clock:
+    """A wall clock that stands still until the test moves it: the service's only time source."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Aggregator:
     """An AggregatorService running in a thread of this test, stopped through its event."""
 
-    def __init__(self, settings: AggregatorSettings) -> None:
+    def __init__(
+        self, settings: AggregatorSettings, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
-        self.service = AggregatorService(settings)
+        self.service = AggregatorService(settings, clock=clock)
         self.stop_event = threading.Event()
         self.result: AggregatorState | None = None
         self.error: BaseException | None = None
@@ -147,9 +162,9 @@ class Peer:
             manifest, blob = done
             self.models[manifest.version] = (manifest, decode_tensors(blob))
 
-    def wait_for(self, probe: Callable[[], T | None], what: str) -> T:
-        """Pump the inbox until ``probe`` returns something, at most WAIT seconds."""
-        deadline = time.monotonic() + WAIT
+    def wait_for(self, probe: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
+        """Pump the inbox until ``probe`` returns something, at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
         while True:
             found = probe()
             if found is not None:
@@ -157,7 +172,7 @@ class Peer:
             if self.aggregator is not None:
                 self.aggregator.check_alive()
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: no {what} within {WAIT}s")
+                raise AssertionError(f"{self.name}: no {what} within {timeout}s")
             self.pump(0.05)
 
     def of(self, route: Route, kind: type[T]) -> list[T]:
@@ -183,12 +198,13 @@ class Peer:
 
         return self.wait_for(probe, f"status with {what}")
 
-    def record(self, version: int) -> VersionRecord:
+    def record(self, version: int, timeout: float = WAIT) -> VersionRecord:
         return self.wait_for(
             lambda: next(
                 (r for r in self.of(Route.VERSIONS, VersionRecord) if r.version == version), None
             ),
             f"versions record of v{version}",
+            timeout,
         )
 
     def reply(self, request_id: str) -> ControlReply:
@@ -269,7 +285,7 @@ def start(
     """Starts an aggregator of this test's federation and state dir; all are stopped at the end."""
     running: list[Aggregator] = []
 
-    def _start(**overrides: Any) -> Aggregator:
+    def _start(clock: Callable[[], float] = time.time, **overrides: Any) -> Aggregator:
         fields: dict[str, Any] = {
             "broker_url": mosquitto.url,
             "federation": tree.federation,
@@ -282,7 +298,7 @@ def start(
             "connect_timeout": WAIT,
         }
         fields.update(overrides)
-        aggregator = Aggregator(AggregatorSettings(**fields))
+        aggregator = Aggregator(AggregatorSettings(**fields), clock)
         running.append(aggregator)
         return aggregator
 
@@ -340,6 +356,82 @@ def test_valid_updates_are_acked_and_fold_into_a_new_version(
     assert all(c.node == "n1" and c.staleness == 0 for c in record.contributions)
     status = node.status(lambda s: s.version == 1, "v1")
     assert (status.counters.accepted, status.counters.folded, status.buffer_fill) == (2, 2, 0)
+
+
+HEART = ModelSpec(name="logreg", kwargs={"in_features": 13, "num_classes": 2})
+
+
+@pytest.mark.timeout(TRAINING_WAIT + 60)
+def test_a_float16_broadcast_is_float16_on_the_wire_and_a_real_node_trains_on_it(
+    start: Callable[..., Aggregator], node: Peer, mosquitto: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """With broadcast_dtype float16 the manifest says so, the blob holds the float32 weights
+    rounded to float16, and a real node decodes it, trains and gets its update folded."""
+    aggregator = start(model=HEART, knobs=Knobs(buffer_size=1, broadcast_dtype="float16"))
+    node.aggregator = aggregator
+    manifest, v0 = node.model(0)
+    assert manifest.broadcast_dtype == "float16"
+    assert {name: p.dtype for name, p in v0.items()} == {
+        "1.weight": np.float16,
+        "1.bias": np.float16,
+    }
+    master = aggregator.service.core.params
+    for name, weights in v0.items():
+        np.testing.assert_array_equal(weights, master[name].astype(np.float16))
+    hospital = NodeService(
+        NodeSettings(
+            broker_url=mosquitto.url,  # type: ignore[arg-type]
+            federation=node.tree.federation,
+            node_id="va",
+            data="heart-disease:va",
+            state_dir=tmp_path / "va",
+            torch_threads=1,
+        )
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=hospital.run, args=(stop,), name="va")
+    thread.start()
+    try:
+        # A real node: it loads its data and trains, which a busy machine makes slow.
+        record = node.record(1, timeout=TRAINING_WAIT)
+    finally:
+        stop.set()
+        thread.join(WAIT)
+    assert [(c.node, c.base_version) for c in record.contributions] == [("va", 0)]
+    manifest, v1 = node.model(1)
+    assert manifest.broadcast_dtype == "float16"
+    assert all(p.dtype == np.float16 for p in v1.values())
+    assert any(not np.array_equal(v1[name], v0[name]) for name in v0), "the update moved nothing"
+
+
+def test_a_partial_buffer_folds_once_its_oldest_update_waited_buffer_timeout(
+    start: Callable[..., Aggregator], node: Peer
+) -> None:
+    """With K = 3 and buffer_timeout 30 s, one buffered update is still waiting at 29 s on the
+    service's clock and is folded alone, for reason buffer_timeout, once the clock passes 30 s."""
+    clock = Clock()
+    began = clock.now
+    node.aggregator = start(clock=clock, knobs=Knobs(buffer_size=3, buffer_timeout=30.0))
+    node.model(0)
+    lonely = node.update(0)
+    node.send(lonely)
+
+    def status_at(moment: float) -> AggregatorStatus:
+        """A status published at ``moment`` on the service's clock, asked for by a control
+        request (the service checks for a due fold after each, then publishes its status)."""
+        clock.now = moment
+        assert node.control(ControlCommand.STATUS).ok
+        return node.status(lambda s: s.updated_at >= moment, f"a status at +{moment - began}s")
+
+    waiting = status_at(began + 29.0)
+    assert (waiting.version, waiting.buffer_fill) == (0, 1)
+    assert node.of(Route.VERSIONS, VersionRecord) == []
+    folded = status_at(began + 30.5)
+    assert (folded.version, folded.buffer_fill, folded.counters.folded) == (1, 0, 1)
+    record = node.record(1)
+    assert record.reason == "buffer_timeout"
+    assert [c.update_id for c in record.contributions] == [lonely.update_id]
+    node.model(1)
 
 
 # -- hostile input: each is refused, and the aggregator goes on folding
@@ -491,8 +583,7 @@ def test_set_changes_knobs_and_the_next_manifest(running: Aggregator, node: Peer
 def test_invalid_set_is_refused_and_changes_nothing(running: Aggregator, node: Peer) -> None:
     """A set request with an unknown knob replies ok=False and leaves the knobs alone."""
     reply = node.control(ControlCommand.SET, no_such_knob=1)
-    assert not reply.ok
-    assert "no_such_knob" in reply.message
+    assert (reply.ok, reply.message) == (False, "unknown knob 'no_such_knob'")
     assert reply.status is not None
     assert reply.status.knobs == running.settings.knobs
 
@@ -500,8 +591,10 @@ def test_invalid_set_is_refused_and_changes_nothing(running: Aggregator, node: P
 def test_illegal_transition_replies_not_ok(running: Aggregator, node: Peer) -> None:
     """Resuming a running run replies ok=False naming the state, and the run keeps running."""
     reply = node.control(ControlCommand.RESUME)
-    assert not reply.ok
-    assert "running" in reply.message
+    assert (reply.ok, reply.message) == (
+        False,
+        "cannot resume a run that is running (allowed: pause, stop)",
+    )
     assert reply.status is not None
     assert reply.status.state is AggregatorState.RUNNING
     node.fold_next(0)
@@ -659,7 +752,8 @@ def test_the_ledger_records_every_verdict_before_the_ack(running: Aggregator, no
     node.send(first)
     node.send(first)
     node.publish(stale)
-    assert not node.ack(stale.update_id).accepted
+    refusal = node.ack(stale.update_id)
+    assert (refusal.accepted, refusal.reason) == (False, RejectReason.FUTURE_VERSION), refusal
     second = node.update(0)
     node.send(second)
     node.record(1)

@@ -198,7 +198,8 @@ def test_quarantine_rejects_a_node_until_readmitted_and_survives_restart(
     ack = node.ack(after_restart.update_id)
     assert ack.reason is RejectReason.QUARANTINED
 
-    assert not control_node(node, ControlCommand.QUARANTINE, "n1").ok  # already
+    again = control_node(node, ControlCommand.QUARANTINE, "n1")
+    assert (again.ok, again.message) == (False, "node 'n1' is already quarantined")
     assert control_node(node, ControlCommand.READMIT, "n1").ok
     node.fold_next(0)
 

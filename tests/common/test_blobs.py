@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 
 import pytest
 from hypothesis import given
@@ -249,7 +250,11 @@ def test_a_tampered_chunk_raises_integrity_error() -> None:
     tampered = bytearray(BLOB)
     tampered[500] ^= 0xFF
     feed_chunks(download, bytes(tampered))
-    with pytest.raises(IntegrityError):
+    sha = manifest_for(BLOB).sha256
+    reason = (
+        f"model v1: assembled 1028 bytes do not match the manifest (1028 bytes, sha256 {sha[:12]}"
+    )
+    with pytest.raises(IntegrityError, match=f"^{re.escape(reason)}"):
         download.take()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import tracemalloc
 from typing import Any
 
@@ -530,10 +531,21 @@ def test_keep_count_is_at_least_one_and_rounds_up(
     assert Compression(top_k=top_k).keep_count(size) == expected
 
 
-@pytest.mark.parametrize("top_k", [0.0, -0.1, 1.5, math.nan, math.inf])
-def test_a_policy_with_an_impossible_fraction_cannot_be_built(top_k: float) -> None:
-    """top_k must lie in (0, 1]."""
-    with pytest.raises(ValidationError):
+@pytest.mark.parametrize(
+    ("top_k", "reason"),
+    [
+        pytest.param(0.0, "Input should be greater than 0", id="zero"),
+        pytest.param(-0.1, "Input should be greater than 0", id="negative"),
+        pytest.param(1.5, "Input should be less than or equal to 1", id="over-one"),
+        pytest.param(math.nan, "Input should be a finite number", id="nan"),
+        pytest.param(math.inf, "Input should be a finite number", id="inf"),
+    ],
+)
+def test_a_policy_with_an_impossible_fraction_cannot_be_built(top_k: float, reason: str) -> None:
+    """top_k must lie in (0, 1] and be finite; the refusal names top_k and the bound."""
+    with pytest.raises(
+        ValidationError, match=f"1 validation error for Compression\ntop_k\n  {reason} "
+    ):
         Compression(top_k=top_k)
 
 
@@ -733,18 +745,42 @@ def test_hostile_payloads_are_refused_with_a_reason(
     assert np.all(out == 1.0)
 
 
+# Where the wire model refuses a field by its declared type or bound, pydantic words the reason:
+# (field, words). The other structural checks are the model's own, worded as the decoder's.
+WIRE_FIELD_REASONS = {
+    "count-negative": ("count", "Input should be greater than or equal to 0"),
+    "values-float64": ("values_dtype", "Input should be 'float32', 'float16' or 'int8'"),
+    "values-int32": ("values_dtype", "Input should be 'float32', 'float16' or 'int8'"),
+    "rle": ("index_coding", "Input should be 'dense', 'varint' or 'bitmap'"),
+    "scale-nan": ("scale", "Input should be a finite number"),
+    "scale-inf": ("scale", "Input should be a finite number"),
+    "scale-zero": ("scale", "Input should be greater than 0"),
+    "scale-negative": ("scale", "Input should be greater than 0"),
+}
+
+
 @pytest.mark.parametrize(
-    ("tensor", "message"),
-    [pytest.param(*p.values[::2], id=p.id) for p in HOSTILE if p.values[3]],
+    ("tensor", "field", "message"),
+    [
+        pytest.param(p.values[0], *WIRE_FIELD_REASONS.get(p.id, ("body", p.values[2])), id=p.id)
+        for p in HOSTILE
+        if p.values[3]
+    ],
 )
 def test_the_wire_model_refuses_what_it_can_check_without_reading_the_payload(
-    tensor: CompressedTensor, message: str
+    tensor: CompressedTensor, field: str, message: str
 ) -> None:
-    """A structurally inconsistent tensor cannot be built, nor decoded from a record."""
+    """A structurally inconsistent tensor cannot be built, nor decoded from a record; both say
+    which field is wrong and why."""
     fields = dict(tensor)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=message):
         CompressedTensor(**fields)
-    with pytest.raises(DecodeError, match="invalid CompressedTensor"):
+    prefix = "invalid CompressedTensor record: "
+    if field == "body":
+        reason = f"^{re.escape(prefix)}body: Value error, tensor 'w': .*{message}"
+    else:
+        reason = f"^{re.escape(f'{prefix}{field}: {message}')}$"
+    with pytest.raises(DecodeError, match=reason):
         decode_record(CompressedTensor, encode_record(tensor))
 
 
@@ -759,7 +795,7 @@ HUGE = 1 << 40
 
 
 @pytest.mark.parametrize(
-    "tensor",
+    ("tensor", "reason"),
     [
         pytest.param(
             CompressedTensor.model_construct(
@@ -772,6 +808,7 @@ HUGE = 1 << 40
                 scale=1.0,
                 values=bytes(4),
             ),
+            "tensor 'w': 4 value bytes for 549755813888 int8 values, expected 549755813888",
             id="varint-claims-half-a-trillion",
         ),
         pytest.param(
@@ -785,6 +822,7 @@ HUGE = 1 << 40
                 scale=1.0,
                 values=bytes(4),
             ),
+            "tensor 'w': the varint index stream is truncated",
             id="varint-that-never-ends",
         ),
         pytest.param(
@@ -798,6 +836,7 @@ HUGE = 1 << 40
                 scale=None,
                 values=bytes(2),
             ),
+            "tensor 'w': bitmap of 1 bytes for 1099511627776 entries, expected 137438953472",
             id="bitmap-of-one-byte-for-a-trillion",
         ),
         pytest.param(
@@ -811,17 +850,21 @@ HUGE = 1 << 40
                 scale=None,
                 values=bytes(8),
             ),
+            "tensor 'w': 8 value bytes for 1099511627776 float32 values, expected 4398046511104",
             id="dense-claims-a-trillion",
         ),
     ],
 )
-def test_a_huge_claimed_count_fails_fast_without_allocating(tensor: CompressedTensor) -> None:
-    """Against a 2**40-entry model, tiny payloads claiming huge counts allocate next to nothing."""
+def test_a_huge_claimed_count_fails_fast_without_allocating(
+    tensor: CompressedTensor, reason: str
+) -> None:
+    """Against a 2**40-entry model, tiny payloads claiming huge counts are refused for their
+    inconsistency and allocate next to nothing."""
     tracemalloc.start()
     try:
-        with pytest.raises(CompressionError):
+        with pytest.raises(CompressionError, match=f"^{re.escape(reason)}$"):
             decode_tensor(tensor, (HUGE,))
-        with pytest.raises(CompressionError):
+        with pytest.raises(CompressionError, match=f"^{re.escape(reason)}$"):
             decompress(tensor, (HUGE,))
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -843,7 +886,7 @@ def test_a_single_non_finite_value_in_a_large_tensor_is_refused(dtype: str, bad:
         values_dtype=np.dtype(dtype).name,
         values=values.tobytes(),
     )
-    with pytest.raises(NonFiniteValues):
+    with pytest.raises(NonFiniteValues, match=r"^tensor 'w': values hold NaN or infinity$"):
         decode_tensor(tensor, (50_000,))
 
 

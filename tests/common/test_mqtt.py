@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ import pytest
 
 from common.backoff import Backoff
 from common.broker_url import BrokerEndpoint
-from common.errors import BrokerUnavailable
+from common.errors import BrokerUnavailable, SubscriptionRefused
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
 from common.topics import TopicTree
 from healthnet.broker import BrokerConfig, EmbeddedBroker, find_mosquitto, free_port
@@ -132,8 +133,9 @@ def test_a_cleared_retained_message_is_not_replayed(broker_url: str, tree: Topic
         pub.clear_retained(topic)
         pub.publish(other, b"idle", wait=WAIT)
         with connected(broker_url, "late") as late:
+            # The broker sends retained messages right after the SUBACK, before it handles the
+            # probe that wait_subscribed subscribes to and publishes afterwards.
             late.subscribe(tree.all_node_status())
-            time.sleep(0.2)  # let a (wrongly) retained message be sent after the SUBACK
             seen = [m.topic for m in wait_subscribed(late, tree)]
         pub.clear_retained(other)
     assert str(topic) not in seen
@@ -424,3 +426,100 @@ def test_large_publishes_from_another_thread_arrive_intact(
         received = messages(sub, len(payloads))
     assert sorted(len(m.payload) for m in received) == sorted(len(p) for p in payloads)
     assert all(m.payload == bytes([m.payload[0]]) * len(m.payload) for m in received)
+
+
+# -- confirmed subscriptions
+
+# amqtt with its topic ACL plugin: anonymous clients may subscribe in federation "open" only.
+# Mosquitto's ACL file cannot serve here: it grants every subscription, then filters delivery.
+ACL_BROKER = textwrap.dedent(
+    """
+    import asyncio, signal, sys
+    from amqtt.broker import Broker
+    from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
+
+    async def serve(port):
+        broker = Broker(BrokerConfig(
+            listeners={"default": ListenerConfig(type=ListenerType.TCP, bind=f"127.0.0.1:{port}")},
+            plugins={
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+                "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": {
+                    "acl": {"anonymous": ["healthnet/v1/open/#"]},
+                },
+            },
+        ))
+        await broker.start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await broker.shutdown()
+
+    asyncio.run(serve(int(sys.argv[1])))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def acl_broker() -> Iterator[str]:
+    """A real amqtt that refuses subscriptions outside federation "open" with SUBACK code 0x80."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", ACL_BROKER, str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            assert process.poll() is None, "the ACL broker exited"
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            assert time.monotonic() < deadline, "the ACL broker did not listen in time"
+            time.sleep(0.05)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(WAIT)
+
+
+def test_a_subscription_is_in_place_when_subscribe_returns(
+    broker_url: str, tree: TopicTree
+) -> None:
+    """subscribe() on a connected client returns after the SUBACK: a publish right after arrives."""
+    with connected(broker_url, "sub") as sub, connected(broker_url, "pub") as pub:
+        sub.subscribe(tree.all_updates())
+        pub.publish(tree.update("hosp-a"), b"right after", wait=WAIT)
+        [message] = messages(sub, 1)
+    assert message.payload == b"right after"
+
+
+def test_a_refused_subscription_raises_with_the_brokers_code(acl_broker: str) -> None:
+    """A SUBACK failure code raises SubscriptionRefused naming the filter and the code; the client
+    stays connected and its granted subscription works."""
+    allowed, forbidden = TopicTree("open"), TopicTree("closed")
+    with connected(acl_broker, "sub") as sub, connected(acl_broker, "pub") as pub:
+        sub.subscribe(allowed.all_updates())
+        with pytest.raises(SubscriptionRefused) as info:
+            sub.subscribe(forbidden.all_updates())
+        assert str(info.value).endswith(
+            f"subscription to {forbidden.all_updates()}: Unspecified error (0x80)"
+        )
+        assert sub.connected
+        pub.publish(allowed.update("hosp-a"), b"granted", wait=WAIT)
+        [message] = messages(sub, 1)
+    assert message.payload == b"granted"
+
+
+def test_start_raises_when_a_subscription_made_before_it_is_refused(acl_broker: str) -> None:
+    """start() waits for the SUBACKs of earlier subscribe() calls; a refusal raises, closed."""
+    client = MqttClient(BrokerEndpoint.parse(acl_broker), f"early-{uuid.uuid4().hex[:8]}")
+    client.subscribe(TopicTree("open").all_updates())
+    client.subscribe(TopicTree("closed").all_updates())
+    with pytest.raises(SubscriptionRefused, match=r"healthnet/v1/closed/updates/\+"):
+        client.start(timeout=WAIT)
+    assert not client.connected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import cast
 
@@ -78,12 +79,15 @@ BAD_IDENTIFIERS = [
 @pytest.mark.parametrize("value", BAD_IDENTIFIERS)
 def test_unsafe_identifiers_are_rejected_everywhere(value: str) -> None:
     """Wildcards, slashes, spaces, empty and over-long identifiers raise TopicError on every use."""
-    with pytest.raises(TopicError, match="invalid"):
+    invalid = f"{re.escape(repr(value))} is invalid: use 1-64 letters, digits"
+    with pytest.raises(TopicError, match=f"^identifier {invalid}"):
         validate_identifier(value)
-    for build in (tree.update, tree.ack, tree.node_status, tree.node_eval, tree.control_reply):
-        with pytest.raises(TopicError):
+    for build in (tree.update, tree.ack, tree.node_status, tree.node_eval):
+        with pytest.raises(TopicError, match=f"^node {invalid}"):
             build(value)
-    with pytest.raises(TopicError):
+    with pytest.raises(TopicError, match=f"^request id {invalid}"):
+        tree.control_reply(value)
+    with pytest.raises(TopicError, match=f"^federation {invalid}"):
         TopicTree(value)
 
 
@@ -93,28 +97,51 @@ def test_identifiers_of_64_characters_are_accepted() -> None:
 
 
 @pytest.mark.parametrize(
-    "topic",
+    ("topic", "reason"),
     [
-        pytest.param(f"{ROOT}/other/model/manifest", id="other-federation"),
-        pytest.param(f"{ROOT}/{FED}x/model/manifest", id="federation-prefix-lookalike"),
-        pytest.param(f"healthnet/v2/{FED}/model/manifest", id="other-protocol-version"),
-        pytest.param(f"{PREFIX}", id="prefix-only"),
-        pytest.param(f"{PREFIX}/", id="prefix-slash"),
-        pytest.param(f"{PREFIX}/model/manifest/extra", id="extra-level"),
-        pytest.param(f"{PREFIX}/model", id="missing-level"),
-        pytest.param(f"{PREFIX}/updates", id="update-without-node"),
-        pytest.param(f"{PREFIX}/updates/", id="update-empty-node"),
-        pytest.param(f"{PREFIX}/updates/+", id="update-wildcard-node"),
-        pytest.param(f"{PREFIX}/nodes/a/unknown", id="unknown-node-route"),
-        pytest.param(f"{PREFIX}/control/replies/a b", id="reply-with-space"),
-        pytest.param(f"{PREFIX}/Versions", id="wrong-case"),
-        pytest.param(f"/{PREFIX}/versions", id="leading-slash"),
-        pytest.param("", id="empty"),
+        pytest.param(
+            f"{ROOT}/other/model/manifest",
+            " is not under 'healthnet/v1/fed-1'",
+            id="other-federation",
+        ),
+        pytest.param(
+            f"{ROOT}/{FED}x/model/manifest",
+            " is not under 'healthnet/v1/fed-1'",
+            id="federation-prefix-lookalike",
+        ),
+        pytest.param(
+            f"healthnet/v2/{FED}/model/manifest",
+            " is not under 'healthnet/v1/fed-1'",
+            id="other-protocol-version",
+        ),
+        pytest.param(f"{PREFIX}", " is not under 'healthnet/v1/fed-1'", id="prefix-only"),
+        pytest.param(f"{PREFIX}/", " is not a healthNET route", id="prefix-slash"),
+        pytest.param(
+            f"{PREFIX}/model/manifest/extra", " is not a healthNET route", id="extra-level"
+        ),
+        pytest.param(f"{PREFIX}/model", " is not a healthNET route", id="missing-level"),
+        pytest.param(f"{PREFIX}/updates", " is not a healthNET route", id="update-without-node"),
+        pytest.param(f"{PREFIX}/updates/", ": node '' is invalid", id="update-empty-node"),
+        pytest.param(f"{PREFIX}/updates/+", ": node '+' is invalid", id="update-wildcard-node"),
+        pytest.param(
+            f"{PREFIX}/nodes/a/unknown", " is not a healthNET route", id="unknown-node-route"
+        ),
+        pytest.param(
+            f"{PREFIX}/control/replies/a b", ": request id 'a b' is invalid", id="reply-with-space"
+        ),
+        pytest.param(f"{PREFIX}/Versions", " is not a healthNET route", id="wrong-case"),
+        pytest.param(
+            f"/{PREFIX}/versions", " is not under 'healthnet/v1/fed-1'", id="leading-slash"
+        ),
+        pytest.param("", " is not under 'healthnet/v1/fed-1'", id="empty"),
     ],
 )
-def test_topics_not_of_this_federation_or_of_unknown_shape_are_rejected(topic: str) -> None:
-    """parse() raises TopicError for anything that is not one of this federation's routes."""
-    with pytest.raises(TopicError):
+def test_topics_not_of_this_federation_or_of_unknown_shape_are_rejected(
+    topic: str, reason: str
+) -> None:
+    """parse() raises TopicError for anything that is not one of this federation's routes, naming
+    the topic and what is wrong with it."""
+    with pytest.raises(TopicError, match=f"^{re.escape(f'topic {topic!r}{reason}')}"):
         tree.parse(topic)
 
 
@@ -133,28 +160,38 @@ def test_chunk_versions_are_v_followed_by_digits(segment: str, version: int) -> 
 
 
 @pytest.mark.parametrize(
-    ("segment", "index"),
+    ("segment", "index", "reason"),
     [
-        pytest.param("12", "0", id="no-v"),
-        pytest.param("v-1", "0", id="negative-version"),
-        pytest.param("v", "0", id="v-without-number"),
-        pytest.param("vv1", "0", id="double-v"),
-        pytest.param("V1", "0", id="capital-v"),
-        pytest.param("v1.5", "0", id="fractional-version"),
-        pytest.param("v+1", "0", id="plus-sign"),
-        pytest.param("v 1", "0", id="space"),
-        pytest.param("v1", "-1", id="negative-index"),
-        pytest.param("v1", "x", id="non-numeric-index"),
-        pytest.param("v1", "", id="empty-index"),
-        pytest.param("v1234567890123", "0", id="thirteen-digits"),
-        pytest.param("v²", "0", id="superscript-digit"),
-        pytest.param("v1", "\u0661", id="arabic-indic-digit"),
+        pytest.param("12", "0", " is not a healthNET route", id="no-v"),
+        pytest.param("v-1", "0", ": '-1' is not a non-negative integer", id="negative-version"),
+        pytest.param("v", "0", ": '' is not a non-negative integer", id="v-without-number"),
+        pytest.param("vv1", "0", ": 'v1' is not a non-negative integer", id="double-v"),
+        pytest.param("V1", "0", " is not a healthNET route", id="capital-v"),
+        pytest.param("v1.5", "0", ": '1.5' is not a non-negative integer", id="fractional-version"),
+        pytest.param("v+1", "0", ": '+1' is not a non-negative integer", id="plus-sign"),
+        pytest.param("v 1", "0", ": ' 1' is not a non-negative integer", id="space"),
+        pytest.param("v1", "-1", ": '-1' is not a non-negative integer", id="negative-index"),
+        pytest.param("v1", "x", ": 'x' is not a non-negative integer", id="non-numeric-index"),
+        pytest.param("v1", "", ": '' is not a non-negative integer", id="empty-index"),
+        pytest.param(
+            "v1234567890123",
+            "0",
+            ": '1234567890123' is not a non-negative integer",
+            id="thirteen-digits",
+        ),
+        pytest.param("v²", "0", ": '²' is not a non-negative integer", id="superscript-digit"),
+        pytest.param(
+            "v1", "\u0661", ": '\u0661' is not a non-negative integer", id="arabic-indic-digit"
+        ),
     ],
 )
-def test_malformed_chunk_versions_and_indices_are_rejected(segment: str, index: str) -> None:
+def test_malformed_chunk_versions_and_indices_are_rejected(
+    segment: str, index: str, reason: str
+) -> None:
     """Only `v<digits>` and `<digits>` (ASCII digits) parse as a chunk's version and index."""
-    with pytest.raises(TopicError):
-        tree.parse(f"{PREFIX}/model/{segment}/chunk/{index}")
+    topic = f"{PREFIX}/model/{segment}/chunk/{index}"
+    with pytest.raises(TopicError, match=f"^{re.escape(f'topic {topic!r}{reason}')}$"):
+        tree.parse(topic)
 
 
 @pytest.mark.parametrize(
@@ -163,7 +200,9 @@ def test_malformed_chunk_versions_and_indices_are_rejected(segment: str, index: 
 )
 def test_building_a_chunk_topic_with_negative_numbers_is_refused(version: int, index: int) -> None:
     """TopicTree.chunk() refuses negative versions and indices."""
-    with pytest.raises(TopicError):
+    with pytest.raises(
+        TopicError, match=f"^chunk topic needs non-negative version and index: {version}/{index}$"
+    ):
         tree.chunk(version, index)
 
 

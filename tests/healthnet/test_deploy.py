@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import shutil
 import stat
 import subprocess
@@ -166,24 +167,48 @@ def test_a_non_empty_folder_is_never_overwritten(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("field", "value", "reason"),
     [
-        pytest.param("hospitals", (), id="no-hospitals"),
-        pytest.param("hospitals", ("a", "a"), id="repeated"),
-        pytest.param("hospitals", ("aggregator",), id="reserved-aggregator"),
-        pytest.param("hospitals", ("dashboard",), id="reserved-dashboard"),
-        pytest.param("hospitals", ("a/b",), id="slash"),
-        pytest.param("hospitals", ("+",), id="wildcard"),
-        pytest.param("federation", "x#", id="bad-federation"),
-        pytest.param("port", 0, id="port-0"),
-        pytest.param("host", "a b", id="host-space"),
-        pytest.param("days", 5000, id="outlives-ca"),
+        pytest.param(
+            "hospitals", (), "a federation needs at least one hospital", id="no-hospitals"
+        ),
+        pytest.param("hospitals", ("a", "a"), "hospital names repeat: a, a", id="repeated"),
+        pytest.param(
+            "hospitals",
+            ("aggregator",),
+            "hospital names ['aggregator'] are reserved for service identities",
+            id="reserved-aggregator",
+        ),
+        pytest.param(
+            "hospitals",
+            ("dashboard",),
+            "hospital names ['dashboard'] are reserved for service identities",
+            id="reserved-dashboard",
+        ),
+        pytest.param(
+            "hospitals", ("a/b",), "hospital 'a/b' is invalid: use 1-64 letters", id="slash"
+        ),
+        pytest.param(
+            "hospitals", ("+",), "hospital '+' is invalid: use 1-64 letters", id="wildcard"
+        ),
+        pytest.param(
+            "federation", "x#", "federation 'x#' is invalid: use 1-64 letters", id="bad-federation"
+        ),
+        pytest.param("port", 0, "port 0 is outside 1-65535", id="port-0"),
+        pytest.param("host", "a b", "host 'a b' is not a host name or address", id="host-space"),
+        pytest.param(
+            "days",
+            5000,
+            "certificates need days >= 1 and a CA that outlives them",
+            id="outlives-ca",
+        ),
     ],
 )
-def test_invalid_specs_are_refused(field: str, value: object) -> None:
-    """Names that could break out of a topic segment, reserved names and bad ports are refused."""
+def test_invalid_specs_are_refused(field: str, value: object, reason: str) -> None:
+    """Names that could break out of a topic segment, reserved names and bad ports are refused,
+    each saying what is wrong."""
     fields: dict[str, object] = {"federation": "heart", "hospitals": HOSPITALS, field: value}
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=f"^{re.escape(reason)}"):
         DeploymentSpec(**fields)  # type: ignore[arg-type]
 
 
@@ -249,7 +274,11 @@ def test_a_hospital_certificate_cannot_pose_as_the_broker(tmp_path: Path) -> Non
     verifier = (
         verification.PolicyBuilder().store(store).build_server_verifier(x509.DNSName("cleveland"))
     )
-    with pytest.raises(verification.VerificationError):
+    # Refused for want of a subjectAltName: hospital certificates name no host at all.
+    with pytest.raises(
+        verification.VerificationError,
+        match=r"^validation failed: leaf certificate has no matching subjectAltName",
+    ):
         verifier.verify(client, [])
 
 

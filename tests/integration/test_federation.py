@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -12,10 +14,25 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from common.messages import AggregatorState, AggregatorStatus, Compression, Quantization
+from common.codec import decode, encode, envelope, new_id
+from common.compression import dense_tensor
+from common.errors import BrokerUnavailable
+from common.messages import (
+    Ack,
+    AggregatorState,
+    AggregatorStatus,
+    Compression,
+    Quantization,
+    TrainMetrics,
+    Update,
+    VersionRecord,
+)
+from common.mqtt import Message, MqttClient
 from common.settings import ConnectionSettings
+from common.topics import TopicTree
 from healthnet.broker import EmbeddedBroker
 from healthnet.control import ControlClient
 from healthnet.demo import DemoConfig, aggregator_args, node_args, run_demo
@@ -32,8 +49,11 @@ PNEUMONIA_BAR = 0.70
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return
+        # No retained status yet (an aggregator still importing torch on a busy machine) is
+        # "not yet", not a failure: the deadline decides.
+        with contextlib.suppress(BrokerUnavailable):
+            if predicate():
+                return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
@@ -203,8 +223,30 @@ def test_a_slow_hospital_does_not_block_the_others(
     assert result.min_staleness_factor["switzerland"] < 1.0
 
 
-def test_pause_stops_new_versions_and_resume_restarts_them(federation: Federation) -> None:
-    """`healthnet pause` freezes the global version; `healthnet resume` lets it advance again."""
+def zero_update(status: AggregatorStatus) -> Update:
+    """A valid update of the heart-disease model that changes nothing, from the current version."""
+    return Update(
+        update_id=new_id(),
+        run_id=status.run_id,
+        base_version=status.version,
+        num_samples=10,
+        metrics=TrainMetrics(loss=0.5, accuracy=0.5, seconds=0.1),
+        delta=tuple(
+            dense_tensor(name, np.zeros(shape, np.float32))
+            for name, shape in (("1.weight", (2, 13)), ("1.bias", (2,)))
+        ),
+    )
+
+
+def versions_logged(federation: Federation) -> list[VersionRecord]:
+    """The aggregator's versions.jsonl: a version exists once its line is there."""
+    path = federation.workdir / "aggregator" / "versions.jsonl"
+    return [VersionRecord.model_validate_json(line) for line in path.read_text().splitlines()]
+
+
+def test_pause_holds_a_full_buffer_and_resume_folds_it(federation: Federation) -> None:
+    """While paused, updates are acked and held in the buffer, a full one included, and no version
+    is made; after resume the held updates are folded into the next version."""
     federation.start_aggregator()
     federation.start_nodes()
     wait_for(lambda: federation.status().version >= 3, 60, "three versions")
@@ -212,14 +254,44 @@ def test_pause_stops_new_versions_and_resume_restarts_them(federation: Federatio
     paused = federation.control("pause")
     assert paused.returncode == 0, paused.stderr
     assert "paused" in paused.stdout
-    time.sleep(1.0)  # let in-flight updates land: they are buffered, not folded
-    frozen = federation.status()
+    frozen = federation.status()  # forced out after the pause was applied
     assert frozen.state is AggregatorState.PAUSED
-    time.sleep(2.0)
-    assert federation.status().version == frozen.version
+
+    # Two updates of our own (K = 2), so the buffer is full whatever the nodes had in flight.
+    held = [zero_update(frozen), zero_update(frozen)]
+    topics = TopicTree(federation.name)
+    with MqttClient(federation.settings.endpoint(), f"probe-{new_id()[:8]}") as probe:
+        probe.subscribe(str(topics.ack("probe")))
+        for update in held:
+            body = envelope(update, sender="probe", sent_at=time.time())
+            probe.publish(topics.update("probe"), encode(body), wait=30)
+        acks: dict[str, Ack] = {}
+        deadline = time.monotonic() + 30
+        while len(acks) < len(held):
+            assert time.monotonic() < deadline, f"acks of {len(acks)} of {len(held)} updates"
+            with contextlib.suppress(queue.Empty):
+                item = probe.inbox.get(timeout=1.0)
+                if isinstance(item, Message):
+                    ack = decode(item.payload).body
+                    assert isinstance(ack, Ack)
+                    acks[ack.update_id] = ack
+    assert all(ack.accepted for ack in acks.values()), acks
+
+    def holding() -> bool:
+        status = federation.status()
+        assert (status.state, status.version) == (AggregatorState.PAUSED, frozen.version), status
+        return status.buffer_fill >= 2 and status.counters.accepted >= frozen.counters.accepted + 2
+
+    # Every status is published after the service checked for a due fold: a full buffer at the
+    # frozen version is a fold that a paused run did not make.
+    wait_for(holding, 30, "a full buffer held at the frozen version")
+    assert [r.version for r in versions_logged(federation)][-1] == frozen.version
 
     resumed = federation.control("resume")
     assert resumed.returncode == 0, resumed.stderr
+    wait_for(lambda: federation.status().version > frozen.version, 60, "a version after resume")
+    folded = {c.update_id for r in versions_logged(federation) for c in r.contributions}
+    assert {u.update_id for u in held} <= folded
     wait_for(lambda: federation.status().version > frozen.version + 1, 60, "versions after resume")
 
     status = cli(
@@ -231,6 +303,19 @@ def test_pause_stops_new_versions_and_resume_restarts_them(federation: Federatio
     assert federation.group["aggregator"].wait(30) == 0
 
 
+def first_status_after(client: MqttClient, topic: str, newer_than: float) -> AggregatorStatus:
+    """The first aggregator status on ``client``'s inbox published after ``newer_than``."""
+    deadline = time.monotonic() + 30
+    while (left := deadline - time.monotonic()) > 0:
+        with contextlib.suppress(queue.Empty):
+            item = client.inbox.get(timeout=left)
+            if isinstance(item, Message) and item.topic == topic and item.payload:
+                status = decode(item.payload).body
+                if isinstance(status, AggregatorStatus) and status.updated_at > newer_than:
+                    return status
+    raise AssertionError("no status from the restarted aggregator within 30s")
+
+
 @pytest.mark.parametrize(
     "signum",
     [pytest.param(signal.SIGTERM, id="sigterm"), pytest.param(signal.SIGKILL, id="sigkill")],
@@ -238,30 +323,30 @@ def test_pause_stops_new_versions_and_resume_restarts_them(federation: Federatio
 def test_a_restarted_aggregator_resumes_from_its_checkpoint(
     federation: Federation, signum: signal.Signals
 ) -> None:
-    """Stopped or killed, the aggregator comes back at the version it had, in the same run."""
+    """Stopped or killed, the aggregator comes back at the last version in versions.jsonl (its
+    commit point), in the same run; stopped, it had also checkpointed and announced that version."""
     federation.start_aggregator()
     federation.start_nodes()
     wait_for(lambda: federation.status().version >= 4, 60, "four versions")
     federation.group["aggregator"].signal(signum)
     assert federation.group["aggregator"].wait(15) is not None
-    checkpoints = sorted((federation.workdir / "aggregator" / "checkpoints").glob("v*.ckpt"))
-    last_version = int(checkpoints[-1].name[1:9])
+    committed = versions_logged(federation)[-1].version
     before = federation.status()  # retained: what the aggregator last said
+    if signum == signal.SIGTERM:
+        checkpoints = sorted((federation.workdir / "aggregator" / "checkpoints").glob("v*.ckpt"))
+        assert int(checkpoints[-1].name[1:9]) == committed
+        assert before.version == committed
+        assert before.state is AggregatorState.RUNNING
 
-    federation.start_aggregator()
-    wait_for(
-        lambda: federation.status().updated_at > before.updated_at, 30, "the restarted aggregator"
-    )
-    after = federation.status()
-    assert after.run_id == before.run_id
-    assert after.version >= last_version
-    wait_for(
-        lambda: federation.status().version > last_version + 2, 60, "new versions after restart"
-    )
-    versions = [
-        json.loads(line)["version"]
-        for line in (federation.workdir / "aggregator" / "versions.jsonl").read_text().splitlines()
-    ]
+    topic = str(TopicTree(federation.name).aggregator_status())
+    with MqttClient(federation.settings.endpoint(), f"watch-{new_id()[:8]}") as watcher:
+        watcher.subscribe(topic)
+        federation.start_aggregator()
+        # Its first status comes before it serves anything: the version it resumed at.
+        first = first_status_after(watcher, topic, before.updated_at)
+    assert (first.run_id, first.version) == (before.run_id, committed)
+    wait_for(lambda: federation.status().version > committed + 2, 60, "new versions after restart")
+    versions = [record.version for record in versions_logged(federation)]
     assert versions == list(range(1, len(versions) + 1)), "versions must be contiguous, none twice"
 
 
@@ -283,7 +368,11 @@ def test_an_idle_run_starts_on_command_and_knobs_change_live(federation: Federat
     assert (knobs.buffer_size, knobs.training.epochs) == (3, 2)
     refused = federation.control("set", "buffer_size=0")
     assert refused.returncode == 1
-    assert "buffer_size" in refused.stderr
+    # The aggregator's reason, whitespace normalised: the console may wrap it.
+    assert (
+        "invalid knob value: 1 validation error for Knobs buffer_size "
+        "Input should be greater than or equal to 1"
+    ) in " ".join(refused.stderr.split()), refused.stderr
 
     # Settings come from the environment as well as from flags.
     env = {"HEALTHNET_BROKER_URL": federation.url, "HEALTHNET_FEDERATION": federation.name}
