@@ -587,16 +587,16 @@ class AggregatorCore:
                 return no(RejectReason.MALFORMED, str(exc))
         return None, delta
 
-    @staticmethod
     def _clip_scale(
-        delta: Mapping[str, DecodedTensor], bound: NormBound | None
+        self, delta: Mapping[str, DecodedTensor], bound: NormBound | None
     ) -> tuple[float, float | None]:
-        """The factor that brings ``delta`` within ``bound`` (or 1), and its norm (None, and
-        not computed, without a bound)."""
-        if bound is None:
+        """The factor that brings ``delta`` within ``bound`` (or 1), and its norm: None, and not
+        computed, when there is no bound and no adaptive bound is kept (an adaptive bound with
+        nothing to go by yet, as for a model initialised to zeros, still learns the norms)."""
+        if bound is None and self._knobs.norm_multiplier is None:
             return 1.0, None
         norm = math.sqrt(math.fsum(squared_norm(d) for d in delta.values()))
-        if not norm > bound.value:
+        if bound is None or not norm > bound.value:
             return 1.0, norm
         return bound.value / norm, norm
 

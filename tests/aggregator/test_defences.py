@@ -23,13 +23,14 @@ from aggregator.core import AggregatorCore
 from common.errors import ControlError
 from common.messages import (
     AggregationRule,
+    ControlCommand,
     Knobs,
     NodeLedgerEntry,
     NormPolicy,
     RejectReason,
     StalenessKind,
 )
-from tests.aggregator.test_core import DELTA, PARAMS, make_core, make_update, scaled, send
+from tests.aggregator.test_core import DELTA, PARAMS, RUN, make_core, make_update, scaled, send
 from tests.strategies import params_like, update_buffers
 
 CONSTANT = StalenessPolicy(StalenessKind.CONSTANT)
@@ -282,6 +283,22 @@ def test_adaptive_bound_follows_the_median_of_accepted_updates() -> None:
     verdict = send(core, make_update("eleven", delta=scaled(11.0)), node="n5")
     assert (verdict.accepted, verdict.reason) == (False, RejectReason.NORM_BOUND)
     assert "median norm" in verdict.detail
+
+
+def test_a_model_initialised_to_zeros_learns_the_norms_its_adaptive_bound_needs() -> None:
+    """Zero initial weights give the warm-up no scale, so the first updates pass unbounded; their
+    norms are still recorded, and from the fourth update on the median's bound applies."""
+    zeros = {name: np.zeros_like(p) for name, p in PARAMS.items()}
+    core = AggregatorCore(
+        run_id=RUN, params=zeros, knobs=Knobs(buffer_size=100, norm_multiplier=10.0)
+    )
+    core.command(ControlCommand.START)
+    assert core.norm_bound() is None
+    for i in range(3):
+        assert send(core, make_update(f"h{i}"), node=f"n{i}").accepted
+    assert core.norm_history == pytest.approx((global_norm(DELTA),) * 3)
+    verdict = send(core, make_update("big", delta=scaled(11.0)), node="bad")
+    assert (verdict.accepted, verdict.reason) == (False, RejectReason.NORM_BOUND)
 
 
 def test_adaptive_clip_scales_to_the_bound_and_remembers_the_clipped_norm() -> None:
