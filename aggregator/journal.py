@@ -143,22 +143,7 @@ class Journal:
             return core, None, 0
         self._record = checkpoint.record
         self._checkpointed = (checkpoint.version, checkpoint.state)
-        core = AggregatorCore(
-            run_id=checkpoint.run_id,
-            params=checkpoint.params,
-            knobs=checkpoint.knobs,
-            version=checkpoint.version,
-            state=checkpoint.state,
-            optimizer_state=checkpoint.optimizer_state(),
-            seen=checkpoint.seen,
-            seen_by=checkpoint.seen_by,
-            counters=checkpoint.counters,
-            nodes=checkpoint.nodes,
-            norms=checkpoint.norms,
-            initial_norm=checkpoint.initial_norm,
-            buffered_scales=checkpoint.buffered_scales,
-            probe=probe,
-        )
+        core = _core_from(checkpoint, probe)
         self._replay(core, checkpoint.buffered, max_bytes=max_bytes)
         refolded = self._refold(core, self._records_after(checkpoint.version))
         self._complete_ledger()
@@ -371,17 +356,9 @@ class Journal:
     def _remake(self, checkpoint: Checkpoint, version: int) -> tuple[Params, ServerOptimizerState]:
         """``version``'s weights, folded again from ``checkpoint`` and the WAL in a scratch core:
         the updates each logged version names, in its order, as :meth:`resume` does."""
-        scratch = AggregatorCore(
-            run_id=checkpoint.run_id,
-            params=checkpoint.params,
-            knobs=checkpoint.knobs,
-            version=checkpoint.version,
-            state=checkpoint.state,
-            optimizer_state=checkpoint.optimizer_state(),
-            seen=checkpoint.seen,
-            seen_by=checkpoint.seen_by,
-            nodes=checkpoint.nodes,
-        )
+        # The same core recovery builds (norm history included), so that each update is judged
+        # as it was on arrival; no probe: these versions were published once already.
+        scratch = _core_from(checkpoint, probe=None)
         buffered = set(checkpoint.buffered)
         for entry in self.store.wal_entries():
             if entry.update_id in checkpoint.seen and entry.update_id not in buffered:
@@ -492,3 +469,23 @@ class Journal:
             )
             for c in record.contributions
         ]
+
+
+def _core_from(checkpoint: Checkpoint, probe: Probe | None) -> AggregatorCore:
+    """The core a checkpoint describes, before the write-ahead log is replayed into it."""
+    return AggregatorCore(
+        run_id=checkpoint.run_id,
+        params=checkpoint.params,
+        knobs=checkpoint.knobs,
+        version=checkpoint.version,
+        state=checkpoint.state,
+        optimizer_state=checkpoint.optimizer_state(),
+        seen=checkpoint.seen,
+        seen_by=checkpoint.seen_by,
+        counters=checkpoint.counters,
+        nodes=checkpoint.nodes,
+        norms=checkpoint.norms,
+        initial_norm=checkpoint.initial_norm,
+        buffered_scales=checkpoint.buffered_scales,
+        probe=probe,
+    )

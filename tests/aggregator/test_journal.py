@@ -318,7 +318,12 @@ class Service:
     """Like :class:`Aggregator`, with the probe, discards and rollbacks the service handles."""
 
     def __init__(
-        self, directory: Path, *, keep_checkpoints: int = 3, checkpoint_every: int = 1
+        self,
+        directory: Path,
+        *,
+        keep_checkpoints: int = 3,
+        checkpoint_every: int = 1,
+        knobs: Knobs | None = None,
     ) -> None:
         self.journal = Journal(
             directory,
@@ -331,7 +336,7 @@ class Service:
             lambda: AggregatorCore(
                 run_id="run-1",
                 params=PARAMS,
-                knobs=Knobs(buffer_size=2),
+                knobs=knobs or Knobs(buffer_size=2),
                 state=AggregatorState.RUNNING,
                 probe=huge_probe,
             ),
@@ -456,6 +461,31 @@ def test_a_crash_right_after_a_rollback_recovers_the_same_version_once(
         (7, "buffer_full", None),
     ]
     assert folded_ids(run) == list("abcdefghijkl")
+
+
+def test_a_version_remade_for_a_rollback_clips_its_updates_as_they_were_clipped(
+    tmp_path: Path,
+) -> None:
+    """With an adaptive norm bound that clips, a rollback to a version since the newest
+    checkpoint folds the WAL's updates again against the norm history they met on arrival, so
+    its weights are the version's own (v4: h, five times too large, was clipped to the median's
+    bound; judged against no history it would be clipped differently)."""
+    knobs = Knobs(buffer_size=2, norm_multiplier=2.0, norm_policy=NormPolicy.CLIP)
+    sizes = [0.01, 0.02, 0.01, 0.5, 0.02, 0.01, 0.01, 0.05, 0.01, 0.02]
+    values = dict(zip("abcdefghij", sizes, strict=True))
+    reference = Service(tmp_path / "reference", knobs=knobs)
+    for update_id, value in values.items():
+        reference.receive(update_id, value)  # v1-v5, a checkpoint each
+    reference.close()
+    v4 = StateStore(tmp_path / "reference").load_checkpoint(4)
+    run = Service(tmp_path / "run", knobs=knobs, checkpoint_every=3)
+    for update_id, value in values.items():
+        run.receive(update_id, value)  # checkpoints at v3 (and v0); v4 only in the WAL
+    assert run.core.counters().clipped >= 2
+    run.rollback(4)
+    for name, value in v4.params.items():
+        assert np.array_equal(run.core.params[name], value), name
+    run.close()
 
 
 def test_only_a_kept_version_or_one_since_the_newest_checkpoint_can_be_rolled_back_to(
