@@ -13,7 +13,7 @@ and publishing the model). Two configurations alternate, ``rounds`` times each:
   the system offers), with folded updates deleted from it at once; no checkpoint after the first,
   no ledger, no versions log;
 * ``checkpoint-every-version``: as shipped with ``checkpoint_every = 1``: a checkpoint of the whole
-  model at every version, plus the ledger and the versions log;
+  model at every version, plus the ledger, the versions log and the model archive;
 * ``checkpoint-every-version-ledger-fsync-per-line``: the same, with every ledger line fsynced
   (the alternative to syncing only rejections and at checkpoints);
 * ``checkpoint-every-10``: as shipped (``checkpoint_every = 10``, the default).
@@ -120,6 +120,11 @@ class _TimedStore(StateStore):
         super().append_version(record)
         self._owner.seconds += time.perf_counter() - started
 
+    def archive_model(self, version: int, blob: bytes) -> None:
+        started = time.perf_counter()
+        super().archive_model(version, blob)
+        self._owner.seconds += time.perf_counter() - started
+
 
 class BaselineJournal(Journal):
     """The write-ahead log only, as before the ledger: folded updates leave it at once, and no
@@ -135,8 +140,9 @@ class BaselineJournal(Journal):
         if verdict.accepted and not verdict.duplicate:
             self.store.append_wal(node, update.update_id, payload)
 
-    def commit_fold(self, core: AggregatorCore, fold: Fold) -> None:
+    def commit_fold(self, core: AggregatorCore, fold: Fold, model_blob: bytes) -> VersionRecord:
         self.store.drop_wal(set(fold.folded_ids))
+        return fold.record
 
 
 def feed(url: str, federation: str, shapes: dict[str, tuple[int, ...]], count: int) -> None:
@@ -240,7 +246,8 @@ def measure(
         thread.start()
         feeder.start()
         deadline = time.monotonic() + 60.0 + 20.0 * versions
-        while len(created) < versions and time.monotonic() < deadline:
+        # A dead aggregator thread (its exception is printed) ends the wait at once.
+        while len(created) < versions and time.monotonic() < deadline and thread.is_alive():
             try:
                 item = watcher.inbox.get(timeout=1.0)
             except queue.Empty:
@@ -256,7 +263,9 @@ def measure(
         if feeder.is_alive():
             feeder.terminate()
     if len(created) < versions:
-        raise RuntimeError(f"only {len(created)} of {versions} versions in time")
+        raise RuntimeError(
+            f"only {len(created)} of {versions} versions in time (or the aggregator died)"
+        )
     skip = 2  # warm-up: the backlog builds up and caches fill
     measured = len(created) - 1 - skip
     # The mean, not the median: a checkpoint every N versions is a spike the median would hide.
