@@ -324,7 +324,8 @@ def test_a_restarted_aggregator_resumes_from_its_checkpoint(
     federation: Federation, signum: signal.Signals
 ) -> None:
     """Stopped or killed, the aggregator comes back at the last version in versions.jsonl (its
-    commit point), in the same run; stopped, it had also checkpointed and announced that version."""
+    commit point), in the same run; stopped, it had also checkpointed that version and announced
+    it, going offline."""
     federation.start_aggregator()
     federation.start_nodes()
     wait_for(lambda: federation.status().version >= 4, 60, "four versions")
@@ -336,7 +337,7 @@ def test_a_restarted_aggregator_resumes_from_its_checkpoint(
         checkpoints = sorted((federation.workdir / "aggregator" / "checkpoints").glob("v*.ckpt"))
         assert int(checkpoints[-1].name[1:9]) == committed
         assert before.version == committed
-        assert before.state is AggregatorState.RUNNING
+        assert before.state is AggregatorState.OFFLINE  # its last word on a clean exit
 
     topic = str(TopicTree(federation.name).aggregator_status())
     with MqttClient(federation.settings.endpoint(), f"watch-{new_id()[:8]}") as watcher:
