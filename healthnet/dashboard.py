@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -97,6 +98,15 @@ class _Server(ThreadingHTTPServer):
         self.files = _load_static()
         self.stopping = threading.Event()
         self.loopback_only = _is_loopback(address[0])
+
+    def handle_error(self, request: object, client_address: tuple[str, int]) -> None:
+        """A viewer that closes its tab mid-request is routine, not a traceback on stderr."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            log.debug("dashboard viewer %s went away: %s", client_address[0], error)
+            return
+        # Called from the server's own except block, so the traceback is still at hand.
+        log.error("dashboard request from %s failed", client_address[0], exc_info=error)
 
 
 class _Handler(BaseHTTPRequestHandler):
