@@ -19,7 +19,8 @@ test:
 test-fast:
 	$(PYTHON) -m pytest -m "not slow"
 
-# The README's figure tables, rendered again from the committed JSON (docs/benchmarks/,
-# benchmarks/results/); the tests fail while README.md and the JSON disagree.
+# The docs' generated tables (README.md, docs/*.md), rendered again: the figures from the committed
+# JSON (docs/benchmarks/, benchmarks/results/), the configuration from the settings classes; the
+# tests fail while a page and its sources disagree.
 figures:
 	$(PYTHON) -m benchmarks.figures

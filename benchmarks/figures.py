@@ -1,17 +1,20 @@
-"""The README's figure tables, rendered from the committed benchmark JSON.
+"""The docs' generated tables: benchmark figures from the committed JSON, settings from the code.
 
-    python -m benchmarks.figures            # rewrite README.md's tables from the JSON
-    python -m benchmarks.figures --check    # exit 1, naming the tables, where README.md differs
+    python -m benchmarks.figures                # rewrite every page's tables
+    python -m benchmarks.figures --check        # exit 1, naming the tables, where a page differs
+    python -m benchmarks.figures PAGE [PAGE ...]  # only these pages
 
-Each table sits between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``; everything
-between the two markers is generated: change the JSON (or how this module renders it), never the
-table. Under every table a line names the files it came from, with the revision, the machine and
-the load average each recorded. Figures that predate a later change to what they measure, or that
-survive only as the README reported them, sit in files marked ``"historical": true`` with the
-reason, and their tables say so. ``tests/benchmarks/test_figures.py`` fails when README.md and
-the JSON disagree, so a hand edit of a table cannot last.
+The pages are README.md and docs/*.md. Each table sits between ``<!-- figures:NAME -->`` and
+``<!-- /figures:NAME -->``, on whichever page it belongs to, each exactly once; everything between
+the two markers is generated: change the JSON (or the settings class, or how this module renders
+it), never the table. Under every figure table a line names the JSON files it came from and the
+machine each recorded; the JSON also records the git revision. Figures measured on an earlier
+revision than what they describe sit in files marked ``"historical": true`` with the reason, and
+their tables say so. ``tests/benchmarks/test_figures.py`` fails when a page and its sources
+disagree, so a hand edit of a table cannot last.
 
-Only the standard library: the check runs wherever the tests run.
+The configuration tables import the settings classes they describe, and list each setting as
+pydantic-settings reads it from the environment.
 """
 
 from __future__ import annotations
@@ -20,14 +23,18 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from enum import Enum
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TABLES", "main", "render_readme", "stale_tables"]
+from pydantic import BaseModel, SecretStr
+
+__all__ = ["TABLES", "main", "pages", "render_page", "render_pages", "stale_tables"]
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
 DOCS = "docs/benchmarks"
 RESULTS = "benchmarks/results"
 
@@ -37,7 +44,7 @@ MODEL_NAMES = {"cnn-16": "CNN width 16", "cnn-128": "CNN width 128",
                "resnet18": "ResNet-18 layout"}  # fmt: skip
 FOLD_SETTINGS = {"dense-fp32": "dense fp32", "fp16": "fp16", "top10%-int8": "top 10 % int8"}
 MODES = {"sync": "synchronous FedAvg", "fedbuff": "FedBuff", "fedasync": "FedAsync"}
-# The README's typography, spelled as escapes so that no look-alike character hides in the code.
+# The docs' typography, spelled as escapes so that no look-alike character hides in the code.
 DASH = "\u2013"  # en dash, between the ends of a range
 TIMES = "\u00d7"  # multiplication sign, after a ratio of bytes
 SIGMA = "\u03c3"
@@ -60,11 +67,6 @@ class Source:
     def provenance(self) -> str:
         machine: Json = self.data["machine"]
         parts: list[str] = []
-        revision = machine.get("git_revision")
-        if revision:
-            parts.append(f"revision {revision[:7]}")
-        else:
-            parts.append(f"reported in {self.data['reported_in'][:7]}, revision not recorded")
         if machine.get("cpu"):
             parts.append(f"{machine['cores']} cores, {machine['cpu']}")
         else:
@@ -83,15 +85,32 @@ class Source:
 
 
 def provenance(sources: Iterable[Source], note: str = "") -> str:
-    """The line under a table: where each figure came from, and why any of it is historical."""
+    """The line under a table: where each figure came from, and which of it is historical.
+
+    Names no commit: the JSON records the revision, and a change's history belongs in its
+    commit message.
+    """
     sources = list(sources)
+    records = "the JSON records" if len(sources) == 1 else "each JSON records"
+    if all(s["machine"].get("git_revision") for s in sources):
+        records += " the git revision and the machine"
+    elif not any(s["machine"].get("git_revision") for s in sources):
+        records += " the machine and the commit that first reported its figures"
+    else:
+        records += (
+            " the machine and the git revision (where that was not recorded, the commit that "
+            "first reported its figures)"
+        )
     line = "_Generated by `python -m benchmarks.figures` from " + "; ".join(
         s.provenance() for s in sources
     )
-    line += "." + (f" {note}" if note else "")
-    for s in sources:
-        if s.historical:
-            line += f" **Historical** (`{Path(s.relative).name}`): {s['historical_why']}."
+    line += f"; {records}." + (f" {note}" if note else "")
+    historical = [f"`{Path(s.relative).name}`" for s in sources if s.historical]
+    if historical:
+        line += (
+            f" **Historical** ({', '.join(historical)}): measured on an earlier revision; "
+            "rerun pending."
+        )
     return line + "_"
 
 
@@ -187,8 +206,7 @@ def compression(root: Path) -> str:
               "fold ÷ add, 11.7 M")  # fmt: skip
     note = (
         "Bytes per update: the mean over the two seeds; vs dense: dense float32's mean over this. "
-        "**The fold ÷ add columns are historical**: measured before the one-pass fold (6bdb3cf), "
-        "zero-copy decoding (f05c647) and recycled version memory (31b7f34); "
+        "**The fold ÷ add columns were measured on an earlier revision of the fold**; "
         "[Fold](#fold-aggregator-throughput) has the aggregator's fold as it is now."
     )
     return block(header, rows, provenance(seeds, note))
@@ -390,7 +408,6 @@ def fold(root: Path) -> str:
     run = Source(f"{DOCS}/fold.json", root)
     runs = Source(f"{DOCS}/fold-runs.json", root)
     summary = {(r["model"], r["setting"]): r for r in runs["results"]}
-    baseline = {(r["model"], r["setting"]): r for r in runs["baseline"]["results"]}
     largest = max(r["params"] for r in run["results"])
     rows = []
     for r in run["results"]:
@@ -407,14 +424,11 @@ def fold(root: Path) -> str:
             f"{summary[key]['updates_per_second_median']:,.0f}",
             f"{median} [{ratio['min']:.2f}-{ratio['max']:.2f}]",
             f"{r['updates_per_second']:,.0f}, {r['ratio_to_numpy_add']:.2f}x",
-            (f"{baseline[key]['updates_per_second']:,.0f}, "
-             f"{baseline[key]['ratio_to_numpy_add']:.2f}x"),
         ))  # fmt: skip
-    revision = runs["baseline"]["git_revision"][:7]
     header = ("model", "params", "setting", "updates/s", "ratio to numpy add",
-              "fold.json: updates/s, ratio", f"at {revision}: updates/s, ratio")  # fmt: skip
+              "fold.json: updates/s, ratio")  # fmt: skip
     note = (
-        f"Five runs: the median and range from `{runs.relative}` ({runs['source']}); "
+        f"Five runs: the median and range from `{runs.relative}`; "
         "fold.json is the run with the median dense 11.7 M ratio."
     )
     return block(header, rows, provenance([run], note))
@@ -479,6 +493,146 @@ def swarm(root: Path) -> str:
     return block(header, rows, provenance(sources))
 
 
+# --- Configuration -------------------------------------------------------------------------
+
+# What a setting means, where its class gives no description. Keyed by the setting's dotted path.
+MEANINGS = {
+    "federation": "federation id: the topic prefix `healthnet/v1/{federation}/`",
+    "ca_file": "CA certificate for `mqtts://`",
+    "cert_file": "client certificate for `mqtts://` (mutual TLS)",
+    "key_file": "the client certificate's private key",
+    "connect_timeout": "seconds to wait for the first connection",
+    "state_dir": "checkpoints, write-ahead log, model archive, `versions.jsonl`, `ledger.jsonl`",
+    "model.name": "`logreg`, `mlp`, `cnn` or `module:function`",
+    "model.kwargs": "the model factory's keyword arguments (JSON)",
+    "keep_checkpoints": "checkpoint files kept (rollback reaches back to the oldest)",
+    "knobs.buffer_size": "K, updates per version",
+    "knobs.buffer_timeout": "fold a partial buffer after this many seconds (0: never)",
+    "knobs.max_staleness": "reject updates staler than this many versions",
+    "knobs.staleness": "staleness discount `f`: `constant`, `polynomial` or `hinge`",
+    "knobs.staleness_a": "`a` of the polynomial and hinge discounts",
+    "knobs.staleness_b": "`b` of the hinge discount: staleness that is not discounted",
+    "knobs.sample_exponent": "β: an update weighs `num_samples ** β`",
+    "knobs.server_optimizer": "`sgd`, `fedavgm`, `fedadam` or `fedyogi`",
+    "knobs.server_lr": "η, the server step",
+    "knobs.server_momentum": "FedAvgM's momentum",
+    "knobs.server_beta1": "FedAdam's and FedYogi's β1",
+    "knobs.server_beta2": "FedAdam's and FedYogi's β2",
+    "knobs.server_tau": "FedAdam's and FedYogi's τ (adaptivity)",
+    "knobs.max_update_norm": "absolute L2 ceiling on an update",
+    "knobs.norm_multiplier": (
+        "adaptive bound: this many times the median norm of the last `norm_window` accepted "
+        "updates (warm-up: of the initial weights); `healthnet deploy init` sets 10"
+    ),
+    "knobs.norm_window": "accepted updates whose median norm the adaptive bound follows",
+    "knobs.norm_policy": "`reject` or `clip` updates above the bound",
+    "knobs.aggregation": "`mean`, `median` or `trimmed_mean` (needs K ≥ 3)",
+    "knobs.trim_fraction": "of each end, per coordinate, for `trimmed_mean` (at least one value)",
+    "knobs.one_update_per_version": (
+        "refuse a second update from one base version; `healthnet deploy init` turns it on"
+    ),
+    "knobs.max_num_samples": (
+        "refuse updates claiming more samples; `healthnet deploy init` sets 100000"
+    ),
+    "knobs.compression.top_k": "fraction of each delta tensor nodes send (none: all)",
+    "knobs.compression.quantization": "how nodes send values: `none`, `float16` or `int8`",
+    "knobs.compression.error_feedback": "nodes carry what they did not send into the next update",
+    "knobs.broadcast_dtype": "the model broadcast's dtype: `float32` or `float16`",
+    "knobs.max_versions": "stop the run at this version",
+    "knobs.training.epochs": "local epochs per version (sent to nodes in the manifest)",
+    "knobs.training.batch_size": "local batch size",
+    "knobs.training.learning_rate": "local learning rate",
+    "knobs.training.optimizer": "local optimizer: `sgd` or `adam`",
+    "knobs.training.momentum": "local SGD momentum",
+    "knobs.training.weight_decay": "local weight decay",
+    "seed": "seed of local training",  # the node's; the aggregator's says what it seeds
+    "max_model_bytes": "refuse a model broadcast larger than this",
+    "compression.top_k": "send at most this fraction of each tensor, if below the run's",
+    "compression.quantization": "send values narrower than the run asks: `float16` or `int8`",
+    "compression.error_feedback": "carry what was not sent into the next update",
+}
+SETTINGS_TABLES = {
+    "settings-shared": ("common.settings", "ConnectionSettings", None),
+    "settings-aggregator": ("aggregator.settings", "AggregatorSettings", "common.settings"),
+    "settings-node": ("edge_node.settings", "NodeSettings", "common.settings"),
+    "settings-dashboard": ("healthnet.dashboard", "DashboardSettings", "common.settings"),
+}
+"""Each configuration table: the settings class it lists, and the module of the shared class
+whose settings it leaves out (they have their own table)."""
+
+
+def _settings_class(module: str, name: str) -> Any:
+    return getattr(import_module(module), name)
+
+
+def _default(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, dict):
+        return f"`{json.dumps(value)}`"
+    text = f"`{value}`"
+    if isinstance(value, int) and value >= 2**30 and value % 2**30 == 0:
+        text += f" ({value // 2**30} GiB)"
+    elif isinstance(value, int) and value >= 2**20 and value % 2**20 == 0:
+        text += f" ({value // 2**20} MiB)"
+    return text
+
+
+_REQUIRED = object()
+
+
+def _setting_rows(model: Any, default: Any, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """One row per leaf setting: its variable, its default and what it means."""
+    rows: list[tuple[str, ...]] = []
+    for name, field in model.model_fields.items():
+        path = (*prefix, name)
+        dotted = ".".join(path)
+        # A group's fields take their defaults from the group's default (the model's kwargs
+        # from the default model spec); a field with none there is required.
+        value = getattr(default, name, _REQUIRED)
+        nested = _nested_model(field.annotation)
+        if nested is not None and value is not _REQUIRED:
+            # A group that is off by default (None) lists its class's own defaults.
+            rows += _setting_rows(nested, value if value is not None else nested(), path)
+            continue
+        shown = "required" if value is _REQUIRED else _default(value)
+        variable = "HEALTHNET_" + "__".join(part.upper() for part in path)
+        meaning = field.description or MEANINGS.get(dotted, "")
+        rows.append((f"`{variable}`", shown, meaning.replace("<", "&lt;").replace(">", "&gt;")))
+    return rows
+
+
+def _nested_model(annotation: Any) -> Any:
+    """The settings group a field holds (a model, or a model or None), else None."""
+    candidates = [annotation, *typing.get_args(annotation)]
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def settings_table(name: str) -> str:
+    module, cls_name, shared_module = SETTINGS_TABLES[name]
+    cls = _settings_class(module, cls_name)
+    rows = _setting_rows(cls, cls.model_construct(), ())
+    if shared_module is not None:
+        shared = _settings_class(shared_module, "ConnectionSettings")
+        skip = {f"`HEALTHNET_{field.upper()}`" for field in shared.model_fields}
+        rows = [row for row in rows if row[0] not in skip]
+    line = f"_Generated by `python -m benchmarks.figures` from `{module}.{cls_name}`._"
+    return block(("variable", "default", "meaning"), rows, line)
+
+
+def _settings(name: str) -> Callable[[Path], str]:
+    return lambda _root: settings_table(name)
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "demo-heart-disease": demo_heart,
     "demo-pneumonia": demo_pneumonia,
@@ -493,6 +647,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "fold": fold,
     "broadcast": broadcast,
     "swarm": swarm,
+    **{name: _settings(name) for name in SETTINGS_TABLES},
 }
 """Every generated table, by the name its markers carry, and how it is rendered."""
 
@@ -501,50 +656,85 @@ MARKED = re.compile(
 )
 
 
-def render_readme(text: str, root: Path = ROOT) -> str:
-    """``text`` with every marked table rendered afresh from the JSON under ``root``.
+def pages(root: Path = ROOT) -> list[Path]:
+    """The pages that may hold generated tables: README.md and docs/*.md."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
-    Raises ValueError for a marker that names no table, and for a table with no markers.
+
+def marked_tables(text: str) -> list[str]:
+    """The names of the tables ``text`` marks, in order."""
+    return [m["name"] for m in MARKED.finditer(text)]
+
+
+def render_page(text: str, root: Path = ROOT) -> str:
+    """``text`` with every marked table rendered afresh from its source.
+
+    Raises ValueError for a marker that names no table.
     """
-    seen: set[str] = set()
 
     def fill(match: re.Match[str]) -> str:
         name = match["name"]
         if name not in TABLES:
-            raise ValueError(f"README marks a table {name!r} that benchmarks/figures.py lacks")
-        seen.add(name)
+            raise ValueError(f"a page marks a table {name!r} that benchmarks/figures.py lacks")
         return f"{match[1]}{TABLES[name](root)}{match[4]}"
 
-    rendered = MARKED.sub(fill, text)
-    missing = set(TABLES) - seen
+    return MARKED.sub(fill, text)
+
+
+def render_pages(texts: Mapping[str, str], root: Path = ROOT) -> dict[str, str]:
+    """Every page rendered; each table the generator knows is marked on exactly one page.
+
+    Raises ValueError for a marker that names no table, and for a table marked on no page or more
+    than once.
+    """
+    marks: dict[str, list[str]] = {name: [] for name in TABLES}
+    for page, text in texts.items():
+        for name in marked_tables(text):
+            marks.setdefault(name, []).append(page)
+    unknown = sorted(set(marks) - set(TABLES))
+    if unknown:
+        raise ValueError(f"pages mark tables {unknown} that benchmarks/figures.py lacks")
+    repeated = {name: where for name, where in marks.items() if len(where) > 1}
+    if repeated:
+        raise ValueError(f"tables marked more than once: {repeated}")
+    missing = sorted(name for name, where in marks.items() if not where)
     if missing:
-        raise ValueError(f"README has no markers for {sorted(missing)}")
-    return rendered
+        raise ValueError(f"no page has markers for {missing}")
+    return {page: render_page(text, root) for page, text in texts.items()}
 
 
 def stale_tables(text: str, root: Path = ROOT) -> list[str]:
-    """The names of the tables in ``text`` that differ from what the JSON renders."""
+    """The names of the tables in ``text`` that differ from what their sources render."""
     current = {m["name"]: m["body"] for m in MARKED.finditer(text)}
-    fresh = {m["name"]: m["body"] for m in MARKED.finditer(render_readme(text, root))}
+    fresh = {m["name"]: m["body"] for m in MARKED.finditer(render_page(text, root))}
     return [name for name in fresh if current.get(name) != fresh[name]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only say which tables are stale")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument(
+        "pages", nargs="*", type=Path, help="pages to render (default: README.md and docs/*.md)"
+    )
     args = parser.parse_args(argv)
-    text = args.readme.read_text(encoding="utf-8")
+    paths: list[Path] = args.pages or pages()
+    texts = {str(path): path.read_text(encoding="utf-8") for path in paths}
+    # Every table has its page only when every page is read.
+    rendered = (
+        render_pages(texts)
+        if not args.pages
+        else {page: render_page(text) for page, text in texts.items()}
+    )
     if args.check:
-        stale = stale_tables(text)
-        for name in stale:
-            print(f"{args.readme}: table {name!r} differs from its JSON", file=sys.stderr)
+        stale = [(page, name) for page, text in texts.items() for name in stale_tables(text)]
+        for page, name in stale:
+            print(f"{page}: table {name!r} differs from its source", file=sys.stderr)
         if stale:
             print("run: python -m benchmarks.figures", file=sys.stderr)
         return 1 if stale else 0
-    rendered = render_readme(text)
-    if rendered != text:
-        args.readme.write_text(rendered, encoding="utf-8")
+    for path in paths:
+        if rendered[str(path)] != texts[str(path)]:
+            path.write_text(rendered[str(path)], encoding="utf-8")
     return 0
 
 

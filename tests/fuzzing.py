@@ -1,5 +1,5 @@
 """How the fuzz targets run: a fixed number of Hypothesis inputs each, counted, so that CI provably
-executes them all (10,000 in total; see README, Security)."""
+executes them all (10,000 in total; see docs/security.md, Fuzzing)."""
 
 from __future__ import annotations
 

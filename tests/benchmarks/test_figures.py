@@ -1,4 +1,4 @@
-"""The README's figure tables are exactly what benchmarks/figures.py renders from the JSON."""
+"""The docs' generated tables are exactly what benchmarks/figures.py renders from their sources."""
 
 from __future__ import annotations
 
@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.figures import README, ROOT, TABLES, main, render_readme, stale_tables
+from aggregator.settings import AggregatorSettings
+from benchmarks.figures import (
+    ROOT,
+    TABLES,
+    main,
+    marked_tables,
+    pages,
+    render_page,
+    render_pages,
+    stale_tables,
+)
 
 JSON_FILES = sorted(
     [
@@ -17,60 +27,93 @@ JSON_FILES = sorted(
     ]
 )
 FULL_REVISION = re.compile(r"[0-9a-f]{40}")
+PAGES = pages()
+SECURITY = ROOT / "docs" / "security.md"
+POISONING_ROW = "| 0.474 | 0.797 |"
 
 
 @pytest.fixture(scope="module")
 def rendered() -> str:
-    """README.md as the generator renders it from the committed JSON."""
-    return render_readme(README.read_text(encoding="utf-8"))
+    """Every page as the generator renders it from the committed sources, one after another."""
+    texts = {str(page): page.read_text(encoding="utf-8") for page in PAGES}
+    return "\n".join(render_pages(texts).values())
 
 
-def test_readme_tables_equal_what_the_json_renders() -> None:
-    """Every marked table in README.md is the generator's output (run `make figures` if not)."""
-    assert stale_tables(README.read_text(encoding="utf-8")) == []
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_page_tables_equal_what_their_sources_render(page: Path) -> None:
+    """Every marked table on a page is the generator's output (run `make figures` if not)."""
+    assert stale_tables(page.read_text(encoding="utf-8")) == []
 
 
 def test_a_hand_edited_cell_is_named_as_stale() -> None:
     """Changing one figure inside a table makes the check name that table."""
-    text = README.read_text(encoding="utf-8")
-    edited = text.replace("| 0.474 | 0.797 |", "| 0.480 | 0.797 |", 1)
+    text = SECURITY.read_text(encoding="utf-8")
+    edited = text.replace(POISONING_ROW, "| 0.480 | 0.797 |", 1)
     assert edited != text
     assert stale_tables(edited) == ["poisoning"]
-    assert render_readme(edited) == text
+    assert render_page(edited) == text
 
 
 def test_check_mode_exits_nonzero_on_a_stale_table(tmp_path: Path) -> None:
-    """`python -m benchmarks.figures --check` fails on a stale README and passes on a fresh one."""
-    readme = tmp_path / "README.md"
-    text = README.read_text(encoding="utf-8")
-    readme.write_text(text.replace("| 0.474 | 0.797 |", "| 0.480 | 0.797 |"), encoding="utf-8")
-    assert main(["--check", "--readme", str(readme)]) == 1
-    assert main(["--readme", str(readme)]) == 0
-    assert readme.read_text(encoding="utf-8") == text
-    assert main(["--check", "--readme", str(readme)]) == 0
+    """`python -m benchmarks.figures --check PAGE` fails on a stale page, passes on a fresh one."""
+    page = tmp_path / "security.md"
+    text = SECURITY.read_text(encoding="utf-8")
+    page.write_text(text.replace(POISONING_ROW, "| 0.480 | 0.797 |"), encoding="utf-8")
+    assert main(["--check", str(page)]) == 1
+    assert main([str(page)]) == 0
+    assert page.read_text(encoding="utf-8") == text
+    assert main(["--check", str(page)]) == 0
+
+
+def test_check_mode_passes_on_the_committed_pages() -> None:
+    """`python -m benchmarks.figures --check` (every page, as `make figures` writes them) passes."""
+    assert main(["--check"]) == 0
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("texts", "message"),
     [
         pytest.param(
-            "<!-- figures:nothing -->\n|\n<!-- /figures:nothing -->", "lacks", id="unknown"
+            {"a.md": "<!-- figures:nothing -->\n|\n<!-- /figures:nothing -->"},
+            "lacks",
+            id="unknown",
         ),
-        pytest.param("no markers at all", "no markers", id="missing"),
+        pytest.param({"a.md": "no markers at all"}, "no page has markers", id="missing"),
+        pytest.param(
+            {
+                "a.md": "<!-- figures:poisoning -->\n|\n<!-- /figures:poisoning -->",
+                "b.md": "<!-- figures:poisoning -->\n|\n<!-- /figures:poisoning -->",
+            },
+            "more than once",
+            id="twice",
+        ),
     ],
 )
-def test_markers_and_tables_correspond_one_to_one(text: str, message: str) -> None:
-    """A marker naming no table, or a table the README does not mark, is refused."""
+def test_markers_and_tables_correspond_one_to_one(texts: dict[str, str], message: str) -> None:
+    """A marker naming no table, a table no page marks, or one marked twice, is refused."""
     with pytest.raises(ValueError, match=message):
-        render_readme(text)
+        render_pages(texts)
 
 
-def test_every_table_is_marked_once() -> None:
-    """Each table the generator knows has exactly one pair of markers in README.md."""
-    text = README.read_text(encoding="utf-8")
-    for name in TABLES:
-        assert text.count(f"<!-- figures:{name} -->") == 1, name
-        assert text.count(f"<!-- /figures:{name} -->") == 1, name
+def test_every_table_is_marked_once_across_the_pages() -> None:
+    """Each table the generator knows has exactly one pair of markers, on one page."""
+    marks = [name for page in PAGES for name in marked_tables(page.read_text(encoding="utf-8"))]
+    assert sorted(marks) == sorted(TABLES)
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for name in marked_tables(text):
+            assert text.count(f"<!-- /figures:{name} -->") == 1, name
+
+
+def test_captions_name_the_json_and_no_commit(rendered: str) -> None:
+    """The line under a figure table names its JSON files and says the JSON records the
+    revision; no commit hash, which is history for commit messages."""
+    captions = [line for line in rendered.splitlines() if line.startswith("_Generated by")]
+    assert captions
+    for caption in captions:
+        assert not re.search(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b", caption)
+        if ".json`" in caption:
+            assert "JSON records the" in caption
 
 
 @pytest.mark.parametrize("path", JSON_FILES, ids=lambda p: p.name)
@@ -94,6 +137,20 @@ def test_every_benchmark_json_records_its_revision_and_machine(path: Path) -> No
 def test_every_benchmark_json_feeds_a_table(path: Path, rendered: str) -> None:
     """No committed result sits unused: each JSON is named under a generated table."""
     assert f"`{path.relative_to(ROOT).as_posix()}`" in rendered
+
+
+def test_configuration_tables_name_variables_the_settings_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A nested variable as the configuration page spells it reaches its setting."""
+    table = TABLES["settings-aggregator"](ROOT)
+    assert "`HEALTHNET_KNOBS__TRAINING__EPOCHS` | `1` |" in table
+    assert "`HEALTHNET_MODEL__NAME` | `logreg` |" in table
+    monkeypatch.setenv("HEALTHNET_KNOBS__TRAINING__EPOCHS", "3")
+    monkeypatch.setenv("HEALTHNET_MODEL__NAME", "cnn")
+    settings = AggregatorSettings()
+    assert settings.knobs.training.epochs == 3
+    assert settings.model.name == "cnn"
 
 
 def test_fold_json_is_the_median_of_the_five_runs() -> None:

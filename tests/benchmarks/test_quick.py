@@ -1,4 +1,4 @@
-"""Every benchmark's quick mode runs to the end and writes the JSON keys its README tables use."""
+"""Every benchmark's quick mode runs to the end and writes the JSON keys its docs tables use."""
 
 from __future__ import annotations
 

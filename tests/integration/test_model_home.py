@@ -40,7 +40,7 @@ def ok(done: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ten-version heart-disease federation, run as the README's quickstart runs it."""
+    """A ten-version heart-disease federation, run as docs/running.md takes a model home."""
     workdir = tmp_path_factory.mktemp("demo")
     ok(cli("demo", "--versions", "10", "--workdir", str(workdir), "--no-dashboard"))
     return workdir

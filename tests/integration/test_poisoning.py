@@ -147,7 +147,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], f
         for rule in (AggregationRule.MEAN, AggregationRule.MEDIAN):
             root = tmp_path_factory.mktemp(f"{attack}-{rule.value}")
             out[attack, rule.value] = federate(root, poison, rule)
-    print({f"{a}/{r}": round(v, 3) for (a, r), v in out.items()})  # the figures in the README
+    print({f"{a}/{r}": round(v, 3) for (a, r), v in out.items()})  # the figures in docs/security.md
     return out
 
 
