@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.chaos import ChaosConfig, ChaosResult, Fault, problems, run_chaos
 from healthnet.broker import find_mosquitto
-from healthnet.chaos import ChaosConfig, ChaosResult, Fault, problems, run_chaos
 
 pytestmark = [
     pytest.mark.broker,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aggregator.ledger import LedgerEntry, LedgerEvent
 from common.messages import Contribution, VersionRecord
+from devtools.reconcile import NodeRecords, reconcile
 from edge_node.sentlog import SentEntry, SentEvent
-from healthnet.reconcile import NodeRecords, reconcile
 
 
 def sent(*ids: str, base: int = 0) -> tuple[SentEntry, ...]:
