@@ -47,9 +47,10 @@ from aggregator.aggregation import (
     robust_buffer_aggregate,
     server_step,
 )
+from aggregator.fold import squared_norm
 from aggregator.memory import VersionMemory
 from aggregator.run_state import transition
-from common.compression import DecodedTensor, all_finite, decode_tensor, squared_norm
+from common.compression import DecodedTensor, all_finite, decode_tensor
 from common.errors import CompressionError, ControlError, NonFiniteValues
 from common.messages import (
     NORM_HISTORY,
