@@ -293,9 +293,6 @@ def test_compress_refuses_what_it_cannot_send(
         compress(delta, Compression(), residual)
 
 
-# -- decoding --------------------------------------------------------------------------
-
-
 # -- the wire model ----------------------------------------------------------------------------
 
 
