@@ -51,6 +51,7 @@ from aggregator.fold import squared_norm
 from aggregator.memory import VersionMemory
 from aggregator.run_state import transition
 from common.compression import DecodedTensor, all_finite, decode_tensor
+from common.compression_policy import admits, keep_count
 from common.errors import CompressionError, ControlError, NonFiniteValues
 from common.messages import (
     NORM_HISTORY,
@@ -573,11 +574,11 @@ class AggregatorCore:
                     RejectReason.SHAPE_MISMATCH,
                     f"{name}: got {list(tensor.shape)}, model has {list(reference.shape)}",
                 )
-            if not policy.admits(tensor):
+            if not admits(policy, tensor):
                 return no(
                     RejectReason.COMPRESSION_POLICY,
                     f"{name}: {tensor.count} of {tensor.size} entries as {tensor.values_dtype}; "
-                    f"the run asks for at most {policy.keep_count(tensor.size)} as "
+                    f"the run asks for at most {keep_count(policy, tensor.size)} as "
                     f"{policy.quantization.values_dtype} or narrower",
                 )
             try:

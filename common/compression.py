@@ -37,6 +37,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from common.compression_policy import keep_count
 from common.errors import CompressionError, NonFiniteValues
 from common.messages import FLOAT32_MAX, INT8_MAX, CompressedTensor, Compression, Quantization
 
@@ -49,7 +50,6 @@ __all__ = [
     "decode_tensor",
     "decompress",
     "dense_tensor",
-    "effective_policy",
     "float32_values",
     "half_to_biased_float32",
 ]
@@ -126,22 +126,6 @@ def dense_tensor(name: str, array: NDArray[Any]) -> CompressedTensor:
     )
 
 
-def effective_policy(asked: Compression, own: Compression | None) -> Compression:
-    """What a node sends under: the run's policy, tightened wherever the node asks for more.
-
-    The smaller kept fraction and the narrower quantization win; error feedback follows the
-    node's own choice when it states one.
-    """
-    if own is None:
-        return asked
-    top_k = min(asked.kept_fraction, own.kept_fraction)
-    return Compression(
-        top_k=None if top_k >= 1.0 else top_k,
-        quantization=max(asked.quantization, own.quantization, key=lambda q: q.strength),
-        error_feedback=own.error_feedback,
-    )
-
-
 def compress(
     delta: Mapping[str, NDArray[Any]],
     policy: Compression,
@@ -190,7 +174,7 @@ def _compress_tensor(
     if not np.isfinite(flat).all():
         raise ValueError(f"{name}: the delta (plus residual) holds NaN or infinity")
     size = flat.size
-    k = policy.keep_count(size)
+    k = keep_count(policy, size)
     indices = None if k == size else _top_k(flat, k)
     chosen = flat if indices is None else flat[indices]
     payload, scale, sent = _quantize(chosen, policy.quantization)
