@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.metrics import AggregatorMetrics, serve_metrics
 from common.messages import NodeLedgerEntry, NodeState, NodeStatus
-from tests.healthnet.test_observe import record, status
+from tests.samples import record, status
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

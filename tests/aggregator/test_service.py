@@ -44,7 +44,7 @@ from common.mqtt import Message, MqttClient
 from common.topics import Route, TopicTree
 from edge_node.service import NodeService
 from edge_node.settings import NodeSettings
-from healthnet.broker import BrokerConfig, EmbeddedBroker
+from tests.brokers import BrokerConfig, EmbeddedBroker
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
@@ -873,21 +873,3 @@ def test_a_rollback_publishes_a_new_version_with_an_earlier_versions_weights(
     assert (status.version, status.counters.rollbacks) == (3, 1)
     node.fold_next(3)
     assert node.record(4).reason == "buffer_full"
-
-
-def test_the_rollback_command_says_what_it_published_or_why_not(
-    running: Aggregator, node: Peer, mosquitto: EmbeddedBroker
-) -> None:
-    """`healthnet rollback 0` at v1 prints the new version; `rollback 5` fails with the reason."""
-    from typer.testing import CliRunner
-
-    from healthnet.cli import app
-
-    node.fold_next(0)
-    flags = ["--broker-url", mosquitto.url, "--federation", node.tree.federation]
-    done = CliRunner().invoke(app, ["rollback", "0", *flags])
-    assert done.exit_code == 0, done.output
-    assert "rolled back to v0's weights as v2" in done.output
-    refused = CliRunner().invoke(app, ["rollback", "5", *flags])
-    assert refused.exit_code != 0
-    assert "not an earlier version" in refused.output

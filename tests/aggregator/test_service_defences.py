@@ -27,8 +27,8 @@ from common.messages import (
     RejectReason,
 )
 from common.topics import TopicTree
-from healthnet.broker import EmbeddedBroker
 from tests.aggregator.test_service import SHAPES, WAIT, Aggregator, Peer, assert_rejected
+from tests.brokers import EmbeddedBroker
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
