@@ -2,7 +2,7 @@
 any two of them.
 
 Theory of operation. Four records live in the state directory (:class:`~aggregator.store.StateStore`
-and :class:`~aggregator.ledger.Ledger`): checkpoints, the write-ahead log (WAL) of accepted
+and :class:`~aggregator.update_log.Ledger`): checkpoints, the write-ahead log (WAL) of accepted
 updates, ``versions.jsonl`` and the update ledger. The service calls this module at three moments,
 and acknowledges a message only after the call returns:
 
@@ -66,8 +66,8 @@ from pathlib import Path
 
 from aggregator.aggregation import Params, ServerOptimizerState
 from aggregator.core import AggregatorCore, Discard, Fold, Probe, Verdict
-from aggregator.ledger import Ledger, LedgerEntry, LedgerEvent
 from aggregator.store import Checkpoint, StateStore
+from aggregator.update_log import Ledger, LedgerEntry, LedgerEvent
 from common.codec import decode, sha256_hex
 from common.errors import ControlError, DecodeError, HealthNetError, ProtocolError
 from common.messages import AggregatorState, ModelSpec, RejectReason, Update, VersionRecord

@@ -48,10 +48,10 @@ from pydantic import SecretStr
 
 from aggregator.core import AggregatorCore, Fold, Verdict
 from aggregator.journal import Journal
-from aggregator.ledger import Ledger, LedgerEntry
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from aggregator.store import Checkpoint, StateStore
+from aggregator.update_log import Ledger, LedgerEntry
 from common.broker_url import BrokerEndpoint
 from common.codec import decode, encode, envelope, new_id
 from common.compression import dense_tensor

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator.ledger import LedgerEntry, LedgerEvent, read_ledger, update_fates
+from aggregator.update_log import LedgerEntry, LedgerEvent, read_ledger, update_fates
 from common.jsonlog import read_json_lines
 from common.messages import VersionRecord
 from edge_node.outbox import Outbox

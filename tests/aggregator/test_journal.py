@@ -13,8 +13,8 @@ import pytest
 
 from aggregator.core import AggregatorCore, Discard, Fold
 from aggregator.journal import Journal
-from aggregator.ledger import LedgerEvent, read_ledger, update_fates
 from aggregator.store import StateStore
+from aggregator.update_log import LedgerEvent, read_ledger, update_fates
 from common.codec import encode, encode_tensors, envelope, sha256_hex
 from common.compression import dense_tensor
 from common.errors import ControlError, HealthNetError

@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from aggregator.ledger import read_ledger, update_fates
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
+from aggregator.update_log import read_ledger, update_fates
 from common.blobs import ModelDownload
 from common.broker_url import BrokerEndpoint
 from common.codec import decode, decode_tensors, encode, envelope, new_id

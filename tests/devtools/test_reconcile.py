@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aggregator.ledger import LedgerEntry, LedgerEvent
+from aggregator.update_log import LedgerEntry, LedgerEvent
 from common.messages import Contribution, VersionRecord
 from devtools.reconcile import NodeRecords, reconcile
 from edge_node.sentlog import SentEntry, SentEvent

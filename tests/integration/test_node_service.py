@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.ledger import read_ledger, update_fates
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
+from aggregator.update_log import read_ledger, update_fates
 from common.broker_url import BrokerEndpoint
 from common.codec import encode, envelope, new_id
 from common.compression import dense_tensor
