@@ -40,9 +40,9 @@ __all__ = [
     "Knobs",
     "Manifest",
     "ModelSpec",
-    "NodeLedgerEntry",
     "NodeState",
     "NodeStatus",
+    "NodeTally",
     "NormPolicy",
     "Quantization",
     "RejectReason",
@@ -554,8 +554,8 @@ class Counters(Frozen):
     rejections: dict[str, NonNegative] = Field(default_factory=dict)
 
 
-class NodeLedgerEntry(Frozen):
-    """What the aggregator knows about one node."""
+class NodeTally(Frozen):
+    """What the aggregator knows about one node: its running counts and latest evaluation."""
 
     node: Identifier
     accepted: NonNegative = 0
@@ -582,7 +582,7 @@ class AggregatorStatus(Frozen):
     buffer_fill: NonNegative
     knobs: Knobs
     counters: Counters
-    nodes: tuple[NodeLedgerEntry, ...] = ()
+    nodes: tuple[NodeTally, ...] = ()
     updated_at: FiniteFloat
 
 

@@ -8,7 +8,7 @@ from common.messages import (
     Contribution,
     Counters,
     Knobs,
-    NodeLedgerEntry,
+    NodeTally,
     VersionRecord,
 )
 
@@ -22,7 +22,7 @@ def status(
     *,
     updated_at: float = 100.0,
     run_id: str = RUN,
-    nodes: tuple[NodeLedgerEntry, ...] = (),
+    nodes: tuple[NodeTally, ...] = (),
     buffer_fill: int = 1,
 ) -> AggregatorStatus:
     return AggregatorStatus(

@@ -9,9 +9,9 @@ from common.messages import (
     Body,
     Counters,
     Evaluation,
-    NodeLedgerEntry,
     NodeState,
     NodeStatus,
+    NodeTally,
     VersionRecord,
 )
 from common.topics import TopicTree
@@ -62,11 +62,11 @@ def test_status_sets_version_buffer_knobs_and_counters() -> None:
     assert snap.status_age_seconds == pytest.approx(0.5)
 
 
-def test_node_table_joins_ledger_and_node_status() -> None:
-    """A row per node: its own state and version, lag, counts and bytes from the ledger."""
+def test_node_table_joins_tallies_and_node_status() -> None:
+    """A row per node: its own state and version, lag, and counts and bytes from its tally."""
     observer = Observer(FED)
     ledger = (
-        NodeLedgerEntry(
+        NodeTally(
             node="a",
             accepted=5,
             rejected=2,
@@ -114,10 +114,10 @@ def test_mean_uses_each_hospitals_latest_accuracy_once_all_have_reported() -> No
     }
 
 
-def test_ledger_evaluations_give_points_without_the_eval_topics() -> None:
+def test_tallied_evaluations_give_points_without_the_eval_topics() -> None:
     """A status alone (an identity that may not read evals) still draws each node's latest point."""
     observer = Observer(FED)
-    ledger = (NodeLedgerEntry(node="a", eval_version=3, eval_accuracy=0.75),)
+    ledger = (NodeTally(node="a", eval_version=3, eval_accuracy=0.75),)
     observer.on_status(status(3, nodes=ledger), now=0)
     assert observer.snapshot(now=0).accuracy.nodes == {"a": (0.75,)}
 
