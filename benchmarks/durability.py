@@ -75,7 +75,7 @@ PLACEHOLDER = "f" * 32  # an update id of the same length as new_id(), patched p
 
 
 class TimedJournal(Journal):
-    """The shipped journal, timing its checkpoint, ledger and versions-log writes."""
+    """The shipped journal, timing its checkpoint, update-log and versions-log writes."""
 
     def __init__(self, *args: Any, sync_every_line: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -93,7 +93,7 @@ class _TimedUpdateLog(UpdateLog):
     def append(self, records: Iterable[UpdateLogEntry]) -> None:
         started = time.perf_counter()
         super().append(records)
-        if self._sync_every_line:  # the alternative measured: every ledger line fsynced
+        if self._sync_every_line:  # the alternative measured: every update-log line fsynced
             super().sync()
         self._owner.seconds += time.perf_counter() - started
 
