@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from common.compression import BLOCK, DecodedTensor, all_finite, fold, fold_block, sum_of_squares
+from aggregator.fold import BLOCK, fold, fold_block, sum_of_squares
+from common.compression import DecodedTensor, all_finite
 from common.messages import AggregationRule, ServerOptimizerKind, StalenessKind
 
 __all__ = [

@@ -47,9 +47,11 @@ from aggregator.aggregation import (
     robust_buffer_aggregate,
     server_step,
 )
+from aggregator.fold import squared_norm
 from aggregator.memory import VersionMemory
 from aggregator.run_state import transition
-from common.compression import DecodedTensor, all_finite, decode_tensor, squared_norm
+from common.compression import DecodedTensor, all_finite, decode_tensor
+from common.compression_policy import admits, keep_count
 from common.errors import CompressionError, ControlError, NonFiniteValues
 from common.messages import (
     NORM_HISTORY,
@@ -61,7 +63,7 @@ from common.messages import (
     Counters,
     Evaluation,
     Knobs,
-    NodeLedgerEntry,
+    NodeTally,
     NormPolicy,
     RejectReason,
     ServerOptimizerKind,
@@ -165,7 +167,9 @@ class Discard:
 
 
 @dataclass(slots=True)
-class _Ledger:
+class _NodeTally:
+    """The mutable counts behind one node's :class:`~common.messages.NodeTally`."""
+
     accepted: int = 0
     rejected: int = 0
     folded: int = 0
@@ -196,7 +200,7 @@ class AggregatorCore:
         seen: Mapping[str, str] | None = None,
         seen_by: Mapping[str, str] | None = None,
         counters: Counters | None = None,
-        nodes: tuple[NodeLedgerEntry, ...] = (),
+        nodes: tuple[NodeTally, ...] = (),
         norms: Sequence[float] = (),
         initial_norm: float | None = None,
         buffered_scales: Mapping[str, float] | None = None,
@@ -225,8 +229,8 @@ class AggregatorCore:
         # accepted update id -> the node it came from, so another node's replay is told apart.
         self._seen_by: dict[str, str] = dict(seen_by or {})
         self._counters = (counters or Counters()).model_dump()
-        self._nodes: dict[str, _Ledger] = {
-            e.node: _Ledger(**e.model_dump(exclude={"node"})) for e in nodes
+        self._nodes: dict[str, _NodeTally] = {
+            e.node: _NodeTally(**e.model_dump(exclude={"node"})) for e in nodes
         }
         self._buffer: list[BufferedUpdate] = []
         # The clipped norms of the last accepted updates, oldest first, while a bound was set.
@@ -292,9 +296,9 @@ class AggregatorCore:
     def counters(self) -> Counters:
         return Counters.model_validate(self._counters)
 
-    def ledger(self) -> tuple[NodeLedgerEntry, ...]:
+    def node_tallies(self) -> tuple[NodeTally, ...]:
         return tuple(
-            NodeLedgerEntry(node=node, **_ledger_fields(entry))
+            NodeTally(node=node, **_tally_fields(entry))
             for node, entry in sorted(self._nodes.items())
         )
 
@@ -306,7 +310,7 @@ class AggregatorCore:
             buffer_fill=len(self._buffer),
             knobs=self._knobs,
             counters=self.counters(),
-            nodes=self.ledger(),
+            nodes=self.node_tallies(),
             updated_at=now,
         )
 
@@ -342,7 +346,7 @@ class AggregatorCore:
 
         The dropped updates were acknowledged, so they count as accepted, never as folded.
         """
-        entry = self._nodes.setdefault(node, _Ledger())
+        entry = self._nodes.setdefault(node, _NodeTally())
         if entry.quarantined:
             raise ControlError(f"node {node!r} is already quarantined")
         entry.quarantined = True
@@ -362,7 +366,7 @@ class AggregatorCore:
     def record_evaluation(self, node: str, evaluation: Evaluation) -> None:
         if evaluation.run_id != self.run_id:
             return
-        entry = self._nodes.setdefault(node, _Ledger())
+        entry = self._nodes.setdefault(node, _NodeTally())
         if entry.eval_version is None or evaluation.version >= entry.eval_version:
             entry.eval_version = evaluation.version
             entry.eval_failure = evaluation.failure
@@ -374,7 +378,7 @@ class AggregatorCore:
         """Validate an update from broker identity ``node`` and buffer it if it is acceptable."""
         self._counters["received"] += 1
         self._counters["bytes_received"] += size
-        entry = self._nodes.setdefault(node, _Ledger())
+        entry = self._nodes.setdefault(node, _NodeTally())
         entry.last_seen = now
         entry.bytes_received += size
         if sender != node:
@@ -494,7 +498,7 @@ class AggregatorCore:
             self._counters["bytes_received"] += size
             self._counters["bytes_accepted"] += size
             self._counters["raw_bytes_accepted"] += self._buffer[-1].raw_bytes
-            entry = self._nodes.setdefault(node, _Ledger())
+            entry = self._nodes.setdefault(node, _NodeTally())
             entry.accepted += 1
             entry.last_seen = now
             entry.last_base_version = update.base_version
@@ -504,7 +508,7 @@ class AggregatorCore:
         """Count a message that never reached validation (it has no update id to answer)."""
         self._counters["received"] += 1
         self._counters["bytes_received"] += size
-        entry = self._nodes.setdefault(node, _Ledger())
+        entry = self._nodes.setdefault(node, _NodeTally())
         entry.last_seen = now
         entry.bytes_received += size
         self._count_rejection(entry, reason)
@@ -572,11 +576,11 @@ class AggregatorCore:
                     RejectReason.SHAPE_MISMATCH,
                     f"{name}: got {list(tensor.shape)}, model has {list(reference.shape)}",
                 )
-            if not policy.admits(tensor):
+            if not admits(policy, tensor):
                 return no(
                     RejectReason.COMPRESSION_POLICY,
                     f"{name}: {tensor.count} of {tensor.size} entries as {tensor.values_dtype}; "
-                    f"the run asks for at most {policy.keep_count(tensor.size)} as "
+                    f"the run asks for at most {keep_count(policy, tensor.size)} as "
                     f"{policy.quantization.values_dtype} or narrower",
                 )
             try:
@@ -604,13 +608,13 @@ class AggregatorCore:
         self._norms.append(norm)
         del self._norms[:-NORM_HISTORY]
 
-    def _reject(self, entry: _Ledger, update_id: str, verdict: Verdict) -> Verdict:
+    def _reject(self, entry: _NodeTally, update_id: str, verdict: Verdict) -> Verdict:
         reason = verdict.reason or RejectReason.MALFORMED
         self._seen[update_id] = reason.value
         self._count_rejection(entry, reason)
         return verdict
 
-    def _count_rejection(self, entry: _Ledger, reason: RejectReason) -> None:
+    def _count_rejection(self, entry: _NodeTally, reason: RejectReason) -> None:
         self._counters["rejected"] += 1
         rejections = self._counters["rejections"]
         rejections[reason.value] = rejections.get(reason.value, 0) + 1
@@ -767,7 +771,7 @@ class AggregatorCore:
         for u in batch:
             self._seen[u.update_id] = RejectReason.DISCARDED.value
             self._counters["discarded"] += 1
-            self._nodes.setdefault(u.node, _Ledger()).discarded += 1
+            self._nodes.setdefault(u.node, _NodeTally()).discarded += 1
         return Discard(tuple(u.update_id for u in batch), tuple(u.node for u in batch), detail)
 
     # -- rollback
@@ -854,5 +858,5 @@ class AggregatorCore:
         return params, opt_state, norm, all(all_finite(p) for p in params.values())
 
 
-def _ledger_fields(entry: _Ledger) -> dict[str, Any]:
-    return {name: getattr(entry, name) for name in _Ledger.__slots__}
+def _tally_fields(entry: _NodeTally) -> dict[str, Any]:
+    return {name: getattr(entry, name) for name in _NodeTally.__slots__}

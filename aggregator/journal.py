@@ -2,24 +2,25 @@
 any two of them.
 
 Theory of operation. Four records live in the state directory (:class:`~aggregator.store.StateStore`
-and :class:`~aggregator.ledger.Ledger`): checkpoints, the write-ahead log (WAL) of accepted
-updates, ``versions.jsonl`` and the update ledger. The service calls this module at three moments,
+and :class:`~aggregator.update_log.UpdateLog`): checkpoints, the write-ahead log (WAL) of accepted
+updates, ``versions.jsonl`` and the update log. The service calls this module at three moments,
 and acknowledges a message only after the call returns:
 
 1. **An update arrives** (:meth:`Journal.record_update`). Accepted and new: its raw message goes
-   to the WAL (fsync). Rejected: the ledger line is synced, since the rejection is the answer the
-   node gets and nothing else remembers it. Accepted or duplicate: the ledger line is written but
-   not synced; the WAL (and later ``versions.jsonl``) is the durable proof. Then the service acks
-   the update to the node and to the broker. A crash before the ack leaves the update unacked, so
-   the broker (manual ack on a persistent session) and the node's outbox deliver it again; a
-   crash after the WAL write finds it in the WAL on restart, and the redelivery is a duplicate.
+   to the WAL (fsync). Rejected: the update-log line is synced, since the rejection is the answer
+   the node gets and nothing else remembers it. Accepted or duplicate: the update-log line is
+   written but not synced; the WAL (and later ``versions.jsonl``) is the durable proof. Then the
+   service acks the update to the node and to the broker. A crash before the ack leaves the
+   update unacked, so the broker (manual ack on a persistent session) and the node's outbox
+   deliver it again; a crash after the WAL write finds it in the WAL on restart, and the
+   redelivery is a duplicate.
 2. **A fold** (:meth:`Journal.commit_fold`), in this order:
    0. the version's model blob, as broadcast, archived in ``models/`` (atomic; a crash before (a)
       leaves a blob of a version that never existed, overwritten when that number is made);
    a. the version record, sealed into the hash chain (:mod:`common.provenance`: its parent's
       digest is that of the last record in the log), appended to ``versions.jsonl`` and synced:
       **the commit point**;
-   b. a ``folded`` ledger line per update (not synced: derived from (a) if lost);
+   b. a ``folded`` update-log line per update (not synced: derived from (a) if lost);
    c. every ``checkpoint_every`` versions, and whenever the run state changes, an (atomic)
       checkpoint, after which the WAL entries of every update not in the buffer are deleted;
    then the service publishes the manifest and the versions message.
@@ -30,10 +31,10 @@ and acknowledges a message only after the call returns:
 3. **A control command** (:meth:`Journal.checkpoint`): a checkpoint, so knob and state changes are
    durable and every version after a checkpoint was folded under the knobs it holds.
 
-A **discarded batch** (:meth:`Journal.commit_discard`): ``discarded`` ledger lines (synced), then a
-checkpoint that no longer lists the updates as buffered. Crash before the checkpoint: the updates
-come back from the WAL, fold again into the same batch and are discarded again; the ledger has
-their line twice, never a ``folded`` one.
+A **discarded batch** (:meth:`Journal.commit_discard`): ``discarded`` update-log lines (synced),
+then a checkpoint that no longer lists the updates as buffered. Crash before the checkpoint: the
+updates come back from the WAL, fold again into the same batch and are discarded again; the update
+log has their line twice, never a ``folded`` one.
 
 A **rollback** (:meth:`Journal.commit_rollback`) is a version made from a retained checkpoint's
 weights (:meth:`Journal.rollback_source`): the version record (``reason: rollback``,
@@ -47,8 +48,8 @@ lists as buffered, and every WAL entry accepted after it, in the order they were
 each record in ``versions.jsonl`` after c, fold exactly the updates it names, in its order
 (:meth:`AggregatorCore.refold`), or redo the rollback it logs. Deterministic maths on the same
 inputs gives the same weights, so the versions nodes already trained on are the versions the
-aggregator continues from. Then the ledger gets any ``folded`` lines it lacks, and a checkpoint is
-written. No update is folded into two versions (each refold takes its updates out of the buffer,
+aggregator continues from. Then the update log gets any ``folded`` lines it lacks, and a checkpoint
+is written. No update is folded into two versions (each refold takes its updates out of the buffer,
 and WAL entries that the checkpoint already folded are recognised by its ``seen`` set), and no
 acked update is lost (it is in the WAL or the checkpoint).
 
@@ -66,8 +67,8 @@ from pathlib import Path
 
 from aggregator.aggregation import Params, ServerOptimizerState
 from aggregator.core import AggregatorCore, Discard, Fold, Probe, Verdict
-from aggregator.ledger import Ledger, LedgerEntry, LedgerEvent
 from aggregator.store import Checkpoint, StateStore
+from aggregator.update_log import UpdateEvent, UpdateLog, UpdateLogEntry
 from common.codec import decode, sha256_hex
 from common.errors import ControlError, DecodeError, HealthNetError, ProtocolError
 from common.messages import AggregatorState, ModelSpec, RejectReason, Update, VersionRecord
@@ -96,7 +97,7 @@ class Journal:
         self.store = StateStore(
             directory, keep_checkpoints=keep_checkpoints, archive_models=archive_models
         )
-        self.ledger = Ledger(directory)
+        self.update_log = UpdateLog(directory)
         self.checkpoint_every = checkpoint_every
         self._model = model
         self._clock = clock
@@ -106,7 +107,7 @@ class Journal:
         self._checkpointed: tuple[int, AggregatorState] | None = None
 
     def close(self) -> None:
-        self.ledger.close()
+        self.update_log.close()
 
     # -- recovery
 
@@ -123,7 +124,7 @@ class Journal:
         Returns the core, the checkpoint it started from and how many versions were made again.
         """
         self.store.open()
-        self.ledger.open()
+        self.update_log.open()
         try:
             return self._resume(fresh, max_bytes=max_bytes, probe=probe)
         except BaseException:
@@ -146,7 +147,7 @@ class Journal:
         core = _core_from(checkpoint, probe)
         self._replay(core, checkpoint.buffered, max_bytes=max_bytes)
         refolded = self._refold(core, self._records_after(checkpoint.version))
-        self._complete_ledger()
+        self._complete_update_log()
         if refolded or core.buffer:
             self.checkpoint(core)  # the next recovery starts here, and the WAL is trimmed
         return core, checkpoint, refolded
@@ -189,9 +190,9 @@ class Journal:
             pending.discard(update.update_id)
             if seen is None:
                 restored = self._entry(
-                    LedgerEvent.ACCEPTED, entry.node, update, core, size=len(payload)
+                    UpdateEvent.ACCEPTED, entry.node, update, core, size=len(payload)
                 )
-                self.ledger.append(
+                self.update_log.append(
                     [restored.model_copy(update={"detail": "restored from the WAL"})]
                 )
         for update_id in sorted(pending):
@@ -235,12 +236,12 @@ class Journal:
             )
         return len(records)
 
-    def _complete_ledger(self) -> None:
-        """Append the ``folded`` lines of logged versions that a crash kept out of the ledger."""
-        last = self.ledger.last_folded_version() or 0
+    def _complete_update_log(self) -> None:
+        """Append the ``folded`` lines of logged versions that a crash kept out of the log."""
+        last = self.update_log.last_folded_version() or 0
         missing = self._records_after(last)
         if missing:
-            self.ledger.write(line for record in missing for line in self._folded(record))
+            self.update_log.write(line for record in missing for line in self._folded(record))
 
     # -- the three moments
 
@@ -256,25 +257,25 @@ class Journal:
         if verdict.accepted and not verdict.duplicate:
             self.store.append_wal(node, update.update_id, payload)
         event = (
-            LedgerEvent.DUPLICATE
+            UpdateEvent.DUPLICATE
             if verdict.duplicate
-            else LedgerEvent.ACCEPTED
+            else UpdateEvent.ACCEPTED
             if verdict.accepted
-            else LedgerEvent.REJECTED
+            else UpdateEvent.REJECTED
         )
         entry = self._entry(event, node, update, core, verdict=verdict, size=len(payload))
-        self.ledger.append([entry])
-        if event is LedgerEvent.REJECTED:
-            self.ledger.sync()
+        self.update_log.append([entry])
+        if event is UpdateEvent.REJECTED:
+            self.update_log.sync()
 
     def record_unreadable(
         self, core: AggregatorCore, node: str, reason: RejectReason, detail: str, size: int
     ) -> None:
         """A message on a node's update topic that never became an update (no id to ack)."""
-        self.ledger.append(
+        self.update_log.append(
             [
-                LedgerEntry(
-                    event=LedgerEvent.REJECTED,
+                UpdateLogEntry(
+                    event=UpdateEvent.REJECTED,
                     at=self._clock(),
                     node=node,
                     version=core.version,
@@ -286,22 +287,22 @@ class Journal:
         )
 
     def commit_fold(self, core: AggregatorCore, fold: Fold, model_blob: bytes) -> VersionRecord:
-        """Model archive, versions log (the commit point), ledger, and a checkpoint when one is
+        """Model archive, versions log (the commit point), update log, and a checkpoint when one is
         due. ``model_blob`` is the version's blob as broadcast; returns the record as logged,
         sealed into the hash chain (:mod:`common.provenance`)."""
         record = self._log_version(fold, model_blob)
-        self.ledger.append(self._folded(record))
+        self.update_log.append(self._folded(record))
         state_changed = self._checkpointed is None or self._checkpointed[1] is not core.state
         if state_changed or fold.version % self.checkpoint_every == 0:
             self.checkpoint(core)
         return record
 
     def commit_discard(self, core: AggregatorCore, discard: Discard) -> None:
-        """Ledger (synced: the nodes are told next), then a checkpoint that forgets them."""
+        """The update log (synced: the nodes are told next), then a checkpoint that forgets them."""
         now = self._clock()
-        self.ledger.write(
-            LedgerEntry(
-                event=LedgerEvent.DISCARDED,
+        self.update_log.write(
+            UpdateLogEntry(
+                event=UpdateEvent.DISCARDED,
                 at=now,
                 node=node,
                 update_id=update_id,
@@ -399,7 +400,7 @@ class Journal:
 
     def checkpoint(self, core: AggregatorCore) -> None:
         """Write a checkpoint of the core, then drop the WAL entries it covers."""
-        self.ledger.sync()  # what the checkpoint counts, the ledger has on disk too
+        self.update_log.sync()  # what the checkpoint counts, the update log has on disk too
         opt = core.optimizer_state
         record = self._record if self._record and self._record.version == core.version else None
         buffered = tuple(u.update_id for u in core.buffer)
@@ -414,7 +415,7 @@ class Journal:
                 seen=core.seen,
                 seen_by=core.seen_by,
                 counters=core.counters(),
-                nodes=core.ledger(),
+                nodes=core.node_tallies(),
                 created_at=self._clock(),
                 optimizer_step=opt.step,
                 optimizer_m=opt.m,
@@ -430,20 +431,20 @@ class Journal:
         keep = set(buffered)
         self.store.drop_wal({e.update_id for e in self.store.wal_entries()} - keep)
 
-    # -- ledger lines
+    # -- update-log lines
 
     def _entry(
         self,
-        event: LedgerEvent,
+        event: UpdateEvent,
         node: str,
         update: Update,
         core: AggregatorCore,
         *,
         verdict: Verdict | None = None,
         size: int = 0,
-    ) -> LedgerEntry:
+    ) -> UpdateLogEntry:
         reason = verdict.reason if verdict is not None else None
-        return LedgerEntry(
+        return UpdateLogEntry(
             event=event,
             at=self._clock(),
             node=node,
@@ -455,11 +456,11 @@ class Journal:
             bytes=size,
         )
 
-    def _folded(self, record: VersionRecord) -> list[LedgerEntry]:
+    def _folded(self, record: VersionRecord) -> list[UpdateLogEntry]:
         now = self._clock()
         return [
-            LedgerEntry(
-                event=LedgerEvent.FOLDED,
+            UpdateLogEntry(
+                event=UpdateEvent.FOLDED,
                 at=now,
                 node=c.node,
                 update_id=c.update_id,

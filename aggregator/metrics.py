@@ -2,7 +2,7 @@
 
 Counters and gauges are read at scrape time from the last :class:`AggregatorStatus` the service
 published, so ``/metrics`` and ``aggregator/status`` can never disagree, and counters continue
-across restarts (the ledger is checkpointed). Histograms (staleness, fold time, bytes of folded
+across restarts (they are checkpointed). Histograms (staleness, fold time, bytes of folded
 updates) are observed as versions are made, so they cover this process's lifetime, as Prometheus
 expects of histograms. Connected nodes come from the nodes' retained statuses (their Last Will
 marks them offline).

@@ -40,7 +40,7 @@ from common.messages import (
     Evaluation,
     Knobs,
     ModelSpec,
-    NodeLedgerEntry,
+    NodeTally,
     VersionRecord,
 )
 
@@ -74,7 +74,7 @@ class Checkpoint:
     params: Arrays
     seen: Mapping[str, str]
     counters: Counters
-    nodes: tuple[NodeLedgerEntry, ...]
+    nodes: tuple[NodeTally, ...]
     created_at: float
     # Accepted update id -> its node (another node's replay of the id is told apart).
     seen_by: Mapping[str, str] = field(default_factory=dict)
@@ -85,7 +85,7 @@ class Checkpoint:
     # are in the WAL; ``seen`` and ``counters`` already include them.
     buffered: tuple[str, ...] = ()
     # The provenance of ``version`` when a fold made it: lets recovery finish the versions log
-    # and the ledger if the process died between this checkpoint and those appends.
+    # and the update log if the process died between this checkpoint and those appends.
     record: VersionRecord | None = None
     # The norm bound's memory (aggregator.core): the clipped norms of the last accepted updates,
     # the initial weights' norm, and the clip factor of each clipped buffered update. None where
@@ -123,7 +123,7 @@ class _Header(BaseModel):
     seen_by: dict[str, str] = {}
     buffered: tuple[str, ...]
     counters: Counters
-    nodes: tuple[NodeLedgerEntry, ...]
+    nodes: tuple[NodeTally, ...]
     created_at: float
     record: VersionRecord | None
     arrays: tuple[_ArrayIndex, ...]

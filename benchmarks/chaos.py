@@ -2,10 +2,10 @@
 
     python benchmarks/chaos.py --minutes 10 --json chaos.json [--seed 0] [--federation NAME]
 
-Runs healthnet.chaos (real processes, a real Mosquitto with persistence) and writes its JSON:
+Runs devtools.chaos (real processes, a real Mosquitto with persistence) and writes its JSON:
 aggregator_kills, broker_restarts, node_kills, node_freezes, updates_sent, updates_folded,
 lost, double_folded, versions_contiguous, final_accuracy and more. Exit status 1 when
-``healthnet.chaos.problems`` finds any (lost, folded twice, left in an outbox, trained twice on one
+``devtools.chaos.problems`` finds any (lost, folded twice, left in an outbox, trained twice on one
 base, discarded, logs that disagree, a process that exited on its own): the same check as
 tests/integration/test_durability.py. ``--minutes 0.5`` is the quick mode CI runs.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from healthnet.chaos import DEFAULT_EVERY, ChaosConfig, Fault, problems, run_chaos
+from devtools.chaos import DEFAULT_EVERY, ChaosConfig, Fault, problems, run_chaos
 from healthnet.federations import FEDERATIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

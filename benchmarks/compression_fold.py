@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.compression import accumulate, compress
+from aggregator.fold import accumulate
+from common.compression import compress
 from common.messages import CompressedTensor, Compression, Quantization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

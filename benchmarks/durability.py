@@ -48,10 +48,10 @@ from pydantic import SecretStr
 
 from aggregator.core import AggregatorCore, Fold, Verdict
 from aggregator.journal import Journal
-from aggregator.ledger import Ledger, LedgerEntry
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from aggregator.store import Checkpoint, StateStore
+from aggregator.update_log import UpdateLog, UpdateLogEntry
 from common.broker_url import BrokerEndpoint
 from common.codec import decode, encode, envelope, new_id
 from common.compression import dense_tensor
@@ -75,25 +75,25 @@ PLACEHOLDER = "f" * 32  # an update id of the same length as new_id(), patched p
 
 
 class TimedJournal(Journal):
-    """The shipped journal, timing its checkpoint, ledger and versions-log writes."""
+    """The shipped journal, timing its checkpoint, update-log and versions-log writes."""
 
     def __init__(self, *args: Any, sync_every_line: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.seconds = 0.0
-        self.ledger = _TimedLedger(self.ledger.path.parent, self, sync_every_line)
+        self.update_log = _TimedUpdateLog(self.update_log.path.parent, self, sync_every_line)
         self.store = _TimedStore(self.store.directory, self)
 
 
-class _TimedLedger(Ledger):
+class _TimedUpdateLog(UpdateLog):
     def __init__(self, directory: Path, owner: TimedJournal, sync_every_line: bool) -> None:
         super().__init__(directory)
         self._owner = owner
         self._sync_every_line = sync_every_line
 
-    def append(self, records: Iterable[LedgerEntry]) -> None:
+    def append(self, records: Iterable[UpdateLogEntry]) -> None:
         started = time.perf_counter()
         super().append(records)
-        if self._sync_every_line:  # the alternative measured: every ledger line fsynced
+        if self._sync_every_line:  # the alternative measured: every update-log line fsynced
             super().sync()
         self._owner.seconds += time.perf_counter() - started
 

@@ -1,4 +1,4 @@
-"""Compress weight deltas for the wire and fold them back in: pure numpy, no I/O (DESIGN §5).
+"""Compress weight deltas for the wire and decode them back: pure numpy, no I/O (DESIGN §5).
 
 Theory of operation. A node's delta is a mapping ``name -> float array``. :func:`compress`
 takes it through a pipeline whose stages are each optional (a :class:`~common.messages.Compression`
@@ -22,9 +22,9 @@ against each other (all O(1)), and only then reads its payload: the index stream
 exactly ``count`` strictly increasing in-range indices and the values must be finite. Every
 allocation is bounded by the payload's own length or by the model's size, never by a number the
 peer claims, and every refusal is a :class:`~common.errors.CompressionError` that says why.
-:func:`fold` then adds ``weight * values`` into a dense accumulator in place without densifying a
-sparse tensor. Decoding and folding are vectorised; loops run over byte positions of a varint
-(at most ten) or over cache-sized blocks, never over entries.
+The aggregator's :mod:`aggregator.fold` then adds the decoded values into its accumulators.
+Decoding is vectorised; loops run over byte positions of a varint (at most ten), never over
+entries.
 """
 
 from __future__ import annotations
@@ -37,24 +37,21 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from common.compression_policy import keep_count
 from common.errors import CompressionError, NonFiniteValues
 from common.messages import FLOAT32_MAX, INT8_MAX, CompressedTensor, Compression, Quantization
 
 __all__ = [
-    "BLOCK",
+    "HALF_BIAS",
     "Compressed",
     "DecodedTensor",
-    "accumulate",
     "all_finite",
     "compress",
     "decode_tensor",
     "decompress",
     "dense_tensor",
-    "effective_policy",
-    "fold",
-    "fold_block",
-    "squared_norm",
-    "sum_of_squares",
+    "float32_values",
+    "half_to_biased_float32",
 ]
 
 Array = NDArray[np.float32]
@@ -66,25 +63,15 @@ _WIRE_DTYPES: dict[str, np.dtype[Any]] = {
     "int8": np.dtype("i1"),
 }
 _FP16_MAX = float(np.finfo(np.float16).max)
-# Entries per block when folding: big enough that per-block overhead is small, small enough that
-# a block and its scratch stay in cache. 1 MiB blocks folded an 11.7 M model's buffer 10 % faster
-# than 512 KiB ones on the 2-core EPYC (1 MiB of L2 per core); 4 MiB ones were no faster.
-BLOCK = 1 << 18
-# float16 -> float32 by bit arithmetic (see _half_to_biased_float32): the float32 whose bits are
+# float16 -> float32 by bit arithmetic (see half_to_biased_float32): the float32 whose bits are
 # the half's sign, exponent and mantissa in place is the half's value times 2**-112, since the
 # exponent biases differ by 112; subnormals included.
 _HALF_MASK = np.int32(-0x70000001)  # 0x8FFFFFFF
-_HALF_BIAS = 2.0**112
+HALF_BIAS = 2.0**112
 # From this many float32 values on, a dot product checks finiteness faster than np.isfinite.
 _DOT_CHECK_MIN = 4096
-# Below this many entries, a sparse fold gathers, adds and scatters instead of calling add.at,
-# and float16 values are checked by numpy's own (scalar) isfinite.
-_SMALL_SCATTER = 1024
-# The largest factor each accumulator dtype can take.
-_ACCUMULATOR_MAX = {
-    np.dtype(np.float32): float(np.finfo(np.float32).max),
-    np.dtype(np.float64): float(np.finfo(np.float64).max),
-}
+# Below this many entries, float16 values are checked by numpy's own (scalar) isfinite.
+_SMALL_HALF_CHECK = 1024
 # float16 bit patterns at or above these are infinities or NaNs (int16 view: positive ones;
 # uint16 view: negative ones).
 _HALF_POSITIVE_INF = 0x7C00
@@ -139,22 +126,6 @@ def dense_tensor(name: str, array: NDArray[Any]) -> CompressedTensor:
     )
 
 
-def effective_policy(asked: Compression, own: Compression | None) -> Compression:
-    """What a node sends under: the run's policy, tightened wherever the node asks for more.
-
-    The smaller kept fraction and the narrower quantization win; error feedback follows the
-    node's own choice when it states one.
-    """
-    if own is None:
-        return asked
-    top_k = min(asked.kept_fraction, own.kept_fraction)
-    return Compression(
-        top_k=None if top_k >= 1.0 else top_k,
-        quantization=max(asked.quantization, own.quantization, key=lambda q: q.strength),
-        error_feedback=own.error_feedback,
-    )
-
-
 def compress(
     delta: Mapping[str, NDArray[Any]],
     policy: Compression,
@@ -203,7 +174,7 @@ def _compress_tensor(
     if not np.isfinite(flat).all():
         raise ValueError(f"{name}: the delta (plus residual) holds NaN or infinity")
     size = flat.size
-    k = policy.keep_count(size)
+    k = keep_count(policy, size)
     indices = None if k == size else _top_k(flat, k)
     chosen = flat if indices is None else flat[indices]
     payload, scale, sent = _quantize(chosen, policy.quantization)
@@ -400,7 +371,7 @@ def all_finite(values: NDArray[Any]) -> bool:
     values = values.reshape(-1)
     if values.size == 0 or values.dtype.kind == "i":
         return True
-    if values.dtype.itemsize == 2 and values.size >= _SMALL_SCATTER:
+    if values.dtype.itemsize == 2 and values.size >= _SMALL_HALF_CHECK:
         # Integer reductions over the bit patterns: numpy's float16 arithmetic is scalar and slow.
         return bool(
             values.view(np.int16).max() < _HALF_POSITIVE_INF
@@ -415,164 +386,13 @@ def all_finite(values: NDArray[Any]) -> bool:
     return bool(np.isfinite(values).all())
 
 
-# -- folding -----------------------------------------------------------------------------------
-
-
-def fold(
-    decoded: DecodedTensor, out: NDArray[np.floating[Any]], weight: float, *, replace: bool = False
-) -> None:
-    """``out += weight * decoded``, in place; a sparse tensor touches only its own entries.
-
-    With ``replace``, ``out = weight * decoded`` instead (zeros where a sparse tensor sent
-    nothing): the first update of a sum, written into an uninitialised array, saves zeroing it
-    and reading the zeros back. ``out`` must be a writeable, C-contiguous float32 or float64 array
-    of the decoded shape. It goes :data:`BLOCK` entries at a time through :func:`fold_block`:
-    a temporary as large as the tensor would cost more in page faults than the arithmetic.
-    """
-    _checked_factor(decoded, out, weight)
-    flat = out.reshape(-1)
-    scratch = np.empty(min(flat.size, BLOCK), dtype=out.dtype)
-    for start in range(0, flat.size, BLOCK):
-        block = flat[start : start + BLOCK]
-        fold_block(decoded, block, weight, start, replace=replace, scratch=scratch)
-
-
-def fold_block(
-    decoded: DecodedTensor,
-    out: NDArray[np.floating[Any]],
-    weight: float,
-    start: int,
-    *,
-    replace: bool = False,
-    scratch: NDArray[np.floating[Any]] | None = None,
-) -> None:
-    """:func:`fold` for entries ``start`` to ``start + out.size`` of the flattened tensor.
-
-    ``out += weight * those entries`` (``=`` with ``replace``), where ``out`` is a writeable,
-    C-contiguous, one-dimensional float32 or float64 block of an accumulator. Folding a whole
-    buffer of updates into one cache-sized block before moving to the next reads each update
-    once and writes the result once; folding them one after the other reads and writes the
-    whole accumulator once per update. A sparse tensor's indices are increasing: the block's
-    own are found by bisection. The scaled values go through ``scratch`` (``out``'s dtype, at
-    least ``out.size`` entries) when given: a caller folding many blocks allocates it once,
-    instead of a temporary per block whose pages the allocator may fault in every time.
-    """
-    if out.ndim != 1:
-        raise ValueError(f"a block is one-dimensional, got shape {out.shape}")
-    if scratch is not None and (scratch.dtype != out.dtype or scratch.size < out.size):
-        raise ValueError(f"scratch of {scratch.size} {scratch.dtype} for a {out.dtype} block")
-    stop = start + out.size
-    if not 0 <= start <= stop <= math.prod(decoded.shape):
-        raise ValueError(f"block [{start}, {stop}) is outside tensor {decoded.shape}")
-    factor = _checked_factor(decoded, out, weight, whole=False)
-    values, positions = decoded.values, None
-    if decoded.indices is None:
-        values = values[start:stop]
-    else:
-        lo, hi = (int(i) for i in np.searchsorted(decoded.indices, (start, stop)))
-        values = values[lo:hi]
-        positions = decoded.indices[lo:hi] - start
-        if replace:
-            out.fill(0.0)
-    target = out if replace and positions is None else None  # dense values are written
-    if factor == 1.0 and positions is None and values.dtype != np.float16:
-        # int8 or float32 values, cast on the fly: no temporary
-        if target is None:
-            np.add(out, values, out=out)
-        else:
-            np.copyto(out, values)
-        return
-    temporary = None if scratch is None else scratch[: values.size]
-    part = _scaled(values, factor, out.dtype, target, temporary)
-    if positions is not None:
-        _scatter_add(out, positions, part)
-    elif target is None:
-        np.add(out, part, out=out)
-
-
-def _scaled(
-    values: NDArray[Any],
-    factor: float,
-    dtype: np.dtype[Any],
-    into: NDArray[np.floating[Any]] | None,
-    temporary: NDArray[np.floating[Any]] | None,
-) -> NDArray[np.floating[Any]]:
-    """``factor * values`` in ``dtype``, written into ``into``, else ``temporary``, else new."""
-    if values.dtype != np.float16:
-        into = into if into is not None else temporary
-        product: NDArray[np.floating[Any]] = np.multiply(values, dtype.type(factor), out=into)
-        return product
-    if temporary is not None and dtype == np.float32:
-        bits = temporary.view(np.int32)  # the float32 results overwrite their own bit patterns
-    else:
-        bits = np.empty(values.size, dtype=np.int32)
-        temporary = None
-    return _scale_half(
-        values.view(np.int16), bits, factor, dtype, into if into is not None else temporary
-    )
-
-
-def _scatter_add(
-    flat: NDArray[np.floating[Any]], indices: NDArray[np.intp], part: NDArray[Any]
-) -> None:
-    if indices.size < _SMALL_SCATTER:
-        # Indices are unique, so gather, add and scatter is exact; for a few entries it costs
-        # less than add.at, whose fast path pays off for many.
-        flat[indices] += part
-    else:
-        np.add.at(flat, indices, part)
-
-
-def _checked_factor(
-    decoded: DecodedTensor, out: NDArray[np.floating[Any]], weight: float, *, whole: bool = True
-) -> float:
-    largest = _ACCUMULATOR_MAX.get(out.dtype)
-    if largest is None:
-        raise ValueError(f"accumulator must be float32 or float64, got {out.dtype}")
-    if whole and out.shape != decoded.shape:
-        raise ValueError(f"accumulator {out.shape} does not fit tensor {decoded.shape}")
-    if not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError("accumulator must be writeable and C-contiguous")
-    factor = weight * decoded.scale
-    if not abs(factor) <= largest:
-        raise ValueError(f"weight {weight!r} times scale {decoded.scale!r} overflows {out.dtype}")
-    return factor
-
-
-def _scale_half(
-    bits: NDArray[np.int16],
-    scratch: NDArray[np.int32],
-    factor: float,
-    dtype: np.dtype[Any],
-    out: NDArray[np.floating[Any]] | None,
-) -> NDArray[np.floating[Any]]:
-    """``factor *`` the float16 values whose bit patterns are ``bits``, in ``dtype``."""
-    biased = _half_to_biased_float32(bits, scratch)
-    # The bit trick yields value * 2**-112: fold the bias into the factor if that fits.
-    if dtype == np.float32 and abs(factor) * _HALF_BIAS > _ACCUMULATOR_MAX[dtype]:
-        np.multiply(biased, np.float32(_HALF_BIAS), out=biased)
-        a = dtype.type(factor)
-    else:
-        a = dtype.type(factor * _HALF_BIAS)
-    result: NDArray[np.floating[Any]] = np.multiply(biased, a, out=out)
-    return result
-
-
-def accumulate(tensor: CompressedTensor, out: NDArray[np.floating[Any]], weight: float) -> None:
-    """Check ``tensor`` against ``out``'s shape and add ``weight *`` its values into ``out``.
-
-    ``out`` is untouched if the tensor is refused.
-    """
-    fold(decode_tensor(tensor, out.shape), out, weight)
-
-
 def decompress(tensor: CompressedTensor, shape: Iterable[int]) -> Array:
     """The tensor as a dense float32 array of the model's ``shape`` (zeros where nothing was sent).
 
     Values are written, not added, so lossless settings round-trip bit for bit, signed zeros too.
     """
     decoded = decode_tensor(tensor, shape)
-    values = _float32_values(decoded)
+    values = float32_values(decoded)
     if decoded.indices is None:
         return values.reshape(decoded.shape)
     out = np.zeros(decoded.shape, dtype=np.float32)
@@ -580,47 +400,19 @@ def decompress(tensor: CompressedTensor, shape: Iterable[int]) -> Array:
     return out
 
 
-def squared_norm(decoded: DecodedTensor) -> float:
-    """The squared L2 norm of the decoded tensor, accumulated in float64."""
-    return sum_of_squares(_float32_values(decoded))
-
-
-def sum_of_squares(array: NDArray[np.floating[Any]]) -> float:
-    """``sum(array ** 2)``, one cache-sized block at a time, the blocks' sums added in float64.
-
-    Each block is one BLAS dot product in the array's own precision (float32: a relative error
-    near 1e-7, against 1e-16 for float64 squares, at a seventh of the cost; this runs over the
-    whole model every version). A block whose float32 sum overflows, as the squares of finite
-    values beyond 1.8e19 do, is summed again in float64, so any finite array has a finite sum.
-    """
-    flat = np.asarray(array).reshape(-1)
-    if flat.dtype not in _ACCUMULATOR_MAX:  # float16 or integers: BLAS has no dot for them
-        flat = flat.astype(np.float64)
-    total = 0.0
-    for start in range(0, flat.size, BLOCK):
-        part = flat[start : start + BLOCK]
-        with np.errstate(over="ignore", invalid="ignore"):
-            block = float(np.dot(part, part))
-        if not math.isfinite(block) and part.dtype != np.float64:
-            wide = part.astype(np.float64)
-            block = float(np.dot(wide, wide))
-        total += block
-    return total
-
-
-def _float32_values(decoded: DecodedTensor) -> Array:
+def float32_values(decoded: DecodedTensor) -> Array:
     """A fresh float32 array of ``values * scale``, computed as the encoder did."""
     values = decoded.values
     if values.dtype == np.float16:
-        biased = _half_to_biased_float32(values.view(np.int16), np.empty(values.size, np.int32))
-        return np.multiply(biased, np.float32(_HALF_BIAS), out=biased)
+        biased = half_to_biased_float32(values.view(np.int16), np.empty(values.size, np.int32))
+        return np.multiply(biased, np.float32(HALF_BIAS), out=biased)
     out = values.astype(np.float32)
     if decoded.scale != 1.0:
         out *= np.float32(decoded.scale)
     return out
 
 
-def _half_to_biased_float32(bits: NDArray[np.int16], out: NDArray[np.int32]) -> Array:
+def half_to_biased_float32(bits: NDArray[np.int16], out: NDArray[np.int32]) -> Array:
     """float16 bit patterns -> float32 values times 2**-112, written into ``out``'s memory.
 
     ``int32(h) << 13`` puts the exponent and mantissa in bits 27..13 and, sign-extended, the sign

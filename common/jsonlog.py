@@ -6,7 +6,7 @@ append, so that a new line never glues onto half an old one. Every complete line
 and a record is durable once :meth:`JsonLog.sync` has returned (flush and fsync).
 
 Lines are written with pydantic's JSON, so tools (``jq``, pandas) read the files directly; the
-aggregator's update ledger and versions log and the node's sent log are such logs.
+aggregator's update log and versions log and the node's sent log are such logs.
 """
 
 from __future__ import annotations

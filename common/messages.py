@@ -40,9 +40,9 @@ __all__ = [
     "Knobs",
     "Manifest",
     "ModelSpec",
-    "NodeLedgerEntry",
     "NodeState",
     "NodeStatus",
+    "NodeTally",
     "NormPolicy",
     "Quantization",
     "RejectReason",
@@ -118,16 +118,14 @@ class TensorPayload(Frozen):
 
 
 class Quantization(StrEnum):
-    """How a compressed delta's values travel, weakest first; the value names the wire dtype."""
+    """How a compressed delta's values travel; the value names the wire dtype.
+
+    Their order (which is stronger) is policy: :func:`common.compression_policy.strength`.
+    """
 
     NONE = "none"
     FP16 = "float16"
     INT8 = "int8"
-
-    @property
-    def strength(self) -> int:
-        """0 for NONE, 1 for FP16, 2 for INT8: a higher number sends fewer bits per value."""
-        return _QUANTIZATION_ORDER.index(self)
 
     @property
     def values_dtype(self) -> Literal["float32", "float16", "int8"]:
@@ -143,7 +141,6 @@ class Quantization(StrEnum):
         raise ValueError(f"values dtype {values_dtype!r} is not one of {sorted(VALUES_DTYPES)}")
 
 
-_QUANTIZATION_ORDER = (Quantization.NONE, Quantization.FP16, Quantization.INT8)
 _VALUES_DTYPE: dict[Quantization, Literal["float32", "float16", "int8"]] = {
     Quantization.NONE: "float32",
     Quantization.FP16: "float16",
@@ -165,10 +162,8 @@ MIN_TRIMMED_BUFFER = 3
 class Compression(Frozen):
     """How nodes compress their deltas (DESIGN §5); the operator sets it for the whole run.
 
-    ``top_k`` is the fraction of entries kept per tensor (``None``: all of them); a node may
-    compress more than asked (a smaller fraction, a stronger quantization), never less. Error
-    feedback changes what a node sends over time, not how many bytes, so it is not part of that
-    order: the policy asks for it and the node keeps its residual.
+    ``top_k`` is the fraction of entries kept per tensor (``None``: all of them). What a node may
+    send under a policy, and what the aggregator admits, is :mod:`common.compression_policy`.
     """
 
     top_k: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
@@ -183,32 +178,6 @@ class Compression(Frozen):
     @property
     def kept_fraction(self) -> float:
         return 1.0 if self.top_k is None else self.top_k
-
-    def keep_count(self, size: int) -> int:
-        """How many of a tensor's ``size`` entries are sent: ``max(1, ceil(top_k * size))``."""
-        if size <= 0:
-            return 0
-        if self.top_k is None:
-            return size
-        return min(size, max(1, math.ceil(self.top_k * size)))
-
-    def at_least_as_strict_as(self, asked: Compression) -> bool:
-        """True when this policy keeps no more entries and quantizes no weaker than ``asked``."""
-        return (
-            self.kept_fraction <= asked.kept_fraction
-            and self.quantization.strength >= asked.quantization.strength
-        )
-
-    def admits(self, tensor: CompressedTensor) -> bool:
-        """True when ``tensor`` is compressed at least as much as this policy asks."""
-        try:
-            quantization = Quantization.of_dtype(tensor.values_dtype)
-        except ValueError:
-            return False
-        return (
-            tensor.count <= self.keep_count(tensor.size)
-            and quantization.strength >= self.quantization.strength
-        )
 
 
 class CompressedTensor(Frozen):
@@ -585,8 +554,8 @@ class Counters(Frozen):
     rejections: dict[str, NonNegative] = Field(default_factory=dict)
 
 
-class NodeLedgerEntry(Frozen):
-    """What the aggregator knows about one node."""
+class NodeTally(Frozen):
+    """What the aggregator knows about one node: its running counts and latest evaluation."""
 
     node: Identifier
     accepted: NonNegative = 0
@@ -613,7 +582,7 @@ class AggregatorStatus(Frozen):
     buffer_fill: NonNegative
     knobs: Knobs
     counters: Counters
-    nodes: tuple[NodeLedgerEntry, ...] = ()
+    nodes: tuple[NodeTally, ...] = ()
     updated_at: FiniteFloat
 
 

@@ -12,6 +12,14 @@ no data, derives from the spec: the built-ins know theirs (:data:`PROBE_SHAPES`)
 spec's kwargs giving one); failing that, a model whose first weighted layer is a ``Linear`` is
 probed with that layer's ``in_features``. Any other model is not probed (weights are still checked
 for finiteness).
+
+Why torch stays here, and on the aggregator. The aggregator needs this module twice, and numpy
+suffices for neither: the first version's weights are the model's own torch initialisation (a
+node that builds the same spec must get the same tensors, names and shapes), and the output probe
+is a forward pass through whatever ``nn.Module`` the spec names, a user's factory included. So
+the aggregator imports this module lazily, where it starts a fresh run or builds its probe, and
+nowhere else: importing ``aggregator.service`` or its core, folding and rule loads no torch
+(tests/aggregator/test_imports.py keeps it so).
 """
 
 from __future__ import annotations

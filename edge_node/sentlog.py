@@ -7,8 +7,8 @@ verdict arrives (accepted, or the rejection reason). It serves two purposes:
 * **Progress that survives a crash.** The newest ``queued`` line names the version the node last
   trained on, so a restarted node does not train again on a version it already sent an update for
   (a node never sends two updates from one base version, which synchronous FedAvg relies on).
-* **Reconciliation.** Tools compare the ids a node sent with the aggregator's update ledger
-  (``healthnet.chaos`` does, after breaking things on purpose).
+* **Reconciliation.** Tools compare the ids a node sent with the aggregator's update log
+  (``devtools.chaos`` does, after breaking things on purpose).
 
 Write order in the node: outbox entry (atomic), then the ``queued`` line (fsync), then the publish.
 A crash between the first two leaves an outbox entry that the log does not name; :meth:`SentLog.

@@ -33,7 +33,8 @@ from numpy.typing import NDArray
 
 from common.blobs import ModelDownload
 from common.codec import decode, decode_tensors, encode, envelope, new_id
-from common.compression import compress, effective_policy
+from common.compression import compress
+from common.compression_policy import effective_policy
 from common.errors import ConfigError, ProtocolError, TopicError
 from common.messages import (
     Ack,

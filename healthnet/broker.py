@@ -43,8 +43,8 @@ from common import errors
 
 __all__ = [
     "BrokerConfig",
-    "BrokerError",
     "BrokerImplementation",
+    "BrokerProcessError",
     "EmbeddedBroker",
     "find_mosquitto",
     "free_port",
@@ -69,10 +69,11 @@ _PROBE_CLIENT_ID = b"healthnet-ready-probe"  # 21 bytes: within the 23 that MQTT
 _PROBE_KEEPALIVE = 10
 
 
-class BrokerError(errors.BrokerError, RuntimeError):
-    """The embedded broker could not be found, started or stopped; the message names its log.
+class BrokerProcessError(errors.BrokerError, RuntimeError):
+    """The broker process could not be found, started or stopped; the message names its log.
 
-    It is a :class:`common.errors.BrokerError`, so a handler for healthNET's errors catches it.
+    It is a :class:`common.errors.BrokerError` (talking to a broker failed), so a handler for
+    healthNET's errors catches it.
     """
 
 
@@ -162,7 +163,7 @@ class EmbeddedBroker:
     def start(self) -> None:
         """Write the config, start the child and return once it answers an MQTT CONNACK."""
         if self.pid is not None:
-            raise BrokerError(
+            raise BrokerProcessError(
                 f"the embedded broker is already running at {self.url} (pid {self.pid})"
             )
         self._stop_process(timeout=0.0)  # reap a child that died on its own
@@ -215,7 +216,7 @@ class EmbeddedBroker:
     def port(self) -> int:
         """The TCP port, fixed at the first start (or by the config)."""
         if self._port is None:
-            raise BrokerError("the embedded broker has no port yet: call start() first")
+            raise BrokerProcessError("the embedded broker has no port yet: call start() first")
         return self._port
 
     @property
@@ -235,7 +236,7 @@ class EmbeddedBroker:
     def log_path(self) -> Path:
         """The broker's log file (it may be gone after ``stop()`` removed a temporary folder)."""
         if self._log_path is None:
-            raise BrokerError("the embedded broker has no log yet: call start() first")
+            raise BrokerProcessError("the embedded broker has no log yet: call start() first")
         return self._log_path
 
     # -- internals
@@ -244,7 +245,7 @@ class EmbeddedBroker:
         implementation = self.implementation
         config = self._config
         if config.persistence and implementation == "amqtt":
-            raise BrokerError(
+            raise BrokerProcessError(
                 "broker persistence needs mosquitto: amqtt keeps sessions and retained messages "
                 "in memory only (install mosquitto and use implementation 'auto' or 'mosquitto', "
                 "or turn persistence off)"
@@ -253,7 +254,7 @@ class EmbeddedBroker:
             try:
                 self._port = free_port(config.host)
             except OSError as exc:
-                raise BrokerError(
+                raise BrokerProcessError(
                     f"cannot listen on {config.host} ({exc.strerror}); no broker was started"
                 ) from exc
         port = self._port
@@ -276,13 +277,13 @@ class EmbeddedBroker:
                     start_new_session=True,
                 )
         except OSError as exc:
-            raise BrokerError(
+            raise BrokerProcessError(
                 f"could not run the {implementation} broker ({command[0]}): {exc}; log {log_path}"
             ) from exc
 
         try:
             self._wait_ready(self._process, time.monotonic() + config.startup_timeout)
-        except BrokerError:
+        except BrokerProcessError:
             self._stop_process(timeout=1.0)
             raise
         _log.info(
@@ -334,7 +335,7 @@ class EmbeddedBroker:
         while True:
             returncode = process.poll()
             if returncode is not None:
-                raise BrokerError(
+                raise BrokerProcessError(
                     f"the {self.implementation} broker exited with status {returncode} before it "
                     f"accepted MQTT connections on {host}:{port}; {self._log_excerpt()}"
                 )
@@ -343,16 +344,16 @@ class EmbeddedBroker:
             except OSError:
                 code = None  # not listening yet, or the timeout ran out mid-probe
             except ValueError as exc:
-                raise BrokerError(f"{exc}; {self._log_excerpt()}") from exc
+                raise BrokerProcessError(f"{exc}; {self._log_excerpt()}") from exc
             if code == 0:
                 return
             if code is not None:
-                raise BrokerError(
+                raise BrokerProcessError(
                     f"the {self.implementation} broker on {host}:{port} refused the readiness "
                     f"probe with CONNACK return code {code}; {self._log_excerpt()}"
                 )
             if time.monotonic() >= deadline:
-                raise BrokerError(
+                raise BrokerProcessError(
                     f"the {self.implementation} broker did not answer an MQTT CONNECT on "
                     f"{host}:{port} within {self._config.startup_timeout:g} s; "
                     f"{self._log_excerpt()}"
@@ -390,7 +391,7 @@ class EmbeddedBroker:
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired as exc:
-            raise BrokerError(
+            raise BrokerProcessError(
                 f"the {self.implementation} broker (pid {process.pid}) survived SIGKILL for "
                 f"{timeout:g} s; log {self._log_path}"
             ) from exc
@@ -414,7 +415,7 @@ def _resolve(wanted: BrokerImplementation) -> tuple[RunningImplementation, Path 
     if binary is not None:
         return "mosquitto", binary
     if wanted == "mosquitto":
-        raise BrokerError(
+        raise BrokerProcessError(
             f"mosquitto was not found on PATH or in {', '.join(_MOSQUITTO_DIRS)}; install it "
             "(e.g. apt install mosquitto) or use the amqtt implementation"
         )
@@ -462,19 +463,19 @@ def _mosquitto_conf(config: BrokerConfig, port: int, workdir: Path, *, as_root: 
 
 
 def _wait_port_free(host: str, port: int, timeout: float) -> None:
-    """Return once ``host:port`` can be bound as a listener would bind it, or raise BrokerError."""
+    """Return once ``host:port`` can be bound as a listener would bind it, else raise."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             _probe_bind(host, port)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
-                raise BrokerError(
+                raise BrokerProcessError(
                     f"cannot listen on {host}:{port} ({exc.strerror}); no broker was started"
                 ) from exc
             if time.monotonic() >= deadline:
                 waited = f" after waiting {timeout:g} s" if timeout > 0 else ""
-                raise BrokerError(
+                raise BrokerProcessError(
                     f"port {host}:{port} is in use by another process{waited} ({exc.strerror}); "
                     "no broker was started: stop that process or choose another port (0 picks one)"
                 ) from exc

@@ -661,12 +661,12 @@ def nodes(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> Non
             statuses = client.nodes()
     except HealthNetError as exc:
         raise _fail(exc) from exc
-    ledger = {entry.node: entry for entry in snapshot.nodes}
+    tallies = {entry.node: entry for entry in snapshot.nodes}
     table = Table(title=f"federation {settings.federation}, global v{snapshot.version}")
     for column in ("node", "state", "version", "lag", "accepted", "rejected", "accuracy"):
         table.add_column(column)
-    for name in sorted(set(ledger) | set(statuses)):
-        node_status, entry = statuses.get(name), ledger.get(name)
+    for name in sorted(set(tallies) | set(statuses)):
+        node_status, entry = statuses.get(name), tallies.get(name)
         version = node_status.version if node_status else None
         table.add_row(
             name,

@@ -19,7 +19,7 @@ These choices shape the numbers:
   ones the aggregator published.
 - *Last seen* is the age of the node's last update as the aggregator stated it in its status
   (``updated_at - last_seen``, both its clock) plus the status's age.
-- *Accuracy* comes from the nodes' evaluations, and from the ledger in the status (each node's
+- *Accuracy* comes from the nodes' evaluations, and from the node tallies in the status (each node's
   latest evaluation) so a dashboard that may not read the eval topics still draws a point per
   status. Nodes evaluate whichever version is newest when they are free, so they skip versions;
   the mean at version ``v`` is the mean of every hospital's latest accuracy at or before ``v``,
@@ -289,11 +289,11 @@ class Observer:
 
     def _nodes(self, now: float) -> tuple[NodeRow, ...]:
         seen = self._status
-        ledger = {e.node: e for e in seen.status.nodes} if seen else {}
+        tallies = {e.node: e for e in seen.status.nodes} if seen else {}
         global_version = seen.status.version if seen else None
         rows = []
-        for node in sorted(set(ledger) | set(self._node_status) | set(self._evals)):
-            entry, own = ledger.get(node), self._node_status.get(node)
+        for node in sorted(set(tallies) | set(self._node_status) | set(self._evals)):
+            entry, own = tallies.get(node), self._node_status.get(node)
             version = own.version if own else None
             last_seen = None
             if seen is not None and entry is not None and entry.last_seen is not None:

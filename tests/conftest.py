@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from healthnet.broker import BrokerConfig, EmbeddedBroker, find_mosquitto
+from tests.brokers import BrokerConfig, EmbeddedBroker, find_mosquitto
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

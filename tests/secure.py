@@ -15,9 +15,11 @@ import pytest
 
 from common.mqtt import MqttClient
 from common.settings import ConnectionSettings
-from healthnet.broker import find_mosquitto, free_port
 from healthnet.deploy import AuthMode, Deployment, DeploymentSpec, generate_deployment
 from healthnet.deploy.generate import read_env_file
+from tests.brokers import find_mosquitto, free_port
+
+__all__ = ["HOSPITALS", "AuthMode", "SecureBroker", "secure_broker"]
 
 HOSPITALS = ("cleveland", "hungarian", "switzerland", "va")
 STARTUP = 15.0

@@ -24,7 +24,8 @@ from aggregator.aggregation import (
     server_step,
     weighted_average,
 )
-from common.compression import BLOCK, compress, decode_tensor
+from aggregator.fold import BLOCK
+from common.compression import compress, decode_tensor
 from common.messages import Compression, Quantization, ServerOptimizerKind, StalenessKind
 from tests.strategies import (
     model_shapes,

@@ -97,8 +97,8 @@ def assert_params_equal(actual: Arrays, expected: Arrays) -> None:
         np.testing.assert_array_equal(actual[name], expected[name])
 
 
-def ledger_of(core: AggregatorCore, node: str) -> Any:
-    (entry,) = [e for e in core.ledger() if e.node == node]
+def tally_of(core: AggregatorCore, node: str) -> Any:
+    (entry,) = [e for e in core.node_tallies() if e.node == node]
     return entry
 
 
@@ -224,7 +224,7 @@ def test_rejected_update_is_counted_and_changes_nothing(
     assert (counters.received, counters.accepted, counters.rejected) == (1, 0, 1)
     assert counters.rejections == {reason.value: 1}
     assert counters.bytes_received == SIZE
-    entry = ledger_of(core, "n1")
+    entry = tally_of(core, "n1")
     assert (entry.accepted, entry.rejected, entry.folded) == (0, 1, 0)
     assert entry.rejections == {reason.value: 1}
     assert core.buffer == ()
@@ -278,7 +278,7 @@ def test_accepted_update_is_buffered_seen_and_counted() -> None:
     assert core.seen == {"u1": "accepted"}
     counters = core.counters()
     assert (counters.received, counters.accepted, counters.rejected) == (1, 1, 0)
-    entry = ledger_of(core, "n1")
+    entry = tally_of(core, "n1")
     assert (entry.accepted, entry.last_base_version, entry.last_staleness) == (1, 1, 1)
     assert entry.last_seen == 12.5
 
@@ -423,7 +423,7 @@ def test_fold_increments_the_version_and_records_the_contributions() -> None:
     assert (fresh.bytes, fresh.train_loss, stale.train_loss) == (SIZE, 1.0, 2.0)
     assert record.update_norm >= 0
     assert record.fold_seconds >= 0
-    assert [(e.node, e.folded) for e in core.ledger()] == [("a", 1), ("b", 1)]
+    assert [(e.node, e.folded) for e in core.node_tallies()] == [("a", 1), ("b", 1)]
 
 
 @pytest.mark.parametrize(
@@ -607,7 +607,7 @@ def test_illegal_command_raises_and_keeps_the_state() -> None:
     assert core.command(ControlCommand.STOP) is AggregatorState.STOPPED
 
 
-def test_status_ledger_and_counters_reflect_everything() -> None:
+def test_status_tallies_and_counters_reflect_everything() -> None:
     """status() reports run, state, version, buffer fill, knobs, counters and every node."""
     core = make_core(buffer_size=3)
     send(core, make_update("u1"), node="a", now=1.0)
@@ -628,7 +628,7 @@ def test_status_ledger_and_counters_reflect_everything() -> None:
         rejections={"non_finite": 1},
     )
     assert status.counters == core.counters()
-    assert status.nodes == core.ledger()
+    assert status.nodes == core.node_tallies()
     a, b = status.nodes
     assert (a.node, a.accepted, a.rejected, a.last_seen) == ("a", 1, 0, 3.0)
     assert (b.node, b.accepted, b.rejected, b.rejections) == ("b", 0, 1, {"non_finite": 1})
@@ -651,8 +651,8 @@ def test_note_malformed_counts_a_rejection_for_the_node() -> None:
     counters = core.counters()
     assert (counters.received, counters.rejected, counters.bytes_received) == (1, 1, 9999)
     assert counters.rejections == {"too_large": 1}
-    assert ledger_of(core, "n1").rejections == {"too_large": 1}
-    assert ledger_of(core, "n1").bytes_received == 9999
+    assert tally_of(core, "n1").rejections == {"too_large": 1}
+    assert tally_of(core, "n1").bytes_received == 9999
 
 
 def _evaluation(version: int, accuracy: float, run_id: str = RUN) -> Evaluation:
@@ -662,20 +662,20 @@ def _evaluation(version: int, accuracy: float, run_id: str = RUN) -> Evaluation:
 
 
 def test_record_evaluation_keeps_the_newest_version() -> None:
-    """A node's ledger shows the accuracy of the newest version it evaluated, whatever the order."""
+    """A node's tally shows the accuracy of the newest version it evaluated, whatever the order."""
     core = make_core()
     core.record_evaluation("a", _evaluation(2, 0.8))
     core.record_evaluation("a", _evaluation(1, 0.5))
-    assert (ledger_of(core, "a").eval_version, ledger_of(core, "a").eval_accuracy) == (2, 0.8)
+    assert (tally_of(core, "a").eval_version, tally_of(core, "a").eval_accuracy) == (2, 0.8)
     core.record_evaluation("a", _evaluation(3, 0.9))
-    assert (ledger_of(core, "a").eval_version, ledger_of(core, "a").eval_accuracy) == (3, 0.9)
+    assert (tally_of(core, "a").eval_version, tally_of(core, "a").eval_accuracy) == (3, 0.9)
 
 
 def test_record_evaluation_ignores_other_runs() -> None:
-    """An evaluation of another run's model changes no ledger entry."""
+    """An evaluation of another run's model changes no node's tally."""
     core = make_core()
     core.record_evaluation("a", _evaluation(5, 0.9, run_id="old-run"))
-    assert core.ledger() == ()
+    assert core.node_tallies() == ()
 
 
 def test_core_copies_the_params_it_is_given() -> None:
@@ -756,12 +756,12 @@ def _resumed(core: AggregatorCore) -> AggregatorCore:
         optimizer_state=core.optimizer_state,
         seen=core.seen,
         counters=core.counters(),
-        nodes=core.ledger(),
+        nodes=core.node_tallies(),
     )
 
 
 def test_core_rebuilt_from_exported_state_continues_identically() -> None:
-    """seen, counters, ledger, optimizer state, params, version and state are a complete resume."""
+    """seen, counters, tallies, optimizer state, params, version and state are a complete resume."""
     knobs = {"buffer_size": 2, "server_optimizer": ServerOptimizerKind.FEDADAM, "server_lr": 0.1}
     original = make_core(**knobs)
     _drive(original, 0, 6)
@@ -911,7 +911,10 @@ def test_a_batch_that_cannot_become_a_version_is_discarded_not_rejected(
     )
     assert counters.rejections == {}
     assert counters.probe_failures == (1 if probe else 0)
-    assert {e.node: (e.discarded, e.rejected) for e in core.ledger()} == {"a": (1, 0), "b": (1, 0)}
+    assert {e.node: (e.discarded, e.rejected) for e in core.node_tallies()} == {
+        "a": (1, 0),
+        "b": (1, 0),
+    }
     assert core.version == 0
     assert all(np.array_equal(core.params[n], PARAMS[n]) for n in PARAMS)
     assert core.buffer == ()

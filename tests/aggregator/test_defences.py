@@ -25,7 +25,7 @@ from common.messages import (
     AggregationRule,
     ControlCommand,
     Knobs,
-    NodeLedgerEntry,
+    NodeTally,
     NormPolicy,
     RejectReason,
     StalenessKind,
@@ -155,7 +155,7 @@ def test_quarantine_drops_buffered_updates_and_refuses_new_ones_until_readmitted
     assert [u.update_id for u in core.buffer] == ["b"]
     verdict = send(core, make_update("c"), node="bad")
     assert (verdict.accepted, verdict.reason) == (False, RejectReason.QUARANTINED)
-    (entry,) = [e for e in core.ledger() if e.node == "bad"]
+    (entry,) = [e for e in core.node_tallies() if e.node == "bad"]
     assert entry.quarantined
     assert entry.rejections == {"quarantined": 1}
     with pytest.raises(ControlError, match="already"):
@@ -166,15 +166,19 @@ def test_quarantine_drops_buffered_updates_and_refuses_new_ones_until_readmitted
         core.readmit("bad")
 
 
-def test_quarantine_survives_in_the_ledger() -> None:
-    """A core rebuilt from its ledger (as from a checkpoint) still refuses the quarantined node."""
+def test_quarantine_survives_in_the_node_tallies() -> None:
+    """A core rebuilt from its tallies (as from a checkpoint) still refuses the quarantined node."""
     core = make_core()
     core.quarantine("bad")
     restored = AggregatorCore(
-        run_id=core.run_id, params=PARAMS, knobs=core.knobs, state=core.state, nodes=core.ledger()
+        run_id=core.run_id,
+        params=PARAMS,
+        knobs=core.knobs,
+        state=core.state,
+        nodes=core.node_tallies(),
     )
     assert send(restored, make_update("x"), node="bad").reason is RejectReason.QUARANTINED
-    assert NodeLedgerEntry(node="n").quarantined is False
+    assert NodeTally(node="n").quarantined is False
 
 
 def test_one_update_per_version_refuses_a_flood_from_one_base() -> None:

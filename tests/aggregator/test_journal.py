@@ -13,8 +13,8 @@ import pytest
 
 from aggregator.core import AggregatorCore, Discard, Fold
 from aggregator.journal import Journal
-from aggregator.ledger import LedgerEvent, read_ledger, update_fates
 from aggregator.store import StateStore
+from aggregator.update_log import UpdateEvent, read_update_log, update_fates
 from common.codec import encode, encode_tensors, envelope, sha256_hex
 from common.compression import dense_tensor
 from common.errors import ControlError, HealthNetError
@@ -103,7 +103,7 @@ def folded_ids(directory: Path) -> list[str]:
 # Where the process dies while v3 is being made: the object and method that never return.
 CRASH_POINTS: dict[str, Callable[[Journal], tuple[object, str]]] = {
     "before-the-versions-log": lambda j: (j.store, "append_version"),
-    "after-the-versions-log": lambda j: (j.ledger, "append"),
+    "after-the-versions-log": lambda j: (j.update_log, "append"),
     "during-the-checkpoint": lambda j: (j.store, "save"),
     "after-the-checkpoint": lambda j: (j.store, "drop_wal"),
 }
@@ -132,7 +132,7 @@ def test_a_crash_anywhere_in_a_fold_loses_nothing_and_folds_nothing_twice(
     def crash_on_fold(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
-        # The ledger is also written for the received update: let that line through.
+        # The update log is also written for the received update: let that line through.
         if method == "append" and calls == 1:
             return original(*args, **kwargs)
         raise Crash
@@ -154,7 +154,7 @@ def test_a_crash_anywhere_in_a_fold_loses_nothing_and_folds_nothing_twice(
     assert folded_ids(run) == list("abcdefghij")
     for name, value in reference.core.params.items():
         assert np.array_equal(second.core.params[name], value), f"{name} differs"
-    fates = update_fates(read_ledger(run))
+    fates = update_fates(read_update_log(run))
     assert {i: f.folded_into for i, f in fates.items()} == {
         c["update_id"]: [r["version"]] for r in versions(run) for c in r["contributions"]
     }
@@ -230,8 +230,8 @@ def test_updates_folded_before_a_restart_are_not_buffered_again(tmp_path: Path) 
     second.close()
 
 
-def test_every_verdict_is_in_the_ledger(tmp_path: Path) -> None:
-    """Accepted, duplicate, rejected and folded updates each leave their line in the ledger."""
+def test_every_verdict_is_in_the_update_log(tmp_path: Path) -> None:
+    """Accepted, duplicate, rejected and folded updates each leave their line in the update log."""
     agg = Aggregator(tmp_path)
     agg.receive("a")
     body, payload = update("a", 0, 0.1)
@@ -248,16 +248,16 @@ def test_every_verdict_is_in_the_ledger(tmp_path: Path) -> None:
     )
     agg.receive("b")
     agg.close()
-    events = [(e.update_id, e.event, e.version) for e in read_ledger(tmp_path)]
+    events = [(e.update_id, e.event, e.version) for e in read_update_log(tmp_path)]
     assert events == [
-        ("a", LedgerEvent.ACCEPTED, 0),
-        ("a", LedgerEvent.DUPLICATE, 0),
-        ("s", LedgerEvent.REJECTED, 0),
-        ("b", LedgerEvent.ACCEPTED, 0),
-        ("a", LedgerEvent.FOLDED, 1),
-        ("b", LedgerEvent.FOLDED, 1),
+        ("a", UpdateEvent.ACCEPTED, 0),
+        ("a", UpdateEvent.DUPLICATE, 0),
+        ("s", UpdateEvent.REJECTED, 0),
+        ("b", UpdateEvent.ACCEPTED, 0),
+        ("a", UpdateEvent.FOLDED, 1),
+        ("b", UpdateEvent.FOLDED, 1),
     ]
-    fates = update_fates(read_ledger(tmp_path))
+    fates = update_fates(read_update_log(tmp_path))
     assert fates["s"].rejections == ["future_version"]
     assert fates["a"].duplicates == 1
 
@@ -376,9 +376,9 @@ class Service:
 def test_a_discarded_batch_stays_discarded_after_a_restart(
     tmp_path: Path, crash: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch whose version fails the probe is discarded, in the ledger and the counters; after a
-    restart (or a crash before its checkpoint, which discards it again) it is neither buffered nor
-    folded, and a resend of one of its ids is a replay."""
+    """A batch whose version fails the probe is discarded, in the update log and the counters;
+    after a restart (or a crash before its checkpoint, which discards it again) it is neither
+    buffered nor folded, and a resend of one of its ids is a replay."""
     first = Service(tmp_path)
     first.receive("a", 1e35)
     if crash:
@@ -405,12 +405,12 @@ def test_a_discarded_batch_stays_discarded_after_a_restart(
     body, payload = update("a", 0, 1e35)
     assert second.core.receive("n1", "n1", body, len(payload), 4.0).reason is RejectReason.REPLAY
     second.close()
-    fates = update_fates(read_ledger(tmp_path))
+    fates = update_fates(read_update_log(tmp_path))
     assert {i: (f.discarded, f.folded, f.rejected) for i, f in fates.items()} == {
         "a": (True, False, False),
         "b": (True, False, False),
     }
-    reasons = {e.reason for e in read_ledger(tmp_path) if e.event is LedgerEvent.DISCARDED}
+    reasons = {e.reason for e in read_update_log(tmp_path) if e.event is UpdateEvent.DISCARDED}
     assert reasons == {RejectReason.DISCARDED.value}
 
 

@@ -8,8 +8,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.metrics import AggregatorMetrics, serve_metrics
-from common.messages import NodeLedgerEntry, NodeState, NodeStatus
-from tests.healthnet.test_observe import record, status
+from common.messages import NodeState, NodeStatus, NodeTally
+from tests.samples import record, status
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -31,7 +31,7 @@ def test_counters_and_gauges_come_from_the_published_status() -> None:
     """Version, buffer, run state and every per-node counter equal the status they come from."""
     metrics = AggregatorMetrics()
     ledger = (
-        NodeLedgerEntry(
+        NodeTally(
             node="a",
             accepted=4,
             rejected=2,

@@ -17,10 +17,9 @@ from aggregator.settings import AggregatorSettings
 from common.codec import encode, envelope
 from common.messages import NodeState, NodeStatus, RejectReason
 from common.topics import TopicTree
-from healthnet.deploy import AuthMode
 from tests.aggregator.test_metrics import Samples, samples
 from tests.aggregator.test_service import MODEL, SHAPES, WAIT, Aggregator, Peer, assert_rejected
-from tests.secure import SecureBroker, secure_broker
+from tests.secure import AuthMode, SecureBroker, secure_broker
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 

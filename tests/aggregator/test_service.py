@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from aggregator.ledger import read_ledger, update_fates
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
+from aggregator.update_log import read_update_log, update_fates
 from common.blobs import ModelDownload
 from common.broker_url import BrokerEndpoint
 from common.codec import decode, decode_tensors, encode, envelope, new_id
@@ -44,7 +44,7 @@ from common.mqtt import Message, MqttClient
 from common.topics import Route, TopicTree
 from edge_node.service import NodeService
 from edge_node.settings import NodeSettings
-from healthnet.broker import BrokerConfig, EmbeddedBroker
+from tests.brokers import BrokerConfig, EmbeddedBroker
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
@@ -737,7 +737,7 @@ def test_evaluations_count_only_from_the_node_whose_topic_they_use(
     evaluate(0.4, sender=node.name)
     status = node.status(
         lambda s: any(e.node == node.name and e.eval_accuracy is not None for e in s.nodes),
-        "the evaluation in the ledger",
+        "the evaluation in the node tallies",
     )
     (entry,) = [e for e in status.nodes if e.node == node.name]
     assert entry.eval_accuracy == pytest.approx(0.4)
@@ -746,7 +746,9 @@ def test_evaluations_count_only_from_the_node_whose_topic_they_use(
 # -- durability
 
 
-def test_the_ledger_records_every_verdict_before_the_ack(running: Aggregator, node: Peer) -> None:
+def test_the_update_log_records_every_verdict_before_the_ack(
+    running: Aggregator, node: Peer
+) -> None:
     """By the time an ack arrives, its verdict is in ledger.jsonl; folds name their version."""
     first, stale = node.update(0), node.update(3)
     node.send(first)
@@ -757,8 +759,8 @@ def test_the_ledger_records_every_verdict_before_the_ack(running: Aggregator, no
     second = node.update(0)
     node.send(second)
     node.record(1)
-    node.status(lambda s: s.version == 1, "v1")  # published after the ledger's folded lines
-    fates = update_fates(read_ledger(running.settings.state_dir))
+    node.status(lambda s: s.version == 1, "v1")  # published after the update log's folded lines
+    fates = update_fates(read_update_log(running.settings.state_dir))
     assert fates[first.update_id].folded_into == [1]
     assert fates[first.update_id].duplicates == 1
     assert fates[second.update_id].folded_into == [1]
@@ -835,7 +837,7 @@ def test_a_batch_that_cannot_become_a_version_is_acked_discarded_and_the_version
     assert status.counters.probe_failures == (1 if attacker_samples > 10 else 0)
     (entry,) = status.nodes
     assert (entry.discarded, entry.rejected) == (2, 0)
-    fates = update_fates(read_ledger(node.aggregator.settings.state_dir))
+    fates = update_fates(read_update_log(node.aggregator.settings.state_dir))
     assert fates[attack.update_id].discarded
     assert not fates[attack.update_id].rejected
     node.fold_next(0)
@@ -873,21 +875,3 @@ def test_a_rollback_publishes_a_new_version_with_an_earlier_versions_weights(
     assert (status.version, status.counters.rollbacks) == (3, 1)
     node.fold_next(3)
     assert node.record(4).reason == "buffer_full"
-
-
-def test_the_rollback_command_says_what_it_published_or_why_not(
-    running: Aggregator, node: Peer, mosquitto: EmbeddedBroker
-) -> None:
-    """`healthnet rollback 0` at v1 prints the new version; `rollback 5` fails with the reason."""
-    from typer.testing import CliRunner
-
-    from healthnet.cli import app
-
-    node.fold_next(0)
-    flags = ["--broker-url", mosquitto.url, "--federation", node.tree.federation]
-    done = CliRunner().invoke(app, ["rollback", "0", *flags])
-    assert done.exit_code == 0, done.output
-    assert "rolled back to v0's weights as v2" in done.output
-    refused = CliRunner().invoke(app, ["rollback", "5", *flags])
-    assert refused.exit_code != 0
-    assert "not an earlier version" in refused.output

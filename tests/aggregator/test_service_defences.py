@@ -27,8 +27,8 @@ from common.messages import (
     RejectReason,
 )
 from common.topics import TopicTree
-from healthnet.broker import EmbeddedBroker
 from tests.aggregator.test_service import SHAPES, WAIT, Aggregator, Peer, assert_rejected
+from tests.brokers import EmbeddedBroker
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
@@ -51,7 +51,7 @@ def control_node(peer: Peer, command: ControlCommand, target: str) -> ControlRep
     return peer.reply(request.request_id)
 
 
-def ledger_rejections(node: Peer, name: str, reason: RejectReason) -> None:
+def tallied_rejections(node: Peer, name: str, reason: RejectReason) -> None:
     node.status(
         lambda s: any(e.node == name and e.rejections.get(reason.value) == 1 for e in s.nodes),
         f"{reason.value} counted for {name}",
@@ -105,7 +105,7 @@ def test_another_nodes_update_id_is_a_replay(running: Aggregator, node: Peer, ot
     other.publish(first)
     ack = other.ack(first.update_id)
     assert (ack.accepted, ack.reason) == (False, RejectReason.REPLAY)
-    ledger_rejections(node, "n2", RejectReason.REPLAY)
+    tallied_rejections(node, "n2", RejectReason.REPLAY)
     node.send(node.update(0))
     record = node.record(1)
     assert [c.node for c in record.contributions] == ["n1", "n1"]

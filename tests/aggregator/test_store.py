@@ -16,7 +16,7 @@ from common.messages import (
     Evaluation,
     Knobs,
     ModelSpec,
-    NodeLedgerEntry,
+    NodeTally,
     VersionRecord,
 )
 
@@ -43,8 +43,8 @@ def checkpoint(version: int = 3, **changes: Any) -> Checkpoint:
             received=4, accepted=2, rejected=1, duplicates=1, folded=1, rejections={"stale": 1}
         ),
         "nodes": (
-            NodeLedgerEntry(node="a", accepted=2, folded=1, last_seen=1.5, eval_accuracy=0.75),
-            NodeLedgerEntry(node="b", rejected=1, rejections={"stale": 1}),
+            NodeTally(node="a", accepted=2, folded=1, last_seen=1.5, eval_accuracy=0.75),
+            NodeTally(node="b", rejected=1, rejections={"stale": 1}),
         ),
         "created_at": 123.0,
     }
@@ -76,7 +76,7 @@ def test_open_creates_the_layout(tmp_path: Path) -> None:
 
 
 def test_checkpoint_round_trips(store: StateStore) -> None:
-    """save then load_latest gives back params, optimizer state, seen, counters and ledger."""
+    """save then load_latest gives back params, optimizer state, seen, counters and node tallies."""
     saved = checkpoint()
     store.save(saved)
     loaded = store.load_latest()

@@ -45,9 +45,9 @@ from common.messages import (
     Knobs,
     Manifest,
     ModelSpec,
-    NodeLedgerEntry,
     NodeState,
     NodeStatus,
+    NodeTally,
     RejectReason,
     TensorPayload,
     TrainingConfig,
@@ -66,7 +66,7 @@ STATUS = AggregatorStatus(
     buffer_fill=1,
     knobs=Knobs(buffer_size=3, max_update_norm=10.0),
     counters=Counters(received=5, accepted=4, rejected=1, rejections={"stale": 1}),
-    nodes=(NodeLedgerEntry(node="hosp-a", accepted=4, last_seen=12.5, eval_accuracy=0.75),),
+    nodes=(NodeTally(node="hosp-a", accepted=4, last_seen=12.5, eval_accuracy=0.75),),
     updated_at=1_700_000_000.25,
 )
 MANIFEST = Manifest(

@@ -14,15 +14,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from common.codec import decode_record, encode_record
-from common.compression import (
-    accumulate,
-    compress,
-    decode_tensor,
-    decompress,
-    fold,
-    fold_block,
-    squared_norm,
-)
+from common.compression import compress, decode_tensor, decompress
+from common.compression_policy import keep_count
 from common.errors import CompressionError, DecodeError, NonFiniteValues
 from common.messages import CompressedTensor, Compression, Quantization
 from tests.strategies import compressions, deltas, deltas_like, long_vectors
@@ -137,7 +130,7 @@ def test_top_k_keeps_the_largest_magnitudes_lowest_index_first_on_ties(
 ) -> None:
     """Top-k sends ceil(top_k * n) entries: the largest magnitudes, ties to the lowest indices."""
     (tensor,) = compress({"v": vector}, policy).tensors
-    k = policy.keep_count(vector.size)
+    k = keep_count(policy, vector.size)
     assert (
         tensor.count
         == k
@@ -301,148 +294,6 @@ def test_compress_refuses_what_it_cannot_send(
         compress(delta, Compression(), residual)
 
 
-# -- decoding and folding ----------------------------------------------------------------------
-
-
-WEIGHTS = st.one_of(st.just(0.0), st.just(1.0), st.floats(1e-6, 4), st.floats(-4, -1e-6))
-
-
-@given(delta=deltas(), policy=compressions(), weight=WEIGHTS)
-def test_accumulate_adds_weight_times_the_decompressed_tensor(
-    delta: dict[str, Any], policy: Compression, weight: float
-) -> None:
-    """accumulate(t, out, w) == out + w * decompress(t), in float32 and float64 accumulators."""
-    for tensor in compress(delta, policy).tensors:
-        dense = sent(tensor).astype(np.float64)
-        for dtype in (np.float32, np.float64):
-            start = np.linspace(-1, 1, tensor.size, dtype=dtype).reshape(tensor.shape)
-            out = start.copy()
-            accumulate(tensor, out, weight)
-            expected = start + weight * dense
-            # decompress rounds to float32, so its part of the sum is only float32-exact.
-            tolerance = 4 * np.finfo(dtype).eps * np.abs(start) + 4 * EPS32 * np.abs(weight * dense)
-            assert np.all(np.abs(out - expected) <= tolerance)
-
-
-@given(delta=deltas(), policy=compressions(), weight=WEIGHTS)
-def test_fold_with_replace_writes_weight_times_the_decompressed_tensor(
-    delta: dict[str, Any], policy: Compression, weight: float
-) -> None:
-    """fold(..., replace=True) overwrites whatever the accumulator held, zeros where unsent."""
-    for tensor in compress(delta, policy).tensors:
-        for dtype in (np.float32, np.float64):
-            expected = np.zeros(tensor.shape, dtype=dtype)
-            accumulate(tensor, expected, weight)
-            out = np.full(tensor.shape, np.nan, dtype=dtype)  # garbage, as np.empty may hold
-            fold(decode_tensor(tensor, tensor.shape), out, weight, replace=True)
-            np.testing.assert_array_equal(out, expected)
-
-
-def test_fold_with_replace_overwrites_large_tensors_block_by_block() -> None:
-    """Past one fold block, every setting's replace equals adding into zeros, bit for bit."""
-    rng = np.random.default_rng(11)
-    vector = rng.standard_normal(300_001).astype(np.float32)
-    for policy in (Compression(), FP16, INT8,
-                   Compression(top_k=0.3, quantization=Quantization.INT8)):  # fmt: skip
-        (tensor,) = compress({"v": vector}, policy).tensors
-        decoded = decode_tensor(tensor, vector.shape)
-        for weight in (1.0, -0.37):
-            expected = np.zeros(vector.size, np.float32)
-            fold(decoded, expected, weight)
-            out = np.full(vector.size, np.inf, np.float32)
-            fold(decoded, out, weight, replace=True)
-            np.testing.assert_array_equal(out, expected)
-
-
-@given(vector=long_vectors(), policy=compressions(), cut=st.floats(0, 1), replace=st.booleans())
-def test_folding_block_by_block_equals_folding_the_whole_tensor(
-    vector: np.ndarray, policy: Compression, cut: float, replace: bool
-) -> None:
-    """Any split of the flat tensor into two blocks folds to the same sums, bit for bit."""
-    (tensor,) = compress({"v": vector}, policy).tensors
-    decoded = decode_tensor(tensor, vector.shape)
-    start = np.linspace(-1, 1, vector.size, dtype=np.float32)
-    whole = start.copy()
-    fold(decoded, whole, -0.75, replace=replace)
-    blocks = start.copy()
-    middle = round(cut * vector.size)
-    fold_block(decoded, blocks[:middle], -0.75, 0, replace=replace)
-    fold_block(decoded, blocks[middle:], -0.75, middle, replace=replace)
-    np.testing.assert_array_equal(blocks, whole)
-
-
-def test_a_block_outside_the_tensor_is_refused() -> None:
-    (tensor,) = compress({"v": np.ones(10, np.float32)}, Compression()).tensors
-    decoded = decode_tensor(tensor, (10,))
-    with pytest.raises(ValueError, match="outside"):
-        fold_block(decoded, np.zeros(4, np.float32), 1.0, 8)
-    with pytest.raises(ValueError, match="one-dimensional"):
-        fold_block(decoded, np.zeros((2, 2), np.float32), 1.0, 0)
-
-
-@given(vector=long_vectors(), policy=compressions())
-def test_a_sparse_tensor_folds_only_into_its_own_entries(
-    vector: np.ndarray, policy: Compression
-) -> None:
-    """Entries that were not sent keep their exact accumulator value."""
-    (tensor,) = compress({"v": vector}, policy).tensors
-    out = np.full(vector.size, 0.25, np.float32)
-    accumulate(tensor, out, 2.0)
-    untouched = np.ones(vector.size, dtype=bool)
-    untouched[sent_positions(tensor)] = False
-    assert np.all(out[untouched] == 0.25)
-
-
-@given(delta=deltas(), policy=compressions())
-def test_squared_norm_is_the_decoded_tensors(delta: dict[str, Any], policy: Compression) -> None:
-    """squared_norm(decode_tensor(t)) equals the squared L2 norm of decompress(t)."""
-    for tensor in compress(delta, policy).tensors:
-        dense = sent(tensor).astype(np.float64)
-        expected = float(np.sum(dense * dense))
-        got = squared_norm(decode_tensor(tensor, tensor.shape))
-        assert got == pytest.approx(expected, rel=1e-5, abs=1e-30)
-
-
-def test_large_tensors_fold_block_by_block_like_small_ones() -> None:
-    """Tensors longer than one fold block give the same sums as a plain numpy expression."""
-    rng = np.random.default_rng(7)
-    vector = rng.standard_normal(300_001).astype(np.float32)
-    for quantization in Quantization:
-        for top_k in (None, 0.3):
-            policy = Compression(top_k=top_k, quantization=quantization)
-            (tensor,) = compress({"v": vector}, policy).tensors
-            out = np.ones(vector.size, np.float32)
-            accumulate(tensor, out, -0.5)
-            np.testing.assert_allclose(out, 1 - 0.5 * sent(tensor), rtol=1e-6, atol=1e-7)
-
-
-def test_a_weight_too_large_for_the_float16_shortcut_still_folds_exactly() -> None:
-    """Folding float16 values with a huge weight takes two multiplications instead of one."""
-    (tensor,) = compress({"v": np.array([1.0, -2.0, 2.0**-20], np.float32)}, FP16).tensors
-    out = np.zeros(3, np.float32)
-    accumulate(tensor, out, 2.0**20)
-    np.testing.assert_array_equal(out, [2.0**20, -(2.0**21), 1.0])
-
-
-@pytest.mark.parametrize(
-    ("out", "weight", "message"),
-    [
-        pytest.param(np.zeros(3, np.float16), 1.0, "float32 or float64", id="float16-out"),
-        pytest.param(np.zeros(4, np.float32), 1.0, "does not fit", id="wrong-shape"),
-        pytest.param(np.zeros(6, np.float32)[::2], 1.0, "C-contiguous", id="strided"),
-        pytest.param(np.zeros(3, np.float32), math.inf, "overflows", id="infinite-weight"),
-        pytest.param(np.zeros(3, np.float32), 1e39, "overflows", id="weight-beyond-float32"),
-    ],
-)
-def test_fold_refuses_an_accumulator_it_cannot_add_into(
-    out: np.ndarray, weight: float, message: str
-) -> None:
-    """The accumulator must be a contiguous float32/float64 array of the tensor's shape."""
-    (tensor,) = compress({"v": np.ones(3, np.float32)}, Compression()).tensors
-    with pytest.raises(ValueError, match=message):
-        fold(decode_tensor(tensor, (3,)), out, weight)
-
-
 # -- the wire model ----------------------------------------------------------------------------
 
 
@@ -454,81 +305,6 @@ def test_compressed_tensors_round_trip_through_the_codec(
     for tensor in compress(delta, policy).tensors:
         assert decode_record(CompressedTensor, encode_record(tensor)) == tensor
     assert decode_record(Compression, encode_record(policy)) == policy
-
-
-@pytest.mark.parametrize(
-    ("node", "asked", "expected"),
-    [
-        pytest.param(Compression(), Compression(), True, id="same"),
-        pytest.param(Compression(top_k=0.01), Compression(top_k=0.1), True, id="fewer-entries"),
-        pytest.param(Compression(top_k=0.1), Compression(top_k=0.01), False, id="more-entries"),
-        pytest.param(Compression(), Compression(top_k=0.5), False, id="dense-for-top-k"),
-        pytest.param(Compression(top_k=1.0), Compression(), True, id="top-k-1-is-dense"),
-        pytest.param(
-            Compression(quantization=Quantization.INT8),
-            Compression(quantization=Quantization.FP16),
-            True,
-            id="int8-for-fp16",
-        ),
-        pytest.param(
-            Compression(quantization=Quantization.FP16),
-            Compression(quantization=Quantization.INT8),
-            False,
-            id="fp16-for-int8",
-        ),
-        pytest.param(
-            Compression(quantization=Quantization.NONE),
-            Compression(quantization=Quantization.FP16),
-            False,
-            id="float32-for-fp16",
-        ),
-        pytest.param(
-            Compression(top_k=0.01, error_feedback=False),
-            Compression(top_k=0.01),
-            True,
-            id="feedback-is-not-strictness",
-        ),
-    ],
-)
-def test_a_node_may_compress_more_than_asked_never_less(
-    node: Compression, asked: Compression, expected: bool
-) -> None:
-    """at_least_as_strict_as orders policies by kept fraction and quantization strength."""
-    assert node.at_least_as_strict_as(asked) is expected
-
-
-@given(delta=deltas(), node=compressions(), asked=compressions())
-def test_a_policy_admits_the_tensors_of_any_policy_at_least_as_strict(
-    delta: dict[str, Any], node: Compression, asked: Compression
-) -> None:
-    """Tensors compressed under a stricter policy are admitted by the asked one."""
-    if node.at_least_as_strict_as(asked):
-        assert all(asked.admits(t) for t in compress(delta, node).tensors)
-
-
-def test_a_policy_refuses_tensors_that_send_too_much() -> None:
-    """admits() is false for more entries or a weaker dtype than asked."""
-    vector = {"v": np.arange(100, dtype=np.float32)}
-    asked = Compression(top_k=0.1, quantization=Quantization.FP16)
-    assert not asked.admits(compress(vector, Compression(top_k=0.2)).tensors[0])
-    assert not asked.admits(compress(vector, Compression(top_k=0.1)).tensors[0])
-    assert asked.admits(compress(vector, asked).tensors[0])
-
-
-@pytest.mark.parametrize(
-    ("top_k", "size", "expected"),
-    [
-        pytest.param(None, 7, 7, id="dense"),
-        pytest.param(0.1, 25, 3, id="rounds-up"),
-        pytest.param(1e-6, 25, 1, id="at-least-one"),
-        pytest.param(0.5, 0, 0, id="empty-tensor"),
-    ],
-)
-def test_keep_count_is_at_least_one_and_rounds_up(
-    top_k: float | None, size: int, expected: int
-) -> None:
-    """k = max(1, ceil(top_k * n)) for a non-empty tensor."""
-    assert Compression(top_k=top_k).keep_count(size) == expected
 
 
 @pytest.mark.parametrize(
@@ -733,16 +509,12 @@ HOSTILE = [
 def test_hostile_payloads_are_refused_with_a_reason(
     tensor: CompressedTensor, error: type[Exception], message: str, structural: bool
 ) -> None:
-    """decode_tensor, decompress and accumulate refuse each payload, and leave the sum untouched."""
+    """decode_tensor and decompress refuse each payload with the reason the table gives."""
     del structural
-    out = np.ones(SHAPE, np.float32)
     with pytest.raises(error, match=message):
         decode_tensor(tensor, SHAPE)
     with pytest.raises(error, match=message):
         decompress(tensor, SHAPE)
-    with pytest.raises(error, match=message):
-        accumulate(tensor, out, 1.0)
-    assert np.all(out == 1.0)
 
 
 # Where the wire model refuses a field by its declared type or bound, pydantic words the reason:

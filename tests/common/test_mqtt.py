@@ -22,7 +22,7 @@ from common.broker_url import BrokerEndpoint
 from common.errors import BrokerUnavailable, SubscriptionRefused
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
 from common.topics import TopicTree
-from healthnet.broker import BrokerConfig, EmbeddedBroker, find_mosquitto, free_port
+from tests.brokers import BrokerConfig, EmbeddedBroker, find_mosquitto, free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
 

@@ -18,8 +18,8 @@ from paho.mqtt.reasoncodes import ReasonCode  # noqa: TID251
 import healthnet.broker
 from healthnet.broker import (
     BrokerConfig,
-    BrokerError,
     BrokerImplementation,
+    BrokerProcessError,
     EmbeddedBroker,
     find_mosquitto,
 )
@@ -161,7 +161,7 @@ def test_retained_message_survives_restart_with_persistence() -> None:
 def test_amqtt_refuses_persistence() -> None:
     """amqtt keeps everything in memory, so asking it for persistence fails before it starts."""
     broker = EmbeddedBroker(BrokerConfig(implementation="amqtt", persistence=True))
-    with pytest.raises(BrokerError, match="persistence needs mosquitto"):
+    with pytest.raises(BrokerProcessError, match="persistence needs mosquitto"):
         broker.start()
     assert broker.pid is None
 
@@ -202,7 +202,7 @@ def test_a_busy_port_raises_broker_error(implementation: BrokerImplementation) -
         squatter.listen()
         port = squatter.getsockname()[1]
         broker = EmbeddedBroker(BrokerConfig(implementation=implementation, port=port))
-        with pytest.raises(BrokerError, match=f"port 127.0.0.1:{port} is in use"):
+        with pytest.raises(BrokerProcessError, match=f"port 127.0.0.1:{port} is in use"):
             broker.start()
     assert broker.pid is None
 
@@ -230,7 +230,7 @@ def test_a_startup_timeout_raises_with_the_log_path() -> None:
     """A broker that does not answer CONNACK in time is stopped and the error names its log."""
     broker = EmbeddedBroker(BrokerConfig(implementation="amqtt", startup_timeout=0.01))
     try:
-        with pytest.raises(BrokerError, match="did not answer an MQTT CONNECT") as caught:
+        with pytest.raises(BrokerProcessError, match="did not answer an MQTT CONNECT") as caught:
             broker.start()
         assert str(broker.log_path) in str(caught.value)
         assert broker.pid is None
@@ -246,7 +246,7 @@ def test_a_broker_that_exits_raises_with_the_end_of_its_log(tmp_path: Path) -> N
     broker = EmbeddedBroker(
         BrokerConfig(implementation="mosquitto", workdir=tmp_path, persistence=True)
     )
-    with pytest.raises(BrokerError, match="exited with status") as caught:
+    with pytest.raises(BrokerProcessError, match="exited with status") as caught:
         broker.start()
     assert f"log {tmp_path / 'broker.log'} ends with:" in str(caught.value)
     assert "Error:" in str(caught.value)  # mosquitto's own complaint about the store
@@ -272,7 +272,9 @@ def test_mosquitto_required_but_missing_says_where_it_looked(
     """Asking for mosquitto on a machine without it fails with the folders that were searched."""
     monkeypatch.setattr(healthnet.broker, "find_mosquitto", lambda: None)
     broker = EmbeddedBroker(BrokerConfig(implementation="mosquitto"))
-    with pytest.raises(BrokerError, match=r"mosquitto was not found on PATH or in /usr/sbin"):
+    with pytest.raises(
+        BrokerProcessError, match=r"mosquitto was not found on PATH or in /usr/sbin"
+    ):
         broker.start()
 
 

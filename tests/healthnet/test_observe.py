@@ -6,69 +6,20 @@ import pytest
 
 from common.messages import (
     AggregatorState,
-    AggregatorStatus,
     Body,
-    Contribution,
     Counters,
     Evaluation,
-    Knobs,
-    NodeLedgerEntry,
     NodeState,
     NodeStatus,
+    NodeTally,
     VersionRecord,
 )
 from common.topics import TopicTree
 from healthnet.observe import Observer, RateWindow
+from tests.samples import RUN, record, status
 
 FED = "fed"
-RUN = "run-1"
 TREE = TopicTree(FED)
-
-
-def status(
-    version: int,
-    *,
-    updated_at: float = 100.0,
-    run_id: str = RUN,
-    nodes: tuple[NodeLedgerEntry, ...] = (),
-    buffer_fill: int = 1,
-) -> AggregatorStatus:
-    return AggregatorStatus(
-        run_id=run_id,
-        state=AggregatorState.RUNNING,
-        version=version,
-        buffer_fill=buffer_fill,
-        knobs=Knobs(buffer_size=3),
-        counters=Counters(received=7, accepted=6, rejected=1, bytes_received=700),
-        nodes=nodes,
-        updated_at=updated_at,
-    )
-
-
-def record(version: int, *stalenesses: int, run_id: str = RUN) -> VersionRecord:
-    return VersionRecord(
-        run_id=run_id,
-        version=version,
-        created_at=float(version),
-        contributions=tuple(
-            Contribution(
-                node=f"n{i}",
-                update_id=f"u{version}-{i}",
-                base_version=max(0, version - 1 - s),
-                staleness=s,
-                num_samples=10,
-                staleness_factor=1.0,
-                weight=10.0,
-                bytes=100 + i,
-                train_loss=0.5,
-            )
-            for i, s in enumerate(stalenesses)
-        ),
-        update_norm=1.0,
-        train_loss=0.5,
-        fold_seconds=0.001,
-        reason="buffer_full",
-    )
 
 
 def evaluation(version: int, accuracy: float, run_id: str = RUN) -> Evaluation:
@@ -111,11 +62,11 @@ def test_status_sets_version_buffer_knobs_and_counters() -> None:
     assert snap.status_age_seconds == pytest.approx(0.5)
 
 
-def test_node_table_joins_ledger_and_node_status() -> None:
-    """A row per node: its own state and version, lag, counts and bytes from the ledger."""
+def test_node_table_joins_tallies_and_node_status() -> None:
+    """A row per node: its own state and version, lag, and counts and bytes from its tally."""
     observer = Observer(FED)
     ledger = (
-        NodeLedgerEntry(
+        NodeTally(
             node="a",
             accepted=5,
             rejected=2,
@@ -163,10 +114,10 @@ def test_mean_uses_each_hospitals_latest_accuracy_once_all_have_reported() -> No
     }
 
 
-def test_ledger_evaluations_give_points_without_the_eval_topics() -> None:
+def test_tallied_evaluations_give_points_without_the_eval_topics() -> None:
     """A status alone (an identity that may not read evals) still draws each node's latest point."""
     observer = Observer(FED)
-    ledger = (NodeLedgerEntry(node="a", eval_version=3, eval_accuracy=0.75),)
+    ledger = (NodeTally(node="a", eval_version=3, eval_accuracy=0.75),)
     observer.on_status(status(3, nodes=ledger), now=0)
     assert observer.snapshot(now=0).accuracy.nodes == {"a": (0.75,)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from common.messages import Counters, NodeLedgerEntry, NodeState, NodeStatus
+from common.messages import Counters, NodeState, NodeStatus, NodeTally
 from common.topics import TopicTree
 from healthnet.observe import Observer
 from healthnet.watch import render, sparkline
@@ -22,7 +22,7 @@ def test_watch_shows_headline_hospitals_accuracy_and_staleness() -> None:
     """Version, buffer, every hospital with state, counts and accuracy, and the staleness bars."""
     observer = Observer("fed")
     tree = TopicTree("fed")
-    ledger = (NodeLedgerEntry(node="cleveland", accepted=12, rejected=3, bytes_received=4096),)
+    ledger = (NodeTally(node="cleveland", accepted=12, rejected=3, bytes_received=4096),)
     observer.on_status(status(9, nodes=ledger, buffer_fill=2), now=100.0)
     observer.observe(
         tree.node_status("cleveland"), NodeStatus(state=NodeState.TRAINING, version=8), 100.0

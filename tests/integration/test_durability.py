@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.chaos import ChaosConfig, ChaosResult, Fault, problems, run_chaos
 from healthnet.broker import find_mosquitto
-from healthnet.chaos import ChaosConfig, ChaosResult, Fault, problems, run_chaos
 
 pytestmark = [
     pytest.mark.broker,
@@ -42,8 +42,9 @@ def run(fault: Fault, workdir: Path, *, every: float = 4.0) -> ChaosResult:
 
 
 def assert_nothing_lost(result: ChaosResult) -> None:
-    """The contract, read from the nodes' sent logs, the ledger and versions.jsonl (the check the
-    chaos benchmark's exit status uses), and a run as long and accurate as one without faults."""
+    """The contract, read from the nodes' sent logs, the update log and versions.jsonl (the check
+    the chaos benchmark's exit status uses), and a run as long and accurate as one without
+    faults."""
     r = result.reconciliation
     assert problems(result) == []
     assert r.updates_sent > 0

@@ -18,8 +18,8 @@ Each kind recurs every ``every[kind]`` seconds on average (0.5 to 1.5 times that
 against each other) and happens at least once in any run. Afterwards the federation runs without
 faults until it has made ``min_versions`` versions, and is drained: pause (nodes stop training,
 the aggregator keeps acking), wait until every outbox is empty, stop the nodes, fold what is
-buffered with K = 1, stop the run. Then :mod:`healthnet.reconcile` compares the nodes' sent logs
-with the aggregator's ledger and versions log, and the final model is evaluated on every
+buffered with K = 1, stop the run. Then :mod:`devtools.reconcile` compares the nodes' sent logs
+with the aggregator's update log and versions log, and the final model is evaluated on every
 hospital's test split. :func:`problems` is the verdict: the benchmark's exit status and the
 durability tests both read it.
 
@@ -59,12 +59,12 @@ from common.messages import (
 from common.mqtt import Message, MqttClient
 from common.settings import ConnectionSettings
 from common.topics import Route, TopicTree
+from devtools.reconcile import Reconciliation, load
 from healthnet.broker import BrokerConfig, EmbeddedBroker
 from healthnet.control import ControlClient
 from healthnet.demo import aggregator_args, node_args
 from healthnet.federations import FEDERATIONS, Federation
 from healthnet.processes import ProcessGroup
-from healthnet.reconcile import Reconciliation, load
 
 __all__ = ["DEFAULT_EVERY", "ChaosConfig", "ChaosError", "ChaosResult", "Fault", "run_chaos"]
 
@@ -162,7 +162,7 @@ def problems(result: ChaosResult) -> list[str]:
     """What broke the durability contract in a chaos run (empty: nothing), one line each.
 
     Nothing lost, folded twice, folded unsent, left in an outbox or discarded; no node trained
-    twice on one version; the ledger and the versions log agree, versions are contiguous, every
+    twice on one version; the update log and the versions log agree, versions are contiguous, every
     update sent is accounted for as folded, rejected or discarded; no process exited on its own.
     An honest federation discards nothing, so a discarded update is a problem here too.
     """
@@ -173,7 +173,7 @@ def problems(result: ChaosResult) -> list[str]:
             ("lost (sent, never folded, rejected nor discarded)", r.lost),
             ("folded into two versions", r.double_folded),
             ("folded but never sent", r.folded_not_sent),
-            ("where the ledger and versions.jsonl disagree", r.ledger_disagrees),
+            ("where the update log and versions.jsonl disagree", r.ledger_disagrees),
             ("left in an outbox", r.still_in_outbox),
             ("(node, run, base) trained on twice", r.same_base_twice),
             ("unexpected exits", result.unexpected_exits),

@@ -5,7 +5,7 @@ Three records are compared, each written durably by its owner:
 * every node's sent log (``sent.jsonl``): the ids of the updates it made, and its outbox of those
   still unacked;
 * the aggregator's ``versions.jsonl``: which update ids made each version;
-* the aggregator's update ledger (``ledger.jsonl``): every verdict, and the version each update
+* the aggregator's update log (``ledger.jsonl``): every verdict, and the version each update
   was folded into.
 
 An update is **lost** when a node sent it and it was neither folded nor rejected (a rejection is
@@ -13,7 +13,7 @@ an answer: the node was told) nor discarded, and it is not waiting in the node's
 **Discarded** updates were accepted and then dropped with a batch that could not become a version
 (the aggregator told their nodes): a category of its own, neither rejected nor lost, and a run
 without attacks should have none. It is **double
-folded** when it appears in two versions. The ledger and ``versions.jsonl`` must tell the same
+folded** when it appears in two versions. The update log and ``versions.jsonl`` must tell the same
 story; where they do not, the ids are listed. :func:`reconcile` is pure; :func:`load` reads the
 files.
 """
@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator.ledger import LedgerEntry, LedgerEvent, read_ledger, update_fates
+from aggregator.update_log import UpdateEvent, UpdateLogEntry, read_update_log, update_fates
 from common.jsonlog import read_json_lines
 from common.messages import VersionRecord
 from edge_node.outbox import Outbox
@@ -94,7 +94,7 @@ class Reconciliation:
 def reconcile(
     nodes: Sequence[NodeRecords],
     versions: Sequence[VersionRecord],
-    ledger: Iterable[LedgerEntry],
+    ledger: Iterable[UpdateLogEntry],
 ) -> Reconciliation:
     """Compare the nodes' records with the aggregator's (pure)."""
     sent: dict[str, str] = {}
@@ -138,7 +138,7 @@ def reconcile(
         updates_rejected=len(rejected & set(sent)),
         updates_discarded=len(discarded & set(sent)),
         rejections=dict(rejections),
-        duplicates=sum(1 for e in entries if e.event is LedgerEvent.DUPLICATE),
+        duplicates=sum(1 for e in entries if e.event is UpdateEvent.DUPLICATE),
         versions=len(numbers),
         versions_contiguous=numbers == list(range(1, len(numbers) + 1)),
         lost=lost,
@@ -165,4 +165,4 @@ def load(aggregator_dir: Path, node_dirs: Mapping[str, Path]) -> Reconciliation:
         for node, directory in node_dirs.items()
     ]
     versions = list(read_json_lines(aggregator_dir / "versions.jsonl", VersionRecord))
-    return reconcile(nodes, versions, read_ledger(aggregator_dir))
+    return reconcile(nodes, versions, read_update_log(aggregator_dir))

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.ledger import read_ledger, update_fates
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
+from aggregator.update_log import read_update_log, update_fates
 from common.broker_url import BrokerEndpoint
 from common.codec import encode, envelope, new_id
 from common.compression import dense_tensor
@@ -25,7 +25,7 @@ from common.messages import (
     ControlCommand,
     Knobs,
     ModelSpec,
-    NodeLedgerEntry,
+    NodeTally,
     TrainMetrics,
     Update,
 )
@@ -235,7 +235,7 @@ def test_a_node_back_after_long_catches_up_and_its_stale_work_is_rejected_with_a
     stale_lines = [(e.event, e.accepted, e.reason) for e in log if e.update_id == stale.update_id]
     # adopted from the outbox at start (a crash kept it out of the log), then rejected with an ack
     assert stale_lines == [(SentEvent.QUEUED, None, None), (SentEvent.ACKED, False, "stale")]
-    fates = update_fates(read_ledger(tmp_path / "aggregator"))
+    fates = update_fates(read_update_log(tmp_path / "aggregator"))
     assert fates[stale.update_id].rejections == ["stale"]
     fresh = [
         e.base_version
@@ -277,7 +277,7 @@ def test_a_node_given_a_version_it_cannot_use_says_why_keeps_running_and_trains_
                     time.sleep(0.1)
                 return status
 
-            def va(status: AggregatorStatus) -> NodeLedgerEntry:
+            def va(status: AggregatorStatus) -> NodeTally:
                 return next(e for e in status.nodes if e.node == "va")
 
             first = wait_for(lambda s: s.version >= 1, "a version from the node")

@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from healthnet.chaos import ChaosConfig, ChaosResult, problems
-from healthnet.reconcile import Reconciliation
+from devtools.chaos import ChaosConfig, ChaosResult, problems
+from devtools.reconcile import Reconciliation
 
 CLEAN = Reconciliation(
     updates_sent=4,

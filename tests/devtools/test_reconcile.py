@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from aggregator.ledger import LedgerEntry, LedgerEvent
+from aggregator.update_log import UpdateEvent, UpdateLogEntry
 from common.messages import Contribution, VersionRecord
+from devtools.reconcile import NodeRecords, reconcile
 from edge_node.sentlog import SentEntry, SentEvent
-from healthnet.reconcile import NodeRecords, reconcile
 
 
 def sent(*ids: str, base: int = 0) -> tuple[SentEntry, ...]:
@@ -42,19 +42,19 @@ def record(version: int, *ids: str) -> VersionRecord:
 
 
 def line(
-    event: LedgerEvent, update_id: str, version: int = 0, reason: str | None = None
-) -> LedgerEntry:
-    return LedgerEntry(
+    event: UpdateEvent, update_id: str, version: int = 0, reason: str | None = None
+) -> UpdateLogEntry:
+    return UpdateLogEntry(
         event=event, at=1.0, node="a", update_id=update_id, version=version, reason=reason
     )
 
 
-def folded(version: int, *ids: str) -> list[LedgerEntry]:
-    return [line(LedgerEvent.FOLDED, i, version) for i in ids]
+def folded(version: int, *ids: str) -> list[UpdateLogEntry]:
+    return [line(UpdateEvent.FOLDED, i, version) for i in ids]
 
 
 def test_a_clean_run_has_nothing_lost_or_folded_twice() -> None:
-    """Every sent id folded once, in the ledger and the versions log alike: clean."""
+    """Every sent id folded once, in the update log and the versions log alike: clean."""
     result = reconcile(
         [NodeRecords("a", sent("u1", "u2", "u3", "u4"), ())],
         [record(1, "u1", "u2"), record(2, "u3", "u4")],
@@ -80,13 +80,13 @@ def test_a_rejected_update_is_answered_not_lost() -> None:
     result = reconcile(
         [NodeRecords("a", sent("u1", "u2"), ())],
         [record(1, "u1")],
-        [*folded(1, "u1"), line(LedgerEvent.REJECTED, "u2", reason="stale")],
+        [*folded(1, "u1"), line(UpdateEvent.REJECTED, "u2", reason="stale")],
     )
     assert (result.lost, result.updates_rejected, result.rejections) == ([], 1, {"stale": 1})
 
 
 def test_an_update_in_two_versions_is_double_folded() -> None:
-    """The same id in two version records is reported, whatever the ledger says."""
+    """The same id in two version records is reported, whatever the update log says."""
     result = reconcile(
         [NodeRecords("a", sent("u1", "u2"), ())],
         [record(1, "u1"), record(2, "u1", "u2")],
@@ -114,9 +114,9 @@ def test_a_discarded_update_is_its_own_category_neither_rejected_nor_lost() -> N
         [record(1, "u1")],
         [
             *folded(1, "u1"),
-            line(LedgerEvent.ACCEPTED, "u2"),
-            line(LedgerEvent.DISCARDED, "u2", reason="discarded"),
-            line(LedgerEvent.REJECTED, "u3", reason="stale"),
+            line(UpdateEvent.ACCEPTED, "u2"),
+            line(UpdateEvent.DISCARDED, "u2", reason="discarded"),
+            line(UpdateEvent.REJECTED, "u3", reason="stale"),
         ],
     )
     assert (result.updates_discarded, result.updates_rejected, result.lost) == (1, 1, [])
