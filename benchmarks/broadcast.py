@@ -54,7 +54,7 @@ def _node(  # noqa: PLR0917 - a process target, called with args
     topics = TopicTree(federation)
     download = ModelDownload(max_blob_bytes=MAX_BLOB)
     with MqttClient(BrokerEndpoint.parse(url), name) as client:
-        client.subscribe(str(topics.manifest()))
+        client.subscribe(topics.manifest())
         client.subscribe(topics.all_chunks())
         announced = False
         while not stop.is_set():

@@ -149,7 +149,7 @@ def feed(url: str, federation: str, shapes: dict[str, tuple[int, ...]], count: i
     """Publish ``count`` updates from v0, staying LOOKAHEAD versions ahead of the aggregator."""
     topics = TopicTree(federation)
     client = MqttClient(BrokerEndpoint.parse(url), f"feeder-{uuid.uuid4().hex[:8]}")
-    client.subscribe(str(topics.manifest()))
+    client.subscribe(topics.manifest())
     rng = np.random.default_rng(0)
     delta = tuple(
         dense_tensor(name, rng.normal(0, 1e-3, shape).astype(np.float32))
@@ -233,7 +233,7 @@ def measure(
     service.journal = journal
     topics = TopicTree(federation)
     watcher = MqttClient(BrokerEndpoint.parse(broker.url), f"watch-{uuid.uuid4().hex[:8]}")
-    watcher.subscribe(str(topics.versions()))
+    watcher.subscribe(topics.versions())
     stop = threading.Event()
     thread = threading.Thread(target=service.run, args=(stop,), name="aggregator")
     context = multiprocessing.get_context("spawn")

@@ -72,9 +72,9 @@ class _Hospital:
     def run(self, sending: threading.Event, stop: threading.Event) -> None:
         topics = self.topics
         with self.client as client:
-            client.subscribe(str(topics.manifest()))
+            client.subscribe(topics.manifest())
             client.subscribe(topics.all_chunks())
-            client.subscribe(str(topics.ack(self.name)))
+            client.subscribe(topics.ack(self.name))
             while not stop.is_set():
                 try:
                     item = client.inbox.get(timeout=0.1)
@@ -214,7 +214,7 @@ def main() -> None:  # noqa: PLR0915 - one script, read top to bottom
         ProcessGroup(Path(tmp) / "logs") as group,
         MqttClient(BrokerEndpoint.parse(broker.url), f"{federation}-watch") as watch,
     ):  # fmt: skip
-        watch.subscribe(str(topics.aggregator_status()))
+        watch.subscribe(topics.aggregator_status())
         aggregator = group.start(
             "aggregator",
             aggregator_args(

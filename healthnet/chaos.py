@@ -208,7 +208,7 @@ class _Monitor:
     def __init__(self, url: str, topics: TopicTree) -> None:
         self.topics = topics
         self.client = MqttClient(BrokerEndpoint.parse(url), f"chaos-{new_id()[:12]}")
-        self.client.subscribe(str(topics.aggregator_status()))
+        self.client.subscribe(topics.aggregator_status())
         self.client.subscribe(topics.all_node_status())
         self.status: AggregatorStatus | None = None
         self.nodes: dict[str, NodeStatus] = {}

@@ -337,10 +337,10 @@ def _run(
     )
     with ProcessGroup(workdir / "logs") as group, monitor, dashboard:
         for topic_filter in (
-            str(topics.aggregator_status()),
-            str(topics.versions()),
+            topics.aggregator_status(),
+            topics.versions(),
             topics.all_node_evals(),
-            str(topics.manifest()),
+            topics.manifest(),
         ):
             monitor.subscribe(topic_filter)
         group.start(

@@ -20,7 +20,7 @@ from common.codec import decode, new_id
 from common.errors import ProtocolError, TopicError
 from common.mqtt import ConnectionEvent, Message, MqttClient
 from common.settings import ConnectionSettings
-from common.topics import Role, TopicTree
+from common.topics import Role, TopicFilter, TopicTree
 from healthnet.observe import Observer, Snapshot
 
 __all__ = ["FederationFeed", "subscriptions"]
@@ -28,7 +28,7 @@ __all__ = ["FederationFeed", "subscriptions"]
 log = logging.getLogger(__name__)
 
 
-def subscriptions(topics: TopicTree) -> tuple[str, ...]:
+def subscriptions(topics: TopicTree) -> tuple[TopicFilter, ...]:
     """The topic filters an observer reads: status, versions, node status and evaluations.
 
     The dashboard's reads in the table the broker's ACL is generated from (an operator's, for

@@ -356,7 +356,7 @@ def _download(settings: ConnectionSettings, timeout: float) -> tuple[Manifest, b
         tls_files=settings.tls_files(),
         connect_timeout=settings.connect_timeout,
     )
-    client.subscribe(str(topics.manifest()))
+    client.subscribe(topics.manifest())
     client.subscribe(topics.all_chunks())
     deadline = time.monotonic() + timeout
     with client:
