@@ -270,3 +270,18 @@ def test_route_filter_puts_a_substitution_in_the_node_segment() -> None:
     """route_filter(route, "%u") gives the Mosquitto ACL pattern of a node's own topic."""
     assert str(tree.route_filter(Route.UPDATE, "%u")) == f"{PREFIX}/updates/%u"
     assert str(tree.route_filter(Route.NODE_EVAL, "%u")) == f"{PREFIX}/nodes/%u/eval"
+
+
+@pytest.mark.parametrize("route", list(Route), ids=[r.name.lower() for r in Route])
+def test_a_route_filter_is_a_typed_filter_that_names_its_route(route: Route) -> None:
+    """Filters are TopicFilter values (never bare strings) that say which route they match."""
+    topic_filter = tree.route_filter(route)
+    assert isinstance(topic_filter, TopicFilter)
+    assert topic_filter.route is route
+
+
+def test_everything_matches_every_topic_of_the_federation_and_no_other() -> None:
+    """The whole-federation filter is the prefix and '#'."""
+    assert str(tree.everything()) == f"{PREFIX}/#"
+    assert _matches(tree.everything(), str(tree.update("n1")))
+    assert not _matches(tree.everything(), str(TopicTree("other").update("n1")))
