@@ -274,9 +274,9 @@ class NodeService:
                 self.session.on_status(body.state, body.run_id)
             case Ack():
                 self._on_ack(body)
-            case Update() | NodeStatus() | Evaluation() | ControlRequest() | ControlReply():
-                pass  # not a hospital's to read
-            case VersionRecord():
+            case Update() | NodeStatus() | Evaluation() | ControlRequest():
+                pass  # other roles' messages: a hospital does not subscribe to them
+            case ControlReply() | VersionRecord():
                 pass
             case _:
                 assert_never(body)
