@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, assert_never
 
 import numpy as np
 from numpy.typing import NDArray
@@ -53,6 +53,7 @@ from aggregator.run_state import transition
 from common.compression import DecodedTensor, all_finite, decode_tensor
 from common.compression_policy import admits, keep_count
 from common.errors import CompressionError, ControlError, NonFiniteValues
+from common.inbound import Refusal, Refused
 from common.messages import (
     NORM_HISTORY,
     AggregationRule,
@@ -78,6 +79,7 @@ __all__ = [
     "Fold",
     "FoldReason",
     "Probe",
+    "Unreadable",
     "Verdict",
 ]
 
@@ -164,6 +166,18 @@ class Discard:
     update_ids: tuple[str, ...]
     nodes: tuple[str, ...]
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A message on a node's update topic that never became an update: the rejection to record.
+
+    It has no update id, so no node hears of it; the ledger and the node's counters do.
+    """
+
+    reason: RejectReason
+    detail: str
+    size: int
 
 
 @dataclass(slots=True)
@@ -503,6 +517,21 @@ class AggregatorCore:
             entry.last_seen = now
             entry.last_base_version = update.base_version
             entry.bytes_received += size
+
+    def refuse(self, node: str, refusal: Refusal, now: float) -> Unreadable:
+        """Judge and count a message on ``node``'s update topic that did not decode to an
+        update (:func:`common.inbound.receive` refused it); the shell records what it returns."""
+        match refusal.reason:
+            case Refused.TOO_LARGE:  # never decoded: its bytes say nothing
+                unreadable = Unreadable(
+                    RejectReason.TOO_LARGE, "over max_update_bytes", refusal.size
+                )
+            case Refused.MALFORMED | Refused.WRONG_KIND | Refused.EMPTY | Refused.UNKNOWN_TOPIC:
+                unreadable = Unreadable(RejectReason.MALFORMED, refusal.detail[:200], refusal.size)
+            case _:
+                assert_never(refusal.reason)
+        self.note_malformed(node, unreadable.reason, now, unreadable.size)
+        return unreadable
 
     def note_malformed(self, node: str, reason: RejectReason, now: float, size: int) -> None:
         """Count a message that never reached validation (it has no update id to answer)."""

@@ -69,8 +69,9 @@ from aggregator.aggregation import Params, ServerOptimizerState
 from aggregator.core import AggregatorCore, Discard, Fold, Probe, Verdict
 from aggregator.store import Checkpoint, StateStore
 from aggregator.update_log import UpdateEvent, UpdateLog, UpdateLogEntry
-from common.codec import decode, sha256_hex
-from common.errors import ControlError, DecodeError, HealthNetError, ProtocolError
+from common.codec import sha256_hex
+from common.errors import ControlError, DecodeError, HealthNetError
+from common.inbound import Fault, decode_body
 from common.messages import AggregatorState, ModelSpec, RejectReason, Update, VersionRecord
 from common.provenance import record_digest, seal
 
@@ -168,17 +169,18 @@ class Journal:
                 done.add(entry.update_id)
                 continue
             payload = entry.payload
-            try:
-                env = decode(payload, max_bytes=max_bytes)
-            except ProtocolError:
+            decoded = decode_body(Update, payload, max_bytes=max_bytes)
+            if isinstance(decoded, Fault):
                 # Written whole before the ack (fsync), so only damage gets here.
-                log.exception("WAL entry %s does not decode; dropping it", entry.path.name)
+                log.error(
+                    "WAL entry %s is not an update (%s: %s); dropping it",
+                    entry.path.name,
+                    decoded.reason.value,
+                    decoded.detail,
+                )
                 done.add(entry.update_id)
                 continue
-            update = env.body
-            if not isinstance(update, Update):
-                done.add(entry.update_id)
-                continue
+            update = decoded.body
             try:
                 core.restore_buffered(
                     entry.node, update, len(payload), self._clock(), count=seen is None
@@ -365,13 +367,17 @@ class Journal:
             if entry.update_id in checkpoint.seen and entry.update_id not in buffered:
                 continue  # folded (or discarded) before the checkpoint
             payload = entry.payload
+            # Our own record, accepted under the service's size limit: any size it has is fine.
+            decoded = decode_body(Update, payload, max_bytes=len(payload))
+            if isinstance(decoded, Fault):
+                log.warning(
+                    "WAL entry %s left out of a rollback: %s", entry.path.name, decoded.detail
+                )
+                continue
             try:
-                # Our own record, accepted under the service's size limit: any size it has is fine.
-                body = decode(payload, max_bytes=len(payload)).body
-                if isinstance(body, Update):
-                    new = entry.update_id not in checkpoint.seen
-                    scratch.restore_buffered(entry.node, body, 0, 0.0, count=new)
-            except (ProtocolError, ValueError) as exc:
+                new = entry.update_id not in checkpoint.seen
+                scratch.restore_buffered(entry.node, decoded.body, 0, 0.0, count=new)
+            except ValueError as exc:
                 log.warning("WAL entry %s left out of a rollback: %s", entry.path.name, exc)
         for record in self._records_after(checkpoint.version):
             if record.version > version:

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, assert_never
 
 import numpy as np
 from numpy.typing import NDArray
@@ -27,8 +27,9 @@ from aggregator.journal import Journal
 from aggregator.metrics import AggregatorMetrics, serve_metrics
 from aggregator.settings import AggregatorSettings
 from common.blobs import split_blob
-from common.codec import decode, encode, encode_tensors, envelope, new_id, sha256_hex
-from common.errors import ControlError, HealthNetError, ProtocolError, TopicError
+from common.codec import encode, encode_tensors, envelope, new_id, sha256_hex
+from common.errors import ControlError, HealthNetError
+from common.inbound import Chunk, Inbound, Refusal, Refused, receive
 from common.messages import (
     Ack,
     AggregatorState,
@@ -50,8 +51,6 @@ from common.topics import Role, Route, Topic, TopicTree
 __all__ = ["AggregatorService"]
 
 log = logging.getLogger(__name__)
-
-B = TypeVar("B", bound=Body)
 
 _STATUS_MIN_INTERVAL = 0.5
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -243,80 +242,74 @@ class AggregatorService:
         return max(wait, 0.01)
 
     def _on_message(self, message: Message) -> None:
-        try:
-            topic = self.topics.parse(message.topic)
-        except TopicError as exc:
-            log.warning("ignoring message on unexpected topic: %s", exc)
-            return
-        match topic.route:
-            case Route.UPDATE:
-                self._on_update(topic.node or "", message.payload)
-            case Route.NODE_EVAL:
-                decoded = self._decode(message, Evaluation)
-                if decoded is not None and decoded[0] == topic.node:
-                    self.core.record_evaluation(decoded[0], decoded[1])
-                    self._status_dirty = True
-                    if decoded[1].run_id == self.core.run_id:
-                        self.journal.store.append_evaluation(decoded[0], decoded[1], self._clock())
-                elif decoded is not None:
-                    log.warning("dropping %s's evaluation sent on %s", decoded[0], message.topic)
-            case Route.NODE_STATUS if message.payload:
-                node_status = self._decode(message, NodeStatus)
-                if node_status is not None and node_status[0] == topic.node:
-                    self.metrics.observe_node_status(node_status[0], node_status[1])
-            case Route.CONTROL_REQUEST:
-                decoded_request = self._decode(message, ControlRequest)
-                if decoded_request is not None:
-                    self._on_control(decoded_request[1])
-            case _:
+        received = receive(
+            message.topic,
+            message.payload,
+            topics=self.topics,
+            max_bytes=self.settings.max_update_bytes,
+        )
+        match received:
+            case Inbound():
+                self._on_inbound(received, message.payload)
+            case Refusal(topic=Topic(route=Route.UPDATE, node=str() as node)):
+                self._on_unreadable_update(node, received)
+            case Refusal(reason=Refused.UNKNOWN_TOPIC):
+                log.warning("ignoring message on unexpected topic: %s", received.detail)
+            case Refusal(reason=Refused.EMPTY) | Chunk():
                 log.debug("ignoring %s", message.topic)
+            case Refusal():
+                log.warning("dropping malformed message on %s: %s", message.topic, received.detail)
+            case _:
+                assert_never(received)
 
-    def _decode(self, message: Message, kind: type[B]) -> tuple[str, B] | None:
-        """(sender, body) of a message that must carry ``kind``; None, logged, otherwise."""
-        try:
-            env = decode(message.payload, max_bytes=self.settings.max_update_bytes)
-        except ProtocolError as exc:
-            log.warning("dropping malformed message on %s: %s", message.topic, exc)
-            return None
-        if not isinstance(env.body, kind):
-            log.warning("dropping %s on %s", type(env.body).__name__, message.topic)
-            return None
-        return env.sender, env.body
+    def _on_inbound(self, inbound: Inbound, payload: bytes) -> None:
+        node, body = inbound.topic.node, inbound.body
+        match body:
+            case Update():
+                self._on_update(node or "", inbound.sender, body, payload)
+            case Evaluation():
+                self._on_evaluation(inbound, body)
+            case NodeStatus():
+                if inbound.sender == node:
+                    self.metrics.observe_node_status(node, body)
+            case ControlRequest():
+                self._on_control(body)
+            case Manifest() | Ack() | ControlReply() | AggregatorStatus() | VersionRecord():
+                log.debug("ignoring %s", inbound.topic)
+            case _:
+                assert_never(body)
 
-    def _on_update(self, node: str, payload: bytes) -> None:
+    def _on_evaluation(self, inbound: Inbound, evaluation: Evaluation) -> None:
+        node = inbound.sender
+        if node != inbound.topic.node:
+            log.warning("dropping %s's evaluation sent on %s", node, inbound.topic)
+            return
+        self.core.record_evaluation(node, evaluation)
+        self._status_dirty = True
+        if evaluation.run_id == self.core.run_id:
+            self.journal.store.append_evaluation(node, evaluation, self._clock())
+
+    def _on_unreadable_update(self, node: str, refusal: Refusal) -> None:
+        """A message on ``node``'s update topic that is not an update: the core judges and counts
+        it, the ledger records it; no ack (it has no update id)."""
+        core = self.core
+        self._status_dirty = True
+        unreadable = core.refuse(node, refusal, self._clock())
+        self.journal.record_unreadable(
+            core, node, unreadable.reason, unreadable.detail, unreadable.size
+        )
+        log.warning(
+            "node %s: dropped an update at v%d: %s (%s)",
+            node,
+            core.version,
+            unreadable.reason.value,
+            refusal.detail,
+        )
+
+    def _on_update(self, node: str, sender: str, update: Update, payload: bytes) -> None:
         core, now = self.core, self._clock()
         self._status_dirty = True
-        if len(payload) > self.settings.max_update_bytes:
-            core.note_malformed(node, RejectReason.TOO_LARGE, now, len(payload))
-            self.journal.record_unreadable(
-                core, node, RejectReason.TOO_LARGE, "over max_update_bytes", len(payload)
-            )
-            log.warning(
-                "node %s: dropped an update of %d bytes (limit %d) at v%d",
-                node,
-                len(payload),
-                self.settings.max_update_bytes,
-                core.version,
-            )
-            return
-        try:
-            env = decode(payload, max_bytes=self.settings.max_update_bytes)
-        except ProtocolError as exc:
-            core.note_malformed(node, RejectReason.MALFORMED, now, len(payload))
-            self.journal.record_unreadable(
-                core, node, RejectReason.MALFORMED, str(exc)[:200], len(payload)
-            )
-            log.warning("node %s: dropped a malformed update at v%d: %s", node, core.version, exc)
-            return
-        update = env.body
-        if not isinstance(update, Update):
-            core.note_malformed(node, RejectReason.MALFORMED, now, len(payload))
-            self.journal.record_unreadable(
-                core, node, RejectReason.MALFORMED, f"{env.kind} on the update topic", len(payload)
-            )
-            log.warning("node %s: %s on its update topic at v%d", node, env.kind, core.version)
-            return
-        verdict = core.receive(node, env.sender, update, len(payload), now)
+        verdict = core.receive(node, sender, update, len(payload), now)
         self.journal.record_update(core, node, update, verdict, payload)
         if verdict.accepted:
             log.info(

@@ -26,6 +26,7 @@ import threading
 import time
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
+from typing import assert_never
 
 import numpy as np
 from rich.console import Console
@@ -33,10 +34,12 @@ from rich.table import Table
 
 from common.blobs import ModelDownload, split_blob
 from common.broker_url import BrokerEndpoint
-from common.codec import decode, decode_tensors, encode, encode_tensors, envelope, sha256_hex
+from common.codec import decode_tensors, encode, encode_tensors, envelope, sha256_hex
+from common.errors import ProtocolError
+from common.inbound import Chunk, Inbound, Received, Refusal, Refused, receive
 from common.messages import Manifest, ModelSpec, TrainingConfig
 from common.mqtt import ConnectionEvent, Message, MqttClient
-from common.topics import Route, TopicTree
+from common.topics import TopicTree
 from healthnet.broker import BrokerConfig, EmbeddedBroker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,7 +57,7 @@ def _node(  # noqa: PLR0917 - a process target, called with args
     topics = TopicTree(federation)
     download = ModelDownload(max_blob_bytes=MAX_BLOB)
     with MqttClient(BrokerEndpoint.parse(url), name) as client:
-        client.subscribe(str(topics.manifest()))
+        client.subscribe(topics.manifest())
         client.subscribe(topics.all_chunks())
         announced = False
         while not stop.is_set():
@@ -67,19 +70,27 @@ def _node(  # noqa: PLR0917 - a process target, called with args
                     ready.put(name)
                     announced = True
                 continue
-            if not isinstance(item, Message) or not item.payload:
+            if not isinstance(item, Message):
                 continue
-            topic = topics.parse(item.topic)
-            if topic.route is Route.MANIFEST:
-                body = decode(item.payload, max_bytes=MAX_BLOB).body
-                assert isinstance(body, Manifest)
-                download.on_manifest(body)
-            elif topic.route is Route.CHUNK and topic.version is not None:
-                download.on_chunk(topic.version, topic.chunk or 0, item.payload)
+            _take(download, receive(item.topic, item.payload, topics=topics, max_bytes=MAX_BLOB))
             held = download.take()
             if held is not None:
                 decode_tensors(held[1], max_bytes=MAX_BLOB)
                 report.put((name, held[0].version, time.time()))
+
+
+def _take(download: ModelDownload, received: Received) -> None:
+    match received:
+        case Inbound(body=Manifest() as manifest):
+            download.on_manifest(manifest)
+        case Chunk():
+            download.on_chunk(received.version, received.index, received.data)
+        case Refusal(reason=Refused.EMPTY) | Inbound():
+            pass  # a cleared retained chunk
+        case Refusal():
+            raise ProtocolError(f"{received.name}: {received.reason.value}: {received.detail}")
+        case _:
+            assert_never(received)
 
 
 def _worker(  # noqa: PLR0917 - a process target, called with args

@@ -41,7 +41,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import numpy as np
 from pydantic import SecretStr
@@ -53,8 +53,9 @@ from aggregator.settings import AggregatorSettings
 from aggregator.store import Checkpoint, StateStore
 from aggregator.update_log import UpdateLog, UpdateLogEntry
 from common.broker_url import BrokerEndpoint
-from common.codec import decode, encode, envelope, new_id
+from common.codec import DEFAULT_MAX_MESSAGE_BYTES, encode, envelope, new_id
 from common.compression import dense_tensor
+from common.inbound import Chunk, Inbound, Refusal, receive
 from common.messages import Knobs, Manifest, ModelSpec, TrainMetrics, Update, VersionRecord
 from common.mqtt import Message, MqttClient
 from common.topics import TopicTree
@@ -149,7 +150,7 @@ def feed(url: str, federation: str, shapes: dict[str, tuple[int, ...]], count: i
     """Publish ``count`` updates from v0, staying LOOKAHEAD versions ahead of the aggregator."""
     topics = TopicTree(federation)
     client = MqttClient(BrokerEndpoint.parse(url), f"feeder-{uuid.uuid4().hex[:8]}")
-    client.subscribe(str(topics.manifest()))
+    client.subscribe(topics.manifest())
     rng = np.random.default_rng(0)
     delta = tuple(
         dense_tensor(name, rng.normal(0, 1e-3, shape).astype(np.float32))
@@ -164,10 +165,16 @@ def feed(url: str, federation: str, shapes: dict[str, tuple[int, ...]], count: i
                 item = client.inbox.get(timeout=0.05)
             except queue.Empty:
                 item = None
-            if isinstance(item, Message) and item.payload:
-                manifest = decode(item.payload).body
-                if isinstance(manifest, Manifest):
-                    run_id, version = manifest.run_id, manifest.version
+            if isinstance(item, Message):
+                match received := receive(
+                    item.topic, item.payload, topics=topics, max_bytes=DEFAULT_MAX_MESSAGE_BYTES
+                ):
+                    case Inbound(body=Manifest() as manifest):
+                        run_id, version = manifest.run_id, manifest.version
+                    case Inbound() | Chunk() | Refusal():
+                        pass
+                    case _:
+                        assert_never(received)
             if not run_id:
                 continue
             if not template:
@@ -233,7 +240,7 @@ def measure(
     service.journal = journal
     topics = TopicTree(federation)
     watcher = MqttClient(BrokerEndpoint.parse(broker.url), f"watch-{uuid.uuid4().hex[:8]}")
-    watcher.subscribe(str(topics.versions()))
+    watcher.subscribe(topics.versions())
     stop = threading.Event()
     thread = threading.Thread(target=service.run, args=(stop,), name="aggregator")
     context = multiprocessing.get_context("spawn")
@@ -252,11 +259,18 @@ def measure(
                 item = watcher.inbox.get(timeout=1.0)
             except queue.Empty:
                 continue
-            if isinstance(item, Message) and item.payload:
-                record = decode(item.payload).body
-                if isinstance(record, VersionRecord):
+            if not isinstance(item, Message):
+                continue
+            match received := receive(
+                item.topic, item.payload, topics=topics, max_bytes=DEFAULT_MAX_MESSAGE_BYTES
+            ):
+                case Inbound(body=VersionRecord()):
                     created.append(time.perf_counter())
                     seconds_at.append(journal.seconds)
+                case Inbound() | Chunk() | Refusal():
+                    pass
+                case _:
+                    assert_never(received)
         stop.set()
         thread.join(60.0)
         feeder.join(60.0)

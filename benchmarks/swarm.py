@@ -27,8 +27,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
+from typing import assert_never
 
 import numpy as np
 from rich.console import Console
@@ -36,11 +39,13 @@ from rich.table import Table
 
 from common.blobs import ModelDownload
 from common.broker_url import BrokerEndpoint
-from common.codec import decode, decode_tensors, encode, envelope, new_id
+from common.codec import decode_tensors, encode, envelope, new_id
 from common.compression import dense_tensor
+from common.errors import ProtocolError
+from common.inbound import Chunk, Inbound, Refusal, Refused, receive
 from common.messages import Ack, AggregatorStatus, Manifest, TrainMetrics, Update
 from common.mqtt import ConnectionEvent, Message, MqttClient
-from common.topics import Route, TopicTree
+from common.topics import TopicTree
 from healthnet.broker import BrokerConfig, EmbeddedBroker
 from healthnet.demo import aggregator_args
 from healthnet.federations import HEART_DISEASE
@@ -72,15 +77,15 @@ class _Hospital:
     def run(self, sending: threading.Event, stop: threading.Event) -> None:
         topics = self.topics
         with self.client as client:
-            client.subscribe(str(topics.manifest()))
+            client.subscribe(topics.manifest())
             client.subscribe(topics.all_chunks())
-            client.subscribe(str(topics.ack(self.name)))
+            client.subscribe(topics.ack(self.name))
             while not stop.is_set():
                 try:
                     item = client.inbox.get(timeout=0.1)
                 except queue.Empty:
                     item = None
-                if isinstance(item, Message) and item.payload:
+                if isinstance(item, Message):
                     try:
                         self._on_message(item)
                     except Exception as exc:  # noqa: BLE001 - counted and named, never silent
@@ -94,24 +99,29 @@ class _Hospital:
                     self._maybe_send(client)
 
     def _on_message(self, item: Message) -> None:
-        topic = self.topics.parse(item.topic)
-        if topic.route is Route.CHUNK and topic.version is not None:
-            self.download.on_chunk(topic.version, topic.chunk or 0, item.payload)
-        else:
-            body = decode(item.payload, max_bytes=MAX_BLOB).body
-            if isinstance(body, Manifest):
-                self.download.on_manifest(body)
-            elif isinstance(body, Ack) and body.update_id in self.pending:
-                self.pending.discard(body.update_id)
-                self.tally["accepted" if body.accepted else "rejected"] += 1
-                if not body.accepted:
-                    self.tally[f"rejected_{body.reason}"] = (
-                        self.tally.get(f"rejected_{body.reason}", 0) + 1
-                    )
+        match received := receive(item.topic, item.payload, topics=self.topics, max_bytes=MAX_BLOB):
+            case Chunk():
+                self.download.on_chunk(received.version, received.index, received.data)
+            case Inbound(body=Manifest() as manifest):
+                self.download.on_manifest(manifest)
+            case Inbound(body=Ack() as ack) if ack.update_id in self.pending:
+                self._on_ack(ack)
+            case Refusal(reason=Refused.EMPTY) | Inbound():
+                pass  # a cleared retained chunk, another's ack, or a resent one's
+            case Refusal():
+                raise ProtocolError(f"{received.reason.value}: {received.detail}")
+            case _:
+                assert_never(received)
         got = self.download.take()
         if got is not None:
             manifest, blob = got
             self.held = (manifest, dict(decode_tensors(blob, max_bytes=MAX_BLOB)))
+
+    def _on_ack(self, ack: Ack) -> None:
+        self.pending.discard(ack.update_id)
+        self.tally["accepted" if ack.accepted else "rejected"] += 1
+        if not ack.accepted:
+            self.tally[f"rejected_{ack.reason}"] = self.tally.get(f"rejected_{ack.reason}", 0) + 1
 
     def _maybe_send(self, client: MqttClient) -> None:
         if self.held is None or time.monotonic() < self.due_at:
@@ -166,6 +176,11 @@ def _worker(  # noqa: PLR0917 - a process target, called with args
     local_stop.set()
     for t in threads:
         t.join(timeout=10)
+    out.put(_tally(hospitals))
+
+
+def _tally(hospitals: list[_Hospital]) -> dict[str, int]:
+    """The hospitals' tallies summed, with the updates still unacknowledged as ``lost``."""
     total: dict[str, int] = {"lost": sum(len(h.pending) for h in hospitals)}
     for h in hospitals:
         for update_id in sorted(h.pending):  # named, so that the logs can tell what became of it
@@ -173,7 +188,7 @@ def _worker(  # noqa: PLR0917 - a process target, called with args
     for h in hospitals:
         for key, value in h.tally.items():
             total[key] = total.get(key, 0) + value
-    out.put(total)
+    return total
 
 
 def _memory(pid: int) -> dict[str, int]:
@@ -185,7 +200,27 @@ def _memory(pid: int) -> dict[str, int]:
     return fields
 
 
-def main() -> None:  # noqa: PLR0915 - one script, read top to bottom
+def _drain_status(
+    watch: MqttClient, topics: TopicTree, latest: AggregatorStatus | None
+) -> AggregatorStatus | None:
+    """The newest aggregator status on ``watch``'s inbox, or ``latest`` if none came."""
+    while True:
+        try:
+            item = watch.inbox.get_nowait()
+        except queue.Empty:
+            return latest
+        if not isinstance(item, Message):
+            continue
+        match received := receive(item.topic, item.payload, topics=topics, max_bytes=MAX_BLOB):
+            case Inbound(body=AggregatorStatus() as status):
+                latest = status
+            case Inbound() | Chunk() | Refusal():
+                pass
+            case _:
+                assert_never(received)
+
+
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--json", type=Path, required=True, help="write the results here")
     parser.add_argument("--nodes", type=int, default=200)
@@ -198,6 +233,22 @@ def main() -> None:  # noqa: PLR0915 - one script, read top to bottom
     args = parser.parse_args()
     if args.quick:
         args.nodes, args.seconds, args.think, args.procs, args.buffer_size = 20, 5.0, 1.0, 2, 4
+    return args
+
+
+def _collect(out: mp.Queue[dict[str, int]], workers: Sequence[BaseProcess]) -> dict[str, int]:
+    """Every worker process's tally, summed; then the processes are joined."""
+    totals: dict[str, int] = {}
+    for _ in workers:
+        for key, value in out.get(timeout=120).items():
+            totals[key] = totals.get(key, 0) + value
+    for w in workers:
+        w.join(timeout=30)
+    return totals
+
+
+def main() -> None:  # noqa: PLR0915 - one script, read top to bottom
+    args = _arguments()
     console = Console(stderr=True)
     federation = f"swarm-{new_id()[:8]}"
     topics = TopicTree(federation)
@@ -214,7 +265,7 @@ def main() -> None:  # noqa: PLR0915 - one script, read top to bottom
         ProcessGroup(Path(tmp) / "logs") as group,
         MqttClient(BrokerEndpoint.parse(broker.url), f"{federation}-watch") as watch,
     ):  # fmt: skip
-        watch.subscribe(str(topics.aggregator_status()))
+        watch.subscribe(topics.aggregator_status())
         aggregator = group.start(
             "aggregator",
             aggregator_args(
@@ -237,21 +288,7 @@ def main() -> None:  # noqa: PLR0915 - one script, read top to bottom
             ready.get(timeout=300)
         pid = aggregator.pid
         assert pid is not None
-        status: AggregatorStatus | None = None
-
-        def drain_status() -> AggregatorStatus | None:
-            latest = status
-            while True:
-                try:
-                    item = watch.inbox.get_nowait()
-                except queue.Empty:
-                    return latest
-                if isinstance(item, Message) and item.payload:
-                    body = decode(item.payload).body
-                    if isinstance(body, AggregatorStatus):
-                        latest = body
-
-        status = drain_status()
+        status = _drain_status(watch, topics, None)
         start_version = 0 if status is None else status.version
         start_folded = 0 if status is None else status.counters.folded
         console.print(f"{args.nodes} hospitals hold the model; sending for {args.seconds:.0f}s")
@@ -259,24 +296,19 @@ def main() -> None:  # noqa: PLR0915 - one script, read top to bottom
         sending.set()
         while time.monotonic() - started < args.seconds:
             samples.append((time.monotonic() - started, _memory(pid)["VmRSS"]))
-            status = drain_status()
+            status = _drain_status(watch, topics, status)
             if aggregator.poll() is not None:
                 raise SystemExit(f"the aggregator exited:\n{aggregator.tail()}")
             time.sleep(1.0)
         sending.clear()
         sent_for = time.monotonic() - started
-        status = drain_status()
+        status = _drain_status(watch, topics, status)
         mid_version = 0 if status is None else status.version
         mid_folded = 0 if status is None else status.counters.folded
         stop.set()
-        totals: dict[str, int] = {}
-        for _ in workers:
-            for key, value in out.get(timeout=120).items():
-                totals[key] = totals.get(key, 0) + value
-        for w in workers:
-            w.join(timeout=30)
+        totals = _collect(out, workers)
         time.sleep(2.0)  # one more status heartbeat
-        status = drain_status()
+        status = _drain_status(watch, topics, status)
         hwm = _memory(pid)["VmHWM"]
         if totals.get("lost", 0):  # keep the evidence: the aggregator's and the broker's logs
             kept = args.json.with_name(args.json.stem + "-logs")

@@ -219,6 +219,21 @@ def _unpack_envelope(data: bytes, max_bytes: int) -> object:
         raise DecodeError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
     if not isinstance(data, bytes):  # views of a mutable buffer could change under the body
         data = bytes(data)
+    frame, end, references = _read_document(data)
+    after = len(data) - end
+    if not references:
+        if after:
+            raise DecodeError(f"not a msgpack document: extra data ({after} bytes after it)")
+        return frame
+    _place_out_of_line(data, end, references)
+    try:
+        return _resolve(frame)
+    except RecursionError as exc:
+        raise DecodeError("not a healthNET message: msgpack nesting is too deep") from exc
+
+
+def _read_document(data: bytes) -> tuple[object, int, list[_OutOfLine]]:
+    """The document at the start of ``data``, where it ends, and its out-of-line references."""
     references: list[_OutOfLine] = []
 
     def ext_hook(code: int, payload: bytes) -> _OutOfLine:
@@ -249,19 +264,19 @@ def _unpack_envelope(data: bytes, max_bytes: int) -> object:
         raise DecodeError("not a healthNET message: msgpack nesting is too deep") from exc
     except (ValueError, msgpack.UnpackException) as exc:
         raise DecodeError(f"not a msgpack document: {type(exc).__name__} {exc}".rstrip()) from exc
-    end = unpacker.tell()
-    after = len(data) - end
-    if not references:
-        if after:
-            raise DecodeError(f"not a msgpack document: extra data ({after} bytes after it)")
-        return frame
+    return frame, unpacker.tell(), references
+
+
+def _place_out_of_line(data: bytes, end: int, references: list[_OutOfLine]) -> None:
+    """Point each reference at its byte string after the document's ``end``, checking that the
+    strings and their zero padding fill the rest of ``data`` exactly."""
     position = end
     for reference in references:  # lengths are at most 2**64 - 1: no overflow in Python ints
         position += -position % OUT_OF_LINE_ALIGN + reference.length
     if position != len(data):
         raise DecodeError(
             f"{len(references)} out-of-line byte strings need {position - end} bytes after the "
-            f"document; {after} follow it"
+            f"document; {len(data) - end} follow it"
         )
     view = memoryview(data).toreadonly()
     position = end
@@ -272,10 +287,6 @@ def _unpack_envelope(data: bytes, max_bytes: int) -> object:
         position += padding
         reference.view = view[position : position + reference.length]
         position += reference.length
-    try:
-        return _resolve(frame)
-    except RecursionError as exc:
-        raise DecodeError("not a healthNET message: msgpack nesting is too deep") from exc
 
 
 def _resolve(obj: object) -> object:

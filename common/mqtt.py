@@ -49,7 +49,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from common.backoff import Backoff
 from common.broker_url import BrokerEndpoint, TlsFiles
 from common.errors import BrokerError, BrokerUnavailable, SubscriptionRefused
-from common.topics import Topic
+from common.topics import Topic, TopicFilter
 
 __all__ = ["ConnectionEvent", "Message", "MqttClient", "Will"]
 
@@ -212,14 +212,18 @@ class MqttClient:
 
     # -- operations
 
-    def subscribe(self, topic_filter: str, qos: int = 1, *, timeout: float | None = None) -> None:
+    def subscribe(
+        self, subscription: Topic | TopicFilter, qos: int = 1, *, timeout: float | None = None
+    ) -> None:
         """Subscribe now if connected, and on every (re)connect; may be called before start.
 
+        ``subscription`` is one topic, or a wildcard filter that :class:`TopicTree` built.
         On a connected client, returns once the broker's SUBACK has granted the subscription
         (within ``timeout``, default the connect timeout); raises :class:`SubscriptionRefused`
         when the broker refused it and :class:`BrokerError` when no SUBACK came in time. Before
         start, only remembers it: :meth:`start` waits for its SUBACK.
         """
+        topic_filter = str(subscription)
         with self._lock:
             self._subscriptions[topic_filter] = qos
         client = self._paho
@@ -238,7 +242,8 @@ class MqttClient:
         wait = self._connect_timeout if timeout is None else timeout
         self._await_suback(topic_filter, time.monotonic() + wait)
 
-    def unsubscribe(self, topic_filter: str) -> None:
+    def unsubscribe(self, subscription: Topic | TopicFilter) -> None:
+        topic_filter = str(subscription)
         with self._lock:
             self._subscriptions.pop(topic_filter, None)
         with self._subacks:

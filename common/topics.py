@@ -4,6 +4,12 @@ All topics live under ``healthnet/v1/{federation}/``. The ``{node}`` segment is 
 of the sender; the aggregator checks it against the envelope's sender. Identifiers are restricted
 to a safe alphabet so that they can never inject MQTT wildcards or extra levels.
 
+Beside its QoS and retain flag, each :class:`Route` declares what it carries
+(:attr:`Route.body_type`): one envelope body type from :mod:`common.messages`, or, for model
+chunks, raw bytes with no envelope. :func:`common.inbound.receive` holds every received message
+to that declaration. Subscriptions take a :class:`Topic` or a :class:`TopicFilter`, never a bare
+string.
+
 :data:`ROLE_TOPICS` says, once, which routes each role's code reads and writes. The services
 subscribe through :meth:`TopicTree.subscriptions`, and ``healthnet deploy`` writes the broker's
 ACL from the same table, so a role never subscribes to a topic its ACL does not let it read.
@@ -18,6 +24,18 @@ from enum import StrEnum
 from types import MappingProxyType
 
 from common.errors import TopicError
+from common.messages import (
+    Ack,
+    AggregatorStatus,
+    Body,
+    ControlReply,
+    ControlRequest,
+    Evaluation,
+    Manifest,
+    NodeStatus,
+    Update,
+    VersionRecord,
+)
 
 __all__ = [
     "ROLE_TOPICS",
@@ -27,6 +45,7 @@ __all__ = [
     "Route",
     "Scope",
     "Topic",
+    "TopicFilter",
     "TopicTree",
     "Use",
     "validate_identifier",
@@ -70,8 +89,28 @@ class Route(StrEnum):
         # must see the latest value at once.
         return self in _RETAINED
 
+    @property
+    def body_type(self) -> type[Body] | type[bytes]:
+        """What a message on this route carries: an envelope with a body of this type, or, for
+        ``bytes`` (model chunks), the raw bytes themselves."""
+        return _BODY_TYPES[self]
+
 
 _RETAINED = frozenset({Route.MANIFEST, Route.CHUNK, Route.NODE_STATUS, Route.AGGREGATOR_STATUS})
+_BODY_TYPES: Mapping[Route, type[Body] | type[bytes]] = MappingProxyType(
+    {
+        Route.MANIFEST: Manifest,
+        Route.CHUNK: bytes,  # a slice of the model blob, not an envelope
+        Route.UPDATE: Update,
+        Route.ACK: Ack,
+        Route.NODE_STATUS: NodeStatus,
+        Route.NODE_EVAL: Evaluation,
+        Route.CONTROL_REQUEST: ControlRequest,
+        Route.CONTROL_REPLY: ControlReply,
+        Route.AGGREGATOR_STATUS: AggregatorStatus,
+        Route.VERSIONS: VersionRecord,
+    }
+)
 
 
 class Role(StrEnum):
@@ -192,6 +231,18 @@ class Topic:
                 return f"{base}/{self.route.value}"
 
 
+@dataclass(frozen=True, slots=True)
+class TopicFilter:
+    """A subscription filter with wildcards, built only by :class:`TopicTree`; ``str()`` is the
+    MQTT filter. ``route`` is the route whose topics it matches (None: every route)."""
+
+    text: str
+    route: Route | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
 class TopicTree:
     """Builds and parses the topics of one federation."""
 
@@ -236,19 +287,23 @@ class TopicTree:
         return Topic(self.federation, Route.VERSIONS)
 
     # Subscription filters: the only places where wildcards appear.
-    def all_updates(self) -> str:
-        return f"{self.prefix}/updates/+"
+    def all_updates(self) -> TopicFilter:
+        return self.route_filter(Route.UPDATE)
 
-    def all_chunks(self) -> str:
-        return f"{self.prefix}/model/+/chunk/+"
+    def all_chunks(self) -> TopicFilter:
+        return self.route_filter(Route.CHUNK)
 
-    def all_node_status(self) -> str:
-        return f"{self.prefix}/nodes/+/status"
+    def all_node_status(self) -> TopicFilter:
+        return self.route_filter(Route.NODE_STATUS)
 
-    def all_node_evals(self) -> str:
-        return f"{self.prefix}/nodes/+/eval"
+    def all_node_evals(self) -> TopicFilter:
+        return self.route_filter(Route.NODE_EVAL)
 
-    def subscriptions(self, role: Role, identity: str | None = None) -> tuple[str, ...]:
+    def everything(self) -> TopicFilter:
+        """Every topic of this federation (what a broker's ACL must narrow for most identities)."""
+        return TopicFilter(f"{self.prefix}/#")
+
+    def subscriptions(self, role: Role, identity: str | None = None) -> tuple[TopicFilter, ...]:
         """The topic filters ``role``'s code subscribes to (:data:`ROLE_TOPICS`); ``identity``
         fills the node segment of its own topics."""
         filters = []
@@ -261,52 +316,64 @@ class TopicTree:
                 filters.append(self.route_filter(use.route))
         return tuple(filters)
 
-    def route_filter(self, route: Route, node: str = "+") -> str:
+    def route_filter(self, route: Route, node: str = "+") -> TopicFilter:
         """The filter matching every topic of ``route``; ``node`` fills the node segment (``+``
         for any node, or a broker ACL substitution such as Mosquitto's ``%u``)."""
         match route:
             case Route.CHUNK:
-                return self.all_chunks()
+                text = f"{self.prefix}/model/+/chunk/+"
             case Route.CONTROL_REPLY:
-                return f"{self.prefix}/control/replies/+"
+                text = f"{self.prefix}/control/replies/+"
             case Route.UPDATE | Route.ACK | Route.NODE_STATUS | Route.NODE_EVAL:
-                return str(Topic(self.federation, route, node=node))
+                text = str(Topic(self.federation, route, node=node))
             case _:
-                return str(Topic(self.federation, route))
+                text = str(Topic(self.federation, route))
+        return TopicFilter(text, route)
 
     def parse(self, topic: str) -> Topic:
         """Parse a topic name of this federation; raise TopicError for anything else."""
         head = self.prefix + "/"
         if not topic.startswith(head):
             raise TopicError(f"topic {topic!r} is not under {self.prefix!r}")
-        parts = topic[len(head) :].split("/")
-        fed = self.federation
+        parts = tuple(topic[len(head) :].split("/"))
+        fixed = _FIXED_ROUTES.get(parts)
+        if fixed is not None:
+            return Topic(self.federation, fixed)
         try:
-            match parts:
-                case ["model", "manifest"]:
-                    return Topic(fed, Route.MANIFEST)
-                case ["model", version, "chunk", index] if version.startswith("v"):
-                    return self.chunk(_number(version[1:]), _number(index))
-                case ["updates", node]:
-                    return self.update(node)
-                case ["acks", node]:
-                    return self.ack(node)
-                case ["nodes", node, "status"]:
-                    return self.node_status(node)
-                case ["nodes", node, "eval"]:
-                    return self.node_eval(node)
-                case ["control", "requests"]:
-                    return Topic(fed, Route.CONTROL_REQUEST)
-                case ["control", "replies", request_id]:
-                    return self.control_reply(request_id)
-                case ["aggregator", "status"]:
-                    return Topic(fed, Route.AGGREGATOR_STATUS)
-                case ["versions"]:
-                    return Topic(fed, Route.VERSIONS)
+            parsed = self._parse_variable(parts)
         except TopicError as exc:
             raise TopicError(f"topic {topic!r}: {exc}") from exc
-        raise TopicError(f"topic {topic!r} is not a healthNET route")
+        if parsed is None:
+            raise TopicError(f"topic {topic!r} is not a healthNET route")
+        return parsed
 
+    def _parse_variable(self, parts: tuple[str, ...]) -> Topic | None:
+        """The topic of a route with a node, request id or chunk in its name; None if none."""
+        match parts:
+            case ("model", version, "chunk", index) if version.startswith("v"):
+                return self.chunk(_number(version[1:]), _number(index))
+            case ("updates", node):
+                return self.update(node)
+            case ("acks", node):
+                return self.ack(node)
+            case ("nodes", node, "status"):
+                return self.node_status(node)
+            case ("nodes", node, "eval"):
+                return self.node_eval(node)
+            case ("control", "replies", request_id):
+                return self.control_reply(request_id)
+        return None
+
+
+# The routes whose topic name is the same for every message of a federation.
+_FIXED_ROUTES: Mapping[tuple[str, ...], Route] = MappingProxyType(
+    {
+        ("model", "manifest"): Route.MANIFEST,
+        ("control", "requests"): Route.CONTROL_REQUEST,
+        ("aggregator", "status"): Route.AGGREGATOR_STATUS,
+        ("versions",): Route.VERSIONS,
+    }
+)
 
 _NUMBER = re.compile(r"[0-9]{1,12}")
 

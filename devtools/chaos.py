@@ -43,12 +43,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import assert_never
 
 from pydantic import SecretStr
 
 from common.broker_url import BrokerEndpoint
-from common.codec import decode, new_id
-from common.errors import ControlError, HealthNetError, ProtocolError, TopicError
+from common.codec import DEFAULT_MAX_MESSAGE_BYTES, new_id
+from common.errors import ControlError, HealthNetError
+from common.inbound import Chunk, Inbound, Refusal, Refused, receive
 from common.messages import (
     AggregatorState,
     AggregatorStatus,
@@ -58,7 +60,7 @@ from common.messages import (
 )
 from common.mqtt import Message, MqttClient
 from common.settings import ConnectionSettings
-from common.topics import Route, TopicTree
+from common.topics import Topic, TopicTree
 from devtools.reconcile import Reconciliation, load
 from healthnet.broker import BrokerConfig, EmbeddedBroker
 from healthnet.control import ControlClient
@@ -208,7 +210,7 @@ class _Monitor:
     def __init__(self, url: str, topics: TopicTree) -> None:
         self.topics = topics
         self.client = MqttClient(BrokerEndpoint.parse(url), f"chaos-{new_id()[:12]}")
-        self.client.subscribe(str(topics.aggregator_status()))
+        self.client.subscribe(topics.aggregator_status())
         self.client.subscribe(topics.all_node_status())
         self.status: AggregatorStatus | None = None
         self.nodes: dict[str, NodeStatus] = {}
@@ -221,25 +223,25 @@ class _Monitor:
                 item = self.client.inbox.get(timeout=remaining)
             except queue.Empty:
                 return
-            if isinstance(item, Message) and item.payload:
+            if isinstance(item, Message):
                 self._take(item)
 
     def _take(self, message: Message) -> None:
-        try:
-            topic = self.topics.parse(message.topic)
-            body = decode(message.payload).body
-        except (ProtocolError, TopicError) as exc:
-            log.warning("chaos monitor ignored a message: %s", exc)
-            return
-        match body:
-            case AggregatorStatus():
-                self.status = body
-            case NodeStatus() if topic.route is Route.NODE_STATUS and topic.node:
-                self.nodes[topic.node] = body
-                if body.state is NodeState.OFFLINE:
-                    self.went_offline.add(topic.node)
+        match received := receive(
+            message.topic, message.payload, topics=self.topics, max_bytes=DEFAULT_MAX_MESSAGE_BYTES
+        ):
+            case Inbound(body=AggregatorStatus() as status):
+                self.status = status
+            case Inbound(topic=Topic(node=str() as node), body=NodeStatus() as node_status):
+                self.nodes[node] = node_status
+                if node_status.state is NodeState.OFFLINE:
+                    self.went_offline.add(node)
+            case Refusal(reason=Refused.EMPTY) | Inbound() | Chunk():
+                pass  # a cleared status, or a message the monitor does not follow
+            case Refusal():
+                log.warning("chaos monitor ignored a message: %s", received.detail)
             case _:
-                pass
+                assert_never(received)
 
     @property
     def version(self) -> int:

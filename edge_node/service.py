@@ -26,20 +26,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, assert_never
 
 import numpy as np
 from numpy.typing import NDArray
 
 from common.blobs import ModelDownload
-from common.codec import decode, decode_tensors, encode, envelope, new_id
+from common.codec import decode_tensors, encode, envelope, new_id
 from common.compression import compress
 from common.compression_policy import effective_policy
-from common.errors import ConfigError, ProtocolError, TopicError
+from common.errors import ConfigError, ProtocolError
+from common.inbound import Chunk, Decoded, Fault, Inbound, Refusal, Refused, decode_body, receive
 from common.messages import (
     Ack,
     AggregatorStatus,
     Body,
+    ControlReply,
+    ControlRequest,
     Evaluation,
     Manifest,
     ModelSpec,
@@ -48,9 +51,10 @@ from common.messages import (
     RejectReason,
     TrainMetrics,
     Update,
+    VersionRecord,
 )
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
-from common.topics import Role, Route, Topic, TopicTree
+from common.topics import Role, Topic, TopicTree
 from common.wire_size import describe_wire_size
 from edge_node.datasets import LocalDataset, load_dataset
 from edge_node.outbox import Outbox
@@ -67,8 +71,6 @@ if TYPE_CHECKING:
 __all__ = ["NodeService"]
 
 log = logging.getLogger(__name__)
-
-B = TypeVar("B", bound=Body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,13 +179,19 @@ class NodeService:
             payload = self.outbox.read(update_id)
             if payload is None:
                 continue
-            try:
-                update = decode(payload, max_bytes=self.settings.max_model_bytes).body
-            except ProtocolError as exc:
-                log.warning("node %s: outbox entry %s: %s", self.settings.node_id, update_id, exc)
-                continue
-            if isinstance(update, Update):
-                queued.append(self._queued_entry(update, len(payload)))
+            decoded = decode_body(Update, payload, max_bytes=self.settings.max_model_bytes)
+            match decoded:
+                case Decoded():
+                    queued.append(self._queued_entry(decoded.body, len(payload)))
+                case Fault():
+                    log.warning(
+                        "node %s: outbox entry %s: %s",
+                        self.settings.node_id,
+                        update_id,
+                        decoded.detail,
+                    )
+                case _:
+                    assert_never(decoded)
         if adopted := self.sent_log.adopt(queued):
             log.info(
                 "node %s: %d outbox updates added to the sent log", self.settings.node_id, adopted
@@ -230,41 +238,49 @@ class NodeService:
     # -- inbound
 
     def _on_message(self, message: Message) -> None:
+        received = receive(
+            message.topic,
+            message.payload,
+            topics=self.topics,
+            max_bytes=self.settings.max_model_bytes,
+        )
         try:
-            topic = self.topics.parse(message.topic)
-        except TopicError as exc:
-            log.warning("node %s: unexpected topic: %s", self.settings.node_id, exc)
-            return
-        try:
-            match topic.route:
-                case Route.CHUNK:
-                    self._download.on_chunk(topic.version or 0, topic.chunk or 0, message.payload)
+            match received:
+                case Chunk():
+                    self._download.on_chunk(received.version, received.index, received.data)
                     self._take_model()
-                case Route.MANIFEST:
-                    manifest = self._decode(message, Manifest)
-                    if manifest is not None:
-                        self._download.on_manifest(manifest)
-                        self._take_model()
-                case Route.AGGREGATOR_STATUS:
-                    status = self._decode(message, AggregatorStatus)
-                    if status is not None:
-                        self.session.on_status(status.state, status.run_id)
-                case Route.ACK:
-                    ack = self._decode(message, Ack)
-                    if ack is not None:
-                        self._on_ack(ack)
+                case Inbound():
+                    self._on_inbound(received.body)
+                case Refusal(reason=Refused.EMPTY):
+                    pass  # a cleared retained message: an old version's chunk, a gone status
+                case Refusal():
+                    log.warning(
+                        "node %s: %s on %s: %s",
+                        self.settings.node_id,
+                        received.reason.value,
+                        received.name,
+                        received.detail,
+                    )
                 case _:
-                    pass
+                    assert_never(received)
         except ProtocolError as exc:
             log.warning("node %s: %s", self.settings.node_id, exc)
 
-    def _decode(self, message: Message, kind: type[B]) -> B | None:
-        if not message.payload:
-            return None
-        body = decode(message.payload, max_bytes=self.settings.max_model_bytes).body
-        if not isinstance(body, kind):
-            raise ProtocolError(f"{type(body).__name__} on {message.topic}")
-        return body
+    def _on_inbound(self, body: Body) -> None:
+        match body:
+            case Manifest():
+                self._download.on_manifest(body)
+                self._take_model()
+            case AggregatorStatus():
+                self.session.on_status(body.state, body.run_id)
+            case Ack():
+                self._on_ack(body)
+            case Update() | NodeStatus() | Evaluation() | ControlRequest():
+                pass  # other roles' messages: a hospital does not subscribe to them
+            case ControlReply() | VersionRecord():
+                pass
+            case _:
+                assert_never(body)
 
     def _take_model(self) -> None:
         ready = self._download.take()

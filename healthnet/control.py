@@ -5,10 +5,11 @@ from __future__ import annotations
 import queue
 import time
 from types import TracebackType
-from typing import Self
+from typing import Self, assert_never
 
-from common.codec import decode, encode, envelope, new_id
-from common.errors import BrokerUnavailable, ControlError, ProtocolError
+from common.codec import DEFAULT_MAX_MESSAGE_BYTES, encode, envelope, new_id
+from common.errors import BrokerUnavailable, ControlError
+from common.inbound import Chunk, Inbound, Received, Refusal, receive
 from common.messages import (
     AggregatorStatus,
     ControlCommand,
@@ -18,7 +19,7 @@ from common.messages import (
 )
 from common.mqtt import Message, MqttClient
 from common.settings import ConnectionSettings
-from common.topics import Route, TopicTree
+from common.topics import TopicTree
 
 __all__ = ["ControlClient"]
 
@@ -63,19 +64,22 @@ class ControlClient:
             request_id=new_id(), command=command, knobs=knobs or {}, node=node, version=version
         )
         reply_topic = self.topics.control_reply(request.request_id)
-        self._client.subscribe(str(reply_topic))
+        self._client.subscribe(reply_topic)
         payload = encode(envelope(request, sender=self.client_id, sent_at=time.time()))
         self._client.publish(self.topics.control_requests(), payload, wait=timeout)
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
-            message = self._next_message(remaining)
-            if message is None or message.topic != str(reply_topic):
-                continue
-            body = _body(message)
-            if isinstance(body, ControlReply) and body.request_id == request.request_id:
-                if not body.ok:
-                    raise ControlError(body.message)
-                return body
+            match received := self._next(remaining):
+                case Inbound(topic=topic, body=ControlReply() as reply) if (
+                    topic == reply_topic and reply.request_id == request.request_id
+                ):
+                    if not reply.ok:
+                        raise ControlError(reply.message)
+                    return reply
+                case None | Inbound() | Chunk() | Refusal():
+                    pass  # another request's reply, or nothing in time
+                case _:
+                    assert_never(received)
         raise ControlError(
             f"no reply to {command.value} within {timeout:.0f}s: is the aggregator of federation "
             f"{self.settings.federation!r} running on {self.settings.endpoint().redacted()}?"
@@ -83,15 +87,17 @@ class ControlClient:
 
     def status(self, *, timeout: float = 5.0) -> AggregatorStatus:
         """The aggregator's retained status."""
-        topic = str(self.topics.aggregator_status())
+        topic = self.topics.aggregator_status()
         self._client.subscribe(topic)
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
-            message = self._next_message(remaining)
-            if message is not None and message.topic == topic and message.payload:
-                body = _body(message)
-                if isinstance(body, AggregatorStatus):
-                    return body
+            match received := self._next(remaining):
+                case Inbound(body=AggregatorStatus() as status) if received.topic == topic:
+                    return status
+                case None | Inbound() | Chunk() | Refusal():
+                    pass
+                case _:
+                    assert_never(received)
         raise BrokerUnavailable(
             f"no aggregator status for federation {self.settings.federation!r} within "
             f"{timeout:.0f}s"
@@ -103,25 +109,23 @@ class ControlClient:
         found: dict[str, NodeStatus] = {}
         deadline = time.monotonic() + settle
         while (remaining := deadline - time.monotonic()) > 0:
-            message = self._next_message(remaining)
-            if message is None or not message.payload:
-                continue
-            topic = self.topics.parse(message.topic)
-            body = _body(message)
-            if topic.route is Route.NODE_STATUS and isinstance(body, NodeStatus) and topic.node:
-                found[topic.node] = body
+            match received := self._next(remaining):
+                case Inbound(body=NodeStatus() as status) if received.topic.node:
+                    found[received.topic.node] = status
+                case None | Inbound() | Chunk() | Refusal():
+                    pass  # a cleared status, or a message that is not a node's status
+                case _:
+                    assert_never(received)
         return found
 
-    def _next_message(self, timeout: float) -> Message | None:
+    def _next(self, timeout: float) -> Received | None:
+        """The next message received within ``timeout``, typed or refused; None if none came."""
         try:
             item = self._client.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
-        return item if isinstance(item, Message) else None
-
-
-def _body(message: Message) -> object:
-    try:
-        return decode(message.payload).body
-    except ProtocolError:
-        return None
+        if not isinstance(item, Message):
+            return None
+        return receive(
+            item.topic, item.payload, topics=self.topics, max_bytes=DEFAULT_MAX_MESSAGE_BYTES
+        )

@@ -19,27 +19,32 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, assert_never
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from common.broker_url import BrokerEndpoint
-from common.codec import decode, encode, envelope, new_id
-from common.errors import HealthNetError, ProtocolError, TopicError
+from common.codec import DEFAULT_MAX_MESSAGE_BYTES, encode, envelope, new_id
+from common.errors import HealthNetError
+from common.inbound import Chunk, Inbound, Refusal, Refused, receive
 from common.messages import (
+    Ack,
     AggregatorState,
     AggregatorStatus,
     Compression,
     ControlCommand,
+    ControlReply,
     ControlRequest,
     Evaluation,
     Manifest,
+    NodeStatus,
+    Update,
     VersionRecord,
 )
 from common.mqtt import Message, MqttClient
-from common.topics import Route, TopicTree
+from common.topics import TopicTree
 from common.wire_size import describe_wire_size
 from healthnet.broker import BrokerConfig, BrokerImplementation, EmbeddedBroker
 from healthnet.dashboard import DEFAULT_PORT, demo_dashboard
@@ -337,10 +342,10 @@ def _run(
     )
     with ProcessGroup(workdir / "logs") as group, monitor, dashboard:
         for topic_filter in (
-            str(topics.aggregator_status()),
-            str(topics.versions()),
+            topics.aggregator_status(),
+            topics.versions(),
             topics.all_node_evals(),
-            str(topics.manifest()),
+            topics.manifest(),
         ):
             monitor.subscribe(topic_filter)
         group.start(
@@ -454,14 +459,20 @@ class _Watch:
         return 0 if self.status is None else self.status.version
 
     def on_message(self, message: Message) -> None:
-        if not message.payload:
-            return
-        try:
-            topic = self.topics.parse(message.topic)
-            body = decode(message.payload).body
-        except (ProtocolError, TopicError) as exc:
-            log.warning("demo monitor ignored a message: %s", exc)
-            return
+        match received := receive(
+            message.topic, message.payload, topics=self.topics, max_bytes=DEFAULT_MAX_MESSAGE_BYTES
+        ):
+            case Inbound():
+                self._take(received)
+            case Refusal(reason=Refused.EMPTY) | Chunk():
+                pass  # a cleared retained message; chunks are not followed
+            case Refusal():
+                log.warning("demo monitor ignored a message: %s", received.detail)
+            case _:
+                assert_never(received)
+
+    def _take(self, inbound: Inbound) -> None:
+        body = inbound.body
         match body:
             case AggregatorStatus():
                 self.status = body
@@ -470,12 +481,16 @@ class _Watch:
                 self.seen_at.setdefault(body.version, time.monotonic() - self.started)
             case Manifest():
                 self.blob_bytes = body.blob_bytes
-            case Evaluation() if topic.route is Route.NODE_EVAL and topic.node:
-                self.evals.setdefault(body.version, {})[topic.node] = body
+            case Evaluation() if inbound.topic.node:
+                self.evals.setdefault(body.version, {})[inbound.topic.node] = body
                 if body.version == 0 and not self.ready_seconds and self.complete(0):
                     self.ready_seconds = time.monotonic() - self.started
-            case _:
+            case Evaluation():
+                pass  # every evaluation topic names its node: unreachable
+            case Update() | Ack() | NodeStatus() | ControlRequest() | ControlReply():
                 pass
+            case _:
+                assert_never(body)
 
     def complete(self, version: int) -> bool:
         return set(self.nodes) <= set(self.evals.get(version, {}))

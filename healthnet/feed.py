@@ -14,13 +14,13 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Self, assert_never
 
-from common.codec import decode, new_id
-from common.errors import ProtocolError, TopicError
+from common.codec import DEFAULT_MAX_MESSAGE_BYTES, new_id
+from common.inbound import Chunk, Inbound, Refusal, Refused, receive
 from common.mqtt import ConnectionEvent, Message, MqttClient
 from common.settings import ConnectionSettings
-from common.topics import Role, TopicTree
+from common.topics import Role, TopicFilter, TopicTree
 from healthnet.observe import Observer, Snapshot
 
 __all__ = ["FederationFeed", "subscriptions"]
@@ -28,7 +28,7 @@ __all__ = ["FederationFeed", "subscriptions"]
 log = logging.getLogger(__name__)
 
 
-def subscriptions(topics: TopicTree) -> tuple[str, ...]:
+def subscriptions(topics: TopicTree) -> tuple[TopicFilter, ...]:
     """The topic filters an observer reads: status, versions, node status and evaluations.
 
     The dashboard's reads in the table the broker's ACL is generated from (an operator's, for
@@ -130,13 +130,20 @@ class FederationFeed:
             if not item.connected:
                 log.warning("observer lost the broker (%s); reconnecting", item.reason)
             return True
-        if not item.payload:
-            return False  # a cleared retained message
-        try:
-            topic = self.topics.parse(item.topic)
-            body = decode(item.payload).body
-        except (ProtocolError, TopicError) as exc:
-            self.ignored += 1
-            log.warning("observer ignored a message on %s: %s", item.topic, exc)
-            return False
-        return self.observer.observe(topic, body, self._clock(), retained=item.retain)
+        match received := receive(
+            item.topic, item.payload, topics=self.topics, max_bytes=DEFAULT_MAX_MESSAGE_BYTES
+        ):
+            case Inbound():
+                return self.observer.observe(
+                    received.topic, received.body, self._clock(), retained=item.retain
+                )
+            case Refusal(reason=Refused.EMPTY):
+                return False  # a cleared retained message
+            case Refusal():
+                self.ignored += 1
+                log.warning("observer ignored a message on %s: %s", item.topic, received.detail)
+                return False
+            case Chunk():
+                return False  # model chunks are not an observer's
+            case _:
+                assert_never(received)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, assert_never
 
 import numpy as np
 from numpy.typing import NDArray
@@ -39,15 +39,16 @@ from pydantic import BaseModel, ConfigDict
 
 from aggregator.store import StateStore
 from common.blobs import ModelDownload
-from common.codec import decode, decode_tensors, encode_tensors, new_id, sha256_hex
-from common.errors import ConfigError, DecodeError, HealthNetError, IntegrityError, ProtocolError
+from common.codec import decode_tensors, encode_tensors, new_id, sha256_hex
+from common.errors import ConfigError, DecodeError, HealthNetError, IntegrityError
 from common.files import atomic_write
+from common.inbound import Chunk, Inbound, Refusal, Refused, receive
 from common.jsonlog import append_json_lines, read_json_lines
 from common.messages import Manifest, ModelSpec, VersionRecord
 from common.mqtt import Message, MqttClient
 from common.provenance import verify_chain
 from common.settings import ConnectionSettings
-from common.topics import Route, TopicTree
+from common.topics import Route, Topic, TopicTree
 from healthnet.report import RunLogs, load_run
 
 if TYPE_CHECKING:
@@ -356,7 +357,7 @@ def _download(settings: ConnectionSettings, timeout: float) -> tuple[Manifest, b
         tls_files=settings.tls_files(),
         connect_timeout=settings.connect_timeout,
     )
-    client.subscribe(str(topics.manifest()))
+    client.subscribe(topics.manifest())
     client.subscribe(topics.all_chunks())
     deadline = time.monotonic() + timeout
     with client:
@@ -378,16 +379,21 @@ def _download(settings: ConnectionSettings, timeout: float) -> tuple[Manifest, b
 
 
 def _feed(download: ModelDownload, topics: TopicTree, message: Message) -> None:
-    topic = topics.parse(message.topic)
-    if topic.route is Route.MANIFEST and message.payload:
-        try:
-            body = decode(message.payload).body
-        except ProtocolError as exc:
-            raise IntegrityError(f"the retained manifest does not decode: {exc}") from exc
-        if isinstance(body, Manifest):
-            download.on_manifest(body)
-    elif topic.route is Route.CHUNK and topic.version is not None and topic.chunk is not None:
-        download.on_chunk(topic.version, topic.chunk, message.payload)
+    match received := receive(
+        message.topic, message.payload, topics=topics, max_bytes=_MAX_BLOB_BYTES
+    ):
+        case Inbound(body=Manifest() as manifest):
+            download.on_manifest(manifest)
+        case Chunk():
+            download.on_chunk(received.version, received.index, received.data)
+        case Refusal(reason=Refused.EMPTY) | Inbound():
+            pass  # a cleared retained chunk, or a message this download does not need
+        case Refusal(topic=Topic(route=Route.MANIFEST)):
+            raise IntegrityError(f"the retained manifest does not decode: {received.detail}")
+        case Refusal():
+            raise IntegrityError(f"{received.name}: {received.detail}")
+        case _:
+            assert_never(received)
 
 
 # -- the model copy on disk

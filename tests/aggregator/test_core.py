@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from aggregator.aggregation import ServerOptimizerState, densify
-from aggregator.core import AggregatorCore, Discard, Fold, Verdict
+from aggregator.core import AggregatorCore, Discard, Fold, Unreadable, Verdict
 from common.compression import dense_tensor
 from common.errors import ControlError
+from common.inbound import Refusal, Refused
 from common.messages import (
     AggregatorState,
     CompressedTensor,
@@ -28,6 +29,7 @@ from common.messages import (
     Update,
     VersionRecord,
 )
+from common.topics import TopicTree
 
 RUN = "run-1"
 PARAMS = {
@@ -653,6 +655,42 @@ def test_note_malformed_counts_a_rejection_for_the_node() -> None:
     assert counters.rejections == {"too_large": 1}
     assert tally_of(core, "n1").rejections == {"too_large": 1}
     assert tally_of(core, "n1").bytes_received == 9999
+
+
+@pytest.mark.parametrize(
+    ("reason", "detail", "expected"),
+    [
+        pytest.param(
+            Refused.TOO_LARGE,
+            "9999 bytes, over the limit of 100",
+            Unreadable(RejectReason.TOO_LARGE, "over max_update_bytes", 9999),
+            id="too-large",
+        ),
+        pytest.param(
+            Refused.MALFORMED,
+            "x" * 300,
+            Unreadable(RejectReason.MALFORMED, "x" * 200, 9999),
+            id="malformed",
+        ),
+        pytest.param(
+            Refused.WRONG_KIND,
+            "ack on the update topic",
+            Unreadable(RejectReason.MALFORMED, "ack on the update topic", 9999),
+            id="wrong-kind",
+        ),
+    ],
+)
+def test_refuse_judges_and_counts_what_arrived_on_an_update_topic_but_is_no_update(
+    reason: Refused, detail: str, expected: Unreadable
+) -> None:
+    """The core decides the rejection for an update topic's refused message and counts it."""
+    core = make_core()
+    topic = TopicTree("fed").update("n1")
+    unreadable = core.refuse("n1", Refusal(str(topic), topic, reason, detail, 9999), now=5.0)
+    assert unreadable == expected
+    counters = core.counters()
+    assert (counters.received, counters.rejected, counters.bytes_received) == (1, 1, 9999)
+    assert tally_of(core, "n1").rejections == {expected.reason.value: 1}
 
 
 def _evaluation(version: int, accuracy: float, run_id: str = RUN) -> Evaluation:

@@ -117,12 +117,12 @@ class Peer:
             BrokerEndpoint.parse(url), f"{name}-{uuid.uuid4().hex[:8]}"
         )
         for topic_filter in (
-            str(tree.manifest()),
+            tree.manifest(),
             tree.all_chunks(),
-            str(tree.ack(name)),
-            str(tree.versions()),
-            str(tree.aggregator_status()),
-            f"{tree.prefix}/control/replies/+",
+            tree.ack(name),
+            tree.versions(),
+            tree.aggregator_status(),
+            tree.route_filter(Route.CONTROL_REPLY),
         ):
             self.client.subscribe(topic_filter)
         self.bodies: list[tuple[Route, Body]] = []

@@ -21,7 +21,7 @@ from common.backoff import Backoff
 from common.broker_url import BrokerEndpoint
 from common.errors import BrokerUnavailable, SubscriptionRefused
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
-from common.topics import TopicTree
+from common.topics import Topic, TopicTree
 from tests.brokers import BrokerConfig, EmbeddedBroker, find_mosquitto, free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
@@ -86,15 +86,15 @@ def wait_subscribed(client: MqttClient, tree: TopicTree) -> list[Message]:
     A broker handles one connection's packets in order, so once the client receives its own
     publish on a probe topic subscribed last, the earlier SUBSCRIBEs have been processed.
     """
-    probe = str(tree.ack(f"probe-{uuid.uuid4().hex[:8]}"))
+    probe = tree.ack(f"probe-{uuid.uuid4().hex[:8]}")
     client.subscribe(probe)
-    client.publish(tree.parse(probe), b"probe")
+    client.publish(probe, b"probe")
     deadline = time.monotonic() + WAIT
     seen: list[Message] = []
     while True:
         item = next_item(client, deadline)
         if isinstance(item, Message):
-            if item.topic == probe:
+            if item.topic == str(probe):
                 client.unsubscribe(probe)
                 return seen
             seen.append(item)
@@ -161,7 +161,7 @@ def test_subscribing_before_start_takes_effect_on_connect(broker_url: str, tree:
 def test_publish_with_wait_returns_once_the_broker_acked(broker_url: str, tree: TopicTree) -> None:
     """publish(wait=...) returns only after the PUBACK: nothing is left to flush."""
     with connected(broker_url, "sub") as sub, connected(broker_url, "pub") as pub:
-        sub.subscribe(str(tree.versions()))
+        sub.subscribe(tree.versions())
         wait_subscribed(sub, tree)
         pub.publish(tree.versions(), b"v1", wait=5)
         assert pub.flush(timeout=0.0) is True
@@ -233,7 +233,7 @@ def test_a_publish_made_while_the_broker_is_down_is_sent_on_reconnect(
     own_mosquitto.start()
     assert connection_event(pub).connected
     with connected(url, "late") as late:
-        late.subscribe(str(topic))
+        late.subscribe(topic)
         [message] = messages(late, 1)
     assert message.payload == b"queued while offline"
     pub.close()
@@ -261,7 +261,7 @@ def test_the_last_will_is_published_when_the_process_dies(broker_url: str, tree:
     """A client whose process dies without DISCONNECT gets its Last Will published (retained)."""
     topic = tree.node_status("dying")
     with connected(broker_url, "watcher") as watcher:
-        watcher.subscribe(str(topic))
+        watcher.subscribe(topic)
         wait_subscribed(watcher, tree)
         child = subprocess.run(
             [sys.executable, "-c", CHILD_WITH_WILL, broker_url, tree.federation, "dying-child"],
@@ -281,7 +281,7 @@ def test_a_clean_close_does_not_publish_the_last_will(broker_url: str, tree: Top
     """close() disconnects cleanly, so the Last Will stays unpublished."""
     topic = tree.node_status("leaving")
     with connected(broker_url, "watcher") as watcher:
-        watcher.subscribe(str(topic))
+        watcher.subscribe(topic)
         wait_subscribed(watcher, tree)
         with connected(broker_url, "leaving", will=Will(topic, b"offline")) as leaving:
             leaving.publish(topic, b"idle", wait=WAIT)
@@ -318,7 +318,7 @@ def test_a_persistent_session_receives_what_was_published_while_it_was_away(
     topic = tree.update("n1")
 
     first = MqttClient(BrokerEndpoint.parse(url), client_id, persistent_session=True)
-    first.subscribe(str(topic))
+    first.subscribe(topic)
     first.start(timeout=WAIT)
     first.close()
     with connected(mosquitto.url, "sender") as sender:
@@ -326,7 +326,7 @@ def test_a_persistent_session_receives_what_was_published_while_it_was_away(
             sender.publish(topic, f"while away {i}".encode(), wait=WAIT)
 
     second = MqttClient(BrokerEndpoint.parse(url), client_id, persistent_session=True)
-    second.subscribe(str(topic))
+    second.subscribe(topic)
     second.start(timeout=WAIT)
     try:
         event = connection_event(second)
@@ -337,7 +337,7 @@ def test_a_persistent_session_receives_what_was_published_while_it_was_away(
     assert payloads == [b"while away 0", b"while away 1", b"while away 2"]
 
 
-def manual_session(url: str, client_id: str, topic: str) -> MqttClient:
+def manual_session(url: str, client_id: str, topic: Topic) -> MqttClient:
     """A started persistent-session client that acknowledges messages only when told to."""
     client = MqttClient(
         BrokerEndpoint.parse(url),
@@ -363,19 +363,19 @@ def test_an_unacked_message_is_redelivered_and_an_acked_one_is_not(
     client_id = f"manual-{uuid.uuid4().hex[:8]}"
     topic = str(tree.update("n1"))
 
-    first = manual_session(url, client_id, topic)
+    first = manual_session(url, client_id, tree.update("n1"))
     with connected(mosquitto.url, "sender") as sender:
         sender.publish(tree.update("n1"), b"m1", wait=WAIT)
     assert [m.payload for m in messages(first, 1, topic)] == [b"m1"]
     first.close()  # without an ack: the broker keeps m1 in flight for this session
 
-    second = manual_session(url, client_id, topic)
+    second = manual_session(url, client_id, tree.update("n1"))
     [again] = messages(second, 1, topic)
     assert again.payload == b"m1"
     assert second.ack(again)
     second.close()
 
-    third = manual_session(url, client_id, topic)
+    third = manual_session(url, client_id, tree.update("n1"))
     try:
         with connected(mosquitto.url, "sender") as sender:
             sender.publish(tree.update("n1"), b"m2", wait=WAIT)
@@ -392,7 +392,7 @@ def test_an_ack_for_an_earlier_connection_is_not_sent(tree: TopicTree, tmp_path:
     config = BrokerConfig(implementation="mosquitto", persistence=True, workdir=tmp_path / "b")
     with EmbeddedBroker(config) as broker:
         topic = str(tree.update("n1"))
-        client = manual_session(broker.url, f"manual-{uuid.uuid4().hex[:8]}", topic)
+        client = manual_session(broker.url, f"manual-{uuid.uuid4().hex[:8]}", tree.update("n1"))
         try:
             with connected(broker.url, "sender") as sender:
                 sender.publish(tree.update("n1"), b"m1", wait=WAIT)

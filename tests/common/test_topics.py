@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.errors import TopicError
-from common.topics import ROOT, Route, Topic, TopicTree, validate_identifier
+from common.topics import ROOT, Route, Topic, TopicFilter, TopicTree, validate_identifier
 
 FED = "fed-1"
 PREFIX = f"{ROOT}/{FED}"
@@ -208,10 +208,10 @@ def test_building_a_chunk_topic_with_negative_numbers_is_refused(version: int, i
 
 def test_subscription_filters_are_the_only_topics_with_wildcards() -> None:
     """The filters cover exactly the per-node and per-chunk routes of this federation."""
-    assert tree.all_updates() == f"{PREFIX}/updates/+"
-    assert tree.all_chunks() == f"{PREFIX}/model/+/chunk/+"
-    assert tree.all_node_status() == f"{PREFIX}/nodes/+/status"
-    assert tree.all_node_evals() == f"{PREFIX}/nodes/+/eval"
+    assert str(tree.all_updates()) == f"{PREFIX}/updates/+"
+    assert str(tree.all_chunks()) == f"{PREFIX}/model/+/chunk/+"
+    assert str(tree.all_node_status()) == f"{PREFIX}/nodes/+/status"
+    assert str(tree.all_node_evals()) == f"{PREFIX}/nodes/+/eval"
 
 
 @given(
@@ -243,9 +243,9 @@ def test_every_valid_identifier_round_trips_through_every_route(
         assert str(t.parse(str(topic))) == str(topic)
 
 
-def _matches(topic_filter: str, topic: str) -> bool:
+def _matches(topic_filter: TopicFilter, topic: str) -> bool:
     """MQTT filter matching with + and # (enough for the filters the tree builds)."""
-    levels, parts = topic_filter.split("/"), topic.split("/")
+    levels, parts = str(topic_filter).split("/"), topic.split("/")
     for i, level in enumerate(levels):
         if level == "#":
             return True
@@ -268,5 +268,20 @@ def test_route_filter_matches_its_routes_topics_and_no_other(
 
 def test_route_filter_puts_a_substitution_in_the_node_segment() -> None:
     """route_filter(route, "%u") gives the Mosquitto ACL pattern of a node's own topic."""
-    assert tree.route_filter(Route.UPDATE, "%u") == f"{PREFIX}/updates/%u"
-    assert tree.route_filter(Route.NODE_EVAL, "%u") == f"{PREFIX}/nodes/%u/eval"
+    assert str(tree.route_filter(Route.UPDATE, "%u")) == f"{PREFIX}/updates/%u"
+    assert str(tree.route_filter(Route.NODE_EVAL, "%u")) == f"{PREFIX}/nodes/%u/eval"
+
+
+@pytest.mark.parametrize("route", list(Route), ids=[r.name.lower() for r in Route])
+def test_a_route_filter_is_a_typed_filter_that_names_its_route(route: Route) -> None:
+    """Filters are TopicFilter values (never bare strings) that say which route they match."""
+    topic_filter = tree.route_filter(route)
+    assert isinstance(topic_filter, TopicFilter)
+    assert topic_filter.route is route
+
+
+def test_everything_matches_every_topic_of_the_federation_and_no_other() -> None:
+    """The whole-federation filter is the prefix and '#'."""
+    assert str(tree.everything()) == f"{PREFIX}/#"
+    assert _matches(tree.everything(), str(tree.update("n1")))
+    assert not _matches(tree.everything(), str(TopicTree("other").update("n1")))

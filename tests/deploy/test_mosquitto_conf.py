@@ -93,7 +93,7 @@ def test_mosquitto_runs_the_config_and_keeps_a_session_queue_across_a_restart(
     topic = tree.update("n1")
     endpoint = BrokerEndpoint.parse(broker.url)
     away = MqttClient(endpoint, "aggregator.conf", persistent_session=True, manual_ack=True)
-    away.subscribe(str(topic))
+    away.subscribe(topic)
     away.start(timeout=WAIT)
     away.close()
     with MqttClient(endpoint, "n1.conf") as sender:
@@ -101,7 +101,7 @@ def test_mosquitto_runs_the_config_and_keeps_a_session_queue_across_a_restart(
     broker.stop()
     broker.start()
     back = MqttClient(endpoint, "aggregator.conf", persistent_session=True, manual_ack=True)
-    back.subscribe(str(topic))
+    back.subscribe(topic)
     back.start(timeout=WAIT)
     try:
         item = back.inbox.get(timeout=WAIT)

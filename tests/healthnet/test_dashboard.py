@@ -185,7 +185,7 @@ def test_the_dashboard_is_read_only(server: DashboardServer) -> None:
 
 def test_the_feed_reads_status_versions_and_node_topics_only(tree: TopicTree) -> None:
     """No model chunk and no update is ever subscribed to: the read-only identity suffices."""
-    filters = subscriptions(tree)
+    filters = tuple(str(topic_filter) for topic_filter in subscriptions(tree))
     assert filters == (
         f"{tree.prefix}/aggregator/status",
         f"{tree.prefix}/versions",

@@ -32,7 +32,7 @@ from common.messages import (
 )
 from common.mqtt import Message, MqttClient
 from common.settings import ConnectionSettings
-from common.topics import TopicTree
+from common.topics import Topic, TopicTree
 from healthnet.broker import EmbeddedBroker
 from healthnet.control import ControlClient
 from healthnet.demo import DemoConfig, aggregator_args, node_args, run_demo
@@ -261,7 +261,7 @@ def test_pause_holds_a_full_buffer_and_resume_folds_it(federation: Federation) -
     held = [zero_update(frozen), zero_update(frozen)]
     topics = TopicTree(federation.name)
     with MqttClient(federation.settings.endpoint(), f"probe-{new_id()[:8]}") as probe:
-        probe.subscribe(str(topics.ack("probe")))
+        probe.subscribe(topics.ack("probe"))
         for update in held:
             body = envelope(update, sender="probe", sent_at=time.time())
             probe.publish(topics.update("probe"), encode(body), wait=30)
@@ -308,13 +308,13 @@ def test_pause_holds_a_full_buffer_and_resume_folds_it(federation: Federation) -
     assert federation.group["aggregator"].wait(30) == 0
 
 
-def first_status_after(client: MqttClient, topic: str, newer_than: float) -> AggregatorStatus:
+def first_status_after(client: MqttClient, topic: Topic, newer_than: float) -> AggregatorStatus:
     """The first aggregator status on ``client``'s inbox published after ``newer_than``."""
     deadline = time.monotonic() + 30
     while (left := deadline - time.monotonic()) > 0:
         with contextlib.suppress(queue.Empty):
             item = client.inbox.get(timeout=left)
-            if isinstance(item, Message) and item.topic == topic and item.payload:
+            if isinstance(item, Message) and item.topic == str(topic) and item.payload:
                 status = decode(item.payload).body
                 if isinstance(status, AggregatorStatus) and status.updated_at > newer_than:
                     return status
@@ -344,7 +344,7 @@ def test_a_restarted_aggregator_resumes_from_its_checkpoint(
         assert before.version == committed
         assert before.state is AggregatorState.OFFLINE  # its last word on a clean exit
 
-    topic = str(TopicTree(federation.name).aggregator_status())
+    topic = TopicTree(federation.name).aggregator_status()
     with MqttClient(federation.settings.endpoint(), f"watch-{new_id()[:8]}") as watcher:
         watcher.subscribe(topic)
         federation.start_aggregator()

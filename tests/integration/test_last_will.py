@@ -57,7 +57,7 @@ def test_a_killed_aggregator_leaves_an_offline_status_with_its_age(
     federation = f"will-{uuid.uuid4().hex[:12]}"
     tree = TopicTree(federation)
     watcher = MqttClient(BrokerEndpoint.parse(mosquitto.url), f"watch-{uuid.uuid4().hex[:8]}")
-    watcher.subscribe(str(tree.aggregator_status()))
+    watcher.subscribe(tree.aggregator_status())
     with ProcessGroup(tmp_path / "logs") as group, watcher:
         args = aggregator_args(
             broker_url=mosquitto.url,
