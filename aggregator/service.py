@@ -104,7 +104,7 @@ class AggregatorService:
                 )
                 return AggregatorState.STOPPED
             with self._connect() as client, self._metrics_endpoint():
-                log.info("aggregator connected to %s", self.settings.endpoint().redacted())
+                log.info("aggregator connected to %s", self.settings.broker_url.redacted())
                 self._client = client
                 self._publish_model()
                 self._publish_status(force=True)
@@ -190,7 +190,7 @@ class AggregatorService:
         # updated_at that moment too (readers show its age).
         offline = self._status_body(self._clock(), leaving=True)
         client = MqttClient(
-            settings.endpoint(),
+            settings.broker_url,
             settings.mqtt_client_id(),
             persistent_session=True,
             will=Will(self.topics.aggregator_status(), self._encode(offline)),

@@ -140,7 +140,7 @@ class NodeService:
             len(self.outbox),
         )
         client = MqttClient(
-            settings.endpoint(),
+            settings.broker_url,
             f"{settings.node_id}.{settings.federation}"[:64],
             persistent_session=False,
             will=Will(self.topics.node_status(settings.node_id), self._status_bytes(offline=True)),

@@ -31,7 +31,7 @@ class ControlClient:
         self.topics = TopicTree(settings.federation)
         self.client_id = client_id or f"operator-{new_id()[:12]}"
         self._client = MqttClient(
-            settings.endpoint(),
+            settings.broker_url,
             self.client_id,
             tls_files=settings.tls_files(),
             connect_timeout=settings.connect_timeout,
@@ -78,7 +78,7 @@ class ControlClient:
                 return body
         raise ControlError(
             f"no reply to {command.value} within {timeout:.0f}s: is the aggregator of federation "
-            f"{self.settings.federation!r} running on {self.settings.endpoint().redacted()}?"
+            f"{self.settings.federation!r} running on {self.settings.broker_url.redacted()}?"
         )
 
     def status(self, *, timeout: float = 5.0) -> AggregatorStatus:

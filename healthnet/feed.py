@@ -53,7 +53,7 @@ class FederationFeed:
         self.ignored = 0  # messages that could not be decoded or were not ours
         self._clock = clock
         self._client = MqttClient(
-            settings.endpoint(),
+            settings.broker_url,
             client_id or f"observer-{new_id()[:12]}",
             tls_files=settings.tls_files(),
             connect_timeout=settings.connect_timeout,

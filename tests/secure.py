@@ -47,7 +47,7 @@ class SecureBroker:
         """An unstarted client of ``identity`` with its generated credentials."""
         settings = self.settings(identity)
         return MqttClient(
-            settings.endpoint(),
+            settings.broker_url,
             client_id or identity,
             tls_files=settings.tls_files(),
             connect_timeout=5.0,

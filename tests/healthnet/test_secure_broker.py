@@ -125,7 +125,7 @@ NOT_AUTHORIZED = "broker refused the connection: Not authorized"
 def test_anonymous_client_is_refused(passwords: SecureBroker) -> None:
     """A TLS client that trusts the CA but gives no user name is refused as not authorised."""
     settings = passwords.settings("cleveland")
-    endpoint = settings.endpoint()
+    endpoint = settings.broker_url
     anonymous = BrokerEndpoint(endpoint.host, endpoint.port, tls=True)
     reason = refused(
         passwords, anonymous, settings.tls_files(), broker_logs="disconnected, not authorised."
@@ -136,7 +136,7 @@ def test_anonymous_client_is_refused(passwords: SecureBroker) -> None:
 def test_wrong_password_is_refused(passwords: SecureBroker) -> None:
     """A known user with a wrong password is refused as not authorised."""
     settings = passwords.settings("cleveland")
-    endpoint = settings.endpoint()
+    endpoint = settings.broker_url
     wrong = BrokerEndpoint(
         endpoint.host,
         endpoint.port,
@@ -153,7 +153,7 @@ def test_wrong_password_is_refused(passwords: SecureBroker) -> None:
 def test_another_identitys_password_is_refused(passwords: SecureBroker) -> None:
     """One hospital's password does not log in as another hospital."""
     settings = passwords.settings("cleveland")
-    endpoint = settings.endpoint()
+    endpoint = settings.broker_url
     borrowed = BrokerEndpoint(
         endpoint.host,
         endpoint.port,
@@ -172,7 +172,7 @@ def test_client_without_certificate_is_refused_on_the_mtls_listener(mtls: Secure
     settings = mtls.settings("cleveland")
     refused(
         mtls,
-        settings.endpoint(),
+        settings.broker_url,
         TlsFiles(ca_file=settings.ca_file),
         broker_logs="peer did not return a certificate",
     )
@@ -185,7 +185,7 @@ def test_certificate_of_another_ca_is_refused(mtls: SecureBroker, tmp_path: Path
         ours = mtls.settings("cleveland")
         refused(
             mtls,
-            ours.endpoint(),
+            ours.broker_url,
             TlsFiles(ca_file=ours.ca_file, cert_file=foreign.cert_file, key_file=foreign.key_file),
             broker_logs="certificate verify failed",
         )
@@ -193,7 +193,7 @@ def test_certificate_of_another_ca_is_refused(mtls: SecureBroker, tmp_path: Path
 
 def test_plain_mqtt_is_refused_on_the_tls_listener(passwords: SecureBroker) -> None:
     """A client that skips TLS never gets an MQTT session, even with the right password."""
-    endpoint = passwords.settings("cleveland").endpoint()
+    endpoint = passwords.settings("cleveland").broker_url
     plain = BrokerEndpoint(
         endpoint.host, endpoint.port, username=endpoint.username, password=endpoint.password
     )
@@ -205,7 +205,7 @@ def test_a_client_that_does_not_trust_the_ca_refuses_the_broker(mtls: SecureBrok
     settings = mtls.settings("cleveland")
     reason = refused(
         mtls,
-        settings.endpoint(),
+        settings.broker_url,
         TlsFiles(cert_file=settings.cert_file, key_file=settings.key_file),
         broker_logs="tlsv1 alert unknown ca",
     )
