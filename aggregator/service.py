@@ -189,14 +189,11 @@ class AggregatorService:
         # the connection is made: its version and counters are those of that moment, its
         # updated_at that moment too (readers show its age).
         offline = self._status_body(self._clock(), leaving=True)
-        client = MqttClient(
-            settings.broker_url,
+        client = MqttClient.from_settings(
+            settings,
             settings.mqtt_client_id(),
             persistent_session=True,
             will=Will(self.topics.aggregator_status(), self._encode(offline)),
-            tls_files=settings.tls_files(),
-            connect_timeout=settings.connect_timeout,
-            keepalive=settings.keepalive,
             # PUBACK only once a message is handled (an update: durably recorded), so that the
             # broker redelivers what a crash interrupted.
             manual_ack=True,

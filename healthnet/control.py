@@ -30,12 +30,7 @@ class ControlClient:
         self.settings = settings
         self.topics = TopicTree(settings.federation)
         self.client_id = client_id or f"operator-{new_id()[:12]}"
-        self._client = MqttClient(
-            settings.broker_url,
-            self.client_id,
-            tls_files=settings.tls_files(),
-            connect_timeout=settings.connect_timeout,
-        )
+        self._client = MqttClient.from_settings(settings, self.client_id)
 
     def __enter__(self) -> Self:
         self._client.start()

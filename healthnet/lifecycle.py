@@ -350,12 +350,7 @@ def pull_from_broker(
 def _download(settings: ConnectionSettings, timeout: float) -> tuple[Manifest, bytes]:
     topics = TopicTree(settings.federation)
     download = ModelDownload(max_blob_bytes=_MAX_BLOB_BYTES)
-    client = MqttClient(
-        settings.broker_url,
-        f"model-pull-{new_id()[:12]}",
-        tls_files=settings.tls_files(),
-        connect_timeout=settings.connect_timeout,
-    )
+    client = MqttClient.from_settings(settings, f"model-pull-{new_id()[:12]}")
     client.subscribe(str(topics.manifest()))
     client.subscribe(topics.all_chunks())
     deadline = time.monotonic() + timeout

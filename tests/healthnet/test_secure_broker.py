@@ -111,6 +111,24 @@ def refused(
 # -- who may connect
 
 
+def test_a_client_built_from_settings_carries_their_keepalive_tls_and_credentials(
+    passwords: SecureBroker,
+) -> None:
+    """MqttClient.from_settings connects over TLS with the settings' CA, as their user, with their
+    keep-alive: the broker logs the client's user and keep-alive as it connects."""
+    settings = passwords.settings("cleveland").model_copy(update={"keepalive": 17})
+    assert settings.broker_url.tls
+    assert settings.ca_file is not None
+    with MqttClient.from_settings(settings, f"settings-{uuid.uuid4().hex[:6]}") as client:
+        assert client.connected
+    # The broker names the client by its user (use_username_as_clientid); 17 is this test's own.
+    expected = "as cleveland (p2, c1, k17, u'cleveland')"
+    deadline = time.monotonic() + WAIT
+    while expected not in (logged := passwords.log()):
+        assert time.monotonic() < deadline, f"the broker never logged {expected!r}: {logged}"
+        time.sleep(0.05)  # polls the file Mosquitto appends its log to
+
+
 def test_every_generated_identity_connects(mtls: SecureBroker, passwords: SecureBroker) -> None:
     """Each identity's env file (certificate or password) gets it onto its deployment's broker."""
     for broker in (mtls, passwords):

@@ -260,7 +260,7 @@ def test_pause_holds_a_full_buffer_and_resume_folds_it(federation: Federation) -
     # Two updates of our own (K = 2), so the buffer is full whatever the nodes had in flight.
     held = [zero_update(frozen), zero_update(frozen)]
     topics = TopicTree(federation.name)
-    with MqttClient(federation.settings.broker_url, f"probe-{new_id()[:8]}") as probe:
+    with MqttClient.from_settings(federation.settings, f"probe-{new_id()[:8]}") as probe:
         probe.subscribe(str(topics.ack("probe")))
         for update in held:
             body = envelope(update, sender="probe", sent_at=time.time())
@@ -345,7 +345,7 @@ def test_a_restarted_aggregator_resumes_from_its_checkpoint(
         assert before.state is AggregatorState.OFFLINE  # its last word on a clean exit
 
     topic = str(TopicTree(federation.name).aggregator_status())
-    with MqttClient(federation.settings.broker_url, f"watch-{new_id()[:8]}") as watcher:
+    with MqttClient.from_settings(federation.settings, f"watch-{new_id()[:8]}") as watcher:
         watcher.subscribe(topic)
         federation.start_aggregator()
         # Its first status comes before it serves anything: the version it resumed at.
