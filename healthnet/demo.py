@@ -3,14 +3,14 @@
 It starts a broker (embedded unless one is given), the aggregator and one node per hospital as
 child processes, follows the run over MQTT like any operator would (status, versions, the nodes'
 evaluations), stops it after N versions or at a target accuracy, and reports the test accuracy of
-the final global model at every hospital.
+the final global model at every hospital. Each child gets the settings object built here whole
+(:meth:`healthnet.processes.ProcessGroup.start_service`), never a list of flags.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import queue
@@ -19,13 +19,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.broker_url import BrokerEndpoint
+from aggregator.settings import AggregatorSettings
 from common.codec import decode, encode, envelope, new_id
 from common.errors import HealthNetError, ProtocolError, TopicError
 from common.messages import (
@@ -35,12 +35,15 @@ from common.messages import (
     ControlCommand,
     ControlRequest,
     Evaluation,
+    Knobs,
     Manifest,
     VersionRecord,
 )
 from common.mqtt import Message, MqttClient
+from common.settings import ConnectionSettings
 from common.topics import Route, TopicTree
 from common.wire_size import describe_wire_size
+from edge_node.settings import NodeSettings
 from healthnet.broker import BrokerConfig, BrokerImplementation, EmbeddedBroker
 from healthnet.dashboard import DEFAULT_PORT, demo_dashboard
 from healthnet.federations import FEDERATIONS, Federation
@@ -51,9 +54,9 @@ __all__ = [
     "DemoError",
     "DemoResult",
     "TimelinePoint",
-    "aggregator_args",
+    "aggregator_settings",
     "first_sites",
-    "node_args",
+    "node_settings",
     "run_demo",
 ]
 
@@ -164,7 +167,7 @@ class DemoResult:
         }
 
 
-def aggregator_args(
+def aggregator_settings(
     *,
     broker_url: str,
     federation_id: str,
@@ -176,40 +179,40 @@ def aggregator_args(
     max_versions: int | None = None,
     seed: int = 0,
     compression: Compression | None = None,
-    broadcast_dtype: str | None = None,
-    extra: tuple[str, ...] = (),
-) -> list[str]:
+    broadcast_dtype: Literal["float32", "float16"] | None = None,
+    status_interval: float = 1.0,
+    **fields: Any,
+) -> AggregatorSettings:
+    """The settings of a federation's aggregator: every knob of ``federation``, then the mode's.
+
+    ``fields`` sets any other :class:`AggregatorSettings` field (``autostart=False``, ...).
+    """
     knobs = federation.knobs
-    training = knobs.training
-    compression = compression or knobs.compression
-    args = [
-        "aggregator", "run",
-        "--broker-url", broker_url,
-        "--federation", federation_id,
-        "--state-dir", str(state_dir),
-        "--model", federation.model.name,
-        "--model-kwargs", json.dumps(federation.model.kwargs),
-        "--seed", str(seed),
-        "--buffer-size", str(buffer_size),
-        "--max-staleness", str(max_staleness),
-        "--server-lr", str(server_lr),
-        "--epochs", str(training.epochs),
-        "--batch-size", str(training.batch_size),
-        "--lr", str(training.learning_rate),
-        "--optimizer", training.optimizer,
-        "--quantization", compression.quantization.value,
-        "--error-feedback" if compression.error_feedback else "--no-error-feedback",
-        "--broadcast-dtype", broadcast_dtype or knobs.broadcast_dtype,
-        "--status-interval", "1",
-    ]  # fmt: skip
-    if compression.top_k is not None:
-        args += ["--top-k", repr(compression.top_k)]
-    if max_versions is not None:
-        args += ["--max-versions", str(max_versions)]
-    return [*args, *extra]
+    # Validated again as a whole: a combination the knobs refuse is refused here, not in the child.
+    merged = Knobs.model_validate(
+        {
+            **knobs.model_dump(),
+            "buffer_size": buffer_size,
+            "max_staleness": max_staleness,
+            "server_lr": server_lr,
+            "max_versions": max_versions,
+            "compression": compression or knobs.compression,
+            "broadcast_dtype": broadcast_dtype or knobs.broadcast_dtype,
+        }
+    )
+    return AggregatorSettings(
+        broker_url=broker_url,
+        federation=federation_id,
+        state_dir=state_dir,
+        model=federation.model,
+        seed=seed,
+        knobs=merged,
+        status_interval=status_interval,
+        **fields,
+    )
 
 
-def node_args(
+def node_settings(
     *,
     broker_url: str,
     federation_id: str,
@@ -221,22 +224,22 @@ def node_args(
     torch_threads: int = 1,
     exit_when_stopped: bool = True,
     ack_timeout: float = 10.0,
-) -> list[str]:
-    args = [
-        "node", "run",
-        "--broker-url", broker_url,
-        "--federation", federation_id,
-        "--node-id", node_id,
-        "--data", data,
-        "--state-dir", str(state_dir),
-        "--seed", str(seed),
-        "--delay-seconds", str(delay),
-        "--torch-threads", str(torch_threads),
-        "--ack-timeout", str(ack_timeout),
-    ]  # fmt: skip
-    if exit_when_stopped:
-        args.append("--exit-when-stopped")
-    return args
+    **fields: Any,
+) -> NodeSettings:
+    """The settings of one hospital's node; ``fields`` sets any other NodeSettings field."""
+    return NodeSettings(
+        broker_url=broker_url,
+        federation=federation_id,
+        node_id=node_id,
+        data=data,
+        state_dir=state_dir,
+        seed=seed,
+        delay_seconds=delay,
+        torch_threads=torch_threads,
+        exit_when_stopped=exit_when_stopped,
+        ack_timeout=ack_timeout,
+        **fields,
+    )
 
 
 def resolve_mode(
@@ -329,7 +332,10 @@ def _run(
     versions = federation.demo_versions if config.versions is None else config.versions
     topics = TopicTree(fed_id)
     started = time.monotonic()
-    monitor = MqttClient(BrokerEndpoint.parse(url), f"{fed_id}-monitor")
+    monitor = MqttClient.from_settings(
+        ConnectionSettings(broker_url=url, federation=fed_id),
+        f"{fed_id}-monitor",
+    )
     dashboard = (
         demo_dashboard(url, fed_id, console, port=config.dashboard_port)
         if config.dashboard
@@ -343,9 +349,9 @@ def _run(
             str(topics.manifest()),
         ):
             monitor.subscribe(topic_filter)
-        group.start(
+        group.start_service(
             "aggregator",
-            aggregator_args(
+            aggregator_settings(
                 broker_url=url,
                 federation_id=fed_id,
                 state_dir=workdir / "aggregator",
@@ -360,9 +366,9 @@ def _run(
             ),
         )
         for site in sites:
-            group.start(
+            group.start_service(
                 site.node_id,
-                node_args(
+                node_settings(
                     broker_url=url,
                     federation_id=fed_id,
                     node_id=site.node_id,
