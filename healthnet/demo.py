@@ -393,20 +393,9 @@ def _run(
                 f"{federation.name} ({config.mode}, K={k})", total=versions, accuracy=""
             )
             stop_sent = False
-            aggregator_gone: float | None = None
-            deadline = started + config.timeout
+            watchdog = _Watchdog(group, started=started, timeout=config.timeout)
             while not watch.finished():
-                if time.monotonic() > deadline:
-                    raise DemoError(f"the run did not finish within {config.timeout:.0f}s")
-                for proc in group.failed():
-                    raise DemoError(f"{proc.name} exited with {proc.poll()}:\n{proc.tail()}")
-                if group["aggregator"].poll() is not None and aggregator_gone is None:
-                    aggregator_gone = time.monotonic()
-                if aggregator_gone is not None and time.monotonic() - aggregator_gone > 30:
-                    raise DemoError(
-                        "the aggregator exited but the hospitals never reported on the final "
-                        f"version:\n{group['aggregator'].tail()}"
-                    )
+                watchdog.check()
                 try:
                     item = monitor.inbox.get(timeout=0.2)
                 except queue.Empty:
@@ -419,18 +408,49 @@ def _run(
                     completed=watch.version,
                     accuracy="" if mean is None else f"mean acc {mean[1]:.3f} @v{mean[0]}",
                 )
-                target = config.target_accuracy
-                budget = config.budget_seconds
-                ready = watch.ready_seconds
-                over = (
-                    budget is not None and ready > 0 and time.monotonic() - started > ready + budget
-                )
-                if not stop_sent and (over or (target is not None and mean and mean[1] >= target)):
+                if not stop_sent and _time_to_stop(config, watch, mean):
                     _send_stop(monitor, topics, fed_id)
                     stop_sent = True
         if not group.wait_all(timeout=30):
             log.warning("some processes did not exit on their own; stopping them")
     return watch.result(config, k, implementation, time.monotonic() - started, federation.name)
+
+
+class _Watchdog:
+    """Raises DemoError when the run cannot finish: past the deadline, a child failed, or the
+    aggregator exited and the hospitals did not report on its final version soon after."""
+
+    def __init__(
+        self, group: ProcessGroup, *, started: float, timeout: float, grace: float = 30.0
+    ) -> None:
+        self.group = group
+        self.timeout = timeout
+        self.deadline = started + timeout
+        self.grace = grace
+        self.aggregator_gone: float | None = None
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now > self.deadline:
+            raise DemoError(f"the run did not finish within {self.timeout:.0f}s")
+        for proc in self.group.failed():
+            raise DemoError(f"{proc.name} exited with {proc.poll()}:\n{proc.tail()}")
+        aggregator = self.group["aggregator"]
+        if self.aggregator_gone is None and aggregator.poll() is not None:
+            self.aggregator_gone = now
+        if self.aggregator_gone is not None and now - self.aggregator_gone > self.grace:
+            raise DemoError(
+                "the aggregator exited but the hospitals never reported on the final "
+                f"version:\n{aggregator.tail()}"
+            )
+
+
+def _time_to_stop(config: DemoConfig, watch: _Watch, mean: tuple[int, float] | None) -> bool:
+    """The target accuracy reached, or the time budget spent since every hospital was ready."""
+    target, budget, ready = config.target_accuracy, config.budget_seconds, watch.ready_seconds
+    if target is not None and mean is not None and mean[1] >= target:
+        return True
+    return budget is not None and ready > 0 and time.monotonic() - watch.started > ready + budget
 
 
 def _send_stop(monitor: MqttClient, topics: TopicTree, fed_id: str) -> None:
