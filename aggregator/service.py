@@ -103,7 +103,7 @@ class AggregatorService:
                 )
                 return AggregatorState.STOPPED
             with self._connect() as client, self._metrics_endpoint():
-                log.info("aggregator connected to %s", self.settings.endpoint().redacted())
+                log.info("aggregator connected to %s", self.settings.broker_url.redacted())
                 self._client = client
                 self._publish_model()
                 self._publish_status(force=True)
@@ -188,14 +188,11 @@ class AggregatorService:
         # the connection is made: its version and counters are those of that moment, its
         # updated_at that moment too (readers show its age).
         offline = self._status_body(self._clock(), leaving=True)
-        client = MqttClient(
-            settings.endpoint(),
+        client = MqttClient.from_settings(
+            settings,
             settings.mqtt_client_id(),
             persistent_session=True,
             will=Will(self.topics.aggregator_status(), self._encode(offline)),
-            tls_files=settings.tls_files(),
-            connect_timeout=settings.connect_timeout,
-            keepalive=settings.keepalive,
             # PUBACK only once a message is handled (an update: durably recorded), so that the
             # broker redelivers what a crash interrupted.
             manual_ack=True,

@@ -47,7 +47,7 @@ from common.messages import Ack, AggregatorStatus, Manifest, TrainMetrics, Updat
 from common.mqtt import ConnectionEvent, Message, MqttClient
 from common.topics import TopicTree
 from healthnet.broker import BrokerConfig, EmbeddedBroker
-from healthnet.demo import aggregator_args
+from healthnet.demo import aggregator_settings
 from healthnet.federations import HEART_DISEASE
 from healthnet.processes import ProcessGroup
 
@@ -266,9 +266,9 @@ def main() -> None:  # noqa: PLR0915 - one script, read top to bottom
         MqttClient(BrokerEndpoint.parse(broker.url), f"{federation}-watch") as watch,
     ):  # fmt: skip
         watch.subscribe(topics.aggregator_status())
-        aggregator = group.start(
+        aggregator = group.start_service(
             "aggregator",
-            aggregator_args(
+            aggregator_settings(
                 broker_url=broker.url,
                 federation_id=federation,
                 state_dir=Path(tmp) / "aggregator",

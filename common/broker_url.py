@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from common.errors import ConfigError
 
@@ -66,6 +66,20 @@ class BrokerEndpoint:
         scheme = "mqtts" if self.tls else "mqtt"
         user = f"{self.username}:***@" if self.username else ""
         return f"{scheme}://{user}{self.host}:{self.port}?protocol={self.protocol}"
+
+    def unredacted(self) -> str:
+        """The URL, password and all, that :meth:`parse` reads back into this endpoint.
+
+        Only for handing the endpoint whole to a child process's environment: never log it,
+        print it or put it on a command line.
+        """
+        scheme = "mqtts" if self.tls else "mqtt"
+        user = quote(self.username or "", safe="")
+        if self.password is not None:
+            user += ":" + quote(self.password, safe="")
+        userinfo = f"{user}@" if user else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{userinfo}{host}:{self.port}?protocol={self.protocol}"
 
 
 _USERINFO_PASSWORD = re.compile(r":[^:@/]*@")

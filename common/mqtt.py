@@ -49,6 +49,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from common.backoff import Backoff
 from common.broker_url import BrokerEndpoint, TlsFiles
 from common.errors import BrokerError, BrokerUnavailable, SubscriptionRefused
+from common.settings import ConnectionSettings
 from common.topics import Topic, TopicFilter
 
 __all__ = ["ConnectionEvent", "Message", "MqttClient", "Will"]
@@ -134,6 +135,36 @@ class MqttClient:
         self._attempt = 0
         self._last_error = ""
         self._unconfirmed: list[paho.MQTTMessageInfo] = []
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: ConnectionSettings,
+        client_id: str,
+        *,
+        persistent_session: bool = False,
+        will: Will | None = None,
+        backoff: Backoff | None = None,
+        max_inflight: int = 20,
+        manual_ack: bool = False,
+    ) -> Self:
+        """A client of ``settings``' broker: its endpoint, TLS files, keep-alive and timeout.
+
+        Every role that holds settings builds its client here; the keyword arguments are what
+        differs between roles (a persistent session, a Last Will, manual acknowledgement).
+        """
+        return cls(
+            settings.broker_url,
+            client_id,
+            persistent_session=persistent_session,
+            will=will,
+            tls_files=settings.tls_files(),
+            keepalive=settings.keepalive,
+            backoff=backoff,
+            max_inflight=max_inflight,
+            connect_timeout=settings.connect_timeout,
+            manual_ack=manual_ack,
+        )
 
     # -- lifecycle
 

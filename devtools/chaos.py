@@ -64,7 +64,7 @@ from common.topics import Topic, TopicTree
 from devtools.reconcile import Reconciliation, load
 from healthnet.broker import BrokerConfig, EmbeddedBroker
 from healthnet.control import ControlClient
-from healthnet.demo import aggregator_args, node_args
+from healthnet.demo import aggregator_settings, node_settings
 from healthnet.federations import FEDERATIONS, Federation
 from healthnet.processes import ProcessGroup
 
@@ -290,9 +290,9 @@ class _Chaos:
 
     def start_aggregator(self) -> None:
         knobs = self.federation.knobs
-        self.group.start(
+        self.group.start_service(
             "aggregator",
-            aggregator_args(
+            aggregator_settings(
                 broker_url=self.broker.url,
                 federation_id=self.fed_id,
                 state_dir=self.aggregator_dir,
@@ -311,9 +311,9 @@ class _Chaos:
 
     def start_node(self, node: str) -> None:
         site = next(s for s in self.federation.sites if s.node_id == node)
-        self.group.start(
+        self.group.start_service(
             node,
-            node_args(
+            node_settings(
                 broker_url=self.broker.url,
                 federation_id=self.fed_id,
                 node_id=node,
@@ -323,8 +323,8 @@ class _Chaos:
                 seed=self.config.seed,
                 exit_when_stopped=False,
                 ack_timeout=self.config.ack_timeout,
+                keepalive=self.config.node_keepalive,
             ),
-            env={"HEALTHNET_KEEPALIVE": str(self.config.node_keepalive)},
         )
         self.expected_down.discard(node)
 

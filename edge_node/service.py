@@ -142,14 +142,11 @@ class NodeService:
             self._device,
             len(self.outbox),
         )
-        client = MqttClient(
-            settings.endpoint(),
+        client = MqttClient.from_settings(
+            settings,
             f"{settings.node_id}.{settings.federation}"[:64],
             persistent_session=False,
             will=Will(self.topics.node_status(settings.node_id), self._status_bytes(offline=True)),
-            tls_files=settings.tls_files(),
-            connect_timeout=settings.connect_timeout,
-            keepalive=settings.keepalive,
         )
         with (
             contextlib.closing(self.sent_log),

@@ -27,8 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from common.broker_url import BrokerEndpoint
-from common.errors import ConfigError, HealthNetError
+from common.errors import HealthNetError
 from common.messages import (
     AggregatorState,
     AggregatorStatus,
@@ -236,10 +235,9 @@ def demo(
     if broker not in ("auto", "mosquitto", "amqtt"):
         raise _bad_input(f"--broker must be auto, mosquitto or amqtt, not {broker!r}")
     if broker_url is not None:
-        try:
-            BrokerEndpoint.parse(broker_url)
-        except ConfigError as exc:
-            raise _bad_input(f"--broker-url: {exc}") from None
+        from common.settings import ConnectionSettings
+
+        _settings(ConnectionSettings, broker_url=broker_url)  # a bad URL: one line, exit 2
     delays: dict[str, float] = {}
     for item in delay or []:
         node, sep, seconds = item.partition("=")

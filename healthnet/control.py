@@ -31,12 +31,7 @@ class ControlClient:
         self.settings = settings
         self.topics = TopicTree(settings.federation)
         self.client_id = client_id or f"operator-{new_id()[:12]}"
-        self._client = MqttClient(
-            settings.endpoint(),
-            self.client_id,
-            tls_files=settings.tls_files(),
-            connect_timeout=settings.connect_timeout,
-        )
+        self._client = MqttClient.from_settings(settings, self.client_id)
 
     def __enter__(self) -> Self:
         self._client.start()
@@ -82,7 +77,7 @@ class ControlClient:
                     assert_never(received)
         raise ControlError(
             f"no reply to {command.value} within {timeout:.0f}s: is the aggregator of federation "
-            f"{self.settings.federation!r} running on {self.settings.endpoint().redacted()}?"
+            f"{self.settings.federation!r} running on {self.settings.broker_url.redacted()}?"
         )
 
     def status(self, *, timeout: float = 5.0) -> AggregatorStatus:

@@ -3,14 +3,14 @@
 It starts a broker (embedded unless one is given), the aggregator and one node per hospital as
 child processes, follows the run over MQTT like any operator would (status, versions, the nodes'
 evaluations), stops it after N versions or at a target accuracy, and reports the test accuracy of
-the final global model at every hospital.
+the final global model at every hospital. Each child gets the settings object built here whole
+(:meth:`healthnet.processes.ProcessGroup.start_service`), never a list of flags.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import queue
@@ -19,13 +19,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, assert_never
+from typing import Any, Literal, assert_never
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.broker_url import BrokerEndpoint
+from aggregator.settings import AggregatorSettings
 from common.codec import DEFAULT_MAX_MESSAGE_BYTES, encode, envelope, new_id
 from common.errors import HealthNetError
 from common.inbound import Chunk, Inbound, Refusal, Refused, receive
@@ -38,14 +38,17 @@ from common.messages import (
     ControlReply,
     ControlRequest,
     Evaluation,
+    Knobs,
     Manifest,
     NodeStatus,
     Update,
     VersionRecord,
 )
 from common.mqtt import Message, MqttClient
+from common.settings import ConnectionSettings
 from common.topics import TopicTree
 from common.wire_size import describe_wire_size
+from edge_node.settings import NodeSettings
 from healthnet.broker import BrokerConfig, BrokerImplementation, EmbeddedBroker
 from healthnet.dashboard import DEFAULT_PORT, demo_dashboard
 from healthnet.federations import FEDERATIONS, Federation
@@ -56,9 +59,9 @@ __all__ = [
     "DemoError",
     "DemoResult",
     "TimelinePoint",
-    "aggregator_args",
+    "aggregator_settings",
     "first_sites",
-    "node_args",
+    "node_settings",
     "run_demo",
 ]
 
@@ -169,7 +172,7 @@ class DemoResult:
         }
 
 
-def aggregator_args(
+def aggregator_settings(
     *,
     broker_url: str,
     federation_id: str,
@@ -181,40 +184,40 @@ def aggregator_args(
     max_versions: int | None = None,
     seed: int = 0,
     compression: Compression | None = None,
-    broadcast_dtype: str | None = None,
-    extra: tuple[str, ...] = (),
-) -> list[str]:
+    broadcast_dtype: Literal["float32", "float16"] | None = None,
+    status_interval: float = 1.0,
+    **fields: Any,
+) -> AggregatorSettings:
+    """The settings of a federation's aggregator: every knob of ``federation``, then the mode's.
+
+    ``fields`` sets any other :class:`AggregatorSettings` field (``autostart=False``, ...).
+    """
     knobs = federation.knobs
-    training = knobs.training
-    compression = compression or knobs.compression
-    args = [
-        "aggregator", "run",
-        "--broker-url", broker_url,
-        "--federation", federation_id,
-        "--state-dir", str(state_dir),
-        "--model", federation.model.name,
-        "--model-kwargs", json.dumps(federation.model.kwargs),
-        "--seed", str(seed),
-        "--buffer-size", str(buffer_size),
-        "--max-staleness", str(max_staleness),
-        "--server-lr", str(server_lr),
-        "--epochs", str(training.epochs),
-        "--batch-size", str(training.batch_size),
-        "--lr", str(training.learning_rate),
-        "--optimizer", training.optimizer,
-        "--quantization", compression.quantization.value,
-        "--error-feedback" if compression.error_feedback else "--no-error-feedback",
-        "--broadcast-dtype", broadcast_dtype or knobs.broadcast_dtype,
-        "--status-interval", "1",
-    ]  # fmt: skip
-    if compression.top_k is not None:
-        args += ["--top-k", repr(compression.top_k)]
-    if max_versions is not None:
-        args += ["--max-versions", str(max_versions)]
-    return [*args, *extra]
+    # Validated again as a whole: a combination the knobs refuse is refused here, not in the child.
+    merged = Knobs.model_validate(
+        {
+            **knobs.model_dump(),
+            "buffer_size": buffer_size,
+            "max_staleness": max_staleness,
+            "server_lr": server_lr,
+            "max_versions": max_versions,
+            "compression": compression or knobs.compression,
+            "broadcast_dtype": broadcast_dtype or knobs.broadcast_dtype,
+        }
+    )
+    return AggregatorSettings(
+        broker_url=broker_url,
+        federation=federation_id,
+        state_dir=state_dir,
+        model=federation.model,
+        seed=seed,
+        knobs=merged,
+        status_interval=status_interval,
+        **fields,
+    )
 
 
-def node_args(
+def node_settings(
     *,
     broker_url: str,
     federation_id: str,
@@ -226,22 +229,22 @@ def node_args(
     torch_threads: int = 1,
     exit_when_stopped: bool = True,
     ack_timeout: float = 10.0,
-) -> list[str]:
-    args = [
-        "node", "run",
-        "--broker-url", broker_url,
-        "--federation", federation_id,
-        "--node-id", node_id,
-        "--data", data,
-        "--state-dir", str(state_dir),
-        "--seed", str(seed),
-        "--delay-seconds", str(delay),
-        "--torch-threads", str(torch_threads),
-        "--ack-timeout", str(ack_timeout),
-    ]  # fmt: skip
-    if exit_when_stopped:
-        args.append("--exit-when-stopped")
-    return args
+    **fields: Any,
+) -> NodeSettings:
+    """The settings of one hospital's node; ``fields`` sets any other NodeSettings field."""
+    return NodeSettings(
+        broker_url=broker_url,
+        federation=federation_id,
+        node_id=node_id,
+        data=data,
+        state_dir=state_dir,
+        seed=seed,
+        delay_seconds=delay,
+        torch_threads=torch_threads,
+        exit_when_stopped=exit_when_stopped,
+        ack_timeout=ack_timeout,
+        **fields,
+    )
 
 
 def resolve_mode(
@@ -334,7 +337,10 @@ def _run(
     versions = federation.demo_versions if config.versions is None else config.versions
     topics = TopicTree(fed_id)
     started = time.monotonic()
-    monitor = MqttClient(BrokerEndpoint.parse(url), f"{fed_id}-monitor")
+    monitor = MqttClient.from_settings(
+        ConnectionSettings(broker_url=url, federation=fed_id),
+        f"{fed_id}-monitor",
+    )
     dashboard = (
         demo_dashboard(url, fed_id, console, port=config.dashboard_port)
         if config.dashboard
@@ -348,9 +354,9 @@ def _run(
             topics.manifest(),
         ):
             monitor.subscribe(topic_filter)
-        group.start(
+        group.start_service(
             "aggregator",
-            aggregator_args(
+            aggregator_settings(
                 broker_url=url,
                 federation_id=fed_id,
                 state_dir=workdir / "aggregator",
@@ -365,9 +371,9 @@ def _run(
             ),
         )
         for site in sites:
-            group.start(
+            group.start_service(
                 site.node_id,
-                node_args(
+                node_settings(
                     broker_url=url,
                     federation_id=fed_id,
                     node_id=site.node_id,
@@ -392,20 +398,9 @@ def _run(
                 f"{federation.name} ({config.mode}, K={k})", total=versions, accuracy=""
             )
             stop_sent = False
-            aggregator_gone: float | None = None
-            deadline = started + config.timeout
+            watchdog = _Watchdog(group, started=started, timeout=config.timeout)
             while not watch.finished():
-                if time.monotonic() > deadline:
-                    raise DemoError(f"the run did not finish within {config.timeout:.0f}s")
-                for proc in group.failed():
-                    raise DemoError(f"{proc.name} exited with {proc.poll()}:\n{proc.tail()}")
-                if group["aggregator"].poll() is not None and aggregator_gone is None:
-                    aggregator_gone = time.monotonic()
-                if aggregator_gone is not None and time.monotonic() - aggregator_gone > 30:
-                    raise DemoError(
-                        "the aggregator exited but the hospitals never reported on the final "
-                        f"version:\n{group['aggregator'].tail()}"
-                    )
+                watchdog.check()
                 try:
                     item = monitor.inbox.get(timeout=0.2)
                 except queue.Empty:
@@ -418,18 +413,49 @@ def _run(
                     completed=watch.version,
                     accuracy="" if mean is None else f"mean acc {mean[1]:.3f} @v{mean[0]}",
                 )
-                target = config.target_accuracy
-                budget = config.budget_seconds
-                ready = watch.ready_seconds
-                over = (
-                    budget is not None and ready > 0 and time.monotonic() - started > ready + budget
-                )
-                if not stop_sent and (over or (target is not None and mean and mean[1] >= target)):
+                if not stop_sent and _time_to_stop(config, watch, mean):
                     _send_stop(monitor, topics, fed_id)
                     stop_sent = True
         if not group.wait_all(timeout=30):
             log.warning("some processes did not exit on their own; stopping them")
     return watch.result(config, k, implementation, time.monotonic() - started, federation.name)
+
+
+class _Watchdog:
+    """Raises DemoError when the run cannot finish: past the deadline, a child failed, or the
+    aggregator exited and the hospitals did not report on its final version soon after."""
+
+    def __init__(
+        self, group: ProcessGroup, *, started: float, timeout: float, grace: float = 30.0
+    ) -> None:
+        self.group = group
+        self.timeout = timeout
+        self.deadline = started + timeout
+        self.grace = grace
+        self.aggregator_gone: float | None = None
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now > self.deadline:
+            raise DemoError(f"the run did not finish within {self.timeout:.0f}s")
+        for proc in self.group.failed():
+            raise DemoError(f"{proc.name} exited with {proc.poll()}:\n{proc.tail()}")
+        aggregator = self.group["aggregator"]
+        if self.aggregator_gone is None and aggregator.poll() is not None:
+            self.aggregator_gone = now
+        if self.aggregator_gone is not None and now - self.aggregator_gone > self.grace:
+            raise DemoError(
+                "the aggregator exited but the hospitals never reported on the final "
+                f"version:\n{aggregator.tail()}"
+            )
+
+
+def _time_to_stop(config: DemoConfig, watch: _Watch, mean: tuple[int, float] | None) -> bool:
+    """The target accuracy reached, or the time budget spent since every hospital was ready."""
+    target, budget, ready = config.target_accuracy, config.budget_seconds, watch.ready_seconds
+    if target is not None and mean is not None and mean[1] >= target:
+        return True
+    return budget is not None and ready > 0 and time.monotonic() - watch.started > ready + budget
 
 
 def _send_stop(monitor: MqttClient, topics: TopicTree, fed_id: str) -> None:

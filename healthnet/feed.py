@@ -52,12 +52,7 @@ class FederationFeed:
         self.observer = Observer(settings.federation)
         self.ignored = 0  # messages that could not be decoded or were not ours
         self._clock = clock
-        self._client = MqttClient(
-            settings.endpoint(),
-            client_id or f"observer-{new_id()[:12]}",
-            tls_files=settings.tls_files(),
-            connect_timeout=settings.connect_timeout,
-        )
+        self._client = MqttClient.from_settings(settings, client_id or f"observer-{new_id()[:12]}")
         for topic_filter in subscriptions(self.topics):
             self._client.subscribe(topic_filter)
         self._changed = threading.Condition()

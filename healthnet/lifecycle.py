@@ -341,7 +341,7 @@ def pull_from_broker(
         model=manifest.model,
         sha256=manifest.sha256,
         blob_bytes=manifest.blob_bytes,
-        source=f"{settings.endpoint().redacted()} federation {settings.federation}",
+        source=f"{settings.broker_url.redacted()} federation {settings.federation}",
         pulled_at=time.time(),
     )
     write_model_copy(out, copy, blob, [])
@@ -351,12 +351,7 @@ def pull_from_broker(
 def _download(settings: ConnectionSettings, timeout: float) -> tuple[Manifest, bytes]:
     topics = TopicTree(settings.federation)
     download = ModelDownload(max_blob_bytes=_MAX_BLOB_BYTES)
-    client = MqttClient(
-        settings.endpoint(),
-        f"model-pull-{new_id()[:12]}",
-        tls_files=settings.tls_files(),
-        connect_timeout=settings.connect_timeout,
-    )
+    client = MqttClient.from_settings(settings, f"model-pull-{new_id()[:12]}")
     client.subscribe(topics.manifest())
     client.subscribe(topics.all_chunks())
     deadline = time.monotonic() + timeout
@@ -374,7 +369,7 @@ def _download(settings: ConnectionSettings, timeout: float) -> tuple[Manifest, b
                 return taken
     raise HealthNetError(
         f"no complete model of federation {settings.federation!r} on "
-        f"{settings.endpoint().redacted()} within {timeout:.0f}s"
+        f"{settings.broker_url.redacted()} within {timeout:.0f}s"
     )
 
 

@@ -1,4 +1,10 @@
-"""Start and stop healthNET roles as real child processes (demo, integration tests, benchmarks)."""
+"""Start and stop healthNET roles as real child processes (demo, integration tests, benchmarks).
+
+A service is started with its settings object whole (:meth:`ProcessGroup.start_service`): the
+child's environment holds every field as the ``HEALTHNET_*`` variable that reads it back, in place
+of any ``HEALTHNET_*`` variable of ours, and its command line holds no setting at all (see
+:mod:`common.settings` for why the environment).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +19,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Self, assert_never
 
+from aggregator.settings import AggregatorSettings
 from common.errors import HealthNetError
+from common.settings import ConnectionSettings
+from edge_node.settings import NodeSettings
 
-__all__ = ["ManagedProcess", "ProcessGroup"]
+__all__ = ["ManagedProcess", "ProcessGroup", "ServiceSettings", "service_command"]
+
+ServiceSettings = AggregatorSettings | NodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +38,39 @@ class ManagedProcess:
     name: str
     args: list[str]
     log_path: Path
-    env: Mapping[str, str] = field(default_factory=dict)
+    # Neither is in the repr: both may hold the broker password.
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
     """Set in the child's environment on top of ours (e.g. an identity's HEALTHNET_* settings)."""
+    settings: ConnectionSettings | None = field(default=None, repr=False)
+    """The child's settings, whole; they replace every ``HEALTHNET_*`` variable of ours."""
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "healthnet", *self.args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=env,
+            env=self.environment(),
             start_new_session=True,
         )
         log.debug("started %s (pid %d): %s", self.name, self.process.pid, " ".join(self.args))
+
+    def environment(self) -> dict[str, str]:
+        """The child's environment: ours, then its settings whole, then ``env``."""
+        inherited = dict(os.environ)
+        whole: dict[str, str] = {}
+        if self.settings is not None:
+            # Ours would otherwise fill what the settings leave out, or merge into their nested
+            # fields (HEALTHNET_KNOBS__*), and the child would run with settings no one built.
+            prefix = self.settings.model_config.get("env_prefix", "").upper()
+            if prefix:
+                inherited = {k: v for k, v in inherited.items() if not k.upper().startswith(prefix)}
+            whole = self.settings.to_env()
+        return {**inherited, "PYTHONUNBUFFERED": "1", **whole, **self.env}
 
     @property
     def pid(self) -> int | None:
@@ -107,18 +133,30 @@ class ProcessGroup:
         self.stop_all()
 
     def start(
-        self, name: str, args: list[str], env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        args: list[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        settings: ConnectionSettings | None = None,
     ) -> ManagedProcess:
-        """Start (or restart, once it has exited) a child; ``env`` adds environment variables."""
+        """Start (or restart, once it has exited) a child; ``env`` adds environment variables,
+        ``settings`` passes its settings whole."""
         previous = self.processes.get(name)
         if previous is not None:
             if previous.poll() is None:
                 raise HealthNetError(f"process {name} is already running")
             previous.stop()  # reaps it and closes its log
-        proc = ManagedProcess(name, args, self.log_dir / f"{name}.log", dict(env or {}))
+        proc = ManagedProcess(
+            name, args, self.log_dir / f"{name}.log", dict(env or {}), settings=settings
+        )
         proc.start()
         self.processes[name] = proc
         return proc
+
+    def start_service(self, name: str, settings: ServiceSettings) -> ManagedProcess:
+        """Start (or restart) an aggregator or an edge node that runs with ``settings``."""
+        return self.start(name, service_command(settings), settings=settings)
 
     def __getitem__(self, name: str) -> ManagedProcess:
         return self.processes[name]
@@ -139,3 +177,14 @@ class ProcessGroup:
             proc.signal(signal.SIGTERM)
         for proc in self.processes.values():
             proc.stop(timeout)
+
+
+def service_command(settings: ServiceSettings) -> list[str]:
+    """The ``healthnet`` subcommand that runs the service these settings are for."""
+    match settings:
+        case AggregatorSettings():
+            return ["aggregator", "run"]
+        case NodeSettings():
+            return ["node", "run"]
+        case _:
+            assert_never(settings)

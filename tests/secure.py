@@ -47,12 +47,10 @@ class SecureBroker:
 
     def client(self, identity: str, client_id: str | None = None, **kwargs: object) -> MqttClient:
         """An unstarted client of ``identity`` with its generated credentials."""
-        settings = self.settings(identity)
-        return MqttClient(
-            settings.endpoint(),
+        settings = self.settings(identity).model_copy(update={"connect_timeout": 5.0})
+        return MqttClient.from_settings(
+            settings,
             client_id or identity,
-            tls_files=settings.tls_files(),
-            connect_timeout=5.0,
             **kwargs,  # type: ignore[arg-type]
         )
 

@@ -97,6 +97,17 @@ def test_a_bad_broker_url_is_refused_by_a_real_process_without_a_traceback(
     assert not state.exists()
 
 
+def test_a_bad_broker_url_in_the_environment_is_one_line_naming_its_flag(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEALTHNET_BROKER_URL is parsed as the settings load: a bad one is one line and exit 2."""
+    monkeypatch.setenv("HEALTHNET_BROKER_URL", f"mqtt://hospital:{SECRET}@broker:port")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 2, result.output
+    assert_one_line_refusal(result.stderr, "--broker-url", "broker URL")
+    assert SECRET not in result.output
+
+
 @pytest.mark.parametrize(
     "args",
     [

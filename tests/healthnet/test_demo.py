@@ -1,12 +1,45 @@
-"""Specification of the demo's choice of sites and versions, checked before anything starts."""
+"""Specification of the demo: its choice of sites and versions, checked before anything starts, and
+the settings its child processes run with, which reach them whole."""
 
 from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from healthnet.demo import DemoConfig, DemoError, DemoResult, first_sites, render, run_demo
+from common.broker_url import BrokerEndpoint
+from common.codec import decode, new_id
+from common.messages import (
+    AggregationRule,
+    AggregatorStatus,
+    Compression,
+    Knobs,
+    NormPolicy,
+    Quantization,
+    ServerOptimizerKind,
+    StalenessKind,
+    TrainingConfig,
+)
+from common.mqtt import Message, MqttClient
+from common.topics import TopicTree
+from healthnet.broker import EmbeddedBroker
+from healthnet.demo import (
+    DemoConfig,
+    DemoError,
+    DemoResult,
+    aggregator_settings,
+    first_sites,
+    node_settings,
+    render,
+    run_demo,
+)
 from healthnet.federations import HEART_DISEASE, PNEUMONIA
+from healthnet.processes import ManagedProcess, ProcessGroup, ServiceSettings, service_command
 
 
 def test_nodes_keeps_the_first_sites_and_lowers_k_to_fit() -> None:
@@ -78,3 +111,167 @@ def test_the_summary_gives_wire_and_dense_bytes_per_update_the_right_way_round()
     )
     assert "smaller" not in text
     assert result.to_json()["dense_bytes_per_update"] == 112.0
+
+
+SECRET = "s3cr3t-Pa55"  # noqa: S105 - a made-up credential that must never leak
+
+# Every knob away from its default, so that one that does not reach the child shows.
+EVERY_KNOB = Knobs(
+    buffer_size=3,
+    buffer_timeout=45.0,
+    max_staleness=7,
+    staleness=StalenessKind.HINGE,
+    staleness_a=0.25,
+    staleness_b=3,
+    sample_exponent=0.5,
+    server_optimizer=ServerOptimizerKind.FEDADAM,
+    server_lr=0.5,
+    server_momentum=0.6,
+    server_beta1=0.8,
+    server_beta2=0.95,
+    server_tau=0.01,
+    max_update_norm=50.0,
+    norm_multiplier=3.0,
+    norm_window=10,
+    norm_policy=NormPolicy.CLIP,
+    aggregation=AggregationRule.TRIMMED_MEAN,
+    trim_fraction=0.2,
+    one_update_per_version=True,
+    max_num_samples=10_000,
+    compression=Compression(top_k=0.5, quantization=Quantization.INT8, error_feedback=False),
+    broadcast_dtype="float16",
+    max_versions=100,
+    training=TrainingConfig(
+        epochs=2, batch_size=16, learning_rate=0.01, optimizer="adam", momentum=0.5,
+        weight_decay=0.01,
+    ),
+)  # fmt: skip
+TUNED = dataclasses.replace(HEART_DISEASE, knobs=EVERY_KNOB)
+
+
+def _first_status(client: MqttClient, timeout: float) -> AggregatorStatus:
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            item = client.inbox.get(timeout=remaining)
+        except queue.Empty:
+            break
+        if isinstance(item, Message) and item.payload:
+            body = decode(item.payload).body
+            if isinstance(body, AggregatorStatus):
+                return body
+    raise AssertionError(f"no aggregator status within {timeout:.0f}s")
+
+
+def test_every_field_of_the_demos_aggregator_settings_reaches_the_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The aggregator settings the demo builds come back whole from the child's environment."""
+    settings = aggregator_settings(
+        broker_url=f"mqtts://aggregator:{SECRET}@broker.example:8884?protocol=5",
+        federation_id="whole",
+        state_dir=tmp_path / "aggregator",
+        federation=TUNED,
+        buffer_size=EVERY_KNOB.buffer_size,
+        max_staleness=EVERY_KNOB.max_staleness,
+        server_lr=EVERY_KNOB.server_lr,
+        max_versions=EVERY_KNOB.max_versions,
+        seed=7,
+        client_id="aggregator.whole",
+        run_id="run-7",
+        ca_file="/etc/healthnet/ca.crt",
+        connect_timeout=3.5,
+        keepalive=11,
+        autostart=False,
+        chunk_size=4096,
+        max_update_bytes=2048,
+        keep_checkpoints=5,
+        archive_models=False,
+        metrics_port=0,
+        metrics_host="0.0.0.0",  # noqa: S104 - a value to carry, nothing binds it
+        checkpoint_every=4,
+    )
+    assert settings.knobs == EVERY_KNOB
+    assert settings.model == TUNED.model
+    assert _read_back_in_the_child(settings, tmp_path, monkeypatch) == settings
+
+
+def test_every_field_of_the_demos_node_settings_reaches_the_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node settings the demo builds come back whole from the child's environment."""
+    settings = node_settings(
+        broker_url=f"mqtt://cleveland:{SECRET}@127.0.0.1:1884",
+        federation_id="whole",
+        node_id="cleveland",
+        data="heart-disease:cleveland",
+        state_dir=tmp_path / "cleveland",
+        delay=0.5,
+        seed=3,
+        torch_threads=2,
+        exit_when_stopped=False,
+        ack_timeout=4.0,
+        device="cpu",
+        max_model_bytes=4096,
+        compression=Compression(top_k=0.1, quantization=Quantization.FP16),
+        keepalive=2,
+    )
+    assert _read_back_in_the_child(settings, tmp_path, monkeypatch) == settings
+
+
+def _read_back_in_the_child(
+    settings: ServiceSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> ServiceSettings:
+    """The settings a child started with ``settings`` builds from its environment, as the CLI does
+    with no flag given; a HEALTHNET_* variable and a .env file of the parent's are in the way."""
+    monkeypatch.setenv("HEALTHNET_KNOBS__STALENESS", "constant")
+    monkeypatch.setenv("HEALTHNET_CERT_FILE", "/parent/cert.pem")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("HEALTHNET_KEY_FILE=/parent/key.pem\n", encoding="utf-8")
+    child = ManagedProcess(
+        "child", service_command(settings), tmp_path / "child.log", settings=settings
+    )
+    environment = child.environment()
+    assert SECRET not in " ".join(child.args)
+    assert SECRET not in repr(child)
+    for name in list(os.environ):
+        monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    return type(settings)()
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_demos_child_aggregator_runs_with_every_knob_of_the_federation(
+    mosquitto: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The aggregator the demo's helpers start reports, in its status, every knob it was given."""
+    federation = f"knobs-{new_id()[:8]}"
+    watcher = MqttClient(BrokerEndpoint.parse(mosquitto.url), f"watch-{new_id()[:8]}")
+    watcher.subscribe(TopicTree(federation).aggregator_status())
+    with ProcessGroup(tmp_path / "logs") as group, watcher:
+        aggregator = group.start_service(
+            "aggregator",
+            aggregator_settings(
+                broker_url=mosquitto.url,
+                federation_id=federation,
+                state_dir=tmp_path / "aggregator",
+                federation=TUNED,
+                buffer_size=EVERY_KNOB.buffer_size,
+                max_staleness=EVERY_KNOB.max_staleness,
+                server_lr=EVERY_KNOB.server_lr,
+                max_versions=EVERY_KNOB.max_versions,
+            ),
+        )
+        try:
+            status = _first_status(watcher, 90)
+        except AssertionError:
+            raise AssertionError(aggregator.tail()) from None
+    lost = [
+        name
+        for name in Knobs.model_fields
+        if getattr(status.knobs, name) != getattr(EVERY_KNOB, name)
+    ]
+    assert status.knobs == EVERY_KNOB, f"lost on the way: {lost}"

@@ -85,7 +85,7 @@ def test_env_files_are_what_the_services_read(tmp_path: Path) -> None:
     out = generate(tmp_path, host="broker.example.org", port=9883)
     env = out / "clients" / "cleveland" / "healthnet.env"
     settings = ConnectionSettings(_env_file=env)
-    endpoint = settings.endpoint()
+    endpoint = settings.broker_url
     assert (endpoint.host, endpoint.port, endpoint.tls) == ("broker.example.org", 9883, True)
     assert settings.federation == "heart"
     assert settings.cert_file is not None
@@ -139,7 +139,7 @@ def test_password_mode_puts_a_distinct_password_in_each_env_file_only(tmp_path: 
     passwords = set()
     for identity, encoded in hashes.items():
         settings = ConnectionSettings(_env_file=out / "clients" / identity / "healthnet.env")
-        endpoint = settings.endpoint()
+        endpoint = settings.broker_url
         assert endpoint.username == identity
         assert endpoint.password is not None
         assert verify_mosquitto_hash(endpoint.password, encoded)
@@ -398,11 +398,9 @@ def test_cli_writes_a_deployment_and_prints_no_secret(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     printed = done.stdout + done.stderr
     for identity in ("aggregator", "cleveland", "hungarian", "va", "operator", "dashboard"):
-        password = (
-            ConnectionSettings(_env_file=out / "clients" / identity / "healthnet.env")
-            .endpoint()
-            .password
-        )
+        password = ConnectionSettings(
+            _env_file=out / "clients" / identity / "healthnet.env"
+        ).broker_url.password
         assert password is not None
         assert password not in printed
     assert "PRIVATE KEY" not in printed

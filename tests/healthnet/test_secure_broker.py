@@ -111,6 +111,24 @@ def refused(
 # -- who may connect
 
 
+def test_a_client_built_from_settings_carries_their_keepalive_tls_and_credentials(
+    passwords: SecureBroker,
+) -> None:
+    """MqttClient.from_settings connects over TLS with the settings' CA, as their user, with their
+    keep-alive: the broker logs the client's user and keep-alive as it connects."""
+    settings = passwords.settings("cleveland").model_copy(update={"keepalive": 17})
+    assert settings.broker_url.tls
+    assert settings.ca_file is not None
+    with MqttClient.from_settings(settings, f"settings-{uuid.uuid4().hex[:6]}") as client:
+        assert client.connected
+    # The broker names the client by its user (use_username_as_clientid); 17 is this test's own.
+    expected = "as cleveland (p2, c1, k17, u'cleveland')"
+    deadline = time.monotonic() + WAIT
+    while expected not in (logged := passwords.log()):
+        assert time.monotonic() < deadline, f"the broker never logged {expected!r}: {logged}"
+        time.sleep(0.05)  # polls the file Mosquitto appends its log to
+
+
 def test_every_generated_identity_connects(mtls: SecureBroker, passwords: SecureBroker) -> None:
     """Each identity's env file (certificate or password) gets it onto its deployment's broker."""
     for broker in (mtls, passwords):
@@ -125,7 +143,7 @@ NOT_AUTHORIZED = "broker refused the connection: Not authorized"
 def test_anonymous_client_is_refused(passwords: SecureBroker) -> None:
     """A TLS client that trusts the CA but gives no user name is refused as not authorised."""
     settings = passwords.settings("cleveland")
-    endpoint = settings.endpoint()
+    endpoint = settings.broker_url
     anonymous = BrokerEndpoint(endpoint.host, endpoint.port, tls=True)
     reason = refused(
         passwords, anonymous, settings.tls_files(), broker_logs="disconnected, not authorised."
@@ -136,7 +154,7 @@ def test_anonymous_client_is_refused(passwords: SecureBroker) -> None:
 def test_wrong_password_is_refused(passwords: SecureBroker) -> None:
     """A known user with a wrong password is refused as not authorised."""
     settings = passwords.settings("cleveland")
-    endpoint = settings.endpoint()
+    endpoint = settings.broker_url
     wrong = BrokerEndpoint(
         endpoint.host,
         endpoint.port,
@@ -153,7 +171,7 @@ def test_wrong_password_is_refused(passwords: SecureBroker) -> None:
 def test_another_identitys_password_is_refused(passwords: SecureBroker) -> None:
     """One hospital's password does not log in as another hospital."""
     settings = passwords.settings("cleveland")
-    endpoint = settings.endpoint()
+    endpoint = settings.broker_url
     borrowed = BrokerEndpoint(
         endpoint.host,
         endpoint.port,
@@ -172,7 +190,7 @@ def test_client_without_certificate_is_refused_on_the_mtls_listener(mtls: Secure
     settings = mtls.settings("cleveland")
     refused(
         mtls,
-        settings.endpoint(),
+        settings.broker_url,
         TlsFiles(ca_file=settings.ca_file),
         broker_logs="peer did not return a certificate",
     )
@@ -185,7 +203,7 @@ def test_certificate_of_another_ca_is_refused(mtls: SecureBroker, tmp_path: Path
         ours = mtls.settings("cleveland")
         refused(
             mtls,
-            ours.endpoint(),
+            ours.broker_url,
             TlsFiles(ca_file=ours.ca_file, cert_file=foreign.cert_file, key_file=foreign.key_file),
             broker_logs="certificate verify failed",
         )
@@ -193,7 +211,7 @@ def test_certificate_of_another_ca_is_refused(mtls: SecureBroker, tmp_path: Path
 
 def test_plain_mqtt_is_refused_on_the_tls_listener(passwords: SecureBroker) -> None:
     """A client that skips TLS never gets an MQTT session, even with the right password."""
-    endpoint = passwords.settings("cleveland").endpoint()
+    endpoint = passwords.settings("cleveland").broker_url
     plain = BrokerEndpoint(
         endpoint.host, endpoint.port, username=endpoint.username, password=endpoint.password
     )
@@ -205,7 +223,7 @@ def test_a_client_that_does_not_trust_the_ca_refuses_the_broker(mtls: SecureBrok
     settings = mtls.settings("cleveland")
     reason = refused(
         mtls,
-        settings.endpoint(),
+        settings.broker_url,
         TlsFiles(cert_file=settings.cert_file, key_file=settings.key_file),
         broker_logs="tlsv1 alert unknown ca",
     )

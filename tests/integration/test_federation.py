@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ from common.settings import ConnectionSettings
 from common.topics import Topic, TopicTree
 from healthnet.broker import EmbeddedBroker
 from healthnet.control import ControlClient
-from healthnet.demo import DemoConfig, aggregator_args, node_args, run_demo
+from healthnet.demo import DemoConfig, aggregator_settings, node_settings, run_demo
 from healthnet.federations import HEART_DISEASE
 from healthnet.processes import ProcessGroup
 
@@ -81,25 +82,26 @@ class Federation:
         self.group = ProcessGroup(workdir / "logs")
         self.settings = ConnectionSettings(broker_url=url, federation=name)  # type: ignore[arg-type]
 
-    def start_aggregator(self, *extra: str) -> None:
-        self.group.start(
+    def start_aggregator(self, **fields: Any) -> None:
+        """Start the aggregator; ``fields`` sets other settings (``autostart=False``, ...)."""
+        self.group.start_service(
             "aggregator",
-            aggregator_args(
+            aggregator_settings(
                 broker_url=self.url,
                 federation_id=self.name,
                 state_dir=self.workdir / "aggregator",
                 federation=HEART_DISEASE,
                 buffer_size=2,
                 max_staleness=20,
-                extra=extra,
+                **fields,
             ),
         )
 
     def start_nodes(self, delays: dict[str, float] | None = None) -> None:
         for site in HEART_DISEASE.sites:
-            self.group.start(
+            self.group.start_service(
                 site.node_id,
-                node_args(
+                node_settings(
                     broker_url=self.url,
                     federation_id=self.name,
                     node_id=site.node_id,
@@ -260,7 +262,7 @@ def test_pause_holds_a_full_buffer_and_resume_folds_it(federation: Federation) -
     # Two updates of our own (K = 2), so the buffer is full whatever the nodes had in flight.
     held = [zero_update(frozen), zero_update(frozen)]
     topics = TopicTree(federation.name)
-    with MqttClient(federation.settings.endpoint(), f"probe-{new_id()[:8]}") as probe:
+    with MqttClient.from_settings(federation.settings, f"probe-{new_id()[:8]}") as probe:
         probe.subscribe(topics.ack("probe"))
         for update in held:
             body = envelope(update, sender="probe", sent_at=time.time())
@@ -345,7 +347,7 @@ def test_a_restarted_aggregator_resumes_from_its_checkpoint(
         assert before.state is AggregatorState.OFFLINE  # its last word on a clean exit
 
     topic = TopicTree(federation.name).aggregator_status()
-    with MqttClient(federation.settings.endpoint(), f"watch-{new_id()[:8]}") as watcher:
+    with MqttClient.from_settings(federation.settings, f"watch-{new_id()[:8]}") as watcher:
         watcher.subscribe(topic)
         federation.start_aggregator()
         # Its first status comes before it serves anything: the version it resumed at.
@@ -358,7 +360,7 @@ def test_a_restarted_aggregator_resumes_from_its_checkpoint(
 
 def test_an_idle_run_starts_on_command_and_knobs_change_live(federation: Federation) -> None:
     """With --no-autostart nodes wait until `healthnet start`; `healthnet set` changes K live."""
-    federation.start_aggregator("--no-autostart")
+    federation.start_aggregator(autostart=False)
     federation.start_nodes()
     wait_for(lambda: federation.status().state is AggregatorState.IDLE, 30, "an idle aggregator")
     with ControlClient(federation.settings) as client:

@@ -17,7 +17,7 @@ from common.messages import AggregatorState, AggregatorStatus
 from common.mqtt import Message, MqttClient
 from common.topics import TopicTree
 from healthnet.broker import EmbeddedBroker
-from healthnet.demo import aggregator_args
+from healthnet.demo import aggregator_settings
 from healthnet.federations import HEART_DISEASE
 from healthnet.processes import ProcessGroup
 from tests.integration.test_federation import cli
@@ -59,7 +59,7 @@ def test_a_killed_aggregator_leaves_an_offline_status_with_its_age(
     watcher = MqttClient(BrokerEndpoint.parse(mosquitto.url), f"watch-{uuid.uuid4().hex[:8]}")
     watcher.subscribe(tree.aggregator_status())
     with ProcessGroup(tmp_path / "logs") as group, watcher:
-        args = aggregator_args(
+        settings = aggregator_settings(
             broker_url=mosquitto.url,
             federation_id=federation,
             state_dir=tmp_path / "aggregator",
@@ -68,7 +68,7 @@ def test_a_killed_aggregator_leaves_an_offline_status_with_its_age(
             max_staleness=10,
             max_versions=100,
         )
-        aggregator = group.start("aggregator", args)
+        aggregator = group.start_service("aggregator", settings)
         try:
             running = wait_for_state(watcher, AggregatorState.RUNNING, WAIT)
         except AssertionError:

@@ -80,7 +80,7 @@ def test_metrics_match_the_ledger_after_a_real_run(federation: Federation, tmp_p
     """Four hospitals trained and one sent garbage: each /metrics counter equals the ledger."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
-    federation.start_aggregator("--metrics-port", str(port))
+    federation.start_aggregator(metrics_port=port)
     federation.start_nodes()
     wait_for(lambda: version_at_least(federation, 8), 120, "version 8")
     wait_for(
