@@ -101,7 +101,7 @@ class NodeService:
         # (run id, residual) as last committed; read only by the worker, replaced by this thread.
         self._residual: tuple[str, Mapping[str, NDArray[np.float32]]] | None = None
         self.sent_log = SentLog(settings.state_dir)
-        self.session = NodeSession()
+        self.session = NodeSession(ack_timeout=settings.ack_timeout)
         self._clock = clock
         self._download = ModelDownload(max_blob_bytes=settings.max_model_bytes)
         self._client: MqttClient | None = None
@@ -110,7 +110,6 @@ class NodeService:
         self._model_spec: ModelSpec | None = None
         self._device: torch.device | None = None
         self._job: tuple[Job, concurrent.futures.Future[EvalResult | Upload]] | None = None
-        self._sent_at: dict[str, float] = {}
         self._published_state: tuple[NodeState, int | None, str] | None = None
 
     # -- lifecycle
@@ -130,6 +129,8 @@ class NodeService:
         self.sent_log.open()
         self._recover_progress()
         self.residuals.open(set(self.outbox.ids()))
+        for update_id in self.outbox.ids():
+            self.session.queue(update_id)
         log.info(
             "node %s: %s, %d train / %d test examples, device %s, %d updates in the outbox",
             settings.node_id,
@@ -212,7 +213,8 @@ class NodeService:
                 case Message():
                     self._on_message(item)
                 case ConnectionEvent(connected=True):
-                    self._resend(force=True)
+                    self.session.reconnected()
+                    self._resend()
                     self._published_state = None
                 case ConnectionEvent(connected=False):
                     log.warning("node %s: lost the broker; reconnecting", self.settings.node_id)
@@ -220,7 +222,7 @@ class NodeService:
                     pass
             self._collect_job()
             self._start_job(worker)
-            self._resend(force=False)
+            self._resend()
             self._publish_status()
             if self.settings.exit_when_stopped and self.session.finished():
                 log.info("node %s: the run is stopped; exiting", self.settings.node_id)
@@ -298,11 +300,11 @@ class NodeService:
         self._model_spec = spec
 
     def _on_ack(self, ack: Ack) -> None:
-        self._sent_at.pop(ack.update_id, None)
+        outstanding = self.session.acked(ack.update_id)
         if ack.reason is RejectReason.DISCARDED:
             self._on_discarded(ack)
             return
-        if ack.update_id not in self.outbox.ids():
+        if not outstanding:
             return  # an ack we already had (a resend's, or a duplicate delivery)
         # The log line first: a crash before the removal costs a resend, never a record.
         self.sent_log.write(
@@ -500,6 +502,7 @@ class NodeService:
         if upload.residual is not None:
             self.residuals.stage(update.update_id, run_id, upload.residual)
         self.outbox.put(update.update_id, payload)
+        self.session.queue(update.update_id)
         if upload.residual is not None:
             self.residuals.commit(update.update_id)
             self._residual = (run_id, upload.residual)
@@ -529,19 +532,17 @@ class NodeService:
     def _publish_raw_update(self, update_id: str, payload: bytes) -> None:
         assert self._client is not None  # noqa: S101
         self._client.publish(self.topics.update(self.settings.node_id), payload)
-        self._sent_at[update_id] = self._clock()
+        self.session.sent(update_id, self._clock())
 
-    def _resend(self, *, force: bool) -> None:
-        # Runs on every turn of the service loop: list ids only, read a payload only when due.
-        now = self._clock()
-        for update_id in self.outbox.ids():
-            last = self._sent_at.get(update_id)
-            if not (force or last is None or now - last >= self.settings.ack_timeout):
-                continue
+    def _resend(self) -> None:
+        """Send what the session says is due; runs on every turn of the service loop."""
+        for update_id in self.session.sends_due(self._clock()):
             payload = self.outbox.read(update_id)
-            if payload is not None:
-                log.info("node %s: resending update %s", self.settings.node_id, update_id[:8])
-                self._publish_raw_update(update_id, payload)
+            if payload is None:
+                self.session.acked(update_id)  # gone from the outbox: nothing left to send
+                continue
+            log.info("node %s: resending update %s", self.settings.node_id, update_id[:8])
+            self._publish_raw_update(update_id, payload)
 
     def _status_bytes(self, *, offline: bool = False) -> bytes:
         dataset = self._dataset
