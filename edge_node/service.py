@@ -23,7 +23,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import TYPE_CHECKING, TypeVar
@@ -33,7 +32,7 @@ from numpy.typing import NDArray
 
 from common.blobs import ModelDownload
 from common.codec import decode, decode_tensors, encode, envelope, new_id
-from common.compression import compress, effective_policy
+from common.compression import effective_policy
 from common.errors import ConfigError, ProtocolError, TopicError
 from common.messages import (
     Ack,
@@ -45,7 +44,6 @@ from common.messages import (
     NodeState,
     NodeStatus,
     RejectReason,
-    TrainMetrics,
     Update,
 )
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
@@ -58,27 +56,17 @@ from edge_node.sentlog import SentEntry, SentEvent, SentLog
 from edge_node.session import Job, JobKind, NodeSession
 from edge_node.settings import NodeSettings
 from edge_node.training import EvalResult, TrainResult, UnusableVersion, evaluate, train
+from edge_node.upload import Upload, carries_residual, compress_delta, seal_upload
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["NodeService"]
+__all__ = ["NodeService", "Upload"]
 
 log = logging.getLogger(__name__)
 
 B = TypeVar("B", bound=Body)
-
-
-@dataclass(frozen=True, slots=True)
-class Upload:
-    """A trained, compressed update ready for the outbox, with the residual it leaves behind."""
-
-    update: Update
-    payload: bytes
-    residual: Mapping[str, NDArray[np.float32]] | None  # None: error feedback is off
-    result: TrainResult
-    raw_bytes: int
 
 
 def _software_version() -> str:
@@ -397,30 +385,19 @@ class NodeService:
     def _prepare_upload(self, job: Job, result: TrainResult) -> Upload:
         """Delta, compression and envelope, on the worker thread (this is CPU work too)."""
         started = time.perf_counter()
-        manifest = job.manifest
-        policy = effective_policy(manifest.compression, self.settings.compression)
-        feedback = policy.error_feedback and not policy.lossless
-        residual = self._current_residual(manifest.run_id) if feedback else None
-        delta = {name: result.params[name] - base for name, base in job.params.items()}
-        compressed = compress(delta, policy, residual)
-        update = Update(
+        run_id = job.manifest.run_id
+        policy = effective_policy(job.manifest.compression, self.settings.compression)
+        residual = self._current_residual(run_id) if carries_residual(policy) else None
+        compressed = compress_delta(job, result, policy, residual)
+        return seal_upload(
+            job,
+            result,
+            compressed,
+            policy=policy,
+            node_id=self.settings.node_id,
             update_id=new_id(),
-            run_id=manifest.run_id,
-            base_version=manifest.version,
-            num_samples=result.num_samples,
-            metrics=TrainMetrics(
-                loss=result.loss, accuracy=result.accuracy, seconds=result.seconds
-            ),
-            delta=compressed.tensors,
             encode_seconds=time.perf_counter() - started,
-        )
-        payload = encode(envelope(update, sender=self.settings.node_id, sent_at=self._clock()))
-        return Upload(
-            update=update,
-            payload=payload,
-            residual=compressed.residual if feedback else None,
-            result=result,
-            raw_bytes=compressed.raw_bytes,
+            now=self._clock(),
         )
 
     def _current_residual(self, run_id: str) -> Mapping[str, NDArray[np.float32]]:
