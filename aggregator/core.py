@@ -554,8 +554,9 @@ class AggregatorCore:
             entry.bytes_received += size
 
     def record_decode_seconds(self, update_id: str, seconds: float) -> None:
-        """How long the shell saw :meth:`receive` take on a buffered update (decoding and
-        validating it), for its contribution's record; the core reads no clock."""
+        """How long the shell saw :meth:`receive` take to accept ``update_id`` (decoding and
+        validating it), for its contribution's record; the core reads no clock. An update no
+        longer buffered is not recorded."""
         for index in range(len(self._buffer) - 1, -1, -1):
             if self._buffer[index].update_id == update_id:
                 self._buffer[index] = replace(self._buffer[index], decode_seconds=seconds)

@@ -344,7 +344,8 @@ class AggregatorService:
         """The core's verdict on an update, and how long it took (decoding and validation)."""
         started = time.perf_counter()
         verdict = self.core.receive(node, sender, update, size, now)
-        self.core.record_decode_seconds(update.update_id, time.perf_counter() - started)
+        if verdict.accepted and not verdict.duplicate:  # a resend's check is not its decoding
+            self.core.record_decode_seconds(update.update_id, time.perf_counter() - started)
         return verdict
 
     def _on_control(self, request: ControlRequest) -> None:
