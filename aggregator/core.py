@@ -10,8 +10,11 @@ an update's staleness at arrival is its staleness at fold. The norm bound
 (:func:`~aggregator.aggregation.norm_bound`) depends on the norms of the updates accepted before,
 which the core keeps, in order, with its checkpoint: recovery replays the write-ahead log in
 order and so judges each update as it was judged. The shell asks :meth:`fold_due` after every
-accepted update and on a timer (for ``buffer_timeout``), folds, persists, then publishes. Time
-always comes in as an argument; nothing here reads a clock, a file or the network.
+accepted update and on a timer (for ``buffer_timeout``), folds, persists, then publishes what
+:meth:`broadcast` gives (the version's manifest and chunks, in the dtype the run asks for when the
+weights fit it). Time always comes in as an argument; nothing here reads a clock, a file or the
+network: the durations the records report (a fold's, an update's decoding) are measured by the
+shell and handed in (:meth:`Fold.timed`, :meth:`AggregatorCore.record_decode_seconds`).
 
 A fold becomes a version only if the new weights are finite and, when the shell gave the core a
 ``probe``, the model's outputs on the probe batch are finite too (weights of 3e38 are finite; the
@@ -24,9 +27,8 @@ number from an earlier version's weights, so versions stay monotonic for stalene
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, assert_never
 
 import numpy as np
@@ -49,7 +51,9 @@ from aggregator.aggregation import (
 )
 from aggregator.fold import squared_norm
 from aggregator.memory import VersionMemory
-from aggregator.run_state import transition
+from aggregator.run_state import RunEvent, transition
+from common.blobs import split_blob
+from common.codec import encode_tensors, sha256_hex
 from common.compression import DecodedTensor, all_finite, decode_tensor
 from common.compression_policy import admits, keep_count
 from common.errors import CompressionError, ControlError, NonFiniteValues
@@ -64,6 +68,8 @@ from common.messages import (
     Counters,
     Evaluation,
     Knobs,
+    Manifest,
+    ModelSpec,
     NodeTally,
     NormPolicy,
     RejectReason,
@@ -74,6 +80,7 @@ from common.messages import (
 
 __all__ = [
     "AggregatorCore",
+    "Broadcast",
     "BufferedUpdate",
     "Discard",
     "Fold",
@@ -87,6 +94,7 @@ FoldReason = Literal["buffer_full", "buffer_timeout"]
 # Runs a candidate version on a probe batch: None when its outputs are finite, else why not.
 Probe = Callable[[Mapping[str, NDArray[np.float32]]], str | None]
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
 # Knobs that are records of their own, set field by field as ``<knob>.<field>``.
 _NESTED_KNOBS = ("training", "compression")
 
@@ -155,6 +163,10 @@ class Fold:
     record: VersionRecord
     folded_ids: tuple[str, ...]
 
+    def timed(self, seconds: float) -> Fold:
+        """This fold, its record saying it took ``seconds`` (the core reads no clock)."""
+        return replace(self, record=self.record.model_copy(update={"fold_seconds": seconds}))
+
 
 @dataclass(frozen=True, slots=True)
 class Discard:
@@ -178,6 +190,20 @@ class Unreadable:
     reason: RejectReason
     detail: str
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """The current version as the nodes receive it: the manifest, the blob and its chunks.
+
+    ``widened``: the run asks for float16, but a weight lies beyond float16's range (it would
+    arrive as infinity), so this version travels as float32, as its manifest says.
+    """
+
+    manifest: Manifest
+    blob: bytes
+    chunks: tuple[bytes, ...]
+    widened: bool = False
 
 
 @dataclass(slots=True)
@@ -328,6 +354,35 @@ class AggregatorCore:
             updated_at=now,
         )
 
+    def broadcast(self, *, model: ModelSpec, chunk_size: int, now: float) -> Broadcast:
+        """The current version as broadcast: its weights as ``broadcast_dtype`` when they fit it,
+        in chunks of ``chunk_size`` bytes, with the manifest that announces them."""
+        knobs = self._knobs
+        dtype = knobs.broadcast_dtype
+        params: Mapping[str, NDArray[Any]] = self._params
+        widened = False
+        if dtype == "float16":
+            if all(float(np.abs(p).max(initial=0.0)) <= _FLOAT16_MAX for p in params.values()):
+                params = {name: p.astype(np.float16) for name, p in params.items()}
+            else:
+                dtype, widened = "float32", True
+        blob = encode_tensors(params)
+        chunks = tuple(split_blob(blob, chunk_size))
+        manifest = Manifest(
+            run_id=self.run_id,
+            version=self._version,
+            sha256=sha256_hex(blob),
+            blob_bytes=len(blob),
+            chunk_size=chunk_size,
+            chunk_count=len(chunks),
+            model=model,
+            training=knobs.training,
+            created_at=now,
+            compression=knobs.compression,
+            broadcast_dtype=dtype,
+        )
+        return Broadcast(manifest=manifest, blob=blob, chunks=chunks, widened=widened)
+
     # -- commands
 
     def command(self, command: ControlCommand) -> AggregatorState:
@@ -440,7 +495,6 @@ class AggregatorCore:
                     "one per version",
                 ),
             )
-        started = time.perf_counter()
         verdict, delta, scale, norm = self._validate(node, sender, update)
         if not verdict.accepted:
             return self._reject(entry, update.update_id, verdict)
@@ -454,7 +508,6 @@ class AggregatorCore:
             size=size,
             now=now,
             scale=scale,
-            decode_seconds=time.perf_counter() - started,
         )
         self._buffer.append(buffered)
         self._counters["bytes_accepted"] += size
@@ -532,6 +585,15 @@ class AggregatorCore:
                 assert_never(refusal.reason)
         self.note_malformed(node, unreadable.reason, now, unreadable.size)
         return unreadable
+
+    def record_decode_seconds(self, update_id: str, seconds: float) -> None:
+        """How long the shell saw :meth:`receive` take to accept ``update_id`` (decoding and
+        validating it), for its contribution's record; the core reads no clock. An update no
+        longer buffered is not recorded."""
+        for index in range(len(self._buffer) - 1, -1, -1):
+            if self._buffer[index].update_id == update_id:
+                self._buffer[index] = replace(self._buffer[index], decode_seconds=seconds)
+                return
 
     def note_malformed(self, node: str, reason: RejectReason, now: float, size: int) -> None:
         """Count a message that never reached validation (it has no update id to answer)."""
@@ -704,8 +766,9 @@ class AggregatorCore:
     def _fold(
         self, batch: list[BufferedUpdate], reason: FoldReason, now: float, *, probe: bool = True
     ) -> Fold | Discard:
-        started = time.perf_counter()
         knobs = self._knobs
+        # Any state change a new version brings is judged first: if illegal, nothing changes.
+        state = self._state_after(self._version + 1)
         policy = StalenessPolicy(knobs.staleness, knobs.staleness_a, knobs.staleness_b)
         # Staleness counts the versions published since each update's base, up to this fold:
         # an update left in the buffer by an earlier fold is staler now than when it arrived.
@@ -780,7 +843,7 @@ class AggregatorCore:
             contributions=contributions,
             update_norm=norm,
             train_loss=math.fsum(c.weight * c.train_loss for c in contributions),
-            fold_seconds=time.perf_counter() - started,
+            fold_seconds=0.0,  # the shell times the fold: see Fold.timed
             reason=reason,
         )
         for array in params.values():
@@ -788,12 +851,18 @@ class AggregatorCore:
         self._version += 1
         self._params = params
         self._opt_state = opt_state
+        self._state = state
         self._counters["folded"] += len(batch)
         for u in batch:
             self._nodes[u.node].folded += 1
-        if knobs.max_versions is not None and self._version >= knobs.max_versions:
-            self._state = AggregatorState.STOPPED
         return Fold(version=self._version, params=params, record=record, folded_ids=folded_ids)
+
+    def _state_after(self, version: int) -> AggregatorState:
+        """The run's state once ``version`` is folded: over at ``max_versions``."""
+        limit = self._knobs.max_versions
+        if limit is not None and version >= limit:
+            return transition(self._state, RunEvent.MAX_VERSIONS_REACHED)
+        return self._state
 
     def _discard(self, batch: list[BufferedUpdate], detail: str) -> Discard:
         """Drop a batch that cannot become a version: accepted, never folded, not rejected."""

@@ -16,18 +16,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal, assert_never
+from collections.abc import Callable, Iterator
+from typing import assert_never
 
-import numpy as np
-from numpy.typing import NDArray
-
-from aggregator.core import AggregatorCore, Discard, Fold, Probe
+from aggregator.core import AggregatorCore, Broadcast, Discard, Fold, Probe, Verdict
 from aggregator.journal import Journal
 from aggregator.metrics import AggregatorMetrics, serve_metrics
 from aggregator.settings import AggregatorSettings
-from common.blobs import split_blob
-from common.codec import encode, encode_tensors, envelope, new_id, sha256_hex
+from common.codec import encode, envelope, new_id
 from common.errors import ControlError, HealthNetError
 from common.inbound import Chunk, Inbound, Refusal, Refused, receive
 from common.messages import (
@@ -53,7 +49,6 @@ __all__ = ["AggregatorService"]
 log = logging.getLogger(__name__)
 
 _STATUS_MIN_INTERVAL = 0.5
-_FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class AggregatorService:
@@ -306,7 +301,7 @@ class AggregatorService:
     def _on_update(self, node: str, sender: str, update: Update, payload: bytes) -> None:
         core, now = self.core, self._clock()
         self._status_dirty = True
-        verdict = core.receive(node, sender, update, len(payload), now)
+        verdict = self._receive(node, sender, update, len(payload), now)
         self.journal.record_update(core, node, update, verdict, payload)
         if verdict.accepted:
             log.info(
@@ -335,6 +330,14 @@ class AggregatorService:
             current_version=core.version,
         )
         self._send(self.topics.ack(node), ack)
+
+    def _receive(self, node: str, sender: str, update: Update, size: int, now: float) -> Verdict:
+        """The core's verdict on an update, and how long it took (decoding and validation)."""
+        started = time.perf_counter()
+        verdict = self.core.receive(node, sender, update, size, now)
+        if verdict.accepted and not verdict.duplicate:  # a resend's check is not its decoding
+            self.core.record_decode_seconds(update.update_id, time.perf_counter() - started)
+        return verdict
 
     def _on_control(self, request: ControlRequest) -> None:
         core = self.core
@@ -391,8 +394,8 @@ class AggregatorService:
         core = self.core
         params, optimizer = self.journal.rollback_source(core, target)
         fold = core.rollback(target, params, optimizer, self._clock())
-        blob, dtype = self._model_blob()
-        self._announce(self.journal.commit_rollback(core, fold, blob), blob, dtype)
+        broadcast = self._broadcast()
+        self._announce(self.journal.commit_rollback(core, fold, broadcast.blob), broadcast)
         message = f"rolled back to v{target}'s weights as v{fold.version}"
         log.warning("operator: %s", message)
         return message
@@ -402,9 +405,10 @@ class AggregatorService:
     def _maybe_fold(self) -> None:
         core = self.core
         while core.fold_due(self._clock()) is not None:
+            started = time.perf_counter()
             match core.fold(self._clock()):
                 case Fold() as fold:
-                    self._commit(fold)
+                    self._commit(fold.timed(time.perf_counter() - started))
                 case Discard() as discard:
                     log.error(
                         "discarded %d buffered updates at v%d: %s",
@@ -440,14 +444,12 @@ class AggregatorService:
         self._status_dirty = True
 
     def _commit(self, fold: Fold) -> None:
-        blob, dtype = self._model_blob()
-        self._announce(self.journal.commit_fold(self.core, fold, blob), blob, dtype)
+        broadcast = self._broadcast()
+        self._announce(self.journal.commit_fold(self.core, fold, broadcast.blob), broadcast)
 
-    def _announce(
-        self, record: VersionRecord, blob: bytes, dtype: Literal["float32", "float16"]
-    ) -> None:
+    def _announce(self, record: VersionRecord, broadcast: Broadcast) -> None:
         """Publish a committed version: its model, its record, the metrics and the log line."""
-        self._publish_model(blob, dtype)
+        self._publish_model(broadcast)
         self._send(self.topics.versions(), record)
         self.metrics.observe_version(record)
         stalenesses = [c.staleness for c in record.contributions]
@@ -461,57 +463,37 @@ class AggregatorService:
             )
         self._publish_status(force=True)
 
-    def _model_blob(self) -> tuple[bytes, Literal["float32", "float16"]]:
-        """The current version's blob as broadcast, and the dtype its tensors travel as."""
-        core = self.core
-        dtype = core.knobs.broadcast_dtype
-        params: Mapping[str, NDArray[Any]] = core.params
-        if dtype == "float16":
-            if all(float(np.abs(p).max(initial=0.0)) <= _FLOAT16_MAX for p in params.values()):
-                params = {name: p.astype(np.float16) for name, p in params.items()}
-            else:
-                # A weight beyond float16's range would arrive as infinity: send this one whole.
-                log.warning(
-                    "v%d has weights beyond float16's range; broadcast as float32", core.version
-                )
-                dtype = "float32"
-        return encode_tensors(params), dtype
+    def _broadcast(self) -> Broadcast:
+        """The current version as the core would broadcast it now."""
+        core, settings = self.core, self.settings
+        broadcast = core.broadcast(
+            model=settings.model, chunk_size=settings.chunk_size, now=self._clock()
+        )
+        if broadcast.widened:
+            log.warning(
+                "v%d has weights beyond float16's range; broadcast as float32", core.version
+            )
+        return broadcast
 
-    def _publish_model(
-        self, blob: bytes | None = None, dtype: Literal["float32", "float16"] | None = None
-    ) -> None:
+    def _publish_model(self, broadcast: Broadcast | None = None) -> None:
         """Chunks first, manifest last (retained), then clear the previous version's chunks.
 
-        ``blob`` and ``dtype`` are the current version's, when the caller has encoded them.
+        ``broadcast`` is the current version's, when the caller has made it.
         """
         core, client = self.core, self._require_client()
-        if blob is None or dtype is None:
-            blob, dtype = self._model_blob()
+        if broadcast is None:
+            broadcast = self._broadcast()
             if self.journal.store.archived_model(core.version) is None:
                 # v0, or a run from before the archive: keep the version being announced too.
-                self.journal.store.archive_model(core.version, blob)
-        chunks = split_blob(blob, self.settings.chunk_size)
-        for index, chunk in enumerate(chunks):
+                self.journal.store.archive_model(core.version, broadcast.blob)
+        for index, chunk in enumerate(broadcast.chunks):
             client.publish(self.topics.chunk(core.version, index), chunk)
-        manifest = Manifest(
-            run_id=core.run_id,
-            version=core.version,
-            sha256=sha256_hex(blob),
-            blob_bytes=len(blob),
-            chunk_size=self.settings.chunk_size,
-            chunk_count=len(chunks),
-            model=self.settings.model,
-            training=core.knobs.training,
-            created_at=self._clock(),
-            compression=core.knobs.compression,
-            broadcast_dtype=dtype,
-        )
-        self._send(self.topics.manifest(), manifest)
+        self._send(self.topics.manifest(), broadcast.manifest)
         previous = self._published_chunks
         if previous is not None and previous[0] != core.version:
             for index in range(previous[1]):
                 client.clear_retained(self.topics.chunk(previous[0], index))
-        self._published_chunks = (core.version, len(chunks))
+        self._published_chunks = (core.version, len(broadcast.chunks))
 
     def _publish_status(self, *, force: bool = False, leaving: bool = False) -> None:
         now = self._clock()

@@ -23,7 +23,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import TYPE_CHECKING, assert_never
@@ -33,7 +32,6 @@ from numpy.typing import NDArray
 
 from common.blobs import ModelDownload
 from common.codec import decode_tensors, encode, envelope, new_id
-from common.compression import compress
 from common.compression_policy import effective_policy
 from common.errors import ConfigError, ProtocolError
 from common.inbound import Chunk, Decoded, Fault, Inbound, Refusal, Refused, decode_body, receive
@@ -49,7 +47,6 @@ from common.messages import (
     NodeState,
     NodeStatus,
     RejectReason,
-    TrainMetrics,
     Update,
     VersionRecord,
 )
@@ -63,25 +60,15 @@ from edge_node.sentlog import SentEntry, SentEvent, SentLog
 from edge_node.session import Job, JobKind, NodeSession
 from edge_node.settings import NodeSettings
 from edge_node.training import EvalResult, TrainResult, UnusableVersion, evaluate, train
+from edge_node.upload import Upload, carries_residual, compress_delta, seal_upload
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["NodeService"]
+__all__ = ["NodeService", "Upload"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Upload:
-    """A trained, compressed update ready for the outbox, with the residual it leaves behind."""
-
-    update: Update
-    payload: bytes
-    residual: Mapping[str, NDArray[np.float32]] | None  # None: error feedback is off
-    result: TrainResult
-    raw_bytes: int
 
 
 def _software_version() -> str:
@@ -104,7 +91,7 @@ class NodeService:
         # (run id, residual) as last committed; read only by the worker, replaced by this thread.
         self._residual: tuple[str, Mapping[str, NDArray[np.float32]]] | None = None
         self.sent_log = SentLog(settings.state_dir)
-        self.session = NodeSession()
+        self.session = NodeSession(ack_timeout=settings.ack_timeout)
         self._clock = clock
         self._download = ModelDownload(max_blob_bytes=settings.max_model_bytes)
         self._client: MqttClient | None = None
@@ -113,7 +100,6 @@ class NodeService:
         self._model_spec: ModelSpec | None = None
         self._device: torch.device | None = None
         self._job: tuple[Job, concurrent.futures.Future[EvalResult | Upload]] | None = None
-        self._sent_at: dict[str, float] = {}
         self._published_state: tuple[NodeState, int | None, str] | None = None
 
     # -- lifecycle
@@ -133,6 +119,8 @@ class NodeService:
         self.sent_log.open()
         self._recover_progress()
         self.residuals.open(set(self.outbox.ids()))
+        for update_id in self.outbox.ids():
+            self.session.queue(update_id)
         log.info(
             "node %s: %s, %d train / %d test examples, device %s, %d updates in the outbox",
             settings.node_id,
@@ -218,7 +206,8 @@ class NodeService:
                 case Message():
                     self._on_message(item)
                 case ConnectionEvent(connected=True):
-                    self._resend(force=True)
+                    self.session.reconnected()
+                    self._resend()
                     self._published_state = None
                 case ConnectionEvent(connected=False):
                     log.warning("node %s: lost the broker; reconnecting", self.settings.node_id)
@@ -226,7 +215,7 @@ class NodeService:
                     pass
             self._collect_job()
             self._start_job(worker)
-            self._resend(force=False)
+            self._resend()
             self._publish_status()
             if self.settings.exit_when_stopped and self.session.finished():
                 log.info("node %s: the run is stopped; exiting", self.settings.node_id)
@@ -312,11 +301,11 @@ class NodeService:
         self._model_spec = spec
 
     def _on_ack(self, ack: Ack) -> None:
-        self._sent_at.pop(ack.update_id, None)
+        outstanding = self.session.acked(ack.update_id)
         if ack.reason is RejectReason.DISCARDED:
             self._on_discarded(ack)
             return
-        if ack.update_id not in self.outbox.ids():
+        if not outstanding:
             return  # an ack we already had (a resend's, or a duplicate delivery)
         # The log line first: a crash before the removal costs a resend, never a record.
         self.sent_log.write(
@@ -409,30 +398,19 @@ class NodeService:
     def _prepare_upload(self, job: Job, result: TrainResult) -> Upload:
         """Delta, compression and envelope, on the worker thread (this is CPU work too)."""
         started = time.perf_counter()
-        manifest = job.manifest
-        policy = effective_policy(manifest.compression, self.settings.compression)
-        feedback = policy.error_feedback and not policy.lossless
-        residual = self._current_residual(manifest.run_id) if feedback else None
-        delta = {name: result.params[name] - base for name, base in job.params.items()}
-        compressed = compress(delta, policy, residual)
-        update = Update(
+        run_id = job.manifest.run_id
+        policy = effective_policy(job.manifest.compression, self.settings.compression)
+        residual = self._current_residual(run_id) if carries_residual(policy) else None
+        compressed = compress_delta(job, result, policy, residual)
+        return seal_upload(
+            job,
+            result,
+            compressed,
+            policy=policy,
+            node_id=self.settings.node_id,
             update_id=new_id(),
-            run_id=manifest.run_id,
-            base_version=manifest.version,
-            num_samples=result.num_samples,
-            metrics=TrainMetrics(
-                loss=result.loss, accuracy=result.accuracy, seconds=result.seconds
-            ),
-            delta=compressed.tensors,
             encode_seconds=time.perf_counter() - started,
-        )
-        payload = encode(envelope(update, sender=self.settings.node_id, sent_at=self._clock()))
-        return Upload(
-            update=update,
-            payload=payload,
-            residual=compressed.residual if feedback else None,
-            result=result,
-            raw_bytes=compressed.raw_bytes,
+            now=self._clock(),
         )
 
     def _current_residual(self, run_id: str) -> Mapping[str, NDArray[np.float32]]:
@@ -514,6 +492,7 @@ class NodeService:
         if upload.residual is not None:
             self.residuals.stage(update.update_id, run_id, upload.residual)
         self.outbox.put(update.update_id, payload)
+        self.session.queue(update.update_id)
         if upload.residual is not None:
             self.residuals.commit(update.update_id)
             self._residual = (run_id, upload.residual)
@@ -543,19 +522,17 @@ class NodeService:
     def _publish_raw_update(self, update_id: str, payload: bytes) -> None:
         assert self._client is not None  # noqa: S101
         self._client.publish(self.topics.update(self.settings.node_id), payload)
-        self._sent_at[update_id] = self._clock()
+        self.session.sent(update_id, self._clock())
 
-    def _resend(self, *, force: bool) -> None:
-        # Runs on every turn of the service loop: list ids only, read a payload only when due.
-        now = self._clock()
-        for update_id in self.outbox.ids():
-            last = self._sent_at.get(update_id)
-            if not (force or last is None or now - last >= self.settings.ack_timeout):
-                continue
+    def _resend(self) -> None:
+        """Send what the session says is due; runs on every turn of the service loop."""
+        for update_id in self.session.sends_due(self._clock()):
             payload = self.outbox.read(update_id)
-            if payload is not None:
-                log.info("node %s: resending update %s", self.settings.node_id, update_id[:8])
-                self._publish_raw_update(update_id, payload)
+            if payload is None:
+                self.session.acked(update_id)  # gone from the outbox: nothing left to send
+                continue
+            log.info("node %s: resending update %s", self.settings.node_id, update_id[:8])
+            self._publish_raw_update(update_id, payload)
 
     def _status_bytes(self, *, offline: bool = False) -> bytes:
         dataset = self._dataset

@@ -10,6 +10,7 @@ import pytest
 
 from aggregator.aggregation import ServerOptimizerState, densify
 from aggregator.core import AggregatorCore, Discard, Fold, Unreadable, Verdict
+from common.codec import decode_tensors, sha256_hex
 from common.compression import dense_tensor
 from common.errors import ControlError
 from common.inbound import Refusal, Refused
@@ -21,6 +22,7 @@ from common.messages import (
     Counters,
     Evaluation,
     Knobs,
+    ModelSpec,
     RejectReason,
     ServerOptimizerKind,
     StalenessKind,
@@ -1077,3 +1079,83 @@ def test_a_logged_version_is_folded_again_even_if_it_would_fail_the_probe() -> N
     fill(strict, ("a", "u1", big, 10), ("b", "u2", big, 10))
     again = strict.refold(fold.record, now=1.0)
     assert all(np.array_equal(again.params[n], fold.params[n]) for n in PARAMS)
+
+
+# -- time comes in; the broadcast is the core's
+
+
+def test_the_core_reads_no_clock_the_shell_hands_in_the_durations() -> None:
+    """A record's decode and fold times are those the shell measured and handed in, not zero or
+    anything the core timed itself."""
+    core = make_core(buffer_size=2)
+    send(core, make_update("u1"), node="a")
+    send(core, make_update("u2"), node="b")
+    core.record_decode_seconds("u2", 0.25)
+    core.record_decode_seconds("unknown", 9.0)  # no longer buffered: nothing to say
+    fold = core.fold(now=0.0)
+    assert isinstance(fold, Fold)
+    assert [c.decode_seconds for c in fold.record.contributions] == [0.0, 0.25]
+    assert fold.record.fold_seconds == 0.0
+    timed = fold.timed(1.5)
+    assert timed.record.fold_seconds == 1.5
+    assert timed.record.model_copy(update={"fold_seconds": 0.0}) == fold.record
+    assert (timed.version, timed.folded_ids) == (fold.version, fold.folded_ids)
+
+
+def test_max_versions_stops_through_the_transition_table_after_a_refold() -> None:
+    """The stop at max_versions is the table's finish event: a version folded again during
+    recovery stops the run the same way."""
+    core = make_core(buffer_size=1, max_versions=1)
+    send(core, make_update("u1"))
+    fold = core.fold(now=3.0)
+    assert isinstance(fold, Fold)
+    assert core.state is AggregatorState.STOPPED
+    again = make_core(buffer_size=1, max_versions=1)
+    send(again, make_update("u1"))
+    again.refold(fold.record, now=3.0)
+    assert again.state is AggregatorState.STOPPED
+
+
+HEART = ModelSpec(name="logreg", kwargs={"in_features": 3, "num_classes": 2})
+
+
+def test_a_broadcast_announces_the_blob_it_carries() -> None:
+    """The manifest names the run, version, blob hash and size, and chunks that make the blob."""
+    core = make_core(version=2, compression=Compression(top_k=0.5))
+    broadcast = core.broadcast(model=HEART, chunk_size=16, now=7.0)
+    manifest = broadcast.manifest
+    assert (manifest.run_id, manifest.version, manifest.created_at) == (RUN, 2, 7.0)
+    assert (manifest.model, manifest.training, manifest.compression) == (
+        HEART,
+        core.knobs.training,
+        core.knobs.compression,
+    )
+    assert b"".join(broadcast.chunks) == broadcast.blob
+    assert all(len(c) <= 16 for c in broadcast.chunks)
+    assert (manifest.chunk_count, manifest.blob_bytes) == (
+        len(broadcast.chunks),
+        len(broadcast.blob),
+    )
+    assert manifest.sha256 == sha256_hex(broadcast.blob)
+    assert manifest.broadcast_dtype == "float32"
+    assert not broadcast.widened
+    assert_params_equal(decode_tensors(broadcast.blob, max_bytes=10_000), PARAMS)
+
+
+def test_a_float16_broadcast_carries_the_weights_rounded_to_float16() -> None:
+    """broadcast_dtype float16: the blob holds float16 tensors, and the manifest says so."""
+    broadcast = make_core(broadcast_dtype="float16").broadcast(model=HEART, chunk_size=64, now=0)
+    assert broadcast.manifest.broadcast_dtype == "float16"
+    assert not broadcast.widened
+    tensors = decode_tensors(broadcast.blob, max_bytes=10_000)
+    assert {name: t.dtype for name, t in tensors.items()} == {"w": np.float16, "b": np.float16}
+    assert_params_equal(tensors, {k: v.astype(np.float16) for k, v in PARAMS.items()})
+
+
+def test_weights_beyond_float16_range_are_broadcast_as_float32() -> None:
+    """A weight float16 would turn into infinity: that version travels whole, and says why."""
+    huge = {"w": PARAMS["w"] * 1e6, "b": PARAMS["b"]}
+    core = AggregatorCore(run_id=RUN, params=huge, knobs=Knobs(broadcast_dtype="float16"))
+    broadcast = core.broadcast(model=HEART, chunk_size=64, now=0)
+    assert (broadcast.manifest.broadcast_dtype, broadcast.widened) == ("float32", True)
+    assert_params_equal(decode_tensors(broadcast.blob, max_bytes=10_000), core.params)

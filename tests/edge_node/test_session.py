@@ -1,14 +1,26 @@
-"""Specification of the node's session: what to evaluate and train next, decided without I/O."""
+"""Specification of the node's session: what to evaluate, train and send next, without I/O."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
 
 from common.messages import AggregatorState, Manifest, ModelSpec, NodeState, TrainingConfig
 from edge_node.session import Job, JobKind, NodeSession
+from edge_node.session_state import (
+    Delivery,
+    DeliveryEvent,
+    IllegalTransition,
+    Phase,
+    WorkEvent,
+    advance,
+    deliver,
+)
 
 PARAMS = {"w": np.zeros((2, 2), dtype=np.float32)}
+ACK_TIMEOUT = 60.0
 RUNNING, PAUSED, STOPPED, IDLE = (
     AggregatorState.RUNNING,
     AggregatorState.PAUSED,
@@ -35,7 +47,7 @@ def session_with(
     version: int | None = 1, state: AggregatorState | None = RUNNING, run_id: str = "run-a"
 ) -> NodeSession:
     """A session that has seen the given model version and aggregator state."""
-    session = NodeSession()
+    session = NodeSession(ack_timeout=ACK_TIMEOUT)
     if state is not None:
         session.on_status(state, run_id)
     if version is not None:
@@ -63,7 +75,7 @@ def run_all(session: NodeSession) -> list[tuple[JobKind, int]]:
 def test_nothing_is_due_before_a_model_arrives() -> None:
     """Without a model there is nothing to evaluate or train, whatever the aggregator says."""
     assert session_with(version=None).next_job() is None
-    assert NodeSession().next_job() is None
+    assert NodeSession(ack_timeout=ACK_TIMEOUT).next_job() is None
 
 
 def test_a_new_version_is_evaluated_then_trained_once_while_running() -> None:
@@ -199,7 +211,7 @@ def test_node_state_reports_training_paused_or_idle(
 
 def test_the_version_is_that_of_the_latest_model() -> None:
     """version is None before any model, then the latest manifest's version."""
-    session = NodeSession()
+    session = NodeSession(ack_timeout=ACK_TIMEOUT)
     assert session.version is None
     session.on_model(manifest(3), PARAMS)
     assert session.version == 3
@@ -257,7 +269,7 @@ def test_a_newer_version_after_the_stop_must_be_evaluated_before_finishing() -> 
 
 def test_a_version_marked_trained_before_a_restart_is_not_trained_again() -> None:
     """mark_trained (from the sent log) stops a restarted node from training that version again."""
-    session = NodeSession()
+    session = NodeSession(ack_timeout=ACK_TIMEOUT)
     session.mark_trained("run-a", 3)
     session.on_status(RUNNING, "run-a")
     session.on_model(manifest(3), PARAMS)
@@ -294,3 +306,154 @@ def test_a_failed_training_still_lets_the_version_be_evaluated() -> None:
     assert session.failure == "training loss is nan"
     assert run_all(session) == []
     assert {first.kind, second.kind} == {JobKind.EVALUATE, JobKind.TRAIN}
+
+
+# -- the phases, through the table
+
+
+def test_the_phase_follows_the_work() -> None:
+    """Waiting for a model, ready, evaluating, ready, training, ready: one job at a time."""
+    session = NodeSession(ack_timeout=ACK_TIMEOUT)
+    session.on_status(RUNNING, "run-a")
+    assert session.phase is Phase.WAITING_FOR_MODEL
+    session.on_model(manifest(1), PARAMS)
+    assert session.phase is Phase.READY
+    phases = []
+    while (job := session.next_job()) is not None:
+        phases.append(session.phase)
+        session.on_model(manifest(1), PARAMS)  # a model mid-job does not end the job
+        phases.append(session.phase)
+        session.job_done(job)
+    assert phases == [Phase.EVALUATING] * 2 + [Phase.TRAINING] * 2
+    assert session.phase is Phase.READY
+
+
+def test_the_phase_is_finished_once_the_run_is_over_and_leaves_it_for_another_run() -> None:
+    """FINISHED after the stopped run's last version is evaluated; another run's live status
+    makes the node wait for that run's model."""
+    session = session_with(version=1, state=STOPPED)
+    run_all(session)
+    assert session.phase is Phase.FINISHED
+    session.on_status(RUNNING, "run-b")
+    assert (session.phase, session.finished()) == (Phase.WAITING_FOR_MODEL, False)
+    assert session.next_job() is None
+    session.on_model(manifest(1, "run-b"), PARAMS)
+    assert sorted(run_all(session)) == [(JobKind.EVALUATE, 1), (JobKind.TRAIN, 1)]
+
+
+def test_a_job_done_with_no_job_running_is_refused() -> None:
+    """Ending a job that never started is the shell's bug: it raises and changes nothing."""
+    session = session_with(version=1)
+    job = session.next_job()
+    assert job is not None
+    session.job_done(job)
+    with pytest.raises(IllegalTransition, match="cannot job_done while ready"):
+        session.job_done(job)
+    assert session.phase is Phase.READY
+
+
+WORK = {
+    (Phase.WAITING_FOR_MODEL, WorkEvent.MODEL): Phase.READY,
+    (Phase.WAITING_FOR_MODEL, WorkEvent.RUN_OVER): Phase.FINISHED,
+    (Phase.READY, WorkEvent.MODEL): Phase.READY,
+    (Phase.READY, WorkEvent.EVALUATE): Phase.EVALUATING,
+    (Phase.READY, WorkEvent.TRAIN): Phase.TRAINING,
+    (Phase.READY, WorkEvent.RUN_OVER): Phase.FINISHED,
+    (Phase.EVALUATING, WorkEvent.MODEL): Phase.EVALUATING,
+    (Phase.EVALUATING, WorkEvent.JOB_DONE): Phase.READY,
+    (Phase.TRAINING, WorkEvent.MODEL): Phase.TRAINING,
+    (Phase.TRAINING, WorkEvent.JOB_DONE): Phase.READY,
+    (Phase.FINISHED, WorkEvent.MODEL): Phase.READY,
+    (Phase.FINISHED, WorkEvent.RUN_REOPENED): Phase.WAITING_FOR_MODEL,
+}
+
+
+@pytest.mark.parametrize(
+    ("phase", "event"),
+    [
+        pytest.param(phase, event, id=f"{phase.value}-{event.value}")
+        for phase, event in itertools.product(Phase, WorkEvent)
+    ],
+)
+def test_the_work_table_is_exactly_this(phase: Phase, event: WorkEvent) -> None:
+    """Each pair in WORK leads to its one next phase; every other pair raises."""
+    if (phase, event) in WORK:
+        assert advance(phase, event) is WORK[(phase, event)]
+    else:
+        with pytest.raises(IllegalTransition, match=f"^cannot {event.value} while {phase.value}$"):
+            advance(phase, event)
+
+
+# -- the outbox: what to send, and when
+
+
+def test_a_queued_update_is_due_at_once_then_again_only_after_ack_timeout() -> None:
+    """Queued: due now. Sent: not due until ack_timeout has passed since, then due again."""
+    session = NodeSession(ack_timeout=10.0)
+    session.queue("u1")
+    assert session.sends_due(now=100.0) == ("u1",)
+    session.sent("u1", now=100.0)
+    assert session.delivery("u1") is Delivery.AWAITING_ACK
+    assert session.sends_due(now=109.9) == ()
+    assert session.sends_due(now=110.0) == ("u1",)
+    session.sent("u1", now=110.0)
+    assert session.sends_due(now=115.0) == ()
+
+
+def test_a_reconnect_makes_every_unacked_update_due() -> None:
+    """The broker may have lost what was sent with the connection: all is sent again."""
+    session = NodeSession(ack_timeout=ACK_TIMEOUT)
+    for update_id in ("u1", "u2"):
+        session.queue(update_id)
+        session.sent(update_id, now=0.0)
+    session.queue("u3")
+    session.reconnected()
+    assert session.sends_due(now=1.0) == ("u1", "u2", "u3")
+    assert {session.delivery(u) for u in ("u1", "u2", "u3")} == {Delivery.QUEUED}
+
+
+def test_an_ack_ends_the_delivery_and_a_second_is_told_apart() -> None:
+    """acked() is True once, for an update the outbox held; after it the update is never due."""
+    session = NodeSession(ack_timeout=1.0)
+    session.queue("u1")
+    session.queue("u2")
+    session.sent("u1", now=0.0)
+    assert session.acked("u1")
+    assert not session.acked("u1")
+    assert not session.acked("never-sent")
+    assert session.acked("u2")  # an ack may race a queued update's first send
+    assert (session.unacked, session.sends_due(now=99.0)) == ((), ())
+    assert session.delivery("u1") is None
+
+
+def test_sending_an_update_that_is_not_in_the_outbox_is_refused() -> None:
+    """Only a queued update can be sent: anything else is the shell's bug."""
+    session = NodeSession(ack_timeout=ACK_TIMEOUT)
+    with pytest.raises(IllegalTransition, match="not in the outbox"):
+        session.sent("u1", now=0.0)
+
+
+DELIVERY = {
+    (Delivery.QUEUED, DeliveryEvent.SENT): Delivery.AWAITING_ACK,
+    (Delivery.QUEUED, DeliveryEvent.RECONNECTED): Delivery.QUEUED,
+    (Delivery.QUEUED, DeliveryEvent.ACKED): Delivery.ACKED,
+    (Delivery.AWAITING_ACK, DeliveryEvent.SENT): Delivery.AWAITING_ACK,
+    (Delivery.AWAITING_ACK, DeliveryEvent.RECONNECTED): Delivery.QUEUED,
+    (Delivery.AWAITING_ACK, DeliveryEvent.ACKED): Delivery.ACKED,
+}
+
+
+@pytest.mark.parametrize(
+    ("delivery", "event"),
+    [
+        pytest.param(delivery, event, id=f"{delivery.value}-{event.value}")
+        for delivery, event in itertools.product(Delivery, DeliveryEvent)
+    ],
+)
+def test_the_delivery_table_is_exactly_this(delivery: Delivery, event: DeliveryEvent) -> None:
+    """Each pair in DELIVERY leads to its one next state; an acked update takes no event."""
+    if (delivery, event) in DELIVERY:
+        assert deliver(delivery, event) is DELIVERY[(delivery, event)]
+    else:
+        with pytest.raises(IllegalTransition, match=delivery.value):
+            deliver(delivery, event)
