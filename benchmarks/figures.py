@@ -32,6 +32,8 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
+from common.broker_url import BrokerEndpoint
+
 __all__ = ["TABLES", "main", "pages", "render_page", "render_pages", "stale_tables"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -568,6 +570,8 @@ def _settings_class(module: str, name: str) -> Any:
 def _default(value: Any) -> str:
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
+    if isinstance(value, BrokerEndpoint):  # parsed when settings load; shown as its URL
+        value = value.redacted()
     if value is None:
         return "none"
     if isinstance(value, bool):
