@@ -57,11 +57,11 @@ PNEUMONIA = Federation(
     ),
     model=ModelSpec(name="cnn", kwargs={"in_channels": 1, "num_classes": 2, "width": 16}),
     sites=tuple(Site(node_id=f"hospital-{i}", data=f"pneumonia:hospital-{i}") for i in range(1, 9)),
-    # Measured on the 2-core machine (docs/benchmarks.md): the official-test accuracy of this CNN levels off
-    # at 0.85-0.87. Adam 1e-3 with a full server step holds it there as well as Adam 2e-3 with a
-    # halved one (0.854-0.865 against 0.859-0.864 at v40 over two seeds), and it keeps top-1 %
-    # compressed updates within half a point of dense where the halved step costs them four
-    # (benchmarks/compression.py, docs/benchmarks.md). SGD needed two local epochs to match; K = 2 swings for
+    # Measured on the 2-core machine (docs/benchmarks.md): the official-test accuracy of this CNN
+    # levels off at 0.85-0.87. Adam 1e-3 with a full server step holds it there as well as Adam
+    # 2e-3 with a halved one (0.854-0.865 against 0.859-0.864 at v40 over two seeds), and it keeps
+    # top-1 % compressed updates within half a point of dense where the halved step costs them
+    # four (benchmarks/compression.py). SGD needed two local epochs to match; K = 2 swings for
     # longer, K = 8 waits for hospital-3 (1,967 images) every version.
     knobs=Knobs(
         buffer_size=4,

@@ -353,4 +353,6 @@ def test_a_federation_runs_to_its_last_version_over_encoded_bytes_without_a_brok
     accepted = {uid for node in nodes for uid, ack in node.acks.items() if ack.accepted}
     assert first_va in accepted
     assert folded <= accepted
-    assert {e.node: e.eval_version for e in core.node_tallies()} == dict.fromkeys(HOSPITALS, VERSIONS)
+    assert {e.node: e.eval_version for e in core.node_tallies()} == dict.fromkeys(
+        HOSPITALS, VERSIONS
+    )
