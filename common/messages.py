@@ -223,16 +223,22 @@ class CompressedTensor(Frozen):
                 f"{len(self.values)} value bytes for {self.count} {self.values_dtype} values, "
                 f"expected {self.count * itemsize}"
             )
-        if self.values_dtype == "int8":
-            if self.scale is None:
-                return "int8 values need a scale"
-            if not math.isfinite(self.scale) or self.scale <= 0:
-                return f"scale {self.scale!r} is not a finite positive number"
-            if self.scale * INT8_MAX > FLOAT32_MAX:
-                return f"scale {self.scale!r} takes int8 values beyond float32's range"
-        elif self.scale is not None:
-            return f"{self.values_dtype} values take no scale, got {self.scale!r}"
+        if (error := self._scale_error()) is not None:
+            return error
         return self._index_error(size)
+
+    def _scale_error(self) -> str | None:
+        if self.values_dtype != "int8":
+            if self.scale is not None:
+                return f"{self.values_dtype} values take no scale, got {self.scale!r}"
+            return None
+        if self.scale is None:
+            return "int8 values need a scale"
+        if not math.isfinite(self.scale) or self.scale <= 0:
+            return f"scale {self.scale!r} is not a finite positive number"
+        if self.scale * INT8_MAX > FLOAT32_MAX:
+            return f"scale {self.scale!r} takes int8 values beyond float32's range"
+        return None
 
     def _index_error(self, size: int) -> str | None:
         match self.index_coding:
