@@ -1,6 +1,6 @@
 """Model broadcast: from a version's creation to every node holding it, on a real Mosquitto.
 
-    python benchmarks/broadcast.py --json OUT [--nodes 8 32] [--versions N] [--quick]
+    python -m benchmarks.broadcast --json OUT [--nodes 8 32] [--versions N] [--quick]
 
 The publisher does what the aggregator does for a new version (``encode_tensors`` of the
 parameters, ``split_blob`` into 1 MiB retained chunks, the chunks then the manifest, over
@@ -31,6 +31,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks._report import write_report
+from benchmarks.compression_fold import LAYOUTS
 from common.blobs import ModelDownload, split_blob
 from common.broker_url import BrokerEndpoint
 from common.codec import decode, decode_tensors, encode, encode_tensors, envelope, sha256_hex
@@ -38,10 +40,6 @@ from common.messages import Manifest, ModelSpec, TrainingConfig
 from common.mqtt import ConnectionEvent, Message, MqttClient
 from common.topics import Route, TopicTree
 from healthnet.broker import BrokerConfig, EmbeddedBroker
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_report
-from compression_fold import LAYOUTS
 
 CHUNK = 1024 * 1024
 MAX_BLOB = 1024**3

@@ -1,6 +1,6 @@
 """Compressed deltas on the pneumonia federation: bytes, accuracy and fold cost per setting.
 
-    python benchmarks/compression.py --json OUT [--versions N] [--mode fedbuff|sync] [--quick]
+    python -m benchmarks.compression --json OUT [--versions N] [--mode fedbuff|sync] [--quick]
 
 Each setting runs the whole pneumonia federation (8 hospitals, the built-in CNN, real processes on
 an embedded Mosquitto) for the same number of global versions, so the same number of folded
@@ -18,7 +18,6 @@ starting the two processes per setting that import torch; its figures mean nothi
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +26,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks._report import best_of, write_report
+from benchmarks.compression_fold import LAYOUTS, fold_pair
 from common.compression import compress
 from common.messages import Compression, Quantization
 from healthnet.demo import DemoConfig, Mode, resolve_mode, run_demo
 from healthnet.federations import FEDERATIONS
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import best_of, write_report
-from compression_fold import LAYOUTS, fold_pair
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +40,7 @@ class Setting:
     policy: Compression
 
 
-SETTINGS = (
+SETTINGS: tuple[Setting, ...] = (
     Setting("dense-fp32", Compression()),
     Setting("fp16", Compression(quantization=Quantization.FP16)),
     Setting("int8", Compression(quantization=Quantization.INT8)),

@@ -1,6 +1,6 @@
 """Time to accuracy under stragglers: synchronous FedAvg against FedBuff and FedAsync.
 
-    python benchmarks/stragglers.py --json OUT [--budget S] [--seeds 0 1 2] [--plot PNG] [--quick]
+    python -m benchmarks.stragglers --json OUT [--budget S] [--seeds 0 1 2] [--plot PNG] [--quick]
 
 Every hospital's update is delayed (a sleep on the node, after training) by a fixed amount drawn
 once per hospital from a log-normal distribution, median 0.5 s, sigma 1, with a fixed seed
@@ -34,11 +34,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks._report import write_report
 from healthnet.demo import DemoConfig, DemoResult, Mode, run_demo
 from healthnet.federations import FEDERATIONS
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_report
 
 TARGETS = (0.85, 0.88)
 HEART_TARGETS = (0.75, 0.78)
