@@ -24,10 +24,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 from rich.console import Console
 from rich.table import Table
 
@@ -122,32 +125,14 @@ def measure(url: str, model: str, nodes: int, versions: int, procs: int) -> dict
         for version in range(1, versions + 1):
             params = {k: v + np.float32(1e-3) for k, v in params.items()}  # a new version
             created = time.time()
-            blob = encode_tensors(params)
-            chunks = split_blob(blob, CHUNK)
-            for index, chunk in enumerate(chunks):
-                client.publish(topics.chunk(version, index), chunk)
-            manifest = Manifest(run_id="bench", version=version, sha256=sha256_hex(blob),
-                                blob_bytes=len(blob), chunk_size=CHUNK, chunk_count=len(chunks),
-                                model=spec, training=TrainingConfig(),
-                                created_at=created)  # fmt: skip
-            client.publish(topics.manifest(), encode(envelope(manifest, sender="publisher",
-                                                              sent_at=created)))  # fmt: skip
-            blob_bytes = len(blob)
-            held: dict[str, float] = {}
-            deadline = time.monotonic() + 300
-            while len(held) < nodes:
-                name, got, at = report.get(timeout=max(1.0, deadline - time.monotonic()))
-                if got == version:
-                    held[name] = at - created
-            per_version.append(sorted(held.values()))
+            blob_bytes, chunk_count = _publish(
+                client, topics, version, params, spec=spec, created=created
+            )
+            per_version.append(_held_seconds(report, version, nodes, created))
             if version > 1:
-                for index in range(len(chunks)):  # as the aggregator does: clear the old ones
+                for index in range(chunk_count):  # as the aggregator does: clear the old ones
                     client.clear_retained(topics.chunk(version - 1, index))
-    done.set()
-    for w in workers:
-        w.join(timeout=30)
-        if w.is_alive():
-            w.kill()
+    _stop(done, workers)
     medians = [statistics.median(v) for v in per_version]
     worsts = [v[-1] for v in per_version]
     return {
@@ -162,6 +147,51 @@ def measure(url: str, model: str, nodes: int, versions: int, procs: int) -> dict
         "first_node_seconds": statistics.median(v[0] for v in per_version),
         "per_version": per_version,
     }
+
+
+def _publish(
+    client: MqttClient,
+    topics: TopicTree,
+    version: int,
+    params: dict[str, NDArray[np.float32]],
+    *,
+    spec: ModelSpec,
+    created: float,
+) -> tuple[int, int]:
+    """Publish ``params`` as ``version``, its chunks then its manifest: blob bytes, chunk count."""
+    blob = encode_tensors(params)
+    chunks = split_blob(blob, CHUNK)
+    for index, chunk in enumerate(chunks):
+        client.publish(topics.chunk(version, index), chunk)
+    manifest = Manifest(run_id="bench", version=version, sha256=sha256_hex(blob),
+                        blob_bytes=len(blob), chunk_size=CHUNK, chunk_count=len(chunks),
+                        model=spec, training=TrainingConfig(),
+                        created_at=created)  # fmt: skip
+    client.publish(topics.manifest(), encode(envelope(manifest, sender="publisher",
+                                                      sent_at=created)))  # fmt: skip
+    return len(blob), len(chunks)
+
+
+def _held_seconds(
+    report: mp.Queue[tuple[str, int, float]], version: int, nodes: int, created: float
+) -> list[float]:
+    """Seconds from ``created`` until each of ``nodes`` nodes held ``version``, in order."""
+    held: dict[str, float] = {}
+    deadline = time.monotonic() + 300
+    while len(held) < nodes:
+        name, got, at = report.get(timeout=max(1.0, deadline - time.monotonic()))
+        if got == version:
+            held[name] = at - created
+    return sorted(held.values())
+
+
+def _stop(done: MpEvent, workers: Sequence[BaseProcess]) -> None:
+    """Tell the subscriber processes to end, and kill any that outlive their grace."""
+    done.set()
+    for w in workers:
+        w.join(timeout=30)
+        if w.is_alive():
+            w.kill()
 
 
 def main() -> None:
