@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks._report import write_report
+from benchmarks._report import number, write_report
 from benchmarks.compression_fold import LAYOUTS
 from common.blobs import ModelDownload, split_blob
 from common.broker_url import BrokerEndpoint
@@ -224,7 +224,7 @@ def main() -> None:
         table.add_row(
             str(r["model"]),
             f"{r['params']:,}",
-            f"{int(r['blob_bytes']) / 1e6:.1f}",  # type: ignore[call-overload]
+            f"{number(r['blob_bytes']) / 1e6:.1f}",
             str(r["nodes"]),
             f"{r['first_node_seconds']:.3f}",
             f"{r['median_node_seconds']:.3f}",

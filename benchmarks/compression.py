@@ -26,7 +26,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks._report import best_of, write_report
+from benchmarks._report import best_of, number, write_report
 from benchmarks.compression_fold import LAYOUTS, fold_pair
 from common.compression import compress
 from common.messages import Compression, Quantization
@@ -136,8 +136,8 @@ def main() -> None:
             )
     dense = next((r for r in rows if r["name"] == "dense-fp32"), rows[0])
     for row in rows:
-        row["ratio"] = float(dense["bytes_per_update"]) / float(row["bytes_per_update"])  # type: ignore[arg-type]
-        row["accuracy_vs_dense"] = float(row["accuracy"]) - float(dense["accuracy"])  # type: ignore[arg-type]
+        row["ratio"] = number(dense["bytes_per_update"]) / number(row["bytes_per_update"])
+        row["accuracy_vs_dense"] = number(row["accuracy"]) - number(dense["accuracy"])
     table = Table(title=f"pneumonia, {args.mode}, {versions} versions per setting")
     for column in ("setting", "EF", "bytes/update", "ratio", "accuracy", "last 5", "vs dense",
                    "fold/add 105K", "fold/add 11.7M"):  # fmt: skip
@@ -150,7 +150,7 @@ def main() -> None:
             f"{r['ratio']:.1f}x",
             f"{r['accuracy']:.3f}",
             f"{r['accuracy_last5']:.3f}",
-            f"{100 * float(r['accuracy_vs_dense']):+.1f} pt",  # type: ignore[arg-type]
+            f"{100 * number(r['accuracy_vs_dense']):+.1f} pt",
             f"{r['fold_ratio']:.2f}",
             f"{r['fold_ratio_11m']:.2f}",
         )
