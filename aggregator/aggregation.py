@@ -457,34 +457,48 @@ def server_step(
         d = delta[name]
         if d.shape != x.shape:
             raise ValueError(f"tensor {name!r}: delta shape {d.shape} != params {x.shape}")
-        step: NDArray[Any]
-        match opt.kind:
-            case ServerOptimizerKind.SGD:
-                step = d
-            case ServerOptimizerKind.FEDAVGM:
-                m = opt.momentum * state.m.get(name, np.zeros_like(x)) + d
-                new_m[name] = m.astype(np.float32)
-                step = m
-            case ServerOptimizerKind.FEDADAM | ServerOptimizerKind.FEDYOGI:
-                m = opt.beta1 * state.m.get(name, np.zeros_like(x)) + (1 - opt.beta1) * d
-                v0 = state.v.get(name, np.full_like(x, opt.tau**2))
-                d2 = np.square(d)
-                if opt.kind is ServerOptimizerKind.FEDADAM:
-                    v = opt.beta2 * v0 + (1 - opt.beta2) * d2
-                else:
-                    v = v0 - (1 - opt.beta2) * d2 * np.sign(v0 - d2)
-                new_m[name] = m.astype(np.float32)
-                new_v[name] = v.astype(np.float32)
-                step = m / (np.sqrt(v) + opt.tau)
-        # In place in one float32 array: this runs over the whole model every version.
-        if reuse_delta:
-            updated = np.asarray(d)
-            if updated.dtype != np.float32 or not updated.flags.writeable:
-                raise ValueError(f"tensor {name!r}: reuse_delta needs a writeable float32 delta")
-            if opt.lr != 1.0 or step is not d:
-                np.multiply(step, opt.lr, out=updated, dtype=np.float32)
-        else:
-            updated = np.multiply(step, opt.lr, dtype=np.float32)
-        np.add(updated, x, out=updated)
-        new_params[name] = updated
+        step, m, v = _optimizer_step(name, x, d, state, opt)
+        if m is not None:
+            new_m[name] = m
+        if v is not None:
+            new_v[name] = v
+        new_params[name] = _stepped(name, x, d, step, opt.lr, reuse_delta=reuse_delta)
     return new_params, ServerOptimizerState(step=state.step + 1, m=new_m, v=new_v)
+
+
+def _optimizer_step(
+    name: str, x: Array, d: Array, state: ServerOptimizerState, opt: ServerOptimizer
+) -> tuple[NDArray[Any], Array | None, Array | None]:
+    """One tensor's step under ``opt`` and its new first and second moments (None: not kept)."""
+    match opt.kind:
+        case ServerOptimizerKind.SGD:
+            return d, None, None
+        case ServerOptimizerKind.FEDAVGM:
+            m = opt.momentum * state.m.get(name, np.zeros_like(x)) + d
+            return m, m.astype(np.float32), None
+        case ServerOptimizerKind.FEDADAM | ServerOptimizerKind.FEDYOGI:
+            m = opt.beta1 * state.m.get(name, np.zeros_like(x)) + (1 - opt.beta1) * d
+            v0 = state.v.get(name, np.full_like(x, opt.tau**2))
+            d2 = np.square(d)
+            if opt.kind is ServerOptimizerKind.FEDADAM:
+                v = opt.beta2 * v0 + (1 - opt.beta2) * d2
+            else:
+                v = v0 - (1 - opt.beta2) * d2 * np.sign(v0 - d2)
+            return m / (np.sqrt(v) + opt.tau), m.astype(np.float32), v.astype(np.float32)
+
+
+def _stepped(
+    name: str, x: Array, d: Array, step: NDArray[Any], lr: float, *, reuse_delta: bool
+) -> Array:
+    """``x + lr * step`` as float32, written into ``d`` where ``reuse_delta`` gives it up."""
+    # In place in one float32 array: this runs over the whole model every version.
+    if reuse_delta:
+        updated = np.asarray(d)
+        if updated.dtype != np.float32 or not updated.flags.writeable:
+            raise ValueError(f"tensor {name!r}: reuse_delta needs a writeable float32 delta")
+        if lr != 1.0 or step is not d:
+            np.multiply(step, lr, out=updated, dtype=np.float32)
+    else:
+        updated = np.multiply(step, lr, dtype=np.float32)
+    np.add(updated, x, out=updated)
+    return updated

@@ -1,1 +1,1 @@
-"""Benchmarks: each writes its figures as JSON (``python benchmarks/NAME.py --json OUT``)."""
+"""Benchmarks: each writes its figures as JSON (``python -m benchmarks.NAME --json OUT``)."""

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CLOCKS", "best_of", "machine", "write_report"]
+__all__ = ["CLOCKS", "best_of", "machine", "number", "write_report"]
 
 
 def machine() -> dict[str, object]:
@@ -41,6 +41,13 @@ def machine() -> dict[str, object]:
     return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
             "git_revision": revision, "load_average": load,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+
+
+def number(value: object) -> float:
+    """A number read back from a benchmark's JSON-shaped row (``dict[str, object]``), checked."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {value!r}")
+    return value
 
 
 def write_report(path: Path, report: dict[str, object]) -> None:

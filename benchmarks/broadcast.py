@@ -1,6 +1,6 @@
 """Model broadcast: from a version's creation to every node holding it, on a real Mosquitto.
 
-    python benchmarks/broadcast.py --json OUT [--nodes 8 32] [--versions N] [--quick]
+    python -m benchmarks.broadcast --json OUT [--nodes 8 32] [--versions N] [--quick]
 
 The publisher does what the aggregator does for a new version (``encode_tensors`` of the
 parameters, ``split_blob`` into 1 MiB retained chunks, the chunks then the manifest, over
@@ -24,14 +24,19 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 from typing import assert_never
 
 import numpy as np
+from numpy.typing import NDArray
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks._report import number, write_report
+from benchmarks.compression_fold import LAYOUTS
 from common.blobs import ModelDownload, split_blob
 from common.broker_url import BrokerEndpoint
 from common.codec import decode_tensors, encode, encode_tensors, envelope, sha256_hex
@@ -41,10 +46,6 @@ from common.messages import Manifest, ModelSpec, TrainingConfig
 from common.mqtt import ConnectionEvent, Message, MqttClient
 from common.topics import TopicTree
 from healthnet.broker import BrokerConfig, EmbeddedBroker
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_report
-from compression_fold import LAYOUTS
 
 CHUNK = 1024 * 1024
 MAX_BLOB = 1024**3
@@ -135,32 +136,14 @@ def measure(url: str, model: str, nodes: int, versions: int, procs: int) -> dict
         for version in range(1, versions + 1):
             params = {k: v + np.float32(1e-3) for k, v in params.items()}  # a new version
             created = time.time()
-            blob = encode_tensors(params)
-            chunks = split_blob(blob, CHUNK)
-            for index, chunk in enumerate(chunks):
-                client.publish(topics.chunk(version, index), chunk)
-            manifest = Manifest(run_id="bench", version=version, sha256=sha256_hex(blob),
-                                blob_bytes=len(blob), chunk_size=CHUNK, chunk_count=len(chunks),
-                                model=spec, training=TrainingConfig(),
-                                created_at=created)  # fmt: skip
-            client.publish(topics.manifest(), encode(envelope(manifest, sender="publisher",
-                                                              sent_at=created)))  # fmt: skip
-            blob_bytes = len(blob)
-            held: dict[str, float] = {}
-            deadline = time.monotonic() + 300
-            while len(held) < nodes:
-                name, got, at = report.get(timeout=max(1.0, deadline - time.monotonic()))
-                if got == version:
-                    held[name] = at - created
-            per_version.append(sorted(held.values()))
+            blob_bytes, chunk_count = _publish(
+                client, topics, version, params, spec=spec, created=created
+            )
+            per_version.append(_held_seconds(report, version, nodes, created))
             if version > 1:
-                for index in range(len(chunks)):  # as the aggregator does: clear the old ones
+                for index in range(chunk_count):  # as the aggregator does: clear the old ones
                     client.clear_retained(topics.chunk(version - 1, index))
-    done.set()
-    for w in workers:
-        w.join(timeout=30)
-        if w.is_alive():
-            w.kill()
+    _stop(done, workers)
     medians = [statistics.median(v) for v in per_version]
     worsts = [v[-1] for v in per_version]
     return {
@@ -175,6 +158,51 @@ def measure(url: str, model: str, nodes: int, versions: int, procs: int) -> dict
         "first_node_seconds": statistics.median(v[0] for v in per_version),
         "per_version": per_version,
     }
+
+
+def _publish(
+    client: MqttClient,
+    topics: TopicTree,
+    version: int,
+    params: dict[str, NDArray[np.float32]],
+    *,
+    spec: ModelSpec,
+    created: float,
+) -> tuple[int, int]:
+    """Publish ``params`` as ``version``, its chunks then its manifest: blob bytes, chunk count."""
+    blob = encode_tensors(params)
+    chunks = split_blob(blob, CHUNK)
+    for index, chunk in enumerate(chunks):
+        client.publish(topics.chunk(version, index), chunk)
+    manifest = Manifest(run_id="bench", version=version, sha256=sha256_hex(blob),
+                        blob_bytes=len(blob), chunk_size=CHUNK, chunk_count=len(chunks),
+                        model=spec, training=TrainingConfig(),
+                        created_at=created)  # fmt: skip
+    client.publish(topics.manifest(), encode(envelope(manifest, sender="publisher",
+                                                      sent_at=created)))  # fmt: skip
+    return len(blob), len(chunks)
+
+
+def _held_seconds(
+    report: mp.Queue[tuple[str, int, float]], version: int, nodes: int, created: float
+) -> list[float]:
+    """Seconds from ``created`` until each of ``nodes`` nodes held ``version``, in order."""
+    held: dict[str, float] = {}
+    deadline = time.monotonic() + 300
+    while len(held) < nodes:
+        name, got, at = report.get(timeout=max(1.0, deadline - time.monotonic()))
+        if got == version:
+            held[name] = at - created
+    return sorted(held.values())
+
+
+def _stop(done: MpEvent, workers: Sequence[BaseProcess]) -> None:
+    """Tell the subscriber processes to end, and kill any that outlive their grace."""
+    done.set()
+    for w in workers:
+        w.join(timeout=30)
+        if w.is_alive():
+            w.kill()
 
 
 def main() -> None:
@@ -207,7 +235,7 @@ def main() -> None:
         table.add_row(
             str(r["model"]),
             f"{r['params']:,}",
-            f"{int(r['blob_bytes']) / 1e6:.1f}",  # type: ignore[call-overload]
+            f"{number(r['blob_bytes']) / 1e6:.1f}",
             str(r["nodes"]),
             f"{r['first_node_seconds']:.3f}",
             f"{r['median_node_seconds']:.3f}",

@@ -1,6 +1,6 @@
 """Chaos benchmark: kill and freeze a real federation at random, then count lost updates.
 
-    python benchmarks/chaos.py --minutes 10 --json chaos.json [--seed 0] [--federation NAME]
+    python -m benchmarks.chaos --minutes 10 --json chaos.json [--seed 0] [--federation NAME]
 
 Runs devtools.chaos (real processes, a real Mosquitto with persistence) and writes its JSON:
 aggregator_kills, broker_restarts, node_kills, node_freezes, updates_sent, updates_folded,
@@ -20,11 +20,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from benchmarks._report import write_report
 from devtools.chaos import DEFAULT_EVERY, ChaosConfig, Fault, problems, run_chaos
 from healthnet.federations import FEDERATIONS
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Compressed deltas on the pneumonia federation: bytes, accuracy and fold cost per setting.
 
-    python benchmarks/compression.py --json OUT [--versions N] [--mode fedbuff|sync] [--quick]
+    python -m benchmarks.compression --json OUT [--versions N] [--mode fedbuff|sync] [--quick]
 
 Each setting runs the whole pneumonia federation (8 hospitals, the built-in CNN, real processes on
 an embedded Mosquitto) for the same number of global versions, so the same number of folded
@@ -18,7 +18,6 @@ starting the two processes per setting that import torch; its figures mean nothi
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +26,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks._report import best_of, number, write_report
+from benchmarks.compression_fold import LAYOUTS, fold_pair
 from common.compression import compress
 from common.messages import Compression, Quantization
 from healthnet.demo import DemoConfig, Mode, resolve_mode, run_demo
 from healthnet.federations import FEDERATIONS
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import best_of, write_report
-from compression_fold import LAYOUTS, fold_pair
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +40,7 @@ class Setting:
     policy: Compression
 
 
-SETTINGS = (
+SETTINGS: tuple[Setting, ...] = (
     Setting("dense-fp32", Compression()),
     Setting("fp16", Compression(quantization=Quantization.FP16)),
     Setting("int8", Compression(quantization=Quantization.INT8)),
@@ -139,8 +136,8 @@ def main() -> None:
             )
     dense = next((r for r in rows if r["name"] == "dense-fp32"), rows[0])
     for row in rows:
-        row["ratio"] = float(dense["bytes_per_update"]) / float(row["bytes_per_update"])  # type: ignore[arg-type]
-        row["accuracy_vs_dense"] = float(row["accuracy"]) - float(dense["accuracy"])  # type: ignore[arg-type]
+        row["ratio"] = number(dense["bytes_per_update"]) / number(row["bytes_per_update"])
+        row["accuracy_vs_dense"] = number(row["accuracy"]) - number(dense["accuracy"])
     table = Table(title=f"pneumonia, {args.mode}, {versions} versions per setting")
     for column in ("setting", "EF", "bytes/update", "ratio", "accuracy", "last 5", "vs dense",
                    "fold/add 105K", "fold/add 11.7M"):  # fmt: skip
@@ -153,7 +150,7 @@ def main() -> None:
             f"{r['ratio']:.1f}x",
             f"{r['accuracy']:.3f}",
             f"{r['accuracy_last5']:.3f}",
-            f"{100 * float(r['accuracy_vs_dense']):+.1f} pt",  # type: ignore[arg-type]
+            f"{100 * number(r['accuracy_vs_dense']):+.1f} pt",
             f"{r['fold_ratio']:.2f}",
             f"{r['fold_ratio_11m']:.2f}",
         )

@@ -1,6 +1,6 @@
 """Decode-and-fold time of compressed deltas against a plain dense numpy add, per model size.
 
-    python benchmarks/compression_fold.py [--json OUT] [--repeats N]
+    python -m benchmarks.compression_fold [--json OUT] [--repeats N]
 
 For each model layout (the built-in CNN at widths 16 and 128, and a ResNet-18 layout of 11.7 M
 parameters) and each compression setting, it compresses one random delta, then times
@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from aggregator.fold import accumulate
+from benchmarks._report import best_of
 from common.compression import compress
 from common.messages import CompressedTensor, Compression, Quantization
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import best_of
 
 Layout = dict[str, tuple[int, ...]]
 

@@ -1,6 +1,6 @@
 """Durability benchmark: what checkpoints and ledger writes (with fsync) add to a version's cost.
 
-    python benchmarks/durability.py --json durability.json [--versions 23] [--rounds 3] [--quick]
+    python -m benchmarks.durability --json durability.json [--versions 23] [--rounds 3] [--quick]
 
 For each model (the pneumonia CNN: ``cnn`` on 1x28x28 images, 2 classes; and an ``mlp`` of more
 than 10 M parameters) a real aggregator (AggregatorService in this process) on a real Mosquitto is
@@ -52,6 +52,7 @@ from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from aggregator.store import Checkpoint, StateStore
 from aggregator.update_log import UpdateLog, UpdateLogEntry
+from benchmarks._report import write_report
 from common.broker_url import BrokerEndpoint
 from common.codec import DEFAULT_MAX_MESSAGE_BYTES, encode, envelope, new_id
 from common.compression import dense_tensor
@@ -60,9 +61,6 @@ from common.messages import Knobs, Manifest, ModelSpec, TrainMetrics, Update, Ve
 from common.mqtt import Message, MqttClient
 from common.topics import TopicTree
 from healthnet.broker import BrokerConfig, EmbeddedBroker
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_report
 
 K = 3
 LOOKAHEAD = 2  # versions' worth of updates queued ahead of the aggregator

@@ -1,6 +1,6 @@
 """Aggregator throughput: decode, validate and fold updates as the service does, in one process.
 
-    python benchmarks/fold.py --json OUT [--updates N] [--repeats R] [--quick]
+    python -m benchmarks.fold --json OUT [--updates N] [--repeats R] [--quick]
 
 For models of about 100 K, 1 M and 11.7 M parameters (the built-in CNN at widths 16 and 128, a
 ResNet-18 layout) and for dense float32 and compressed deltas (float16; top 10 % as int8), it
@@ -29,6 +29,8 @@ from rich.console import Console
 from rich.table import Table
 
 from aggregator.core import AggregatorCore
+from benchmarks._report import best_of, write_report
+from benchmarks.compression_fold import LAYOUTS, Layout
 from common.codec import decode, encode, envelope, new_id
 from common.compression import compress
 from common.messages import (
@@ -40,10 +42,6 @@ from common.messages import (
     TrainMetrics,
     Update,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import best_of, write_report
-from compression_fold import LAYOUTS, Layout
 
 MODELS = {"cnn-16": "~100 K", "cnn-128": "~1 M", "resnet18": "~11.7 M"}
 # Not run by default: 12 M parameters, nearly all in one 48 MB tensor (as an embedding table

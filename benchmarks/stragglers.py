@@ -1,6 +1,6 @@
 """Time to accuracy under stragglers: synchronous FedAvg against FedBuff and FedAsync.
 
-    python benchmarks/stragglers.py --json OUT [--budget S] [--seeds 0 1 2] [--plot PNG] [--quick]
+    python -m benchmarks.stragglers --json OUT [--budget S] [--seeds 0 1 2] [--plot PNG] [--quick]
 
 Every hospital's update is delayed (a sleep on the node, after training) by a fixed amount drawn
 once per hospital from a log-normal distribution, median 0.5 s, sigma 1, with a fixed seed
@@ -27,6 +27,7 @@ import math
 import statistics
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +35,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks._report import number, write_report
 from healthnet.demo import DemoConfig, DemoResult, Mode, run_demo
 from healthnet.federations import FEDERATIONS
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_report
 
 TARGETS = (0.85, 0.88)
 HEART_TARGETS = (0.75, 0.78)
@@ -56,6 +55,15 @@ class Setting:
         return {"sync": "sync FedAvg", "fedasync": "FedAsync"}.get(self.mode, "FedBuff") + (
             f" K={self.k}"
         )
+
+    @classmethod
+    def of(cls, row: Mapping[str, object]) -> Setting:
+        """The setting a run's row, or a summary's entry, was measured at."""
+        mode = row["mode"]
+        match mode:
+            case "sync" | "fedbuff" | "fedasync":
+                return cls(mode, int(number(row["k"])))
+        raise ValueError(f"a row of mode {mode!r}, which no setting has")
 
 
 def settings(sites: int) -> tuple[Setting, ...]:
@@ -150,6 +158,17 @@ def run_one(  # noqa: PLR0917 - one call site, each argument named there
     return row
 
 
+def _reached(value: object) -> float | None:
+    """A run's time or count to a target, None where it never reached it."""
+    return None if value is None else number(value)
+
+
+def _median(spread: object) -> float | None:
+    """The median of a :func:`_spread`, None where half the seeds or more missed the target."""
+    assert isinstance(spread, dict)
+    return _reached(spread["median"])
+
+
 def _spread(values: list[float | None]) -> dict[str, object]:
     """Median and range over seeds; a seed that never reached a target makes the median None
     when half or more of them missed it (a missed target is slower than any reached one)."""
@@ -167,7 +186,7 @@ def _spread(values: list[float | None]) -> dict[str, object]:
 
 def summarise(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
-    keys = sorted({(str(r["federation"]), str(r["mode"]), int(r["k"])) for r in rows},  # type: ignore[call-overload]
+    keys = sorted({(str(r["federation"]), str(r["mode"]), int(number(r["k"]))) for r in rows},
                   key=lambda t: (t[0], ORDER[t[1]], t[2]))  # fmt: skip
     for federation, mode, k in keys:
         runs = [r for r in rows if (r["federation"], r["mode"], r["k"]) == (federation, mode, k)]
@@ -175,19 +194,23 @@ def summarise(rows: list[dict[str, object]]) -> list[dict[str, object]]:
                                     "seeds": [r["seed"] for r in runs]}  # fmt: skip
         for target in ALL_TARGETS:
             label = f"{round(target * 100)}"
-            entry[f"seconds_to_{label}"] = _spread([r[f"seconds_to_{label}"] for r in runs])  # type: ignore[misc]
-            entry[f"updates_to_{label}"] = _spread([r[f"updates_to_{label}"] for r in runs])  # type: ignore[misc]
-        entry["final_accuracy"] = _spread([float(r["final_accuracy"]) for r in runs])  # type: ignore[arg-type]
-        entry["bytes_moved"] = statistics.median(int(r["bytes_moved"]) for r in runs)  # type: ignore[call-overload]
-        entry["versions"] = statistics.median(int(r["versions"]) for r in runs)  # type: ignore[call-overload]
+            entry[f"seconds_to_{label}"] = _spread(
+                [_reached(r[f"seconds_to_{label}"]) for r in runs]
+            )
+            entry[f"updates_to_{label}"] = _spread(
+                [_reached(r[f"updates_to_{label}"]) for r in runs]
+            )
+        entry["final_accuracy"] = _spread([number(r["final_accuracy"]) for r in runs])
+        entry["bytes_moved"] = statistics.median(int(number(r["bytes_moved"])) for r in runs)
+        entry["versions"] = statistics.median(int(number(r["versions"])) for r in runs)
         out.append(entry)
     for federation in {str(e["federation"]) for e in out}:
         label = f"{round((TARGETS if federation == 'pneumonia' else HEART_TARGETS)[0] * 100)}"
         group = [e for e in out if e["federation"] == federation]
         sync = next((e for e in group if e["mode"] == "sync"), None)
-        base = None if sync is None else sync[f"seconds_to_{label}"]["median"]  # type: ignore[index]
+        base = None if sync is None else _median(sync[f"seconds_to_{label}"])
         for e in group:
-            mine = e[f"seconds_to_{label}"]["median"]  # type: ignore[index]
+            mine = _median(e[f"seconds_to_{label}"])
             e[f"speedup_to_{label}"] = base / mine if base is not None and mine else None
     return out
 
@@ -216,14 +239,14 @@ def render(summary: list[dict[str, object]], console: Console) -> None:
             assert isinstance(acc, dict)
             speed = e.get(f"speedup_to_{a}")
             table.add_row(
-                Setting(e["mode"], int(e["k"])).name,  # type: ignore[arg-type, call-overload]
+                Setting.of(e).name,
                 _fmt(e[f"seconds_to_{a}"]),
                 _fmt(e[f"updates_to_{a}"], ""),
                 _fmt(e[f"seconds_to_{b}"]),
                 _fmt(e[f"updates_to_{b}"], ""),
                 f"{acc['median']:.3f} [{acc['min']:.3f}-{acc['max']:.3f}]",
                 f"{e['versions']:.0f}",
-                f"{float(e['bytes_moved']) / 1e6:.0f}",  # type: ignore[arg-type]
+                f"{number(e['bytes_moved']) / 1e6:.0f}",
                 "-" if speed is None else f"{speed:.2f}x",
             )
         Console(width=170).print(table)
@@ -244,7 +267,7 @@ def plot(rows: list[dict[str, object]], path: Path, federation: str, seed: int) 
         # Every evaluated version, not the running best, which would hide the swings.
         best = [(p["seconds"], p["accuracy"]) for p in points]
         xs, ys = zip(*best, strict=True) if best else ((), ())
-        name = Setting(r["mode"], int(r["k"])).name  # type: ignore[arg-type, call-overload]
+        name = Setting.of(r).name
         ax.plot(xs, ys, label=name, lw=1.4 if r["mode"] == "sync" else 1.0,
                 color="black" if r["mode"] == "sync" else None)  # fmt: skip
     for target in TARGETS if federation == "pneumonia" else HEART_TARGETS:

@@ -1,6 +1,6 @@
 """Scale: hundreds of simulated hospitals against one real aggregator and one Mosquitto.
 
-    python benchmarks/swarm.py --json OUT [--nodes 200] [--seconds 180] [--think 10] [--quick]
+    python -m benchmarks.swarm --json OUT [--nodes 200] [--seconds 180] [--think 10] [--quick]
 
 The aggregator is the real service (``healthnet aggregator run``, the heart-disease logistic
 regression, FedBuff K = ``--buffer-size``) in its own process; the hospitals are light clients,
@@ -37,6 +37,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks._report import write_report
 from common.blobs import ModelDownload
 from common.broker_url import BrokerEndpoint
 from common.codec import decode_tensors, encode, envelope, new_id
@@ -50,9 +51,6 @@ from healthnet.broker import BrokerConfig, EmbeddedBroker
 from healthnet.demo import aggregator_settings
 from healthnet.federations import HEART_DISEASE
 from healthnet.processes import ProcessGroup
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_report
 
 MAX_BLOB = 64 * 1024 * 1024
 

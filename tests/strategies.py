@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from aggregator.aggregation import StalenessPolicy
+from common.compression import DecodedTensor, compress, decode_tensor, decompress
 from common.messages import Compression, Quantization, StalenessKind
 
 FINITE = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False, width=32)
@@ -100,4 +103,37 @@ def compressions(
         top_k=st.none() | st.just(1.0) | st.floats(min_value=1e-3, max_value=1.0),
         quantization=st.sampled_from(Quantization) if quantization is None else quantization,
         error_feedback=st.booleans(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One delta as the aggregator holds it after decoding (what it folds), and what it means."""
+
+    decoded: dict[str, DecodedTensor]
+    dense: dict[str, np.ndarray]
+
+
+def received(delta: dict[str, np.ndarray], policy: Compression) -> Received:
+    """``delta`` sent under ``policy`` and decoded as the aggregator decodes an update."""
+    shapes = {name: value.shape for name, value in delta.items()}
+    tensors = compress(delta, policy).tensors
+    return Received(
+        decoded={t.name: decode_tensor(t, shapes[t.name]) for t in tensors},
+        dense={t.name: decompress(t, shapes[t.name]) for t in tensors},
+    )
+
+
+@st.composite
+def received_buffers(
+    draw: st.DrawFn, min_size: int = 1, max_size: int = 5
+) -> tuple[list[Received], list[int], list[int]]:
+    """A buffer as the aggregator folds it: each delta under its own node's compression policy,
+    decoded; with its sample counts and stalenesses."""
+    deltas, num_samples, stalenesses = draw(update_buffers(min_size, max_size))
+    policies = draw(st.lists(compressions(), min_size=len(deltas), max_size=len(deltas)))
+    return (
+        [received(d, p) for d, p in zip(deltas, policies, strict=True)],
+        num_samples,
+        stalenesses,
     )

@@ -114,6 +114,17 @@ class DeploymentSpec:
     norm of the last accepted ones (``norm_multiplier``)."""
 
     def __post_init__(self) -> None:
+        self._check_names()
+        self._check_address()
+        if self.days < 1 or self.ca_days < self.days:
+            raise ConfigError("certificates need days >= 1 and a CA that outlives them")
+        if self.max_message_bytes < 64 * 1024:
+            raise ConfigError("max_message_bytes below 64 KiB cannot carry a model manifest")
+        if self.updates_in_flight < 1:
+            raise ConfigError("updates_in_flight must be at least 1")
+        self._check_defences()
+
+    def _check_names(self) -> None:
         try:
             validate_identifier(self.federation, "federation")
             for hospital in self.hospitals:
@@ -127,18 +138,13 @@ class DeploymentSpec:
         reserved = [h for h in self.hospitals if role_of(h) is not Role.HOSPITAL]
         if reserved:
             raise ConfigError(f"hospital names {reserved} are reserved for service identities")
+
+    def _check_address(self) -> None:
         for what, value in (("host", self.host), ("bind", self.bind)):
             if not value or any(c.isspace() or c in "/@?#" for c in value):
                 raise ConfigError(f"{what} {value!r} is not a host name or address")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is outside 1-65535")
-        if self.days < 1 or self.ca_days < self.days:
-            raise ConfigError("certificates need days >= 1 and a CA that outlives them")
-        if self.max_message_bytes < 64 * 1024:
-            raise ConfigError("max_message_bytes below 64 KiB cannot carry a model manifest")
-        if self.updates_in_flight < 1:
-            raise ConfigError("updates_in_flight must be at least 1")
-        self._check_defences()
 
     def _check_defences(self) -> None:
         if self.max_samples < 1:

@@ -11,25 +11,40 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from aggregator.aggregation import (
     ServerOptimizer,
     ServerOptimizerState,
     StalenessPolicy,
     buffer_aggregate,
+    buffer_weights,
     decoded_sum,
+    densify,
     fold_step,
     global_norm,
+    robust_buffer_aggregate,
     sample_weight,
     server_step,
     weighted_average,
 )
 from aggregator.fold import BLOCK
-from common.compression import compress, decode_tensor
-from common.messages import Compression, Quantization, ServerOptimizerKind, StalenessKind
+from common.compression import DecodedTensor, all_finite, compress, decode_tensor
+from common.messages import (
+    AggregationRule,
+    Compression,
+    Quantization,
+    ServerOptimizerKind,
+    StalenessKind,
+)
 from tests.strategies import (
+    FINITE,
+    Received,
+    compressions,
     model_shapes,
     params_like,
+    received,
+    received_buffers,
     staleness_policies,
     update_buffers,
 )
@@ -749,6 +764,382 @@ def test_fold_step_refuses_deltas_of_another_model() -> None:
         fold_step(arrays(v=[1.0, 2.0, 3.0, 4.0]), deltas, [1.0], 1.0)
     with pytest.raises(ValueError, match="finite"):
         fold_step(arrays(w=[1.0, 2.0, 3.0, 4.0]), deltas, [math.nan], 1.0)
+
+
+# -- the rule as the aggregator runs it
+#
+# AggregatorCore folds a buffer under the mean rule with fold_step (the plain server step) or with
+# decoded_sum and then server_step (the other optimizers): on the deltas as it decoded them, with
+# the coefficients buffer_weights gives times each update's clip scale. Under a robust rule it
+# takes robust_buffer_aggregate of the deltas densified. The properties stated above for the
+# reference buffer_aggregate hold for what those return, to float32 rounding.
+
+ReceivedBuffer = tuple[list[Received], list[int], list[int]]
+EPS32 = float(np.finfo(np.float32).eps)
+CLIP_SCALES = st.one_of(st.just(1.0), st.floats(min_value=0.01, max_value=1.0))
+# Finite float32 values, with some so close to its largest that two of them overflow.
+NEAR_OVERFLOW = st.one_of(FINITE, st.sampled_from([3.0e38, -3.0e38, 2.0e38, -1.7e38]))
+
+
+def layout_of(delta: Arrays) -> dict[str, tuple[int, ...]]:
+    return {name: t.shape for name, t in delta.items()}
+
+
+def step_atol(params: Arrays, deltas: list[Arrays], lr: float) -> float:
+    """float32_atol of the pseudo-gradient times lr, plus the rounding of adding it to params."""
+    largest = max(float(np.max(np.abs(t), initial=0.0)) for t in params.values())
+    return lr * float32_atol(deltas) + 4 * EPS32 * max(largest, 1.0)
+
+
+def norm_atol(deltas: list[Arrays]) -> float:
+    """What float32_atol per entry can shift the L2 norm of a delta by."""
+    return math.sqrt(sum(t.size for t in deltas[0].values())) * float32_atol(deltas)
+
+
+def pseudo_gradient(
+    decoded: list[dict[str, DecodedTensor]], coefficients: list[float]
+) -> tuple[Arrays, float, bool]:
+    """fold_step from zero weights at lr 1: exactly the pseudo-gradient it adds to a version."""
+    zeros = {name: np.zeros(t.shape, np.float32) for name, t in decoded[0].items()}
+    return fold_step(zeros, decoded, coefficients, 1.0)
+
+
+@PROPERTY
+@given(
+    buffer=received_buffers(),
+    policy=staleness_policies(),
+    beta=EXPONENTS,
+    lr=LEARNING_RATES,
+    data=st.data(),
+)
+def test_fold_step_is_the_staleness_weighted_mean_of_the_received_deltas(
+    buffer: ReceivedBuffer, policy: StalenessPolicy, beta: float, lr: float, data: st.DataObject
+) -> None:
+    """The version the aggregator folds is x + lr * buffer_aggregate of the deltas it decoded,
+    each scaled by its clip, and the norm it records is that aggregate's."""
+    updates, num_samples, stalenesses = buffer
+    scales = data.draw(st.lists(CLIP_SCALES, min_size=len(updates), max_size=len(updates)))
+    params = data.draw(params_like(layout_of(updates[0].dense)))
+    weights = buffer_weights(num_samples, stalenesses, policy, beta)
+    coefficients = [w * scale for w, scale in zip(weights, scales, strict=True)]
+    got, norm, finite = fold_step(params, [r.decoded for r in updates], coefficients, lr)
+    clipped = [
+        {name: t.astype(np.float64) * scale for name, t in r.dense.items()}
+        for r, scale in zip(updates, scales, strict=True)
+    ]
+    aggregate, reference_weights = buffer_aggregate(clipped, num_samples, stalenesses, policy, beta)
+    expected, _ = server_step(params, aggregate, ServerOptimizerState(), ServerOptimizer(lr=lr))
+    dense = [r.dense for r in updates]
+    assert_params_close(got, expected, atol=step_atol(params, dense, lr))
+    assert norm == pytest.approx(global_norm(aggregate), rel=1e-5, abs=norm_atol(dense))
+    assert finite
+    assert weights == reference_weights
+
+
+@PROPERTY
+@given(buffer=received_buffers(), policy=staleness_policies(), beta=EXPONENTS)
+def test_decoded_sum_is_the_staleness_weighted_mean_of_the_received_deltas(
+    buffer: ReceivedBuffer, policy: StalenessPolicy, beta: float
+) -> None:
+    """The pseudo-gradient the aggregator hands FedAvgM, FedAdam and FedYogi is buffer_aggregate's,
+    and bit for bit the one fold_step adds under the plain server step."""
+    updates, num_samples, stalenesses = buffer
+    decoded, dense = [r.decoded for r in updates], [r.dense for r in updates]
+    coefficients = buffer_weights(num_samples, stalenesses, policy, beta)
+    total = decoded_sum(decoded, coefficients, layout_of(dense[0]))
+    aggregate, _ = buffer_aggregate(dense, num_samples, stalenesses, policy, beta)
+    assert_params_close(total, aggregate, atol=float32_atol(dense))
+    assert_params_equal(total, pseudo_gradient(decoded, coefficients)[0])
+
+
+@PROPERTY
+@given(buffer=received_buffers(), policy=staleness_policies(), beta=EXPONENTS, data=st.data())
+def test_fold_step_does_not_depend_on_the_order_of_the_buffer(
+    buffer: ReceivedBuffer, policy: StalenessPolicy, beta: float, data: st.DataObject
+) -> None:
+    """The same updates folded in any order give the same pseudo-gradient and norm."""
+    updates, num_samples, stalenesses = buffer
+    order = data.draw(st.permutations(range(len(updates))))
+    folded, norm, _ = pseudo_gradient(
+        [r.decoded for r in updates], buffer_weights(num_samples, stalenesses, policy, beta)
+    )
+    permuted, permuted_norm, _ = pseudo_gradient(
+        [updates[i].decoded for i in order],
+        buffer_weights(
+            [num_samples[i] for i in order], [stalenesses[i] for i in order], policy, beta
+        ),
+    )
+    dense = [r.dense for r in updates]
+    assert_params_close(permuted, folded, atol=float32_atol(dense))
+    assert permuted_norm == pytest.approx(norm, rel=1e-5, abs=norm_atol(dense))
+
+
+@PROPERTY
+@given(
+    delta=model_shapes().flatmap(params_like),
+    sent_as=compressions(),
+    num_samples=st.lists(st.integers(1, 1000), min_size=1, max_size=6),
+    policy=staleness_policies(),
+    beta=EXPONENTS,
+)
+def test_fold_step_of_identical_fresh_updates_is_that_update(
+    delta: Arrays,
+    sent_as: Compression,
+    num_samples: list[int],
+    policy: StalenessPolicy,
+    beta: float,
+) -> None:
+    """Fresh copies of one delta, whatever their sample counts, fold to that delta: the
+    coefficients of a fresh buffer sum to one."""
+    update = received(delta, sent_as)
+    coefficients = buffer_weights(num_samples, [0] * len(num_samples), policy, beta)
+    folded, _, _ = pseudo_gradient([update.decoded] * len(num_samples), coefficients)
+    assert math.isclose(math.fsum(coefficients), 1.0, rel_tol=1e-12)
+    assert_params_close(folded, update.dense, atol=float32_atol([update.dense] * len(num_samples)))
+
+
+@PROPERTY
+@given(buffer=received_buffers(), policy=staleness_policies(), scale=st.integers(1, 1000))
+def test_fold_step_is_invariant_to_scaling_every_sample_count(
+    buffer: ReceivedBuffer, policy: StalenessPolicy, scale: int
+) -> None:
+    """Multiplying every sample count by the same factor does not change the fold."""
+    updates, num_samples, stalenesses = buffer
+    decoded = [r.decoded for r in updates]
+    folded, _, _ = pseudo_gradient(decoded, buffer_weights(num_samples, stalenesses, policy, 1.0))
+    scaled, _, _ = pseudo_gradient(
+        decoded, buffer_weights([n * scale for n in num_samples], stalenesses, policy, 1.0)
+    )
+    assert_params_close(scaled, folded, atol=float32_atol([r.dense for r in updates]))
+
+
+@PROPERTY
+@given(buffer=received_buffers(), policy=staleness_policies(), lr=LEARNING_RATES, data=st.data())
+def test_synchronous_fedavg_folds_the_sample_weighted_mean(
+    buffer: ReceivedBuffer, policy: StalenessPolicy, lr: float, data: st.DataObject
+) -> None:
+    """Every update fresh and beta = 1 (buffer_size = nodes, max_staleness = 0): FedAvg's
+    x + lr * sum(n_i * delta_i) / sum(n_i), whatever the staleness function."""
+    updates, num_samples, _ = buffer
+    dense = [r.dense for r in updates]
+    params = data.draw(params_like(layout_of(dense[0])))
+    coefficients = buffer_weights(num_samples, [0] * len(updates), policy, 1.0)
+    got, _, _ = fold_step(params, [r.decoded for r in updates], coefficients, lr)
+    mean = weighted_average(dense, [float(n) for n in num_samples])
+    expected = {name: params[name] + lr * mean[name].astype(np.float64) for name in params}
+    assert_params_close(got, expected, atol=step_atol(params, dense, lr))
+
+
+@PROPERTY
+@given(buffer=received_buffers(), policy=staleness_policies())
+def test_beta_zero_with_fresh_updates_folds_the_plain_mean(
+    buffer: ReceivedBuffer, policy: StalenessPolicy
+) -> None:
+    """With beta = 0 and no staleness every hospital counts equally: the fold is the mean."""
+    updates, num_samples, _ = buffer
+    dense = [r.dense for r in updates]
+    folded, _, _ = pseudo_gradient(
+        [r.decoded for r in updates],
+        buffer_weights(num_samples, [0] * len(updates), policy, 0.0),
+    )
+    expected = {
+        name: np.mean([d[name].astype(np.float64) for d in dense], axis=0) for name in dense[0]
+    }
+    assert_params_close(folded, expected, atol=float32_atol(dense))
+
+
+@PROPERTY
+@given(
+    delta=model_shapes().flatmap(params_like),
+    sent_as=compressions(),
+    num_samples=st.integers(1, 10_000),
+    staleness=st.integers(0, 100),
+    policy=staleness_policies(),
+    beta=EXPONENTS,
+    lr=LEARNING_RATES,
+    data=st.data(),
+)
+def test_fedasync_folds_params_plus_lr_times_f_of_s_times_the_delta(
+    *,
+    delta: Arrays,
+    sent_as: Compression,
+    num_samples: int,
+    staleness: int,
+    policy: StalenessPolicy,
+    beta: float,
+    lr: float,
+    data: st.DataObject,
+) -> None:
+    """K = 1 folds x + lr * f(s) * delta whatever the sample count: the discount stays."""
+    update = received(delta, sent_as)
+    params = data.draw(params_like(layout_of(delta)))
+    coefficients = buffer_weights([num_samples], [staleness], policy, beta)
+    got, norm, finite = fold_step(params, [update.decoded], coefficients, lr)
+    factor = policy.factor(staleness)
+    expected = {
+        name: params[name] + lr * factor * update.dense[name].astype(np.float64) for name in params
+    }
+    assert_params_close(got, expected, atol=step_atol(params, [update.dense], lr))
+    assert norm == pytest.approx(
+        factor * global_norm(update.dense), rel=1e-5, abs=norm_atol([update.dense])
+    )
+    assert finite
+
+
+@PROPERTY
+@given(
+    delta=model_shapes().flatmap(params_like),
+    sent_as=compressions(),
+    num_samples=st.lists(st.integers(1, 1000), min_size=1, max_size=5),
+    policy=staleness_policies(),
+    beta=EXPONENTS,
+    data=st.data(),
+)
+def test_a_staler_buffer_never_moves_the_model_further(
+    *,
+    delta: Arrays,
+    sent_as: Compression,
+    num_samples: list[int],
+    policy: StalenessPolicy,
+    beta: float,
+    data: st.DataObject,
+) -> None:
+    """Updates in one direction from staler bases make a step no longer than from fresher ones:
+    the staleness discount of the fold is monotone."""
+    count = len(num_samples)
+    stalenesses = data.draw(st.lists(st.integers(0, 50), min_size=count, max_size=count))
+    extra = data.draw(st.lists(st.integers(0, 50), min_size=count, max_size=count))
+    update = received(delta, sent_as)
+    _, fresher, _ = pseudo_gradient(
+        [update.decoded] * count, buffer_weights(num_samples, stalenesses, policy, beta)
+    )
+    staler_by = [s + e for s, e in zip(stalenesses, extra, strict=True)]
+    _, staler, _ = pseudo_gradient(
+        [update.decoded] * count, buffer_weights(num_samples, staler_by, policy, beta)
+    )
+    assert staler <= fresher * (1 + 1e-5)
+
+
+@PROPERTY
+@given(
+    layout=model_shapes(),
+    count=st.integers(1, 3),
+    lr=st.sampled_from([1.0, 0.5, 2.0]),
+    data=st.data(),
+)
+def test_fold_step_says_exactly_when_the_new_version_is_not_finite(
+    layout: dict[str, tuple[int, ...]], count: int, lr: float, data: st.DataObject
+) -> None:
+    """Near float32's largest value, the flag the aggregator discards a batch on is False exactly
+    when a weight of the new version is not finite: a non-finite version is never published."""
+
+    def near_overflow() -> Arrays:
+        return data.draw(
+            st.fixed_dictionaries(
+                {
+                    name: hnp.arrays(np.float32, shape, elements=NEAR_OVERFLOW, fill=st.nothing())
+                    for name, shape in layout.items()
+                }
+            )
+        )
+
+    params = near_overflow()
+    decoded = [received(near_overflow(), Compression()).decoded for _ in range(count)]
+    coefficients = data.draw(
+        st.lists(st.floats(min_value=0, max_value=1), min_size=count, max_size=count)
+    )
+    got, _, finite = fold_step(params, decoded, coefficients, lr)
+    assert finite == all(bool(np.isfinite(t).all()) for t in got.values())
+
+
+@PROPERTY
+@given(
+    size=st.sampled_from([0, 1, 100, 1023, 1024, 4095, 4096, 5000]),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+    magnitude=st.sampled_from([1.0, 1e4, 1e20]),
+    bad=st.sampled_from([None, math.nan, math.inf, -math.inf]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_finiteness_check_of_the_fold_path_is_numpys_at_every_size(
+    size: int, dtype: type[np.floating[Any]], magnitude: float, bad: float | None, seed: int
+) -> None:
+    """all_finite, which judges the weights the other optimizers step to, agrees with
+    np.isfinite on every path it takes: float16 bit patterns, one dot product, the exact scan."""
+    rng = np.random.default_rng(seed)
+    with np.errstate(over="ignore"):
+        values = (rng.standard_normal(size) * magnitude).astype(dtype)
+    if bad is not None and size:
+        values[rng.integers(size)] = bad
+    assert all_finite(values) == bool(np.isfinite(values).all())
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        pytest.param(AggregationRule.MEDIAN, id="median"),
+        pytest.param(AggregationRule.TRIMMED_MEAN, id="trimmed-mean"),
+    ],
+)
+@PROPERTY
+@given(
+    buffer=received_buffers(),
+    policy=staleness_policies(),
+    trim=st.floats(min_value=0, max_value=0.49),
+)
+def test_the_robust_fold_stays_within_the_discounted_deltas(
+    rule: AggregationRule, buffer: ReceivedBuffer, policy: StalenessPolicy, trim: float
+) -> None:
+    """Under the median or the trimmed mean the aggregator folds the statistic of the decoded
+    f(s_i) * delta_i: each coordinate between their smallest and largest, weights f(s_i) / K."""
+    updates, _, stalenesses = buffer
+    got, weights = robust_buffer_aggregate(
+        [densify(r.decoded) for r in updates], stalenesses, policy, rule, trim
+    )
+    dense = [r.dense for r in updates]
+    expected, expected_weights = robust_buffer_aggregate(dense, stalenesses, policy, rule, trim)
+    assert_params_close(got, expected, atol=float32_atol(dense))
+    assert weights == expected_weights
+    tolerance = float32_atol(dense)
+    for name, value in got.items():
+        discounted = np.stack(
+            [
+                policy.factor(s) * d[name].astype(np.float64)
+                for d, s in zip(dense, stalenesses, strict=True)
+            ]
+        )
+        assert np.all(value >= discounted.min(axis=0) - tolerance)
+        assert np.all(value <= discounted.max(axis=0) + tolerance)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    extra=st.integers(-2, 40),
+    sent_as=st.lists(compressions(), min_size=1, max_size=4),
+    seed=st.integers(0, 2**32 - 1),
+    policy=staleness_policies(),
+    lr=LEARNING_RATES,
+)
+def test_fold_step_across_a_block_boundary_is_the_staleness_weighted_mean(
+    extra: int, sent_as: list[Compression], seed: int, policy: StalenessPolicy, lr: float
+) -> None:
+    """A tensor just short of, at or past one block folds like a small one: the reference rule."""
+    layout = {"conv": (BLOCK + extra,), "bias": (3,)}
+    rng = np.random.default_rng(seed)
+    updates = [
+        received({n: rng.standard_normal(s).astype(np.float32) for n, s in layout.items()}, p)
+        for p in sent_as
+    ]
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in layout.items()}
+    num_samples = [int(n) for n in rng.integers(1, 1000, len(sent_as))]
+    stalenesses = [int(s) for s in rng.integers(0, 20, len(sent_as))]
+    coefficients = buffer_weights(num_samples, stalenesses, policy, 1.0)
+    got, norm, finite = fold_step(params, [r.decoded for r in updates], coefficients, lr)
+    dense = [r.dense for r in updates]
+    aggregate, _ = buffer_aggregate(dense, num_samples, stalenesses, policy, 1.0)
+    expected, _ = server_step(params, aggregate, ServerOptimizerState(), ServerOptimizer(lr=lr))
+    assert_params_close(got, expected, atol=step_atol(params, dense, lr))
+    assert norm == pytest.approx(global_norm(aggregate), rel=1e-5, abs=norm_atol(dense))
+    assert finite
 
 
 @PROPERTY

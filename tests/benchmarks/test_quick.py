@@ -19,7 +19,7 @@ def run_quick(name: str, tmp_path: Path) -> dict[str, object]:
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--json", str(out)],
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -98,12 +98,12 @@ def test_a_node_frozen_past_its_keepalive_comes_back_and_loses_nothing(tmp_path:
 
 
 def test_the_chaos_benchmark_quick_mode_runs_clean(tmp_path: Path) -> None:
-    """`python benchmarks/chaos.py --minutes 0.25` injects every fault and reports zero lost."""
+    """`python -m benchmarks.chaos --minutes 0.25` injects every fault and reports zero lost."""
     out = tmp_path / "chaos.json"
     args = ["--minutes", "0.25", "--min-versions", "30", "--json", str(out)]
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "chaos.py"), *args],
+        [sys.executable, "-m", "benchmarks.chaos", *args],
         capture_output=True,
         text=True,
         timeout=280,
