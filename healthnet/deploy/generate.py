@@ -311,7 +311,7 @@ def _role_settings(spec: DeploymentSpec, role: Role, identity: str) -> dict[str,
         case Role.HOSPITAL:
             return {"HEALTHNET_NODE_ID": identity}
         case Role.AGGREGATOR:
-            # The defences every federation needs, model-independent (README, Security): one
+            # The defences every federation needs, model-independent (docs/security.md): one
             # legitimate identity must not be able to flood, outvote or blow up the model.
             return {
                 "HEALTHNET_CLIENT_ID": identity,
@@ -346,7 +346,7 @@ def _env_text(spec: DeploymentSpec, identity: str, role: Role, settings: dict[st
     ]
     if role is Role.AGGREGATOR:
         lines += [
-            "# More defences (README, Security), off until chosen: a robust rule (for a buffer",
+            "# More defences (docs/security.md), off until chosen: a robust rule (for a buffer",
             "# of 3 or more), an absolute norm ceiling for this model, clipping instead of",
             "# refusing updates above the norm bound:",
             "# HEALTHNET_KNOBS__AGGREGATION=median",
