@@ -158,11 +158,12 @@ _GROUPS = frozenset({"knobs", "model", "training", "compression"})
 _SECRET_FIELDS = frozenset({"broker_url"})
 
 
-def _describe(exc: ValidationError) -> str:
-    """Every problem of a validation error, each naming its flag, on one line."""
+def _describe(exc: ValidationError, *, within: tuple[str, ...] = ()) -> str:
+    """Every problem of a validation error, each naming its flag, on one line (``within``: where
+    the model that failed sits in the settings, for one validated on its own)."""
     problems = []
     for error in exc.errors(include_url=False):
-        loc = tuple(str(part) for part in error["loc"])
+        loc = within + tuple(str(part) for part in error["loc"])
         flag = _flag_for(loc)
         if error["type"] == "missing":
             problems.append(f"{flag} is required")
@@ -247,9 +248,16 @@ def demo(
     error_feedback: Annotated[
         bool, typer.Option("--error-feedback/--no-error-feedback", help="carry what was not sent")
     ] = True,
+    dp_epsilon_budget: DpEpsilonBudget = None,
+    dp_noise_multiplier: DpNoiseMultiplier = None,
+    dp_calibrate_versions: DpCalibrateVersions = None,
+    dp_delta: DpDelta = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """Run a whole federation locally (broker, aggregator, hospitals) and report accuracy."""
+    """Run a whole federation locally (broker, aggregator, hospitals) and report accuracy.
+
+    With --dp-epsilon-budget the hospitals train with differential privacy, and the summary
+    gives the epsilon each one spent."""
     from healthnet.demo import DemoConfig, render, run_demo
 
     _setup_logging(log_level)
@@ -287,6 +295,9 @@ def demo(
         dashboard=dashboard,
         dashboard_port=dashboard_port,
         compression=_demo_compression(top_k, quantization, error_feedback),
+        privacy=_demo_privacy(
+            dp_epsilon_budget, dp_noise_multiplier, dp_calibrate_versions, dp_delta
+        ),
     )
     try:
         result = run_demo(config, err_console)
@@ -311,6 +322,28 @@ def _demo_compression(
         )
     except ValueError as exc:
         raise _bad_input(f"--top-k/--quantization: {exc}") from None
+
+
+def _demo_privacy(
+    budget: float | None, noise: float | None, calibrate: int | None, delta: float | None
+) -> PrivacyPolicy | None:
+    """The demo's privacy policy from its --dp-* flags; None without a budget."""
+    if budget is None:
+        if noise is not None or calibrate is not None or delta is not None:
+            raise _bad_input(
+                "--dp-noise-multiplier, --dp-calibrate-versions and --dp-delta shape a privacy "
+                "policy: give its --dp-epsilon-budget too"
+            )
+        return None
+    try:
+        return PrivacyPolicy(
+            epsilon_budget=budget,
+            noise_multiplier=noise,
+            calibrate_versions=calibrate,
+            **_given(delta=delta),
+        )
+    except ValidationError as exc:
+        raise _bad_input(_describe(exc, within=("privacy",))) from None
 
 
 # -- services --------------------------------------------------------------------------------------

@@ -129,6 +129,12 @@ def test_a_bad_broker_url_in_the_environment_is_one_line_naming_its_flag(
         pytest.param(["demo", "--delay", "va=soon"], id="demo-delay"),
         pytest.param(["demo", "--broker-url", "mqtt://"], id="demo-broker-url"),
         pytest.param(["demo", "--mode", "fast"], id="demo-mode"),
+        pytest.param(["demo", "--dp-epsilon-budget", "3"], id="demo-dp-no-noise"),
+        pytest.param(["demo", "--dp-noise-multiplier", "1"], id="demo-dp-no-budget"),
+        pytest.param(
+            ["demo", "--dp-epsilon-budget", "3", "--dp-calibrate-versions", "5", "--dp-delta", "1"],
+            id="demo-dp-delta",
+        ),
         pytest.param(["broker", "--implementation", "nats"], id="broker"),
     ],
 )
