@@ -3,18 +3,19 @@
 Theory of operation. The service shell decodes each message and hands the typed update to
 :meth:`AggregatorCore.receive`, with the broker identity it came from and the current time. The
 core validates it (DESIGN §7: sender, replay, quarantine, rate, run, staleness, sample count,
-shapes, finiteness, norm) and either rejects it with a reason or adds it to the buffer. An update
-id is judged once: a resent accepted update is acknowledged again but never refolded; any other
-update id seen before is a replay. Versions change only in :meth:`fold` and :meth:`rollback`, so
-an update's staleness at arrival is its staleness at fold. The norm bound
-(:func:`~aggregator.aggregation.norm_bound`) depends on the norms of the updates accepted before,
-which the core keeps, in order, with its checkpoint: recovery replays the write-ahead log in
-order and so judges each update as it was judged. The shell asks :meth:`fold_due` after every
-accepted update and on a timer (for ``buffer_timeout``), folds, persists, then publishes what
-:meth:`broadcast` gives (the version's manifest and chunks, in the dtype the run asks for when the
-weights fit it). Time always comes in as an argument; nothing here reads a clock, a file or the
-network: the durations the records report (a fold's, an update's decoding) are measured by the
-shell and handed in (:meth:`Fold.timed`, :meth:`AggregatorCore.record_decode_seconds`).
+privacy spend against the run's privacy policy, shapes, finiteness, norm) and either rejects it
+with a reason or adds it to the buffer. An update id is judged once: a resent accepted update is
+acknowledged again but never refolded; any other update id seen before is a replay. Versions change
+only in :meth:`fold` and :meth:`rollback`, so an update's staleness at arrival is its staleness at
+fold. The norm bound (:func:`~aggregator.aggregation.norm_bound`) depends on the norms of the
+updates accepted before, which the core keeps, in order, with its checkpoint: recovery replays the
+write-ahead log in order and so judges each update as it was judged. The shell asks
+:meth:`fold_due` after every accepted update and on a timer (for ``buffer_timeout``), folds,
+persists, then publishes what :meth:`broadcast` gives (the version's manifest and chunks, in the
+dtype the run asks for when the weights fit it). Time always comes in as an argument; nothing here
+reads a clock, a file or the network: the durations the records report (a fold's, an update's
+decoding) are measured by the shell and handed in (:meth:`Fold.timed`,
+:meth:`AggregatorCore.record_decode_seconds`).
 
 A fold becomes a version only if the new weights are finite and, when the shell gave the core a
 ``probe``, the model's outputs on the probe batch are finite too (weights of 3e38 are finite; the
@@ -33,6 +34,7 @@ from typing import Any, Literal, assert_never
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import BaseModel
 
 from aggregator.aggregation import (
     NormBound,
@@ -63,6 +65,7 @@ from common.messages import (
     AggregationRule,
     AggregatorState,
     AggregatorStatus,
+    Compression,
     Contribution,
     ControlCommand,
     Counters,
@@ -72,11 +75,15 @@ from common.messages import (
     ModelSpec,
     NodeTally,
     NormPolicy,
+    PrivacyPolicy,
+    PrivacySpend,
     RejectReason,
     ServerOptimizerKind,
+    TrainingConfig,
     Update,
     VersionRecord,
 )
+from common.privacy_policy import at_least_as_private_as, spend_error
 
 __all__ = [
     "AggregatorCore",
@@ -95,8 +102,14 @@ FoldReason = Literal["buffer_full", "buffer_timeout"]
 Probe = Callable[[Mapping[str, NDArray[np.float32]]], str | None]
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
-# Knobs that are records of their own, set field by field as ``<knob>.<field>``.
-_NESTED_KNOBS = ("training", "compression")
+# Knobs that are records of their own, set field by field as ``<knob>.<field>``. The privacy
+# policy may also be set whole, to None: so that turning it off is refused with its reason.
+_NESTED_KNOBS: Mapping[str, type[BaseModel]] = {
+    "training": TrainingConfig,
+    "compression": Compression,
+    "privacy": PrivacyPolicy,
+}
+_WHOLE_KNOBS = ("privacy",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +138,8 @@ class BufferedUpdate:
     raw_bytes: int = 0
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # The hospital's total privacy loss once this update was trained (None: no DP).
+    epsilon: float | None = None
 
     @classmethod
     def of(
@@ -151,6 +166,7 @@ class BufferedUpdate:
             raw_bytes=4 * sum(math.prod(d.shape) for d in delta.values()),
             encode_seconds=update.encode_seconds,
             decode_seconds=decode_seconds,
+            epsilon=None if update.privacy is None else update.privacy.epsilon,
         )
 
 
@@ -223,6 +239,13 @@ class _NodeTally:
     eval_accuracy: float | None = None
     eval_failure: str = ""
     quarantined: bool = False
+    epsilon: float | None = None
+    epsilon_budget: float | None = None
+
+    def report_privacy(self, spend: PrivacySpend | None) -> None:
+        """Take the privacy loss the node reported last (a report without one changes nothing)."""
+        if spend is not None:
+            self.epsilon, self.epsilon_budget = spend.epsilon, spend.epsilon_budget
 
 
 class AggregatorCore:
@@ -380,6 +403,7 @@ class AggregatorCore:
             created_at=now,
             compression=knobs.compression,
             broadcast_dtype=dtype,
+            privacy=knobs.privacy,
         )
         return Broadcast(manifest=manifest, blob=blob, chunks=chunks, widened=widened)
 
@@ -391,24 +415,25 @@ class AggregatorCore:
         return self._state
 
     def set_knobs(self, patch: Mapping[str, Any]) -> Knobs:
-        """Validate and apply a knob patch (``training.<field>``, ``compression.<field>`` reach
-        the training config and the compression policy)."""
+        """Validate and apply a knob patch (``training.<field>``, ``compression.<field>`` and
+        ``privacy.<field>`` reach the training config, the compression and the privacy policy).
+
+        The privacy policy may become stricter during a run, never laxer: the hospitals' patients
+        were promised the policy in force, so a patch that would weaken it (or turn it off) is
+        refused whole, and says so. A run without one may start one with ``privacy.<field>``s.
+        """
         current = self._knobs.model_dump()
         for key, value in patch.items():
-            target, _, leaf = key.partition(".")
-            if leaf:
-                if target not in _NESTED_KNOBS or leaf not in current[target]:
-                    raise ControlError(f"unknown knob {key!r}")
-                current[target][leaf] = value
-            elif key not in current or key in _NESTED_KNOBS:
-                raise ControlError(f"unknown knob {key!r}")
-            else:
-                current[key] = value
+            _assign_knob(current, key, value)
         try:
-            self._knobs = Knobs.model_validate(current)
+            knobs = Knobs.model_validate(current)
         except ValueError as exc:
             raise ControlError(f"invalid knob value: {exc}") from exc
-        return self._knobs
+        problem = _privacy_change_error(self._knobs.privacy, knobs.privacy)
+        if problem is not None:
+            raise ControlError(problem)
+        self._knobs = knobs
+        return knobs
 
     def quarantine(self, node: str) -> tuple[str, ...]:
         """Refuse ``node``'s updates from now on and drop its buffered ones; returns their ids.
@@ -440,6 +465,15 @@ class AggregatorCore:
             entry.eval_version = evaluation.version
             entry.eval_failure = evaluation.failure
             entry.eval_accuracy = None if evaluation.failure else evaluation.accuracy
+
+    def record_privacy(self, node: str, spend: PrivacySpend | None) -> None:
+        """What ``node``'s own status says of its privacy ledger (the shell saw it arrive).
+
+        The node's tally shows the loss it reported last, in its status or an accepted update.
+        A status without one (no DP) changes nothing and adds no node to the tallies.
+        """
+        if spend is not None:
+            self._nodes.setdefault(node, _NodeTally()).report_privacy(spend)
 
     # -- updates
 
@@ -520,6 +554,7 @@ class AggregatorCore:
         entry.accepted += 1
         entry.last_base_version = update.base_version
         entry.last_staleness = staleness
+        entry.report_privacy(update.privacy)
         return verdict
 
     def restore_buffered(
@@ -570,6 +605,7 @@ class AggregatorCore:
             entry.last_seen = now
             entry.last_base_version = update.base_version
             entry.bytes_received += size
+            entry.report_privacy(update.privacy)
 
     def refuse(self, node: str, refusal: Refusal, now: float) -> Unreadable:
         """Judge and count a message on ``node``'s update topic that did not decode to an
@@ -613,6 +649,31 @@ class AggregatorCore:
         def no(reason: RejectReason, detail: str) -> tuple[Verdict, dict[str, Any], float, None]:
             return Verdict(accepted=False, reason=reason, detail=detail), {}, 1.0, None
 
+        refused = self._screen(update)
+        if refused is not None:
+            return refused, {}, 1.0, None
+        refused, delta = self._decode(update)
+        if refused is not None:
+            return refused, {}, 1.0, None
+        bound = self.norm_bound()
+        scale, norm = self._clip_scale(delta, bound)
+        if bound is None or norm is None or not norm > bound.value:
+            return Verdict(accepted=True), delta, 1.0, norm
+        if self._knobs.norm_policy is NormPolicy.REJECT:
+            return no(
+                RejectReason.NORM_BOUND,
+                f"update norm {norm:.4g} exceeds the bound {bound.value:.4g} ({bound.source})",
+            )
+        detail = f"clipped from norm {norm:.4g} to {bound.value:.4g} ({bound.source})"
+        return Verdict(accepted=True, detail=detail, clipped=True), delta, scale, norm
+
+    def _screen(self, update: Update) -> Verdict | None:
+        """Why ``update`` is refused on what it says of itself (run, version, staleness, sample
+        count, privacy spend), or None: checks that cost no decoding, so they come first."""
+
+        def no(reason: RejectReason, detail: str) -> Verdict:
+            return Verdict(accepted=False, reason=reason, detail=detail)
+
         knobs = self._knobs
         if self._state is AggregatorState.STOPPED:
             return no(RejectReason.RUN_STOPPED, "the run is stopped")
@@ -634,20 +695,11 @@ class AggregatorCore:
                 RejectReason.SAMPLE_COUNT,
                 f"{update.num_samples} samples exceed max_num_samples {knobs.max_num_samples}",
             )
-        refused, delta = self._decode(update)
-        if refused is not None:
-            return refused, {}, 1.0, None
-        bound = self.norm_bound()
-        scale, norm = self._clip_scale(delta, bound)
-        if bound is None or norm is None or not norm > bound.value:
-            return Verdict(accepted=True), delta, 1.0, norm
-        if knobs.norm_policy is NormPolicy.REJECT:
-            return no(
-                RejectReason.NORM_BOUND,
-                f"update norm {norm:.4g} exceeds the bound {bound.value:.4g} ({bound.source})",
-            )
-        detail = f"clipped from norm {norm:.4g} to {bound.value:.4g} ({bound.source})"
-        return Verdict(accepted=True, detail=detail, clipped=True), delta, scale, norm
+        if knobs.privacy is not None:
+            problem = spend_error(knobs.privacy, update.privacy, update.num_samples)
+            if problem is not None:
+                return no(RejectReason.PRIVACY_POLICY, problem)
+        return None
 
     def _decode(self, update: Update) -> tuple[Verdict | None, dict[str, DecodedTensor]]:
         """Check each tensor against the model and the run's compression policy, and decode it."""
@@ -833,6 +885,7 @@ class AggregatorCore:
                 raw_bytes=u.raw_bytes,
                 encode_seconds=u.encode_seconds,
                 decode_seconds=u.decode_seconds,
+                epsilon=u.epsilon,
             )
             for u, s, w in zip(batch, stalenesses, weights, strict=True)
         )
@@ -954,6 +1007,41 @@ class AggregatorCore:
             self._params, aggregate, self._opt_state, optimizer, reuse_delta=True
         )
         return params, opt_state, norm, all(all_finite(p) for p in params.values())
+
+
+def _assign_knob(current: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` (``knob`` or ``knob.field``) in the dumped knobs ``current``, or refuse it."""
+    target, _, leaf = key.partition(".")
+    if not leaf:
+        if key not in current or (key in _NESTED_KNOBS and key not in _WHOLE_KNOBS):
+            raise ControlError(f"unknown knob {key!r}")
+        current[key] = value
+        return
+    model = _NESTED_KNOBS.get(target)
+    if model is None or leaf not in model.model_fields:
+        raise ControlError(f"unknown knob {key!r}")
+    # An optional record not set yet (None) is started by its fields.
+    current[target] = {**(current[target] or {}), leaf: value}
+
+
+def _privacy_change_error(
+    current: PrivacyPolicy | None, proposed: PrivacyPolicy | None
+) -> str | None:
+    """Why the run's privacy policy may not go from ``current`` to ``proposed``, or None."""
+    if current is None or proposed == current:
+        return None
+    if proposed is None:
+        return (
+            "refused: the run's privacy policy cannot be turned off; the hospitals' patients "
+            "were promised it (a stricter policy may be set)"
+        )
+    if not at_least_as_private_as(proposed, current):
+        return (
+            "refused: the privacy policy may become stricter during a run, never laxer (no "
+            "larger budget or delta, no less noise, no less guarded metrics); the hospitals' "
+            "patients were promised the current one"
+        )
+    return None
 
 
 def _tally_fields(entry: _NodeTally) -> dict[str, Any]:

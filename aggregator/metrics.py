@@ -171,6 +171,16 @@ def _status_families(status: AggregatorStatus) -> Iterator[Metric]:
         "When the node's last update arrived (aggregator clock).",
         labels=["node"],
     )
+    epsilon = GaugeMetricFamily(
+        "healthnet_node_epsilon",
+        "The privacy loss (epsilon) the node last reported from its ledger, under DP.",
+        labels=["node"],
+    )
+    budget = GaugeMetricFamily(
+        "healthnet_node_epsilon_budget",
+        "The epsilon budget the node trains under, under DP.",
+        labels=["node"],
+    )
     for entry in status.nodes:
         accepted.add_metric([entry.node], entry.accepted)
         folded.add_metric([entry.node], entry.folded)
@@ -183,8 +193,11 @@ def _status_families(status: AggregatorStatus) -> Iterator[Metric]:
             eval_version.add_metric([entry.node], entry.eval_version)
         if entry.last_seen is not None:
             last_seen.add_metric([entry.node], entry.last_seen)
+        if entry.epsilon is not None and entry.epsilon_budget is not None:
+            epsilon.add_metric([entry.node], entry.epsilon)
+            budget.add_metric([entry.node], entry.epsilon_budget)
     yield from (accepted, folded, discarded, rejected, node_bytes)
-    yield from (accuracy, eval_version, last_seen)
+    yield from (accuracy, eval_version, last_seen, epsilon, budget)
 
 
 @contextlib.contextmanager

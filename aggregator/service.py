@@ -263,13 +263,20 @@ class AggregatorService:
                 self._on_evaluation(inbound, body)
             case NodeStatus():
                 if inbound.sender == node:
-                    self.metrics.observe_node_status(node, body)
+                    self._on_node_status(node, body)
             case ControlRequest():
                 self._on_control(body)
             case Manifest() | Ack() | ControlReply() | AggregatorStatus() | VersionRecord():
                 log.debug("ignoring %s", inbound.topic)
             case _:
                 assert_never(body)
+
+    def _on_node_status(self, node: str, status: NodeStatus) -> None:
+        """A node's own status: its state for the metrics, its privacy ledger for its tally."""
+        self.metrics.observe_node_status(node, status)
+        if status.privacy is not None:
+            self.core.record_privacy(node, status.privacy)
+            self._status_dirty = True
 
     def _on_evaluation(self, inbound: Inbound, evaluation: Evaluation) -> None:
         node = inbound.sender

@@ -539,6 +539,12 @@ MEANINGS = {
     "knobs.compression.top_k": "fraction of each delta tensor nodes send (none: all)",
     "knobs.compression.quantization": "how nodes send values: `none`, `float16` or `int8`",
     "knobs.compression.error_feedback": "nodes carry what they did not send into the next update",
+    "knobs.privacy.noise_multiplier": "DP-SGD noise per clipping norm (sigma)",
+    "knobs.privacy.calibrate_versions": "noise that spends the budget in this many versions",
+    "knobs.privacy.max_grad_norm": "DP-SGD per-example gradient clipping norm C",
+    "knobs.privacy.delta": "DP delta; must be below 1/n at every hospital",
+    "knobs.privacy.epsilon_budget": "each hospital's total epsilon over the run (turns DP on)",
+    "knobs.privacy.metrics": "what reports say under DP: `exact`, `rounded` or `suppressed`",
     "knobs.broadcast_dtype": "the model broadcast's dtype: `float32` or `float16`",
     "knobs.max_versions": "stop the run at this version",
     "knobs.training.epochs": "local epochs per version (sent to nodes in the manifest)",
@@ -603,7 +609,9 @@ def _setting_rows(model: Any, default: Any, prefix: tuple[str, ...]) -> list[tup
         nested = _nested_model(field.annotation)
         if nested is not None and value is not _REQUIRED:
             # A group that is off by default (None) lists its class's own defaults.
-            rows += _setting_rows(nested, value if value is not None else nested(), path)
+            rows += _setting_rows(
+                nested, value if value is not None else nested.model_construct(), path
+            )
             continue
         shown = "required" if value is _REQUIRED else _default(value)
         variable = "HEALTHNET_" + "__".join(part.upper() for part in path)

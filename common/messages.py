@@ -39,11 +39,14 @@ __all__ = [
     "Kind",
     "Knobs",
     "Manifest",
+    "MetricRelease",
     "ModelSpec",
     "NodeState",
     "NodeStatus",
     "NodeTally",
     "NormPolicy",
+    "PrivacyPolicy",
+    "PrivacySpend",
     "Quantization",
     "RejectReason",
     "ServerOptimizerKind",
@@ -178,6 +181,68 @@ class Compression(Frozen):
     @property
     def kept_fraction(self) -> float:
         return 1.0 if self.top_k is None else self.top_k
+
+
+class MetricRelease(StrEnum):
+    """What a node's reports say beyond its update when it trains under differential privacy.
+
+    Its evaluation (loss, accuracy, correct count), its training loss and its sample count also
+    leave the hospital, outside the DP guarantee: ``exact`` sends them as measured, ``rounded``
+    coarsens them (see :mod:`common.privacy_policy`), ``suppressed`` sends none it can withhold.
+    """
+
+    EXACT = "exact"
+    ROUNDED = "rounded"
+    SUPPRESSED = "suppressed"
+
+
+class PrivacyPolicy(Frozen):
+    """Record-level differential privacy (DP-SGD) asked of every node; travels in the manifest.
+
+    Each node clips every example's gradient to ``max_grad_norm`` (C), adds Gaussian noise of
+    standard deviation ``noise_multiplier`` x C to each Poisson-sampled batch, and charges every
+    version it trains on to its own accountant at ``delta``; it stops training before its
+    patients' privacy loss would pass ``epsilon_budget``. Either ``noise_multiplier`` is given,
+    or ``calibrate_versions``: the node then picks the smallest noise with which training on that
+    many versions spends exactly its budget. A node may be stricter (more noise, a smaller budget
+    or delta), never laxer (:mod:`common.privacy_policy`). ``delta`` must be below 1/n for every
+    hospital's n training records; a node refuses a policy where it is not.
+    """
+
+    noise_multiplier: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] | None = None
+    calibrate_versions: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    max_grad_norm: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] = 1.0
+    delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 1e-5
+    epsilon_budget: Annotated[float, Field(gt=0, le=1e4, allow_inf_nan=False)]
+    metrics: MetricRelease = MetricRelease.ROUNDED
+
+    @model_validator(mode="after")
+    def _noise_or_calibration(self) -> Self:
+        if (self.noise_multiplier is None) == (self.calibrate_versions is None):
+            raise ValueError(
+                "a privacy policy sets exactly one of noise_multiplier and calibrate_versions"
+            )
+        return self
+
+
+class PrivacySpend(Frozen):
+    """What a node's DP training has cost its patients, as its accountant computes it.
+
+    In an update: ``epsilon`` is the hospital's total privacy loss at ``delta`` once this update's
+    training is charged, ``steps`` and ``noise_multiplier`` what this update took. In a node's
+    status: the total so far and the latest version's parameters.
+    """
+
+    epsilon: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+    epsilon_budget: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    noise_multiplier: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    max_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    sample_rate: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+    steps: NonNegative
+    # Versions charged to the node's ledger so far, this one included.
+    versions: NonNegative
+    accountant: Literal["rdp", "prv"] = "rdp"
 
 
 class CompressedTensor(Frozen):
@@ -353,6 +418,8 @@ class Knobs(Frozen):
     broadcast_dtype: Literal["float32", "float16"] = "float32"
     max_versions: Annotated[int, Field(ge=1)] | None = None
     training: TrainingConfig = TrainingConfig()
+    # Record-level differential privacy every node trains under (None: none); in the manifest.
+    privacy: PrivacyPolicy | None = None
 
     @model_validator(mode="after")
     def _trims_something(self) -> Self:
@@ -395,6 +462,7 @@ class Manifest(Frozen):
     compression: Compression = Compression()
     # The blob's tensors travel as this dtype; a node trains in float32 from the decoded values.
     broadcast_dtype: Literal["float32", "float16"] = "float32"
+    privacy: PrivacyPolicy | None = None
 
     @model_validator(mode="after")
     def _chunks_cover_blob(self) -> Self:
@@ -420,6 +488,8 @@ class Update(Frozen):
     # One compressed tensor per model tensor (``dense`` float32 when nothing is compressed).
     delta: tuple[CompressedTensor, ...]
     encode_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    # Under a privacy policy: what training this update cost the node's patients, in all.
+    privacy: PrivacySpend | None = None
 
 
 class RejectReason(StrEnum):
@@ -438,6 +508,8 @@ class RejectReason(StrEnum):
     RATE_LIMITED = "rate_limited"
     SAMPLE_COUNT = "sample_count"
     COMPRESSION_POLICY = "compression_policy"
+    # Trained with less privacy than the run's policy asks, or under none when it asks for one.
+    PRIVACY_POLICY = "privacy_policy"
     # Not a refusal on arrival: an accepted update whose batch could not become a version (the
     # sum was not finite, or the version failed the probe). Its node hears it in a second ack.
     DISCARDED = "discarded"
@@ -458,6 +530,8 @@ class NodeState(StrEnum):
     TRAINING = "training"
     PAUSED = "paused"
     OFFLINE = "offline"
+    # Its privacy budget is spent: it trains no more, and keeps evaluating every version.
+    BUDGET_SPENT = "budget_spent"
 
 
 class NodeStatus(Frozen):
@@ -474,6 +548,8 @@ class NodeStatus(Frozen):
     device: str = ""
     num_train: NonNegative = 0
     num_test: NonNegative = 0
+    # Under a privacy policy: the node's ledger, as of its last charge.
+    privacy: PrivacySpend | None = None
 
 
 class Evaluation(Frozen):
@@ -579,6 +655,9 @@ class NodeTally(Frozen):
     # Why the node could not evaluate ``eval_version`` (empty when it could).
     eval_failure: str = ""
     quarantined: bool = False
+    # The privacy loss the node last reported (its latest update or status), and its budget.
+    epsilon: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    epsilon_budget: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
 
 class AggregatorStatus(Frozen):
@@ -614,6 +693,8 @@ class Contribution(Frozen):
     raw_bytes: NonNegative = 0  # the same delta as dense float32
     encode_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0  # on the node
     decode_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0  # here, validation too
+    # Under a privacy policy: the hospital's total privacy loss once this update was trained.
+    epsilon: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
 class VersionRecord(Frozen):

@@ -33,6 +33,9 @@ from common.messages import (
     AggregatorStatus,
     Compression,
     ControlCommand,
+    MetricRelease,
+    NodeTally,
+    PrivacyPolicy,
     Quantization,
     ServerOptimizerKind,
     StalenessKind,
@@ -72,6 +75,21 @@ FederationOpt = Annotated[
     typer.Option("--federation", help="federation id [env: HEALTHNET_FEDERATION]"),
 ]
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR")]
+# Differential privacy, as the aggregator and the demo take it (see common.messages.PrivacyPolicy).
+DpEpsilonBudget = Annotated[
+    float | None,
+    typer.Option(help="DP: each hospital's privacy budget epsilon; turns DP-SGD on"),
+]
+DpNoiseMultiplier = Annotated[
+    float | None, typer.Option(help="DP: Gaussian noise as a multiple of the clipping norm")
+]
+DpCalibrateVersions = Annotated[
+    int | None,
+    typer.Option(help="DP: instead of a noise multiplier, the noise that spends the budget in N"),
+]
+DpDelta = Annotated[
+    float | None, typer.Option(help="DP: delta, below 1/n for every hospital's n records")
+]
 
 
 def _setup_logging(level: str) -> None:
@@ -140,11 +158,12 @@ _GROUPS = frozenset({"knobs", "model", "training", "compression"})
 _SECRET_FIELDS = frozenset({"broker_url"})
 
 
-def _describe(exc: ValidationError) -> str:
-    """Every problem of a validation error, each naming its flag, on one line."""
+def _describe(exc: ValidationError, *, within: tuple[str, ...] = ()) -> str:
+    """Every problem of a validation error, each naming its flag, on one line (``within``: where
+    the model that failed sits in the settings, for one validated on its own)."""
     problems = []
     for error in exc.errors(include_url=False):
-        loc = tuple(str(part) for part in error["loc"])
+        loc = within + tuple(str(part) for part in error["loc"])
         flag = _flag_for(loc)
         if error["type"] == "missing":
             problems.append(f"{flag} is required")
@@ -158,9 +177,14 @@ def _describe(exc: ValidationError) -> str:
 
 
 def _flag_for(loc: tuple[str, ...]) -> str:
-    """The option that sets a settings field: ``--top-k`` for knobs.compression.top_k."""
+    """The option that sets a settings field: ``--top-k`` for knobs.compression.top_k,
+    ``--dp-delta`` for knobs.privacy.delta."""
     if loc in _FLAGS:
         return _FLAGS[loc]
+    if loc[-1:] == ("privacy",):  # the policy's own check: noise or calibration, not both
+        return "--dp-noise-multiplier/--dp-calibrate-versions"
+    if loc[-2:-1] == ("privacy",):
+        return "--dp-" + loc[-1].replace("_", "-")
     if not loc or loc[-1] in _GROUPS:
         return ".".join(loc) or "settings"
     return "--" + loc[-1].replace("_", "-")
@@ -224,9 +248,16 @@ def demo(
     error_feedback: Annotated[
         bool, typer.Option("--error-feedback/--no-error-feedback", help="carry what was not sent")
     ] = True,
+    dp_epsilon_budget: DpEpsilonBudget = None,
+    dp_noise_multiplier: DpNoiseMultiplier = None,
+    dp_calibrate_versions: DpCalibrateVersions = None,
+    dp_delta: DpDelta = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """Run a whole federation locally (broker, aggregator, hospitals) and report accuracy."""
+    """Run a whole federation locally (broker, aggregator, hospitals) and report accuracy.
+
+    With --dp-epsilon-budget the hospitals train with differential privacy, and the summary
+    gives the epsilon each one spent."""
     from healthnet.demo import DemoConfig, render, run_demo
 
     _setup_logging(log_level)
@@ -264,6 +295,9 @@ def demo(
         dashboard=dashboard,
         dashboard_port=dashboard_port,
         compression=_demo_compression(top_k, quantization, error_feedback),
+        privacy=_demo_privacy(
+            dp_epsilon_budget, dp_noise_multiplier, dp_calibrate_versions, dp_delta
+        ),
     )
     try:
         result = run_demo(config, err_console)
@@ -288,6 +322,28 @@ def _demo_compression(
         )
     except ValueError as exc:
         raise _bad_input(f"--top-k/--quantization: {exc}") from None
+
+
+def _demo_privacy(
+    budget: float | None, noise: float | None, calibrate: int | None, delta: float | None
+) -> PrivacyPolicy | None:
+    """The demo's privacy policy from its --dp-* flags; None without a budget."""
+    if budget is None:
+        if noise is not None or calibrate is not None or delta is not None:
+            raise _bad_input(
+                "--dp-noise-multiplier, --dp-calibrate-versions and --dp-delta shape a privacy "
+                "policy: give its --dp-epsilon-budget too"
+            )
+        return None
+    try:
+        return PrivacyPolicy(
+            epsilon_budget=budget,
+            noise_multiplier=noise,
+            calibrate_versions=calibrate,
+            **_given(delta=delta),
+        )
+    except ValidationError as exc:
+        raise _bad_input(_describe(exc, within=("privacy",))) from None
 
 
 # -- services --------------------------------------------------------------------------------------
@@ -340,9 +396,24 @@ def aggregator_run(
         int | None, typer.Option(help="serve Prometheus /metrics on this port (off by default)")
     ] = None,
     metrics_host: Annotated[str | None, typer.Option(help="address of /metrics")] = None,
+    dp_epsilon_budget: DpEpsilonBudget = None,
+    dp_noise_multiplier: DpNoiseMultiplier = None,
+    dp_calibrate_versions: DpCalibrateVersions = None,
+    dp_delta: DpDelta = None,
+    dp_max_grad_norm: Annotated[
+        float | None, typer.Option(help="DP: clip each example's gradient to this L2 norm C")
+    ] = None,
+    dp_metrics: Annotated[
+        MetricRelease | None,
+        typer.Option(help="DP: what evaluations and losses say: exact, rounded, suppressed"),
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Run the aggregator of one federation until the run is stopped."""
+    """Run the aggregator of one federation until the run is stopped.
+
+    With --dp-epsilon-budget every hospital trains with differential privacy (DP-SGD) and stops
+    before its patients' privacy loss passes the budget; the policy may be made stricter while
+    the run goes on (``healthnet set privacy.epsilon_budget=...``), never laxer."""
     from aggregator.service import AggregatorService
     from aggregator.settings import AggregatorSettings
 
@@ -367,6 +438,16 @@ def aggregator_run(
     compression = _given(top_k=top_k, quantization=quantization, error_feedback=error_feedback)
     if compression:
         knobs["compression"] = compression
+    privacy = _given(
+        epsilon_budget=dp_epsilon_budget,
+        noise_multiplier=dp_noise_multiplier,
+        calibrate_versions=dp_calibrate_versions,
+        delta=dp_delta,
+        max_grad_norm=dp_max_grad_norm,
+        metrics=dp_metrics,
+    )
+    if privacy:
+        knobs["privacy"] = privacy
     model_spec: dict[str, Any] = _given(
         name=model, kwargs=_json_object("--model-kwargs", model_kwargs)
     )
@@ -644,6 +725,45 @@ def _render_status(snapshot: AggregatorStatus, age: float) -> None:
         f"(a={k.staleness_a}, b={k.staleness_b}), beta={k.sample_exponent}, "
         f"server={k.server_optimizer.value}(lr={k.server_lr}), training={k.training.model_dump()}"
     )
+    _render_privacy(snapshot)
+
+
+def _render_privacy(snapshot: AggregatorStatus) -> None:
+    """The run's privacy policy, and each hospital's epsilon spent against its budget."""
+    policy = snapshot.knobs.privacy
+    spent = [entry for entry in snapshot.nodes if entry.epsilon is not None]
+    if policy is None and not spent:
+        return
+    console.print(_describe_policy(policy), soft_wrap=True)
+    if spent:
+        console.print(
+            "epsilon spent: " + ", ".join(f"{e.node} {_epsilon_spent(e)}" for e in spent),
+            soft_wrap=True,
+        )
+
+
+def _describe_policy(policy: PrivacyPolicy | None) -> str:
+    if policy is None:
+        return "privacy: no policy in force (the epsilon below is what the nodes reported)"
+    noise = (
+        f"noise x{policy.noise_multiplier:g}"
+        if policy.noise_multiplier is not None
+        else f"noise calibrated to spend the budget in {policy.calibrate_versions} versions"
+    )
+    return (
+        f"privacy: DP-SGD, budget epsilon={policy.epsilon_budget:g} per hospital at "
+        f"delta={policy.delta:g}, {noise}, clipping norm {policy.max_grad_norm:g}, "
+        f"metrics {policy.metrics.value}"
+    )
+
+
+def _epsilon_spent(entry: NodeTally | None) -> str:
+    """``1.52/3`` (epsilon spent of the budget), or ``-`` for a node that reported none."""
+    if entry is None or entry.epsilon is None:
+        return "-"
+    if entry.epsilon_budget is None:
+        return f"{entry.epsilon:.2f}"
+    return f"{entry.epsilon:.2f}/{entry.epsilon_budget:g}"
 
 
 @app.command()
@@ -660,13 +780,18 @@ def nodes(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> Non
     except HealthNetError as exc:
         raise _fail(exc) from exc
     tallies = {entry.node: entry for entry in snapshot.nodes}
+    # Under DP, each hospital's epsilon spent of its budget, as it last reported it.
+    private = snapshot.knobs.privacy is not None or any(
+        e.epsilon is not None for e in tallies.values()
+    )
     table = Table(title=f"federation {settings.federation}, global v{snapshot.version}")
-    for column in ("node", "state", "version", "lag", "accepted", "rejected", "accuracy"):
+    columns = ("node", "state", "version", "lag", "accepted", "rejected", "accuracy")
+    for column in (*columns, "epsilon") if private else columns:
         table.add_column(column)
     for name in sorted(set(tallies) | set(statuses)):
         node_status, entry = statuses.get(name), tallies.get(name)
         version = node_status.version if node_status else None
-        table.add_row(
+        row = [
             name,
             node_status.state.value if node_status else "?",
             "-" if version is None else str(version),
@@ -674,7 +799,8 @@ def nodes(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> Non
             str(entry.accepted) if entry else "0",
             str(entry.rejected) if entry else "0",
             "-" if entry is None or entry.eval_accuracy is None else f"{entry.eval_accuracy:.3f}",
-        )
+        ]
+        table.add_row(*row, *([_epsilon_spent(entry)] if private else []))
     console.print(table)
 
 

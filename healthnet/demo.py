@@ -3,7 +3,8 @@
 It starts a broker (embedded unless one is given), the aggregator and one node per hospital as
 child processes, follows the run over MQTT like any operator would (status, versions, the nodes'
 evaluations), stops it after N versions or at a target accuracy, and reports the test accuracy of
-the final global model at every hospital. Each child gets the settings object built here whole
+the final global model at every hospital and, under differential privacy, the epsilon each
+hospital's ledger reached. Each child gets the settings object built here whole
 (:meth:`healthnet.processes.ProcessGroup.start_service`), never a list of flags.
 """
 
@@ -41,6 +42,8 @@ from common.messages import (
     Knobs,
     Manifest,
     NodeStatus,
+    PrivacyPolicy,
+    PrivacySpend,
     Update,
     VersionRecord,
 )
@@ -99,6 +102,9 @@ class DemoConfig:
     budget_seconds: float | None = None
     """Stop the run (gracefully, like a target) this many seconds after every hospital was ready
     (had evaluated v0), so that process start-up does not eat into it."""
+    privacy: PrivacyPolicy | None = None
+    """Differential privacy every hospital trains under (the run's policy); None: the
+    federation's (none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +155,10 @@ class DemoResult:
     """When every hospital had evaluated v0 (all processes up), since the demo started them."""
     blob_bytes: int = 0
     """Size of one broadcast model blob (the last manifest seen)."""
+    epsilon: dict[str, float] = field(default_factory=dict)
+    """Under differential privacy: each hospital's privacy loss at the end, as it reported it."""
+    epsilon_budget: dict[str, float] = field(default_factory=dict)
+    """And the budget each hospital trained under."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -169,6 +179,8 @@ class DemoResult:
             "timeline": [point.to_json() for point in self.timeline],
             "ready_seconds": self.ready_seconds,
             "blob_bytes": self.blob_bytes,
+            "epsilon": self.epsilon,
+            "epsilon_budget": self.epsilon_budget,
         }
 
 
@@ -186,6 +198,7 @@ def aggregator_settings(
     compression: Compression | None = None,
     broadcast_dtype: Literal["float32", "float16"] | None = None,
     status_interval: float = 1.0,
+    privacy: PrivacyPolicy | None = None,
     **fields: Any,
 ) -> AggregatorSettings:
     """The settings of a federation's aggregator: every knob of ``federation``, then the mode's.
@@ -203,6 +216,7 @@ def aggregator_settings(
             "max_versions": max_versions,
             "compression": compression or knobs.compression,
             "broadcast_dtype": broadcast_dtype or knobs.broadcast_dtype,
+            "privacy": privacy or knobs.privacy,
         }
     )
     return AggregatorSettings(
@@ -351,6 +365,7 @@ def _run(
             topics.aggregator_status(),
             topics.versions(),
             topics.all_node_evals(),
+            topics.all_node_status(),
             topics.manifest(),
         ):
             monitor.subscribe(topic_filter)
@@ -368,6 +383,7 @@ def _run(
                 seed=config.seed,
                 compression=config.compression,
                 broadcast_dtype=config.broadcast_dtype,
+                privacy=config.privacy,
             ),
         )
         for site in sites:
@@ -479,6 +495,8 @@ class _Watch:
         self.seen_at: dict[int, float] = {0: 0.0}  # version -> seconds since start
         self.ready_seconds = 0.0
         self.blob_bytes = 0
+        # Each hospital's privacy ledger, as its own latest status that carried one said.
+        self.ledgers: dict[str, PrivacySpend] = {}
 
     @property
     def version(self) -> int:
@@ -513,6 +531,10 @@ class _Watch:
                     self.ready_seconds = time.monotonic() - self.started
             case Evaluation():
                 pass  # every evaluation topic names its node: unreachable
+            case NodeStatus(privacy=PrivacySpend() as ledger) if (
+                inbound.topic.node == inbound.sender
+            ):
+                self.ledgers[inbound.sender] = ledger
             case Update() | Ack() | NodeStatus() | ControlRequest() | ControlReply():
                 pass
             case _:
@@ -601,7 +623,21 @@ class _Watch:
             timeline=self.timeline(),
             ready_seconds=self.ready_seconds,
             blob_bytes=self.blob_bytes,
+            **self.privacy(status),
         )
+
+    def privacy(self, status: AggregatorStatus) -> dict[str, dict[str, float]]:
+        """Each hospital's epsilon and budget at the end: its own last status's ledger, which
+        holds every charge (one for an update the aggregator refused too), else the final
+        status's tally of it."""
+        epsilon: dict[str, float] = {}
+        budget: dict[str, float] = {}
+        for entry in status.nodes:
+            if entry.epsilon is not None and entry.epsilon_budget is not None:
+                epsilon[entry.node], budget[entry.node] = entry.epsilon, entry.epsilon_budget
+        for node, ledger in self.ledgers.items():
+            epsilon[node], budget[node] = ledger.epsilon, ledger.epsilon_budget
+        return {"epsilon": epsilon, "epsilon_budget": budget}
 
 
 def _mean(values: Iterator[float] | list[float]) -> float:
@@ -609,12 +645,23 @@ def _mean(values: Iterator[float] | list[float]) -> float:
     return math.fsum(items) / len(items) if items else 0.0
 
 
+def _spent(result: DemoResult, node: str) -> str:
+    epsilon = result.epsilon.get(node)
+    if epsilon is None:
+        return "-"
+    budget = result.epsilon_budget.get(node)
+    return f"{epsilon:.2f}" if budget is None else f"{epsilon:.2f} / {budget:g}"
+
+
 def render(result: DemoResult, console: Console) -> None:
     table = Table(title=f"test accuracy, global v{result.versions}")
     table.add_column("hospital")
     table.add_column("accuracy", justify="right")
+    private = bool(result.epsilon)
+    if private:
+        table.add_column("epsilon / budget", justify="right")
     for node, accuracy in result.per_node.items():
-        table.add_row(node, f"{accuracy:.3f}")
+        table.add_row(node, f"{accuracy:.3f}", *([_spent(result, node)] if private else []))
     table.add_section()
     table.add_row("[bold]mean", f"[bold]{result.mean_accuracy:.3f}")
     table.add_row("pooled", f"{result.pooled_accuracy:.3f}")

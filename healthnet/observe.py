@@ -19,6 +19,9 @@ These choices shape the numbers:
   ones the aggregator published.
 - *Last seen* is the age of the node's last update as the aggregator stated it in its status
   (``updated_at - last_seen``, both its clock) plus the status's age.
+- *Epsilon* (under differential privacy) is the node's privacy loss against its budget: from the
+  node's own retained status when it carries its ledger, else as the aggregator's tally last
+  heard it (the node's latest accepted update or status).
 - *Accuracy* comes from the nodes' evaluations, and from the node tallies in the status (each node's
   latest evaluation) so a dashboard that may not read the eval topics still draws a point per
   status. Nodes evaluate whichever version is newest when they are free, so they skip versions;
@@ -45,6 +48,7 @@ from common.messages import (
     Counters,
     Evaluation,
     NodeStatus,
+    NodeTally,
     VersionRecord,
 )
 from common.topics import Route, Topic
@@ -86,6 +90,9 @@ class NodeRow(_Frozen):
     eval_version: int | None
     software: str = ""
     device: str = ""
+    # Under DP: the privacy loss the node reported, and its budget (see the module's notes).
+    epsilon: float | None = None
+    epsilon_budget: float | None = None
 
 
 class AccuracySeries(_Frozen):
@@ -320,6 +327,7 @@ class Observer:
                     eval_version=eval_version,
                     software=own.software if own else "",
                     device=own.device if own else "",
+                    **_privacy(entry, own),
                 )
             )
         return tuple(rows)
@@ -345,6 +353,15 @@ class Observer:
     def _staleness_counts(self) -> tuple[int, ...]:
         counts = Counter(c.staleness for r in self._records.values() for c in r.contributions)
         return tuple(counts[s] for s in range(max(counts) + 1)) if counts else ()
+
+
+def _privacy(entry: NodeTally | None, own: NodeStatus | None) -> dict[str, float | None]:
+    """A node's epsilon and budget: its own status's ledger, else the aggregator's tally."""
+    if own is not None and own.privacy is not None:
+        return {"epsilon": own.privacy.epsilon, "epsilon_budget": own.privacy.epsilon_budget}
+    if entry is not None:
+        return {"epsilon": entry.epsilon, "epsilon_budget": entry.epsilon_budget}
+    return {}
 
 
 def _update_size(counters: Counters) -> str | None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import threading
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, Group, JustifyMethod, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from common.settings import ConnectionSettings
 from healthnet.feed import FederationFeed
-from healthnet.observe import Snapshot
+from healthnet.observe import NodeRow, Snapshot
 
 __all__ = ["render", "sparkline", "watch"]
 
@@ -23,6 +23,7 @@ _STATE_STYLE = {
     "paused": "yellow",
     "stopped": "red",
     "offline": "red",
+    "budget_spent": "magenta",
 }
 
 
@@ -53,6 +54,16 @@ def _bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _epsilon(row: NodeRow) -> Text:
+    """``1.23/3``: the epsilon a hospital spent of its budget; red once it is spent."""
+    if row.epsilon is None:
+        return Text("-")
+    if row.epsilon_budget is None:
+        return Text(f"{row.epsilon:.2f}")
+    spent = row.epsilon >= row.epsilon_budget or row.state == "budget_spent"
+    return Text(f"{row.epsilon:.2f}/{row.epsilon_budget:g}", style="red" if spent else "")
 
 
 def render(snapshot: Snapshot, *, width: int = 40) -> RenderableType:
@@ -87,7 +98,9 @@ def render(snapshot: Snapshot, *, width: int = 40) -> RenderableType:
         f"{_bytes(c.bytes_received)}",
     )
     nodes = Table(expand=False, box=None, pad_edge=False, header_style="dim")
-    for column, justify in (
+    # Under DP, a column of each hospital's epsilon spent of its budget.
+    private = any(row.epsilon is not None for row in s.nodes)
+    columns: list[tuple[str, JustifyMethod]] = [
         ("node", "left"),
         ("state", "left"),
         ("version", "right"),
@@ -98,8 +111,11 @@ def render(snapshot: Snapshot, *, width: int = 40) -> RenderableType:
         ("bytes sent", "right"),
         ("accuracy", "right"),
         ("by version", "left"),
-    ):
-        nodes.add_column(column, justify=justify)  # type: ignore[arg-type]
+    ]
+    if private:
+        columns.insert(-2, ("epsilon", "right"))
+    for column, justify in columns:
+        nodes.add_column(column, justify=justify)
     for row in s.nodes:
         series = list(s.accuracy.nodes.get(row.node, ()))[-width:]
         nodes.add_row(
@@ -111,22 +127,13 @@ def render(snapshot: Snapshot, *, width: int = 40) -> RenderableType:
             str(row.accepted),
             Text(str(row.rejected), style="red" if row.rejected else ""),
             _bytes(row.bytes_sent),
+            *((_epsilon(row),) if private else ()),
             "-" if row.accuracy is None else f"{row.accuracy:.3f}",
             sparkline(series),
         )
     if s.accuracy.mean:
-        nodes.add_row(
-            "[bold]mean",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            mean,
-            sparkline(list(s.accuracy.mean)[-width:]),
-        )
+        blanks = [""] * (8 if private else 7)
+        nodes.add_row("[bold]mean", *blanks, mean, sparkline(list(s.accuracy.mean)[-width:]))
     counts = s.staleness_counts
     top = max(counts, default=0)
     staleness = Text.assemble(

@@ -90,6 +90,31 @@
 
   // -- tables and cards
 
+  // Under differential privacy: the epsilon a hospital has spent, as a bar against its budget.
+  function budgetCell(row, n) {
+    const td = row.insertCell();
+    td.className = "num budget";
+    if (n.epsilon == null) {
+      td.textContent = "–";
+      return;
+    }
+    const label = document.createElement("span");
+    label.textContent = n.epsilon.toFixed(2) +
+      (n.epsilon_budget == null ? "" : " / " + n.epsilon_budget);
+    td.append(label);
+    if (!n.epsilon_budget) return;
+    const share = n.epsilon / n.epsilon_budget;
+    const spent = share >= 1 || n.state === "budget_spent";
+    const meter = document.createElement("div");
+    meter.className = "meter" + (spent ? " spent" : share > 0.8 ? " near" : "");
+    const bar = document.createElement("div");
+    bar.style.width = Math.min(100, 100 * share).toFixed(1) + "%";
+    meter.append(bar);
+    td.append(meter);
+    td.title = (100 * share).toFixed(0) + "% of the privacy budget spent" +
+      (spent ? "; the hospital trains no more" : "");
+  }
+
   function renderNodes(s) {
     const body = $("nodes").tBodies[0];
     const nodes = Object.keys(s.accuracy.nodes).sort();
@@ -117,6 +142,7 @@
       cell(row, fmtBytes(n.bytes_sent), "num");
       cell(row, n.last_staleness == null ? "–" : String(n.last_staleness), "num");
       cell(row, n.accuracy == null ? "–" : n.accuracy.toFixed(3) + " @v" + n.eval_version, "num");
+      budgetCell(row, n);
     }
   }
 

@@ -112,3 +112,17 @@ def test_the_endpoint_serves_the_registry_on_loopback() -> None:
         with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - our own loopback URL
             text = response.read().decode()
     assert samples(text)[("healthnet_model_version", ())] == 3
+
+
+def test_epsilon_and_budget_are_gauges_of_the_nodes_that_report_them() -> None:
+    """Each node's epsilon and budget come from the status's tallies; a node without DP has none."""
+    metrics = AggregatorMetrics()
+    ledger = (
+        NodeTally(node="a", epsilon=1.75, epsilon_budget=3.0),
+        NodeTally(node="b"),
+    )
+    metrics.observe_status(status(2, nodes=ledger))
+    got = scrape(metrics)
+    assert got[("healthnet_node_epsilon", (("node", "a"),))] == 1.75
+    assert got[("healthnet_node_epsilon_budget", (("node", "a"),))] == 3.0
+    assert ("healthnet_node_epsilon", (("node", "b"),)) not in got

@@ -12,13 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from common.broker_url import BrokerEndpoint
 from common.codec import encode, envelope
-from common.messages import AggregatorState, AggregatorStatus, Counters, Knobs
+from common.messages import (
+    AggregatorState,
+    AggregatorStatus,
+    Counters,
+    Knobs,
+    NodeTally,
+    PrivacyPolicy,
+)
 from common.mqtt import MqttClient
 from common.topics import TopicTree
+from healthnet import cli
 from healthnet.broker import EmbeddedBroker
 from healthnet.cli import app
 
@@ -120,6 +129,12 @@ def test_a_bad_broker_url_in_the_environment_is_one_line_naming_its_flag(
         pytest.param(["demo", "--delay", "va=soon"], id="demo-delay"),
         pytest.param(["demo", "--broker-url", "mqtt://"], id="demo-broker-url"),
         pytest.param(["demo", "--mode", "fast"], id="demo-mode"),
+        pytest.param(["demo", "--dp-epsilon-budget", "3"], id="demo-dp-no-noise"),
+        pytest.param(["demo", "--dp-noise-multiplier", "1"], id="demo-dp-no-budget"),
+        pytest.param(
+            ["demo", "--dp-epsilon-budget", "3", "--dp-calibrate-versions", "5", "--dp-delta", "1"],
+            id="demo-dp-delta",
+        ),
         pytest.param(["broker", "--implementation", "nats"], id="broker"),
     ],
 )
@@ -195,3 +210,145 @@ def test_status_shows_its_age_and_an_update_size_that_is_right_way_round(
     data = json.loads(as_json.stdout)
     assert data["state"] == "offline"
     assert 7200 <= data["status_age_seconds"] < 7200 + 60
+
+
+# -- differential privacy
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        pytest.param(
+            ["--dp-epsilon-budget", "3"],
+            ["--dp-noise-multiplier/--dp-calibrate-versions", "exactly one"],
+            id="neither-noise-nor-calibration",
+        ),
+        pytest.param(
+            [
+                "--dp-epsilon-budget",
+                "3",
+                "--dp-noise-multiplier",
+                "1",
+                "--dp-calibrate-versions",
+                "9",
+            ],
+            ["--dp-noise-multiplier/--dp-calibrate-versions"],
+            id="noise-and-calibration",
+        ),
+        pytest.param(
+            ["--dp-noise-multiplier", "1"], ["--dp-epsilon-budget is required"], id="no-budget"
+        ),
+        pytest.param(
+            ["--dp-epsilon-budget", "3", "--dp-noise-multiplier", "1", "--dp-delta", "1.5"],
+            ["--dp-delta", "1.5"],
+            id="delta",
+        ),
+        pytest.param(
+            ["--dp-epsilon-budget", "-1", "--dp-noise-multiplier", "1"],
+            ["--dp-epsilon-budget", "-1"],
+            id="negative-budget",
+        ),
+        pytest.param(
+            ["--dp-epsilon-budget", "3", "--dp-noise-multiplier", "1", "--dp-max-grad-norm", "0"],
+            ["--dp-max-grad-norm"],
+            id="clipping-norm",
+        ),
+    ],
+)
+def test_a_bad_privacy_flag_is_one_line_naming_the_flag(
+    runner: CliRunner, tmp_path: Path, flags: list[str], expected: list[str]
+) -> None:
+    """`aggregator run`'s --dp-* flags build the run's privacy policy; a bad one says which."""
+    state = tmp_path / "state"
+    result = runner.invoke(app, ["aggregator", "run", "--state-dir", str(state), *flags])
+    assert result.exit_code == 2, result.output
+    assert_one_line_refusal(result.stderr, *expected)
+    assert not state.exists()
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(120)
+def test_aggregator_run_with_dp_flags_announces_the_policy(
+    runner: CliRunner, mosquitto: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The --dp-* flags become knobs.privacy: `status --json` and the status text show it."""
+    federation = f"cli{uuid.uuid4().hex[:12]}"
+    flags = ["--broker-url", mosquitto.url, "--federation", federation]
+    dp = ["--dp-epsilon-budget", "2.5", "--dp-calibrate-versions", "40", "--dp-delta", "1e-6"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "healthnet", "aggregator", "run", *flags, *dp,
+         "--state-dir", str(tmp_path / "state"), "--dp-metrics", "suppressed",
+         "--model", "logreg", "--model-kwargs", '{"in_features": 3, "num_classes": 2}'],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            shown = runner.invoke(app, ["status", "--json", *flags])
+            if shown.exit_code == 0:
+                break
+            assert proc.poll() is None, "the aggregator exited"
+            assert time.monotonic() < deadline, shown.output
+        privacy = json.loads(shown.stdout)["knobs"]["privacy"]
+        assert privacy == {
+            "noise_multiplier": None,
+            "calibrate_versions": 40,
+            "max_grad_norm": 1.0,
+            "delta": 1e-6,
+            "epsilon_budget": 2.5,
+            "metrics": "suppressed",
+        }
+        text = " ".join(runner.invoke(app, ["status", *flags]).stdout.split())
+        assert "privacy: DP-SGD, budget epsilon=2.5 per hospital at delta=1e-06" in text
+        assert "calibrated to spend the budget in 40 versions" in text
+        assert runner.invoke(app, ["stop", *flags]).exit_code == 0
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.broker
+def test_status_and_nodes_show_each_hospitals_epsilon_as_reported(
+    runner: CliRunner, mosquitto: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The epsilon in `status`, `status --json` and `nodes` is the tallies' (the nodes' reports)."""
+    # A terminal wide enough for the whole table: rich shortens cells to fit a narrow one.
+    monkeypatch.setattr(cli, "console", Console(width=160))
+    federation = f"cli{uuid.uuid4().hex[:12]}"
+    body = AggregatorStatus(
+        run_id="run-1",
+        state=AggregatorState.RUNNING,
+        version=4,
+        buffer_fill=0,
+        knobs=Knobs(privacy=PrivacyPolicy(noise_multiplier=1.2, epsilon_budget=3.0)),
+        counters=Counters(),
+        nodes=(
+            NodeTally(node="cleveland", accepted=3, epsilon=1.234, epsilon_budget=3.0),
+            NodeTally(node="va", accepted=1, epsilon=2.9, epsilon_budget=2.5),
+            NodeTally(node="plain", accepted=1),
+        ),
+        updated_at=time.time(),
+    )
+    retained_status(mosquitto.url, federation, body)
+    flags = ["--broker-url", mosquitto.url, "--federation", federation]
+    shown = runner.invoke(app, ["status", *flags])
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.stdout.split())
+    assert "privacy: DP-SGD, budget epsilon=3 per hospital at delta=1e-05, noise x1.2" in text
+    assert "epsilon spent: cleveland 1.23/3, va 2.90/2.5" in text
+    data = json.loads(runner.invoke(app, ["status", "--json", *flags]).stdout)
+    assert {n["node"]: (n["epsilon"], n["epsilon_budget"]) for n in data["nodes"]} == {
+        "cleveland": (1.234, 3.0),
+        "va": (2.9, 2.5),
+        "plain": (None, None),
+    }
+    table = runner.invoke(app, ["nodes", *flags])
+    assert table.exit_code == 0, table.output
+    assert "epsilon" in table.stdout
+    rows = {line.split()[1]: line.split() for line in table.stdout.splitlines() if "│" in line}
+    assert rows["cleveland"][-2] == "1.23/3"
+    assert rows["va"][-2] == "2.90/2.5"
+    assert rows["plain"][-2] == "-"

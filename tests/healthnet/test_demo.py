@@ -13,25 +13,34 @@ import pytest
 from rich.console import Console
 
 from common.broker_url import BrokerEndpoint
-from common.codec import decode, new_id
+from common.codec import decode, encode, envelope, new_id
 from common.messages import (
     AggregationRule,
+    AggregatorState,
     AggregatorStatus,
+    Body,
     Compression,
     Knobs,
+    MetricRelease,
+    NodeState,
+    NodeStatus,
+    NodeTally,
     NormPolicy,
+    PrivacyPolicy,
+    PrivacySpend,
     Quantization,
     ServerOptimizerKind,
     StalenessKind,
     TrainingConfig,
 )
 from common.mqtt import Message, MqttClient
-from common.topics import TopicTree
+from common.topics import Topic, TopicTree
 from healthnet.broker import EmbeddedBroker
 from healthnet.demo import (
     DemoConfig,
     DemoError,
     DemoResult,
+    _Watch,
     aggregator_settings,
     first_sites,
     node_settings,
@@ -40,6 +49,8 @@ from healthnet.demo import (
 )
 from healthnet.federations import HEART_DISEASE, PNEUMONIA
 from healthnet.processes import ManagedProcess, ProcessGroup, ServiceSettings, service_command
+from tests.healthnet.test_observe import evaluation
+from tests.samples import status
 
 
 def test_nodes_keeps_the_first_sites_and_lowers_k_to_fit() -> None:
@@ -111,6 +122,81 @@ def test_the_summary_gives_wire_and_dense_bytes_per_update_the_right_way_round()
     )
     assert "smaller" not in text
     assert result.to_json()["dense_bytes_per_update"] == 112.0
+    assert "epsilon" not in text  # no DP, no privacy column
+
+
+def _result(**fields: object) -> DemoResult:
+    values: dict[str, object] = {
+        "mean_accuracy": 0.8,
+        "pooled_accuracy": 0.8,
+        "per_node": {"cleveland": 0.8, "va": 0.7},
+        "versions": 60,
+        "updates_folded": 180,
+        "wall_seconds": 10.0,
+        "mode": "fedbuff",
+        "buffer_size": 3,
+        "federation": "heart-disease",
+        "broker": "mosquitto",
+        "min_staleness_factor": {},
+        "updates_per_node": {},
+    }
+    return DemoResult(**{**values, **fields})  # type: ignore[arg-type]
+
+
+def test_under_dp_the_summary_gives_each_hospitals_epsilon_of_its_budget() -> None:
+    result = _result(epsilon={"cleveland": 2.345, "va": 3.0}, epsilon_budget={"cleveland": 3.0})
+    console = Console(record=True, width=200, color_system=None)
+    render(result, console)
+    text = console.export_text()
+    assert "epsilon / budget" in text
+    rows = [line.replace("\u2502", " ").split() for line in text.splitlines()]
+    assert ["cleveland", "0.800", "2.35", "/", "3"] in rows
+    assert ["va", "0.700", "3.00"] in rows  # no budget known: the epsilon alone
+    assert result.to_json()["epsilon"] == {"cleveland": 2.345, "va": 3.0}
+    assert result.to_json()["epsilon_budget"] == {"cleveland": 3.0}
+
+
+def _ledger(epsilon: float) -> PrivacySpend:
+    return PrivacySpend(
+        epsilon=epsilon,
+        delta=1e-5,
+        epsilon_budget=3.0,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=0.1,
+        steps=9,
+        versions=3,
+    )
+
+
+def test_the_demo_reports_each_hospitals_ledger_else_the_aggregators_tally() -> None:
+    """The summary's epsilon is the node's own last word on its ledger when it gave one (a
+    charge for an update the aggregator refused counts too), else the final status's tally."""
+    tree = TopicTree("fed")
+    watch = _Watch(tree, ["cleveland", "va"])
+
+    def deliver(topic: Topic, body: Body, sender: str) -> None:
+        payload = encode(envelope(body, sender=sender, sent_at=0.0))
+        watch.on_message(Message(topic=str(topic), payload=payload, retain=False, qos=1))
+
+    tallies = (
+        NodeTally(node="cleveland", epsilon=1.0, epsilon_budget=3.0),
+        NodeTally(node="va", epsilon=0.5, epsilon_budget=2.0),
+    )
+    final = status(1, nodes=tallies).model_copy(update={"state": AggregatorState.STOPPED})
+    deliver(tree.aggregator_status(), final, "aggregator")
+    own = NodeStatus(state=NodeState.BUDGET_SPENT, privacy=_ledger(2.9))
+    deliver(tree.node_status("cleveland"), own, "cleveland")
+    deliver(tree.node_status("va"), NodeStatus(state=NodeState.OFFLINE), "va")
+    deliver(tree.node_status("va"), own, "impostor")  # not va's own word
+    for node in ("cleveland", "va"):
+        deliver(tree.node_eval(node), evaluation(1, 0.75), node)
+    assert watch.finished()
+    result = watch.result(DemoConfig(), 2, "mosquitto", 1.0, "heart-disease")
+    assert (result.epsilon, result.epsilon_budget) == (
+        {"cleveland": 2.9, "va": 0.5},
+        {"cleveland": 3.0, "va": 2.0},
+    )
 
 
 SECRET = "s3cr3t-Pa55"  # noqa: S105 - a made-up credential that must never leak
@@ -141,6 +227,10 @@ EVERY_KNOB = Knobs(
     compression=Compression(top_k=0.5, quantization=Quantization.INT8, error_feedback=False),
     broadcast_dtype="float16",
     max_versions=100,
+    privacy=PrivacyPolicy(
+        calibrate_versions=12, max_grad_norm=2.0, delta=1e-6, epsilon_budget=5.0,
+        metrics=MetricRelease.SUPPRESSED,
+    ),
     training=TrainingConfig(
         epochs=2, batch_size=16, learning_rate=0.01, optimizer="adam", momentum=0.5,
         weight_decay=0.01,
@@ -217,6 +307,22 @@ def test_every_field_of_the_demos_node_settings_reaches_the_child(
         keepalive=2,
     )
     assert _read_back_in_the_child(settings, tmp_path, monkeypatch) == settings
+
+
+def test_the_demos_privacy_policy_becomes_the_aggregators(tmp_path: Path) -> None:
+    """DemoConfig.privacy reaches the aggregator's knobs, which put it in every manifest."""
+    policy = PrivacyPolicy(noise_multiplier=1.3, epsilon_budget=3.0)
+    settings = aggregator_settings(
+        broker_url="mqtt://127.0.0.1:1883",
+        federation_id="dp",
+        state_dir=tmp_path,
+        federation=HEART_DISEASE,
+        buffer_size=2,
+        max_staleness=5,
+        privacy=policy,
+    )
+    assert settings.knobs.privacy == policy
+    assert settings.knobs.buffer_size == 2
 
 
 def _read_back_in_the_child(

@@ -12,6 +12,7 @@ from common.messages import (
     NodeState,
     NodeStatus,
     NodeTally,
+    PrivacySpend,
     VersionRecord,
 )
 from common.topics import TopicTree
@@ -242,3 +243,33 @@ def test_the_update_size_names_wire_and_dense_bytes_the_right_way_round() -> Non
         "559 bytes on the wire, 112 as dense float32 (5.0x larger than dense)"
     )
     assert Observer(FED).snapshot(now=1.0).update_size is None
+
+
+def _ledger(epsilon: float, budget: float) -> PrivacySpend:
+    return PrivacySpend(
+        epsilon=epsilon,
+        delta=1e-5,
+        epsilon_budget=budget,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=0.1,
+        steps=20,
+        versions=2,
+    )
+
+
+def test_each_row_shows_the_epsilon_the_node_reported_against_its_budget() -> None:
+    """The node's own status carries its ledger; without one, the aggregator's tally speaks."""
+    observer = Observer(FED)
+    ledger = (
+        NodeTally(node="a", epsilon=0.5, epsilon_budget=3.0),
+        NodeTally(node="b", epsilon=1.25, epsilon_budget=2.0),
+        NodeTally(node="c"),
+    )
+    observer.on_status(status(3, nodes=ledger), now=100.0)
+    feed(observer, "a", NodeStatus(state=NodeState.BUDGET_SPENT, privacy=_ledger(2.999, 3.0)))
+    feed(observer, "b", NodeStatus(state=NodeState.IDLE))
+    a, b, c = observer.snapshot(now=101.0).nodes
+    assert (a.state, a.epsilon, a.epsilon_budget) == ("budget_spent", 2.999, 3.0)
+    assert (b.epsilon, b.epsilon_budget) == (1.25, 2.0)
+    assert (c.epsilon, c.epsilon_budget) == (None, None)

@@ -65,3 +65,25 @@ def test_watch_shows_the_status_age_and_the_update_size() -> None:
     text = _text(observer)
     assert "status 60s old" in text
     assert "30,000 bytes on the wire, 420,000 as dense float32 (14.0x smaller than dense)" in text
+
+
+def test_watch_shows_each_hospitals_epsilon_under_dp() -> None:
+    """Under DP an epsilon column shows what each hospital spent of its budget."""
+    observer = Observer("fed")
+    ledger = (
+        NodeTally(node="cleveland", accepted=2, epsilon=1.5, epsilon_budget=3.0),
+        NodeTally(node="va", accepted=1),
+    )
+    observer.on_status(status(4, nodes=ledger), now=100.0)
+    text = _text(observer)
+    assert "bytes sent  epsilon  accuracy" in text
+    row = next(line for line in text.splitlines() if line.startswith("cleveland"))
+    assert row.split()[-2:] == ["1.50/3", "-"]  # epsilon spent of the budget, no accuracy yet
+    row = next(line for line in text.splitlines() if line.startswith("va"))
+    assert row.split()[-2:] == ["-", "-"]
+
+
+def test_watch_without_dp_has_no_epsilon_column() -> None:
+    observer = Observer("fed")
+    observer.on_status(status(4, nodes=(NodeTally(node="va", accepted=1),)), now=100.0)
+    assert "epsilon" not in _text(observer)

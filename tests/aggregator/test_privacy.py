@@ -1,0 +1,274 @@
+"""Specification of the aggregator's side of differential privacy: the policy in the manifest,
+refusing updates trained with less privacy, the live-knob rule, and the epsilon it records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from aggregator.core import AggregatorCore, Fold
+from common.errors import ControlError
+from common.messages import (
+    MetricRelease,
+    ModelSpec,
+    PrivacyPolicy,
+    PrivacySpend,
+    RejectReason,
+    Update,
+)
+from common.privacy_policy import spend_error
+from tests.aggregator.test_core import (
+    SIZE,
+    make_core,
+    make_update,
+    send,
+    tally_of,
+)
+
+POLICY = PrivacyPolicy(noise_multiplier=1.0, delta=1e-5, epsilon_budget=3.0)
+
+
+def spend(**fields: Any) -> PrivacySpend:
+    """A node's spend that meets :data:`POLICY`, with ``fields`` changed."""
+    values: dict[str, Any] = {
+        "epsilon": 1.2,
+        "delta": 1e-5,
+        "epsilon_budget": 3.0,
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.1,
+        "steps": 10,
+        "versions": 1,
+    }
+    return PrivacySpend(**{**values, **fields})
+
+
+def private(update_id: str = "u1", privacy: PrivacySpend | None = None, **kw: Any) -> Update:
+    return make_update(update_id, **kw).model_copy(update={"privacy": privacy or spend()})
+
+
+def dp_core(policy: PrivacyPolicy = POLICY, **knobs: Any) -> AggregatorCore:
+    return make_core(privacy=policy, **knobs)
+
+
+# -- the policy travels
+
+
+def test_the_manifest_carries_the_runs_privacy_policy() -> None:
+    """Nodes learn the policy from the manifest, as they learn the compression policy."""
+    model = ModelSpec(name="logreg", kwargs={"n_features": 3})
+    manifest = dp_core().broadcast(model=model, chunk_size=64, now=1.0).manifest
+    assert manifest.privacy == POLICY
+    assert make_core().broadcast(model=model, chunk_size=64, now=1.0).manifest.privacy is None
+
+
+# -- refusals
+
+
+REFUSED = [
+    pytest.param(None, 10, "carries no privacy spend", id="no-spend"),
+    pytest.param(spend(delta=1e-4), 10, "delta 0.0001 is above", id="delta-above-policy"),
+    pytest.param(spend(delta=1e-5), 100_000, "not below 1/n", id="delta-not-below-1-over-n"),
+    pytest.param(spend(epsilon_budget=4.0), 10, "budget 4 is above", id="budget-above-policy"),
+    pytest.param(spend(epsilon=3.5), 10, "past the budget", id="epsilon-past-budget"),
+    pytest.param(spend(noise_multiplier=0.8), 10, "noise multiplier 0.8", id="less-noise"),
+]
+
+
+@pytest.mark.parametrize(("privacy", "num_samples", "words"), REFUSED)
+def test_an_update_trained_with_less_privacy_than_the_policy_is_refused(
+    privacy: PrivacySpend | None, num_samples: int, words: str
+) -> None:
+    """The verdict is privacy_policy with spend_error's reason; counted, remembered, not kept."""
+    core = dp_core(max_num_samples=None)
+    update = make_update(num_samples=num_samples).model_copy(update={"privacy": privacy})
+    verdict = send(core, update)
+    assert not verdict.accepted
+    assert verdict.reason is RejectReason.PRIVACY_POLICY
+    assert verdict.detail == spend_error(POLICY, privacy, num_samples)
+    assert words in verdict.detail
+    assert core.buffer == ()
+    assert core.seen["u1"] == "privacy_policy"
+    assert core.counters().rejections == {"privacy_policy": 1}
+    entry = tally_of(core, "n1")
+    assert entry.rejections == {"privacy_policy": 1}
+    assert entry.epsilon is None  # a refused update's spend is not recorded
+
+
+def test_an_update_within_the_policy_is_accepted() -> None:
+    """More noise, a smaller budget and delta than asked are all within the policy."""
+    core = dp_core()
+    stricter = spend(noise_multiplier=2.0, epsilon_budget=2.0, delta=1e-6, epsilon=0.5)
+    assert send(core, private(privacy=stricter)).accepted
+    assert len(core.buffer) == 1
+
+
+def test_a_calibrated_policy_admits_any_noise_within_the_budget() -> None:
+    """Under calibrate_versions the node picks its noise; the budget is what is judged."""
+    core = dp_core(PrivacyPolicy(calibrate_versions=20, epsilon_budget=3.0))
+    assert send(core, private(privacy=spend(noise_multiplier=0.6))).accepted
+
+
+def test_a_run_without_a_policy_takes_updates_with_or_without_a_spend() -> None:
+    core = make_core()
+    assert send(core, make_update("plain")).accepted
+    assert send(core, private("dp")).accepted
+
+
+# -- what is recorded
+
+
+def test_contributions_say_at_what_epsilon_each_hospital_contributed() -> None:
+    """The version record is the provenance: per hospital, its total epsilon once trained."""
+    core = dp_core(buffer_size=2)
+    send(core, private("a1", spend(epsilon=0.7)), node="a")
+    send(core, private("b1", spend(epsilon=1.9, epsilon_budget=2.0)), node="b")
+    fold = core.fold(now=1.0)
+    assert isinstance(fold, Fold)
+    epsilons = {c.node: c.epsilon for c in fold.record.contributions}
+    assert epsilons == {"a": 0.7, "b": 1.9}
+
+
+def test_a_contribution_without_dp_has_no_epsilon() -> None:
+    core = make_core(buffer_size=1)
+    send(core, make_update())
+    fold = core.fold(now=1.0)
+    assert isinstance(fold, Fold)
+    assert [c.epsilon for c in fold.record.contributions] == [None]
+
+
+def test_the_tally_shows_the_latest_epsilon_reported_by_update_or_status() -> None:
+    """Accepted updates and the node's own statuses both carry its ledger; the latest wins."""
+    core = dp_core()
+    send(core, private("u1", spend(epsilon=0.4)))
+    assert (tally_of(core, "n1").epsilon, tally_of(core, "n1").epsilon_budget) == (0.4, 3.0)
+    core.record_privacy("n1", spend(epsilon=0.9, epsilon_budget=2.5))
+    assert (tally_of(core, "n1").epsilon, tally_of(core, "n1").epsilon_budget) == (0.9, 2.5)
+    send(core, private("u2", spend(epsilon=1.3, epsilon_budget=2.5), base_version=0), node="n1")
+    assert tally_of(core, "n1").epsilon == 1.3
+
+
+def test_a_status_without_privacy_changes_nothing() -> None:
+    """No ledger reported: the last known epsilon stays, and no node is added to the tallies."""
+    core = dp_core()
+    core.record_privacy("quiet", None)
+    assert core.node_tallies() == ()
+    core.record_privacy("n1", spend(epsilon=0.5))
+    core.record_privacy("n1", None)
+    assert tally_of(core, "n1").epsilon == 0.5
+
+
+def test_a_node_known_only_by_its_status_has_a_tally_with_its_epsilon() -> None:
+    core = dp_core()
+    core.record_privacy("h", spend(epsilon=2.9))
+    (entry,) = core.node_tallies()
+    assert (entry.node, entry.epsilon, entry.epsilon_budget, entry.accepted) == ("h", 2.9, 3.0, 0)
+
+
+def test_a_checkpointed_core_keeps_the_nodes_epsilon() -> None:
+    """The tallies are the checkpoint's: epsilon and budget come back with them."""
+    core = dp_core()
+    send(core, private("u1", spend(epsilon=1.1)))
+    core.record_privacy("other", spend(epsilon=0.3, epsilon_budget=1.0))
+    resumed = AggregatorCore(
+        run_id=core.run_id,
+        params=core.params,
+        knobs=core.knobs,
+        version=core.version,
+        state=core.state,
+        seen=core.seen,
+        counters=core.counters(),
+        nodes=core.node_tallies(),
+    )
+    assert resumed.node_tallies() == core.node_tallies()
+    assert [(e.node, e.epsilon, e.epsilon_budget) for e in resumed.node_tallies()] == [
+        ("n1", 1.1, 3.0),
+        ("other", 0.3, 1.0),
+    ]
+
+
+def test_an_update_replayed_from_the_log_brings_back_its_epsilon() -> None:
+    """Accepted after the last checkpoint: recovery counts it again, its spend too."""
+    core = dp_core(buffer_size=1)
+    core.restore_buffered("n1", private(privacy=spend(epsilon=2.2)), SIZE, now=1.0, count=True)
+    assert tally_of(core, "n1").epsilon == 2.2
+    fold = core.fold(now=2.0)
+    assert isinstance(fold, Fold)
+    assert [c.epsilon for c in fold.record.contributions] == [2.2]
+
+
+# -- the policy set live
+
+
+def test_a_stricter_policy_may_be_set_during_a_run() -> None:
+    core = dp_core()
+    knobs = core.set_knobs(
+        {"privacy.epsilon_budget": 2.0, "privacy.noise_multiplier": 1.5, "privacy.delta": 1e-6}
+    )
+    assert knobs.privacy == PrivacyPolicy(noise_multiplier=1.5, delta=1e-6, epsilon_budget=2.0)
+    assert core.knobs.privacy == knobs.privacy
+
+
+def test_the_clipping_norm_may_change_it_does_not_change_the_guarantee() -> None:
+    core = dp_core()
+    assert core.set_knobs({"privacy.max_grad_norm": 5.0}).privacy == POLICY.model_copy(
+        update={"max_grad_norm": 5.0}
+    )
+
+
+LAXER = [
+    pytest.param({"privacy.epsilon_budget": 8.0}, id="larger-budget"),
+    pytest.param({"privacy.noise_multiplier": 0.5}, id="less-noise"),
+    pytest.param({"privacy.delta": 1e-4}, id="larger-delta"),
+    pytest.param({"privacy.metrics": MetricRelease.EXACT.value}, id="exact-metrics"),
+    pytest.param(
+        {"privacy.noise_multiplier": None, "privacy.calibrate_versions": 50},
+        id="fixed-noise-to-calibrated",
+    ),
+    pytest.param({"privacy": None}, id="turned-off"),
+    pytest.param({"privacy.epsilon_budget": 8.0, "buffer_size": 5}, id="with-other-knobs"),
+]
+
+
+@pytest.mark.parametrize("patch", LAXER)
+def test_a_laxer_policy_is_refused_and_changes_nothing(patch: dict[str, Any]) -> None:
+    """The patients were promised the policy in force: the refusal says so; no knob moves."""
+    core = dp_core()
+    before = core.knobs
+    with pytest.raises(ControlError, match="patients were promised"):
+        core.set_knobs(patch)
+    assert core.knobs == before
+
+
+def test_a_run_without_dp_may_start_a_policy_field_by_field() -> None:
+    core = make_core()
+    knobs = core.set_knobs({"privacy.epsilon_budget": 4.0, "privacy.calibrate_versions": 30})
+    assert knobs.privacy == PrivacyPolicy(calibrate_versions=30, epsilon_budget=4.0)
+    assert make_core().set_knobs({"privacy": None}).privacy is None
+
+
+@pytest.mark.parametrize(
+    ("patch", "words"),
+    [
+        pytest.param({"privacy.epsilon": 1.0}, "unknown knob", id="unknown-field"),
+        pytest.param({"privacy.epsilon_budget": -1.0}, "invalid knob value", id="bad-value"),
+        pytest.param(
+            {"privacy.noise_multiplier": 2.0}, "invalid knob value", id="incomplete-policy"
+        ),
+    ],
+)
+def test_a_privacy_patch_that_is_no_policy_is_refused(patch: dict[str, Any], words: str) -> None:
+    core = make_core()
+    with pytest.raises(ControlError, match=words):
+        core.set_knobs(patch)
+    assert core.knobs.privacy is None
+
+
+def test_an_update_judged_after_a_stricter_policy_meets_the_new_one() -> None:
+    """Set live, the stricter policy applies to the next update at once."""
+    core = dp_core()
+    core.set_knobs({"privacy.epsilon_budget": 1.0})
+    verdict = send(core, private(privacy=spend(epsilon=0.5)))
+    assert verdict.reason is RejectReason.PRIVACY_POLICY
+    assert "budget 3 is above the run's 1" in verdict.detail
