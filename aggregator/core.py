@@ -380,6 +380,7 @@ class AggregatorCore:
             created_at=now,
             compression=knobs.compression,
             broadcast_dtype=dtype,
+            privacy=knobs.privacy,
         )
         return Broadcast(manifest=manifest, blob=blob, chunks=chunks, widened=widened)
 
