@@ -105,8 +105,8 @@ def train_private(
     x: NDArray[np.float32],
     y: NDArray[np.int64],
     config: TrainingConfig,
-    plan: DpPlan,
     *,
+    plan: DpPlan,
     seed: int,
     device: torch.device,
 ) -> TrainResult:
@@ -136,8 +136,8 @@ def train_private(
     loss_fn = nn.CrossEntropyLoss()
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(config.epochs):
-        for features, labels in private_loader:
-            features, labels = features.to(device), labels.to(device)
+        for batch_x, batch_y in private_loader:
+            features, labels = batch_x.to(device), batch_y.to(device)
             logits = private(features)
             loss = loss_fn(logits, labels)
             optimizer.zero_grad(set_to_none=True)
