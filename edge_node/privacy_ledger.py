@@ -44,6 +44,7 @@ __all__ = [
     "PrivacyLedger",
     "history_epsilon",
     "read_ledger",
+    "running_epsilon",
     "spend_of",
 ]
 
@@ -158,6 +159,11 @@ def spend_of(charges: Sequence[Charge]) -> PrivacySpend | None:
         steps=last.steps,
         versions=len(charges),
     )
+
+
+def running_epsilon(charges: Sequence[Charge], delta: float) -> list[float]:
+    """The accountant's epsilon at ``delta`` after each charge in turn (for a readable ledger)."""
+    return [history_epsilon(charges[: i + 1], delta) for i in range(len(charges))]
 
 
 def read_ledger(directory: Path) -> tuple[Charge, ...]:
