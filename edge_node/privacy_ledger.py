@@ -25,6 +25,7 @@ zero would under-count.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ from pydantic import Field, ValidationError
 from common.errors import ConfigError
 from common.files import atomic_write
 from common.messages import Frozen, Identifier, NonNegative, PrivacySpend
+from common.privacy_policy import EPSILON_SLACK
 
 __all__ = [
     "LEDGER_FILE",
@@ -81,11 +83,25 @@ class _LedgerRecord(Frozen):
 
 
 def history_epsilon(charges: Sequence[Charge], delta: float) -> float:
-    """The RDP accountant's epsilon at ``delta`` for ``charges``, composed (0 for none)."""
-    if not charges:
+    """The RDP accountant's epsilon at ``delta`` for ``charges``, composed (0 for none).
+
+    Charges of the same noise and sample rate are merged into one entry of their summed steps
+    before the accountant sees them: RDP is linear in the steps, and a run's charges share both,
+    so a ledger of hundreds of versions costs one RDP evaluation, not hundreds.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for c in charges:
+        key = (c.noise_multiplier, c.sample_rate)
+        steps[key] = steps.get(key, 0) + c.steps
+    return _epsilon(tuple((noise, rate, n) for (noise, rate), n in steps.items()), delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    if not history:
         return 0.0
     accountant = RDPAccountant()
-    accountant.history = [(c.noise_multiplier, c.sample_rate, c.steps) for c in charges]
+    accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta))
 
 
@@ -119,6 +135,18 @@ class PrivacyLedger:
         if self.charged(*charge.key):
             return self._charges
         return (*self._charges, charge)
+
+    def budget_refusal(self, planned: Charge) -> str | None:
+        """Why ``planned`` may not be trained (it would take epsilon, at its delta, past its
+        budget), or None when it fits."""
+        after = history_epsilon(self.with_charge(planned), planned.delta)
+        if after <= planned.epsilon_budget * (1 + EPSILON_SLACK):
+            return None
+        spent = history_epsilon(self._charges, planned.delta)
+        return (
+            f"privacy budget spent: epsilon {spent:.3g} of {planned.epsilon_budget:g} at delta "
+            f"{planned.delta:g}; training on v{planned.base_version} would bring it to {after:.3g}"
+        )
 
     def charge(self, charge: Charge) -> bool:
         """Commit ``charge`` to disk before its update may leave; False if charged already."""

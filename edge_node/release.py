@@ -1,4 +1,7 @@
-"""What a DP node says beyond its update: its reports, coarsened or withheld as the policy asks.
+"""Under what policy a node trains, and what it says beyond its update under DP.
+
+:func:`node_policy` is the run's policy made stricter by the hospital's own, or the hospital's
+alone when the run asks none: a node may always promise its patients more, never less.
 
 The DP guarantee covers the update (the noisy weights). Everything else a node sends is outside
 it, and reveals something about the hospital's records:
@@ -23,12 +26,20 @@ Pure functions of their arguments.
 
 from __future__ import annotations
 
-from common.messages import Evaluation, MetricRelease, TrainMetrics
+from common.messages import Evaluation, MetricRelease, PrivacyPolicy, TrainMetrics
+from common.privacy_policy import effective_privacy
 
-__all__ = ["COUNT_STEP", "DECIMALS", "release_evaluation", "release_train_metrics"]
+__all__ = ["COUNT_STEP", "DECIMALS", "node_policy", "release_evaluation", "release_train_metrics"]
 
 DECIMALS = 2
 COUNT_STEP = 10
+
+
+def node_policy(asked: PrivacyPolicy | None, own: PrivacyPolicy | None) -> PrivacyPolicy | None:
+    """What a node trains under: the run's ``asked`` tightened by its ``own`` (None: no DP)."""
+    if asked is None:
+        return own
+    return effective_privacy(asked, own)
 
 
 def release_evaluation(evaluation: Evaluation, release: MetricRelease) -> Evaluation | None:

@@ -62,13 +62,13 @@ from common.messages import (
     VersionRecord,
 )
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
-from common.privacy_policy import EPSILON_SLACK, delta_error, effective_privacy
+from common.privacy_policy import delta_error
 from common.topics import Role, Topic, TopicTree
 from common.wire_size import describe_wire_size
 from edge_node.datasets import LocalDataset, load_dataset
 from edge_node.outbox import Outbox
-from edge_node.privacy_ledger import Charge, PrivacyLedger, history_epsilon, spend_of
-from edge_node.release import release_evaluation
+from edge_node.privacy_ledger import Charge, PrivacyLedger, spend_of
+from edge_node.release import node_policy, release_evaluation
 from edge_node.residual import ResidualStore
 from edge_node.sentlog import SentEntry, SentEvent, SentLog
 from edge_node.session import Job, JobKind, NodeSession
@@ -315,11 +315,7 @@ class NodeService:
         )
 
     def _privacy(self, manifest: Manifest) -> PrivacyPolicy | None:
-        """The policy this node trains ``manifest``'s version under: the run's, made stricter by
-        its own; its own alone when the run asks none (a hospital may always ask more)."""
-        if manifest.privacy is None:
-            return self.settings.privacy
-        return effective_privacy(manifest.privacy, self.settings.privacy)
+        return node_policy(manifest.privacy, self.settings.privacy)
 
     def _gate_training(self, manifest: Manifest) -> None:
         """Decide, as the version arrives, whether the node may train on it under DP."""
@@ -345,15 +341,8 @@ class NodeService:
             self.session.close_gate(*key, Gate.REFUSED, reason)
             return
         plan = self._plan(policy, dataset.num_train, manifest.training)
-        planned = _charge(key, "planned", policy, plan, now=0.0)
-        epsilon = history_epsilon(self.ledger.with_charge(planned), policy.delta)
-        if epsilon > policy.epsilon_budget * (1 + EPSILON_SLACK):
-            spent = history_epsilon(self.ledger.charges, policy.delta)
-            reason = (
-                f"privacy budget spent: epsilon {spent:.3g} of {policy.epsilon_budget:g} at delta "
-                f"{policy.delta:g}; training on v{manifest.version} would bring it to "
-                f"{epsilon:.3g}"
-            )
+        reason = self.ledger.budget_refusal(_charge(key, "planned", policy, plan, now=0.0))
+        if reason is not None:
             log.warning("node %s: %s; evaluating only", self.settings.node_id, reason)
             self.session.close_gate(*key, Gate.BUDGET_SPENT, reason)
             return
