@@ -10,6 +10,13 @@ divide n; the accountant is charged with the rate actually sampled). A policy th
 picks the smallest noise (opacus' ``get_noise_multiplier``, RDP accountant) with which
 ``calibrate_versions`` such versions spend the budget at delta.
 
+Randomness. The noise and the Poisson sample must be unknown to anyone who sees the update: a
+noise an observer can regenerate can be subtracted. So DP training never uses the node's seed
+(which is in its settings, and 0 by default): both generators are seeded from the operating
+system's CSPRNG for every version, and DP runs are not reproducible. torch's generators are not
+cryptographically secure themselves; Opacus' ``secure_mode`` (torchcsprng) would close that gap
+at a large cost in speed, and is not used.
+
 Models. Opacus computes per-example gradients for layers without buffers that its validator
 accepts: all three built-ins (``logreg``, ``mlp``, ``cnn``: Linear, Conv2d, ReLU, MaxPool2d,
 Flatten) are supported. A model with an unsupported layer (BatchNorm, an LSTM of the plain torch
@@ -21,7 +28,9 @@ from __future__ import annotations
 
 import copy
 import math
+import secrets
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,23 +116,28 @@ def train_private(
     config: TrainingConfig,
     *,
     plan: DpPlan,
-    seed: int,
     device: torch.device,
 ) -> TrainResult:
-    """DP-SGD from ``base`` as ``plan`` says; a copy of ``model`` is trained (Opacus hooks it)."""
+    """DP-SGD from ``base`` as ``plan`` says; a copy of ``model`` is trained (Opacus hooks it).
+
+    The sample and the noise are drawn from fresh secret seeds (see the module's docstring).
+    """
     started = time.perf_counter()
     work = copy.deepcopy(model)
     load_params(work, base)
     work.to(device).train()
     check_private(work)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.Generator(device=device).manual_seed(seed ^ 0x5EED)
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     loader = DataLoader(
         TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
         batch_size=config.batch_size,
         generator=generator,
     )
-    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        # Opacus' reminder of secure_mode, which the module's docstring answers.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant="rdp")
     private, optimizer, private_loader = engine.make_private(
         module=work,
         optimizer=build_optimizer(work, config),
@@ -135,19 +149,24 @@ def train_private(
     )
     loss_fn = nn.CrossEntropyLoss()
     total_loss, correct, seen = 0.0, 0, 0
-    for _ in range(config.epochs):
-        for batch_x, batch_y in private_loader:
-            features, labels = batch_x.to(device), batch_y.to(device)
-            logits = private(features)
-            loss = loss_fn(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # An empty Poisson batch is a step too (noise alone); its mean loss is NaN.
-            if len(labels) > 0:
-                total_loss += float(loss.detach()) * len(labels)
-                correct += int((logits.detach().argmax(dim=1) == labels).sum())
-                seen += len(labels)
+    with warnings.catch_warnings():
+        # Opacus' hooks fire on the first layer, whose inputs (the data) need no gradient.
+        warnings.filterwarnings(
+            "ignore", message="Full backward hook is firing", category=UserWarning
+        )
+        for _ in range(config.epochs):
+            for batch_x, batch_y in private_loader:
+                features, labels = batch_x.to(device), batch_y.to(device)
+                logits = private(features)
+                loss = loss_fn(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                # An empty Poisson batch is a step too (noise alone); its mean loss is NaN.
+                if len(labels) > 0:
+                    total_loss += float(loss.detach()) * len(labels)
+                    correct += int((logits.detach().argmax(dim=1) == labels).sum())
+                    seen += len(labels)
     if isinstance(private, GradSampleModule):
         private.remove_hooks()
     work.to("cpu")

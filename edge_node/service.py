@@ -463,7 +463,6 @@ class NodeService:
                 dataset.train_y,
                 job.manifest.training,
                 plan=private[1],
-                seed=seed,
                 device=device,
             )
         elif self._privacy(job.manifest) is not None:
