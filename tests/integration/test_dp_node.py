@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
+import signal
 import sys
 import textwrap
 import threading
@@ -18,22 +20,21 @@ from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from common.broker_url import BrokerEndpoint
 from common.codec import decode
-from common.messages import (
-    Knobs,
-    ModelSpec,
-    NodeStatus,
-    PrivacyPolicy,
-)
+from common.messages import Knobs, ModelSpec, NodeState, NodeStatus, PrivacyPolicy
 from common.mqtt import Message, MqttClient
 from common.settings import ConnectionSettings
 from common.topics import TopicTree
-from edge_node.privacy_ledger import read_ledger
+from edge_node.outbox import Outbox
+from edge_node.privacy_ledger import Charge, history_epsilon, read_ledger
 from edge_node.sentlog import SentEvent, read_sent_log
 from edge_node.service import NodeService
 from edge_node.settings import NodeSettings
 from healthnet.broker import EmbeddedBroker
 from healthnet.control import ControlClient
-from tests.integration.test_federation import wait_for
+from healthnet.demo import aggregator_settings, node_settings
+from healthnet.federations import HEART_DISEASE
+from healthnet.processes import ProcessGroup
+from tests.integration.test_federation import cli, wait_for
 
 pytestmark = [pytest.mark.broker]
 
@@ -189,3 +190,134 @@ def test_a_model_opacus_cannot_protect_is_refused_by_name_and_never_trained(
             )
             time.sleep(1.0)
             assert_never_trained(client, node.state_dir)
+
+
+def dp_aggregator(
+    url: str, federation: str, tmp_path: Path, policy: PrivacyPolicy, *, buffer_size: int
+) -> AggregatorSettings:
+    """The heart-disease aggregator, its knobs carrying ``policy`` into every manifest."""
+    settings = aggregator_settings(
+        broker_url=url,
+        federation_id=federation,
+        state_dir=tmp_path / "aggregator",
+        federation=HEART_DISEASE,
+        buffer_size=buffer_size,
+        max_staleness=20,
+        status_interval=0.5,
+    )
+    return settings.model_copy(
+        update={"knobs": settings.knobs.model_copy(update={"privacy": policy})}
+    )
+
+
+def dp_node(url: str, federation: str, site: str, tmp_path: Path) -> NodeSettings:
+    return node_settings(
+        broker_url=url,
+        federation_id=federation,
+        node_id=site,
+        data=f"heart-disease:{site}",
+        state_dir=tmp_path / site,
+        exit_when_stopped=False,
+    )
+
+
+def assert_each_update_charged_once(
+    state_dir: Path, charges: tuple[Charge, ...], kills: int
+) -> None:
+    """Every update that could leave (in the sent log or the outbox) has its charge; no version
+    is charged twice; charges without an update are at most one per crash (the safe side)."""
+    keys = [c.key for c in charges]
+    assert len(keys) == len(set(keys)), keys
+    queued = {e.update_id for e in read_sent_log(state_dir) if e.event is SentEvent.QUEUED}
+    queued |= set(Outbox(state_dir / "outbox").ids())
+    charged = {c.update_id for c in charges}
+    assert queued <= charged, queued - charged
+    assert len(charged - queued) <= kills
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_killed_node_keeps_every_charge_once_across_restarts(
+    mosquitto: EmbeddedBroker, tmp_path: Path, federation: str
+) -> None:
+    """SIGKILL of a DP node, twice, while it trains: no charge lost, none doubled, none missing
+    for an update that may leave; the ledger reads the same through ``healthnet node privacy``."""
+    policy = PrivacyPolicy(noise_multiplier=1.0, epsilon_budget=1000.0, delta=1e-3)
+    state_dir = tmp_path / "cleveland"
+    ledger_dir = state_dir / "privacy"
+    with ProcessGroup(tmp_path / "logs") as group:
+        group.start_service(
+            "aggregator", dp_aggregator(mosquitto.url, federation, tmp_path, policy, buffer_size=1)
+        )
+        before: tuple[Charge, ...] = ()
+        for kills in (1, 2):
+            node = group.start_service(
+                "cleveland", dp_node(mosquitto.url, federation, "cleveland", tmp_path)
+            )
+            wait_for(
+                lambda: len(read_ledger(ledger_dir)) >= len(before) + 2,  # noqa: B023
+                WAIT * 2,
+                "two more charges",
+            )
+            node.signal(signal.SIGKILL)
+            assert node.wait(30) is not None
+            charges = read_ledger(ledger_dir)
+            assert charges[: len(before)] == before  # committed charges are never lost
+            assert_each_update_charged_once(state_dir, charges, kills)
+            before = charges
+    shown = cli("node", "privacy", "--state-dir", str(state_dir), "--json")
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert len(report["charges"]) == len(before)
+    assert report["spend"]["epsilon"] == pytest.approx(history_epsilon(before, policy.delta))
+    assert report["spend"]["versions"] == len(before)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_dp_federation_learns_heart_disease_and_stops_training_at_the_budget(
+    mosquitto: EmbeddedBroker, tmp_path: Path, federation: str
+) -> None:
+    """Four DP hospitals at epsilon 3 learn; each stops training when its ledger reaches the
+    budget, says BUDGET_SPENT, and evaluates the last version; its status equals its ledger."""
+    policy = PrivacyPolicy(calibrate_versions=8, epsilon_budget=3.0, delta=1e-3)
+    sites = tuple(site.node_id for site in HEART_DISEASE.sites)
+    watch = StatusWatch(mosquitto.url, federation, sites)
+    with ProcessGroup(tmp_path / "logs") as group, watch.client:
+        group.start_service(
+            "aggregator", dp_aggregator(mosquitto.url, federation, tmp_path, policy, buffer_size=2)
+        )
+        for site in sites:
+            group.start_service(site, dp_node(mosquitto.url, federation, site, tmp_path))
+        settings = ConnectionSettings(broker_url=mosquitto.url, federation=federation)  # type: ignore[arg-type]
+        with ControlClient(settings) as client:
+            first = client.status(timeout=WAIT)
+            watch.until(
+                lambda s: all(
+                    s.get(n) is not None and s[n].state is NodeState.BUDGET_SPENT for n in sites
+                ),
+                "every hospital's budget spent",
+            )
+            wait_for(
+                lambda: all(
+                    t.eval_version == client.status(timeout=WAIT).version
+                    for t in client.status(timeout=WAIT).nodes
+                ),
+                WAIT,
+                "every hospital's evaluation of the last version",
+            )
+            final = client.status(timeout=WAIT)
+        statuses = watch.poll()
+    for site in sites:
+        charges = read_ledger(tmp_path / site / "privacy")
+        epsilon = history_epsilon(charges, policy.delta)
+        assert len(charges) == policy.calibrate_versions
+        assert epsilon <= policy.epsilon_budget
+        spend = statuses[site].privacy
+        assert spend is not None
+        assert spend.epsilon == pytest.approx(epsilon)
+    accuracies = [t.eval_accuracy for t in final.nodes]
+    assert None not in accuracies
+    assert final.version >= 12
+    mean = sum(a for a in accuracies if a is not None) / len(accuracies)
+    assert mean >= 0.70, (first.version, final.version, accuracies)
