@@ -318,7 +318,9 @@ class NodeService:
         return node_policy(manifest.privacy, self.settings.privacy)
 
     def _gate_training(self, manifest: Manifest) -> None:
-        """Decide, as the version arrives, whether the node may train on it under DP."""
+        """Decide whether the node may train on ``manifest``'s version under DP: as it arrives,
+        and again once a charge is committed (a training of the previous version may have been
+        running when it arrived, and its charge counts before this one)."""
         policy = self._privacy(manifest)
         if policy is None:
             return
@@ -341,7 +343,9 @@ class NodeService:
             self.session.close_gate(*key, Gate.REFUSED, reason)
             return
         plan = self._plan(policy, dataset.num_train, manifest.training)
-        reason = self.ledger.budget_refusal(_charge(key, "planned", policy, plan, now=0.0))
+        # A version trained on already: what matters is whether the next one would fit.
+        next_key = key if not self.ledger.charged(*key) else (key[0], key[1] + 1)
+        reason = self.ledger.budget_refusal(_charge(next_key, "planned", policy, plan, now=0.0))
         if reason is not None:
             log.warning("node %s: %s; evaluating only", self.settings.node_id, reason)
             self.session.close_gate(*key, Gate.BUDGET_SPENT, reason)
@@ -595,9 +599,16 @@ class NodeService:
         update, payload = upload.update, upload.payload
         run_id = job.manifest.run_id
         if upload.charge is not None:
+            refusal = self.ledger.budget_refusal(upload.charge)
+            if refusal is not None:
+                # The gate is checked before every job; this last line should never be needed.
+                log.error("node %s: update not sent: %s", self.settings.node_id, refusal)
+                return
             # Before the outbox: from there an update leaves, even after a crash (see ledger).
             self.ledger.charge(upload.charge)
             self._spend = self.ledger.spend()
+            if self.session.manifest is not None:
+                self._gate_training(self.session.manifest)
         if upload.residual is not None:
             self.residuals.stage(update.update_id, run_id, upload.residual)
         self.outbox.put(update.update_id, payload)

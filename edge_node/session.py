@@ -81,6 +81,11 @@ class NodeSession:
         return self._phase
 
     @property
+    def manifest(self) -> Manifest | None:
+        """The latest version's manifest (None before the first)."""
+        return self._manifest
+
+    @property
     def version(self) -> int | None:
         return None if self._manifest is None else self._manifest.version
 
