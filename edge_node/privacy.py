@@ -102,7 +102,11 @@ def check_private(model: nn.Module) -> None:
             continue
         label = f"{name or '(root)'} ({type(layer).__name__})"
         validator = ModuleValidator.VALIDATORS.get(type(layer))
-        problems.extend(f"{label}: {error}" for error in (validator(layer) if validator else ()))
+        # Opacus' explanations run to paragraphs; their first sentence names the problem.
+        problems.extend(
+            f"{label}: {str(error).split('. ')[0]}"
+            for error in (validator(layer) if validator else ())
+        )
         if any(True for _ in layer.buffers(recurse=False)):
             problems.append(f"{label}: a trainable layer with buffers (state that is not private)")
     if problems:

@@ -89,7 +89,7 @@ def federation() -> str:
 @contextlib.contextmanager
 def in_process(
     url: str, federation: str, tmp_path: Path, *, knobs: Knobs, node: NodeSettings, model: ModelSpec
-) -> Iterator[ControlClient]:
+) -> Iterator[ConnectionSettings]:
     aggregator = AggregatorService(
         AggregatorSettings(
             broker_url=url,  # type: ignore[arg-type]
@@ -107,10 +107,8 @@ def in_process(
     ]
     for thread in threads:
         thread.start()
-    settings = ConnectionSettings(broker_url=url, federation=federation)  # type: ignore[arg-type]
     try:
-        with ControlClient(settings) as client:
-            yield client
+        yield ConnectionSettings(broker_url=url, federation=federation)  # type: ignore[arg-type]
     finally:
         stop.set()
         for thread in threads:
@@ -133,9 +131,9 @@ def a_node(url: str, federation: str, site: str, tmp_path: Path) -> NodeSettings
     )
 
 
-def assert_never_trained(client: ControlClient, state_dir: Path) -> None:
+def assert_never_trained(settings: ConnectionSettings, state_dir: Path) -> None:
     """No update was made: none in the sent log, none charged, none received."""
-    assert client.status(timeout=WAIT).counters.received == 0
+    assert retained_status(settings).counters.received == 0
     assert [e for e in read_sent_log(state_dir) if e.event is SentEvent.QUEUED] == []
     assert read_ledger(state_dir / "privacy") == ()
 
@@ -152,10 +150,10 @@ def test_a_delta_not_below_one_over_n_is_refused_and_the_node_never_trains(
         knobs = Knobs(buffer_size=1, privacy=policy)
         with in_process(
             mosquitto.url, federation, tmp_path, knobs=knobs, node=node, model=LOGREG
-        ) as client:
+        ) as settings:
             watch.until(lambda s: "is not below 1/n" in failure(s, "switzerland"), "a refusal")
             time.sleep(1.0)  # long enough for a node that (wrongly) trains to send its update
-            assert_never_trained(client, node.state_dir)
+            assert_never_trained(settings, node.state_dir)
 
 
 @pytest.mark.timeout(120)
@@ -177,7 +175,7 @@ def test_a_model_opacus_cannot_protect_is_refused_by_name_and_never_trained(
         knobs = Knobs(buffer_size=1, privacy=policy)
         with in_process(
             mosquitto.url, federation, tmp_path, knobs=knobs, node=node, model=model
-        ) as client:
+        ) as settings:
             watch.until(
                 lambda s: (
                     "0 (Linear)" not in failure(s, "cleveland")
@@ -186,12 +184,12 @@ def test_a_model_opacus_cannot_protect_is_refused_by_name_and_never_trained(
                 "a refusal",
             )
             wait_for(
-                lambda: client.status(timeout=WAIT).nodes[0].eval_version == 0,
+                lambda: [t.eval_version for t in retained_status(settings).nodes] == [0],
                 WAIT,
                 "the node's evaluation of v0",
             )
             time.sleep(1.0)
-            assert_never_trained(client, node.state_dir)
+            assert_never_trained(settings, node.state_dir)
 
 
 def retained_status(settings: ConnectionSettings) -> AggregatorStatus:
