@@ -558,6 +558,13 @@ MEANINGS = {
     "compression.top_k": "send at most this fraction of each tensor, if below the run's",
     "compression.quantization": "send values narrower than the run asks: `float16` or `int8`",
     "compression.error_feedback": "carry what was not sent into the next update",
+    # A hospital's own privacy policy: it may only make the run's stricter.
+    "privacy.noise_multiplier": "DP-SGD noise (sigma), if above the run's",
+    "privacy.calibrate_versions": "calibrate the noise over at least this many versions",
+    "privacy.max_grad_norm": "this node's per-example clipping norm C",
+    "privacy.delta": "DP delta, if below the run's (and below 1/n)",
+    "privacy.epsilon_budget": "this hospital's epsilon budget, if below the run's (turns DP on)",
+    "privacy.metrics": "reports under DP, if more guarded than the run's: `rounded`, `suppressed`",
 }
 SETTINGS_TABLES = {
     "settings-shared": ("common.settings", "ConnectionSettings", None),

@@ -11,6 +11,13 @@ The worker also compresses each delta (DESIGN §5) with the run's policy, made s
 node's own settings ask for it, carrying the error-feedback residual from one update to the next.
 The residual is staged on disk before its update enters the outbox and committed after
 (:mod:`edge_node.residual`), so a crash neither loses nor repeats what it holds.
+
+Under a privacy policy (the run's, tightened by this node's own) the worker trains with DP-SGD
+(:mod:`edge_node.privacy`). Each version is gated when it arrives: a policy the node cannot meet
+(delta not below 1/n, a model Opacus cannot make private) or a charge that would pass the budget
+closes the gate, and the node only evaluates. Each update's charge is committed to the privacy
+ledger (:mod:`edge_node.privacy_ledger`) before the update enters the outbox; reports leave as
+the policy's metric release says (:mod:`edge_node.release`).
 """
 
 from __future__ import annotations
@@ -43,21 +50,29 @@ from common.messages import (
     ControlRequest,
     Evaluation,
     Manifest,
+    MetricRelease,
     ModelSpec,
     NodeState,
     NodeStatus,
+    PrivacyPolicy,
+    PrivacySpend,
     RejectReason,
+    TrainingConfig,
     Update,
     VersionRecord,
 )
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
+from common.privacy_policy import delta_error
 from common.topics import Role, Topic, TopicTree
 from common.wire_size import describe_wire_size
 from edge_node.datasets import LocalDataset, load_dataset
 from edge_node.outbox import Outbox
+from edge_node.privacy_ledger import Charge, PrivacyLedger, spend_of
+from edge_node.release import node_policy, release_evaluation
 from edge_node.residual import ResidualStore
 from edge_node.sentlog import SentEntry, SentEvent, SentLog
 from edge_node.session import Job, JobKind, NodeSession
+from edge_node.session_state import Gate
 from edge_node.settings import NodeSettings
 from edge_node.training import EvalResult, TrainResult, UnusableVersion, evaluate, train
 from edge_node.upload import Upload, carries_residual, compress_delta, seal_upload
@@ -65,6 +80,8 @@ from edge_node.upload import Upload, carries_residual, compress_delta, seal_uplo
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from edge_node.privacy import DpPlan
 
 __all__ = ["NodeService", "Upload"]
 
@@ -91,6 +108,12 @@ class NodeService:
         # (run id, residual) as last committed; read only by the worker, replaced by this thread.
         self._residual: tuple[str, Mapping[str, NDArray[np.float32]]] | None = None
         self.sent_log = SentLog(settings.state_dir)
+        self.ledger = PrivacyLedger(settings.state_dir / "privacy")
+        # The ledger's spend as last committed (None: nothing charged yet).
+        self._spend: PrivacySpend | None = None
+        # (run id, version) -> the policy and DP plan the gate admitted; read by the worker.
+        self._plans: dict[tuple[str, int], tuple[PrivacyPolicy, DpPlan]] = {}
+        self._noise_cache: dict[tuple[PrivacyPolicy, int, TrainingConfig], DpPlan] = {}
         self.session = NodeSession(ack_timeout=settings.ack_timeout)
         self._clock = clock
         self._download = ModelDownload(max_blob_bytes=settings.max_model_bytes)
@@ -100,7 +123,7 @@ class NodeService:
         self._model_spec: ModelSpec | None = None
         self._device: torch.device | None = None
         self._job: tuple[Job, concurrent.futures.Future[EvalResult | Upload]] | None = None
-        self._published_state: tuple[NodeState, int | None, str] | None = None
+        self._published_state: tuple[NodeState, int | None, str, PrivacySpend | None] | None = None
 
     # -- lifecycle
 
@@ -117,6 +140,8 @@ class NodeService:
         self._dataset = load_dataset(settings.data)
         self.outbox.open()
         self.sent_log.open()
+        self.ledger.open()
+        self._spend = self.ledger.spend()
         self._recover_progress()
         self.residuals.open(set(self.outbox.ids()))
         for update_id in self.outbox.ids():
@@ -280,6 +305,7 @@ class NodeService:
         }
         self._ensure_model(manifest.model)
         self.session.on_model(manifest, params)
+        self._gate_training(manifest)
         log.info(
             "node %s: model v%d of run %s ready (%d bytes)",
             self.settings.node_id,
@@ -287,6 +313,54 @@ class NodeService:
             manifest.run_id,
             manifest.blob_bytes,
         )
+
+    def _privacy(self, manifest: Manifest) -> PrivacyPolicy | None:
+        return node_policy(manifest.privacy, self.settings.privacy)
+
+    def _gate_training(self, manifest: Manifest) -> None:
+        """Decide whether the node may train on ``manifest``'s version under DP: as it arrives,
+        and again once a charge is committed (a training of the previous version may have been
+        running when it arrived, and its charge counts before this one)."""
+        policy = self._privacy(manifest)
+        if policy is None:
+            return
+        from edge_node.privacy import NotPrivatizable, check_private
+
+        model, dataset = self._model, self._dataset
+        if model is None or dataset is None:
+            raise ConfigError("node is not ready: model or dataset missing")
+        key = (manifest.run_id, manifest.version)
+        reason = delta_error(policy, dataset.num_train)
+        if reason is None:
+            try:
+                check_private(model)
+            except NotPrivatizable as exc:
+                reason = str(exc)
+        if reason is not None:
+            log.error(
+                "node %s: will not train v%d: %s", self.settings.node_id, manifest.version, reason
+            )
+            self.session.close_gate(*key, Gate.REFUSED, reason)
+            return
+        plan = self._plan(policy, dataset.num_train, manifest.training)
+        # A version trained on already: what matters is whether the next one would fit.
+        next_key = key if not self.ledger.charged(*key) else (key[0], key[1] + 1)
+        reason = self.ledger.budget_refusal(_charge(next_key, "planned", policy, plan, now=0.0))
+        if reason is not None:
+            log.warning("node %s: %s; evaluating only", self.settings.node_id, reason)
+            self.session.close_gate(*key, Gate.BUDGET_SPENT, reason)
+            return
+        self._plans = {k: v for k, v in self._plans.items() if k[0] == manifest.run_id}
+        self._plans[key] = (policy, plan)
+
+    def _plan(self, policy: PrivacyPolicy, records: int, config: TrainingConfig) -> DpPlan:
+        """One version's DP plan; calibrated noise is a search, done once per policy."""
+        from edge_node.privacy import plan_training
+
+        cache_key = (policy, records, config)
+        if cache_key not in self._noise_cache:
+            self._noise_cache[cache_key] = plan_training(policy, records, config)
+        return self._noise_cache[cache_key]
 
     def _ensure_model(self, spec: ModelSpec) -> None:
         if self._model is not None and spec == self._model_spec:
@@ -382,35 +456,64 @@ class NodeService:
         if job.kind is JobKind.EVALUATE:
             return evaluate(model, job.params, dataset.test_x, dataset.test_y, device=device)
         seed = _job_seed(self.settings.seed, self.settings.node_id, job.manifest.version)
-        result = train(
-            model,
-            job.params,
-            dataset.train_x,
-            dataset.train_y,
-            job.manifest.training,
-            seed=seed,
-            device=device,
-        )
+        private = self._plans.get((job.manifest.run_id, job.manifest.version))
+        if private is not None:
+            from edge_node.privacy import train_private
+
+            result = train_private(
+                model,
+                job.params,
+                dataset.train_x,
+                dataset.train_y,
+                job.manifest.training,
+                plan=private[1],
+                device=device,
+            )
+        elif self._privacy(job.manifest) is not None:
+            # The gate admits every DP version it plans; never train one without its plan.
+            raise ConfigError(f"no DP plan for v{job.manifest.version}: not training it")
+        else:
+            result = train(
+                model,
+                job.params,
+                dataset.train_x,
+                dataset.train_y,
+                job.manifest.training,
+                seed=seed,
+                device=device,
+            )
         if self.settings.delay_seconds > 0:
             time.sleep(self.settings.delay_seconds)  # the worker thread simulates a slow site
-        return self._prepare_upload(job, result)
+        return self._prepare_upload(job, result, private)
 
-    def _prepare_upload(self, job: Job, result: TrainResult) -> Upload:
+    def _prepare_upload(
+        self, job: Job, result: TrainResult, private: tuple[PrivacyPolicy, DpPlan] | None
+    ) -> Upload:
         """Delta, compression and envelope, on the worker thread (this is CPU work too)."""
         started = time.perf_counter()
         run_id = job.manifest.run_id
         policy = effective_policy(job.manifest.compression, self.settings.compression)
         residual = self._current_residual(run_id) if carries_residual(policy) else None
         compressed = compress_delta(job, result, policy, residual)
+        update_id = new_id()
+        charge, spend, release = None, None, MetricRelease.EXACT
+        if private is not None:
+            key = (run_id, job.manifest.version)
+            charge = _charge(key, update_id, private[0], private[1], now=self._clock())
+            spend = spend_of(self.ledger.with_charge(charge))
+            release = private[0].metrics
         return seal_upload(
             job,
             result,
             compressed,
             policy=policy,
             node_id=self.settings.node_id,
-            update_id=new_id(),
+            update_id=update_id,
             encode_seconds=time.perf_counter() - started,
             now=self._clock(),
+            charge=charge,
+            privacy=spend,
+            release=release,
         )
 
     def _current_residual(self, run_id: str) -> Mapping[str, NDArray[np.float32]]:
@@ -463,7 +566,7 @@ class NodeService:
             correct=result.correct,
             num_examples=result.num_examples,
         )
-        self._send(self.topics.node_eval(self.settings.node_id), evaluation)
+        self._send_evaluation(job, evaluation)
         log.info(
             "node %s: v%d test accuracy %.3f (%d/%d)",
             self.settings.node_id,
@@ -484,11 +587,28 @@ class NodeService:
             num_examples=dataset.num_test if dataset else 0,
             failure=reason[:500],
         )
-        self._send(self.topics.node_eval(self.settings.node_id), evaluation)
+        self._send_evaluation(job, evaluation)
+
+    def _send_evaluation(self, job: Job, evaluation: Evaluation) -> None:
+        policy = self._privacy(job.manifest)
+        released = evaluation if policy is None else release_evaluation(evaluation, policy.metrics)
+        if released is not None:
+            self._send(self.topics.node_eval(self.settings.node_id), released)
 
     def _publish_update(self, job: Job, upload: Upload) -> None:
         update, payload = upload.update, upload.payload
         run_id = job.manifest.run_id
+        if upload.charge is not None:
+            refusal = self.ledger.budget_refusal(upload.charge)
+            if refusal is not None:
+                # The gate is checked before every job; this last line should never be needed.
+                log.error("node %s: update not sent: %s", self.settings.node_id, refusal)
+                return
+            # Before the outbox: from there an update leaves, even after a crash (see ledger).
+            self.ledger.charge(upload.charge)
+            self._spend = self.ledger.spend()
+            if self.session.manifest is not None:
+                self._gate_training(self.session.manifest)
         if upload.residual is not None:
             self.residuals.stage(update.update_id, run_id, upload.residual)
         self.outbox.put(update.update_id, payload)
@@ -544,11 +664,17 @@ class NodeService:
             device=str(self._device or ""),
             num_train=dataset.num_train if dataset else 0,
             num_test=dataset.num_test if dataset else 0,
+            privacy=self._spend,
         )
         return encode(envelope(status, sender=self.settings.node_id, sent_at=self._clock()))
 
     def _publish_status(self) -> None:
-        current = (self.session.node_state(), self.session.version, self.session.failure)
+        current = (
+            self.session.node_state(),
+            self.session.version,
+            self.session.failure,
+            self._spend,
+        )
         if current == self._published_state or self._client is None:
             return
         self._client.publish(self.topics.node_status(self.settings.node_id), self._status_bytes())
@@ -558,6 +684,23 @@ class NodeService:
         assert self._client is not None  # noqa: S101
         env = envelope(body, sender=self.settings.node_id, sent_at=self._clock())
         self._client.publish(topic, encode(env))
+
+
+def _charge(
+    key: tuple[str, int], update_id: str, policy: PrivacyPolicy, plan: DpPlan, *, now: float
+) -> Charge:
+    return Charge(
+        run_id=key[0],
+        base_version=key[1],
+        update_id=update_id,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps,
+        max_grad_norm=plan.max_grad_norm,
+        delta=policy.delta,
+        epsilon_budget=policy.epsilon_budget,
+        at=now,
+    )
 
 
 def _job_seed(seed: int, node_id: str, version: int) -> int:

@@ -30,6 +30,7 @@ from common.messages import AggregatorState, Manifest, NodeState
 from edge_node.session_state import (
     Delivery,
     DeliveryEvent,
+    Gate,
     IllegalTransition,
     Phase,
     WorkEvent,
@@ -69,6 +70,8 @@ class NodeSession:
         self._evaluated: tuple[str, int] | None = None
         self._last: JobKind | None = None
         self._failure: tuple[tuple[str, int], str] | None = None
+        # A version the node may not train on (privacy), its gate and why.
+        self._gate: tuple[tuple[str, int], Gate, str] | None = None
         self._ack_timeout = ack_timeout
         # Update id -> its delivery and when it was last sent (None: not yet), oldest first.
         self._outbox: dict[str, tuple[Delivery, float | None]] = {}
@@ -76,6 +79,11 @@ class NodeSession:
     @property
     def phase(self) -> Phase:
         return self._phase
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The latest version's manifest (None before the first)."""
+        return self._manifest
 
     @property
     def version(self) -> int | None:
@@ -89,10 +97,19 @@ class NodeSession:
     def failure(self) -> str:
         """Why the current version cannot be used (empty when it can, or is not known yet)."""
         manifest = self._manifest
-        if self._failure is None or manifest is None:
+        if manifest is None:
+            return ""
+        if self._gate_now() is Gate.REFUSED and self._gate is not None:
+            return self._gate[2]
+        if self._failure is None:
             return ""
         key, reason = self._failure
         return reason if key == (manifest.run_id, manifest.version) else ""
+
+    @property
+    def gate(self) -> Gate:
+        """Whether the node may train on the current version (privacy decides; see Gate)."""
+        return self._gate_now()
 
     def on_status(self, state: AggregatorState, run_id: str) -> None:
         self.aggregator_state = state
@@ -102,6 +119,12 @@ class NodeSession:
     def mark_trained(self, run_id: str, version: int) -> None:
         """Remember an update made before a restart, so that version is not trained on again."""
         self._trained = (run_id, version)
+
+    def close_gate(self, run_id: str, version: int, gate: Gate, reason: str) -> None:
+        """The node may not train on ``version`` of ``run_id`` (REFUSED or BUDGET_SPENT)."""
+        if gate is Gate.OPEN:
+            raise IllegalTransition("close_gate needs REFUSED or BUDGET_SPENT")
+        self._gate = ((run_id, version), gate, reason)
 
     def on_model(self, manifest: Manifest, params: Mapping[str, NDArray[np.float32]]) -> None:
         self._phase = advance(self._phase, WorkEvent.MODEL)
@@ -114,7 +137,7 @@ class NodeSession:
         if self._phase is not Phase.READY or self._manifest is None or self._params is None:
             return None
         key = (self._manifest.run_id, self._manifest.version)
-        may_train = self._trained != key and self._may_train()
+        may_train = self._trained != key and self._gate_now() is Gate.OPEN and self._may_train()
         may_evaluate = self._evaluated != key
         # Alternate when both are due: versions can arrive faster than a node evaluates, and
         # evaluating first every time would starve training (and training first, evaluation).
@@ -146,6 +169,8 @@ class NodeSession:
     def node_state(self) -> NodeState:
         if self._phase is Phase.TRAINING:
             return NodeState.TRAINING
+        if self._gate_now() is Gate.BUDGET_SPENT:
+            return NodeState.BUDGET_SPENT
         if self.aggregator_state in (AggregatorState.PAUSED, AggregatorState.STOPPED):
             return NodeState.PAUSED
         return NodeState.IDLE
@@ -217,6 +242,13 @@ class NodeSession:
         if manifest is None or manifest.run_id != self.run_id:
             return manifest is None
         return self._evaluated == (manifest.run_id, manifest.version)
+
+    def _gate_now(self) -> Gate:
+        manifest = self._manifest
+        if self._gate is None or manifest is None:
+            return Gate.OPEN
+        key, gate, _ = self._gate
+        return gate if key == (manifest.run_id, manifest.version) else Gate.OPEN
 
     def _may_train(self) -> bool:
         manifest = self._manifest

@@ -26,6 +26,15 @@ QUEUED updates are sent at once: a new one, one found in the outbox at start, an
 one after a reconnect (the broker may have lost it with the connection). The aggregator folds an
 update id at most once, so a resend is always safe.
 
+Gate: whether the node may train on a version at all, decided by the shell when the version
+arrives and held by the session until the next one.
+
+    OPEN           train as usual (no privacy policy, or one this node can meet within budget)
+    REFUSED        the policy cannot be met here (delta not below 1/n, a model Opacus cannot
+                   make private): the node never trains without privacy; its status says why
+    BUDGET_SPENT   training on it would take the node's epsilon past its budget; the node
+                   reports NodeState.BUDGET_SPENT and keeps evaluating every version
+
 Every event here comes from the node's own shell, so an illegal one is our bug, never a peer's.
 """
 
@@ -38,6 +47,7 @@ from common.errors import HealthNetError
 __all__ = [
     "Delivery",
     "DeliveryEvent",
+    "Gate",
     "IllegalTransition",
     "Phase",
     "WorkEvent",
@@ -52,6 +62,12 @@ class Phase(StrEnum):
     EVALUATING = "evaluating"
     TRAINING = "training"
     FINISHED = "finished"
+
+
+class Gate(StrEnum):
+    OPEN = "open"
+    REFUSED = "refused"
+    BUDGET_SPENT = "budget_spent"
 
 
 class WorkEvent(StrEnum):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from common.messages import Compression
+from common.messages import Compression, PrivacyPolicy
 from common.settings import ConnectionSettings
 
 __all__ = ["NodeSettings"]
@@ -34,6 +34,13 @@ class NodeSettings(ConnectionSettings):
     compression: Compression | None = Field(
         default=None,
         description="compress more than the run asks (a smaller top_k, a narrower quantization)",
+    )
+    privacy: PrivacyPolicy | None = Field(
+        default=None,
+        description=(
+            "this hospital's own differential privacy: more noise, a smaller budget or delta than "
+            "the run asks (never less); with no policy in the run, the node trains under this one"
+        ),
     )
     exit_when_stopped: bool = Field(
         default=False, description="exit once the run is stopped and the last version evaluated"

@@ -21,7 +21,15 @@ from common.errors import ConfigError, HealthNetError
 from common.messages import TrainingConfig
 from common.models import load_params, model_params
 
-__all__ = ["EvalResult", "TrainResult", "UnusableVersion", "evaluate", "resolve_device", "train"]
+__all__ = [
+    "EvalResult",
+    "TrainResult",
+    "UnusableVersion",
+    "build_optimizer",
+    "evaluate",
+    "resolve_device",
+    "train",
+]
 
 Params = Mapping[str, NDArray[np.float32]]
 
@@ -76,6 +84,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over ``model``'s parameters."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(
+            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=config.learning_rate,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+
+
 def train(
     model: nn.Module,
     base: Params,
@@ -90,18 +112,7 @@ def train(
     started = time.perf_counter()
     load_params(model, base)
     model.to(device).train()
-    optimizer: torch.optim.Optimizer
-    if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-    else:
-        optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=config.learning_rate,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
+    optimizer = build_optimizer(model, config)
     loss_fn = nn.CrossEntropyLoss()
     features = torch.from_numpy(x).to(device)
     labels = torch.from_numpy(y).to(device)

@@ -15,10 +15,12 @@ from numpy.typing import NDArray
 
 from common.codec import encode, envelope
 from common.compression import Compressed, compress
-from common.messages import Compression, TrainMetrics, Update
+from common.messages import Compression, MetricRelease, PrivacySpend, TrainMetrics, Update
+from edge_node.release import release_train_metrics
 from edge_node.session import Job
 
 if TYPE_CHECKING:
+    from edge_node.privacy_ledger import Charge  # opacus: only for the type
     from edge_node.training import TrainResult  # torch: only for the type
 
 __all__ = ["Upload", "carries_residual", "compress_delta", "seal_upload"]
@@ -33,6 +35,8 @@ class Upload:
     residual: Mapping[str, NDArray[np.float32]] | None  # None: error feedback is off
     result: TrainResult
     raw_bytes: int
+    # Under differential privacy: what this update costs, to commit before it may leave.
+    charge: Charge | None = None
 
 
 def carries_residual(policy: Compression) -> bool:
@@ -61,17 +65,28 @@ def seal_upload(
     update_id: str,
     encode_seconds: float,
     now: float,
+    charge: Charge | None = None,
+    privacy: PrivacySpend | None = None,
+    release: MetricRelease = MetricRelease.EXACT,
 ) -> Upload:
-    """The update for ``job`` and its encoded envelope, as ``node_id`` sends it at ``now``."""
+    """The update for ``job`` and its encoded envelope, as ``node_id`` sends it at ``now``.
+
+    Under differential privacy ``charge`` is what the training costs, ``privacy`` the node's
+    spend once it is charged, and ``release`` how much of the training metrics may leave.
+    """
     manifest = job.manifest
     update = Update(
         update_id=update_id,
         run_id=manifest.run_id,
         base_version=manifest.version,
         num_samples=result.num_samples,
-        metrics=TrainMetrics(loss=result.loss, accuracy=result.accuracy, seconds=result.seconds),
+        metrics=release_train_metrics(
+            TrainMetrics(loss=result.loss, accuracy=result.accuracy, seconds=result.seconds),
+            release,
+        ),
         delta=compressed.tensors,
         encode_seconds=encode_seconds,
+        privacy=privacy,
     )
     return Upload(
         update=update,
@@ -79,4 +94,5 @@ def seal_upload(
         residual=compressed.residual if carries_residual(policy) else None,
         result=result,
         raw_bytes=compressed.raw_bytes,
+        charge=charge,
     )

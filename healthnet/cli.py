@@ -518,6 +518,57 @@ def node_run(
         raise _fail(exc) from exc
 
 
+@node_app.command("privacy")
+def node_privacy(
+    state_dir: Annotated[Path, typer.Option(help="the node's state dir (its outbox and ledger)")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show a node's privacy budget ledger: every version it trained on under DP, and epsilon."""
+    from edge_node.privacy_ledger import LEDGER_FILE, read_ledger, running_epsilon, spend_of
+
+    directory = state_dir / "privacy"
+    try:
+        charges = read_ledger(directory)
+    except HealthNetError as exc:
+        raise _fail(exc) from exc
+    spend = spend_of(charges)
+    running = running_epsilon(charges, charges[-1].delta) if charges else []
+    if as_json:
+        console.print_json(
+            json.dumps(
+                {
+                    "ledger": str(directory / LEDGER_FILE),
+                    "spend": None if spend is None else spend.model_dump(mode="json"),
+                    "charges": [
+                        {**c.model_dump(mode="json"), "epsilon_after": eps}
+                        for c, eps in zip(charges, running, strict=True)
+                    ],
+                }
+            )
+        )
+        return
+    if spend is None:
+        console.print(f"no privacy charges in {directory / LEDGER_FILE}")
+        return
+    console.print(
+        f"epsilon {spend.epsilon:.4g} of budget {spend.epsilon_budget:g} at delta "
+        f"{spend.delta:g} (RDP accountant), {spend.versions} version(s) charged"
+    )
+    table = Table("run", "version", "update", "noise", "C", "rate", "steps", "epsilon after")
+    for c, eps in zip(charges, running, strict=True):
+        table.add_row(
+            c.run_id,
+            str(c.base_version),
+            c.update_id[:8],
+            f"{c.noise_multiplier:.4g}",
+            f"{c.max_grad_norm:g}",
+            f"{c.sample_rate:.4g}",
+            str(c.steps),
+            f"{eps:.4g}",
+        )
+    console.print(table)
+
+
 @app.command()
 def broker(
     port: Annotated[int, typer.Option(help="TCP port")] = 1883,

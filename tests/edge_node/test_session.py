@@ -12,6 +12,7 @@ from edge_node.session import Job, JobKind, NodeSession
 from edge_node.session_state import (
     Delivery,
     DeliveryEvent,
+    Gate,
     IllegalTransition,
     Phase,
     WorkEvent,
@@ -457,3 +458,46 @@ def test_the_delivery_table_is_exactly_this(delivery: Delivery, event: DeliveryE
     else:
         with pytest.raises(IllegalTransition, match=delivery.value):
             deliver(delivery, event)
+
+
+# -- the privacy gate
+
+
+def test_a_version_past_the_budget_is_evaluated_and_not_trained() -> None:
+    """BUDGET_SPENT: the node evaluates every version, trains on none, and its status says so."""
+    session = session_with(1)
+    session.close_gate("run-a", 1, Gate.BUDGET_SPENT, "privacy budget spent")
+    assert session.node_state() is NodeState.BUDGET_SPENT
+    assert session.gate is Gate.BUDGET_SPENT
+    job = run(session)
+    assert job is not None
+    assert job.kind is JobKind.EVALUATE
+    assert run(session) is None
+    assert session.failure == ""  # the state says it; nothing about the version failed
+
+
+def test_a_refused_version_says_why_in_the_failure_and_is_not_trained() -> None:
+    """REFUSED (delta too large, a model Opacus cannot protect): the reason is the failure."""
+    session = session_with(1)
+    session.close_gate("run-a", 1, Gate.REFUSED, "delta 0.1 is not below 1/n")
+    assert session.failure == "delta 0.1 is not below 1/n"
+    assert session.node_state() is NodeState.IDLE
+    kinds = [job.kind for job in iter(lambda: run(session), None)]
+    assert kinds == [JobKind.EVALUATE]
+
+
+def test_the_gate_holds_for_its_version_only() -> None:
+    """A new version is judged afresh (a new run's larger budget may reopen training)."""
+    session = session_with(1)
+    session.close_gate("run-a", 1, Gate.BUDGET_SPENT, "spent")
+    session.on_model(manifest(2), PARAMS)
+    assert session.gate is Gate.OPEN
+    assert session.node_state() is NodeState.IDLE
+    job = session.next_job()
+    assert job is not None
+
+
+def test_closing_the_gate_open_is_refused() -> None:
+    session = session_with(1)
+    with pytest.raises(IllegalTransition):
+        session.close_gate("run-a", 1, Gate.OPEN, "")
