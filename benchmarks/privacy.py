@@ -16,9 +16,12 @@ measures the model, and the rounding a deployment would use is not what it measu
 
 Per setting it reports the final model's mean test accuracy over the hospitals and the pooled one
 (every hospital's test set together), the mean over the last five versions, the versions and the
-updates folded, the run's wall clock, and ``epsilon``: the largest total epsilon any hospital's
-folded update carried (:attr:`~common.messages.Contribution.epsilon` in the run's version
-records, so the privacy loss the final model was made at), with each hospital's.
+updates folded, the run's wall clock, and ``epsilon``: the largest total epsilon any hospital
+reached, read from each node's own ledger after the run (what ``healthnet node privacy`` shows,
+and what the node's last status put in the aggregator's tallies), with each hospital's. Beside it,
+``epsilon_folded`` is the largest a hospital's folded update carried
+(:attr:`~common.messages.Contribution.epsilon` in the run's version records): the privacy loss the
+final model was made at. The two differ by an update trained and charged after the last fold.
 
 ``train_seconds_ratio`` is one update's DP training time over the same update's training without
 DP, each hospital's update trained in this process by the node's own training functions from the
@@ -49,6 +52,7 @@ from common.messages import MetricRelease, PrivacyPolicy, VersionRecord
 from common.models import build_model, model_params
 from edge_node.datasets import load_dataset
 from edge_node.privacy import plan_training, train_private
+from edge_node.privacy_ledger import read_ledger, spend_of
 from edge_node.training import resolve_device, train
 from healthnet.demo import DemoConfig, first_sites, run_demo
 from healthnet.federations import FEDERATIONS, Federation
@@ -92,13 +96,26 @@ def policy_of(setting: Setting, versions: int, max_grad_norm: float) -> PrivacyP
     )
 
 
-def hospital_epsilons(records: Sequence[VersionRecord]) -> dict[str, float]:
+def folded_epsilons(records: Sequence[VersionRecord]) -> dict[str, float]:
     """Each hospital's largest total epsilon among its updates folded into the run's versions."""
     reached: dict[str, float] = {}
     for record in records:
         for c in record.contributions:
             if c.epsilon is not None:
                 reached[c.node] = max(reached.get(c.node, 0.0), c.epsilon)
+    return reached
+
+
+def ledger_epsilons(nodes: Path, hospitals: Sequence[str]) -> dict[str, float]:
+    """Each hospital's total epsilon as its own ledger has it at the end of the run (what
+    ``healthnet node privacy`` shows, and its last status reported to the aggregator's tallies);
+    a hospital with no charge is left out."""
+    reached: dict[str, float] = {}
+    for hospital in hospitals:
+        # The node keeps its ledger in ``privacy/`` of its state directory.
+        spend = spend_of(read_ledger(nodes / hospital / "privacy"))
+        if spend is not None:
+            reached[hospital] = spend.epsilon
     return reached
 
 
@@ -140,13 +157,8 @@ def train_timings(
         for i, policy in enumerate(policies):
             plan = plan_training(policy, len(y), training)
             noise[i][site.node_id] = plan.noise_multiplier
-            actions.append(
-                _returning_none(
-                    partial(
-                        train_private, model, base, x, y, training, plan, seed=seed, device=device
-                    )
-                )
-            )
+            private = partial(train_private, plan=plan, seed=seed, device=device)
+            actions.append(_returning_none(partial(private, model, base, x, y, training)))
         best = best_of(repeats, *actions)["cpu"]
         plain_total += best[0]
         for i in range(len(policies)):
@@ -179,13 +191,16 @@ def run_setting(
         console,
     )
     records = list(read_json_lines(workdir / "aggregator" / "versions.jsonl", VersionRecord))
-    reached = hospital_epsilons(records)
+    reached = ledger_epsilons(workdir / "nodes", list(result.per_node))
+    folded = folded_epsilons(records)
     return {
         "name": setting.name,
         "federation": setting.federation,
         "epsilon_budget": setting.epsilon_budget,
         "epsilon": max(reached.values()) if reached else None,
         "epsilon_per_hospital": reached,
+        "epsilon_folded": max(folded.values()) if folded else None,
+        "epsilon_folded_per_hospital": folded,
         "delta": None if policy is None else policy.delta,
         "calibrate_versions": None if policy is None else policy.calibrate_versions,
         "max_grad_norm": None if policy is None else policy.max_grad_norm,
