@@ -336,6 +336,68 @@ def poisoning(root: Path) -> str:
     return block(("attack", "`aggregation=mean`", "`aggregation=median`"), rows, provenance([src]))
 
 
+# --- Privacy -------------------------------------------------------------------------------
+
+PRIVACY_JSON = f"{DOCS}/privacy.json"
+PRIVACY_PLOT = "docs/privacy.png"  # beside docs/privacy.md, which shows it
+EPSILON = "\u03b5"
+DELTA = "\u03b4"
+
+
+def _train_time(row: Json) -> str:
+    if row["epsilon_budget"] is None:
+        return f"{1000 * row['train_seconds']:,.0f} ms"
+    return f"{row['train_seconds_ratio']:.2f}{TIMES}"
+
+
+def privacy(root: Path) -> str:
+    """Accuracy against each hospital's epsilon, both federations (benchmarks/privacy.py)."""
+    if not (root / PRIVACY_JSON).is_file():
+        raise FileNotFoundError(
+            f"{PRIVACY_JSON} is missing: run `python -m benchmarks.privacy --json {PRIVACY_JSON} "
+            f"--plot {PRIVACY_PLOT}`, then `python -m benchmarks.figures`"
+        )
+    src = Source(PRIVACY_JSON, root)
+    plain = {
+        r["federation"]: r["mean_accuracy"] for r in src["settings"] if r["epsilon_budget"] is None
+    }
+    rows = []
+    for r in src["settings"]:
+        budget, reached = r["epsilon_budget"], r["epsilon"]
+        noise = sorted(r["noise_multiplier_per_hospital"].values())
+        baseline = plain.get(r["federation"])
+        versus = (
+            "" if budget is None or baseline is None
+            else f" ({100 * (r['mean_accuracy'] - baseline):+.1f} pt)"
+        )  # fmt: skip
+        rows.append((
+            r["federation"],
+            "no DP" if budget is None else f"{budget:g}",
+            DASH if reached is None else f"{reached:.2f}",
+            DASH if r["delta"] is None else f"{r['delta']:g}",
+            DASH if not noise else span([noise[0], noise[-1]], 2),
+            f"{r['mean_accuracy']:.3f}{versus}",
+            f3(r["pooled_accuracy"]),
+            f3(r["mean_accuracy_last5"]),
+            str(r["versions"]),
+            f"{r['seconds']:.0f} s",
+            _train_time(r),
+        ))  # fmt: skip
+    header = ("federation", f"{EPSILON} budget", f"largest {EPSILON} reached", DELTA,
+              f"noise {SIGMA} (per hospital)", "mean accuracy (vs no DP)", "pooled",
+              "last-5 mean", "versions", "wall clock", "training time per update")  # fmt: skip
+    note = (
+        f"Largest {EPSILON} reached: the highest total on a hospital's own ledger after the run. "
+        "Training time per update: without DP, the mean over the hospitals of one update's process "
+        "CPU time; with DP, DP-SGD's time over that."
+    )
+    text = block(header, rows, provenance([src], note))
+    if (root / PRIVACY_PLOT).is_file():
+        plot = Path(PRIVACY_PLOT).name
+        text += f"\n\n![Mean test accuracy against the largest {EPSILON} reached]({plot})"
+    return text
+
+
 # --- Benchmarks ----------------------------------------------------------------------------
 
 
@@ -666,6 +728,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "fold": fold,
     "broadcast": broadcast,
     "swarm": swarm,
+    "privacy": privacy,
     **{name: _settings(name) for name in SETTINGS_TABLES},
 }
 """Every generated table, by the name its markers carry, and how it is rendered."""

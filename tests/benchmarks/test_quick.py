@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from common.privacy_policy import EPSILON_SLACK
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
@@ -128,3 +130,37 @@ def test_durability_quick_times_every_configuration(tmp_path: Path) -> None:
         "checkpoint-every-version-ledger-fsync-per-line": 1,
         "checkpoint-every-10": 1,
     }
+
+
+def test_privacy_quick_reports_accuracy_against_epsilon(tmp_path: Path) -> None:
+    """privacy --quick runs heart disease without DP and at an epsilon budget of 3, and reports
+    for each the keys the docs' table reads; the DP run's hospitals reached at most the budget."""
+    report = run_quick("privacy", tmp_path)
+    federations = report["federations"]
+    assert isinstance(federations, dict)
+    assert federations.keys() == {"heart-disease"}
+    settings = report["settings"]
+    assert isinstance(settings, list)
+    rows = {row["name"]: row for row in settings}
+    assert rows.keys() == {"heart-disease/no-dp", "heart-disease/eps-3"}
+    for row in rows.values():
+        assert {"name", "federation", "epsilon_budget", "epsilon", "delta",
+                "noise_multiplier_per_hospital", "mean_accuracy", "pooled_accuracy",
+                "mean_accuracy_last5", "versions", "seconds", "train_seconds",
+                "train_seconds_ratio"} <= row.keys()  # fmt: skip
+        assert row["versions"] == 3
+        assert 0.0 <= row["mean_accuracy"] <= 1.0
+        assert 0.0 <= row["pooled_accuracy"] <= 1.0
+        assert row["seconds"] > 0
+        assert row["train_seconds"] > 0
+    plain, private = rows["heart-disease/no-dp"], rows["heart-disease/eps-3"]
+    assert plain["epsilon"] is None
+    assert plain["delta"] is None
+    assert plain["train_seconds_ratio"] == 1.0
+    assert private["delta"] == 1e-3
+    assert private["train_seconds_ratio"] > 0
+    # Both hospitals trained under DP and charged their ledgers, within the budget of 3.
+    assert private["epsilon_per_hospital"].keys() == {"cleveland", "hungarian"}
+    assert 0 < private["epsilon"] <= 3.0 * (1 + EPSILON_SLACK)
+    assert 0 < private["epsilon_folded"] <= private["epsilon"]
+    assert all(sigma > 0 for sigma in private["noise_multiplier_per_hospital"].values())
