@@ -157,7 +157,7 @@ def train_timings(
         for i, policy in enumerate(policies):
             plan = plan_training(policy, len(y), training)
             noise[i][site.node_id] = plan.noise_multiplier
-            private = partial(train_private, plan=plan, seed=seed, device=device)
+            private = partial(train_private, plan=plan, device=device)
             actions.append(_returning_none(partial(private, model, base, x, y, training)))
         best = best_of(repeats, *actions)["cpu"]
         plain_total += best[0]
