@@ -44,6 +44,7 @@ from common.messages import (
     NodeStatus,
     PrivacyPolicy,
     PrivacySpend,
+    TrainingConfig,
     Update,
     VersionRecord,
 )
@@ -105,6 +106,8 @@ class DemoConfig:
     privacy: PrivacyPolicy | None = None
     """Differential privacy every hospital trains under (the run's policy); None: the
     federation's (none)."""
+    training: TrainingConfig | None = None
+    """How every hospital trains on each version; None: the federation's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +202,7 @@ def aggregator_settings(
     broadcast_dtype: Literal["float32", "float16"] | None = None,
     status_interval: float = 1.0,
     privacy: PrivacyPolicy | None = None,
+    training: TrainingConfig | None = None,
     **fields: Any,
 ) -> AggregatorSettings:
     """The settings of a federation's aggregator: every knob of ``federation``, then the mode's.
@@ -217,6 +221,7 @@ def aggregator_settings(
             "compression": compression or knobs.compression,
             "broadcast_dtype": broadcast_dtype or knobs.broadcast_dtype,
             "privacy": privacy or knobs.privacy,
+            "training": training or knobs.training,
         }
     )
     return AggregatorSettings(
@@ -384,6 +389,7 @@ def _run(
                 compression=config.compression,
                 broadcast_dtype=config.broadcast_dtype,
                 privacy=config.privacy,
+                training=config.training,
             ),
         )
         for site in sites:

@@ -41,8 +41,10 @@ from healthnet.broker import EmbeddedBroker
 from healthnet.control import ControlClient
 from healthnet.demo import aggregator_settings, node_settings
 from healthnet.federations import HEART_DISEASE
+from healthnet.feed import FederationFeed
 from healthnet.processes import ProcessGroup
 from tests.integration.test_federation import cli, wait_for
+from tests.integration.test_observability import free_port, scrape
 
 pytestmark = [pytest.mark.broker]
 
@@ -304,14 +306,15 @@ def test_a_dp_federation_learns_heart_disease_and_stops_training_at_the_budget(
     mosquitto: EmbeddedBroker, tmp_path: Path, federation: str
 ) -> None:
     """Four DP hospitals at epsilon 3 learn; each stops training when its ledger reaches the
-    budget, says BUDGET_SPENT, and evaluates the last version; its status equals its ledger."""
+    budget, says BUDGET_SPENT, and evaluates the last version. The epsilon its own status, the
+    aggregator's status, the dashboard's snapshot and /metrics show is its ledger's."""
     policy = PrivacyPolicy(calibrate_versions=8, epsilon_budget=3.0, delta=1e-3)
     sites = tuple(site.node_id for site in HEART_DISEASE.sites)
     watch = StatusWatch(mosquitto.url, federation, sites)
+    port = free_port()
+    aggregator = dp_aggregator(mosquitto.url, federation, tmp_path, policy, buffer_size=1)
     with ProcessGroup(tmp_path / "logs") as group, watch.client:
-        group.start_service(
-            "aggregator", dp_aggregator(mosquitto.url, federation, tmp_path, policy, buffer_size=1)
-        )
+        group.start_service("aggregator", aggregator.model_copy(update={"metrics_port": port}))
         for site in sites:
             group.start_service(site, dp_node(mosquitto.url, federation, site, tmp_path))
         settings = ConnectionSettings(broker_url=mosquitto.url, federation=federation)  # type: ignore[arg-type]
@@ -332,6 +335,18 @@ def test_a_dp_federation_learns_heart_disease_and_stops_training_at_the_budget(
         wait_for(evaluated_last, WAIT, "every hospital's evaluation of the last version")
         final = retained_status(settings)
         statuses = watch.poll()
+        with FederationFeed(settings) as feed:
+            wait_for(
+                lambda: (
+                    all(r.epsilon is not None for r in feed.snapshot().nodes)
+                    and len(feed.snapshot().nodes) == len(sites)
+                ),
+                WAIT,
+                "the dashboard's view of every hospital's epsilon",
+            )
+            dashboard = {r.node: r for r in feed.snapshot().nodes}
+        metrics = scrape(f"http://127.0.0.1:{port}/metrics")
+    tallies = {t.node: t for t in final.nodes}
     for site in sites:
         charges = read_ledger(tmp_path / site / "privacy")
         epsilon = history_epsilon(charges, policy.delta)
@@ -340,6 +355,13 @@ def test_a_dp_federation_learns_heart_disease_and_stops_training_at_the_budget(
         spend = statuses[site].privacy
         assert spend is not None
         assert spend.epsilon == pytest.approx(epsilon)
+        assert tallies[site].epsilon == pytest.approx(epsilon)
+        assert tallies[site].epsilon_budget == policy.epsilon_budget
+        assert dashboard[site].epsilon == pytest.approx(epsilon)
+        assert dashboard[site].epsilon_budget == policy.epsilon_budget
+        label = (("node", site),)
+        assert metrics[("healthnet_node_epsilon", label)] == pytest.approx(epsilon)
+        assert metrics[("healthnet_node_epsilon_budget", label)] == policy.epsilon_budget
     accuracies = [t.eval_accuracy for t in final.nodes]
     assert None not in accuracies
     assert final.version >= 24
