@@ -57,6 +57,7 @@ def write_card(run_dir: Path, which: str, out: Path, text: CardText | None = Non
     test_sizes = {node: n for node, (_, n) in summary.evaluations.items()}
     test_sizes |= {node: n for node, n in _test_sizes(history).items() if node not in test_sizes}
     data = _data(hospitals, text)
+    epsilons = _epsilons(history, copy.version)
     card: dict[str, Any] = {
         "run_id": copy.run_id,
         "version": copy.version,
@@ -82,7 +83,7 @@ def write_card(run_dir: Path, which: str, out: Path, text: CardText | None = Non
                 "train_examples": train_sizes.get(node),
                 "test_examples": test_sizes.get(node),
                 "accuracy": summary.accuracy.get(node),
-                "privacy": NO_DP,
+                "privacy": _hospital_privacy(epsilons.get(node), knobs),
             }
             for node in hospitals
         ],
@@ -96,7 +97,7 @@ def write_card(run_dir: Path, which: str, out: Path, text: CardText | None = Non
                 if s.evaluations
             ],
         },
-        "differential_privacy": NO_DP,
+        "differential_privacy": _privacy(knobs, epsilons),
         "data": data,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -128,6 +129,37 @@ def _train_sizes(history: RunHistory, version: int) -> dict[str, int]:
             for c in record.contributions:
                 sizes[c.node] = c.num_samples
     return sizes
+
+
+def _epsilons(history: RunHistory, version: int) -> dict[str, float]:
+    """Each hospital's privacy loss as its latest update folded up to ``version`` stated it."""
+    spent: dict[str, float] = {}
+    for record in history.logs.records:
+        if record.version <= version:
+            for c in record.contributions:
+                if c.epsilon is not None:
+                    spent[c.node] = c.epsilon
+    return spent
+
+
+def _privacy(knobs: Knobs | None, epsilons: dict[str, float]) -> str:
+    """The run's differential privacy in words: its policy, or that there was none."""
+    policy = None if knobs is None else knobs.privacy
+    if policy is None:
+        return NO_DP if not epsilons else "differential privacy (DP-SGD); policy unknown"
+    return (
+        f"record-level differential privacy (DP-SGD at each hospital): each hospital's budget "
+        f"epsilon = {policy.epsilon_budget:g} at delta = {policy.delta:g}, clipping norm "
+        f"{policy.max_grad_norm:g}; the model is post-processing of the hospitals' private "
+        "updates (see docs/privacy.md for what is and is not covered)"
+    )
+
+
+def _hospital_privacy(epsilon: float | None, knobs: Knobs | None) -> str:
+    if epsilon is None:
+        return NO_DP if knobs is None or knobs.privacy is None else "no private update folded"
+    budget = None if knobs is None or knobs.privacy is None else knobs.privacy.epsilon_budget
+    return f"epsilon {epsilon:.2f}" + ("" if budget is None else f" of {budget:g}")
 
 
 def _test_sizes(history: RunHistory) -> dict[str, int]:
@@ -240,7 +272,7 @@ def _markdown(card: dict[str, Any]) -> str:
     for h in card["hospitals"]:
         lines.append(
             f"| {h['node']} | {h['train_examples'] or 'n/a'} | {h['test_examples'] or 'n/a'} "
-            f"| {_pct(h['accuracy'])} | no differential privacy |"
+            f"| {_pct(h['accuracy'])} | {h['privacy']} |"
         )
     lines += [
         "",
