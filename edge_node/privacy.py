@@ -45,8 +45,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.errors import ConfigError
 from common.messages import PrivacyPolicy, TrainingConfig
-from common.models import load_params, model_params
-from edge_node.training import Params, TrainResult, UnusableVersion, build_optimizer
+from common.models import load_params
+from edge_node.training import Params, TrainResult, build_optimizer, trained
 
 __all__ = ["DpPlan", "NotPrivatizable", "check_private", "plan_training", "train_private"]
 
@@ -177,16 +177,6 @@ def train_private(
                     seen += len(labels)
     if isinstance(private, GradSampleModule):
         private.remove_hooks()
-    work.to("cpu")
-    params = model_params(work)
-    if not math.isfinite(total_loss):
-        raise UnusableVersion(f"training loss is {total_loss}: the model's outputs are not finite")
-    if not all(np.isfinite(p).all() for p in params.values()):
-        raise UnusableVersion("training made the weights non-finite")
-    return TrainResult(
-        params=params,
-        loss=total_loss / max(seen, 1),
-        accuracy=correct / max(seen, 1),
-        seconds=time.perf_counter() - started,
-        num_samples=len(y),
+    return trained(
+        work, total_loss=total_loss, correct=correct, seen=seen, started=started, samples=len(y)
     )

@@ -29,6 +29,7 @@ __all__ = [
     "evaluate",
     "resolve_device",
     "train",
+    "trained",
 ]
 
 Params = Mapping[str, NDArray[np.float32]]
@@ -130,6 +131,19 @@ def train(
             total_loss += float(loss.detach()) * len(batch)
             correct += int((logits.detach().argmax(dim=1) == labels[batch]).sum())
             seen += len(batch)
+    return trained(
+        model, total_loss=total_loss, correct=correct, seen=seen, started=started, samples=len(y)
+    )
+
+
+def trained(
+    model: nn.Module, *, total_loss: float, correct: int, seen: int, started: float, samples: int
+) -> TrainResult:
+    """What a training pass left in ``model``, once its loss and weights are known finite.
+
+    ``total_loss`` and ``correct`` are summed over the ``seen`` examples; ``started`` is the
+    ``time.perf_counter()`` the pass began at.
+    """
     model.to("cpu")
     params = model_params(model)
     if not math.isfinite(total_loss):
@@ -141,7 +155,7 @@ def train(
         loss=total_loss / max(seen, 1),
         accuracy=correct / max(seen, 1),
         seconds=time.perf_counter() - started,
-        num_samples=len(labels),
+        num_samples=samples,
     )
 
 
