@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from common.messages import (
     AggregatorState,
     AggregatorStatus,
@@ -9,10 +11,11 @@ from common.messages import (
     Counters,
     Knobs,
     NodeTally,
+    PrivacySpend,
     VersionRecord,
 )
 
-__all__ = ["RUN", "record", "status"]
+__all__ = ["RUN", "privacy_spend", "record", "status"]
 
 RUN = "run-1"
 
@@ -61,3 +64,18 @@ def record(version: int, *stalenesses: int, run_id: str = RUN) -> VersionRecord:
         fold_seconds=0.001,
         reason="buffer_full",
     )
+
+
+def privacy_spend(**fields: Any) -> PrivacySpend:
+    """A node's privacy ledger as its update or status states it, with ``fields`` changed."""
+    values: dict[str, Any] = {
+        "epsilon": 1.2,
+        "delta": 1e-5,
+        "epsilon_budget": 3.0,
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.1,
+        "steps": 10,
+        "versions": 1,
+    }
+    return PrivacySpend(**{**values, **fields})

@@ -25,23 +25,14 @@ from tests.aggregator.test_core import (
     send,
     tally_of,
 )
+from tests.samples import privacy_spend
 
 POLICY = PrivacyPolicy(noise_multiplier=1.0, delta=1e-5, epsilon_budget=3.0)
 
 
 def spend(**fields: Any) -> PrivacySpend:
     """A node's spend that meets :data:`POLICY`, with ``fields`` changed."""
-    values: dict[str, Any] = {
-        "epsilon": 1.2,
-        "delta": 1e-5,
-        "epsilon_budget": 3.0,
-        "noise_multiplier": 1.0,
-        "max_grad_norm": 1.0,
-        "sample_rate": 0.1,
-        "steps": 10,
-        "versions": 1,
-    }
-    return PrivacySpend(**{**values, **fields})
+    return privacy_spend(**fields)
 
 
 def private(update_id: str = "u1", privacy: PrivacySpend | None = None, **kw: Any) -> Update:

@@ -23,6 +23,7 @@ from common.messages import (
 )
 from tests.aggregator.test_metrics import samples
 from tests.aggregator.test_service import WAIT, Aggregator, Peer, assert_rejected, restart
+from tests.samples import privacy_spend
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
@@ -30,12 +31,10 @@ POLICY = PrivacyPolicy(noise_multiplier=1.1, delta=1e-5, epsilon_budget=4.0)
 
 
 def spend(epsilon: float, versions: int = 1, budget: float = 4.0) -> PrivacySpend:
-    return PrivacySpend(
+    return privacy_spend(
         epsilon=epsilon,
-        delta=1e-5,
         epsilon_budget=budget,
         noise_multiplier=1.1,
-        max_grad_norm=1.0,
         sample_rate=0.2,
         steps=5 * versions,
         versions=versions,

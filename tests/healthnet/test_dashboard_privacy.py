@@ -21,7 +21,7 @@ from tests.healthnet.test_dashboard import (
     tree,
 )
 from tests.healthnet.test_dashboard_browser import chromium
-from tests.samples import status
+from tests.samples import privacy_spend, status
 
 __all__ = ["chromium", "feed", "publisher", "server", "tree"]  # the fixtures this module uses
 
@@ -29,16 +29,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
 
 def ledger(epsilon: float, budget: float) -> PrivacySpend:
-    return PrivacySpend(
-        epsilon=epsilon,
-        delta=1e-5,
-        epsilon_budget=budget,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        sample_rate=0.1,
-        steps=30,
-        versions=3,
-    )
+    return privacy_spend(epsilon=epsilon, epsilon_budget=budget, steps=30, versions=3)
 
 
 def publish_private_run(publisher: Publisher) -> None:

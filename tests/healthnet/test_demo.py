@@ -50,7 +50,7 @@ from healthnet.demo import (
 from healthnet.federations import HEART_DISEASE, PNEUMONIA
 from healthnet.processes import ManagedProcess, ProcessGroup, ServiceSettings, service_command
 from tests.healthnet.test_observe import evaluation
-from tests.samples import status
+from tests.samples import privacy_spend, status
 
 
 def test_nodes_keeps_the_first_sites_and_lowers_k_to_fit() -> None:
@@ -157,16 +157,7 @@ def test_under_dp_the_summary_gives_each_hospitals_epsilon_of_its_budget() -> No
 
 
 def _ledger(epsilon: float) -> PrivacySpend:
-    return PrivacySpend(
-        epsilon=epsilon,
-        delta=1e-5,
-        epsilon_budget=3.0,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        sample_rate=0.1,
-        steps=9,
-        versions=3,
-    )
+    return privacy_spend(epsilon=epsilon, steps=9, versions=3)
 
 
 def test_the_demo_reports_each_hospitals_ledger_else_the_aggregators_tally() -> None:

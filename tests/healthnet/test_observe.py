@@ -17,7 +17,7 @@ from common.messages import (
 )
 from common.topics import TopicTree
 from healthnet.observe import Observer, RateWindow
-from tests.samples import RUN, record, status
+from tests.samples import RUN, privacy_spend, record, status
 
 FED = "fed"
 TREE = TopicTree(FED)
@@ -246,16 +246,7 @@ def test_the_update_size_names_wire_and_dense_bytes_the_right_way_round() -> Non
 
 
 def _ledger(epsilon: float, budget: float) -> PrivacySpend:
-    return PrivacySpend(
-        epsilon=epsilon,
-        delta=1e-5,
-        epsilon_budget=budget,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        sample_rate=0.1,
-        steps=20,
-        versions=2,
-    )
+    return privacy_spend(epsilon=epsilon, epsilon_budget=budget, steps=20, versions=2)
 
 
 def test_each_row_shows_the_epsilon_the_node_reported_against_its_budget() -> None:
