@@ -524,6 +524,10 @@ class _Watch:
     def _take(self, inbound: Inbound) -> None:
         body = inbound.body
         match body:
+            case AggregatorStatus(state=AggregatorState.OFFLINE) if self.status is not None:
+                # The aggregator is gone. Its Last Will was fixed when it connected, so it does not
+                # say what the run did since: keep the last status it published itself.
+                pass
             case AggregatorStatus():
                 self.status = body
             case VersionRecord():

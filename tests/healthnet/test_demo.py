@@ -190,6 +190,25 @@ def test_the_demo_reports_each_hospitals_ledger_else_the_aggregators_tally() -> 
     )
 
 
+def test_the_aggregators_last_will_does_not_hide_the_run_it_finished() -> None:
+    """A Last Will fixed at connect time (OFFLINE, version 0) that the broker publishes after
+    the stopped run's status leaves the demo's view of the run as the aggregator last gave it."""
+    tree = TopicTree("fed")
+    watch = _Watch(tree, ["cleveland"])
+
+    def deliver(topic: Topic, body: Body, sender: str) -> None:
+        payload = encode(envelope(body, sender=sender, sent_at=0.0))
+        watch.on_message(Message(topic=str(topic), payload=payload, retain=True, qos=1))
+
+    final = status(3).model_copy(update={"state": AggregatorState.STOPPED})
+    deliver(tree.aggregator_status(), final, "aggregator")
+    will = status(0).model_copy(update={"state": AggregatorState.OFFLINE})
+    deliver(tree.aggregator_status(), will, "aggregator")
+    deliver(tree.node_eval("cleveland"), evaluation(3, 0.75), "cleveland")
+    assert watch.version == 3
+    assert watch.finished()
+
+
 SECRET = "s3cr3t-Pa55"  # noqa: S105 - a made-up credential that must never leak
 
 # Every knob away from its default, so that one that does not reach the child shows.

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from aggregator.settings import AggregatorSettings
-from common.messages import AggregationRule, Knobs
+from common.messages import AggregationRule, Knobs, PrivacyPolicy
 from common.models import build_model
 from edge_node.datasets import load_dataset
+from edge_node.privacy import DpPlan
 from edge_node.service import NodeService, Upload
 from edge_node.session import Job
 from edge_node.settings import NodeSettings
@@ -64,10 +65,12 @@ class MaliciousNode(NodeService):
         super().__init__(settings)
         self._poison = poison
 
-    def _prepare_upload(self, job: Job, result: TrainResult) -> Upload:
+    def _prepare_upload(
+        self, job: Job, result: TrainResult, private: tuple[PrivacyPolicy, DpPlan] | None
+    ) -> Upload:
         base = {name: np.asarray(value) for name, value in job.params.items()}
         poisoned = dataclasses.replace(result, params=self._poison(base, dict(result.params)))
-        return super()._prepare_upload(job, poisoned)
+        return super()._prepare_upload(job, poisoned, private)
 
 
 def mean_accuracy(params: Any) -> float:
