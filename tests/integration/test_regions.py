@@ -1,7 +1,8 @@
 """The heart-disease federation across a broker tree, as real processes: the aggregator on the core
 Mosquitto, two hospitals on each of two regional Mosquittos bridged to it, every file from
-`healthnet deploy init --regions`. It trains as far as on one broker, and a regional broker
-killed mid-run and restarted loses no update that was sent (nothing lost, nothing folded twice)."""
+`healthnet deploy init --regions`. It trains as far as on one broker, and a regional or the core
+broker killed mid-run and restarted loses no update that was sent (nothing lost, nothing folded
+twice)."""
 
 from __future__ import annotations
 
@@ -116,22 +117,33 @@ def test_a_federation_across_two_regions_trains_to_the_demos_accuracy(tmp_path: 
     assert contributors_after(aggregator_dir, 0) == {s.node_id for s in HEART_DISEASE.sites}
 
 
-def test_a_regional_broker_killed_mid_run_loses_no_update(tmp_path: Path) -> None:
-    """SIGKILL of region eu's broker (its queues and anything unsaved gone) and a restart a few
-    seconds later: eu's hospitals resend from their outboxes through the restarted bridge, every
-    update sent is folded once or answered, and eu's hospitals contribute again afterwards."""
+@pytest.mark.parametrize(
+    ("broker", "hospitals"),
+    [
+        pytest.param("eu", {"cleveland", "hungarian"}, id="regional"),
+        pytest.param("core", {s.node_id for s in HEART_DISEASE.sites}, id="core"),
+    ],
+)
+def test_a_broker_of_the_tree_killed_mid_run_loses_no_update(
+    tmp_path: Path, broker: str, hospitals: set[str]
+) -> None:
+    """SIGKILL of a broker (its queues and anything unsaved gone) and a restart a few seconds
+    later: region eu's broker, or the core with the aggregator's session and every bridge. The
+    hospitals resend from their outboxes, the bridges reconnect with their backoff, every update
+    sent is folded once or answered, and the hospitals behind the killed broker contribute to
+    versions made after it came back."""
     with (
         broker_tree(tmp_path / "brokers", federation=f"rk{uuid.uuid4().hex[:8]}") as tree,
         ProcessGroup(tmp_path / "logs") as group,
     ):
         aggregator_dir = start_federation(tree, group, tmp_path)
         wait_for_version(group, aggregator_dir, 10, timeout=120)
-        eu = tree.brokers["eu"]
-        eu.stop(signal.SIGKILL)
+        killed = tree.brokers[broker]
+        killed.stop(signal.SIGKILL)
         killed_at = versions_made(aggregator_dir)
         time.sleep(3.0)
-        eu.start()
+        killed.start()
         result = finish(group, aggregator_dir, tmp_path)
     assert_trained_and_nothing_lost(aggregator_dir, result)
     assert killed_at < VERSIONS, "the run ended before the broker was killed"
-    assert {"cleveland", "hungarian"} <= contributors_after(aggregator_dir, killed_at)
+    assert hospitals <= contributors_after(aggregator_dir, killed_at)
