@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from common.errors import ConfigError, TopicError
@@ -41,6 +42,7 @@ from common.topics import ROLE_TOPICS, Role, Scope, TopicTree, Use, validate_ide
 __all__ = [
     "BRIDGE_PREFIX",
     "BridgeTopic",
+    "Direction",
     "Region",
     "bridge_identity",
     "bridge_topics",
@@ -106,24 +108,31 @@ def parse_regions(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(regions)
 
 
+class Direction(StrEnum):
+    """Which way a bridge topic flows, as Mosquitto's ``topic`` line spells it."""
+
+    IN = "in"  # core to region
+    OUT = "out"  # region to core
+
+
 @dataclass(frozen=True, slots=True)
 class BridgeTopic:
     """One ``topic`` line of a bridge: a full topic (no prefixes), its direction and QoS."""
 
     topic: str
-    direction: str  # "in": core to region; "out": region to core
+    direction: Direction
     qos: int
 
     def line(self) -> str:
-        return f"topic {self.topic} {self.direction} {self.qos}"
+        return f"topic {self.topic} {self.direction.value} {self.qos}"
 
 
-def _hospital_topics(tree: TopicTree, uses: Sequence[Use], hospitals: Sequence[str]) -> list[str]:
-    """The topics (or filters) of ``uses`` for these hospitals: ``own`` ones once per hospital."""
+def _topics_of(tree: TopicTree, uses: Sequence[Use], identities: Sequence[str]) -> list[str]:
+    """The topics (or filters) of ``uses`` for these identities: ``own`` ones once each."""
     topics: list[str] = []
     for use in uses:
         if use.scope is Scope.OWN:
-            topics += [str(tree.route_filter(use.route, h)) for h in hospitals]
+            topics += [str(tree.route_filter(use.route, i)) for i in identities]
         else:
             topics.append(str(tree.route_filter(use.route)))
     return topics
@@ -133,11 +142,11 @@ def bridge_topics(tree: TopicTree, region: Region) -> list[BridgeTopic]:
     """What the region's bridge carries: its hospitals' reads in, their writes out."""
     role = ROLE_TOPICS[Role.HOSPITAL]
     found: list[BridgeTopic] = []
-    for direction, uses in (("in", role.reads), ("out", role.writes)):
+    for direction, uses in ((Direction.IN, role.reads), (Direction.OUT, role.writes)):
         for use in uses:
             found.extend(
                 BridgeTopic(topic, direction, use.route.qos)
-                for topic in _hospital_topics(tree, [use], region.hospitals)
+                for topic in _topics_of(tree, [use], region.hospitals)
             )
     return found
 
@@ -209,8 +218,8 @@ def render_region_acl(tree: TopicTree, region: Region) -> str:
     for hospital in region.hospitals:
         lines += _user_block(
             hospital,
-            reads=_hospital_topics(tree, role.reads, [hospital]),
-            writes=_hospital_topics(tree, role.writes, [hospital]),
+            reads=_topics_of(tree, role.reads, [hospital]),
+            writes=_topics_of(tree, role.writes, [hospital]),
         )
     return "\n".join(lines) + "\n"
 
@@ -229,13 +238,13 @@ def render_core_acl(
     for identity, role in services:
         lines += _user_block(
             identity,
-            reads=[str(tree.route_filter(u.route)) for u in ROLE_TOPICS[role].reads],
-            writes=[str(tree.route_filter(u.route)) for u in ROLE_TOPICS[role].writes],
+            reads=_topics_of(tree, ROLE_TOPICS[role].reads, [identity]),
+            writes=_topics_of(tree, ROLE_TOPICS[role].writes, [identity]),
         )
     for region in regions:
         lines += _user_block(
             region.bridge,
-            reads=_hospital_topics(tree, hospital.reads, region.hospitals),
-            writes=_hospital_topics(tree, hospital.writes, region.hospitals),
+            reads=_topics_of(tree, hospital.reads, region.hospitals),
+            writes=_topics_of(tree, hospital.writes, region.hospitals),
         )
     return "\n".join(lines) + "\n"
