@@ -557,6 +557,27 @@ def swarm(root: Path) -> str:
     return block(header, rows, provenance(sources))
 
 
+def scale(root: Path) -> str:
+    """One version through a flat broker and through a bridged tree (benchmarks/scale.py)."""
+    source = Source(f"{DOCS}/scale.json", root)
+    rows = [
+        (
+            "one broker" if r["topology"] == "flat" else f"core + {r['regions']} regions",
+            str(r["hospitals"]),
+            f"{r['blob_bytes'] / 1e6:.2f} MB",
+            f"{r['core_bytes_sent_median'] / 1e6:.1f} MB",
+            f"{r['core_copies_per_version']:.1f}",
+            _seconds(r["median_hospital_seconds"]),
+            _seconds(r["worst_hospital_seconds"]),
+        )
+        for r in source["results"]
+    ]
+    header = ("topology", "hospitals", "version", "the (core) broker sent", "copies",
+              "median hospital s", "worst hospital s")  # fmt: skip
+    versions = source["results"][0]["versions"]
+    return block(header, rows, provenance([source], f"Medians over {versions} versions."))
+
+
 # --- Configuration -------------------------------------------------------------------------
 
 # What a setting means, where its class gives no description. Keyed by the setting's dotted path.
@@ -728,6 +749,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "fold": fold,
     "broadcast": broadcast,
     "swarm": swarm,
+    "scale": scale,
     "privacy": privacy,
     **{name: _settings(name) for name in SETTINGS_TABLES},
 }

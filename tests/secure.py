@@ -19,7 +19,7 @@ from healthnet.deploy import AuthMode, Deployment, DeploymentSpec, generate_depl
 from healthnet.deploy.generate import read_env_file
 from tests.brokers import find_mosquitto, free_port
 
-__all__ = ["HOSPITALS", "AuthMode", "SecureBroker", "secure_broker"]
+__all__ = ["HOSPITALS", "AuthMode", "SecureBroker", "secure_broker", "wait_listening"]
 
 HOSPITALS = ("cleveland", "hungarian", "switzerland", "va")
 STARTUP = 15.0
@@ -86,7 +86,7 @@ def secure_broker(
             start_new_session=True,
         )
     try:
-        _wait_listening(process, spec.port, log_path)
+        wait_listening(process, spec.port, log_path)
         yield SecureBroker(deployment, spec, log_path)
     finally:
         if process.poll() is None:
@@ -98,7 +98,7 @@ def secure_broker(
                 process.wait(5)
 
 
-def _wait_listening(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+def wait_listening(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
     deadline = time.monotonic() + STARTUP
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -9,6 +9,7 @@ from healthnet.deploy.generate import (
     generate_deployment,
     read_env_file,
 )
+from healthnet.deploy.regions import Region
 
 __all__ = [
     "PERMISSIONS",
@@ -19,6 +20,7 @@ __all__ = [
     "Deployment",
     "DeploymentSpec",
     "Grant",
+    "Region",
     "Role",
     "Scope",
     "generate_deployment",

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from common.errors import HealthNetError
+from common.errors import ConfigError, HealthNetError
+from healthnet.deploy.regions import Region
 
 __all__ = ["deploy_app"]
 
@@ -20,8 +21,26 @@ _console = Console(stderr=True)
 @deploy_app.command("init")
 def init(
     federation: Annotated[str, typer.Option(help="federation id (topic prefix)")],
-    nodes: Annotated[str, typer.Option(help="hospital identities, comma-separated: a,b,c")],
     out: Annotated[Path, typer.Option(help="folder to create (must not exist or be empty)")],
+    nodes: Annotated[
+        str | None,
+        typer.Option(help="hospital identities, comma-separated: a,b,c (default: --regions')"),
+    ] = None,
+    regions: Annotated[
+        str | None,
+        typer.Option(
+            help="a broker tree: a core broker and one per region, "
+            "'eu=cleveland,hungarian;us=va,switzerland' (mtls only)"
+        ),
+    ] = None,
+    region_addresses: Annotated[
+        str | None,
+        typer.Option(
+            "--region-addresses",
+            help="where each region's broker is dialled, 'eu=eu.example.org:8883;us=...' "
+            "[default: --host, port --port+1, +2, ...]",
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="broker name or address that clients dial")] = (
         "127.0.0.1"
     ),
@@ -55,6 +74,7 @@ def init(
     """Write a CA, certificates or passwords, the ACL, mosquitto.conf and one env file per identity.
 
     Identities: aggregator, each hospital, operator, dashboard. No key or password is printed.
+    With --regions, also a broker per region bridged to the core broker (docs/regions.md).
     """
     from healthnet.deploy.generate import (
         DEFAULT_MAX_SAMPLES,
@@ -70,9 +90,16 @@ def init(
         _console.print(f"[red]error:[/red] --auth must be mtls or password, not {auth!r}")
         raise typer.Exit(code=1) from None
     try:
+        tree = _regions(regions, region_addresses, host=host, port=port, bind=bind)
+        hospitals = (
+            tuple(n.strip() for n in nodes.split(",") if n.strip())
+            if nodes is not None
+            else tuple(h for region in tree for h in region.hospitals)
+        )
         spec = DeploymentSpec(
             federation=federation,
-            hospitals=tuple(n.strip() for n in nodes.split(",") if n.strip()),
+            hospitals=hospitals,
+            regions=tree,
             host=host,
             port=port,
             bind=bind,
@@ -93,6 +120,39 @@ def init(
         raise typer.Exit(code=1) from exc
     _console.print(f"federation {federation}: deployment written to {out} ({mode.value})")
     _console.print(f"broker: mosquitto -c {deployment.broker_config}")
+    for name, config in deployment.region_configs.items():
+        _console.print(f"region {name}: mosquitto -c {config}")
     for identity, env_file in deployment.env_files.items():
         _console.print(f"  {identity:<16} {env_file}")
     _console.print("keep ca/ca.key offline; hand each clients/<identity>/ folder to its owner only")
+
+
+def _regions(
+    text: str | None, addresses: str | None, *, host: str, port: int, bind: str
+) -> tuple[Region, ...]:
+    """The regions of ``--regions``, each at its ``--region-addresses`` entry or next to the
+    core: the core's host, the next free port numbers after the core's."""
+    from healthnet.deploy.regions import parse_regions
+
+    if text is None:
+        if addresses is not None:
+            raise ConfigError("--region-addresses needs --regions")
+        return ()
+    named = dict(parse_regions(addresses.replace(",", ";"))) if addresses else {}
+    regions = []
+    for index, (name, hospitals) in enumerate(parse_regions(text), start=1):
+        where = named.pop(name, ())
+        region_host, region_port = host, port + index
+        if where:
+            if len(where) != 1:
+                raise ConfigError(f"region {name}: one address, not {','.join(where)}")
+            region_host, sep, port_text = where[0].rpartition(":")
+            if not sep or not port_text.isdigit():
+                raise ConfigError(f"region {name}: address {where[0]!r} is not HOST:PORT")
+            region_port = int(port_text)
+        regions.append(
+            Region(name, hospitals, host=region_host.strip("[]"), port=region_port, bind=bind)
+        )
+    if named:
+        raise ConfigError(f"--region-addresses names unknown regions: {', '.join(named)}")
+    return tuple(regions)

@@ -13,6 +13,15 @@ Given a federation name and its hospitals, :func:`generate_deployment` writes::
         ca.crt                      to verify the broker
         <identity>.crt, .key        (mutual TLS) the identity's client certificate and key
 
+With regions (:mod:`healthnet.deploy.regions`), ``broker/`` is the core broker, which only the
+services and the regions' bridges may use, and each region gets a broker of its own::
+
+    OUT/regions/<region>/mosquitto.conf   its listener, ACL, limits, persistence and the bridge
+    OUT/regions/<region>/acl              its hospitals, each its own topics
+    OUT/regions/<region>/ca.crt, server.crt, server.key, bridge-<region>.crt, .key
+
+and each hospital's env file points at its region's broker.
+
 The identities are the aggregator, each hospital, an operator and a read-only dashboard. Private
 keys, password hashes and env files (which carry the password in password mode) are written with
 mode 0600, folders with 0700; nothing secret is returned or logged. Paths inside the files are
@@ -33,6 +42,13 @@ from common.topics import TopicTree, validate_identifier
 from healthnet.deploy.acl import SERVICE_IDENTITIES, Role, render_acl, role_of
 from healthnet.deploy.passwords import mosquitto_hash, new_password
 from healthnet.deploy.pki import CertificateAuthority
+from healthnet.deploy.regions import (
+    BRIDGE_PREFIX,
+    Region,
+    render_bridge,
+    render_core_acl,
+    render_region_acl,
+)
 
 __all__ = [
     "AuthMode",
@@ -112,6 +128,9 @@ class DeploymentSpec:
     norm_multiplier: float = DEFAULT_NORM_MULTIPLIER
     """The aggregator's adaptive norm bound: an update's norm may be this many times the median
     norm of the last accepted ones (``norm_multiplier``)."""
+    regions: tuple[Region, ...] = ()
+    """A broker tree: each region's broker and hospitals (every hospital in one region); the
+    broker at ``host:port`` is then the core. Empty: one broker for everyone."""
 
     def __post_init__(self) -> None:
         self._check_names()
@@ -123,6 +142,42 @@ class DeploymentSpec:
         if self.updates_in_flight < 1:
             raise ConfigError("updates_in_flight must be at least 1")
         self._check_defences()
+        self._check_regions()
+
+    def _check_regions(self) -> None:
+        if not self.regions:
+            return
+        if self.auth is not AuthMode.MTLS:
+            raise ConfigError("a broker tree needs --auth mtls: bridges dial the core with mTLS")
+        names = [r.name for r in self.regions]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"region names repeat: {', '.join(names)}")
+        placed = [h for r in self.regions for h in r.hospitals]
+        repeated = sorted({h for h in placed if placed.count(h) > 1})
+        if repeated:
+            raise ConfigError(f"hospitals in more than one region: {', '.join(repeated)}")
+        if set(placed) != set(self.hospitals):
+            missing = sorted(set(self.hospitals) - set(placed))
+            extra = sorted(set(placed) - set(self.hospitals))
+            raise ConfigError(
+                f"regions and hospitals disagree: in no region {missing}, not a hospital {extra}"
+            )
+        bridges = [h for h in self.hospitals if h.startswith(BRIDGE_PREFIX)]
+        if bridges:
+            raise ConfigError(f"hospital names {bridges} are reserved for regions' bridges")
+        addresses = [(self.host, self.port)] + [(r.host, r.port) for r in self.regions]
+        if len(set(addresses)) != len(addresses):
+            raise ConfigError("the core and every region need a broker address of their own")
+        for region in self.regions:
+            for what, value in (("host", region.host), ("bind", region.bind)):
+                _check_host(f"region {region.name} {what}", value)
+
+    def region_of(self, hospital: str) -> Region | None:
+        """The region whose broker ``hospital`` uses (None: a single broker, or not a hospital)."""
+        for region in self.regions:
+            if hospital in region.hospitals:
+                return region
+        return None
 
     def _check_names(self) -> None:
         try:
@@ -141,8 +196,7 @@ class DeploymentSpec:
 
     def _check_address(self) -> None:
         for what, value in (("host", self.host), ("bind", self.bind)):
-            if not value or any(c.isspace() or c in "/@?#" for c in value):
-                raise ConfigError(f"{what} {value!r} is not a host name or address")
+            _check_host(what, value)
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is outside 1-65535")
 
@@ -162,9 +216,13 @@ class DeploymentSpec:
         return out
 
     def broker_url(self, identity: str, password: str | None = None) -> str:
-        host = f"[{self.host}]" if _is_ipv6(self.host) else self.host
+        """The URL ``identity`` dials: its region's broker for a hospital in a tree, else the
+        (core) broker."""
+        region = self.region_of(identity)
+        host, port = (self.host, self.port) if region is None else (region.host, region.port)
+        host = f"[{host}]" if _is_ipv6(host) else host
         user = f"{identity}:{password}@" if password is not None else ""
-        return f"mqtts://{user}{host}:{self.port}"
+        return f"mqtts://{user}{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +235,8 @@ class Deployment:
     ca_file: Path
     env_files: Mapping[str, Path] = field(default_factory=dict)
     limits: BrokerLimits | None = None
+    region_configs: Mapping[str, Path] = field(default_factory=dict)
+    """Each region's broker config (empty for a single broker)."""
 
 
 def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
@@ -201,7 +261,16 @@ def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
     _write(broker / "ca.crt", ca.certificate_pem, _PUBLIC)
     _write(broker / "server.crt", server.certificate, _PUBLIC)
     _write(broker / "server.key", server.private_key, _PRIVATE)
-    _write(broker / "acl", render_acl(tree, spec.hospitals).encode(), _PUBLIC)
+    if spec.regions:
+        services = [(i, r) for i, r in spec.identities.items() if r is not Role.HOSPITAL]
+        acl = render_core_acl(tree, spec.regions, services)
+    else:
+        acl = render_acl(tree, spec.hospitals)
+    _write(broker / "acl", acl.encode(), _PUBLIC)
+    region_configs = {
+        region.name: _write_region(spec, ca, tree, region, out=out, prefix=prefix)
+        for region in spec.regions
+    }
 
     hashes: list[str] = []
     env_files: dict[str, Path] = {}
@@ -240,13 +309,70 @@ def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
         ca_file=out / "ca" / "ca.crt",
         env_files=env_files,
         limits=limits,
+        region_configs=region_configs,
     )
 
 
-def mosquitto_conf(spec: DeploymentSpec, limits: BrokerLimits, broker_dir: Path) -> str:
-    """The broker's configuration (pure: paths point into ``broker_dir``)."""
+def _write_region(
+    spec: DeploymentSpec,
+    ca: CertificateAuthority,
+    tree: TopicTree,
+    region: Region,
+    *,
+    out: Path,
+    prefix: Path,
+) -> Path:
+    """A region's broker folder: its TLS identity, its bridge's identity, ACL and config."""
+    for folder in (out / "regions", out / "regions" / region.name):
+        _mkdir(folder)
+    folder = out / "regions" / region.name
+    _mkdir(folder / "data")
+    installed = prefix / "regions" / region.name
+    server = ca.issue_server(region.host, days=spec.days)
+    bridge = ca.issue_client(region.bridge, federation=spec.federation, days=spec.days)
+    _write(folder / "ca.crt", ca.certificate_pem, _PUBLIC)
+    _write(folder / "server.crt", server.certificate, _PUBLIC)
+    _write(folder / "server.key", server.private_key, _PRIVATE)
+    _write(folder / f"{region.bridge}.crt", bridge.certificate, _PUBLIC)
+    _write(folder / f"{region.bridge}.key", bridge.private_key, _PRIVATE)
+    _write(folder / "acl", render_region_acl(tree, region).encode(), _PUBLIC)
+    limits = BrokerLimits.for_federation(
+        len(region.hospitals),
+        max_message_bytes=spec.max_message_bytes,
+        updates_in_flight=spec.updates_in_flight,
+    )
+    text = mosquitto_conf(
+        spec, limits, installed, port=region.port, bind=region.bind, title=f"region {region.name}"
+    )
+    text += "\n" + render_bridge(
+        tree,
+        region,
+        core_host=spec.host,
+        core_port=spec.port,
+        files=installed,
+        max_packet_size=limits.max_packet_size,
+    )
+    config = folder / "mosquitto.conf"
+    _write(config, text.encode(), _PUBLIC)
+    return config
+
+
+def mosquitto_conf(
+    spec: DeploymentSpec,
+    limits: BrokerLimits,
+    broker_dir: Path,
+    *,
+    port: int | None = None,
+    bind: str | None = None,
+    title: str = "",
+) -> str:
+    """A broker's configuration (pure: paths point into ``broker_dir``); ``port`` and ``bind``
+    default to the spec's (core) broker."""
+    port = spec.port if port is None else port
+    bind = spec.bind if bind is None else bind
+    which = f" ({title})" if title else (" (core)" if spec.regions else "")
     lines = [
-        f"# Mosquitto for healthNET federation {spec.federation} (`healthnet deploy init`).",
+        f"# Mosquitto{which} for healthNET federation {spec.federation} (`healthnet deploy init`).",
         f"# Run: mosquitto -c {broker_dir / 'mosquitto.conf'}",
         "per_listener_settings false",
         "allow_anonymous false",
@@ -256,7 +382,7 @@ def mosquitto_conf(spec: DeploymentSpec, limits: BrokerLimits, broker_dir: Path)
         lines.append(f"password_file {broker_dir / 'passwd'}")
     lines += [
         "",
-        f"listener {spec.port} {spec.bind}",
+        f"listener {port} {bind}",
         f"cafile {broker_dir / 'ca.crt'}",
         f"certfile {broker_dir / 'server.crt'}",
         f"keyfile {broker_dir / 'server.key'}",
@@ -372,8 +498,25 @@ def _readme(spec: DeploymentSpec, prefix: Path) -> str:
             f"Broker: mqtts://{spec.host}:{spec.port}, listening on {spec.bind}.",
             "Identities: " + ", ".join(spec.identities),
             "",
+            *_readme_regions(spec, prefix),
         ]
     )
+
+
+def _readme_regions(spec: DeploymentSpec, prefix: Path) -> list[str]:
+    if not spec.regions:
+        return []
+    lines = [
+        "A broker tree: broker/ is the core (aggregator, operator, dashboard and the bridges);",
+        "hospitals use their region's broker, which bridges to the core with its own identity.",
+    ]
+    for region in spec.regions:
+        lines += [
+            f"regions/{region.name}/ on region {region.name}'s broker machine:",
+            f"           mosquitto -c {prefix / 'regions' / region.name / 'mosquitto.conf'}",
+            f"           mqtts://{region.host}:{region.port}: " + ", ".join(region.hospitals),
+        ]
+    return [*lines, ""]
 
 
 def _mkdir(path: Path) -> None:
@@ -387,6 +530,11 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     with os.fdopen(fd, "wb") as handle:
         os.fchmod(fd, mode)  # the umask may have taken bits away
         handle.write(data)
+
+
+def _check_host(what: str, value: str) -> None:
+    if not value or any(c.isspace() or c in "/@?#" for c in value):
+        raise ConfigError(f"{what} {value!r} is not a host name or address")
 
 
 def _is_ipv6(host: str) -> bool:

@@ -164,3 +164,21 @@ def test_privacy_quick_reports_accuracy_against_epsilon(tmp_path: Path) -> None:
     assert 0 < private["epsilon"] <= 3.0 * (1 + EPSILON_SLACK)
     assert 0 < private["epsilon_folded"] <= private["epsilon"]
     assert all(sigma > 0 for sigma in private["noise_multiplier_per_hospital"].values())
+
+
+def test_scale_quick_sends_each_version_once_per_region_through_the_tree(tmp_path: Path) -> None:
+    """scale --quick: the flat broker sends a version once per hospital (8), the tree's core once
+    per region (2), and every hospital held every version in both."""
+    report = run_quick("scale", tmp_path)
+    results = report["results"]
+    assert isinstance(results, list)
+    flat, tree = results
+    assert (flat["topology"], tree["topology"]) == ("flat", "tree")
+    assert round(flat["core_copies_per_version"]) == 8
+    assert round(tree["core_copies_per_version"]) == 2
+    for row in results:
+        assert len(row["per_version"]) == row["versions"]
+        assert all(len(held) == row["hospitals"] for held in row["per_version"])
+    summary = report["summary"]
+    assert isinstance(summary, dict)
+    assert summary["core_bytes_ratio_tree_to_flat"] < 0.5
