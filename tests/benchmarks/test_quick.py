@@ -164,3 +164,24 @@ def test_privacy_quick_reports_accuracy_against_epsilon(tmp_path: Path) -> None:
     assert 0 < private["epsilon"] <= 3.0 * (1 + EPSILON_SLACK)
     assert 0 < private["epsilon_folded"] <= private["epsilon"]
     assert all(sigma > 0 for sigma in private["noise_multiplier_per_hospital"].values())
+
+
+def test_secure_aggregation_quick_measures_costs_and_both_folds(tmp_path: Path) -> None:
+    """secure_aggregation --quick reports the bytes and CPU of both federations, an unmasked
+    sum within quantization error, and the heart FedBuff folded in plaintext and securely."""
+    report = run_quick("secure_aggregation", tmp_path)
+    costs = report["costs"]
+    assert isinstance(costs, list)
+    assert [row["federation"] for row in costs] == ["heart-disease", "pneumonia"]
+    for row in costs:
+        assert row["update_bytes"] == row["masked_bytes"] + row["share_bytes_sent"]
+        assert row["masked_bytes"] == row["dense_float32_bytes"]
+        assert row["max_abs_error"] < 1e-3
+        assert row["aggregator_cpu_ratio"] > 0
+    runs = report["accuracy"]
+    assert isinstance(runs, list)
+    assert {run["mode"] for run in runs} == {"plain", "secure"}
+    for run in runs:
+        assert {"seed", "versions_to_80", "updates_to_80", "final_accuracy",
+                "last5_mean_accuracy", "curve"} <= run.keys()  # fmt: skip
+        assert len(run["curve"]) == run["versions"]
