@@ -17,8 +17,8 @@ process, with real keys, sealed shares and the holders' and aggregator's files:
   are stale), folded either in plaintext or through the whole secure path (mask, share, seal,
   receipt, plan, answer, unmask). The schedule is simulated time, identical for both (both
   fold once the buffer holds K updates of the policy's 3 distinct hospitals), so the
-  difference is the fold alone: versions and updates to target accuracy and the final accuracy
-  on the hospitals' pooled test split.
+  difference is the fold alone: versions and updates to accuracy 0.75 and 0.78 and the final
+  accuracy on the hospitals' pooled test split.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from healthnet.federations import Federation as FederationSpec
 
 CPU = torch.device("cpu")
 NOW = dt.datetime.now(dt.UTC)
-TARGETS = (0.75, 0.80)
+TARGETS = (0.75, 0.78)
 
 
 @dataclass
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
             run = accuracy(seed, versions, secure)
             print(
                 f"heart seed {seed} {run['mode']}: final {run['final_accuracy']:.3f}, "
-                f"versions to 0.80: {run['versions_to_80']}"
+                f"versions to 0.78: {run['versions_to_78']}"
             )
             runs.append(run)
     report: dict[str, object] = {

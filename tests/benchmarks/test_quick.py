@@ -182,6 +182,6 @@ def test_secure_aggregation_quick_measures_costs_and_both_folds(tmp_path: Path) 
     assert isinstance(runs, list)
     assert {run["mode"] for run in runs} == {"plain", "secure"}
     for run in runs:
-        assert {"seed", "versions_to_80", "updates_to_80", "final_accuracy",
+        assert {"seed", "versions_to_78", "updates_to_78", "final_accuracy",
                 "last5_mean_accuracy", "curve"} <= run.keys()  # fmt: skip
         assert len(run["curve"]) == run["versions"]
