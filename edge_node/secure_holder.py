@@ -14,7 +14,8 @@ Theory of operation (docs/secure-aggregation.md#message-flow).
   share in a second sum.
 
 Layout of ``directory``: ``agreement.key`` (the X25519 private key, mode 0600),
-``shares/<update id>`` (a JSON header line, then the share's field elements), ``released.jsonl``.
+``shares/<update id>.share`` (a JSON header line, then the share's field elements) and
+``released.jsonl``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ log = logging.getLogger(__name__)
 KEY_FILE = "agreement.key"
 RELEASE_LOG = "released.jsonl"
 _SHARES = "shares"
+# Each share is shares/<update id>.share; atomic_write's temp files end in .tmp and never match.
+_SHARE_SUFFIX = ".share"
 _KEY_MODE = 0o600
 
 
@@ -242,7 +245,7 @@ class ShareHolder:
         return Receipt(holder=self.identity, update_id=share.update_id)
 
     def _store(self, update_id: str, sender: str, data: bytes) -> None:
-        path = self._shares / validate_identifier(update_id, "update id")
+        path = self._share_path(validate_identifier(update_id, "update id"))
         header = _HeldShare(sender=sender, policy_digest=self._digest).model_dump_json().encode()
         content = header + b"\n" + data
         if path.exists():
@@ -254,14 +257,18 @@ class ShareHolder:
     def held(self) -> dict[str, str]:
         """update id -> sender of every share held (reading each file's header line only)."""
         held = {}
-        for path in self._shares.iterdir():
-            if not path.name.endswith(".tmp"):
-                with path.open("rb") as handle:
-                    held[path.name] = _HeldShare.model_validate_json(handle.readline()).sender
+        for path in self._shares.glob(f"*{_SHARE_SUFFIX}"):
+            with path.open("rb") as handle:
+                held[path.name.removesuffix(_SHARE_SUFFIX)] = _HeldShare.model_validate_json(
+                    handle.readline()
+                ).sender
         return held
 
+    def _share_path(self, update_id: str) -> Path:
+        return self._shares / f"{update_id}{_SHARE_SUFFIX}"
+
     def _read(self, update_id: str) -> tuple[str, FieldVector]:
-        header, _, data = (self._shares / update_id).read_bytes().partition(b"\n")
+        header, _, data = self._share_path(update_id).read_bytes().partition(b"\n")
         meta = _HeldShare.model_validate_json(header)
         return meta.sender, from_bytes(data, self.length)
 

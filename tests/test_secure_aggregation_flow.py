@@ -461,3 +461,12 @@ def test_the_policy_digest_changes_with_every_field() -> None:
     ]
     digests = {base.digest(), *(v.digest() for v in variants)}
     assert len(digests) == len(variants) + 1
+
+
+def test_shares_of_any_valid_update_id_are_held(federation: Federation) -> None:
+    """Update ids may end like the store's temp files ("x.tmp"); their shares still count."""
+    for seed, (sender, update_id) in enumerate(
+        [("cleveland", "a.tmp"), ("hungarian", "b.share"), ("va", "c")]
+    ):
+        federation.send(sender, update_id, np.zeros(SIZE), seed=seed)
+    assert {"a.tmp", "b.share", "c"} <= federation.holders["switzerland"].held().keys()

@@ -31,7 +31,7 @@ from common.secure_aggregation.keys import (
     sign_key_record,
     verify_key_record,
 )
-from common.secure_aggregation.masking import MaskedUpdate, mask_update, unmask_sum
+from common.secure_aggregation.masking import ClipViolation, MaskedUpdate, mask_update, unmask_sum
 from common.secure_aggregation.release import (
     Term,
     minimum_contributors,
@@ -49,6 +49,7 @@ __all__ = [
     "ELEMENT_BYTES",
     "PRIME",
     "PUBLIC_KEY_BYTES",
+    "ClipViolation",
     "FieldVector",
     "InconsistentAnswers",
     "KeyRecord",

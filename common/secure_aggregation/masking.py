@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from common.errors import ProtocolError
 from common.secure_aggregation.field import (
+    PRIME,
     FieldVector,
     QuantizationPlan,
     RandomBytes,
@@ -28,7 +30,12 @@ from common.secure_aggregation.field import (
 )
 from common.secure_aggregation.sharing import SharingScheme, reconstruct, share
 
-__all__ = ["MaskedUpdate", "mask_update", "unmask_sum"]
+__all__ = ["ClipViolation", "MaskedUpdate", "mask_update", "unmask_sum"]
+
+
+class ClipViolation(ProtocolError):
+    """An unmasked sum holds a coordinate beyond what clipped updates can add up to: at least
+    one contributor sent values outside ``[-clip, clip]`` (a dishonest or broken node)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,4 +84,15 @@ def unmask_sum(
         raise ValueError("the sum leaves the quantization plan: it could wrap around the field")
     masked_total = weighted_sum(masked, weights)
     mask_total = reconstruct(answers, scheme, masked_total.size)
-    return dequantize(subtract(masked_total, mask_total), plan, scale)
+    total = subtract(masked_total, mask_total)
+    # Clipped updates sum to at most Σ ω_i · levels per coordinate. A node that masked values
+    # beyond its clip shows here unless its excess wrapped around into range: caught where
+    # possible, and the fold is refused rather than applied.
+    bound = sum(weights) * plan.levels
+    outside = int(((total > bound) & (total < PRIME - bound)).sum())
+    if outside:
+        raise ClipViolation(
+            f"the unmasked sum leaves ±{bound} on {outside} coordinates: a contributor did not "
+            f"clip to ±{plan.clip}"
+        )
+    return dequantize(total, plan, scale)

@@ -15,6 +15,7 @@ from aggregator.aggregation import StalenessPolicy, buffer_weights
 from common.errors import DecodeError
 from common.secure_aggregation import (
     PRIME,
+    ClipViolation,
     FieldVector,
     InconsistentAnswers,
     QuantizationPlan,
@@ -364,3 +365,22 @@ def test_unmask_refuses_a_sum_that_could_wrap_around() -> None:
     small = QuantizationPlan(max_terms=2)
     with pytest.raises(ValueError, match="wrap"):
         unmask_sum([vector] * 3, [1, 1, 1], {0: vector, 1: vector}, plan=small, scheme=scheme)
+
+
+def test_a_contributor_that_did_not_clip_is_caught_at_unmasking() -> None:
+    """A node masks values far beyond ±clip (here ten times the clip, as integers): the
+    unmasked sum leaves what clipped updates can reach, and the fold is refused."""
+    scheme = SharingScheme(holders=4, privacy=1)
+    honest = mask_update(
+        np.full(5, 1.0),
+        PLAN,
+        scheme,
+        rng=np.random.default_rng(0),
+        random_bytes=seeded_bytes(1),
+    )
+    cheat_mask = random_elements(5, seeded_bytes(2))
+    cheat = mask(np.full(5, 10 * PLAN.levels, dtype=np.int64), cheat_mask)
+    cheat_shares = share(cheat_mask, scheme, seeded_bytes(3))
+    answers = {j: weighted_sum([honest.shares[j], cheat_shares[j]], [1, 1]) for j in range(3)}
+    with pytest.raises(ClipViolation, match="did not clip"):
+        unmask_sum([honest.masked, cheat], [1, 1], answers, plan=PLAN, scheme=scheme)
