@@ -7,11 +7,12 @@ The services do not carry secure aggregation over MQTT yet
 process, with real keys, sealed shares and the holders' and aggregator's files:
 
 - **costs**, for the heart federation (logistic regression, 4 hospitals, K = 3) and the pneumonia
-  federation (CNN width 16, 8 hospitals, K = 4), at the default policy (T = 1, U a bare
-  majority): bytes per update (the masked vector and the sealed shares, before the envelope)
-  against dense float32 and int8; CPU time of a node masking and sealing one update, of a holder
-  answering one fold, and of the aggregator planning and unmasking one version against its
-  plaintext weighted average of the same K deltas (best of ``--repeats``, process CPU time).
+  federation (CNN width 16, 8 hospitals, K = 4), at the default policy (T = 1, U the least
+  above (N + T) / 2): bytes per update (the masked vector and the sealed shares, before the
+  envelope) against dense float32 and int8; CPU time of a node masking and sealing one update,
+  of a holder answering one fold, and of the aggregator planning and unmasking one version
+  against its plaintext weighted average of the same K deltas (best of ``--repeats``, process
+  CPU time).
 - **accuracy**, heart only: an in-process FedBuff (K = 3) where each hospital trains for real and
   finishes a job every ``period`` simulated seconds (hospitals at different speeds, so updates
   are stale), folded either in plaintext or through the whole secure path (mask, share, seal,

@@ -433,7 +433,7 @@ def test_the_policy_refuses_settings_secure_aggregation_cannot_serve() -> None:
     ("kwargs", "message"),
     [
         pytest.param({"holders": ("a", "a", "b")}, "twice", id="duplicate-holder"),
-        pytest.param({"holders": ("a", "b", "c"), "recovery": 1}, "majority", id="minority"),
+        pytest.param({"holders": ("a", "b", "c"), "recovery": 2}, "two different", id="too-few"),
         pytest.param(
             {"holders": ("a", "b", "c"), "min_contributors": 2}, "below 3", id="small-sums"
         ),

@@ -2,9 +2,10 @@
 
 The policy fixes the roster of holders (each hospital's index is its evaluation point, so every
 update of one policy is shared alike and sums of shares line up), ``privacy`` (T), ``recovery``
-(U, by default a bare majority), the fewest distinct contributors a sum may hold, and the
-quantization plan. Its :meth:`~SecureAggregationPolicy.digest` travels with every masked update,
-share and unmask request, so updates of different policies are never summed together.
+(U, by default the least above ``(N + T) / 2``), the fewest distinct contributors a sum may
+hold, and the quantization plan. Its :meth:`~SecureAggregationPolicy.digest` travels with every
+masked update, share and unmask request, so updates of different policies are never summed
+together.
 :func:`knobs_refusal` says which aggregation settings secure aggregation cannot serve
 (docs/secure-aggregation.md#the-policy). Pure: no I/O.
 """

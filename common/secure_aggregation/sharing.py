@@ -12,8 +12,10 @@ at the points ``1 .. U`` is evaluated at holder ``j``'s point ``U + 1 + j``: tha
 - Everything is linear, so a holder's weighted sum of its shares of several masks is its share
   of their weighted sum, and one reconstruction yields ``Σ ω_i r_i``.
 
-``U`` must be a majority of ``N``: two sets of ``U`` holders then share one, which is how a
-holder's rule "one sum per mask" keeps any mask from being unmasked in two different sums.
+``U`` must exceed ``(N + T) / 2``. An honest holder releases its share of a mask in one sum
+only, but ``T`` colluding holders answer whatever they are asked; two sets of ``U`` answers
+share ``2U - N`` holders, more than ``T``, so at least one honest holder would have to answer
+both sums. So no mask can be unmasked in two different sums.
 """
 
 from __future__ import annotations
@@ -55,10 +57,11 @@ class SharingScheme:
             raise ValueError(f"secure aggregation needs at least 2 holders, got {self.holders}")
         if self.privacy < 1:
             raise ValueError(f"privacy must be at least 1, got {self.privacy}")
-        if self.threshold <= self.holders // 2:
+        if 2 * self.threshold - self.holders <= self.privacy:
             raise ValueError(
-                f"recovery {self.threshold} of {self.holders} is not a majority: a mask could "
-                f"be unmasked in two different sums"
+                f"recovery {self.threshold} of {self.holders} holders is too small for privacy "
+                f"{self.privacy}: with the colluders' help a mask could be unmasked in two "
+                f"different sums (need recovery > (holders + privacy) / 2)"
             )
         if not (self.privacy < self.threshold <= self.holders):
             raise ValueError(
@@ -68,8 +71,10 @@ class SharingScheme:
 
     @property
     def threshold(self) -> int:
-        """U: ``recovery``, by default a bare majority of the holders."""
-        return self.recovery if self.recovery is not None else self.holders // 2 + 1
+        """U: ``recovery``, by default the least above ``(N + T) / 2``."""
+        if self.recovery is not None:
+            return self.recovery
+        return (self.holders + self.privacy) // 2 + 1
 
     @property
     def chunks(self) -> int:

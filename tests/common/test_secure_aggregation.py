@@ -202,9 +202,11 @@ def test_masked_values_do_not_correlate_with_the_update() -> None:
 SCHEMES = [
     pytest.param(SharingScheme(holders=2, privacy=1), id="N2-T1-U2"),
     pytest.param(SharingScheme(holders=4, privacy=1), id="N4-T1-U3"),
-    pytest.param(SharingScheme(holders=4, privacy=2), id="N4-T2-U3-shamir"),
+    pytest.param(SharingScheme(holders=3, privacy=2), id="N3-T2-U3-shamir"),
+    pytest.param(SharingScheme(holders=4, privacy=2), id="N4-T2-U4"),
     pytest.param(SharingScheme(holders=5, privacy=1, recovery=4), id="N5-T1-U4"),
-    pytest.param(SharingScheme(holders=8, privacy=2), id="N8-T2-U5"),
+    pytest.param(SharingScheme(holders=8, privacy=1), id="N8-T1-U5"),
+    pytest.param(SharingScheme(holders=8, privacy=2), id="N8-T2-U6"),
 ]
 
 
@@ -292,8 +294,10 @@ def test_a_wrong_answer_beyond_the_threshold_is_detected() -> None:
     ("holders", "privacy", "recovery", "message"),
     [
         pytest.param(1, 1, None, "at least 2", id="one-holder"),
-        pytest.param(4, 1, 2, "not a majority", id="minority-recovery"),
-        pytest.param(4, 3, None, "privacy < recovery", id="privacy-not-below-recovery"),
+        pytest.param(4, 1, 2, "two different sums", id="minority-recovery"),
+        pytest.param(5, 1, 3, "two different sums", id="bare-majority-with-a-colluder"),
+        pytest.param(8, 2, 5, "two different sums", id="bare-majority-with-two-colluders"),
+        pytest.param(4, 4, None, "privacy < recovery", id="privacy-not-below-recovery"),
         pytest.param(4, 1, 5, "recovery <= holders", id="recovery-above-holders"),
         pytest.param(4, 0, None, "privacy", id="no-privacy"),
     ],
@@ -301,8 +305,9 @@ def test_a_wrong_answer_beyond_the_threshold_is_detected() -> None:
 def test_a_scheme_that_could_leak_a_mask_is_refused(
     holders: int, privacy: int, recovery: int | None, message: str
 ) -> None:
-    """Recovery must be a majority above privacy: otherwise two disjoint sets of holders could
-    each release a different sum of one mask, or the colluders could rebuild it."""
+    """Recovery must exceed (holders + privacy) / 2 and privacy: otherwise two sets of holders,
+    helped by the colluders, could each release a different sum of one mask, or the colluders
+    could rebuild it."""
     with pytest.raises(ValueError, match=message):
         SharingScheme(holders=holders, privacy=privacy, recovery=recovery)
 
@@ -329,7 +334,7 @@ def test_the_unmasked_sum_is_the_plaintext_weighted_sum_within_quantization_erro
     staleness = data.draw(st.lists(st.integers(0, 20), min_size=nodes, max_size=nodes))
     coefficients = buffer_weights(samples, staleness, StalenessPolicy(), 1.0)
     holders = max(nodes, 2)
-    scheme = SharingScheme(holders=holders, privacy=data.draw(st.integers(1, holders // 2)))
+    scheme = SharingScheme(holders=holders, privacy=data.draw(st.integers(1, holders - 1)))
     answering = tuple(
         sorted(
             data.draw(
