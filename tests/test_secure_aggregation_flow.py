@@ -470,3 +470,12 @@ def test_shares_of_any_valid_update_id_are_held(federation: Federation) -> None:
     ):
         federation.send(sender, update_id, np.zeros(SIZE), seed=seed)
     assert {"a.tmp", "b.share", "c"} <= federation.holders["switzerland"].held().keys()
+
+
+def test_a_nodes_agreement_key_is_private_and_survives_a_restart(tmp_path: Path) -> None:
+    """The X25519 key file is written with mode 0600 and read back, not replaced, on restart."""
+    first = load_agreement_key(tmp_path / "node")
+    path = tmp_path / "node" / "agreement.key"
+    assert path.stat().st_mode & 0o777 == 0o600
+    again = load_agreement_key(tmp_path / "node")
+    assert again.public_key().public_bytes_raw() == first.public_key().public_bytes_raw()
