@@ -735,6 +735,78 @@ def _settings(name: str) -> Callable[[Path], str]:
     return lambda _root: settings_table(name)
 
 
+# --- Secure aggregation ----------------------------------------------------------------------
+
+
+def _cpu(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def secure_aggregation_costs(root: Path) -> str:
+    src = Source(f"{DOCS}/secure-aggregation.json", root)
+    rows = []
+    for r in src["costs"]:
+        dense = r["dense_float32_bytes"]
+        federation = (
+            f"{r['federation']} ({r['parameters']:,} params, N = {r['hospitals']}, "
+            f"U = {r['recovery']}, K = {r['buffer_size']})"
+        )
+        size = (
+            f"{r['update_bytes']:,} ({r['update_bytes'] / dense:.2f}{TIMES} dense, "
+            f"{r['update_bytes'] / r['int8_bytes']:.1f}{TIMES} int8)"
+        )
+        aggregator = (
+            f"{_cpu(r['aggregator_secure_cpu_seconds_per_version'])} against "
+            f"{_cpu(r['aggregator_plain_cpu_seconds_per_version'])} "
+            f"({r['aggregator_cpu_ratio']:.1f}{TIMES})"
+        )
+        rows.append((
+            federation,
+            size,
+            f"{r['answer_bytes_per_version']:,}",
+            _cpu(r["node_mask_cpu_seconds"]),
+            _cpu(r["holder_answer_cpu_seconds"]),
+            aggregator,
+            f"{r['max_abs_error']:.1e}",
+        ))  # fmt: skip
+    header = ("federation", "bytes per update", "answer bytes per version",
+              "node: mask and seal", "holder: answer",
+              "aggregator per version: secure against plain",
+              "largest error of the sum")  # fmt: skip
+    note = f"Process CPU time, best of {src['repeats']}, in one process."
+    return block(header, rows, provenance([src], note))
+
+
+def _reached(run: Json, target: int) -> str:
+    versions = run[f"versions_to_{target}"]
+    if versions is None:
+        return "not reached"
+    return f"{versions} ({run[f'updates_to_{target}']} updates)"
+
+
+def secure_aggregation_accuracy(root: Path) -> str:
+    src = Source(f"{DOCS}/secure-aggregation.json", root)
+    by_seed: dict[int, dict[str, Json]] = {}
+    for run in src["accuracy"]:
+        by_seed.setdefault(run["seed"], {})[run["mode"]] = run
+    rows = []
+    for seed, runs in sorted(by_seed.items()):
+        plain, secure = runs["plain"], runs["secure"]
+        gap = max(abs(a - b) for a, b in zip(plain["curve"], secure["curve"], strict=True))
+        rows.append((
+            str(seed),
+            f"{_reached(plain, 75)} / {_reached(secure, 75)}",
+            f"{_reached(plain, 78)} / {_reached(secure, 78)}",
+            f"{f3(plain['final_accuracy'])} / {f3(secure['final_accuracy'])}",
+            f3(gap),
+        ))  # fmt: skip
+    versions = src["accuracy"][0]["versions"]
+    header = ("seed", "versions to 0.75, plain / secure", "versions to 0.78, plain / secure",
+              f"accuracy at v{versions}, plain / secure",
+              "largest difference at any version")  # fmt: skip
+    return block(header, rows, provenance([src]))
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "demo-heart-disease": demo_heart,
     "demo-pneumonia": demo_pneumonia,
@@ -751,6 +823,8 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "swarm": swarm,
     "scale": scale,
     "privacy": privacy,
+    "secure-aggregation-costs": secure_aggregation_costs,
+    "secure-aggregation-accuracy": secure_aggregation_accuracy,
     **{name: _settings(name) for name in SETTINGS_TABLES},
 }
 """Every generated table, by the name its markers carry, and how it is rendered."""

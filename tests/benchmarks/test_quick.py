@@ -182,3 +182,24 @@ def test_scale_quick_sends_each_version_once_per_region_through_the_tree(tmp_pat
     summary = report["summary"]
     assert isinstance(summary, dict)
     assert summary["core_bytes_ratio_tree_to_flat"] < 0.5
+
+
+def test_secure_aggregation_quick_measures_costs_and_both_folds(tmp_path: Path) -> None:
+    """secure_aggregation --quick reports the bytes and CPU of both federations, an unmasked
+    sum within quantization error, and the heart FedBuff folded in plaintext and securely."""
+    report = run_quick("secure_aggregation", tmp_path)
+    costs = report["costs"]
+    assert isinstance(costs, list)
+    assert [row["federation"] for row in costs] == ["heart-disease", "pneumonia"]
+    for row in costs:
+        assert row["update_bytes"] == row["masked_bytes"] + row["share_bytes_sent"]
+        assert row["masked_bytes"] == row["dense_float32_bytes"]
+        assert row["max_abs_error"] < 1e-3
+        assert row["aggregator_cpu_ratio"] > 0
+    runs = report["accuracy"]
+    assert isinstance(runs, list)
+    assert {run["mode"] for run in runs} == {"plain", "secure"}
+    for run in runs:
+        assert {"seed", "versions_to_78", "updates_to_78", "final_accuracy",
+                "last5_mean_accuracy", "curve"} <= run.keys()  # fmt: skip
+        assert len(run["curve"]) == run["versions"]

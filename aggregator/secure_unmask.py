@@ -1,0 +1,195 @@
+"""The aggregator's part in secure aggregation: plan a fold of masked updates, unmask its sum.
+
+Theory of operation (docs/secure-aggregation.md#message-flow).
+
+- :func:`plan_fold` decides whether the masked updates waiting in the buffer can be folded now:
+  enough distinct hospitals, at most ``max_terms`` of them, and at least ``U`` holders that
+  receipted every one of them. It fixes the integer weights (from the staleness weights, known
+  now) and the scale that turns them back into coefficients, and names the holders to ask.
+- :class:`UnmaskLedger` records each plan (fsync) *before* any holder is asked, and refuses a
+  plan that names an update an earlier plan named: a mask is asked for in one sum only, ever.
+  After a kill, :meth:`UnmaskLedger.open_plans` lists the plans to ask again, unchanged (the
+  holders answer a repeated request again); a plan is closed when its version is committed.
+  A plan whose version the checkpoint holds but whose close record a crash lost is closed by the
+  caller without asking, from the checkpoint's folded update ids.
+- :func:`unmask` rebuilds ``Σ ω_i r_i`` from the holders' answers, subtracts it from the
+  weighted sum of the masked updates and returns ``Σ coefficient_i Δ_i`` up to quantization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict
+
+from common.errors import ProtocolError
+from common.jsonlog import JsonLog, read_json_lines
+from common.secure_aggregation import (
+    FieldVector,
+    Term,
+    from_bytes,
+    integer_weights,
+    unmask_sum,
+)
+from common.secure_aggregation.events import UnmaskAnswer, UnmaskRequest
+from common.secure_aggregation.policy import SecureAggregationPolicy
+
+__all__ = ["FoldPlan", "PendingMasked", "UnmaskLedger", "plan_fold", "unmask"]
+
+LEDGER_FILE = "unmask.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class PendingMasked:
+    """A buffered masked update: who sent it, its staleness-weighted coefficient, its masked
+    vector and the holders that receipted its share."""
+
+    update_id: str
+    sender: str
+    coefficient: float
+    masked: FieldVector = field(repr=False)
+    receipts: frozenset[str] = frozenset()
+
+
+class FoldPlan(BaseModel):
+    """One fold's sum, fixed before anyone is asked: its terms, scale and holders to ask."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fold_id: str
+    policy_digest: str
+    update_ids: tuple[str, ...]
+    senders: tuple[str, ...]
+    weights: tuple[int, ...]
+    scale: float
+    holders: tuple[str, ...]
+
+    @property
+    def terms(self) -> tuple[Term, ...]:
+        return tuple(
+            Term(u, s, w)
+            for u, s, w in zip(self.update_ids, self.senders, self.weights, strict=True)
+        )
+
+    def request(self) -> UnmaskRequest:
+        return UnmaskRequest(
+            fold_id=self.fold_id, policy_digest=self.policy_digest, terms=self.terms
+        )
+
+
+def plan_fold(
+    policy: SecureAggregationPolicy, fold_id: str, pending: Sequence[PendingMasked]
+) -> FoldPlan | str:
+    """The plan that folds ``pending`` now, or why it must wait."""
+    senders = {p.sender for p in pending}
+    if len(senders) < policy.contributors:
+        return f"{len(senders)} distinct hospitals buffered, {policy.contributors} needed"
+    if len(pending) > policy.max_terms:
+        return f"{len(pending)} updates, above max_terms {policy.max_terms}"
+    askable = frozenset(policy.holders).intersection(*(p.receipts for p in pending))
+    threshold = policy.scheme.threshold
+    if len(askable) < threshold:
+        return f"{len(askable)} holders hold every share, {threshold} needed"
+    weights, scale = integer_weights([p.coefficient for p in pending], policy.weight_levels)
+    return FoldPlan(
+        fold_id=fold_id,
+        policy_digest=policy.digest(),
+        update_ids=tuple(p.update_id for p in pending),
+        senders=tuple(p.sender for p in pending),
+        weights=tuple(weights),
+        scale=scale,
+        holders=tuple(h for h in policy.holders if h in askable),
+    )
+
+
+def unmask(
+    policy: SecureAggregationPolicy,
+    plan: FoldPlan,
+    masked: Mapping[str, FieldVector],
+    answers: Iterable[UnmaskAnswer],
+) -> NDArray[np.float64]:
+    """``Σ coefficient_i Δ_i`` of the plan's updates, from their masked vectors and at least
+    ``U`` holders' answers to the plan's request. An answer from a holder the plan did not ask,
+    or of the wrong length, is a :class:`ProtocolError`; answers beyond ``U`` must agree."""
+    vectors = [masked[update_id] for update_id in plan.update_ids]
+    length = policy.scheme.share_length(vectors[0].size)
+    by_holder: dict[int, FieldVector] = {}
+    for answer in answers:
+        if answer.fold_id != plan.fold_id or answer.holder not in plan.holders:
+            raise ProtocolError(f"{answer.holder}: an answer that fold {plan.fold_id} did not ask")
+        by_holder[policy.holder_index(answer.holder)] = from_bytes(answer.share_sum, length)
+    return unmask_sum(
+        vectors,
+        plan.weights,
+        by_holder,
+        plan=policy.plan,
+        scheme=policy.scheme,
+        scale=plan.scale,
+    )
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event: Literal["planned", "closed", "abandoned"]
+    fold_id: str
+    plan: FoldPlan | None = None
+    version: int | None = None
+
+
+class UnmaskLedger:
+    """The aggregator's durable record of its fold plans (``unmask.jsonl`` in ``directory``)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._log = JsonLog(directory / LEDGER_FILE, _Entry)
+        self._open: dict[str, FoldPlan] = {}
+        self._planned: dict[str, str] = {}  # update id -> the fold id that named it
+
+    def __enter__(self) -> Self:
+        self._log.open()
+        for entry in read_json_lines(self._log.path, _Entry):
+            if entry.plan is not None:
+                self._remember(entry.plan)
+            else:
+                self._open.pop(entry.fold_id, None)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._log.close()
+
+    def open_plans(self) -> list[FoldPlan]:
+        """Plans recorded and neither closed nor abandoned, oldest first: ask them again."""
+        return list(self._open.values())
+
+    def record(self, plan: FoldPlan) -> None:
+        """Make ``plan`` durable; refuse one that names an update an earlier plan named."""
+        if plan.fold_id in self._open or any(u in self._planned for u in plan.update_ids):
+            taken = sorted(u for u in plan.update_ids if u in self._planned)
+            raise ValueError(f"fold {plan.fold_id}: already planned: {', '.join(taken)}")
+        self._log.write([_Entry(event="planned", fold_id=plan.fold_id, plan=plan)])
+        self._remember(plan)
+
+    def close(self, fold_id: str, version: int) -> None:
+        """The plan's version is committed: never ask for it again."""
+        self._log.write([_Entry(event="closed", fold_id=fold_id, version=version)])
+        self._open.pop(fold_id, None)
+
+    def abandon(self, fold_id: str) -> None:
+        """Give up a plan that cannot complete; its updates are dropped, never re-planned."""
+        self._log.write([_Entry(event="abandoned", fold_id=fold_id)])
+        self._open.pop(fold_id, None)
+
+    def _remember(self, plan: FoldPlan) -> None:
+        self._open[plan.fold_id] = plan
+        self._planned.update(dict.fromkeys(plan.update_ids, plan.fold_id))
