@@ -187,7 +187,10 @@ class ChainFollower:
         self._held: Held | None = None
         self._pending: dict[tuple[str, int], ModelDelta] = {}
         self._gap = False
-        # Deltas refused (their base was not this node's view, or they did not decode).
+        # Snapshots taken, deltas applied, and deltas refused (their base was not this node's
+        # view, or they did not decode): what the chain saved this node, and what it cost.
+        self.snapshots = 0
+        self.applied = 0
         self.refused = 0
 
     @property
@@ -223,6 +226,7 @@ class ChainFollower:
         dtype: BroadcastDtype = manifest.broadcast_dtype
         self._held = Held(manifest, _rounded(params, dtype))
         self._gap = False
+        self.snapshots += 1
         self._drain()
         return self._held
 
@@ -286,6 +290,7 @@ class ChainFollower:
             )
         self._held = Held(delta.manifest, view)
         self._gap = False
+        self.applied += 1
 
     def _refuse(self) -> None:
         self.refused += 1

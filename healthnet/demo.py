@@ -41,6 +41,7 @@ from common.messages import (
     Evaluation,
     Knobs,
     Manifest,
+    ModelDelta,
     NodeStatus,
     PrivacyPolicy,
     PrivacySpend,
@@ -545,7 +546,7 @@ class _Watch:
                 inbound.topic.node == inbound.sender
             ):
                 self.ledgers[inbound.sender] = ledger
-            case Update() | Ack() | NodeStatus() | ControlRequest() | ControlReply():
+            case Update() | Ack() | NodeStatus() | ControlRequest() | ControlReply() | ModelDelta():
                 pass
             case _:
                 assert_never(body)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -127,7 +129,7 @@ def test_error_feedback_carries_what_a_delta_left_out_until_the_view_reaches_the
     for _ in range(10):
         step = advance(step.view, target, policy, "float32")
         norms.append(residual(step.view))
-    assert all(b < a for a, b in zip(norms, norms[1:], strict=False) if a > 0)
+    assert all(b < a for a, b in itertools.pairwise(norms) if a > 0)
     assert norms[-1] == 0.0
 
 
