@@ -464,6 +464,39 @@ def stragglers_heart(root: Path) -> str:
     return block(header, rows, provenance([src]))
 
 
+def stragglers_broadcast(root: Path) -> str:
+    """Whole-model broadcasts against the compressed broadcast chain, same run, same setting."""
+    src = Source(f"{DOCS}/stragglers-broadcast.json", root)
+    seeds = len(src["seeds"])
+    low, high = (round(t * 100) for t in src["targets"]["pneumonia"])
+    policy = src["broadcast_compression"]
+    chain = f"top {policy['top_k'] * 100:g} % {policy['quantization']}"
+    entries = [e for e in src["summary"] if e["federation"] == "pneumonia"]
+    full = next(e for e in entries if e["broadcast"] == "full")
+    rows = []
+    for e in entries:
+        down_to = e[f"bytes_down_to_{low}"]
+        base = full[f"bytes_down_to_{low}"]["median"]
+        mine = down_to["median"]
+        ratio = "1" if e is full or not (base and mine) else f"{base / mine:.0f}x fewer"
+        rows.append((
+            f"{_setting(e)}, " + ("whole versions" if e["broadcast"] == "full" else chain),
+            _spread(e[f"seconds_to_{low}"], 1, seeds),
+            _spread(e[f"seconds_to_{high}"], 1, seeds),
+            _spread(e["final_accuracy"], 3, seeds),
+            f"{e['versions']:.0f}",
+            _spread({k: (v / 1e6 if isinstance(v, (int, float)) and k != "reached" else v)
+                     for k, v in down_to.items()}, 1, seeds),
+            f"{e['bytes_down'] / 1e6:,.1f}",
+            ratio,
+        ))  # fmt: skip
+    budget = src["budget_seconds"]["pneumonia"]
+    header = ("setting, broadcast", f"s to {low} %", f"s to {high} %",
+              f"accuracy after {budget:.0f} s", "versions", f"MB down to {low} %",
+              "MB down in all", f"MB down to {low} %, against whole")  # fmt: skip
+    return block(header, rows, provenance([src]))
+
+
 def _params(count: int) -> str:
     return f"{count / 1e3:.0f} K" if count < 1_000_000 else f"{count / 1e6:.1f} M"
 
@@ -725,6 +758,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "poisoning": poisoning,
     "stragglers-pneumonia": stragglers_pneumonia,
     "stragglers-heart-disease": stragglers_heart,
+    "stragglers-broadcast": stragglers_broadcast,
     "fold": fold,
     "broadcast": broadcast,
     "swarm": swarm,
