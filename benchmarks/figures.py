@@ -471,14 +471,15 @@ def stragglers_broadcast(root: Path) -> str:
     low, high = (round(t * 100) for t in src["targets"]["pneumonia"])
     policy = src["broadcast_compression"]
     chain = f"top {policy['top_k'] * 100:g} % {policy['quantization']}"
-    entries = [e for e in src["summary"] if e["federation"] == "pneumonia"]
-    full = next(e for e in entries if e["broadcast"] == "full")
+    entries = sorted((e for e in src["summary"] if e["federation"] == "pneumonia"),
+                     key=lambda e: e["broadcast"] != "full")  # fmt: skip
+    full = entries[0]
     rows = []
     for e in entries:
         down_to = e[f"bytes_down_to_{low}"]
         base = full[f"bytes_down_to_{low}"]["median"]
         mine = down_to["median"]
-        ratio = "1" if e is full or not (base and mine) else f"{base / mine:.0f}x fewer"
+        ratio = "1" if e is full or not (base and mine) else f"{base / mine:.1f}x fewer"
         rows.append((
             f"{_setting(e)}, " + ("whole versions" if e["broadcast"] == "full" else chain),
             _spread(e[f"seconds_to_{low}"], 1, seeds),
@@ -633,6 +634,17 @@ MEANINGS = {
     ),
     "knobs.compression.top_k": "fraction of each delta tensor nodes send (none: all)",
     "knobs.compression.quantization": "how nodes send values: `none`, `float16` or `int8`",
+    "knobs.broadcast_compression.top_k": (
+        "setting any `BROADCAST_COMPRESSION` field turns on the [compressed broadcast chain]"
+        "(protocol.md#compressed-broadcasts): each version also travels as a delta from the last "
+        "that keeps this fraction of each tensor (none: all)"
+    ),
+    "knobs.broadcast_compression.quantization": (
+        "how the chain's deltas send values: `none`, `float16` or `int8`"
+    ),
+    "knobs.broadcast_compression.error_feedback": (
+        "no effect: the chain always carries what a delta left out (the model minus the view)"
+    ),
     "knobs.compression.error_feedback": "nodes carry what they did not send into the next update",
     "knobs.privacy.noise_multiplier": "DP-SGD noise per clipping norm (sigma)",
     "knobs.privacy.calibrate_versions": "noise that spends the budget in this many versions",
