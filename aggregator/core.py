@@ -450,11 +450,9 @@ class AggregatorCore:
         knobs, current = self._knobs, self._view
         policy = knobs.broadcast_compression
         if policy is None or reset_view:
-            self._view, self._chained, self._base_sha = (
-                reset(params, knobs.broadcast_dtype),
-                False,
-                None,
-            )
+            self._view = reset(params, knobs.broadcast_dtype)
+            self._chained = False
+            self._base_sha = None
         else:
             if self._view_sha is None:
                 self._view_sha = sha256_hex(view_blob(current.view, current.dtype))
