@@ -55,7 +55,8 @@ from aggregator.fold import squared_norm
 from aggregator.memory import VersionMemory
 from aggregator.run_state import RunEvent, transition
 from common.blobs import split_blob
-from common.codec import encode_tensors, sha256_hex
+from common.broadcast_chain import BroadcastDtype, Step, View, advance, reset, view_blob
+from common.codec import sha256_hex
 from common.compression import DecodedTensor, all_finite, decode_tensor
 from common.compression_policy import admits, keep_count
 from common.errors import CompressionError, ControlError, NonFiniteValues
@@ -72,6 +73,7 @@ from common.messages import (
     Evaluation,
     Knobs,
     Manifest,
+    ModelDelta,
     ModelSpec,
     NodeTally,
     NormPolicy,
@@ -107,9 +109,10 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _NESTED_KNOBS: Mapping[str, type[BaseModel]] = {
     "training": TrainingConfig,
     "compression": Compression,
+    "broadcast_compression": Compression,
     "privacy": PrivacyPolicy,
 }
-_WHOLE_KNOBS = ("privacy",)
+_WHOLE_KNOBS = ("privacy", "broadcast_compression")
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,13 +216,16 @@ class Broadcast:
     """The current version as the nodes receive it: the manifest, the blob and its chunks.
 
     ``widened``: the run asks for float16, but a weight lies beyond float16's range (it would
-    arrive as infinity), so this version travels as float32, as its manifest says.
+    arrive as infinity), so this version travels as float32, as its manifest says. ``delta``: the
+    version as a compressed delta from its predecessor (:mod:`common.broadcast_chain`), when the
+    chain made it; None for a snapshot-only version.
     """
 
     manifest: Manifest
     blob: bytes
     chunks: tuple[bytes, ...]
     widened: bool = False
+    delta: ModelDelta | None = None
 
 
 @dataclass(slots=True)
@@ -268,12 +274,16 @@ class AggregatorCore:
         initial_norm: float | None = None,
         buffered_scales: Mapping[str, float] | None = None,
         probe: Probe | None = None,
+        broadcast_view: View | None = None,
+        broadcast_dtype: BroadcastDtype | None = None,
     ) -> None:
         """``norms``, ``initial_norm`` and ``buffered_scales`` come from a checkpoint: the norms
         of the last accepted updates, the L2 norm of the run's initial weights (default: of
         ``params``, right for a new run; for a checkpoint from before it was kept, the best
         stand-in there is), and the norm clip's factor of each buffered update that
-        was clipped (None: an older checkpoint, whose clip factors are worked out again)."""
+        was clipped (None: an older checkpoint, whose clip factors are worked out again).
+        ``broadcast_view`` is the current version's broadcast view where a delta chain made it
+        differ from the weights rounded to ``broadcast_dtype`` (None: it does not)."""
         self.run_id = run_id
         self._probe = probe
         self._params: dict[str, NDArray[np.float32]] = {
@@ -300,6 +310,16 @@ class AggregatorCore:
         self._norms: list[float] = [float(n) for n in norms][-NORM_HISTORY:]
         self._initial_norm = global_norm(self._params) if initial_norm is None else initial_norm
         self._restored_scales = None if buffered_scales is None else dict(buffered_scales)
+        # The current version's broadcast view (common.broadcast_chain), and its blob's sha256
+        # once computed: the base the next delta names.
+        dtype = broadcast_dtype or knobs.broadcast_dtype
+        if broadcast_view is None:
+            self._view = reset(self._params, dtype)
+        else:
+            self._view = Step(dict(reset(broadcast_view, "float32").view), dtype, None)
+        self._chained = broadcast_view is not None
+        self._view_sha: str | None = None
+        self._base_sha: str | None = None
 
     # -- read-only views
 
@@ -322,6 +342,17 @@ class AggregatorCore:
     @property
     def optimizer_state(self) -> ServerOptimizerState:
         return self._opt_state
+
+    @property
+    def broadcast_view(self) -> View | None:
+        """The current version's broadcast view where a delta chain made it (None: it is the
+        weights rounded to :attr:`broadcast_dtype`, and a checkpoint need not keep it)."""
+        return self._view.view if self._chained else None
+
+    @property
+    def broadcast_dtype(self) -> BroadcastDtype:
+        """The dtype the current version's weights travel as (its manifest's)."""
+        return self._view.dtype
 
     @property
     def seen(self) -> Mapping[str, str]:
@@ -378,23 +409,18 @@ class AggregatorCore:
         )
 
     def broadcast(self, *, model: ModelSpec, chunk_size: int, now: float) -> Broadcast:
-        """The current version as broadcast: its weights as ``broadcast_dtype`` when they fit it,
-        in chunks of ``chunk_size`` bytes, with the manifest that announces them."""
-        knobs = self._knobs
-        dtype = knobs.broadcast_dtype
-        params: Mapping[str, NDArray[Any]] = self._params
-        widened = False
-        if dtype == "float16":
-            if all(float(np.abs(p).max(initial=0.0)) <= _FLOAT16_MAX for p in params.values()):
-                params = {name: p.astype(np.float16) for name, p in params.items()}
-            else:
-                dtype, widened = "float32", True
-        blob = encode_tensors(params)
+        """The current version as broadcast: its broadcast view as a blob in chunks of
+        ``chunk_size`` bytes, the manifest that announces them, and the delta from the previous
+        version when the chain made one."""
+        knobs, step = self._knobs, self._view
+        blob = view_blob(step.view, step.dtype)
+        sha = sha256_hex(blob)
+        self._view_sha = sha
         chunks = tuple(split_blob(blob, chunk_size))
         manifest = Manifest(
             run_id=self.run_id,
             version=self._version,
-            sha256=sha256_hex(blob),
+            sha256=sha,
             blob_bytes=len(blob),
             chunk_size=chunk_size,
             chunk_count=len(chunks),
@@ -402,10 +428,38 @@ class AggregatorCore:
             training=knobs.training,
             created_at=now,
             compression=knobs.compression,
-            broadcast_dtype=dtype,
+            broadcast_dtype=step.dtype,
             privacy=knobs.privacy,
+            broadcast_compression=knobs.broadcast_compression,
         )
-        return Broadcast(manifest=manifest, blob=blob, chunks=chunks, widened=widened)
+        delta = None
+        if step.tensors is not None and self._base_sha is not None:
+            delta = ModelDelta(
+                manifest=manifest,
+                base_version=self._version - 1,
+                base_sha256=self._base_sha,
+                tensors=step.tensors,
+            )
+        return Broadcast(
+            manifest=manifest, blob=blob, chunks=chunks, widened=step.widened, delta=delta
+        )
+
+    def _next_view(self, params: View, *, reset_view: bool = False) -> None:
+        """Make the new version's broadcast view: a delta from the current one when the chain is
+        on, else (and for ``reset_view``) the weights rounded (common.broadcast_chain)."""
+        knobs, current = self._knobs, self._view
+        policy = knobs.broadcast_compression
+        if policy is None or reset_view:
+            self._view = reset(params, knobs.broadcast_dtype)
+            self._chained = False
+            self._base_sha = None
+        else:
+            if self._view_sha is None:
+                self._view_sha = sha256_hex(view_blob(current.view, current.dtype))
+            self._base_sha = self._view_sha
+            self._view = advance(current.view, params, policy, knobs.broadcast_dtype)
+            self._chained = self._view.tensors is not None
+        self._view_sha = None
 
     # -- commands
 
@@ -901,6 +955,7 @@ class AggregatorCore:
         )
         for array in params.values():
             array.flags.writeable = False  # versions are immutable; Fold shares these arrays
+        self._next_view(params)
         self._version += 1
         self._params = params
         self._opt_state = opt_state
@@ -976,6 +1031,8 @@ class AggregatorCore:
             reason="rollback",
             rollback_of=target,
         )
+        # A rollback is a reset of the broadcast chain: every node takes its snapshot.
+        self._next_view(new, reset_view=True)
         self._version += 1
         self._params = new
         self._opt_state = optimizer_state

@@ -431,6 +431,8 @@ class Journal:
                 norms=core.norm_history,
                 initial_norm=core.initial_norm,
                 buffered_scales={u.update_id: u.scale for u in core.buffer if u.scale != 1.0},
+                broadcast_dtype=core.broadcast_dtype,
+                broadcast_view=core.broadcast_view,
             )
         )
         self._checkpointed = (core.version, core.state)
@@ -495,4 +497,6 @@ def _core_from(checkpoint: Checkpoint, probe: Probe | None) -> AggregatorCore:
         initial_norm=checkpoint.initial_norm,
         buffered_scales=checkpoint.buffered_scales,
         probe=probe,
+        broadcast_view=checkpoint.broadcast_view,
+        broadcast_dtype=checkpoint.broadcast_dtype,
     )

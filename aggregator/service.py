@@ -36,6 +36,7 @@ from common.messages import (
     ControlRequest,
     Evaluation,
     Manifest,
+    ModelDelta,
     NodeStatus,
     RejectReason,
     Update,
@@ -266,7 +267,14 @@ class AggregatorService:
                     self._on_node_status(node, body)
             case ControlRequest():
                 self._on_control(body)
-            case Manifest() | Ack() | ControlReply() | AggregatorStatus() | VersionRecord():
+            case (
+                Manifest()
+                | ModelDelta()
+                | Ack()
+                | ControlReply()
+                | AggregatorStatus()
+                | VersionRecord()
+            ):
                 log.debug("ignoring %s", inbound.topic)
             case _:
                 assert_never(body)
@@ -483,7 +491,10 @@ class AggregatorService:
         return broadcast
 
     def _publish_model(self, broadcast: Broadcast | None = None) -> None:
-        """Chunks first, manifest last (retained), then clear the previous version's chunks.
+        """The delta from the previous version when the chain made one, then the chunks, the
+        manifest last (all retained), then clear the previous version's chunks. A node that
+        follows the chain has the version from the delta before its manifest arrives, so the
+        manifest tells it nothing is missing (common.broadcast_chain).
 
         ``broadcast`` is the current version's, when the caller has made it.
         """
@@ -493,6 +504,8 @@ class AggregatorService:
             if self.journal.store.archived_model(core.version) is None:
                 # v0, or a run from before the archive: keep the version being announced too.
                 self.journal.store.archive_model(core.version, broadcast.blob)
+        if broadcast.delta is not None:
+            self._send(self.topics.delta(), broadcast.delta)
         for index, chunk in enumerate(broadcast.chunks):
             client.publish(self.topics.chunk(core.version, index), chunk)
         self._send(self.topics.manifest(), broadcast.manifest)

@@ -59,7 +59,7 @@ _ALIGN = 64
 _MAX_HEADER = 1 << 32
 
 Arrays = Mapping[str, NDArray[np.float32]]
-Group = Literal["params", "m", "v"]
+Group = Literal["params", "m", "v", "view"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +93,10 @@ class Checkpoint:
     norms: tuple[float, ...] = ()
     initial_norm: float | None = None
     buffered_scales: Mapping[str, float] | None = None
+    # The broadcast chain (common.broadcast_chain): the dtype the version travelled as, and its
+    # broadcast view where a delta chain made it differ from ``params`` rounded to that dtype.
+    broadcast_dtype: Literal["float32", "float16"] | None = None
+    broadcast_view: Arrays | None = None
 
     def optimizer_state(self) -> ServerOptimizerState:
         return ServerOptimizerState(
@@ -130,6 +134,8 @@ class _Header(BaseModel):
     norms: tuple[float, ...] = ()
     initial_norm: float | None = None
     buffered_scales: dict[str, float] | None = None
+    broadcast_dtype: Literal["float32", "float16"] | None = None
+    broadcast_view: bool = False
 
 
 def encode_checkpoint(checkpoint: Checkpoint) -> list[bytes | memoryview]:
@@ -138,6 +144,7 @@ def encode_checkpoint(checkpoint: Checkpoint) -> list[bytes | memoryview]:
         ("params", checkpoint.params),
         ("m", checkpoint.optimizer_m),
         ("v", checkpoint.optimizer_v),
+        ("view", checkpoint.broadcast_view or {}),
     ]
     contiguous = [
         (group, name, np.ascontiguousarray(array, dtype="<f4"))
@@ -170,6 +177,8 @@ def encode_checkpoint(checkpoint: Checkpoint) -> list[bytes | memoryview]:
             buffered_scales=(
                 None if checkpoint.buffered_scales is None else dict(checkpoint.buffered_scales)
             ),
+            broadcast_dtype=checkpoint.broadcast_dtype,
+            broadcast_view=checkpoint.broadcast_view is not None,
         )
     )
     prefix = _MAGIC + len(header).to_bytes(_LENGTH_BYTES, "little") + header
@@ -190,7 +199,12 @@ def decode_checkpoint(data: bytes) -> Checkpoint:
         raise DecodeError(f"checkpoint header of {length} bytes does not fit the file")
     header = decode_record(_Header, data[start : start + length])
     base = _aligned(start + length)
-    arrays: dict[Group, dict[str, NDArray[np.float32]]] = {"params": {}, "m": {}, "v": {}}
+    arrays: dict[Group, dict[str, NDArray[np.float32]]] = {
+        "params": {},
+        "m": {},
+        "v": {},
+        "view": {},
+    }
     for entry in header.arrays:
         count = math.prod(entry.shape)
         begin = base + entry.offset
@@ -219,6 +233,8 @@ def decode_checkpoint(data: bytes) -> Checkpoint:
         norms=header.norms,
         initial_norm=header.initial_norm,
         buffered_scales=header.buffered_scales,
+        broadcast_dtype=header.broadcast_dtype,
+        broadcast_view=arrays["view"] if header.broadcast_view else None,
     )
 
 

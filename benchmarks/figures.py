@@ -464,6 +464,40 @@ def stragglers_heart(root: Path) -> str:
     return block(header, rows, provenance([src]))
 
 
+def stragglers_broadcast(root: Path) -> str:
+    """Whole-model broadcasts against the compressed broadcast chain, same run, same setting."""
+    src = Source(f"{DOCS}/stragglers-broadcast.json", root)
+    seeds = len(src["seeds"])
+    low, high = (round(t * 100) for t in src["targets"]["pneumonia"])
+    policy = src["broadcast_compression"]
+    chain = f"top {policy['top_k'] * 100:g} % {policy['quantization']}"
+    entries = sorted((e for e in src["summary"] if e["federation"] == "pneumonia"),
+                     key=lambda e: e["broadcast"] != "full")  # fmt: skip
+    full = entries[0]
+    rows = []
+    for e in entries:
+        down_to = e[f"bytes_down_to_{low}"]
+        base = full[f"bytes_down_to_{low}"]["median"]
+        mine = down_to["median"]
+        ratio = "1" if e is full or not (base and mine) else f"{base / mine:.1f}x fewer"
+        rows.append((
+            f"{_setting(e)}, " + ("whole versions" if e["broadcast"] == "full" else chain),
+            _spread(e[f"seconds_to_{low}"], 1, seeds),
+            _spread(e[f"seconds_to_{high}"], 1, seeds),
+            _spread(e["final_accuracy"], 3, seeds),
+            f"{e['versions']:.0f}",
+            _spread({k: (v / 1e6 if isinstance(v, (int, float)) and k != "reached" else v)
+                     for k, v in down_to.items()}, 1, seeds),
+            f"{e['bytes_down'] / 1e6:,.1f}",
+            ratio,
+        ))  # fmt: skip
+    budget = src["budget_seconds"]["pneumonia"]
+    header = ("setting, broadcast", f"s to {low} %", f"s to {high} %",
+              f"accuracy after {budget:.0f} s", "versions", f"MB down to {low} %",
+              "MB down in all", f"MB down to {low} %, against whole")  # fmt: skip
+    return block(header, rows, provenance([src]))
+
+
 def _params(count: int) -> str:
     return f"{count / 1e3:.0f} K" if count < 1_000_000 else f"{count / 1e6:.1f} M"
 
@@ -621,6 +655,17 @@ MEANINGS = {
     ),
     "knobs.compression.top_k": "fraction of each delta tensor nodes send (none: all)",
     "knobs.compression.quantization": "how nodes send values: `none`, `float16` or `int8`",
+    "knobs.broadcast_compression.top_k": (
+        "setting any `BROADCAST_COMPRESSION` field turns on the [compressed broadcast chain]"
+        "(protocol.md#compressed-broadcasts): each version also travels as a delta from the last "
+        "that keeps this fraction of each tensor (none: all)"
+    ),
+    "knobs.broadcast_compression.quantization": (
+        "how the chain's deltas send values: `none`, `float16` or `int8`"
+    ),
+    "knobs.broadcast_compression.error_feedback": (
+        "no effect: the chain always carries what a delta left out (the model minus the view)"
+    ),
     "knobs.compression.error_feedback": "nodes carry what they did not send into the next update",
     "knobs.privacy.noise_multiplier": "DP-SGD noise per clipping norm (sigma)",
     "knobs.privacy.calibrate_versions": "noise that spends the budget in this many versions",
@@ -818,6 +863,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "poisoning": poisoning,
     "stragglers-pneumonia": stragglers_pneumonia,
     "stragglers-heart-disease": stragglers_heart,
+    "stragglers-broadcast": stragglers_broadcast,
     "fold": fold,
     "broadcast": broadcast,
     "swarm": swarm,

@@ -18,6 +18,12 @@ official test split, so one hospital's evaluation of a version is that version's
 heart-disease version counts only once all four hospitals (each with its own test split) have
 evaluated it. ``--quick`` runs heart-disease, synchronous and FedBuff K = 2, one seed, a few
 seconds' budget: CI runs it so the benchmark cannot rot.
+
+``--broadcast-compare`` runs pneumonia FedBuff K = 4 with whole-model broadcasts and with the
+compressed broadcast chain (``--chain-top-k``, ``--chain-quantization``; see
+:mod:`common.broadcast_chain`), alternating, in the same process: the downlink is measured where
+it lands, as the model bytes (manifests, snapshot chunks, deltas) each hospital reports with its
+evaluations, summed over hospitals, to the first version at 85 % and in all.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks._report import number, write_report
-from healthnet.demo import DemoConfig, DemoResult, Mode, run_demo
+from common.messages import Compression, Quantization
+from healthnet.demo import DemoConfig, DemoResult, Mode, TimelinePoint, run_demo
 from healthnet.federations import FEDERATIONS
 
 TARGETS = (0.85, 0.88)
@@ -49,20 +56,23 @@ ORDER = {"sync": 0, "fedbuff": 1, "fedasync": 2}
 class Setting:
     mode: Mode
     k: int
+    # "full": every version to every hospital whole; "chain": compressed deltas between them.
+    broadcast: str = "full"
 
     @property
     def name(self) -> str:
-        return {"sync": "sync FedAvg", "fedasync": "FedAsync"}.get(self.mode, "FedBuff") + (
-            f" K={self.k}"
-        )
+        name = {"sync": "sync FedAvg", "fedasync": "FedAsync"}.get(self.mode, "FedBuff")
+        chain = ", delta chain" if self.broadcast == "chain" else ""
+        return f"{name} K={self.k}{chain}"
 
     @classmethod
     def of(cls, row: Mapping[str, object]) -> Setting:
         """The setting a run's row, or a summary's entry, was measured at."""
         mode = row["mode"]
+        broadcast = str(row.get("broadcast", "full"))
         match mode:
             case "sync" | "fedbuff" | "fedasync":
-                return cls(mode, int(number(row["k"])))
+                return cls(mode, int(number(row["k"])), broadcast)
         raise ValueError(f"a row of mode {mode!r}, which no setting has")
 
 
@@ -82,14 +92,22 @@ def draw_delays(nodes: list[str], seed: int, median: float, sigma: float) -> dic
     return {node: round(float(d), 3) for node, d in zip(nodes, draws, strict=True)}
 
 
+def first_at(result: DemoResult, target: float, min_evaluations: int) -> TimelinePoint | None:
+    """The first version whose accuracy reaches ``target``."""
+    for point in result.timeline:
+        if point.evaluations >= min_evaluations and point.mean_accuracy >= target:
+            return point
+    return None
+
+
 def to_target(
     result: DemoResult, target: float, min_evaluations: int
 ) -> tuple[float | None, int | None]:
     """(seconds after all hospitals were ready, updates folded) to the first version at target."""
-    for point in result.timeline:
-        if point.evaluations >= min_evaluations and point.mean_accuracy >= target:
-            return max(0.0, point.seconds - result.ready_seconds), point.updates_folded
-    return None, None
+    point = first_at(result, target, min_evaluations)
+    if point is None:
+        return None, None
+    return max(0.0, point.seconds - result.ready_seconds), point.updates_folded
 
 
 def run_one(  # noqa: PLR0917 - one call site, each argument named there
@@ -100,6 +118,7 @@ def run_one(  # noqa: PLR0917 - one call site, each argument named there
     budget: float,
     workdir: Path,
     console: Console,
+    chain: Compression | None = None,
 ) -> dict[str, object]:
     sites = len(FEDERATIONS[federation].sites)
     result = run_demo(
@@ -113,6 +132,7 @@ def run_one(  # noqa: PLR0917 - one call site, each argument named there
             budget_seconds=budget,
             timeout=budget + 300,
             workdir=workdir,
+            broadcast_compression=chain if setting.broadcast == "chain" else None,
         ),
         console,
     )
@@ -124,13 +144,20 @@ def run_one(  # noqa: PLR0917 - one call site, each argument named there
         "k": setting.k,
         "seed": seed,
         "budget_seconds": budget,
+        "broadcast": setting.broadcast,
+        "broadcast_compression": (
+            chain.model_dump(mode="json") if chain and setting.broadcast == "chain" else None
+        ),
     }
     for target in ALL_TARGETS:  # every run has every key; null where not reached
         seconds, updates = to_target(result, target, needed)
         label = f"{round(target * 100)}"
         row[f"seconds_to_{label}"] = seconds
         row[f"updates_to_{label}"] = updates
-    downlink = result.blob_bytes * sites * result.versions
+        point = first_at(result, target, needed)
+        row[f"bytes_down_to_{label}"] = None if point is None else point.model_bytes
+    # Measured where it lands: the model bytes each hospital reports with its evaluations.
+    downlink = result.model_bytes
     uplink = result.timeline[-1].update_bytes if result.timeline else 0
     row.update(
         {
@@ -142,6 +169,8 @@ def run_one(  # noqa: PLR0917 - one call site, each argument named there
             "wall_seconds": result.wall_seconds,
             "bytes_up": uplink,
             "bytes_down": downlink,
+            # What whole-model broadcasts would have moved: every version to every hospital.
+            "bytes_down_full_estimate": result.blob_bytes * sites * result.versions,
             "bytes_moved": uplink + downlink,
             "timeline": [
                 {
@@ -150,6 +179,7 @@ def run_one(  # noqa: PLR0917 - one call site, each argument named there
                     "accuracy": p.mean_accuracy,
                     "evaluations": p.evaluations,
                     "updates_folded": p.updates_folded,
+                    "model_bytes": p.model_bytes,
                 }
                 for p in result.timeline
             ],
@@ -184,13 +214,20 @@ def _spread(values: list[float | None]) -> dict[str, object]:
     }
 
 
+def _key(row: Mapping[str, object]) -> tuple[object, ...]:
+    return (row["federation"], row["mode"], row["k"], row.get("broadcast", "full"))
+
+
 def summarise(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
-    keys = sorted({(str(r["federation"]), str(r["mode"]), int(number(r["k"]))) for r in rows},
-                  key=lambda t: (t[0], ORDER[t[1]], t[2]))  # fmt: skip
-    for federation, mode, k in keys:
-        runs = [r for r in rows if (r["federation"], r["mode"], r["k"]) == (federation, mode, k)]
+    keys = sorted({(str(r["federation"]), str(r["mode"]), int(number(r["k"])),
+                    str(r.get("broadcast", "full"))) for r in rows},
+                  key=lambda t: (t[0], ORDER[t[1]], t[2], t[3]))  # fmt: skip
+    for federation, mode, k, broadcast in keys:
+        key = (federation, mode, k, broadcast)
+        runs = [r for r in rows if _key(r) == key]
         entry: dict[str, object] = {"federation": federation, "mode": mode, "k": k,
+                                    "broadcast": broadcast,
                                     "seeds": [r["seed"] for r in runs]}  # fmt: skip
         for target in ALL_TARGETS:
             label = f"{round(target * 100)}"
@@ -200,14 +237,19 @@ def summarise(rows: list[dict[str, object]]) -> list[dict[str, object]]:
             entry[f"updates_to_{label}"] = _spread(
                 [_reached(r[f"updates_to_{label}"]) for r in runs]
             )
+            entry[f"bytes_down_to_{label}"] = _spread(
+                [_reached(r.get(f"bytes_down_to_{label}")) for r in runs]
+            )
         entry["final_accuracy"] = _spread([number(r["final_accuracy"]) for r in runs])
         entry["bytes_moved"] = statistics.median(int(number(r["bytes_moved"])) for r in runs)
+        entry["bytes_down"] = statistics.median(int(number(r["bytes_down"])) for r in runs)
         entry["versions"] = statistics.median(int(number(r["versions"])) for r in runs)
         out.append(entry)
     for federation in {str(e["federation"]) for e in out}:
         label = f"{round((TARGETS if federation == 'pneumonia' else HEART_TARGETS)[0] * 100)}"
         group = [e for e in out if e["federation"] == federation]
         sync = next((e for e in group if e["mode"] == "sync"), None)
+        sync = sync or next((e for e in group if e.get("broadcast") == "full"), None)
         base = None if sync is None else _median(sync[f"seconds_to_{label}"])
         for e in group:
             mine = _median(e[f"seconds_to_{label}"])
@@ -225,6 +267,11 @@ def _fmt(spread: object, unit: str = "s") -> str:
     return f"{s['median']:.0f}{unit}{rng}"
 
 
+def _megabytes(spread: object) -> str:
+    median = _median(spread) if isinstance(spread, dict) else None
+    return "-" if median is None else f"{median / 1e6:.1f}"
+
+
 def render(summary: list[dict[str, object]], console: Console) -> None:
     for federation in sorted({str(e["federation"]) for e in summary}):
         targets = TARGETS if federation == "pneumonia" else HEART_TARGETS
@@ -232,7 +279,7 @@ def render(summary: list[dict[str, object]], console: Console) -> None:
         table = Table(title=f"{federation}: median [min-max] over seeds")
         for column in ("setting", f"s to {a}%", f"updates to {a}%", f"s to {b}%",
                        f"updates to {b}%", "final acc", "versions", "MB moved",
-                       "speedup"):  # fmt: skip
+                       f"MB down to {a}%", "MB down", "speedup"):  # fmt: skip
             table.add_column(column, justify="left" if column == "setting" else "right")
         for e in (e for e in summary if e["federation"] == federation):
             acc = e["final_accuracy"]
@@ -247,6 +294,8 @@ def render(summary: list[dict[str, object]], console: Console) -> None:
                 f"{acc['median']:.3f} [{acc['min']:.3f}-{acc['max']:.3f}]",
                 f"{e['versions']:.0f}",
                 f"{number(e['bytes_moved']) / 1e6:.0f}",
+                _megabytes(e.get(f"bytes_down_to_{a}")),
+                f"{number(e.get('bytes_down', 0)) / 1e6:.1f}",
                 "-" if speed is None else f"{speed:.2f}x",
             )
         Console(width=170).print(table)
@@ -296,10 +345,21 @@ def main() -> None:
     parser.add_argument("--skip-heart", action="store_true")
     parser.add_argument("--plot", type=Path, help="accuracy against wall clock, first seed (PNG)")
     parser.add_argument("--quick", action="store_true", help="a few seconds' smoke run")
+    parser.add_argument("--broadcast-compare", action="store_true",
+                        help="pneumonia FedBuff K=4: whole models, then the chain")  # fmt: skip
+    parser.add_argument("--chain-top-k", type=float, default=0.1,
+                        help="the chain's kept fraction per tensor")  # fmt: skip
+    parser.add_argument("--chain-quantization", choices=[q.value for q in Quantization],
+                        default=Quantization.INT8.value)  # fmt: skip
     args = parser.parse_args()
+    chain = Compression(top_k=args.chain_top_k, quantization=Quantization(args.chain_quantization))
     console = Console(stderr=True)
     plan: list[tuple[str, Setting, float, tuple[float, float]]] = []
-    if args.quick:
+    if args.broadcast_compare:
+        seeds = args.seeds
+        plan += [("pneumonia", Setting("fedbuff", 4, broadcast), args.budget, TARGETS)
+                 for broadcast in ("full", "chain")]  # fmt: skip
+    elif args.quick:
         seeds = args.seeds[:1]
         plan += [("heart-disease", s, 4.0, HEART_TARGETS)
                  for s in (Setting("sync", 4), Setting("fedbuff", 2))]  # fmt: skip
@@ -334,6 +394,7 @@ def main() -> None:
         "targets": {"pneumonia": TARGETS, "heart-disease": HEART_TARGETS},
         "budget_seconds": {"pneumonia": args.budget, "heart-disease": args.heart_budget},
         "command": " ".join(sys.argv),
+        "broadcast_compression": chain.model_dump(mode="json"),
         "runs": rows,
     }
     with tempfile.TemporaryDirectory(prefix="healthnet-stragglers-") as tmp:
@@ -347,8 +408,10 @@ def main() -> None:
                         seed,
                         delays[federation],
                         budget,
-                        Path(tmp) / f"{federation}-{setting.mode}-{setting.k}-{seed}",
+                        Path(tmp) / f"{federation}-{setting.mode}-{setting.k}-"
+                        f"{setting.broadcast}-{seed}",
                         console,
+                        chain,
                     )
                 )
                 summary = summarise(rows)

@@ -40,6 +40,7 @@ __all__ = [
     "Knobs",
     "Manifest",
     "MetricRelease",
+    "ModelDelta",
     "ModelSpec",
     "NodeState",
     "NodeStatus",
@@ -416,6 +417,9 @@ class Knobs(Frozen):
     # model broadcast travels as; both reach the nodes in the manifest.
     compression: Compression = Compression()
     broadcast_dtype: Literal["float32", "float16"] = "float32"
+    # How each version also travels as a delta from its predecessor (common.broadcast_chain):
+    # None sends every version whole, as a snapshot only.
+    broadcast_compression: Compression | None = None
     max_versions: Annotated[int, Field(ge=1)] | None = None
     training: TrainingConfig = TrainingConfig()
     # Record-level differential privacy every node trains under (None: none); in the manifest.
@@ -463,11 +467,38 @@ class Manifest(Frozen):
     # The blob's tensors travel as this dtype; a node trains in float32 from the decoded values.
     broadcast_dtype: Literal["float32", "float16"] = "float32"
     privacy: PrivacyPolicy | None = None
+    # Set: the versions after this one also travel as compressed deltas on ``model/delta``
+    # (common.broadcast_chain), so a node that holds this version need not download the next.
+    broadcast_compression: Compression | None = None
 
     @model_validator(mode="after")
     def _chunks_cover_blob(self) -> Self:
         if self.chunk_count != max(1, math.ceil(self.blob_bytes / self.chunk_size)):
             raise ValueError("chunk_count does not match blob_bytes / chunk_size")
+        return self
+
+
+class ModelDelta(Frozen):
+    """A version as a compressed delta from its predecessor's broadcast weights (the chain link).
+
+    ``manifest`` is the new version's own, as its snapshot announces it: its ``sha256`` is that
+    of the weights a node holds once it adds ``tensors`` to the weights of ``base_version``
+    (whose blob's sha256 is ``base_sha256``) and rounds them to ``manifest.broadcast_dtype``.
+    A node whose weights are not that base cannot use it (see :mod:`common.broadcast_chain`).
+    """
+
+    manifest: Manifest
+    base_version: NonNegative
+    base_sha256: Sha256Hex
+    tensors: tuple[CompressedTensor, ...]
+
+    @model_validator(mode="after")
+    def _links_consecutive_versions(self) -> Self:
+        if self.manifest.version != self.base_version + 1:
+            raise ValueError(
+                f"a delta links consecutive versions: v{self.base_version} to "
+                f"v{self.manifest.version}"
+            )
         return self
 
 
@@ -566,6 +597,9 @@ class Evaluation(Frozen):
     correct: NonNegative
     num_examples: NonNegative
     failure: Annotated[str, Field(max_length=500)] = ""
+    # Bytes of model messages (manifests, snapshot chunks, deltas) the node has received since it
+    # started, when it evaluated this version: the broadcast's cost, as measured where it lands.
+    model_bytes: NonNegative = 0
 
     @model_validator(mode="after")
     def _loss_unless_failed(self) -> Self:
@@ -722,6 +756,7 @@ class VersionRecord(Frozen):
 
 Body = (
     Manifest
+    | ModelDelta
     | Update
     | Ack
     | NodeStatus
@@ -735,6 +770,7 @@ Body = (
 
 class Kind(StrEnum):
     MANIFEST = "manifest"
+    MODEL_DELTA = "model_delta"
     UPDATE = "update"
     ACK = "ack"
     NODE_STATUS = "node_status"
@@ -747,6 +783,7 @@ class Kind(StrEnum):
 
 BODY_TYPES: dict[Kind, type[Body]] = {
     Kind.MANIFEST: Manifest,
+    Kind.MODEL_DELTA: ModelDelta,
     Kind.UPDATE: Update,
     Kind.ACK: Ack,
     Kind.NODE_STATUS: NodeStatus,

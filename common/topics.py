@@ -32,6 +32,7 @@ from common.messages import (
     ControlRequest,
     Evaluation,
     Manifest,
+    ModelDelta,
     NodeStatus,
     Update,
     VersionRecord,
@@ -70,6 +71,7 @@ class Route(StrEnum):
 
     MANIFEST = "model/manifest"
     CHUNK = "model/chunk"
+    DELTA = "model/delta"
     UPDATE = "updates"
     ACK = "acks"
     NODE_STATUS = "nodes/status"
@@ -96,11 +98,16 @@ class Route(StrEnum):
         return _BODY_TYPES[self]
 
 
-_RETAINED = frozenset({Route.MANIFEST, Route.CHUNK, Route.NODE_STATUS, Route.AGGREGATOR_STATUS})
+# The latest delta is retained too: a node that was away for one version catches up from it
+# without downloading the whole model.
+_RETAINED = frozenset(
+    {Route.MANIFEST, Route.CHUNK, Route.DELTA, Route.NODE_STATUS, Route.AGGREGATOR_STATUS}
+)
 _BODY_TYPES: Mapping[Route, type[Body] | type[bytes]] = MappingProxyType(
     {
         Route.MANIFEST: Manifest,
         Route.CHUNK: bytes,  # a slice of the model blob, not an envelope
+        Route.DELTA: ModelDelta,
         Route.UPDATE: Update,
         Route.ACK: Ack,
         Route.NODE_STATUS: NodeStatus,
@@ -157,6 +164,7 @@ ROLE_TOPICS: Mapping[Role, RoleTopics] = MappingProxyType(
             reads=(
                 Use(Route.MANIFEST),
                 Use(Route.CHUNK),
+                Use(Route.DELTA),
                 Use(Route.AGGREGATOR_STATUS),
                 Use(Route.ACK, Scope.OWN),
             ),
@@ -178,6 +186,7 @@ ROLE_TOPICS: Mapping[Role, RoleTopics] = MappingProxyType(
             writes=(
                 Use(Route.MANIFEST),
                 Use(Route.CHUNK),
+                Use(Route.DELTA),
                 Use(Route.ACK),
                 Use(Route.AGGREGATOR_STATUS),
                 Use(Route.VERSIONS),
@@ -252,6 +261,9 @@ class TopicTree:
 
     def manifest(self) -> Topic:
         return Topic(self.federation, Route.MANIFEST)
+
+    def delta(self) -> Topic:
+        return Topic(self.federation, Route.DELTA)
 
     def chunk(self, version: int, index: int) -> Topic:
         if version < 0 or index < 0:
@@ -369,6 +381,7 @@ class TopicTree:
 _FIXED_ROUTES: Mapping[tuple[str, ...], Route] = MappingProxyType(
     {
         ("model", "manifest"): Route.MANIFEST,
+        ("model", "delta"): Route.DELTA,
         ("control", "requests"): Route.CONTROL_REQUEST,
         ("aggregator", "status"): Route.AGGREGATOR_STATUS,
         ("versions",): Route.VERSIONS,

@@ -38,9 +38,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from common.blobs import ModelDownload
+from common.broadcast_chain import ChainFollower, Held
 from common.codec import decode_tensors, encode, envelope, new_id
 from common.compression_policy import effective_policy
-from common.errors import ConfigError, ProtocolError
+from common.errors import BrokerError, CompressionError, ConfigError, ProtocolError
 from common.inbound import Chunk, Decoded, Fault, Inbound, Refusal, Refused, decode_body, receive
 from common.messages import (
     Ack,
@@ -51,6 +52,7 @@ from common.messages import (
     Evaluation,
     Manifest,
     MetricRelease,
+    ModelDelta,
     ModelSpec,
     NodeState,
     NodeStatus,
@@ -63,7 +65,7 @@ from common.messages import (
 )
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
 from common.privacy_policy import delta_error
-from common.topics import Role, Topic, TopicTree
+from common.topics import Role, Route, Topic, TopicTree
 from common.wire_size import describe_wire_size
 from edge_node.datasets import LocalDataset, load_dataset
 from edge_node.outbox import Outbox
@@ -117,6 +119,13 @@ class NodeService:
         self.session = NodeSession(ack_timeout=settings.ack_timeout)
         self._clock = clock
         self._download = ModelDownload(max_blob_bytes=settings.max_model_bytes)
+        # The version held, from snapshots and the delta chain (common.broadcast_chain); the
+        # snapshot chunks are subscribed to only while it wants one.
+        self._chain = ChainFollower()
+        self._chunks_subscribed = False
+        # Bytes of model messages received (manifests, chunks, deltas), reported with each
+        # evaluation: what the broadcast costs this node.
+        self._model_bytes = 0
         self._client: MqttClient | None = None
         self._dataset: LocalDataset | None = None
         self._model: nn.Module | None = None
@@ -170,8 +179,11 @@ class NodeService:
         ):
             self._client = client
             # The table the broker's ACL is generated from: what is subscribed here is readable.
+            # Snapshot chunks only while the node needs one (see _sync_snapshot_subscription).
             for topic_filter in self.topics.subscriptions(Role.HOSPITAL, settings.node_id):
-                client.subscribe(topic_filter)
+                if topic_filter.route is not Route.CHUNK:
+                    client.subscribe(topic_filter)
+            self._sync_snapshot_subscription()
             self._publish_status()
             try:
                 self._serve(client, worker, stop_event)
@@ -258,8 +270,12 @@ class NodeService:
         try:
             match received:
                 case Chunk():
+                    self._model_bytes += len(received.data)
                     self._download.on_chunk(received.version, received.index, received.data)
                     self._take_model()
+                case Inbound(body=Manifest() | ModelDelta()):
+                    self._model_bytes += received.size
+                    self._on_inbound(received.body)
                 case Inbound():
                     self._on_inbound(received.body)
                 case Refusal(reason=Refused.EMPTY):
@@ -276,12 +292,16 @@ class NodeService:
                     assert_never(received)
         except ProtocolError as exc:
             log.warning("node %s: %s", self.settings.node_id, exc)
+        self._sync_snapshot_subscription()
 
     def _on_inbound(self, body: Body) -> None:
         match body:
             case Manifest():
                 self._download.on_manifest(body)
+                self._chain.on_manifest(body)
                 self._take_model()
+            case ModelDelta():
+                self._on_delta(body)
             case AggregatorStatus():
                 self.session.on_status(body.state, body.run_id)
             case Ack():
@@ -303,16 +323,57 @@ class NodeService:
             name: np.asarray(array, dtype=np.float32)
             for name, array in decode_tensors(blob, max_bytes=self.settings.max_model_bytes).items()
         }
+        held = self._chain.on_snapshot(manifest, params)
+        if held is not None:
+            self._hold(held, f"snapshot, {manifest.blob_bytes} bytes")
+
+    def _on_delta(self, delta: ModelDelta) -> None:
+        try:
+            held = self._chain.on_delta(delta)
+        except CompressionError as exc:
+            # Not this node's base (a delta missed), or damaged: the snapshot mends either.
+            log.warning(
+                "node %s: delta to v%d refused (%d so far), taking the snapshot: %s",
+                self.settings.node_id,
+                delta.manifest.version,
+                self._chain.refused,
+                exc,
+            )
+            return
+        if held is not None:
+            self._hold(held, "delta")
+
+    def _hold(self, held: Held, source: str) -> None:
+        """Work on the version the node now holds, from a snapshot or the delta chain."""
+        manifest = held.manifest
         self._ensure_model(manifest.model)
-        self.session.on_model(manifest, params)
+        self.session.on_model(manifest, held.view)
         self._gate_training(manifest)
         log.info(
-            "node %s: model v%d of run %s ready (%d bytes)",
+            "node %s: model v%d of run %s ready (%s)",
             self.settings.node_id,
             manifest.version,
             manifest.run_id,
-            manifest.blob_bytes,
+            source,
         )
+
+    def _sync_snapshot_subscription(self) -> None:
+        """Subscribe to the snapshot chunks while the chain wants a snapshot, and only then: a
+        node that follows every delta never downloads the whole model again."""
+        want = self._chain.wants_snapshot
+        client = self._client
+        if client is None or want == self._chunks_subscribed:
+            return
+        chunks = self.topics.all_chunks()
+        try:
+            if want:
+                client.subscribe(chunks)  # the broker sends the retained snapshot at once
+            else:
+                client.unsubscribe(chunks)
+        except BrokerError as exc:
+            # The subscription is remembered and renewed on the next connect.
+            log.warning("node %s: snapshot subscription: %s", self.settings.node_id, exc)
+        self._chunks_subscribed = want
 
     def _privacy(self, manifest: Manifest) -> PrivacyPolicy | None:
         return node_policy(manifest.privacy, self.settings.privacy)
@@ -591,6 +652,7 @@ class NodeService:
 
     def _send_evaluation(self, job: Job, evaluation: Evaluation) -> None:
         policy = self._privacy(job.manifest)
+        evaluation = evaluation.model_copy(update={"model_bytes": self._model_bytes})
         released = evaluation if policy is None else release_evaluation(evaluation, policy.metrics)
         if released is not None:
             self._send(self.topics.node_eval(self.settings.node_id), released)

@@ -41,6 +41,7 @@ from common.messages import (
     Evaluation,
     Knobs,
     Manifest,
+    ModelDelta,
     NodeStatus,
     PrivacyPolicy,
     PrivacySpend,
@@ -100,6 +101,9 @@ class DemoConfig:
     compression: Compression | None = None
     """How hospitals compress their deltas; None: the federation's."""
     broadcast_dtype: Literal["float32", "float16"] | None = None
+    broadcast_compression: Compression | None = None
+    """Each version also as a compressed delta from the last (common.broadcast_chain); None:
+    the federation's (off)."""
     budget_seconds: float | None = None
     """Stop the run (gracefully, like a target) this many seconds after every hospital was ready
     (had evaluated v0), so that process start-up does not eat into it."""
@@ -125,6 +129,9 @@ class TimelinePoint:
     """Updates folded into this version and all before it."""
     update_bytes: int
     """Wire bytes of those updates."""
+    model_bytes: int = 0
+    """Model bytes the hospitals had received (manifests, snapshot chunks, deltas) by their
+    latest evaluation of this version or an earlier one, summed over hospitals."""
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -158,6 +165,8 @@ class DemoResult:
     """When every hospital had evaluated v0 (all processes up), since the demo started them."""
     blob_bytes: int = 0
     """Size of one broadcast model blob (the last manifest seen)."""
+    model_bytes: int = 0
+    """Model bytes the hospitals received in all, as their last evaluations reported."""
     epsilon: dict[str, float] = field(default_factory=dict)
     """Under differential privacy: each hospital's privacy loss at the end, as it reported it."""
     epsilon_budget: dict[str, float] = field(default_factory=dict)
@@ -182,6 +191,7 @@ class DemoResult:
             "timeline": [point.to_json() for point in self.timeline],
             "ready_seconds": self.ready_seconds,
             "blob_bytes": self.blob_bytes,
+            "model_bytes": self.model_bytes,
             "epsilon": self.epsilon,
             "epsilon_budget": self.epsilon_budget,
         }
@@ -200,6 +210,7 @@ def aggregator_settings(
     seed: int = 0,
     compression: Compression | None = None,
     broadcast_dtype: Literal["float32", "float16"] | None = None,
+    broadcast_compression: Compression | None = None,
     status_interval: float = 1.0,
     privacy: PrivacyPolicy | None = None,
     training: TrainingConfig | None = None,
@@ -220,6 +231,7 @@ def aggregator_settings(
             "max_versions": max_versions,
             "compression": compression or knobs.compression,
             "broadcast_dtype": broadcast_dtype or knobs.broadcast_dtype,
+            "broadcast_compression": broadcast_compression or knobs.broadcast_compression,
             "privacy": privacy or knobs.privacy,
             "training": training or knobs.training,
         }
@@ -388,6 +400,7 @@ def _run(
                 seed=config.seed,
                 compression=config.compression,
                 broadcast_dtype=config.broadcast_dtype,
+                broadcast_compression=config.broadcast_compression,
                 privacy=config.privacy,
                 training=config.training,
             ),
@@ -545,7 +558,7 @@ class _Watch:
                 inbound.topic.node == inbound.sender
             ):
                 self.ledgers[inbound.sender] = ledger
-            case Update() | Ack() | NodeStatus() | ControlRequest() | ControlReply():
+            case Update() | Ack() | NodeStatus() | ControlRequest() | ControlReply() | ModelDelta():
                 pass
             case _:
                 assert_never(body)
@@ -563,12 +576,15 @@ class _Watch:
     def timeline(self) -> tuple[TimelinePoint, ...]:
         points: list[TimelinePoint] = []
         folded = wire = 0
+        received: dict[str, int] = {}  # node -> model bytes by its latest evaluation so far
         for version in sorted(set(self.records) | set(self.evals) | {0}):
             record = self.records.get(version)
             if record is not None:
                 folded += len(record.contributions)
                 wire += sum(c.bytes for c in record.contributions)
             evals = self.evals.get(version, {})
+            for node, evaluation in evals.items():
+                received[node] = max(received.get(node, 0), evaluation.model_bytes)
             if not evals or version not in self.seen_at:
                 continue
             points.append(
@@ -579,6 +595,7 @@ class _Watch:
                     evaluations=len(evals),
                     updates_folded=folded,
                     update_bytes=wire,
+                    model_bytes=sum(received.values()),
                 )
             )
         return tuple(points)
@@ -633,8 +650,17 @@ class _Watch:
             timeline=self.timeline(),
             ready_seconds=self.ready_seconds,
             blob_bytes=self.blob_bytes,
+            model_bytes=self.model_bytes(),
             **self.privacy(status),
         )
+
+    def model_bytes(self) -> int:
+        """Model bytes the hospitals received, each as its last evaluation reported."""
+        last: dict[str, int] = {}
+        for evals in self.evals.values():
+            for node, evaluation in evals.items():
+                last[node] = max(last.get(node, 0), evaluation.model_bytes)
+        return sum(last.values())
 
     def privacy(self, status: AggregatorStatus) -> dict[str, dict[str, float]]:
         """Each hospital's epsilon and budget at the end: its own last status's ledger, which

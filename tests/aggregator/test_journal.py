@@ -15,12 +15,15 @@ from aggregator.core import AggregatorCore, Discard, Fold
 from aggregator.journal import Journal
 from aggregator.store import StateStore
 from aggregator.update_log import UpdateEvent, read_update_log, update_fates
-from common.codec import encode, encode_tensors, envelope, sha256_hex
+from common.broadcast_chain import ChainFollower
+from common.codec import decode_tensors, encode, encode_tensors, envelope, sha256_hex
 from common.compression import dense_tensor
 from common.errors import ControlError, HealthNetError
 from common.messages import (
     AggregatorState,
+    Compression,
     Knobs,
+    ModelDelta,
     ModelSpec,
     NormPolicy,
     RejectReason,
@@ -39,11 +42,11 @@ class Crash(Exception):
     """Stands for the process dying at this point: nothing after it runs."""
 
 
-def fresh() -> AggregatorCore:
+def fresh(knobs: Knobs | None = None) -> AggregatorCore:
     return AggregatorCore(
         run_id="run-1",
         params=PARAMS,
-        knobs=Knobs(buffer_size=2),
+        knobs=knobs or Knobs(buffer_size=2),
         state=AggregatorState.RUNNING,
     )
 
@@ -65,11 +68,15 @@ def update(update_id: str, base_version: int, value: float) -> tuple[Update, byt
 class Aggregator:
     """What the service does with the journal, without MQTT: receive, record, fold, commit."""
 
-    def __init__(self, directory: Path, checkpoint_every: int = 1) -> None:
+    def __init__(
+        self, directory: Path, checkpoint_every: int = 1, knobs: Knobs | None = None
+    ) -> None:
         self.journal = Journal(
             directory, model=MODEL, checkpoint_every=checkpoint_every, clock=lambda: 5.0
         )
-        self.core, _, self.refolded = self.journal.resume(fresh, max_bytes=MAX_BYTES)
+        self.core, _, self.refolded = self.journal.resume(lambda: fresh(knobs), max_bytes=MAX_BYTES)
+        # Each version's delta, as the service would publish it (None: a snapshot only).
+        self.deltas: list[ModelDelta | None] = []
         self.fold_due()
 
     def receive(self, update_id: str) -> None:
@@ -82,7 +89,9 @@ class Aggregator:
         while self.core.fold_due(2.0):
             fold = self.core.fold(2.0)
             assert isinstance(fold, Fold)
-            self.journal.commit_fold(self.core, fold, encode_tensors(fold.params))
+            broadcast = self.core.broadcast(model=MODEL, chunk_size=1 << 20, now=2.0)
+            self.deltas.append(broadcast.delta)
+            self.journal.commit_fold(self.core, fold, broadcast.blob)
 
     def close(self) -> None:
         self.journal.close()
@@ -181,6 +190,43 @@ def test_versions_between_checkpoints_are_made_again_after_a_crash(tmp_path: Pat
     counters = second.core.counters()
     assert (counters.accepted, counters.folded) == (10, 10)
     assert StateStore(tmp_path).wal_entries() == []  # recovery checkpointed v5
+    second.close()
+
+
+@pytest.mark.parametrize("checkpoint_every", [1, 3], ids=["checkpointed-view", "refolded-view"])
+def test_the_broadcast_chain_goes_on_from_the_same_view_after_a_crash(
+    tmp_path: Path, checkpoint_every: int
+) -> None:
+    """With deltas on, a restart (from a checkpoint that keeps the view, or folding v4 and v5
+    again from the WAL) continues the chain: v6's delta starts from the digest of v5 as it was
+    broadcast before the crash, and a node that followed every delta takes it."""
+    knobs = Knobs(buffer_size=2, broadcast_compression=Compression(top_k=0.5))
+    first = Aggregator(tmp_path, checkpoint_every=checkpoint_every, knobs=knobs)
+    v0 = first.core.broadcast(model=MODEL, chunk_size=1 << 20, now=0.0)
+    follower = ChainFollower()
+    follower.on_snapshot(v0.manifest, decode_tensors(v0.blob))
+    for update_id in "abcdefghij":
+        first.receive(update_id)
+    for delta in first.deltas:
+        assert delta is not None
+        assert follower.on_delta(delta) is not None
+    first.close()  # a kill at v5
+    second = Aggregator(tmp_path, checkpoint_every=checkpoint_every, knobs=knobs)
+    assert (second.core.version, second.refolded) == (5, 0 if checkpoint_every == 1 else 2)
+    assert second.core.broadcast_view is not None
+    for name, value in first.core.broadcast_view.items():  # type: ignore[union-attr]
+        assert second.core.broadcast_view[name].tobytes() == value.tobytes()
+    for update_id in ("k", "l"):
+        body, payload = update(update_id, 5, 0.02)
+        verdict = second.core.receive("n1", "n1", body, len(payload), 1.0)
+        second.journal.record_update(second.core, "n1", body, verdict, payload)
+        second.fold_due()
+    (v6,) = second.deltas
+    assert v6 is not None
+    held = follower.on_delta(v6)
+    assert held is not None
+    assert held.manifest.version == 6
+    assert follower.refused == 0
     second.close()
 
 

@@ -44,6 +44,7 @@ from common.messages import (
     Kind,
     Knobs,
     Manifest,
+    ModelDelta,
     ModelSpec,
     NodeState,
     NodeStatus,
@@ -89,8 +90,16 @@ UPDATE = Update(
     delta=(dense_tensor("w", np.arange(6, dtype=np.float32).reshape(2, 3)),),
 )
 
+DELTA = ModelDelta(
+    manifest=MANIFEST.model_copy(update={"version": 4}),
+    base_version=3,
+    base_sha256=SHA,
+    tensors=(dense_tensor("w", np.full((2, 3), 0.5, dtype=np.float32)),),
+)
+
 BODIES = [
     pytest.param(MANIFEST, id="manifest"),
+    pytest.param(DELTA, id="model-delta"),
     pytest.param(UPDATE, id="update"),
     pytest.param(
         Ack(update_id="u-1", accepted=False, reason=RejectReason.STALE, current_version=9),

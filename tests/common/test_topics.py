@@ -22,6 +22,7 @@ identifiers = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", fullmatch=True)
 ROUTES = [
     pytest.param(lambda t: t.manifest(), f"{PREFIX}/model/manifest", id="manifest"),
     pytest.param(lambda t: t.chunk(12, 3), f"{PREFIX}/model/v12/chunk/3", id="chunk"),
+    pytest.param(lambda t: t.delta(), f"{PREFIX}/model/delta", id="delta"),
     pytest.param(lambda t: t.update("hosp-a"), f"{PREFIX}/updates/hosp-a", id="update"),
     pytest.param(lambda t: t.ack("hosp-a"), f"{PREFIX}/acks/hosp-a", id="ack"),
     pytest.param(lambda t: t.node_status("hosp-a"), f"{PREFIX}/nodes/hosp-a/status", id="status"),
@@ -50,12 +51,13 @@ def test_the_route_table_covers_every_route() -> None:
     assert routes == set(Route)
 
 
-RETAINED = {Route.MANIFEST, Route.CHUNK, Route.NODE_STATUS, Route.AGGREGATOR_STATUS}
+RETAINED = {Route.MANIFEST, Route.CHUNK, Route.DELTA, Route.NODE_STATUS, Route.AGGREGATOR_STATUS}
 
 
 @pytest.mark.parametrize("route", list(Route), ids=[r.name.lower() for r in Route])
 def test_every_route_is_qos_1_and_only_state_routes_are_retained(route: Route) -> None:
-    """All routes use QoS 1; manifest, chunks and statuses are retained, events are not."""
+    """All routes use QoS 1; manifest, chunks, the latest delta and statuses are retained,
+    events are not."""
     topic = Topic(FED, route, node="n", version=1, chunk=0, request_id="r")
     assert (topic.qos, route.qos) == (1, 1)
     assert topic.retain is route.retain is (route in RETAINED)

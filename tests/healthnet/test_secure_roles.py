@@ -47,6 +47,7 @@ def writer(route: Route) -> Role:
 EXAMPLES: dict[Route, Callable[[TopicTree], Topic]] = {
     Route.MANIFEST: TopicTree.manifest,
     Route.CHUNK: lambda tree: tree.chunk(1, 0),
+    Route.DELTA: TopicTree.delta,
     Route.UPDATE: lambda tree: tree.update(HOSPITAL),
     Route.ACK: lambda tree: tree.ack(HOSPITAL),
     Route.NODE_STATUS: lambda tree: tree.node_status(HOSPITAL),
