@@ -64,6 +64,8 @@ usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({{"cpu": usage.ru_utime + usage.ru_stime, "wall": time.perf_counter() - started,
     "loaded": sorted(m for m in ("torch", "opacus", "scipy", "numba") if m in sys.modules)}}))
 """
+# The aggregator and the hospitals (the broker besides).
+PROCESSES = {"heart-disease": 5, "pneumonia": 9}
 FEDERATIONS = {"heart-disease": ["--federation", "heart-disease"],
                "pneumonia": ["--federation", "pneumonia", "--nodes", "8"]}  # fmt: skip
 
@@ -118,9 +120,9 @@ def _median(rows: list[dict[str, object]], key: str) -> float:
 Samples = dict[str, dict[str, list[dict[str, object]]]]
 
 
-def _measure(trees: dict[str, Path], runs: int, launches: int, console: Console) -> tuple[
-    Samples, Samples
-]:  # fmt: skip
+def _measure(
+    trees: dict[str, Path], runs: int, launches: int, federations: list[str], console: Console
+) -> tuple[Samples, Samples]:
     """Each tree's import samples per role and launch samples per federation, alternating."""
     imports: Samples = {t: {} for t in trees}
     for _ in range(runs):
@@ -130,7 +132,7 @@ def _measure(trees: dict[str, Path], runs: int, launches: int, console: Console)
                 imports[tree].setdefault(role, []).append(measure_imports(root, code))
     launched: Samples = {t: {} for t in trees}
     for _ in range(launches):
-        for federation in FEDERATIONS:
+        for federation in federations:
             for tree, root in trees.items():
                 console.print(f"launch: {federation} ({tree}) ...")
                 launched[tree].setdefault(federation, []).append(measure_launch(root, federation))
@@ -166,6 +168,13 @@ def main() -> None:
     parser.add_argument("--launches", type=int, default=1, help="demo launches per federation")
     parser.add_argument("--baseline-root", type=Path, help="a checkout to measure alongside")
     parser.add_argument("--baseline-revision", help="the revision that checkout is of")
+    parser.add_argument(
+        "--federations",
+        nargs="+",
+        choices=list(FEDERATIONS),
+        default=list(FEDERATIONS),
+        help="demos to launch (default: %(default)s)",
+    )
     parser.add_argument("--quick", action="store_true", help="imports only, one run each")
     args = parser.parse_args()
     console = Console(stderr=True)
@@ -175,7 +184,7 @@ def main() -> None:
     runs = 1 if args.quick else args.runs
     launches = 0 if args.quick else args.launches
     load_before = list(os.getloadavg())
-    imports, launched = _measure(trees, runs, launches, console)
+    imports, launched = _measure(trees, runs, launches, args.federations, console)
     rows: list[dict[str, object]] = [
         {
             "tree": tree,
@@ -192,7 +201,7 @@ def main() -> None:
         {
             "tree": tree,
             "federation": federation,
-            "processes": 1 + (9 if federation == "pneumonia" else 5),
+            "processes": PROCESSES[federation],
             "ready_seconds": _median(samples, "ready_seconds"),
             "first_version_seconds": _median(samples, "first_version_seconds"),
             "command_seconds": _median(samples, "command_seconds"),
