@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from aggregator.fold import BLOCK, fold, fold_block, sum_of_squares
-from common.compression import DecodedTensor, all_finite
+from aggregator.fold import BLOCK, fold, fold_blocks, step_block, sum_of_squares
+from common.compression import DecodedTensor
 from common.messages import AggregationRule, ServerOptimizerKind, StalenessKind
 
 __all__ = [
@@ -182,7 +182,6 @@ def fold_step(
     new_version = _output(shapes, out)
     if any(np.may_share_memory(new_version[name], x) for name, x in params.items()):
         raise ValueError("out shares memory with params: a fold never writes over a version")
-    scale = np.float32(lr)
     largest = max((math.prod(x.shape) for x in params.values()), default=0)
     scratch = np.empty(min(largest, BLOCK), dtype=np.float32)
     squares: list[float] = []
@@ -190,18 +189,15 @@ def fold_step(
     for name, x in params.items():
         new = new_version[name]
         flat, old = new.reshape(-1), np.asarray(x, dtype=np.float32).reshape(-1)
+        tensors = [delta[name] for delta in deltas]
         tensor_squares = 0.0  # summed as sum_of_squares sums a tensor's blocks
         for start in range(0, flat.size, BLOCK):
             block = flat[start : start + BLOCK]
             # Overflow is not an error here: it is reported, and the caller refuses the batch.
             with np.errstate(over="ignore", invalid="ignore"):
-                for i, (delta, c) in enumerate(zip(deltas, coefficients, strict=True)):
-                    fold_block(delta[name], block, c, start, replace=i == 0, scratch=scratch)
+                fold_blocks(tensors, block, coefficients, start, scratch=scratch)
                 tensor_squares += sum_of_squares(block)
-                if lr != 1.0:
-                    np.multiply(block, scale, out=block)
-                np.add(block, old[start : start + BLOCK], out=block)
-                finite = finite and all_finite(block)
+                finite = step_block(block, old[start : start + BLOCK], lr) and finite
         squares.append(tensor_squares)
     return new_version, math.sqrt(math.fsum(squares)), finite
 

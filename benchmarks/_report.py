@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CLOCKS", "best_of", "machine", "number", "write_report"]
+__all__ = ["CLOCKS", "best_of", "machine", "number", "rounds_of", "write_report"]
 
 
 def machine() -> dict[str, object]:
@@ -80,3 +80,31 @@ def best_of(
             for clock, read in CLOCKS.items():
                 best[clock][i] = min(best[clock][i], read() - starts[clock])
     return best
+
+
+def rounds_of(
+    repeats: int,
+    *actions: Callable[[], None],
+    setup: Callable[[], None] | None = None,
+    warmup: int = 0,
+) -> dict[str, list[list[float]]]:
+    """Per clock, each round's time of each action (``[round][action]``), over ``repeats``
+    rounds in which the actions alternate, after ``warmup`` untimed rounds.
+
+    ``setup`` runs untimed before each round. A ratio of two actions taken round by round
+    compares them under the same load, which a shared machine changes from second to second.
+    """
+    times: dict[str, list[list[float]]] = {clock: [] for clock in CLOCKS}
+    for round_ in range(warmup + repeats):
+        if setup is not None:
+            setup()
+        spent = {clock: [0.0] * len(actions) for clock in CLOCKS}
+        for i, action in enumerate(actions):
+            starts = {clock: read() for clock, read in CLOCKS.items()}
+            action()
+            for clock, read in CLOCKS.items():
+                spent[clock][i] = read() - starts[clock]
+        if round_ >= warmup:
+            for clock in CLOCKS:
+                times[clock].append(spent[clock])
+    return times

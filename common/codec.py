@@ -63,6 +63,7 @@ OUT_OF_LINE_BYTES = 64 * 1024
 _OUT_OF_LINE_EXT = 1
 _LENGTH = struct.Struct("<Q")
 OUT_OF_LINE_ALIGN = 64
+_ZEROS = bytes(OUT_OF_LINE_ALIGN)
 # The document itself is small (a body's fields and the tensors' metadata): read it this much at a
 # time, so that only about this much of a large message is ever copied.
 _READ_SIZE = 64 * 1024
@@ -282,7 +283,7 @@ def _place_out_of_line(data: bytes, end: int, references: list[_OutOfLine]) -> N
     position = end
     for reference in references:
         padding = -position % OUT_OF_LINE_ALIGN
-        if any(view[position : position + padding]):
+        if view[position : position + padding] != _ZEROS[:padding]:
             raise DecodeError(f"non-zero padding before out-of-line byte string at {position}")
         position += padding
         reference.view = view[position : position + reference.length]
@@ -293,11 +294,20 @@ def _resolve(obj: object) -> object:
     """``obj`` with every reference replaced by its view of the message."""
     if isinstance(obj, _OutOfLine):
         return obj.view
+    # Only containers are descended into: a tensor's metadata is mostly numbers and strings,
+    # and a call for each of them cost more than the rest of decoding a large update.
     if isinstance(obj, dict):
-        return {key: _resolve(value) for key, value in obj.items()}
+        return {
+            key: _resolve(value) if type(value) in _RESOLVED else value
+            for key, value in obj.items()
+        }
     if isinstance(obj, list):
-        return [_resolve(value) for value in obj]
+        return [_resolve(value) if type(value) in _RESOLVED else value for value in obj]
     return obj
+
+
+# What msgpack decodes that may hold a reference, or be one.
+_RESOLVED = frozenset({dict, list, _OutOfLine})
 
 
 def _pack(obj: object) -> bytes:

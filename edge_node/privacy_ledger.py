@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
-from opacus.accountants import RDPAccountant
 from pydantic import Field, ValidationError
 
 from common.errors import ConfigError
@@ -101,6 +100,10 @@ def history_epsilon(charges: Sequence[Charge], delta: float) -> float:
 def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     if not history:
         return 0.0
+    # Imported here, not with the module: opacus (with scipy) costs a node about 2 s of CPU at
+    # start-up, and only a node that trains under a privacy policy ever has a history to count.
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = list(history)
     with warnings.catch_warnings():

@@ -7,10 +7,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.fold import accumulate, fold, fold_block, squared_norm
+from aggregator.fold import (
+    COMPILED_MIN,
+    accumulate,
+    fold,
+    fold_block,
+    fold_blocks,
+    squared_norm,
+    step_block,
+)
 from common.compression import compress, decode_tensor
 from common.messages import CompressedTensor, Compression, Quantization
 from tests.common.test_compression import (
@@ -89,6 +97,79 @@ def test_folding_block_by_block_equals_folding_the_whole_tensor(
     fold_block(decoded, blocks[:middle], -0.75, 0, replace=replace)
     fold_block(decoded, blocks[middle:], -0.75, middle, replace=replace)
     np.testing.assert_array_equal(blocks, whole)
+
+
+# A tensor of two compiled blocks and a short one; each delta of a buffer under one of these.
+COMPILED_SIZE = 2 * COMPILED_MIN + 3
+BUFFER_POLICIES = [Compression(), Compression(), FP16, Compression(), Compression(), Compression(),
+                   Compression(), INT8, Compression(top_k=0.3), Compression()]  # fmt: skip
+
+
+# No deadline: the first example compiles the loops (seconds), the others take milliseconds.
+@settings(deadline=None, max_examples=30)
+@given(
+    count=st.integers(1, len(BUFFER_POLICIES)),
+    seed=st.integers(0, 2**32 - 1),
+    ones=st.sets(st.integers(0, len(BUFFER_POLICIES) - 1)),
+)
+def test_fold_blocks_equals_folding_each_tensor_in_turn_bit_for_bit(
+    count: int, seed: int, ones: set[int]
+) -> None:
+    """Runs of dense float32 tensors, compiled into one pass, sum as fold_block does them one
+    after the other (the first replacing), around the other settings and at weight 1."""
+    rng = np.random.default_rng(seed)
+    decoded = []
+    for policy in BUFFER_POLICIES[:count]:
+        vector = rng.standard_normal(COMPILED_SIZE).astype(np.float32)
+        (tensor,) = compress({"v": vector}, policy).tensors
+        decoded.append(decode_tensor(tensor, vector.shape))
+    weights = [1.0 if i in ones else float(w) for i, w in enumerate(rng.normal(size=count))]
+    for start, stop in ((0, COMPILED_MIN), (COMPILED_MIN, 2 * COMPILED_MIN),
+                        (2 * COMPILED_MIN, COMPILED_SIZE), (0, COMPILED_SIZE)):  # fmt: skip
+        got = np.full(stop - start, np.nan, np.float32)
+        fold_blocks(decoded, got, weights, start)
+        expected = np.full(stop - start, np.nan, np.float32)
+        for i, (d, w) in enumerate(zip(decoded, weights, strict=True)):
+            fold_block(d, expected, w, start, replace=i == 0)
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("size", [5, COMPILED_SIZE])
+@pytest.mark.parametrize("lr", [1.0, 0.3, -2.0])
+def test_step_block_is_numpys_product_and_sum(size: int, lr: float) -> None:
+    """step_block writes old + lr * block as numpy's float32 multiply and add do, compiled or
+    not, and says that the result is finite."""
+    rng = np.random.default_rng(5)
+    block, old = rng.standard_normal((2, size)).astype(np.float32)
+    expected = block.copy()
+    if lr != 1.0:
+        np.multiply(expected, np.float32(lr), out=expected)
+    np.add(expected, old, out=expected)
+    assert step_block(block, old, lr)
+    np.testing.assert_array_equal(block.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("size", [5, COMPILED_SIZE])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, "overflow"])
+def test_step_block_says_when_a_new_weight_is_not_finite(size: int, bad: float | str) -> None:
+    """An infinity, a NaN, or a sum of finite values past float32's range, anywhere."""
+    for where in (0, size // 2, size - 1):
+        block, old = np.ones(size, np.float32), np.ones(size, np.float32)
+        if bad == "overflow":
+            block[where] = old[where] = np.float32(3e38)
+        else:
+            block[where] = bad
+        with np.errstate(over="ignore", invalid="ignore"):
+            assert not step_block(block, old, 1.0)
+
+
+def test_fold_blocks_refuses_a_block_outside_a_tensor_of_the_run() -> None:
+    (tensor,) = compress({"v": np.ones(COMPILED_MIN, np.float32)}, Compression()).tensors
+    decoded = decode_tensor(tensor, (COMPILED_MIN,))
+    with pytest.raises(ValueError, match="outside"):
+        fold_blocks([decoded, decoded], np.zeros(COMPILED_MIN, np.float32), [1.0, 1.0], 1)
+    with pytest.raises(ValueError, match="one weight per tensor"):
+        fold_blocks([decoded], np.zeros(COMPILED_MIN, np.float32), [1.0, 2.0], 0)
 
 
 def test_a_block_outside_the_tensor_is_refused() -> None:

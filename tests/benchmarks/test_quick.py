@@ -61,6 +61,19 @@ def test_fold_quick_measures_every_setting(tmp_path: Path) -> None:
         assert row["ratio_to_numpy_add"] > 0
 
 
+def test_startup_quick_measures_every_role(tmp_path: Path) -> None:
+    """startup --quick times each role's imports in a fresh interpreter and says what it
+    loaded: torch for a node and for the aggregator's first publish, never opacus for a node."""
+    report = run_quick("startup", tmp_path)
+    rows = {row["role"]: row for row in report["imports"]}  # type: ignore[attr-defined]
+    assert set(rows) == {"cli", "aggregator", "aggregator to first publish", "node"}
+    for row in rows.values():
+        assert row["cpu_seconds"] > 0
+    assert "torch" not in rows["aggregator"]["loaded"]
+    assert "opacus" not in rows["node"]["loaded"]
+    assert "torch" in rows["node"]["loaded"]
+
+
 def test_broadcast_quick_times_every_node(tmp_path: Path) -> None:
     """broadcast --quick times each version from creation to the median and the worst node."""
     report = run_quick("broadcast", tmp_path)
