@@ -23,11 +23,17 @@ and what the node's last status put in the aggregator's tallies), with each hosp
 (:attr:`~common.messages.Contribution.epsilon` in the run's version records): the privacy loss the
 final model was made at. The two differ by an update trained and charged after the last fold.
 
-``train_seconds_ratio`` is one update's DP training time over the same update's training without
-DP, each hospital's update trained in this process by the node's own training functions from the
-initial model (process CPU time, best of alternating repeats, one torch thread as the nodes use):
-the runs' updates carry their training time only to the aggregator, and eight nodes sharing a
-machine's cores make in-run times mostly a measure of the sharing. ``--quick`` runs two heart
+Under DP each hospital trains as its federation's ``dp_training`` says (pneumonia: SGD at learning
+rate 1 where the no-DP run uses Adam; heart disease: as without DP), clipping at ``--max-grad-norm``
+(1 unless told); each row records its training.
+
+``train_seconds_ratio`` is one update's DP training time over the no-DP run's update (the
+federation's own training), ``train_seconds_ratio_same_training`` over the DP training run
+without DP: the cost of DP-SGD alone. Each hospital's update is trained in this process by the
+node's own training functions from the initial model (process CPU time, best of alternating
+repeats, one torch thread as the nodes use): the runs' updates carry their training time only to
+the aggregator, and eight nodes sharing a machine's cores make in-run times mostly a measure of
+the sharing. ``--quick`` runs two heart
 hospitals for three versions without DP and at epsilon 3 (tests/benchmarks/test_quick.py runs it
 so that the benchmark cannot rot); its figures mean nothing. ``--plot`` draws accuracy against
 epsilon for both federations (docs/privacy.png).
@@ -58,28 +64,6 @@ from healthnet.demo import DemoConfig, first_sites, run_demo
 from healthnet.federations import FEDERATIONS, Federation
 
 DELTAS = {"heart-disease": 1e-3, "pneumonia": 1e-5}
-
-
-@dataclass(frozen=True, slots=True)
-class DpTraining:
-    """How a federation's hospitals train under DP: the clipping norm C, and the training
-    (None: the federation's own, as without DP)."""
-
-    max_grad_norm: float
-    training: TrainingConfig | None = None
-
-
-# Chosen in docs/privacy.md ("Training under DP"). Heart disease keeps its no-DP training.
-# Pneumonia: Adam, the no-DP choice, turns DP noise into a step of full size in every weight (its
-# per-weight normalisation), and the CNN collapses onto the majority class; plain SGD lets the
-# clipped gradients' mean outweigh the noise.
-DP_TRAINING: dict[str, DpTraining] = {
-    "heart-disease": DpTraining(max_grad_norm=1.0),
-    "pneumonia": DpTraining(
-        max_grad_norm=1.0,
-        training=TrainingConfig(epochs=1, batch_size=32, learning_rate=1.0, optimizer="sgd"),
-    ),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,9 +289,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--json", type=Path, required=True, help="write the results here")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--max-grad-norm", type=float, help="DP-SGD clipping norm C (default: each federation's)"
-    )
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD clipping norm C")
     parser.add_argument("--repeats", type=int, default=5, help="training time repeats")
     parser.add_argument("--plot", type=Path, help="accuracy against epsilon (PNG)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
@@ -329,10 +311,8 @@ def main() -> None:
             federation = first_sites(FEDERATIONS[name], nodes, None)
             versions = 3 if args.quick else federation.demo_versions
             mine = [s for s in settings if s.federation == name]
-            dp = DP_TRAINING[name]
-            clip = dp.max_grad_norm if args.max_grad_norm is None else args.max_grad_norm
-            dp_training = dp.training or federation.knobs.training
-            policies = {s: policy_of(s, versions, clip) for s in mine}
+            dp_training = federation.dp_training or federation.knobs.training
+            policies = {s: policy_of(s, versions, args.max_grad_norm) for s in mine}
             private = [s for s in mine if policies[s] is not None]
             console.rule(f"{name}: one update's training time, {repeats} repeats")
             plain, same, timed, noise = train_timings(
@@ -358,7 +338,7 @@ def main() -> None:
                 row = run_setting(
                     setting,
                     policy,
-                    None if policy is None else dp.training,
+                    None if policy is None else federation.dp_training,
                     versions=versions,
                     nodes=nodes,
                     seed=args.seed,
