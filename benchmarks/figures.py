@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import typing
@@ -391,6 +392,14 @@ def privacy(root: Path) -> str:
         "Training time per update: without DP, the mean over the hospitals of one update's process "
         "CPU time; with DP, DP-SGD's time over that."
     )
+    rerun = src.data.get("rerun")
+    if rerun:
+        # Rows measured again by a later run and merged in: say which, and under what load.
+        load = rerun["machine"].get("load_average") or [math.nan]
+        note += (
+            f" Rerun later and merged in: {', '.join(rerun['settings'])} (load average "
+            f"{load[0]:.1f} when written; `rerun` in the JSON records their revision)."
+        )
     text = block(header, rows, provenance([src], note))
     if (root / PRIVACY_PLOT).is_file():
         plot = Path(PRIVACY_PLOT).name

@@ -76,7 +76,9 @@ PNEUMONIA = Federation(
     # weight, and the CNN collapses onto the majority class (0.625 at epsilon 3 and 8); plain SGD
     # lets the mean of the clipped gradients outweigh the noise (docs/privacy.md, "Training
     # under DP").
-    dp_training=TrainingConfig(epochs=1, batch_size=32, learning_rate=1.0, optimizer="sgd"),
+    dp_training=TrainingConfig(
+        epochs=1, batch_size=32, learning_rate=0.3, momentum=0.9, optimizer="sgd"
+    ),
 )
 
 FEDERATIONS: dict[str, Federation] = {HEART_DISEASE.name: HEART_DISEASE, PNEUMONIA.name: PNEUMONIA}
