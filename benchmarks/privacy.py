@@ -290,6 +290,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True, help="write the results here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD clipping norm C")
+    parser.add_argument(
+        "--calibrate-versions", type=int, help="calibrate the noise over N versions (the run's)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="training time repeats")
     parser.add_argument("--plot", type=Path, help="accuracy against epsilon (PNG)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
@@ -312,7 +315,8 @@ def main() -> None:
             versions = 3 if args.quick else federation.demo_versions
             mine = [s for s in settings if s.federation == name]
             dp_training = federation.dp_training or federation.knobs.training
-            policies = {s: policy_of(s, versions, args.max_grad_norm) for s in mine}
+            calibrate = args.calibrate_versions or versions
+            policies = {s: policy_of(s, calibrate, args.max_grad_norm) for s in mine}
             private = [s for s in mine if policies[s] is not None]
             console.rule(f"{name}: one update's training time, {repeats} repeats")
             plain, same, timed, noise = train_timings(
