@@ -8,11 +8,12 @@ hospitals, logistic regression) without DP and at an epsilon budget of 1, 3 and 
 pneumonia (eight hospitals, the built-in CNN, the official test split) without DP and at 3 and 8.
 Under DP every hospital trains with DP-SGD (Opacus, RDP accountant) under a policy that calibrates
 its noise so that ``versions`` updates would spend the budget (``calibrate_versions`` = the run's
-versions): a hospital that sends an update for every version ends the run with its budget spent,
-one that skips versions ends below it. Delta is 1e-3 on heart disease (Switzerland, the smallest
-hospital, has 30 training records: 1/n = 0.033) and 1e-5 on pneumonia (each hospital has at least
-100 images). The nodes report their evaluations exactly (``metrics = exact``): the benchmark
-measures the model, and the rounding a deployment would use is not what it measures.
+versions, or ``--calibrate-versions``): a hospital that sends an update for every version ends the
+run with its budget spent, one that skips versions ends below it. Delta is 1e-3 on heart disease
+(Switzerland, the smallest hospital, has 30 training records: 1/n = 0.033) and 1e-5 on pneumonia
+(each hospital has at least 100 images). The nodes report their evaluations exactly
+(``metrics = exact``): the benchmark measures the model, and the rounding a deployment would use
+is not what it measures.
 
 Per setting it reports the final model's mean test accuracy over the hospitals and the pooled one
 (every hospital's test set together), the mean over the last five versions, the versions and the
