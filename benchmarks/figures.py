@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import typing
@@ -347,7 +348,10 @@ DELTA = "\u03b4"
 def _train_time(row: Json) -> str:
     if row["epsilon_budget"] is None:
         return f"{1000 * row['train_seconds']:,.0f} ms"
-    return f"{row['train_seconds_ratio']:.2f}{TIMES}"
+    text = f"{row['train_seconds_ratio']:.2f}{TIMES}"
+    if row.get("training"):  # DP trained otherwise than the no-DP run: DP-SGD's own cost beside
+        text += f" ({row['train_seconds_ratio_same_training']:.2f}{TIMES} same training)"
+    return text
 
 
 def privacy(root: Path) -> str:
@@ -389,8 +393,17 @@ def privacy(root: Path) -> str:
     note = (
         f"Largest {EPSILON} reached: the highest total on a hospital's own ledger after the run. "
         "Training time per update: without DP, the mean over the hospitals of one update's process "
-        "CPU time; with DP, DP-SGD's time over that."
+        "CPU time; with DP, DP-SGD's time over that (in brackets, where DP trains otherwise: over "
+        "the same training without DP)."
     )
+    rerun = src.data.get("rerun")
+    if rerun:
+        # Rows measured again by a later run and merged in: say which, and under what load.
+        load = rerun["machine"].get("load_average") or [math.nan]
+        note += (
+            f" Rerun later and merged in: {', '.join(rerun['settings'])} (load average "
+            f"{load[0]:.1f} when written; `rerun` in the JSON records their revision)."
+        )
     text = block(header, rows, provenance([src], note))
     if (root / PRIVACY_PLOT).is_file():
         plot = Path(PRIVACY_PLOT).name

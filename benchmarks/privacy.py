@@ -8,11 +8,12 @@ hospitals, logistic regression) without DP and at an epsilon budget of 1, 3 and 
 pneumonia (eight hospitals, the built-in CNN, the official test split) without DP and at 3 and 8.
 Under DP every hospital trains with DP-SGD (Opacus, RDP accountant) under a policy that calibrates
 its noise so that ``versions`` updates would spend the budget (``calibrate_versions`` = the run's
-versions): a hospital that sends an update for every version ends the run with its budget spent,
-one that skips versions ends below it. Delta is 1e-3 on heart disease (Switzerland, the smallest
-hospital, has 30 training records: 1/n = 0.033) and 1e-5 on pneumonia (each hospital has at least
-100 images). The nodes report their evaluations exactly (``metrics = exact``): the benchmark
-measures the model, and the rounding a deployment would use is not what it measures.
+versions, or ``--calibrate-versions``): a hospital that sends an update for every version ends the
+run with its budget spent, one that skips versions ends below it. Delta is 1e-3 on heart disease
+(Switzerland, the smallest hospital, has 30 training records: 1/n = 0.033) and 1e-5 on pneumonia
+(each hospital has at least 100 images). The nodes report their evaluations exactly
+(``metrics = exact``): the benchmark measures the model, and the rounding a deployment would use
+is not what it measures.
 
 Per setting it reports the final model's mean test accuracy over the hospitals and the pooled one
 (every hospital's test set together), the mean over the last five versions, the versions and the
@@ -23,11 +24,17 @@ and what the node's last status put in the aggregator's tallies), with each hosp
 (:attr:`~common.messages.Contribution.epsilon` in the run's version records): the privacy loss the
 final model was made at. The two differ by an update trained and charged after the last fold.
 
-``train_seconds_ratio`` is one update's DP training time over the same update's training without
-DP, each hospital's update trained in this process by the node's own training functions from the
-initial model (process CPU time, best of alternating repeats, one torch thread as the nodes use):
-the runs' updates carry their training time only to the aggregator, and eight nodes sharing a
-machine's cores make in-run times mostly a measure of the sharing. ``--quick`` runs two heart
+Under DP each hospital trains as its federation's ``dp_training`` says (pneumonia: SGD at learning
+rate 1 where the no-DP run uses Adam; heart disease: as without DP), clipping at ``--max-grad-norm``
+(1 unless told); each row records its training.
+
+``train_seconds_ratio`` is one update's DP training time over the no-DP run's update (the
+federation's own training), ``train_seconds_ratio_same_training`` over the DP training run
+without DP: the cost of DP-SGD alone. Each hospital's update is trained in this process by the
+node's own training functions from the initial model (process CPU time, best of alternating
+repeats, one torch thread as the nodes use): the runs' updates carry their training time only to
+the aggregator, and eight nodes sharing a machine's cores make in-run times mostly a measure of
+the sharing. ``--quick`` runs two heart
 hospitals for three versions without DP and at epsilon 3 (tests/benchmarks/test_quick.py runs it
 so that the benchmark cannot rot); its figures mean nothing. ``--plot`` draws accuracy against
 epsilon for both federations (docs/privacy.png).
@@ -48,7 +55,7 @@ from rich.table import Table
 
 from benchmarks._report import best_of, number, write_report
 from common.jsonlog import read_json_lines
-from common.messages import MetricRelease, PrivacyPolicy, VersionRecord
+from common.messages import MetricRelease, PrivacyPolicy, TrainingConfig, VersionRecord
 from common.models import build_model, model_params
 from edge_node.datasets import load_dataset
 from edge_node.privacy import plan_training, train_private
@@ -131,11 +138,13 @@ def _returning_none(action: Callable[[], object]) -> Callable[[], None]:
 def train_timings(
     federation: Federation,
     policies: Sequence[PrivacyPolicy],
+    dp_training: TrainingConfig,
     repeats: int,
     seed: int,
-) -> tuple[float, list[float], list[dict[str, float]]]:
-    """Mean CPU seconds of one update without DP and under each policy, and each policy's noise
-    multiplier at each hospital.
+) -> tuple[float, float, list[float], list[dict[str, float]]]:
+    """Mean CPU seconds of one update without DP (the federation's training, then DP's training
+    without DP) and under each policy (DP's training), and each policy's noise multiplier at each
+    hospital.
 
     Every hospital trains one update from the initial model with the node's own functions
     (:func:`edge_node.training.train`, :func:`edge_node.privacy.train_private`); the actions
@@ -143,7 +152,7 @@ def train_timings(
     """
     device = resolve_device("cpu")
     training = federation.knobs.training
-    plain_total = 0.0
+    plain_total = same_total = 0.0
     private_totals = [0.0] * len(policies)
     noise: list[dict[str, float]] = [{} for _ in policies]
     for site in federation.sites:
@@ -152,24 +161,27 @@ def train_timings(
         model = build_model(federation.model, seed=seed)
         base = model_params(model)
         actions: list[Callable[[], None]] = [
-            _returning_none(partial(train, model, base, x, y, training, seed=seed, device=device))
+            _returning_none(partial(train, model, base, x, y, config, seed=seed, device=device))
+            for config in (training, dp_training)
         ]
         for i, policy in enumerate(policies):
-            plan = plan_training(policy, len(y), training)
+            plan = plan_training(policy, len(y), dp_training)
             noise[i][site.node_id] = plan.noise_multiplier
             private = partial(train_private, plan=plan, device=device)
-            actions.append(_returning_none(partial(private, model, base, x, y, training)))
+            actions.append(_returning_none(partial(private, model, base, x, y, dp_training)))
         best = best_of(repeats, *actions)["cpu"]
         plain_total += best[0]
+        same_total += best[1]
         for i in range(len(policies)):
-            private_totals[i] += best[1 + i]
+            private_totals[i] += best[2 + i]
     count = len(federation.sites)
-    return plain_total / count, [t / count for t in private_totals], noise
+    return plain_total / count, same_total / count, [t / count for t in private_totals], noise
 
 
 def run_setting(
     setting: Setting,
     policy: PrivacyPolicy | None,
+    training: TrainingConfig | None,
     *,
     versions: int,
     nodes: int | None,
@@ -185,6 +197,7 @@ def run_setting(
             nodes=nodes,
             seed=seed,
             privacy=policy,
+            training=training,
             workdir=workdir,
             timeout=3600,
         ),
@@ -204,6 +217,7 @@ def run_setting(
         "delta": None if policy is None else policy.delta,
         "calibrate_versions": None if policy is None else policy.calibrate_versions,
         "max_grad_norm": None if policy is None else policy.max_grad_norm,
+        "training": None if training is None else training.model_dump(mode="json"),
         "mean_accuracy": result.mean_accuracy,
         "pooled_accuracy": result.pooled_accuracy,
         "mean_accuracy_last5": result.mean_accuracy_last5,
@@ -250,11 +264,36 @@ def plot(rows: Sequence[dict[str, object]], path: Path) -> None:
     plt.close(fig)
 
 
+def print_table(rows: Sequence[dict[str, object]]) -> None:
+    """The settings' figures as a table on standard output."""
+    table = Table(title="accuracy against each hospital's epsilon")
+    for column in ("setting", "epsilon", "delta", "mean acc", "pooled", "last 5", "versions",
+                   "seconds", "train x"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for r in rows:
+        epsilon, delta = r["epsilon"], r["delta"]
+        table.add_row(
+            str(r["name"]),
+            "-" if epsilon is None else f"{number(epsilon):.2f}",
+            "-" if delta is None else f"{number(delta):g}",
+            f"{number(r['mean_accuracy']):.3f}",
+            f"{number(r['pooled_accuracy']):.3f}",
+            f"{number(r['mean_accuracy_last5']):.3f}",
+            str(r["versions"]),
+            f"{number(r['seconds']):.0f}",
+            f"{number(r['train_seconds_ratio']):.2f}",
+        )
+    Console(width=140).print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--json", type=Path, required=True, help="write the results here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD clipping norm C")
+    parser.add_argument(
+        "--calibrate-versions", type=int, help="calibrate the noise over N versions (the run's)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="training time repeats")
     parser.add_argument("--plot", type=Path, help="accuracy against epsilon (PNG)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
@@ -276,12 +315,15 @@ def main() -> None:
             federation = first_sites(FEDERATIONS[name], nodes, None)
             versions = 3 if args.quick else federation.demo_versions
             mine = [s for s in settings if s.federation == name]
-            policies = {s: policy_of(s, versions, args.max_grad_norm) for s in mine}
+            dp_training = federation.dp_training or federation.knobs.training
+            calibrate = args.calibrate_versions or versions
+            policies = {s: policy_of(s, calibrate, args.max_grad_norm) for s in mine}
             private = [s for s in mine if policies[s] is not None]
             console.rule(f"{name}: one update's training time, {repeats} repeats")
-            plain, timed, noise = train_timings(
+            plain, same, timed, noise = train_timings(
                 federation,
                 [p for s in private if (p := policies[s]) is not None],
+                dp_training,
                 repeats,
                 args.seed,
             )
@@ -291,13 +333,17 @@ def main() -> None:
                 "versions": versions,
                 "delta": DELTAS[name],
                 "knobs": federation.knobs.model_dump(mode="json", exclude={"privacy"}),
+                "dp_training": dp_training.model_dump(mode="json"),
                 "train_seconds_no_dp": plain,
+                "train_seconds_no_dp_dp_training": same,
             }
             for setting in mine:
                 console.rule(setting.name)
+                policy = policies[setting]
                 row = run_setting(
                     setting,
-                    policies[setting],
+                    policy,
+                    None if policy is None else federation.dp_training,
                     versions=versions,
                     nodes=nodes,
                     seed=args.seed,
@@ -308,25 +354,9 @@ def main() -> None:
                 row["noise_multiplier_per_hospital"] = multipliers
                 row["train_seconds"] = seconds
                 row["train_seconds_ratio"] = seconds / plain
+                row["train_seconds_ratio_same_training"] = 1.0 if policy is None else seconds / same
                 rows.append(row)
-    table = Table(title="accuracy against each hospital's epsilon")
-    for column in ("setting", "epsilon", "delta", "mean acc", "pooled", "last 5", "versions",
-                   "seconds", "train x"):  # fmt: skip
-        table.add_column(column, justify="left" if column == "setting" else "right")
-    for r in rows:
-        epsilon, delta = r["epsilon"], r["delta"]
-        table.add_row(
-            str(r["name"]),
-            "-" if epsilon is None else f"{number(epsilon):.2f}",
-            "-" if delta is None else f"{number(delta):g}",
-            f"{number(r['mean_accuracy']):.3f}",
-            f"{number(r['pooled_accuracy']):.3f}",
-            f"{number(r['mean_accuracy_last5']):.3f}",
-            str(r["versions"]),
-            f"{number(r['seconds']):.0f}",
-            f"{number(r['train_seconds_ratio']):.2f}",
-        )
-    Console(width=140).print(table)
+    print_table(rows)
     if args.plot:
         plot(rows, args.plot)
         console.print(f"plot written to {args.plot}")

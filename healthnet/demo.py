@@ -111,7 +111,8 @@ class DemoConfig:
     """Differential privacy every hospital trains under (the run's policy); None: the
     federation's (none)."""
     training: TrainingConfig | None = None
-    """How every hospital trains on each version; None: the federation's."""
+    """How every hospital trains on each version; None: the federation's (its ``dp_training``
+    under a privacy policy, where it has one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +220,11 @@ def aggregator_settings(
     """The settings of a federation's aggregator: every knob of ``federation``, then the mode's.
 
     ``fields`` sets any other :class:`AggregatorSettings` field (``autostart=False``, ...).
+    Under a privacy policy the hospitals train as the federation's ``dp_training`` says, unless
+    ``training`` is given.
     """
     knobs = federation.knobs
+    private_training = federation.dp_training if (privacy or knobs.privacy) else None
     # Validated again as a whole: a combination the knobs refuse is refused here, not in the child.
     merged = Knobs.model_validate(
         {
@@ -233,7 +237,7 @@ def aggregator_settings(
             "broadcast_dtype": broadcast_dtype or knobs.broadcast_dtype,
             "broadcast_compression": broadcast_compression or knobs.broadcast_compression,
             "privacy": privacy or knobs.privacy,
-            "training": training or knobs.training,
+            "training": training or private_training or knobs.training,
         }
     )
     return AggregatorSettings(

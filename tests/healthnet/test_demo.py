@@ -296,6 +296,39 @@ def test_every_field_of_the_demos_aggregator_settings_reaches_the_child(
     assert _read_back_in_the_child(settings, tmp_path, monkeypatch) == settings
 
 
+POLICY = PrivacyPolicy(calibrate_versions=40, epsilon_budget=8.0)
+
+
+@pytest.mark.parametrize(
+    ("privacy", "training", "expected"),
+    [
+        pytest.param(None, None, PNEUMONIA.knobs.training, id="no-dp-federations-own"),
+        pytest.param(POLICY, None, PNEUMONIA.dp_training, id="dp-federations-dp-training"),
+        pytest.param(POLICY, TrainingConfig(epochs=3), TrainingConfig(epochs=3), id="dp-as-told"),
+    ],
+)
+def test_a_private_run_trains_as_the_federations_dp_training(
+    tmp_path: Path,
+    privacy: PrivacyPolicy | None,
+    training: TrainingConfig | None,
+    expected: TrainingConfig,
+) -> None:
+    """Under a privacy policy the hospitals train as the federation's dp_training says (pneumonia:
+    SGD, not its no-DP Adam), unless the demo is told a training of its own."""
+    settings = aggregator_settings(
+        broker_url="mqtt://127.0.0.1:1883",
+        federation_id="dp",
+        state_dir=tmp_path,
+        federation=PNEUMONIA,
+        buffer_size=4,
+        max_staleness=20,
+        privacy=privacy,
+        training=training,
+    )
+    assert PNEUMONIA.dp_training != PNEUMONIA.knobs.training
+    assert settings.knobs.training == expected
+
+
 def test_every_field_of_the_demos_node_settings_reaches_the_child(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
