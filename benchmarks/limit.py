@@ -139,11 +139,6 @@ def pooled_run(federation: Federation, seed: int, batches: int) -> list[Point]:
     return points
 
 
-def examples_per_update(num_samples: int, training: TrainingConfig) -> int:
-    """The training examples one update of a hospital with ``num_samples`` rows went through."""
-    return training.epochs * num_samples
-
-
 def federated_points(
     timeline: Sequence[Mapping[str, float]],
     records: Sequence[VersionRecord],
@@ -155,7 +150,7 @@ def federated_points(
     updates: dict[int, int] = {0: 0}
     total = folded = 0
     for record in sorted(records, key=lambda r: r.version):
-        total += sum(examples_per_update(c.num_samples, training) for c in record.contributions)
+        total += sum(training.examples_for(c.num_samples) for c in record.contributions)
         folded += len(record.contributions)
         examples[record.version], updates[record.version] = total, folded
     points = []
