@@ -68,7 +68,20 @@ POOLED_TRAINING = TrainingConfig(epochs=1, batch_size=32, learning_rate=1e-3, op
 DELAYS = {"no-delays": False, "stragglers": True}
 
 # Knob sets the federation can run under (``--knobs``), to compare against the default.
-KNOB_SETS: Mapping[str, Knobs] = {"default": PNEUMONIA.knobs}
+_EPOCH = PNEUMONIA.knobs.training.model_copy(update={"steps": None, "logit_adjustment": 0.0})
+KNOB_SETS: Mapping[str, Knobs] = {
+    "default": PNEUMONIA.knobs,
+    # One epoch per update, plain cross-entropy: the federation's knobs before issue 18.
+    "epoch": PNEUMONIA.knobs.model_copy(update={"training": _EPOCH}),
+    # The same with the logit-adjusted loss (tau = 1).
+    "adjusted": PNEUMONIA.knobs.model_copy(
+        update={"training": _EPOCH.model_copy(update={"logit_adjustment": 1.0})}
+    ),
+    # Ten batches per update and the logit-adjusted loss.
+    "budget": PNEUMONIA.knobs.model_copy(
+        update={"training": _EPOCH.model_copy(update={"steps": 10, "logit_adjustment": 1.0})}
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +115,9 @@ def _at(point: Point | None) -> dict[str, float] | None:
             "seconds": round(point.seconds, 3), "accuracy": point.accuracy}  # fmt: skip
 
 
-def pooled_run(federation: Federation, seed: int, batches: int) -> list[Point]:
-    """Pooled training on every hospital's rows, evaluated on the test split after each batch."""
+def pooled_run(federation: Federation, seed: int, batches: int, every: int) -> list[Point]:
+    """Pooled training on every hospital's rows, evaluated on the test split every ``every``
+    batches."""
     device = resolve_device("cpu")
     datasets = [load_dataset(site.data) for site in federation.sites]
     x = np.concatenate([d.train_x for d in datasets])
@@ -134,8 +148,9 @@ def pooled_run(federation: Federation, seed: int, batches: int) -> list[Point]:
             seconds += time.perf_counter() - started
             examples += len(batch)
             steps += 1
-            result = evaluate(probe, model_params(model), test_x, test_y, device=device)
-            points.append(Point(examples, steps, steps, seconds, result.accuracy))
+            if steps % every == 0:
+                result = evaluate(probe, model_params(model), test_x, test_y, device=device)
+                points.append(Point(examples, steps, len(points), seconds, result.accuracy))
     return points
 
 
@@ -316,6 +331,8 @@ def main() -> None:
                         help="seconds per federated run, from all hospitals ready")  # fmt: skip
     parser.add_argument("--pooled-batches", type=int, default=450,
                         help="pooled training steps per seed (about three epochs)")  # fmt: skip
+    parser.add_argument("--eval-every", type=int, default=4,
+                        help="pooled training: evaluate every this many batches")  # fmt: skip
     parser.add_argument("--knobs", nargs="+", choices=sorted(KNOB_SETS), default=["default"])
     parser.add_argument("--delays", nargs="+", choices=sorted(DELAYS), default=sorted(DELAYS))
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
@@ -347,7 +364,11 @@ def main() -> None:
         "seeds": seeds,
         "targets": list(TARGETS),
         "steady_window": STEADY_WINDOW,
-        "pooled": {"training": POOLED_TRAINING.model_dump(mode="json"), "batches": batches},
+        "pooled": {
+            "training": POOLED_TRAINING.model_dump(mode="json"),
+            "batches": batches,
+            "evaluate_every": 1 if args.quick else args.eval_every,
+        },
         "federation": {
             "hospitals": [s.node_id for s in federation.sites],
             "budget_seconds": budget,
@@ -364,7 +385,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="healthnet-limit-") as tmp:
         for seed in seeds:  # seeds outermost: a cut-short run still compares every setting
             console.rule(f"pooled seed {seed}: {batches} batches")
-            points = pooled_run(federation, seed, batches)
+            points = pooled_run(federation, seed, batches, 1 if args.quick else args.eval_every)
             runs.append({"setting": "pooled", "seed": seed, **row_of(points)})
             for name, knobs in knob_sets.items():
                 for delay in delay_settings:
