@@ -73,7 +73,7 @@ KNOB_SETS: Mapping[str, Knobs] = {
     "default": PNEUMONIA.knobs,
     # One epoch per update, plain cross-entropy: the federation's knobs before issue 18.
     "epoch": PNEUMONIA.knobs.model_copy(update={"training": _EPOCH}),
-    # The same with the logit-adjusted loss (tau = 1).
+    # The same with the logit-adjusted loss (tau = 1): the default since issue 18.
     "adjusted": PNEUMONIA.knobs.model_copy(
         update={"training": _EPOCH.model_copy(update={"logit_adjustment": 1.0})}
     ),
