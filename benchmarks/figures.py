@@ -511,6 +511,46 @@ def stragglers_broadcast(root: Path) -> str:
     return block(header, rows, provenance([src]))
 
 
+def _examples(spread: Json, ratio: Json | None, seeds: int) -> str:
+    """Median examples to a target over seeds, with its ratio to pooled training."""
+    if spread["examples"] is None:
+        return f"not reached ({spread['reached']})"
+    text = f"{spread['examples']:,.0f}"
+    if ratio is not None and ratio["examples"] is not None:
+        text += f" ({ratio['examples']:.1f}{TIMES})"
+    return text if spread["reached"] == f"{seeds}/{seeds}" else f"{text} ({spread['reached']})"
+
+
+LIMIT_SETTINGS = {
+    "pooled": "pooled training",
+    "no-delays": "no delays",
+    "stragglers": "stragglers' delays",
+}
+
+
+def limit(root: Path) -> str:
+    """Pooled training against the pneumonia federation (benchmarks/limit.py)."""
+    src = Source(f"{DOCS}/limit.json", root)
+    seeds = len(src["seeds"])
+    rows = []
+    for e in src["summary"]:
+        knobs, _, delays = str(e["setting"]).rpartition("/")
+        name = LIMIT_SETTINGS[delays] + (f", {knobs} knobs" if knobs else "")
+        cells = [name]
+        for target in (85, 88):
+            for kind in ("first", "steady"):
+                key = f"to_{target}_{kind}"
+                cells.append(_examples(e[key], e.get(f"{key}_ratio"), seeds))
+        first = e["to_85_first"]
+        seconds = first["seconds"]
+        cells.append("-" if seconds is None else f"{seconds:.1f}")
+        rows.append(cells)
+    header = ("setting", "examples to 85 %", "85 %, mean of last 5", "examples to 88 %",
+              "88 %, mean of last 5", "s to 85 %")  # fmt: skip
+    note = f"Median of seeds {', '.join(str(s) for s in src['seeds'])}; ({TIMES}): over pooled."
+    return block(header, rows, provenance([src], note))
+
+
 def _params(count: int) -> str:
     return f"{count / 1e3:.0f} K" if count < 1_000_000 else f"{count / 1e6:.1f} M"
 
@@ -746,6 +786,11 @@ MEANINGS = {
     "knobs.training.optimizer": "local optimizer: `sgd` or `adam`",
     "knobs.training.momentum": "local SGD momentum",
     "knobs.training.weight_decay": "local weight decay",
+    "knobs.training.steps": "batches per update instead of whole epochs (unset: epochs)",
+    "knobs.training.logit_adjustment": (
+        "τ of the logit-adjusted loss: train on `logits + τ log(local label frequencies)` "
+        "(0: plain cross-entropy; not applied under DP)"
+    ),
     "seed": "seed of local training",  # the node's; the aggregator's says what it seeds
     "max_model_bytes": "refuse a model broadcast larger than this",
     "compression.top_k": "send at most this fraction of each tensor, if below the run's",
@@ -938,6 +983,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "privacy": privacy,
     "secure-aggregation-costs": secure_aggregation_costs,
     "secure-aggregation-accuracy": secure_aggregation_accuracy,
+    "limit": limit,
     **{name: _settings(name) for name in SETTINGS_TABLES},
 }
 """Every generated table, by the name its markers carry, and how it is rendered."""

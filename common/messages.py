@@ -374,6 +374,28 @@ class TrainingConfig(Frozen):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # A step budget: each update is this many batches (the data reshuffled at each epoch's end)
+    # instead of ``epochs`` whole epochs, so a large hospital does not drift further per update
+    # than a small one. None: whole epochs.
+    steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    # tau of the logit-adjusted loss (Menon et al., 2021; FedLC, Zhang et al., 2022): a node
+    # trains on ``logits + tau * log(its own label frequencies)``, so that its update learns the
+    # classes and not its own label mix. 0: plain cross-entropy. Not applied under a privacy
+    # policy: the label counts would be read outside DP-SGD's accounting.
+    logit_adjustment: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = 0.0
+
+    def steps_for(self, records: int) -> int:
+        """Optimizer steps in one update on ``records`` training rows."""
+        if self.steps is not None:
+            return self.steps
+        return self.epochs * math.ceil(records / self.batch_size)
+
+    def examples_for(self, records: int) -> int:
+        """Training examples one update on ``records`` rows goes through (batches are full but
+        for the last of each epoch)."""
+        per_epoch = math.ceil(records / self.batch_size)
+        epochs, batches = divmod(self.steps_for(records), per_epoch)
+        return epochs * records + batches * self.batch_size
 
 
 class Knobs(Frozen):

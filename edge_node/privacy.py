@@ -27,11 +27,14 @@ kind, ...) is refused with :class:`NotPrivatizable`, naming each offending layer
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import secrets
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +50,8 @@ from common.errors import ConfigError
 from common.messages import PrivacyPolicy, TrainingConfig
 from common.models import load_params
 from edge_node.training import Params, TrainResult, build_optimizer, trained
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DpPlan", "NotPrivatizable", "check_private", "plan_training", "train_private"]
 
@@ -69,7 +74,7 @@ def plan_training(policy: PrivacyPolicy, records: int, config: TrainingConfig) -
     """The noise, sample rate and steps of one version's training on ``records`` records."""
     batches = math.ceil(records / config.batch_size)
     sample_rate = 1 / batches
-    steps = config.epochs * batches
+    steps = config.steps_for(records)
     if policy.noise_multiplier is not None:
         noise = policy.noise_multiplier
     else:
@@ -116,6 +121,18 @@ def check_private(model: nn.Module) -> None:
         )
 
 
+def _steps(loader: DataLoader[Any], steps: int) -> Iterator[Any]:
+    """The first ``steps`` batches of ``loader``, run through as many times as that takes (each
+    pass draws its Poisson batches afresh): the steps the accountant charged for."""
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+
+
 def train_private(
     model: nn.Module,
     base: Params,
@@ -131,6 +148,12 @@ def train_private(
     The sample and the noise are drawn from fresh secret seeds (see the module's docstring).
     """
     started = time.perf_counter()
+    if config.logit_adjustment:
+        log.warning(
+            "logit_adjustment %g is not applied under a privacy policy: the hospital's label "
+            "counts would be read outside DP-SGD's accounting",
+            config.logit_adjustment,
+        )
     work = copy.deepcopy(model)
     load_params(work, base)
     work.to(device).train()
@@ -162,19 +185,18 @@ def train_private(
         warnings.filterwarnings(
             "ignore", message="Full backward hook is firing", category=UserWarning
         )
-        for _ in range(config.epochs):
-            for batch_x, batch_y in private_loader:
-                features, labels = batch_x.to(device), batch_y.to(device)
-                logits = private(features)
-                loss = loss_fn(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                # An empty Poisson batch is a step too (noise alone); its mean loss is NaN.
-                if len(labels) > 0:
-                    total_loss += float(loss.detach()) * len(labels)
-                    correct += int((logits.detach().argmax(dim=1) == labels).sum())
-                    seen += len(labels)
+        for batch_x, batch_y in _steps(private_loader, plan.steps):
+            features, labels = batch_x.to(device), batch_y.to(device)
+            logits = private(features)
+            loss = loss_fn(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # An empty Poisson batch is a step too (noise alone); its mean loss is NaN.
+            if len(labels) > 0:
+                total_loss += float(loss.detach()) * len(labels)
+                correct += int((logits.detach().argmax(dim=1) == labels).sum())
+                seen += len(labels)
     if isinstance(private, GradSampleModule):
         private.remove_hooks()
     return trained(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +25,10 @@ __all__ = [
     "EvalResult",
     "TrainResult",
     "UnusableVersion",
+    "batches",
     "build_optimizer",
     "evaluate",
+    "label_adjustment",
     "resolve_device",
     "train",
     "trained",
@@ -109,7 +111,10 @@ def train(
     seed: int,
     device: torch.device,
 ) -> TrainResult:
-    """Train ``model`` from ``base`` for ``config.epochs`` and return its new weights."""
+    """Train ``model`` from ``base`` and return its new weights: ``config.steps_for(len(y))``
+    batches (whole epochs unless the config sets a step budget), on the logit-adjusted loss when
+    the config sets ``logit_adjustment`` (the reported loss and accuracy are the plain model's
+    predictions' accuracy and the loss it trained on)."""
     started = time.perf_counter()
     load_params(model, base)
     model.to(device).train()
@@ -119,21 +124,42 @@ def train(
     labels = torch.from_numpy(y).to(device)
     generator = torch.Generator().manual_seed(seed)
     total_loss, correct, seen = 0.0, 0, 0
-    for _ in range(config.epochs):
-        order = torch.randperm(len(labels), generator=generator).to(device)
-        for start in range(0, len(order), config.batch_size):
-            batch = order[start : start + config.batch_size]
-            logits = model(features[batch])
-            loss = loss_fn(logits, labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += float(loss.detach()) * len(batch)
-            correct += int((logits.detach().argmax(dim=1) == labels[batch]).sum())
-            seen += len(batch)
+    adjustment: torch.Tensor | None = None
+    for rows in batches(len(y), config, generator):
+        batch = rows.to(device)
+        logits = model(features[batch])
+        if config.logit_adjustment and adjustment is None:
+            adjustment = label_adjustment(y, logits.shape[1], config.logit_adjustment).to(device)
+        loss = loss_fn(logits if adjustment is None else logits + adjustment, labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(batch)
+        correct += int((logits.detach().argmax(dim=1) == labels[batch]).sum())
+        seen += len(batch)
     return trained(
         model, total_loss=total_loss, correct=correct, seen=seen, started=started, samples=len(y)
     )
+
+
+def batches(
+    records: int, config: TrainingConfig, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """The row indices of each batch of one update: ``config.steps_for(records)`` batches, the
+    rows reshuffled at the start of each epoch (a step budget may end one mid-way)."""
+    per_epoch = math.ceil(records / config.batch_size)
+    for step in range(config.steps_for(records)):
+        start = (step % per_epoch) * config.batch_size
+        if start == 0:
+            order = torch.randperm(records, generator=generator)
+        yield order[start : start + config.batch_size]
+
+
+def label_adjustment(y: NDArray[np.int64], classes: int, tau: float) -> torch.Tensor:
+    """``tau * log(frequency of each of the classes among y)``, what the logit-adjusted loss
+    adds to the logits (a class absent from ``y`` counts as seen once)."""
+    counts = np.maximum(np.bincount(y, minlength=classes)[:classes], 1).astype(np.float64)
+    return torch.tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32)
 
 
 def trained(

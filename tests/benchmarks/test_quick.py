@@ -216,3 +216,26 @@ def test_secure_aggregation_quick_measures_costs_and_both_folds(tmp_path: Path) 
         assert {"seed", "versions_to_78", "updates_to_78", "final_accuracy",
                 "last5_mean_accuracy", "curve"} <= run.keys()  # fmt: skip
         assert len(run["curve"]) == run["versions"]
+
+
+def test_limit_quick_compares_pooled_with_the_federation(tmp_path: Path) -> None:
+    """limit --quick trains pooled and runs a federation, and reports for each the crossings of
+    85 % and 88 % (first and steady), its trajectory and the summary's ratios to pooled."""
+    report = run_quick("limit", tmp_path)
+    runs = report["runs"]
+    assert isinstance(runs, list)
+    assert [r["setting"] for r in runs] == ["pooled", "default/no-delays"]
+    for run in runs:
+        assert {"to_85", "to_88", "trajectory"} <= run.keys()
+        assert set(run["to_85"]) == {"first", "steady"}
+        trajectory = run["trajectory"]
+        assert trajectory[0][:3] == [0, 0, 0]
+        examples = [point[0] for point in trajectory]
+        assert examples == sorted(examples)
+        assert all(0.0 <= point[4] <= 1.0 for point in trajectory)
+    pooled, federated = runs
+    assert pooled["trajectory"][-1][:2] == [20 * 32, 20]
+    assert federated["versions"] >= 1
+    summary = {entry["setting"]: entry for entry in report["summary"]}
+    assert summary.keys() == {"pooled", "default/no-delays"}
+    assert {"examples", "seconds"} == summary["default/no-delays"]["to_85_first_ratio"].keys()

@@ -56,6 +56,13 @@ def test_a_version_is_epochs_times_the_batches_at_one_over_the_batches(
     assert (plan.noise_multiplier, plan.max_grad_norm) == (1.0, 1.0)
 
 
+def test_a_step_budget_is_the_steps_charged_at_the_same_rate() -> None:
+    """With a step budget a version is that many Poisson steps, each at 1 / the batches."""
+    config = CONFIG.model_copy(update={"steps": 3})
+    plan = plan_training(PrivacyPolicy(noise_multiplier=1.0, epsilon_budget=5.0), 160, config)
+    assert (plan.steps, plan.sample_rate) == (3, 1 / 10)
+
+
 @pytest.mark.parametrize("budget", [1.0, 3.0, 8.0])
 def test_calibrated_noise_spends_the_budget_in_the_planned_versions(budget: float) -> None:
     """With calibrate_versions V, V versions come to the budget (within opacus' tolerance),
@@ -140,3 +147,18 @@ def test_dp_training_does_not_touch_the_callers_model() -> None:
     )
     assert all(np.array_equal(before[k], v) for k, v in model_params(model).items())
     assert any(not np.array_equal(before[k], v) for k, v in result.params.items())
+
+
+def test_dp_training_takes_the_planned_steps_past_an_epoch() -> None:
+    """A step budget longer than an epoch runs the Poisson loader again: exactly plan.steps
+    forward passes, the steps the ledger is charged for."""
+    model = build_model(ModelSpec(name="logreg", kwargs={"in_features": 4}), seed=0)
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda _module, _inputs: calls.append(1))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    config = CONFIG.model_copy(update={"steps": 5})
+    plan = plan_training(PrivacyPolicy(noise_multiplier=1.0, epsilon_budget=5.0), 32, config)
+    train_private(model, model_params(model), x, y, config, plan=plan, device=CPU)
+    assert plan.steps == len(calls) == 5

@@ -22,7 +22,14 @@ from common.models import (
     model_params,
     output_probe,
 )
-from edge_node.training import UnusableVersion, evaluate, resolve_device, train
+from edge_node.training import (
+    UnusableVersion,
+    batches,
+    evaluate,
+    label_adjustment,
+    resolve_device,
+    train,
+)
 
 CPU = torch.device("cpu")
 
@@ -401,3 +408,62 @@ def test_a_users_model_is_probed_by_its_declared_shape_or_its_first_linear_layer
     assert declared_probe(params) is None
     assert declared_probe(huge(params)) is not None
     assert output_probe(ModelSpec(name="probe_models:conv")) is None
+
+
+def epochs_of(config: TrainingConfig, records: int) -> list[list[int]]:
+    """Each batch of one update's training, as lists of row indices."""
+    generator = torch.Generator().manual_seed(0)
+    return [rows.tolist() for rows in batches(records, config, generator)]
+
+
+@pytest.mark.parametrize(
+    ("config", "records", "steps", "examples"),
+    [
+        pytest.param(TrainingConfig(epochs=2, batch_size=4), 10, 6, 20, id="two-epochs"),
+        pytest.param(TrainingConfig(batch_size=4, steps=2), 10, 2, 8, id="budget-within-one"),
+        pytest.param(TrainingConfig(batch_size=4, steps=5), 10, 5, 18, id="budget-over-one"),
+        pytest.param(TrainingConfig(epochs=3, batch_size=4, steps=1), 10, 1, 4, id="budget-wins"),
+    ],
+)
+def test_an_update_takes_the_step_budget_or_whole_epochs(
+    config: TrainingConfig, records: int, steps: int, examples: int
+) -> None:
+    """An update is ``steps`` batches when a step budget is set, else ``epochs`` whole epochs;
+    every epoch goes through each row once, and the examples counted are the batches' rows."""
+    found = epochs_of(config, records)
+    assert len(found) == config.steps_for(records) == steps
+    assert sum(len(rows) for rows in found) == config.examples_for(records) == examples
+    per_epoch = -(-records // config.batch_size)
+    for start in range(0, len(found), per_epoch):
+        epoch = [i for rows in found[start : start + per_epoch] for i in rows]
+        assert len(set(epoch)) == len(epoch)
+        if len(found) - start >= per_epoch:
+            assert sorted(epoch) == list(range(records))
+
+
+def test_label_adjustment_is_tau_log_local_frequencies() -> None:
+    """The adjustment is tau * log of each class's share of the rows; an absent class counts
+    as seen once."""
+    y = np.array([1, 1, 1, 0], dtype=np.int64)
+    assert label_adjustment(y, 2, 0.5).tolist() == pytest.approx(
+        [0.5 * np.log(0.25), 0.5 * np.log(0.75)]
+    )
+    assert label_adjustment(y, 3, 1.0).tolist() == pytest.approx(np.log([1 / 5, 3 / 5, 1 / 5]))
+
+
+def test_logit_adjusted_training_does_not_learn_the_local_label_mix() -> None:
+    """On features that say nothing, plain training learns the hospital's 90 % majority; the
+    logit-adjusted loss (tau = 1) leaves the model's own prediction near even."""
+    y = np.array([1] * 90 + [0] * 10, dtype=np.int64)
+    x = np.zeros((100, 4), dtype=np.float32)
+    model = build_model(LOGREG, seed=0)
+    base = model_params(model)
+    shares = {}
+    for tau in (0.0, 1.0):
+        config = TrainingConfig(epochs=30, batch_size=20, learning_rate=0.5, logit_adjustment=tau)
+        params = train(model, base, x, y, config, seed=0, device=CPU).params
+        load_params(model, params)
+        with torch.no_grad():
+            shares[tau] = float(torch.softmax(model(torch.zeros(1, 4)), dim=1)[0, 1])
+    assert shares[0.0] == pytest.approx(0.9, abs=0.03)
+    assert shares[1.0] == pytest.approx(0.5, abs=0.03)

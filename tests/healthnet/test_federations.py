@@ -62,3 +62,12 @@ def test_heart_disease_demo_keeps_its_sixty_versions() -> None:
     """The default demo federation still runs 60 versions at K = 3."""
     assert HEART_DISEASE.demo_versions == 60
     assert HEART_DISEASE.knobs.buffer_size == 3
+
+
+def test_only_pneumonia_trains_on_the_logit_adjusted_loss() -> None:
+    """The label-skewed pneumonia hospitals train on the logit-adjusted loss (tau 1); heart
+    disease keeps plain cross-entropy, and neither sets a step budget."""
+    assert PNEUMONIA.knobs.training.logit_adjustment == 1.0
+    assert HEART_DISEASE.knobs.training.logit_adjustment == 0.0
+    assert PNEUMONIA.knobs.training.steps is None
+    assert HEART_DISEASE.knobs.training.steps is None
