@@ -75,6 +75,7 @@ from common.messages import (
     ModelSpec,
     NodeTally,
     NormPolicy,
+    Personalisation,
     PrivacyPolicy,
     PrivacySpend,
     RejectReason,
@@ -108,8 +109,9 @@ _NESTED_KNOBS: Mapping[str, type[BaseModel]] = {
     "training": TrainingConfig,
     "compression": Compression,
     "privacy": PrivacyPolicy,
+    "personalisation": Personalisation,
 }
-_WHOLE_KNOBS = ("privacy",)
+_WHOLE_KNOBS = ("privacy", "personalisation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +240,7 @@ class _NodeTally:
     eval_version: int | None = None
     eval_accuracy: float | None = None
     eval_failure: str = ""
+    eval_personal_accuracy: float | None = None
     quarantined: bool = False
     epsilon: float | None = None
     epsilon_budget: float | None = None
@@ -404,6 +407,7 @@ class AggregatorCore:
             compression=knobs.compression,
             broadcast_dtype=dtype,
             privacy=knobs.privacy,
+            personalisation=knobs.personalisation,
         )
         return Broadcast(manifest=manifest, blob=blob, chunks=chunks, widened=widened)
 
@@ -465,6 +469,7 @@ class AggregatorCore:
             entry.eval_version = evaluation.version
             entry.eval_failure = evaluation.failure
             entry.eval_accuracy = None if evaluation.failure else evaluation.accuracy
+            entry.eval_personal_accuracy = evaluation.personal_accuracy
 
     def record_privacy(self, node: str, spend: PrivacySpend | None) -> None:
         """What ``node``'s own status says of its privacy ledger (the shell saw it arrive).

@@ -108,8 +108,14 @@ def train(
     *,
     seed: int,
     device: torch.device,
+    anchor: Params | None = None,
+    proximal: float = 0.0,
 ) -> TrainResult:
-    """Train ``model`` from ``base`` for ``config.epochs`` and return its new weights."""
+    """Train ``model`` from ``base`` for ``config.epochs`` and return its new weights.
+
+    With an ``anchor``, each batch's loss gains ``proximal / 2 * ||w - anchor||^2``: the pull
+    towards the global model of Ditto's personal objective (the reported loss leaves it out).
+    """
     started = time.perf_counter()
     load_params(model, base)
     model.to(device).train()
@@ -117,6 +123,14 @@ def train(
     loss_fn = nn.CrossEntropyLoss()
     features = torch.from_numpy(x).to(device)
     labels = torch.from_numpy(y).to(device)
+    pulls = (
+        []
+        if anchor is None or proximal == 0
+        else [
+            (weight, torch.from_numpy(np.asarray(anchor[name], dtype=np.float32)).to(device))
+            for name, weight in model.named_parameters()
+        ]
+    )
     generator = torch.Generator().manual_seed(seed)
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(config.epochs):
@@ -125,8 +139,11 @@ def train(
             batch = order[start : start + config.batch_size]
             logits = model(features[batch])
             loss = loss_fn(logits, labels[batch])
+            objective = loss
+            for weight, target in pulls:
+                objective = objective + proximal / 2 * (weight - target).pow(2).sum()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             total_loss += float(loss.detach()) * len(batch)
             correct += int((logits.detach().argmax(dim=1) == labels[batch]).sum())
