@@ -42,6 +42,7 @@ from common.messages import (
     Knobs,
     Manifest,
     NodeStatus,
+    Personalisation,
     PrivacyPolicy,
     PrivacySpend,
     TrainingConfig,
@@ -108,6 +109,8 @@ class DemoConfig:
     federation's (none)."""
     training: TrainingConfig | None = None
     """How every hospital trains on each version; None: the federation's."""
+    personalisation: Personalisation | None = None
+    """Each hospital's personal model beside the global one; None: the federation's (none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +165,13 @@ class DemoResult:
     """Under differential privacy: each hospital's privacy loss at the end, as it reported it."""
     epsilon_budget: dict[str, float] = field(default_factory=dict)
     """And the budget each hospital trained under."""
+    personal_per_node: dict[str, float] = field(default_factory=dict)
+    """Under personalisation: each hospital's personal model on its test split, final version."""
+
+    @property
+    def personal_mean_accuracy(self) -> float | None:
+        """The personal models' mean over the hospitals (None: no personal model reported)."""
+        return _mean(list(self.personal_per_node.values())) if self.personal_per_node else None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -184,6 +194,8 @@ class DemoResult:
             "blob_bytes": self.blob_bytes,
             "epsilon": self.epsilon,
             "epsilon_budget": self.epsilon_budget,
+            "personal_per_node": self.personal_per_node,
+            "personal_mean_accuracy": self.personal_mean_accuracy,
         }
 
 
@@ -203,6 +215,7 @@ def aggregator_settings(
     status_interval: float = 1.0,
     privacy: PrivacyPolicy | None = None,
     training: TrainingConfig | None = None,
+    personalisation: Personalisation | None = None,
     **fields: Any,
 ) -> AggregatorSettings:
     """The settings of a federation's aggregator: every knob of ``federation``, then the mode's.
@@ -222,6 +235,7 @@ def aggregator_settings(
             "broadcast_dtype": broadcast_dtype or knobs.broadcast_dtype,
             "privacy": privacy or knobs.privacy,
             "training": training or knobs.training,
+            "personalisation": personalisation or knobs.personalisation,
         }
     )
     return AggregatorSettings(
@@ -390,6 +404,7 @@ def _run(
                 broadcast_dtype=config.broadcast_dtype,
                 privacy=config.privacy,
                 training=config.training,
+                personalisation=config.personalisation,
             ),
         )
         for site in sites:
@@ -634,6 +649,11 @@ class _Watch:
             ready_seconds=self.ready_seconds,
             blob_bytes=self.blob_bytes,
             **self.privacy(status),
+            personal_per_node={
+                node: personal
+                for node in self.nodes
+                if (personal := final[node].personal_accuracy) is not None
+            },
         )
 
     def privacy(self, status: AggregatorStatus) -> dict[str, dict[str, float]]:
@@ -663,17 +683,33 @@ def _spent(result: DemoResult, node: str) -> str:
     return f"{epsilon:.2f}" if budget is None else f"{epsilon:.2f} / {budget:g}"
 
 
+def _personal(accuracy: float | None) -> str:
+    return "-" if accuracy is None else f"{accuracy:.3f}"
+
+
 def render(result: DemoResult, console: Console) -> None:
     table = Table(title=f"test accuracy, global v{result.versions}")
     table.add_column("hospital")
     table.add_column("accuracy", justify="right")
     private = bool(result.epsilon)
+    personal = result.personal_mean_accuracy
+    if personal is not None:
+        table.add_column("personal", justify="right")
     if private:
         table.add_column("epsilon / budget", justify="right")
     for node, accuracy in result.per_node.items():
-        table.add_row(node, f"{accuracy:.3f}", *([_spent(result, node)] if private else []))
+        table.add_row(
+            node,
+            f"{accuracy:.3f}",
+            *([_personal(result.personal_per_node.get(node))] if personal is not None else []),
+            *([_spent(result, node)] if private else []),
+        )
     table.add_section()
-    table.add_row("[bold]mean", f"[bold]{result.mean_accuracy:.3f}")
+    table.add_row(
+        "[bold]mean",
+        f"[bold]{result.mean_accuracy:.3f}",
+        *([f"[bold]{personal:.3f}"] if personal is not None else []),
+    )
     table.add_row("pooled", f"{result.pooled_accuracy:.3f}")
     console.print(table)
     # soft_wrap: a summary piped to a file or a log keeps its sentences whole.
