@@ -166,6 +166,14 @@ class NodeService:
         self._spend = self.ledger.spend()
         self.personal_store.open()
         self._personal = self.personal_store.load()
+        if self._personal is not None:
+            log.info(
+                "node %s: resuming its personal model (%s) of run %s, trained against v%d",
+                settings.node_id,
+                self._personal.method.value,
+                self._personal.run_id,
+                self._personal.version,
+            )
         self._recover_progress()
         self.residuals.open(set(self.outbox.ids()))
         for update_id in self.outbox.ids():

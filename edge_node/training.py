@@ -127,7 +127,7 @@ def train(
         []
         if anchor is None or proximal == 0
         else [
-            (weight, torch.from_numpy(np.asarray(anchor[name], dtype=np.float32)).to(device))
+            (weight, torch.from_numpy(np.array(anchor[name], dtype=np.float32)).to(device))
             for name, weight in model.named_parameters()
         ]
     )
