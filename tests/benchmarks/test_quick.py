@@ -164,3 +164,22 @@ def test_privacy_quick_reports_accuracy_against_epsilon(tmp_path: Path) -> None:
     assert 0 < private["epsilon"] <= 3.0 * (1 + EPSILON_SLACK)
     assert 0 < private["epsilon_folded"] <= private["epsilon"]
     assert all(sigma > 0 for sigma in private["noise_multiplier_per_hospital"].values())
+
+
+def test_personalisation_quick_reports_every_model_per_hospital(tmp_path: Path) -> None:
+    """personalisation --quick writes, per federation, each model's per-hospital medians, mean
+    and worst drop below the global model: the keys the docs' table reads."""
+    report = run_quick("personalisation", tmp_path)
+    federations = report["federations"]
+    assert isinstance(federations, dict)
+    assert set(federations) == {"heart-disease", "pneumonia-shift"}
+    for entry in federations.values():
+        hospitals = entry["hospitals"]
+        assert set(entry["models"]) == {"global", "local", "finetune", "ditto", "ditto-0.1",
+                                        "ditto-1"}  # fmt: skip
+        for row in entry["models"].values():
+            assert set(row["per_hospital_median"]) == set(hospitals)
+            assert all(0.0 <= a <= 1.0 for a in row["per_hospital_median"].values())
+            assert len(row["per_seed_mean"]) == report["seeds"]
+            assert set(row["worst_drop_below_global"]) == set(hospitals)
+        assert all(v == 0 for v in entry["models"]["global"]["worst_drop_below_global"].values())
