@@ -403,7 +403,8 @@ PERSONAL_JSON = f"{DOCS}/personalisation.json"
 PERSONAL_REAL_JSON = f"{DOCS}/personalisation-real.json"
 PERSONAL_PLOT = "docs/personalisation.png"
 PERSONAL_MODELS = {"global": "global model", "local": "local only", "finetune": "fine-tuning",
-                   "ditto": "Ditto", "ditto-0.1": "Ditto", "ditto-1": "Ditto"}  # fmt: skip
+                   "ditto": "Ditto", "ditto-0.1": "Ditto", "ditto-1": "Ditto",
+                   "ditto-holdout": "Ditto"}  # fmt: skip
 
 
 def _personal_model(name: str, methods: Json) -> str:
@@ -411,8 +412,10 @@ def _personal_model(name: str, methods: Json) -> str:
     method = methods.get(name)
     if method is None:
         return label
+    held = method.get("holdout") or 0
+    chosen = f", kept where it beats global on a {held:.0%} holdout" if held else ""
     if method["method"] == "ditto":
-        return f"{label}, {LAMBDA} = {method['ditto_lambda']:g}"
+        return f"{label}, {LAMBDA} = {method['ditto_lambda']:g}{chosen}"
     return f"{label}, {method['epochs']} epoch"
 
 

@@ -24,7 +24,9 @@ accuracy):
 - ``global``: the final global model;
 - ``local``: local-only training, the same number of epochs as the federation has rounds, from
   the same initial weights;
-- one entry per method below (``finetune``, ``ditto`` at three lambdas).
+- one entry per method below (``finetune``, ``ditto`` at three lambdas, and ``ditto-holdout``:
+  lambda 0.3 trained on 80 % of the training split, the hospital keeping the global version where
+  it is as accurate as the personal model on the other 20 %).
 
 ``--real`` (``--real-only``: nothing else) runs the heart federation once more through the real
 system (an embedded Mosquitto, the aggregator and four node processes, FedBuff K = 3, 60
@@ -62,7 +64,7 @@ from common.models import build_model, model_params
 from edge_node.datasets import LocalDataset, load_dataset
 from edge_node.datasets._partition import dirichlet_partition
 from edge_node.datasets.pneumonia import load_official
-from edge_node.personal import personalise
+from edge_node.personal import holdout_split, personalise, prefers_personal
 from edge_node.training import evaluate, train
 from healthnet.federations import HEART_DISEASE
 
@@ -76,6 +78,9 @@ METHODS: dict[str, Personalisation] = {
     "ditto": Personalisation(method=PersonalisationMethod.DITTO, epochs=1, ditto_lambda=0.3),
     "ditto-0.1": Personalisation(method=PersonalisationMethod.DITTO, epochs=1, ditto_lambda=0.1),
     "ditto-1": Personalisation(method=PersonalisationMethod.DITTO, epochs=1, ditto_lambda=1.0),
+    "ditto-holdout": Personalisation(
+        method=PersonalisationMethod.DITTO, epochs=1, ditto_lambda=0.3, holdout=0.2
+    ),
 }
 SHIFT_ALPHA = 1.0
 SHIFT_HOSPITALS = 4
@@ -169,6 +174,12 @@ def simulate(
     sites, config = federation.sites, federation.training
     samples = np.array([site.num_train for site in sites], dtype=np.float64)
     personal: dict[str, list[Params | None]] = {name: [None] * len(sites) for name in methods}
+    splits = {
+        name: [
+            holdout_split(s.num_train, p.holdout, _seed(seed, i, 4)) for i, s in enumerate(sites)
+        ]
+        for name, p in methods.items()
+    }
     for step in range(federation.rounds):
         trained = [
             train(
@@ -190,13 +201,14 @@ def simulate(
             if policy.method is not PersonalisationMethod.DITTO:
                 continue
             for i, site in enumerate(sites):
+                fit = splits[name][i][0]
                 personal[name][i] = personalise(
                     model,
                     policy,
                     start=personal[name][i] or weights,
                     global_params=weights,
-                    x=site.train_x,
-                    y=site.train_y,
+                    x=site.train_x[fit],
+                    y=site.train_y[fit],
                     config=config,
                     seed=_seed(seed, step, i, 1),
                     device=CPU,
@@ -216,6 +228,7 @@ def simulate(
     for name, policy in methods.items():
         accuracies = []
         for i, site in enumerate(sites):
+            fit, held = splits[name][i]
             params = personal[name][i]
             if params is None:  # fine-tuning: the final version, trained on
                 params = personalise(
@@ -223,12 +236,17 @@ def simulate(
                     policy,
                     start=weights,
                     global_params=weights,
-                    x=site.train_x,
-                    y=site.train_y,
+                    x=site.train_x[fit],
+                    y=site.train_y[fit],
                     config=config,
                     seed=_seed(seed, i, 3),
                     device=CPU,
                 ).params
+            if len(held):
+                x, y = site.train_x[held], site.train_y[held]
+                mine = evaluate(model, params, x, y, device=CPU).accuracy
+                theirs = evaluate(model, weights, x, y, device=CPU).accuracy
+                params = params if prefers_personal(mine, theirs) else weights
             accuracies.append(_accuracy(model, params, site))
         out[name] = accuracies
     return out

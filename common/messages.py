@@ -216,13 +216,17 @@ class Personalisation(Frozen):
     Every node trains a personal model on its own training split, keeps it in its state
     directory and reports its accuracy on its own test split beside the global model's. Personal
     weights never leave the hospital; the global model and the updates do not change.
-    ``learning_rate`` None: the run's training learning rate.
+    ``learning_rate`` None: the run's training learning rate. ``holdout`` above 0 keeps that
+    fraction of the training split out of personal training, to choose between the personal model
+    and the global version: the hospital keeps (and reports) the personal model only where it is
+    more accurate than the global one on the held-out records.
     """
 
     method: PersonalisationMethod
     epochs: Annotated[int, Field(ge=1, le=100)] = 1
     ditto_lambda: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 0.1
     learning_rate: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] | None = None
+    holdout: Annotated[float, Field(ge=0, le=0.5, allow_inf_nan=False)] = 0.0
 
 
 class PrivacyPolicy(Frozen):

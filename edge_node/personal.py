@@ -12,6 +12,12 @@ work on its *training* split, and evaluates the result on its test split beside 
   ``w`` the global version: lambda 0 is local-only training, a large lambda is the global model.
   ``v`` starts from the first global version the node sees in a run.
 
+With a ``holdout``, personal training leaves that fraction of the training split out (the same
+records every version: :func:`holdout_split` is seeded by the node), and the hospital keeps the
+personal model only where it beats the global version on them (:func:`prefers_personal`); else
+it keeps the global version, and reports its accuracy as its own. Ditto goes on training its
+personal model either way.
+
 The global model, the update and its training are untouched: personal training runs in the
 evaluation job, and its weights stay in the node's state directory
 (:mod:`edge_node.personal_store`). Under differential privacy the personal model costs no
@@ -32,7 +38,14 @@ from common.messages import Personalisation, PersonalisationMethod, TrainingConf
 from edge_node.personal_store import PersonalModel
 from edge_node.training import TrainResult, train
 
-__all__ = ["personal_config", "personalise", "resumes", "start_from"]
+__all__ = [
+    "holdout_split",
+    "personal_config",
+    "personalise",
+    "prefers_personal",
+    "resumes",
+    "start_from",
+]
 
 Params = Mapping[str, NDArray[np.float32]]
 
@@ -45,6 +58,28 @@ def personal_config(policy: Personalisation, config: TrainingConfig) -> Training
             "learning_rate": policy.learning_rate or config.learning_rate,
         }
     )
+
+
+def holdout_split(
+    records: int, fraction: float, seed: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """The training rows personal training uses, and the held-out rows that choose the model.
+
+    ``fraction`` 0 holds out nothing. Otherwise at least one row each way; the same ``seed``
+    gives the same rows (a restarted node holds out what it held out before).
+    """
+    rows = np.arange(records, dtype=np.int64)
+    if fraction <= 0 or records < 2:
+        return rows, rows[:0]
+    order = np.random.default_rng(seed).permutation(records)
+    held = min(records - 1, max(1, round(fraction * records)))
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def prefers_personal(personal_accuracy: float, global_accuracy: float) -> bool:
+    """Keep the personal model only when it is more accurate on the held-out records: a tie goes
+    to the global version, trained on every hospital's records."""
+    return personal_accuracy > global_accuracy
 
 
 def _fits(params: Params, reference: Params) -> bool:

@@ -47,11 +47,17 @@ class _PersonalRecord(Frozen):
     model: ModelSpec
     saved_at: FiniteFloat
     tensors: tuple[TensorPayload, ...]
+    kept_global: tuple[TensorPayload, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class PersonalModel:
-    """Personal weights trained against global ``version`` of ``run_id`` by ``method``."""
+    """Personal weights trained against global ``version`` of ``run_id`` by ``method``.
+
+    ``kept_global``: under a holdout, the global version itself, when it beat the personal
+    weights on the held-out records; the hospital then keeps it (``served``), and Ditto still
+    continues from ``params``.
+    """
 
     run_id: str
     version: int
@@ -59,6 +65,12 @@ class PersonalModel:
     model: ModelSpec
     saved_at: float
     params: dict[str, NDArray[np.float32]]
+    kept_global: dict[str, NDArray[np.float32]] | None = None
+
+    @property
+    def served(self) -> dict[str, NDArray[np.float32]]:
+        """The model the hospital keeps: its personal weights, or the global version."""
+        return self.params if self.kept_global is None else self.kept_global
 
 
 class PersonalStore:
@@ -94,6 +106,9 @@ class PersonalStore:
             model=personal.model,
             saved_at=personal.saved_at,
             tensors=tuple(array_to_tensor(n, a) for n, a in personal.params.items()),
+            kept_global=None
+            if personal.kept_global is None
+            else tuple(array_to_tensor(n, a) for n, a in personal.kept_global.items()),
         )
         atomic_write(self.path, encode_record(record))
 
@@ -107,7 +122,10 @@ def read_personal(path: Path, *, max_bytes: int = 4 << 30) -> PersonalModel:
         method=record.method,
         model=record.model,
         saved_at=record.saved_at,
-        params={
-            t.name: np.asarray(tensor_to_array(t), dtype=np.float32).copy() for t in record.tensors
-        },
+        params=_arrays(record.tensors),
+        kept_global=None if record.kept_global is None else _arrays(record.kept_global),
     )
+
+
+def _arrays(tensors: tuple[TensorPayload, ...]) -> dict[str, NDArray[np.float32]]:
+    return {t.name: np.asarray(tensor_to_array(t), dtype=np.float32).copy() for t in tensors}

@@ -531,7 +531,13 @@ class NodeService:
         again, not trained twice. One that cannot be trained or evaluated (its outputs are not
         finite) is reported as missing; the previous one stays saved.
         """
-        from edge_node.personal import personalise, resumes, start_from
+        from edge_node.personal import (
+            holdout_split,
+            personalise,
+            prefers_personal,
+            resumes,
+            start_from,
+        )
 
         model, dataset, device = self._model, self._dataset, self._device
         if model is None or dataset is None or device is None:
@@ -543,19 +549,33 @@ class NodeService:
             ):
                 personal = current
             else:
+                fit, held = holdout_split(
+                    dataset.num_train,
+                    policy.holdout,
+                    _job_seed(self.settings.seed, f"{self.settings.node_id}/holdout", 0),
+                )
                 trained = personalise(
                     model,
                     policy,
                     start=start_from(policy, current, manifest.run_id, job.params),
                     global_params=job.params,
-                    x=dataset.train_x,
-                    y=dataset.train_y,
+                    x=dataset.train_x[fit],
+                    y=dataset.train_y[fit],
                     config=manifest.training,
                     seed=_job_seed(
                         self.settings.seed, f"{self.settings.node_id}/personal", manifest.version
                     ),
                     device=device,
                 )
+                kept_global = None
+                if len(held):
+                    x, y = dataset.train_x[held], dataset.train_y[held]
+                    mine = evaluate(model, trained.params, x, y, device=device).accuracy
+                    theirs = evaluate(model, job.params, x, y, device=device).accuracy
+                    if not prefers_personal(mine, theirs):
+                        kept_global = {
+                            n: np.array(a, dtype=np.float32) for n, a in job.params.items()
+                        }
                 personal = PersonalModel(
                     run_id=manifest.run_id,
                     version=manifest.version,
@@ -563,8 +583,9 @@ class NodeService:
                     model=manifest.model,
                     saved_at=self._clock(),
                     params=trained.params,
+                    kept_global=kept_global,
                 )
-            result = evaluate(model, personal.params, dataset.test_x, dataset.test_y, device=device)
+            result = evaluate(model, personal.served, dataset.test_x, dataset.test_y, device=device)
         except UnusableVersion as exc:
             log.warning(
                 "node %s: no personal model for v%d: %s",

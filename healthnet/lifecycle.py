@@ -298,7 +298,7 @@ def pull_personal(state_dir: Path, which: str, out: Path) -> ModelCopy:
             f"the node keeps only its latest personal model, trained against v{personal.version} "
             f"of run {personal.run_id}: ask for latest or {personal.version}"
         )
-    blob = encode_tensors(personal.params)
+    blob = encode_tensors(personal.served)
     copy = ModelCopy(
         run_id=personal.run_id,
         version=personal.version,
@@ -307,7 +307,8 @@ def pull_personal(state_dir: Path, which: str, out: Path) -> ModelCopy:
         blob_bytes=len(blob),
         source=str(state_dir),
         pulled_at=time.time(),
-        personal=personal.method.value,
+        personal=personal.method.value
+        + ("" if personal.kept_global is None else ", global version kept"),
     )
     write_model_copy(out, copy, blob, ())
     return copy

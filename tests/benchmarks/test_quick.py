@@ -176,7 +176,7 @@ def test_personalisation_quick_reports_every_model_per_hospital(tmp_path: Path) 
     for entry in federations.values():
         hospitals = entry["hospitals"]
         assert set(entry["models"]) == {"global", "local", "finetune", "ditto", "ditto-0.1",
-                                        "ditto-1"}  # fmt: skip
+                                        "ditto-1", "ditto-holdout"}  # fmt: skip
         for row in entry["models"].values():
             assert set(row["per_hospital_median"]) == set(hospitals)
             assert all(0.0 <= a <= 1.0 for a in row["per_hospital_median"].values())
