@@ -19,7 +19,14 @@ from common.messages import (
     TrainingConfig,
 )
 from common.models import build_model, model_params
-from edge_node.personal import personal_config, personalise, resumes, start_from
+from edge_node.personal import (
+    holdout_split,
+    personal_config,
+    personalise,
+    prefers_personal,
+    resumes,
+    start_from,
+)
 from edge_node.personal_store import PersonalModel, PersonalStore, read_personal
 from edge_node.service import NodeService, Personalised, _job_seed
 from edge_node.session import Job, JobKind
@@ -309,3 +316,80 @@ def test_a_restarted_node_resumes_its_personal_model_from_its_state_dir(tmp_path
     )
     for name, array in expected.params.items():
         np.testing.assert_array_equal(later.personal[1].params[name], array)
+
+
+@pytest.mark.parametrize(
+    ("records", "fraction", "held"),
+    [
+        pytest.param(100, 0.2, 20, id="a-fifth"),
+        pytest.param(100, 0.0, 0, id="off"),
+        pytest.param(3, 0.1, 1, id="at-least-one"),
+        pytest.param(2, 0.5, 1, id="at-least-one-left"),
+        pytest.param(1, 0.5, 0, id="one-record"),
+    ],
+)
+def test_a_holdout_splits_the_training_rows_in_two_the_same_way_every_time(
+    records: int, fraction: float, held: int
+) -> None:
+    fit, out = holdout_split(records, fraction, seed=11)
+    assert len(out) == held
+    assert sorted([*fit, *out]) == list(range(records))
+    again = holdout_split(records, fraction, seed=11)
+    np.testing.assert_array_equal(again[1], out)
+
+
+def test_the_personal_model_is_kept_only_when_it_beats_the_global_one() -> None:
+    assert prefers_personal(0.8, 0.7)
+    assert not prefers_personal(0.7, 0.7)  # a tie: the model trained on every hospital
+    assert not prefers_personal(0.6, 0.7)
+
+
+def test_a_kept_global_version_is_saved_and_served_beside_the_personal_weights(
+    tmp_path: Path,
+) -> None:
+    store = PersonalStore(tmp_path, max_bytes=1 << 20)
+    store.open()
+    mine = personal(5, PersonalisationMethod.DITTO)
+    theirs = {n: np.full_like(a, 9.0) for n, a in mine.params.items()}
+    store.save(
+        PersonalModel(
+            run_id="r1",
+            version=5,
+            method=PersonalisationMethod.DITTO,
+            model=LOGREG,
+            saved_at=1.0,
+            params=mine.params,
+            kept_global=theirs,
+        )
+    )
+    loaded = store.load()
+    assert loaded is not None
+    assert loaded.kept_global is not None
+    np.testing.assert_array_equal(loaded.served["linear.weight"], theirs["linear.weight"])
+    np.testing.assert_array_equal(loaded.params["linear.weight"], mine.params["linear.weight"])
+    plain = personal(5, PersonalisationMethod.DITTO)
+    assert plain.served is plain.params
+
+
+def test_a_node_with_a_holdout_keeps_the_global_version_where_it_wins_there(
+    tmp_path: Path,
+) -> None:
+    """A personal model that no training can make better than the global version on the
+    held-out rows (zero epochs' worth of learning rate) leaves the hospital with the global one,
+    whose test accuracy it reports."""
+    node = heart_node(tmp_path)
+    policy = Personalisation(
+        method=PersonalisationMethod.DITTO, ditto_lambda=0.3, holdout=0.2, learning_rate=1e-9
+    )
+    job = heart_job(1)
+    job = Job(
+        JobKind.EVALUATE, job.manifest.model_copy(update={"personalisation": policy}), job.params
+    )
+    done = node._run_job(job)
+    assert isinstance(done, Personalised)
+    assert done.personal is not None
+    result, kept = done.personal
+    assert kept.kept_global is not None
+    assert result == done.result  # the global version's own test accuracy
+    for name, array in job.params.items():
+        np.testing.assert_array_equal(kept.served[name], array)
