@@ -319,7 +319,7 @@ def plot(report: Mapping[str, object], path: Path) -> None:
 
     federations = report["federations"]
     assert isinstance(federations, dict)
-    names = ["global", "local", *METHODS]
+    names = ["global", "local", *report["methods"]]
     fig, axes = plt.subplots(1, len(federations), figsize=(6 * len(federations), 4), squeeze=False)
     for ax, (fed_name, entry) in zip(axes[0], federations.items(), strict=True):
         hospitals = entry["hospitals"]
@@ -354,6 +354,13 @@ def main() -> None:
         "--real-only", action="store_true", help="only the run through the real system"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run of seconds")
+    parser.add_argument(
+        "--federations",
+        nargs="+",
+        choices=["heart-disease", "pneumonia-shift"],
+        help="run only these (default: both)",
+    )
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="only these methods")
     args = parser.parse_args()
     console = Console(stderr=True)
     torch.set_num_threads(1)  # as each node trains (DemoConfig.torch_threads)
@@ -371,6 +378,10 @@ def main() -> None:
         "schedule": "synchronous FedAvg in this process, final version",
     }
     entries: dict[str, object] = {}
+    if args.federations:
+        federations = [f for f in federations if f.name in args.federations]
+    methods = {n: p for n, p in METHODS.items() if not args.methods or n in args.methods}
+    report["methods"] = {name: p.model_dump(mode="json") for name, p in methods.items()}
     if args.real_only:
         federations = []
         report["schedule"] = "the real system: FedBuff K = 3 over Mosquitto, final version"
@@ -379,7 +390,7 @@ def main() -> None:
         runs = []
         for seed in range(seeds):
             console.log(f"{federation.name}: seed {seed}")
-            runs.append(simulate(federation, METHODS, seed))
+            runs.append(simulate(federation, methods, seed))
         entries[federation.name] = {
             "hospitals": list(federation.hospitals),
             "train_records": {
