@@ -319,7 +319,9 @@ def plot(report: Mapping[str, object], path: Path) -> None:
 
     federations = report["federations"]
     assert isinstance(federations, dict)
-    names = ["global", "local", *report["methods"]]
+    methods = report["methods"]
+    assert isinstance(methods, dict)
+    names = ["global", "local", *methods]
     fig, axes = plt.subplots(1, len(federations), figsize=(6 * len(federations), 4), squeeze=False)
     for ax, (fed_name, entry) in zip(axes[0], federations.items(), strict=True):
         hospitals = entry["hospitals"]
