@@ -401,6 +401,7 @@ def privacy(root: Path) -> str:
 
 PERSONAL_JSON = f"{DOCS}/personalisation.json"
 PERSONAL_REAL_JSON = f"{DOCS}/personalisation-real.json"
+PERSONAL_HOLDOUT_JSON = f"{DOCS}/personalisation-holdout.json"
 PERSONAL_PLOT = "docs/personalisation.png"
 PERSONAL_MODELS = {"global": "global model", "local": "local only", "finetune": "fine-tuning",
                    "ditto": "Ditto", "ditto-0.1": "Ditto", "ditto-1": "Ditto",
@@ -421,10 +422,12 @@ def _personal_model(name: str, methods: Json) -> str:
 
 def personalisation(root: Path) -> str:
     """Global, local-only and personal accuracy per hospital (benchmarks/personalisation.py)."""
-    src = Source(PERSONAL_JSON, root)
-    sources = [src]
+    sources = [Source(PERSONAL_JSON, root)]
+    if (root / PERSONAL_HOLDOUT_JSON).is_file():
+        sources.append(Source(PERSONAL_HOLDOUT_JSON, root))
     parts = []
-    for name, entry in src["federations"].items():
+    runs = [(source, item) for source in sources for item in source["federations"].items()]
+    for src, (name, entry) in runs:
         hospitals = entry["hospitals"]
         rows = []
         for model, row in entry["models"].items():
@@ -439,7 +442,8 @@ def personalisation(root: Path) -> str:
             ))  # fmt: skip
         header = ("model", *(f"{h} ({entry['test_records'][h]})" for h in hospitals),
                   "mean (range over seeds)", "worst drop below global")  # fmt: skip
-        parts.append(f"**{name}**, {entry['rounds']} rounds, {src['seeds']} seeds\n\n"
+        where = f" (`{Path(src.relative).name}`)" if len(sources) > 1 else ""
+        parts.append(f"**{name}**, {entry['rounds']} rounds, {src['seeds']} seeds{where}\n\n"
                      + table(header, rows))  # fmt: skip
     real = root / PERSONAL_REAL_JSON
     if real.is_file():
@@ -685,6 +689,8 @@ MEANINGS = {
     "knobs.personalisation.epochs": "local epochs of personal training per version",
     "knobs.personalisation.ditto_lambda": "Ditto's pull of the personal model towards the global",
     "knobs.personalisation.learning_rate": "of personal training (none: the training one)",
+    "knobs.personalisation.holdout": "fraction of the training split held out to choose "
+    "between the personal and the global model (0: always personal)",
     "knobs.broadcast_dtype": "the model broadcast's dtype: `float32` or `float16`",
     "knobs.max_versions": "stop the run at this version",
     "knobs.training.epochs": "local epochs per version (sent to nodes in the manifest)",
