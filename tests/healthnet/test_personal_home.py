@@ -95,7 +95,7 @@ def test_pull_export_and_predict_take_the_personal_model_home(
         ],
     )
     assert predicted.exit_code == 0, predicted.output
-    assert f"accuracy {expected.accuracy:.4f}" in predicted.stdout
+    assert f"accuracy {expected.accuracy:.4f}" in " ".join(predicted.stdout.split())
 
     exported = runner.invoke(app, ["model", "export", "12", *args[:-1], str(tmp_path / "exported")])
     assert exported.exit_code == 0, exported.output
