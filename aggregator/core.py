@@ -77,6 +77,7 @@ from common.messages import (
     ModelSpec,
     NodeTally,
     NormPolicy,
+    Personalisation,
     PrivacyPolicy,
     PrivacySpend,
     RejectReason,
@@ -111,8 +112,9 @@ _NESTED_KNOBS: Mapping[str, type[BaseModel]] = {
     "compression": Compression,
     "broadcast_compression": Compression,
     "privacy": PrivacyPolicy,
+    "personalisation": Personalisation,
 }
-_WHOLE_KNOBS = ("privacy", "broadcast_compression")
+_WHOLE_KNOBS = ("privacy", "broadcast_compression", "personalisation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +246,7 @@ class _NodeTally:
     eval_version: int | None = None
     eval_accuracy: float | None = None
     eval_failure: str = ""
+    eval_personal_accuracy: float | None = None
     quarantined: bool = False
     epsilon: float | None = None
     epsilon_budget: float | None = None
@@ -431,6 +434,7 @@ class AggregatorCore:
             broadcast_dtype=step.dtype,
             privacy=knobs.privacy,
             broadcast_compression=knobs.broadcast_compression,
+            personalisation=knobs.personalisation,
         )
         delta = None
         if step.tensors is not None and self._base_sha is not None:
@@ -519,6 +523,7 @@ class AggregatorCore:
             entry.eval_version = evaluation.version
             entry.eval_failure = evaluation.failure
             entry.eval_accuracy = None if evaluation.failure else evaluation.accuracy
+            entry.eval_personal_accuracy = evaluation.personal_accuracy
 
     def record_privacy(self, node: str, spend: PrivacySpend | None) -> None:
         """What ``node``'s own status says of its privacy ledger (the shell saw it arrive).

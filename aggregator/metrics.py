@@ -166,6 +166,11 @@ def _status_families(status: AggregatorStatus) -> Iterator[Metric]:
     eval_version = GaugeMetricFamily(
         "healthnet_node_eval_version", "The version of that evaluation.", labels=["node"]
     )
+    personal = GaugeMetricFamily(
+        "healthnet_node_personal_accuracy",
+        "The node's personal model on its test split, with that evaluation (personalisation).",
+        labels=["node"],
+    )
     last_seen = GaugeMetricFamily(
         "healthnet_node_last_update_timestamp_seconds",
         "When the node's last update arrived (aggregator clock).",
@@ -191,13 +196,15 @@ def _status_families(status: AggregatorStatus) -> Iterator[Metric]:
         if entry.eval_accuracy is not None and entry.eval_version is not None:
             accuracy.add_metric([entry.node], entry.eval_accuracy)
             eval_version.add_metric([entry.node], entry.eval_version)
+            if entry.eval_personal_accuracy is not None:
+                personal.add_metric([entry.node], entry.eval_personal_accuracy)
         if entry.last_seen is not None:
             last_seen.add_metric([entry.node], entry.last_seen)
         if entry.epsilon is not None and entry.epsilon_budget is not None:
             epsilon.add_metric([entry.node], entry.epsilon)
             budget.add_metric([entry.node], entry.epsilon_budget)
     yield from (accepted, folded, discarded, rejected, node_bytes)
-    yield from (accuracy, eval_version, last_seen, epsilon, budget)
+    yield from (accuracy, eval_version, personal, last_seen, epsilon, budget)
 
 
 @contextlib.contextmanager

@@ -343,6 +343,7 @@ PRIVACY_JSON = f"{DOCS}/privacy.json"
 PRIVACY_PLOT = "docs/privacy.png"  # beside docs/privacy.md, which shows it
 EPSILON = "\u03b5"
 DELTA = "\u03b4"
+LAMBDA = "\u03bb"
 
 
 def _train_time(row: Json) -> str:
@@ -408,6 +409,82 @@ def privacy(root: Path) -> str:
     if (root / PRIVACY_PLOT).is_file():
         plot = Path(PRIVACY_PLOT).name
         text += f"\n\n![Mean test accuracy against the largest {EPSILON} reached]({plot})"
+    return text
+
+
+PERSONAL_JSON = f"{DOCS}/personalisation.json"
+PERSONAL_REAL_JSON = f"{DOCS}/personalisation-real.json"
+PERSONAL_HOLDOUT_JSON = f"{DOCS}/personalisation-holdout.json"
+PERSONAL_PLOT = "docs/personalisation.png"
+PERSONAL_MODELS = {"global": "global model", "local": "local only", "finetune": "fine-tuning",
+                   "ditto": "Ditto", "ditto-0.1": "Ditto", "ditto-1": "Ditto",
+                   "ditto-holdout": "Ditto"}  # fmt: skip
+
+
+def _personal_model(name: str, methods: Json) -> str:
+    label = PERSONAL_MODELS.get(name, name)
+    method = methods.get(name)
+    if method is None:
+        return label
+    held = method.get("holdout") or 0
+    chosen = f", kept where it beats global on a {held:.0%} holdout" if held else ""
+    if method["method"] == "ditto":
+        return f"{label}, {LAMBDA} = {method['ditto_lambda']:g}{chosen}"
+    return f"{label}, {method['epochs']} epoch"
+
+
+def personalisation(root: Path) -> str:
+    """Global, local-only and personal accuracy per hospital (benchmarks/personalisation.py)."""
+    sources = [Source(PERSONAL_JSON, root)]
+    if (root / PERSONAL_HOLDOUT_JSON).is_file():
+        sources.append(Source(PERSONAL_HOLDOUT_JSON, root))
+    parts = []
+    runs = [(source, item) for source in sources for item in source["federations"].items()]
+    for src, (name, entry) in runs:
+        hospitals = entry["hospitals"]
+        rows = []
+        for model, row in entry["models"].items():
+            drops = row["worst_drop_below_global"]
+            means = row["per_seed_mean"]
+            rows.append((
+                _personal_model(model, src["methods"]),
+                *(f3(row["per_hospital_median"][h]) for h in hospitals),
+                f"**{f3(row['median_mean'])}** ({span([min(means), max(means)])})",
+                DASH if model == "global" else f"{100 * min(drops.values()):+.1f} pt "
+                f"({min(drops, key=drops.get)})",
+            ))  # fmt: skip
+        header = ("model", *(f"{h} ({entry['test_records'][h]})" for h in hospitals),
+                  "mean (range over seeds)", "worst drop below global")  # fmt: skip
+        where = f" (`{Path(src.relative).name}`)" if len(sources) > 1 else ""
+        parts.append(f"**{name}**, {entry['rounds']} rounds, {src['seeds']} seeds{where}\n\n"
+                     + table(header, rows))  # fmt: skip
+    real = root / PERSONAL_REAL_JSON
+    if real.is_file():
+        run = Source(PERSONAL_REAL_JSON, root)
+        sources.append(run)
+        heart = run["real_heart"]
+        hospitals = list(heart["global_per_hospital"])
+        rows = [
+            ("global model", *(f3(heart["global_per_hospital"][h]) for h in hospitals),
+             f3(heart["global_mean"])),
+            (_personal_model("ditto", {"ditto": heart["policy"]}),
+             *(f3(heart["personal_per_hospital"][h]) if h in heart["personal_per_hospital"]
+               else DASH for h in hospitals),
+             DASH if heart["personal_mean"] is None else f3(heart["personal_mean"])),
+        ]  # fmt: skip
+        parts.append(
+            f"**heart-disease through the real system** (Mosquitto, FedBuff K = 3, "
+            f"{heart['versions']} versions, one run), as the hospitals reported it\n\n"
+            + table(("model", *hospitals, "mean"), rows)
+        )
+    note = (
+        "Per hospital: the median over seeds of its accuracy on its own test split (its test "
+        "records in brackets), final version. Worst drop: the largest amount by which the model "
+        "fell below the global model at one hospital in one seed."
+    )
+    text = "\n\n".join(parts) + "\n\n" + provenance(sources, note)
+    if (root / PERSONAL_PLOT).is_file():
+        text += f"\n\n![Each hospital's accuracy per model]({Path(PERSONAL_PLOT).name})"
     return text
 
 
@@ -778,6 +855,13 @@ MEANINGS = {
     "knobs.privacy.delta": "DP delta; must be below 1/n at every hospital",
     "knobs.privacy.epsilon_budget": "each hospital's total epsilon over the run (turns DP on)",
     "knobs.privacy.metrics": "what reports say under DP: `exact`, `rounded` or `suppressed`",
+    "knobs.personalisation.method": "each hospital's personal model: `finetune` or `ditto` "
+    "(turns personalisation on; docs/personalisation.md)",
+    "knobs.personalisation.epochs": "local epochs of personal training per version",
+    "knobs.personalisation.ditto_lambda": "Ditto's pull of the personal model towards the global",
+    "knobs.personalisation.learning_rate": "of personal training (none: the training one)",
+    "knobs.personalisation.holdout": "fraction of the training split held out to choose "
+    "between the personal and the global model (0: always personal)",
     "knobs.broadcast_dtype": "the model broadcast's dtype: `float32` or `float16`",
     "knobs.max_versions": "stop the run at this version",
     "knobs.training.epochs": "local epochs per version (sent to nodes in the manifest)",
@@ -984,6 +1068,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "secure-aggregation-costs": secure_aggregation_costs,
     "secure-aggregation-accuracy": secure_aggregation_accuracy,
     "limit": limit,
+    "personalisation": personalisation,
     **{name: _settings(name) for name in SETTINGS_TABLES},
 }
 """Every generated table, by the name its markers carry, and how it is rendered."""

@@ -46,6 +46,8 @@ __all__ = [
     "NodeStatus",
     "NodeTally",
     "NormPolicy",
+    "Personalisation",
+    "PersonalisationMethod",
     "PrivacyPolicy",
     "PrivacySpend",
     "Quantization",
@@ -195,6 +197,37 @@ class MetricRelease(StrEnum):
     EXACT = "exact"
     ROUNDED = "rounded"
     SUPPRESSED = "suppressed"
+
+
+class PersonalisationMethod(StrEnum):
+    """How a hospital keeps a model of its own beside the global one (see docs/personalisation.md).
+
+    ``finetune``: each global version, trained further on the hospital's training split.
+    ``ditto``: a personal model that lives across versions, trained on the training split with a
+    proximal pull of strength ``ditto_lambda`` towards each global version (Li et al., 2021).
+    """
+
+    FINETUNE = "finetune"
+    DITTO = "ditto"
+
+
+class Personalisation(Frozen):
+    """The run's personalisation policy; travels in the manifest (None: off).
+
+    Every node trains a personal model on its own training split, keeps it in its state
+    directory and reports its accuracy on its own test split beside the global model's. Personal
+    weights never leave the hospital; the global model and the updates do not change.
+    ``learning_rate`` None: the run's training learning rate. ``holdout`` above 0 keeps that
+    fraction of the training split out of personal training, to choose between the personal model
+    and the global version: the hospital keeps (and reports) the personal model only where it is
+    more accurate than the global one on the held-out records.
+    """
+
+    method: PersonalisationMethod
+    epochs: Annotated[int, Field(ge=1, le=100)] = 1
+    ditto_lambda: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 0.1
+    learning_rate: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] | None = None
+    holdout: Annotated[float, Field(ge=0, le=0.5, allow_inf_nan=False)] = 0.0
 
 
 class PrivacyPolicy(Frozen):
@@ -446,6 +479,8 @@ class Knobs(Frozen):
     training: TrainingConfig = TrainingConfig()
     # Record-level differential privacy every node trains under (None: none); in the manifest.
     privacy: PrivacyPolicy | None = None
+    # Each hospital's personal model beside the global one (None: none); in the manifest.
+    personalisation: Personalisation | None = None
 
     @model_validator(mode="after")
     def _trims_something(self) -> Self:
@@ -492,6 +527,7 @@ class Manifest(Frozen):
     # Set: the versions after this one also travel as compressed deltas on ``model/delta``
     # (common.broadcast_chain), so a node that holds this version need not download the next.
     broadcast_compression: Compression | None = None
+    personalisation: Personalisation | None = None
 
     @model_validator(mode="after")
     def _chunks_cover_blob(self) -> Self:
@@ -622,11 +658,17 @@ class Evaluation(Frozen):
     # Bytes of model messages (manifests, snapshot chunks, deltas) the node has received since it
     # started, when it evaluated this version: the broadcast's cost, as measured where it lands.
     model_bytes: NonNegative = 0
+    # Under a personalisation policy: the hospital's personal model (trained against this
+    # version) on the same test split. None: no personal model, or it could not be evaluated.
+    personal_loss: FiniteFloat | None = None
+    personal_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
 
     @model_validator(mode="after")
     def _loss_unless_failed(self) -> Self:
         if (self.loss is None) != bool(self.failure):
             raise ValueError("an evaluation has a loss, or a failure and no loss")
+        if (self.personal_loss is None) != (self.personal_accuracy is None):
+            raise ValueError("a personal evaluation has both a loss and an accuracy, or neither")
         return self
 
 
@@ -710,6 +752,8 @@ class NodeTally(Frozen):
     eval_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
     # Why the node could not evaluate ``eval_version`` (empty when it could).
     eval_failure: str = ""
+    # The node's personal model on its test split, reported with ``eval_version``.
+    eval_personal_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
     quarantined: bool = False
     # The privacy loss the node last reported (its latest update or status), and its budget.
     epsilon: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None

@@ -7,7 +7,9 @@ The DP guarantee covers the update (the noisy weights). Everything else a node s
 it, and reveals something about the hospital's records:
 
 - an evaluation (loss, accuracy, correct and example counts on the local test split): how well a
-  version fits the test patients; repeated over versions, a membership signal on them;
+  version fits the test patients; repeated over versions, a membership signal on them; under a
+  personalisation policy, the personal model's loss and accuracy on the same split too (the
+  personal model is trained without DP and never leaves, but its accuracy does);
 - the training loss and accuracy in an update: the same on the training patients;
 - the sample count in an update: the size of the training split (it weights the update in the
   fold, so it always leaves, exactly: the aggregator cannot weight a rounded count correctly,
@@ -16,8 +18,9 @@ it, and reveals something about the hospital's records:
 Under :class:`~common.messages.MetricRelease`:
 
 - ``exact``: sent as measured.
-- ``rounded``: loss and accuracy to 2 decimals; an evaluation's example count down to a
-  multiple of 10 (below 10 it becomes 0), its correct count from the rounded accuracy and count.
+- ``rounded``: loss and accuracy (the personal model's too) to 2 decimals; an evaluation's
+  example count down to a multiple of 10 (below 10 it becomes 0), its correct count from the
+  rounded accuracy and count.
 - ``suppressed``: no evaluation is sent; an update's training loss and accuracy are sent as 0
   (the schema requires the fields).
 
@@ -58,8 +61,14 @@ def release_evaluation(evaluation: Evaluation, release: MetricRelease) -> Evalua
                     "accuracy": accuracy,
                     "correct": min(examples, round(accuracy * examples)),
                     "num_examples": examples,
+                    "personal_loss": _rounded(evaluation.personal_loss),
+                    "personal_accuracy": _rounded(evaluation.personal_accuracy),
                 }
             )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, DECIMALS)
 
 
 def release_train_metrics(metrics: TrainMetrics, release: MetricRelease) -> TrainMetrics:

@@ -18,6 +18,11 @@ Under a privacy policy (the run's, tightened by this node's own) the worker trai
 closes the gate, and the node only evaluates. Each update's charge is committed to the privacy
 ledger (:mod:`edge_node.privacy_ledger`) before the update enters the outbox; reports leave as
 the policy's metric release says (:mod:`edge_node.release`).
+
+Under a personalisation policy the evaluation job also trains the hospital's personal model
+(:mod:`edge_node.personal`) and evaluates it beside the global one; the personal model is saved
+to the state directory (:mod:`edge_node.personal_store`) before its evaluation is published, and
+a restarted node resumes from it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import TYPE_CHECKING, assert_never
@@ -56,6 +62,7 @@ from common.messages import (
     ModelSpec,
     NodeState,
     NodeStatus,
+    Personalisation,
     PrivacyPolicy,
     PrivacySpend,
     RejectReason,
@@ -69,6 +76,7 @@ from common.topics import Role, Route, Topic, TopicTree
 from common.wire_size import describe_wire_size
 from edge_node.datasets import LocalDataset, load_dataset
 from edge_node.outbox import Outbox
+from edge_node.personal_store import PersonalModel, PersonalStore
 from edge_node.privacy_ledger import Charge, PrivacyLedger, spend_of
 from edge_node.release import node_policy, release_evaluation
 from edge_node.residual import ResidualStore
@@ -88,6 +96,15 @@ if TYPE_CHECKING:
 __all__ = ["NodeService", "Upload"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Personalised:
+    """An evaluation job under a personalisation policy: the global model's result, and the
+    personal model's with its weights (None: it could not be trained or evaluated)."""
+
+    result: EvalResult
+    personal: tuple[EvalResult, PersonalModel] | None
 
 
 def _software_version() -> str:
@@ -111,6 +128,9 @@ class NodeService:
         self._residual: tuple[str, Mapping[str, NDArray[np.float32]]] | None = None
         self.sent_log = SentLog(settings.state_dir)
         self.ledger = PrivacyLedger(settings.state_dir / "privacy")
+        self.personal_store = PersonalStore(settings.state_dir, max_bytes=settings.max_model_bytes)
+        # The personal model as last saved; read by the worker, replaced by this thread.
+        self._personal: PersonalModel | None = None
         # The ledger's spend as last committed (None: nothing charged yet).
         self._spend: PrivacySpend | None = None
         # (run id, version) -> the policy and DP plan the gate admitted; read by the worker.
@@ -131,7 +151,9 @@ class NodeService:
         self._model: nn.Module | None = None
         self._model_spec: ModelSpec | None = None
         self._device: torch.device | None = None
-        self._job: tuple[Job, concurrent.futures.Future[EvalResult | Upload]] | None = None
+        self._job: (
+            tuple[Job, concurrent.futures.Future[EvalResult | Personalised | Upload]] | None
+        ) = None
         self._published_state: tuple[NodeState, int | None, str, PrivacySpend | None] | None = None
 
     # -- lifecycle
@@ -151,6 +173,16 @@ class NodeService:
         self.sent_log.open()
         self.ledger.open()
         self._spend = self.ledger.spend()
+        self.personal_store.open()
+        self._personal = self.personal_store.load()
+        if self._personal is not None:
+            log.info(
+                "node %s: resuming its personal model (%s) of run %s, trained against v%d",
+                settings.node_id,
+                self._personal.method.value,
+                self._personal.run_id,
+                self._personal.version,
+            )
         self._recover_progress()
         self.residuals.open(set(self.outbox.ids()))
         for update_id in self.outbox.ids():
@@ -510,12 +542,16 @@ class NodeService:
         self._job = (job, future)
         self._publish_status()
 
-    def _run_job(self, job: Job) -> EvalResult | Upload:
+    def _run_job(self, job: Job) -> EvalResult | Personalised | Upload:
         model, dataset, device = self._model, self._dataset, self._device
         if model is None or dataset is None or device is None:
             raise ConfigError("node is not ready: model, dataset or device missing")
         if job.kind is JobKind.EVALUATE:
-            return evaluate(model, job.params, dataset.test_x, dataset.test_y, device=device)
+            evaluated = evaluate(model, job.params, dataset.test_x, dataset.test_y, device=device)
+            policy = job.manifest.personalisation
+            if policy is None:
+                return evaluated
+            return Personalised(evaluated, self._personal_job(job, policy))
         seed = _job_seed(self.settings.seed, self.settings.node_id, job.manifest.version)
         private = self._plans.get((job.manifest.run_id, job.manifest.version))
         if private is not None:
@@ -546,6 +582,80 @@ class NodeService:
         if self.settings.delay_seconds > 0:
             time.sleep(self.settings.delay_seconds)  # the worker thread simulates a slow site
         return self._prepare_upload(job, result, private)
+
+    def _personal_job(
+        self, job: Job, policy: Personalisation
+    ) -> tuple[EvalResult, PersonalModel] | None:
+        """Train the personal model against ``job``'s version and evaluate it (worker thread).
+
+        A personal model already trained against this version (before a restart) is evaluated
+        again, not trained twice. One that cannot be trained or evaluated (its outputs are not
+        finite) is reported as missing; the previous one stays saved.
+        """
+        from edge_node.personal import (
+            holdout_split,
+            personalise,
+            prefers_personal,
+            resumes,
+            start_from,
+        )
+
+        model, dataset, device = self._model, self._dataset, self._device
+        if model is None or dataset is None or device is None:
+            raise ConfigError("node is not ready: model, dataset or device missing")
+        manifest, current = job.manifest, self._personal
+        try:
+            if current is not None and resumes(
+                current, manifest.run_id, manifest.version, policy.method
+            ):
+                personal = current
+            else:
+                fit, held = holdout_split(
+                    dataset.num_train,
+                    policy.holdout,
+                    _job_seed(self.settings.seed, f"{self.settings.node_id}/holdout", 0),
+                )
+                trained = personalise(
+                    model,
+                    policy,
+                    start=start_from(policy, current, manifest.run_id, job.params),
+                    global_params=job.params,
+                    x=dataset.train_x[fit],
+                    y=dataset.train_y[fit],
+                    config=manifest.training,
+                    seed=_job_seed(
+                        self.settings.seed, f"{self.settings.node_id}/personal", manifest.version
+                    ),
+                    device=device,
+                )
+                kept_global = None
+                if len(held):
+                    x, y = dataset.train_x[held], dataset.train_y[held]
+                    mine = evaluate(model, trained.params, x, y, device=device).accuracy
+                    theirs = evaluate(model, job.params, x, y, device=device).accuracy
+                    if not prefers_personal(mine, theirs):
+                        kept_global = {
+                            n: np.array(a, dtype=np.float32) for n, a in job.params.items()
+                        }
+                personal = PersonalModel(
+                    run_id=manifest.run_id,
+                    version=manifest.version,
+                    method=policy.method,
+                    model=manifest.model,
+                    saved_at=self._clock(),
+                    params=trained.params,
+                    kept_global=kept_global,
+                )
+            result = evaluate(model, personal.served, dataset.test_x, dataset.test_y, device=device)
+        except UnusableVersion as exc:
+            log.warning(
+                "node %s: no personal model for v%d: %s",
+                self.settings.node_id,
+                manifest.version,
+                exc,
+            )
+            return None
+        return result, personal
 
     def _prepare_upload(
         self, job: Job, result: TrainResult, private: tuple[PrivacyPolicy, DpPlan] | None
@@ -612,13 +722,31 @@ class NodeService:
             self.session.job_done(job)
             return
         self.session.job_done(job)
+        self._collect_result(job, result)
+
+    def _collect_result(self, job: Job, result: EvalResult | Personalised | Upload) -> None:
+        """Save, send or publish what a finished job made (the service thread)."""
         match result:
             case EvalResult():
                 self._publish_evaluation(job, result)
+            case Personalised():
+                # Saved before it is reported: a reported personal model is never lost.
+                self._keep_personal(result)
+                self._publish_evaluation(
+                    job, result.result, None if result.personal is None else result.personal[0]
+                )
             case Upload():
                 self._publish_update(job, result)
 
-    def _publish_evaluation(self, job: Job, result: EvalResult) -> None:
+    def _keep_personal(self, result: Personalised) -> None:
+        """Save a newly trained personal model to the state dir; the worker continues from it."""
+        if result.personal is not None and result.personal[1] is not self._personal:
+            self.personal_store.save(result.personal[1])
+            self._personal = result.personal[1]
+
+    def _publish_evaluation(
+        self, job: Job, result: EvalResult, personal: EvalResult | None = None
+    ) -> None:
         evaluation = Evaluation(
             run_id=job.manifest.run_id,
             version=job.manifest.version,
@@ -626,15 +754,18 @@ class NodeService:
             accuracy=result.accuracy,
             correct=result.correct,
             num_examples=result.num_examples,
+            personal_loss=None if personal is None else personal.loss,
+            personal_accuracy=None if personal is None else personal.accuracy,
         )
         self._send_evaluation(job, evaluation)
         log.info(
-            "node %s: v%d test accuracy %.3f (%d/%d)",
+            "node %s: v%d test accuracy %.3f (%d/%d)%s",
             self.settings.node_id,
             job.manifest.version,
             result.accuracy,
             result.correct,
             result.num_examples,
+            "" if personal is None else f", personal model {personal.accuracy:.3f}",
         )
 
     def _publish_failed_evaluation(self, job: Job, reason: str) -> None:

@@ -110,11 +110,17 @@ def train(
     *,
     seed: int,
     device: torch.device,
+    anchor: Params | None = None,
+    proximal: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` from ``base`` and return its new weights: ``config.steps_for(len(y))``
     batches (whole epochs unless the config sets a step budget), on the logit-adjusted loss when
     the config sets ``logit_adjustment`` (the reported loss and accuracy are the plain model's
-    predictions' accuracy and the loss it trained on)."""
+    predictions' accuracy and the loss it trained on).
+
+    With an ``anchor``, each batch's loss gains ``proximal / 2 * ||w - anchor||^2``: the pull
+    towards the global model of Ditto's personal objective (the reported loss leaves it out).
+    """
     started = time.perf_counter()
     load_params(model, base)
     model.to(device).train()
@@ -122,6 +128,14 @@ def train(
     loss_fn = nn.CrossEntropyLoss()
     features = torch.from_numpy(x).to(device)
     labels = torch.from_numpy(y).to(device)
+    pulls = (
+        []
+        if anchor is None or proximal == 0
+        else [
+            (weight, torch.from_numpy(np.array(anchor[name], dtype=np.float32)).to(device))
+            for name, weight in model.named_parameters()
+        ]
+    )
     generator = torch.Generator().manual_seed(seed)
     total_loss, correct, seen = 0.0, 0, 0
     adjustment: torch.Tensor | None = None
@@ -131,8 +145,11 @@ def train(
         if config.logit_adjustment and adjustment is None:
             adjustment = label_adjustment(y, logits.shape[1], config.logit_adjustment).to(device)
         loss = loss_fn(logits if adjustment is None else logits + adjustment, labels[batch])
+        objective = loss
+        for weight, target in pulls:
+            objective = objective + proximal / 2 * (weight - target).pow(2).sum()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         optimizer.step()
         total_loss += float(loss.detach()) * len(batch)
         correct += int((logits.detach().argmax(dim=1) == labels[batch]).sum())

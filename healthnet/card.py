@@ -5,6 +5,10 @@ accuracy history as ``accuracy.png``. Every number comes from the aggregator's l
 (``versions.jsonl``, ``evaluations.jsonl``) and checkpoints, or from the version's verified blob:
 sizes are counts only, never records. What the logs cannot know (the intended use, its limits,
 the data's licence for a federation that is not built in) the operator states.
+
+Under personalisation the card describes the global model still, and states beside each
+hospital's accuracy its personal model's on the same test split at this version (as the hospital
+reported it): the personal models themselves stay at the hospitals.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ def write_card(run_dir: Path, which: str, out: Path, text: CardText | None = Non
     test_sizes |= {node: n for node, n in _test_sizes(history).items() if node not in test_sizes}
     data = _data(hospitals, text)
     epsilons = _epsilons(history, copy.version)
+    personal = _personal_accuracies(history, copy.version)
     card: dict[str, Any] = {
         "run_id": copy.run_id,
         "version": copy.version,
@@ -83,6 +88,7 @@ def write_card(run_dir: Path, which: str, out: Path, text: CardText | None = Non
                 "train_examples": train_sizes.get(node),
                 "test_examples": test_sizes.get(node),
                 "accuracy": summary.accuracy.get(node),
+                "personal_accuracy": personal.get(node),
                 "privacy": _hospital_privacy(epsilons.get(node), knobs),
             }
             for node in hospitals
@@ -98,6 +104,7 @@ def write_card(run_dir: Path, which: str, out: Path, text: CardText | None = Non
             ],
         },
         "differential_privacy": _privacy(knobs, epsilons),
+        "personalisation": _personalisation(knobs, personal),
         "data": data,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -140,6 +147,33 @@ def _epsilons(history: RunHistory, version: int) -> dict[str, float]:
                 if c.epsilon is not None:
                     spent[c.node] = c.epsilon
     return spent
+
+
+def _personal_accuracies(history: RunHistory, version: int) -> dict[str, float]:
+    """Each hospital's personal model at ``version``, from its latest evaluation of it."""
+    personal: dict[str, float] = {}
+    for entry in history.logs.evaluations:
+        evaluation = entry.evaluation
+        if evaluation.version == version and evaluation.run_id == history.run_id:
+            if evaluation.personal_accuracy is None:
+                personal.pop(entry.node, None)
+            else:
+                personal[entry.node] = evaluation.personal_accuracy
+    return personal
+
+
+def _personalisation(knobs: Knobs | None, personal: dict[str, float]) -> dict[str, Any] | None:
+    """The run's personalisation policy and the personal models' mean; None: there was none."""
+    policy = None if knobs is None else knobs.personalisation
+    if policy is None and not personal:
+        return None
+    return {
+        "policy": None if policy is None else policy.model_dump(mode="json"),
+        "mean_personal_accuracy": math.fsum(personal.values()) / len(personal)
+        if personal
+        else None,
+        "reported_by": len(personal),
+    }
 
 
 def _privacy(knobs: Knobs | None, epsilons: dict[str, float]) -> str:
@@ -233,6 +267,29 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
+def _personal_lines(personalisation: dict[str, Any] | None) -> list[str]:
+    if personalisation is None:
+        return []
+    policy = personalisation["policy"]
+    how = (
+        "policy unknown (no readable checkpoint)"
+        if policy is None
+        else ", ".join(f"{k} = {v}" for k, v in policy.items() if v is not None)
+    )
+    return [
+        "## Personalisation",
+        "",
+        (
+            f"Each hospital also trained a personal model on its own training split ({how}). "
+            "This card describes the global model; the personal models never left the "
+            "hospitals. The personal model column is each hospital's own model on its own test "
+            f"split at this version; their mean over the {personalisation['reported_by']} "
+            f"hospitals that reported one: {_pct(personalisation['mean_personal_accuracy'])}."
+        ),
+        "",
+    ]
+
+
 def _markdown(card: dict[str, Any]) -> str:
     model, accuracy, data = card["model"], card["accuracy"], card["data"]
     lines = [
@@ -262,17 +319,22 @@ def _markdown(card: dict[str, Any]) -> str:
             else ", ".join(f"{k} = {v}" for k, v in values.items())
         )
         lines.append(f"- {title}: {shown}")
+    personalised = card["personalisation"] is not None
     lines += [
         "",
         "## Hospitals at this version",
         "",
-        "| hospital | train examples | test examples | accuracy | privacy |",
-        "|---|---:|---:|---:|---|",
+        "| hospital | train examples | test examples | accuracy "
+        + ("| personal model " if personalised else "")
+        + "| privacy |",
+        "|---|---:|---:|---:|" + ("---:|" if personalised else "") + "---|",
     ]
     for h in card["hospitals"]:
         lines.append(
             f"| {h['node']} | {h['train_examples'] or 'n/a'} | {h['test_examples'] or 'n/a'} "
-            f"| {_pct(h['accuracy'])} | {h['privacy']} |"
+            f"| {_pct(h['accuracy'])} "
+            + (f"| {_pct(h['personal_accuracy'])} " if personalised else "")
+            + f"| {h['privacy']} |"
         )
     lines += [
         "",
@@ -284,6 +346,7 @@ def _markdown(card: dict[str, Any]) -> str:
         "",
         "![accuracy by version](accuracy.png)",
         "",
+        *_personal_lines(card["personalisation"]),
         "## Privacy",
         "",
         card["differential_privacy"].capitalize() + ".",

@@ -35,6 +35,8 @@ from common.messages import (
     ControlCommand,
     MetricRelease,
     NodeTally,
+    Personalisation,
+    PersonalisationMethod,
     PrivacyPolicy,
     Quantization,
     ServerOptimizerKind,
@@ -89,6 +91,17 @@ DpCalibrateVersions = Annotated[
 ]
 DpDelta = Annotated[
     float | None, typer.Option(help="DP: delta, below 1/n for every hospital's n records")
+]
+# Personalisation, as the aggregator and the demo take it (see common.messages.Personalisation).
+Personalise = Annotated[
+    PersonalisationMethod | None,
+    typer.Option(help="each hospital also keeps a personal model: finetune or ditto"),
+]
+PersonalEpochs = Annotated[
+    int | None, typer.Option(help="personalisation: local epochs per version")
+]
+DittoLambda = Annotated[
+    float | None, typer.Option(help="personalisation: Ditto's pull towards the global model")
 ]
 
 
@@ -185,6 +198,8 @@ def _flag_for(loc: tuple[str, ...]) -> str:
         return "--dp-noise-multiplier/--dp-calibrate-versions"
     if loc[-2:-1] == ("privacy",):
         return "--dp-" + loc[-1].replace("_", "-")
+    if loc[-2:] == ("personalisation", "epochs"):
+        return "--personal-epochs"
     if not loc or loc[-1] in _GROUPS:
         return ".".join(loc) or "settings"
     return "--" + loc[-1].replace("_", "-")
@@ -252,6 +267,9 @@ def demo(
     dp_noise_multiplier: DpNoiseMultiplier = None,
     dp_calibrate_versions: DpCalibrateVersions = None,
     dp_delta: DpDelta = None,
+    personalise: Personalise = None,
+    personal_epochs: PersonalEpochs = None,
+    ditto_lambda: DittoLambda = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Run a whole federation locally (broker, aggregator, hospitals) and report accuracy.
@@ -298,6 +316,7 @@ def demo(
         privacy=_demo_privacy(
             dp_epsilon_budget, dp_noise_multiplier, dp_calibrate_versions, dp_delta
         ),
+        personalisation=_personalisation(personalise, personal_epochs, ditto_lambda),
     )
     try:
         result = run_demo(config, err_console)
@@ -307,6 +326,20 @@ def demo(
     if summary is not None:
         summary.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
         err_console.print(f"summary written to {summary}")
+
+
+def _personalisation(
+    method: PersonalisationMethod | None, epochs: int | None, ditto_lambda: float | None
+) -> Personalisation | None:
+    """The policy of the --personalise, --personal-epochs and --ditto-lambda flags."""
+    if method is None:
+        if epochs is not None or ditto_lambda is not None:
+            raise _bad_input("--personal-epochs and --ditto-lambda need --personalise")
+        return None
+    try:
+        return Personalisation(method=method, **_given(epochs=epochs, ditto_lambda=ditto_lambda))
+    except ValidationError as exc:
+        raise _bad_input(_describe(exc, within=("personalisation",))) from None
 
 
 def _demo_compression(
@@ -407,6 +440,9 @@ def aggregator_run(
         MetricRelease | None,
         typer.Option(help="DP: what evaluations and losses say: exact, rounded, suppressed"),
     ] = None,
+    personalise: Personalise = None,
+    personal_epochs: PersonalEpochs = None,
+    ditto_lambda: DittoLambda = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the aggregator of one federation until the run is stopped.
@@ -448,6 +484,9 @@ def aggregator_run(
     )
     if privacy:
         knobs["privacy"] = privacy
+    personal = _personalisation(personalise, personal_epochs, ditto_lambda)
+    if personal is not None:
+        knobs["personalisation"] = personal.model_dump(mode="json")
     model_spec: dict[str, Any] = _given(
         name=model, kwargs=_json_object("--model-kwargs", model_kwargs)
     )
@@ -777,6 +816,47 @@ def _render_status(snapshot: AggregatorStatus, age: float) -> None:
         f"server={k.server_optimizer.value}(lr={k.server_lr}), training={k.training.model_dump()}"
     )
     _render_privacy(snapshot)
+    _render_personalisation(snapshot)
+
+
+def _render_personalisation(snapshot: AggregatorStatus) -> None:
+    """The run's personalisation policy, and each hospital's global and personal accuracy."""
+    policy = snapshot.knobs.personalisation
+    personal = [e for e in snapshot.nodes if e.eval_personal_accuracy is not None]
+    if policy is None and not personal:
+        return
+    console.print(_describe_personalisation(policy), soft_wrap=True)
+    if personal:
+        console.print(
+            "accuracy, global / personal: "
+            + ", ".join(f"{e.node} {_accuracy(e)}/{_personal_accuracy(e)}" for e in personal),
+            soft_wrap=True,
+        )
+
+
+def _describe_personalisation(policy: Personalisation | None) -> str:
+    if policy is None:
+        return "personalisation: no policy in force (the accuracies below are what nodes reported)"
+    detail = (
+        f", lambda {policy.ditto_lambda:g}" if policy.method is PersonalisationMethod.DITTO else ""
+    )
+    rate = "" if policy.learning_rate is None else f", lr {policy.learning_rate:g}"
+    return (
+        f"personalisation: {policy.method.value}, {policy.epochs} epoch(s) per version{detail}"
+        f"{rate}; personal models stay at the hospitals"
+    )
+
+
+def _accuracy(entry: NodeTally | None) -> str:
+    if entry is None or entry.eval_accuracy is None:
+        return "-"
+    return f"{entry.eval_accuracy:.3f}"
+
+
+def _personal_accuracy(entry: NodeTally | None) -> str:
+    if entry is None or entry.eval_personal_accuracy is None:
+        return "-"
+    return f"{entry.eval_personal_accuracy:.3f}"
 
 
 def _render_privacy(snapshot: AggregatorStatus) -> None:
@@ -835,9 +915,14 @@ def nodes(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> Non
     private = snapshot.knobs.privacy is not None or any(
         e.epsilon is not None for e in tallies.values()
     )
+    # Under personalisation, each hospital's personal model beside the global one.
+    personal = snapshot.knobs.personalisation is not None or any(
+        e.eval_personal_accuracy is not None for e in tallies.values()
+    )
     table = Table(title=f"federation {settings.federation}, global v{snapshot.version}")
     columns = ("node", "state", "version", "lag", "accepted", "rejected", "accuracy")
-    for column in (*columns, "epsilon") if private else columns:
+    extra = ("personal",) * personal + ("epsilon",) * private
+    for column in (*columns, *extra):
         table.add_column(column)
     for name in sorted(set(tallies) | set(statuses)):
         node_status, entry = statuses.get(name), tallies.get(name)
@@ -849,9 +934,13 @@ def nodes(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> Non
             "-" if version is None else str(snapshot.version - version),
             str(entry.accepted) if entry else "0",
             str(entry.rejected) if entry else "0",
-            "-" if entry is None or entry.eval_accuracy is None else f"{entry.eval_accuracy:.3f}",
+            _accuracy(entry),
         ]
-        table.add_row(*row, *([_epsilon_spent(entry)] if private else []))
+        table.add_row(
+            *row,
+            *([_personal_accuracy(entry)] if personal else []),
+            *([_epsilon_spent(entry)] if private else []),
+        )
     console.print(table)
 
 

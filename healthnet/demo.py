@@ -43,6 +43,7 @@ from common.messages import (
     Manifest,
     ModelDelta,
     NodeStatus,
+    Personalisation,
     PrivacyPolicy,
     PrivacySpend,
     TrainingConfig,
@@ -113,6 +114,8 @@ class DemoConfig:
     training: TrainingConfig | None = None
     """How every hospital trains on each version; None: the federation's (its ``dp_training``
     under a privacy policy, where it has one)."""
+    personalisation: Personalisation | None = None
+    """Each hospital's personal model beside the global one; None: the federation's (none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +175,13 @@ class DemoResult:
     """Under differential privacy: each hospital's privacy loss at the end, as it reported it."""
     epsilon_budget: dict[str, float] = field(default_factory=dict)
     """And the budget each hospital trained under."""
+    personal_per_node: dict[str, float] = field(default_factory=dict)
+    """Under personalisation: each hospital's personal model on its test split, final version."""
+
+    @property
+    def personal_mean_accuracy(self) -> float | None:
+        """The personal models' mean over the hospitals (None: no personal model reported)."""
+        return _mean(list(self.personal_per_node.values())) if self.personal_per_node else None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -195,6 +205,8 @@ class DemoResult:
             "model_bytes": self.model_bytes,
             "epsilon": self.epsilon,
             "epsilon_budget": self.epsilon_budget,
+            "personal_per_node": self.personal_per_node,
+            "personal_mean_accuracy": self.personal_mean_accuracy,
         }
 
 
@@ -215,6 +227,7 @@ def aggregator_settings(
     status_interval: float = 1.0,
     privacy: PrivacyPolicy | None = None,
     training: TrainingConfig | None = None,
+    personalisation: Personalisation | None = None,
     **fields: Any,
 ) -> AggregatorSettings:
     """The settings of a federation's aggregator: every knob of ``federation``, then the mode's.
@@ -238,6 +251,7 @@ def aggregator_settings(
             "broadcast_compression": broadcast_compression or knobs.broadcast_compression,
             "privacy": privacy or knobs.privacy,
             "training": training or private_training or knobs.training,
+            "personalisation": personalisation or knobs.personalisation,
         }
     )
     return AggregatorSettings(
@@ -407,6 +421,7 @@ def _run(
                 broadcast_compression=config.broadcast_compression,
                 privacy=config.privacy,
                 training=config.training,
+                personalisation=config.personalisation,
             ),
         )
         for site in sites:
@@ -656,6 +671,11 @@ class _Watch:
             blob_bytes=self.blob_bytes,
             model_bytes=self.model_bytes(),
             **self.privacy(status),
+            personal_per_node={
+                node: personal
+                for node in self.nodes
+                if (personal := final[node].personal_accuracy) is not None
+            },
         )
 
     def model_bytes(self) -> int:
@@ -693,17 +713,33 @@ def _spent(result: DemoResult, node: str) -> str:
     return f"{epsilon:.2f}" if budget is None else f"{epsilon:.2f} / {budget:g}"
 
 
+def _personal(accuracy: float | None) -> str:
+    return "-" if accuracy is None else f"{accuracy:.3f}"
+
+
 def render(result: DemoResult, console: Console) -> None:
     table = Table(title=f"test accuracy, global v{result.versions}")
     table.add_column("hospital")
     table.add_column("accuracy", justify="right")
     private = bool(result.epsilon)
+    personal = result.personal_mean_accuracy
+    if personal is not None:
+        table.add_column("personal", justify="right")
     if private:
         table.add_column("epsilon / budget", justify="right")
     for node, accuracy in result.per_node.items():
-        table.add_row(node, f"{accuracy:.3f}", *([_spent(result, node)] if private else []))
+        table.add_row(
+            node,
+            f"{accuracy:.3f}",
+            *([_personal(result.personal_per_node.get(node))] if personal is not None else []),
+            *([_spent(result, node)] if private else []),
+        )
     table.add_section()
-    table.add_row("[bold]mean", f"[bold]{result.mean_accuracy:.3f}")
+    table.add_row(
+        "[bold]mean",
+        f"[bold]{result.mean_accuracy:.3f}",
+        *([f"[bold]{personal:.3f}"] if personal is not None else []),
+    )
     table.add_row("pooled", f"{result.pooled_accuracy:.3f}")
     console.print(table)
     # soft_wrap: a summary piped to a file or a log keeps its sentences whole.

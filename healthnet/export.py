@@ -107,6 +107,9 @@ def _safetensors(copy: ModelCopy, model: nn.Module, path: Path) -> None:
         "healthnet_version": str(copy.version),
         "healthnet_blob_sha256": copy.sha256,
     }
+    if copy.personal is not None:
+        # A hospital's own model, trained against healthnet_version: not a global version.
+        metadata["healthnet_personal"] = copy.personal
     save_file(tensors, str(path), metadata=metadata)
 
 

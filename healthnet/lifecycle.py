@@ -20,6 +20,12 @@ A pull is verified before anything is written: the blob's sha256 against the ver
 unbroken chain. The model copy is a directory: ``model.json`` (:class:`ModelCopy`),
 ``model.blob`` (the tensors, in the codec's format, as broadcast) and ``versions.jsonl`` (the
 chain, for anyone to verify again offline with ``healthnet model verify``).
+
+A hospital's *personal* model (under a personalisation policy) is not in the run's history: it
+never left the hospital. :func:`pull_personal` reads it from the node's state directory
+(:mod:`edge_node.personal_store`) into the same kind of model copy, marked ``personal`` with its
+method and without a chain (no version record describes it); export and predict then work on it
+as on any copy.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ __all__ = [
     "load_model_copy",
     "pull_from_broker",
     "pull_from_run",
+    "pull_personal",
     "retrieve",
     "verify_model_copy",
 ]
@@ -95,6 +102,9 @@ class ModelCopy(BaseModel):
     # The digest of this version's record when the chain was verified; None when the run's
     # records carry no chain (written before it existed) or the version has no record (v0).
     record_digest: str | None = None
+    # A hospital's personal model: its method (finetune, ditto); ``version`` is the global
+    # version it was last trained against. None: a global version of the run.
+    personal: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +275,43 @@ def pull_from_run(run_dir: Path, which: str, out: Path) -> ModelCopy:
     retrieved = retrieve(run_dir, which)
     write_model_copy(out, retrieved.copy, retrieved.blob, retrieved.chain)
     return retrieved.copy
+
+
+def pull_personal(state_dir: Path, which: str, out: Path) -> ModelCopy:
+    """A hospital's personal model from its node's ``state_dir``, written to ``out`` as a model
+    copy; ``which`` is ``latest`` or the global version it was trained against (the node keeps
+    only its latest personal model)."""
+    from edge_node.personal_store import PERSONAL_DIR, PERSONAL_FILE, read_personal
+
+    path = state_dir / PERSONAL_DIR / PERSONAL_FILE
+    try:
+        personal = read_personal(path, max_bytes=_MAX_BLOB_BYTES)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no personal model in {state_dir} (no {PERSONAL_DIR}/{PERSONAL_FILE}): give a "
+            "node's --state-dir from a run with a personalisation policy"
+        ) from None
+    except DecodeError as exc:
+        raise ConfigError(f"{path} is not a personal model: {exc}") from exc
+    if which not in ("latest", str(personal.version)):
+        raise ConfigError(
+            f"the node keeps only its latest personal model, trained against v{personal.version} "
+            f"of run {personal.run_id}: ask for latest or {personal.version}"
+        )
+    blob = encode_tensors(personal.served)
+    copy = ModelCopy(
+        run_id=personal.run_id,
+        version=personal.version,
+        model=personal.model,
+        sha256=sha256_hex(blob),
+        blob_bytes=len(blob),
+        source=str(state_dir),
+        pulled_at=time.time(),
+        personal=personal.method.value
+        + ("" if personal.kept_global is None else ", global version kept"),
+    )
+    write_model_copy(out, copy, blob, ())
+    return copy
 
 
 def _stored_blob(history: RunHistory, version: int) -> bytes:

@@ -46,6 +46,17 @@ BrokerUrl = Annotated[
 FederationOpt = Annotated[
     str | None, typer.Option("--federation", help="federation id [env: HEALTHNET_FEDERATION]")
 ]
+Personal = Annotated[
+    bool,
+    typer.Option(
+        "--personal",
+        help="a hospital's personal model, from its node's --state-dir (personalisation)",
+    ),
+]
+NodeStateDir = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help="the node's state dir (with --personal)", show_default=False),
+]
 DataSpec = Annotated[
     str | None,
     typer.Option(
@@ -75,11 +86,14 @@ def _pull(
     broker_url: str | None,
     federation: str | None,
     data: str | None,
+    personal_state: Path | None = None,
 ) -> ModelCopy:
     from common.settings import ConnectionSettings
-    from healthnet.lifecycle import pull_from_broker, pull_from_run
+    from healthnet.lifecycle import pull_from_broker, pull_from_run, pull_personal
 
-    if run is not None:
+    if personal_state is not None:
+        copy = pull_personal(personal_state, version, out)
+    elif run is not None:
         copy = pull_from_run(run, version, out)
     else:
         given: dict[str, Any] = {"broker_url": broker_url, "federation": federation}
@@ -98,10 +112,29 @@ def _describe(copy: ModelCopy) -> str:
         if copy.record_digest
         else "no hash chain"
     )
+    if copy.personal is not None:
+        return (
+            f"the personal model ({copy.personal}, trained against v{copy.version} of run "
+            f"{copy.run_id}) in {copy.source}: {copy.model.name}, {copy.blob_bytes:,} bytes, "
+            f"sha256 {copy.sha256[:16]}…"
+        )
     return (
         f"v{copy.version} of run {copy.run_id}: {copy.model.name}, {copy.blob_bytes:,} bytes, "
         f"sha256 {copy.sha256[:16]}… ({chain})"
     )
+
+
+def _personal_source(personal: bool, state_dir: Path | None, run: Path | None) -> Path | None:
+    """The node state dir to pull a personal model from (None: a run's version)."""
+    if not personal:
+        if state_dir is not None:
+            raise HealthNetError("--state-dir names a node's state dir: it needs --personal")
+        return None
+    if state_dir is None:
+        raise HealthNetError("--personal needs the node's --state-dir")
+    if run is not None:
+        raise HealthNetError("--personal reads a node's --state-dir, not a run's --run")
+    return state_dir
 
 
 @model_app.command("list")
@@ -162,10 +195,15 @@ def pull(
     broker_url: BrokerUrl = None,
     federation: FederationOpt = None,
     data: DataSpec = None,
+    personal: Personal = False,
+    state_dir: NodeStateDir = None,
 ) -> None:
-    """Fetch a version, verify its sha256 and hash chain, and write it as a model copy."""
+    """Fetch a version, verify its sha256 and hash chain, and write it as a model copy.
+
+    With --personal --state-dir DIR: the hospital's personal model from its node's state dir."""
     try:
-        copy = _pull(version, out, run, broker_url, federation, data)
+        source = _personal_source(personal, state_dir, run)
+        copy = _pull(version, out, run, broker_url, federation, data, source)
     except (HealthNetError, ValueError) as exc:
         raise _fail(exc) from exc
     console.print(f"pulled {_describe(copy)} into {out}")
@@ -186,8 +224,12 @@ def export(
         str | None,
         typer.Option("--input-shape", help="one example's shape for a plug-in model, e.g. 3,28,28"),
     ] = None,
+    personal: Personal = False,
+    state_dir: NodeStateDir = None,
 ) -> None:
-    """Pull a version and write its weights and spec as safetensors, ONNX or TorchScript."""
+    """Pull a version and write its weights and spec as safetensors, ONNX or TorchScript.
+
+    With --personal --state-dir DIR: the hospital's personal model from its node's state dir."""
     from healthnet.export import ExportFormat, export_model
 
     try:
@@ -198,7 +240,8 @@ def export(
                 f"--format {fmt!r}: choose {', '.join(f.value for f in ExportFormat)}"
             ) from None
         shape = _shape(input_shape)
-        copy = _pull(version, out, run, broker_url, federation, data)
+        source = _personal_source(personal, state_dir, run)
+        copy = _pull(version, out, run, broker_url, federation, data, source)
         path = export_model(out, chosen, example_shape=shape)
     except (HealthNetError, ValueError) as exc:
         raise _fail(exc) from exc

@@ -27,6 +27,9 @@ These choices shape the numbers:
   status. Nodes evaluate whichever version is newest when they are free, so they skip versions;
   the mean at version ``v`` is the mean of every hospital's latest accuracy at or before ``v``,
   drawn from the first version by which every hospital has reported once.
+- *Personal accuracy* (under personalisation) is the hospital's personal model on the same test
+  split, from the same evaluations; a node's row shows it beside the global model's, for the
+  same version, and the snapshot the mean over the hospitals that report one.
 
 A status with a new run id starts the picture afresh: records and evaluations of other runs are
 dropped.
@@ -88,6 +91,8 @@ class NodeRow(_Frozen):
     last_staleness: int | None
     accuracy: float | None
     eval_version: int | None
+    # Under personalisation: the node's personal model at ``eval_version``.
+    personal_accuracy: float | None = None
     software: str = ""
     device: str = ""
     # Under DP: the privacy loss the node reported, and its budget (see the module's notes).
@@ -138,6 +143,8 @@ class Snapshot(_Frozen):
     nodes: tuple[NodeRow, ...] = ()
     accuracy: AccuracySeries = AccuracySeries()
     latest_mean_accuracy: float | None = None
+    # Under personalisation: the mean of the hospitals' latest personal accuracies.
+    latest_mean_personal_accuracy: float | None = None
     # Folded updates by staleness: index s holds how many had staleness s.
     staleness_counts: tuple[int, ...] = ()
     recent_versions: tuple[VersionRow, ...] = ()
@@ -190,6 +197,7 @@ class Observer:
         self._node_status: dict[str, NodeStatus] = {}
         self._records: dict[int, VersionRecord] = {}
         self._evals: dict[str, dict[int, float]] = {}
+        self._personal: dict[str, dict[int, float]] = {}
         self._rate = RateWindow()
 
     @property
@@ -227,7 +235,12 @@ class Observer:
         self._rate.add(now, status.version)
         for entry in status.nodes:
             if entry.eval_version is not None and entry.eval_accuracy is not None:
-                self._add_eval(entry.node, entry.eval_version, entry.eval_accuracy)
+                self._add_eval(
+                    entry.node,
+                    entry.eval_version,
+                    entry.eval_accuracy,
+                    entry.eval_personal_accuracy,
+                )
 
     def on_version(self, record: VersionRecord) -> bool:
         if self.run_id is not None and record.run_id != self.run_id:
@@ -244,17 +257,24 @@ class Observer:
             return False
         if evaluation.failure:
             return True  # no accuracy to plot: the node could not evaluate this version
-        self._add_eval(node, evaluation.version, evaluation.accuracy)
+        self._add_eval(node, evaluation.version, evaluation.accuracy, evaluation.personal_accuracy)
         return True
 
-    def _add_eval(self, node: str, version: int, accuracy: float) -> None:
+    def _add_eval(
+        self, node: str, version: int, accuracy: float, personal: float | None = None
+    ) -> None:
         series = self._evals.setdefault(node, {})
         series[version] = accuracy
         _trim(series, self.max_versions)
+        if personal is not None:
+            mine = self._personal.setdefault(node, {})
+            mine[version] = personal
+            _trim(mine, self.max_versions)
 
     def _new_run(self, run_id: str) -> None:
         self._records = {v: r for v, r in self._records.items() if r.run_id == run_id}
         self._evals = {}
+        self._personal = {}
         self._rate = RateWindow()
 
     # -- the picture
@@ -263,13 +283,16 @@ class Observer:
         seen = self._status
         accuracy = self._accuracy()
         latest_mean = next((m for m in reversed(accuracy.mean) if m is not None), None)
+        nodes = self._nodes(now)
+        personal = [row.personal_accuracy for row in nodes if row.personal_accuracy is not None]
         base = Snapshot(
             federation=self.federation,
             generated_at=now,
             connected=self.connected,
-            nodes=self._nodes(now),
+            nodes=nodes,
             accuracy=accuracy,
             latest_mean_accuracy=latest_mean,
+            latest_mean_personal_accuracy=math.fsum(personal) / len(personal) if personal else None,
             staleness_counts=self._staleness_counts(),
             recent_versions=tuple(
                 _version_row(self._records[v]) for v in sorted(self._records)[-self.recent :]
@@ -325,6 +348,9 @@ class Observer:
                     last_staleness=entry.last_staleness if entry else None,
                     accuracy=None if eval_version is None else evals[eval_version],
                     eval_version=eval_version,
+                    personal_accuracy=None
+                    if eval_version is None
+                    else self._personal.get(node, {}).get(eval_version),
                     software=own.software if own else "",
                     device=own.device if own else "",
                     **_privacy(entry, own),

@@ -5,6 +5,10 @@ node's evaluation as the aggregator received it) from an aggregator state dir, o
 ``aggregator/`` folder of a demo ``--workdir``, folds them through the same
 :class:`~healthnet.observe.Observer` as the live dashboard, and draws with matplotlib's Agg canvas
 (no display, no global pyplot state).
+
+Under personalisation it also writes ``personal.png``: each hospital's global and personal model
+accuracy on its own test split by version, one colour per hospital (the personal model dashed),
+from the same evaluations.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from common.errors import ConfigError
 from common.messages import VersionRecord
 from healthnet.observe import Observer, Snapshot
 
-__all__ = ["RunLogs", "find_logs", "load_run", "write_report"]
+__all__ = ["RunLogs", "find_logs", "load_run", "plot_personal", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,8 @@ def load_run(run_dir: Path) -> RunLogs:
 
 
 def write_report(run_dir: Path, out: Path, console: Console | None = None) -> list[Path]:
-    """Write accuracy.png, staleness.png and bytes.png into ``out``; their paths."""
+    """Write accuracy.png, staleness.png and bytes.png (and personal.png when the hospitals
+    reported personal models) into ``out``; their paths."""
     console = console or Console(stderr=True)
     plots: list[tuple[str, Callable[[RunLogs, Snapshot], Figure]]] = [
         ("accuracy.png", plot_accuracy),
@@ -112,6 +117,9 @@ def write_report(run_dir: Path, out: Path, console: Console | None = None) -> li
     ) as progress:
         task = progress.add_task("reading logs", total=len(plots) + 1)
         run = load_run(run_dir)
+        if any(e.evaluation.personal_accuracy is not None for e in run.evaluations):
+            plots.append(("personal.png", plot_personal))
+            progress.update(task, total=len(plots) + 1)
         snapshot = run.snapshot()
         out.mkdir(parents=True, exist_ok=True)
         progress.advance(task)
@@ -171,6 +179,43 @@ def plot_accuracy(run: RunLogs, snapshot: Snapshot) -> Figure:
     axes.grid(alpha=0.3)
     if series.versions:
         axes.legend(loc="lower right")
+    return figure
+
+
+def plot_personal(run: RunLogs, snapshot: Snapshot) -> Figure:
+    """Each hospital's global model (solid) and personal model (dashed) by version."""
+    figure = _figure("Global and personal model, each hospital's own test split")
+    axes = figure.add_subplot()
+    by_node: dict[str, dict[int, tuple[float, float | None]]] = {}
+    for entry in run.evaluations:
+        evaluation = entry.evaluation
+        if evaluation.failure:
+            continue
+        by_node.setdefault(entry.node, {})[evaluation.version] = (
+            evaluation.accuracy,
+            evaluation.personal_accuracy,
+        )
+    for index, (node, points) in enumerate(sorted(by_node.items())):
+        versions = sorted(points)
+        colour = _colour(index)
+        axes.plot(
+            versions, [points[v][0] for v in versions], color=colour, linewidth=1.2, label=node
+        )
+        personal = [(v, p) for v in versions if (p := points[v][1]) is not None]
+        axes.plot(
+            [v for v, _ in personal],
+            [p for _, p in personal],
+            color=colour,
+            linestyle="--",
+            linewidth=1.8,
+            label=f"{node}, personal",
+        )
+    axes.set_xlabel("global version")
+    axes.set_ylabel("test accuracy")
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    if by_node:
+        axes.legend(loc="lower right", fontsize=8, ncols=2)
     return figure
 
 

@@ -56,6 +56,10 @@ def _bytes(count: float) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _personal(accuracy: float | None) -> str:
+    return "-" if accuracy is None else f"{accuracy:.3f}"
+
+
 def _epsilon(row: NodeRow) -> Text:
     """``1.23/3``: the epsilon a hospital spent of its budget; red once it is spent."""
     if row.epsilon is None:
@@ -112,8 +116,12 @@ def render(snapshot: Snapshot, *, width: int = 40) -> RenderableType:
         ("accuracy", "right"),
         ("by version", "left"),
     ]
+    # Under personalisation, each hospital's personal model beside the global one.
+    personal = any(row.personal_accuracy is not None for row in s.nodes)
     if private:
         columns.insert(-2, ("epsilon", "right"))
+    if personal:
+        columns.insert(-1, ("personal", "right"))
     for column, justify in columns:
         nodes.add_column(column, justify=justify)
     for row in s.nodes:
@@ -129,11 +137,18 @@ def render(snapshot: Snapshot, *, width: int = 40) -> RenderableType:
             _bytes(row.bytes_sent),
             *((_epsilon(row),) if private else ()),
             "-" if row.accuracy is None else f"{row.accuracy:.3f}",
+            *((_personal(row.personal_accuracy),) if personal else ()),
             sparkline(series),
         )
     if s.accuracy.mean:
         blanks = [""] * (8 if private else 7)
-        nodes.add_row("[bold]mean", *blanks, mean, sparkline(list(s.accuracy.mean)[-width:]))
+        nodes.add_row(
+            "[bold]mean",
+            *blanks,
+            mean,
+            *((_personal(s.latest_mean_personal_accuracy),) if personal else ()),
+            sparkline(list(s.accuracy.mean)[-width:]),
+        )
     counts = s.staleness_counts
     top = max(counts, default=0)
     staleness = Text.assemble(

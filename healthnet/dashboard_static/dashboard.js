@@ -142,6 +142,11 @@
       cell(row, fmtBytes(n.bytes_sent), "num");
       cell(row, n.last_staleness == null ? "–" : String(n.last_staleness), "num");
       cell(row, n.accuracy == null ? "–" : n.accuracy.toFixed(3) + " @v" + n.eval_version, "num");
+      // Under personalisation: the hospital's own model on the same test split and version.
+      const personal = cell(row, n.personal_accuracy == null ? "–" : n.personal_accuracy.toFixed(3),
+        "num" + (n.personal_accuracy != null && n.accuracy != null &&
+          n.personal_accuracy < n.accuracy ? " warn" : ""));
+      if (n.personal_accuracy != null) personal.title = "personal model at v" + n.eval_version;
       budgetCell(row, n);
     }
   }
@@ -189,6 +194,9 @@
       (s.status_age_seconds == null ? "" : " · status " + fmtAge(s.status_age_seconds)));
     text("rate", fmt(s.versions_per_minute, 1));
     text("mean-accuracy", fmt(s.latest_mean_accuracy, 3));
+    text("mean-accuracy-sub", s.latest_mean_personal_accuracy == null
+      ? "latest of every hospital"
+      : "personal models: " + fmt(s.latest_mean_personal_accuracy, 3));
     const k = s.buffer_size;
     text("buffer", k == null ? "–" : s.buffer_fill + " / " + k);
     $("buffer-bar").style.width = k ? Math.min(100, (100 * s.buffer_fill) / k) + "%" : "0";

@@ -126,3 +126,17 @@ def test_epsilon_and_budget_are_gauges_of_the_nodes_that_report_them() -> None:
     assert got[("healthnet_node_epsilon", (("node", "a"),))] == 1.75
     assert got[("healthnet_node_epsilon_budget", (("node", "a"),))] == 3.0
     assert ("healthnet_node_epsilon", (("node", "b"),)) not in got
+
+
+def test_the_personal_accuracy_is_a_gauge_beside_the_global_one() -> None:
+    """A node that reports a personal model gets a personal accuracy gauge; one without, none."""
+    metrics = AggregatorMetrics()
+    tallies = (
+        NodeTally(node="a", eval_version=4, eval_accuracy=0.75, eval_personal_accuracy=0.85),
+        NodeTally(node="b", eval_version=4, eval_accuracy=0.7),
+    )
+    metrics.observe_status(status(4, nodes=tallies))
+    got = scrape(metrics)
+    assert got[("healthnet_node_eval_accuracy", (("node", "a"),))] == 0.75
+    assert got[("healthnet_node_personal_accuracy", (("node", "a"),))] == 0.85
+    assert ("healthnet_node_personal_accuracy", (("node", "b"),)) not in got

@@ -239,3 +239,22 @@ def test_limit_quick_compares_pooled_with_the_federation(tmp_path: Path) -> None
     summary = {entry["setting"]: entry for entry in report["summary"]}
     assert summary.keys() == {"pooled", "default/no-delays"}
     assert {"examples", "seconds"} == summary["default/no-delays"]["to_85_first_ratio"].keys()
+
+
+def test_personalisation_quick_reports_every_model_per_hospital(tmp_path: Path) -> None:
+    """personalisation --quick writes, per federation, each model's per-hospital medians, mean
+    and worst drop below the global model: the keys the docs' table reads."""
+    report = run_quick("personalisation", tmp_path)
+    federations = report["federations"]
+    assert isinstance(federations, dict)
+    assert set(federations) == {"heart-disease", "pneumonia-shift"}
+    for entry in federations.values():
+        hospitals = entry["hospitals"]
+        assert set(entry["models"]) == {"global", "local", "finetune", "ditto", "ditto-0.1",
+                                        "ditto-1", "ditto-holdout"}  # fmt: skip
+        for row in entry["models"].values():
+            assert set(row["per_hospital_median"]) == set(hospitals)
+            assert all(0.0 <= a <= 1.0 for a in row["per_hospital_median"].values())
+            assert len(row["per_seed_mean"]) == report["seeds"]
+            assert set(row["worst_drop_below_global"]) == set(hospitals)
+        assert all(v == 0 for v in entry["models"]["global"]["worst_drop_below_global"].values())

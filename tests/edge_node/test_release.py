@@ -91,3 +91,12 @@ def test_a_hospital_may_ask_for_dp_when_the_run_does_not() -> None:
     own = PrivacyPolicy(noise_multiplier=1.5, epsilon_budget=4.0)
     assert node_policy(None, own) == own
     assert node_policy(None, None) is None
+
+
+def test_rounded_coarsens_the_personal_models_metrics_too() -> None:
+    personal = EVALUATION.model_copy(update={"personal_loss": 0.33333, "personal_accuracy": 0.8666})
+    released = release_evaluation(personal, MetricRelease.ROUNDED)
+    assert released is not None
+    assert (released.personal_loss, released.personal_accuracy) == (0.33, 0.87)
+    assert release_evaluation(personal, MetricRelease.SUPPRESSED) is None
+    assert release_evaluation(personal, MetricRelease.EXACT) == personal

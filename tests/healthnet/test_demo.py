@@ -26,6 +26,8 @@ from common.messages import (
     NodeStatus,
     NodeTally,
     NormPolicy,
+    Personalisation,
+    PersonalisationMethod,
     PrivacyPolicy,
     PrivacySpend,
     Quantization,
@@ -240,6 +242,13 @@ EVERY_KNOB = Knobs(
     privacy=PrivacyPolicy(
         calibrate_versions=12, max_grad_norm=2.0, delta=1e-6, epsilon_budget=5.0,
         metrics=MetricRelease.SUPPRESSED,
+    ),
+    personalisation=Personalisation(
+        method=PersonalisationMethod.DITTO,
+        epochs=2,
+        ditto_lambda=0.5,
+        learning_rate=0.01,
+        holdout=0.2,
     ),
     training=TrainingConfig(
         epochs=2, batch_size=16, learning_rate=0.01, optimizer="adam", momentum=0.5,

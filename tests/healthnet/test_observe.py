@@ -264,3 +264,26 @@ def test_each_row_shows_the_epsilon_the_node_reported_against_its_budget() -> No
     assert (a.state, a.epsilon, a.epsilon_budget) == ("budget_spent", 2.999, 3.0)
     assert (b.epsilon, b.epsilon_budget) == (1.25, 2.0)
     assert (c.epsilon, c.epsilon_budget) == (None, None)
+
+
+def test_each_row_shows_the_personal_accuracy_beside_the_global_one() -> None:
+    """Under personalisation a row holds the personal model's accuracy at the row's evaluated
+    version, from the node's evaluation or the aggregator's tally; the snapshot their mean."""
+    observer = Observer("fed")
+    tree = TopicTree("fed")
+    tallies = (
+        NodeTally(node="b", eval_version=3, eval_accuracy=0.7, eval_personal_accuracy=0.9),
+        NodeTally(node="c", eval_version=3, eval_accuracy=0.6),
+    )
+    observer.on_status(status(3, nodes=tallies), now=1.0)
+    personal = evaluation(4, 0.75).model_copy(
+        update={"personal_loss": 0.3, "personal_accuracy": 0.8}
+    )
+    observer.observe(tree.node_eval("a"), personal, 2.0)
+    observer.observe(tree.node_eval("c"), evaluation(4, 0.65), 2.0)
+    snap = observer.snapshot(now=3.0)
+    rows = {row.node: row for row in snap.nodes}
+    got = {n: (r.eval_version, r.accuracy, r.personal_accuracy) for n, r in rows.items()}
+    assert got == {"a": (4, 0.75, 0.8), "b": (3, 0.7, 0.9), "c": (4, 0.65, None)}
+    assert snap.latest_mean_personal_accuracy == pytest.approx(0.85)
+    assert Observer("fed").snapshot(now=0.0).latest_mean_personal_accuracy is None

@@ -91,3 +91,25 @@ def test_report_command_fails_cleanly_without_logs(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert "no versions.jsonl" in result.output
+
+
+def test_report_draws_global_and_personal_accuracy_when_hospitals_report_both(
+    tmp_path: Path,
+) -> None:
+    """Evaluations with a personal accuracy add personal.png: each hospital's two lines."""
+    store = write_logs(tmp_path / "state", versions=6)
+    for version in range(7, 13):
+        personal = evaluation(version, 0.7).model_copy(
+            update={"personal_loss": 0.4, "personal_accuracy": 0.85}
+        )
+        store.append_evaluation("a", personal, float(version))
+    written = write_report(tmp_path / "state", tmp_path / "out")
+    assert [p.name for p in written] == [*PLOTS, "personal.png"]
+    assert_drawn(written[-1])
+    assert pixels_of(written[-1], "#2f6fdb") > 100
+
+
+def test_report_without_personal_models_draws_no_personal_plot(tmp_path: Path) -> None:
+    write_logs(tmp_path / "state", versions=4)
+    written = write_report(tmp_path / "state", tmp_path / "out")
+    assert "personal.png" not in [p.name for p in written]

@@ -87,3 +87,25 @@ def test_watch_without_dp_has_no_epsilon_column() -> None:
     observer = Observer("fed")
     observer.on_status(status(4, nodes=(NodeTally(node="va", accepted=1),)), now=100.0)
     assert "epsilon" not in _text(observer)
+
+
+def test_watch_shows_each_hospitals_personal_accuracy_beside_the_global_one() -> None:
+    """Under personalisation a personal column follows the accuracy, and the mean row too."""
+    observer = Observer("fed")
+    tallies = (
+        NodeTally(node="cleveland", eval_version=4, eval_accuracy=0.75, eval_personal_accuracy=0.8),
+        NodeTally(node="va", eval_version=4, eval_accuracy=0.7, eval_personal_accuracy=0.9),
+    )
+    observer.on_status(status(4, nodes=tallies), now=100.0)
+    text = _text(observer)
+    assert "accuracy  personal  by version" in text
+    row = next(line for line in text.splitlines() if line.startswith("cleveland"))
+    assert row.split()[-3:-1] == ["0.750", "0.800"]
+    mean = next(line for line in text.splitlines() if line.startswith("mean"))
+    assert mean.split()[1:3] == ["0.725", "0.850"]
+
+
+def test_watch_without_personalisation_has_no_personal_column() -> None:
+    observer = Observer("fed")
+    observer.on_status(status(4, nodes=(NodeTally(node="va", accepted=1),)), now=100.0)
+    assert "personal" not in _text(observer)
