@@ -825,6 +825,23 @@ class AggregatorCore:
 
     # -- folding
 
+    def follow(self, version: int) -> None:
+        """Take ``version`` as the current one without folding anything.
+
+        A regional aggregator validates its hospitals' updates against the core's versions,
+        which it does not make (:mod:`aggregator.regional`); a version never goes back.
+        """
+        if version < self._version:
+            raise ControlError(f"v{version} is older than the current v{self._version}")
+        self._version = version
+
+    def take(self, count: int) -> tuple[BufferedUpdate, ...]:
+        """Remove and return the ``count`` oldest buffered updates, to combine them elsewhere."""
+        if not 0 < count <= len(self._buffer):
+            raise ControlError(f"cannot take {count} of {len(self._buffer)} buffered updates")
+        taken, self._buffer = tuple(self._buffer[:count]), self._buffer[count:]
+        return taken
+
     def fold_due(self, now: float) -> FoldReason | None:
         """Why the buffer should be folded now (``buffer_full`` / ``buffer_timeout``), or None."""
         if self._state is not AggregatorState.RUNNING or not self._buffer:

@@ -28,7 +28,7 @@ from pathlib import Path
 from aggregator.update_log import UpdateEvent, UpdateLogEntry, read_update_log, update_fates
 from common.jsonlog import read_json_lines
 from common.messages import VersionRecord
-from edge_node.outbox import Outbox
+from common.outbox import Outbox
 from edge_node.sentlog import SentEntry, SentEvent, read_sent_log
 
 __all__ = ["NodeRecords", "Reconciliation", "load", "reconcile"]

@@ -71,11 +71,11 @@ from common.messages import (
     VersionRecord,
 )
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
+from common.outbox import Outbox
 from common.privacy_policy import delta_error
 from common.topics import Role, Route, Topic, TopicTree
 from common.wire_size import describe_wire_size
 from edge_node.datasets import LocalDataset, load_dataset
-from edge_node.outbox import Outbox
 from edge_node.personal_store import PersonalModel, PersonalStore
 from edge_node.privacy_ledger import Charge, PrivacyLedger, spend_of
 from edge_node.release import node_policy, release_evaluation

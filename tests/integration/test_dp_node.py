@@ -30,9 +30,9 @@ from common.messages import (
     Update,
 )
 from common.mqtt import Message, MqttClient
+from common.outbox import Outbox
 from common.settings import ConnectionSettings
 from common.topics import TopicTree
-from edge_node.outbox import Outbox
 from edge_node.privacy_ledger import Charge, history_epsilon, read_ledger
 from edge_node.sentlog import SentEvent, read_sent_log
 from edge_node.service import NodeService

@@ -1,4 +1,7 @@
-"""The node's on-disk outbox: an encoded update stays here until the aggregator acks it.
+"""An on-disk outbox: an encoded update stays here until its receiver acks it.
+
+A node keeps its updates here until the aggregator acks them; a regional aggregator keeps the
+combined updates it sends upstream until the core aggregator acks them.
 
 Each entry is one file ``{sequence}-{update id}.update``, written atomically (temp file, fsync,
 rename), so a crash at any moment leaves either the whole message or nothing. The sequence number

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_node.outbox import Outbox
+from common.outbox import Outbox
 
 
 def opened(directory: Path) -> Outbox:
