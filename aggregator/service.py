@@ -38,6 +38,11 @@ from common.messages import (
     Manifest,
     NodeStatus,
     RejectReason,
+    SecAggAnswer,
+    SecAggKey,
+    SecAggReceipt,
+    SecAggShare,
+    SecAggUnmask,
     Update,
     VersionRecord,
 )
@@ -267,6 +272,9 @@ class AggregatorService:
             case ControlRequest():
                 self._on_control(body)
             case Manifest() | Ack() | ControlReply() | AggregatorStatus() | VersionRecord():
+                log.debug("ignoring %s", inbound.topic)
+            case SecAggKey() | SecAggShare() | SecAggReceipt() | SecAggUnmask() | SecAggAnswer():
+                # Secure aggregation: not subscribed to until the aggregator serves it.
                 log.debug("ignoring %s", inbound.topic)
             case _:
                 assert_never(body)

@@ -57,6 +57,11 @@ from common.messages import (
     PrivacyPolicy,
     PrivacySpend,
     RejectReason,
+    SecAggAnswer,
+    SecAggKey,
+    SecAggReceipt,
+    SecAggShare,
+    SecAggUnmask,
     TrainingConfig,
     Update,
     VersionRecord,
@@ -290,6 +295,8 @@ class NodeService:
                 pass  # other roles' messages: a hospital does not subscribe to them
             case ControlReply() | VersionRecord():
                 pass
+            case SecAggKey() | SecAggShare() | SecAggReceipt() | SecAggUnmask() | SecAggAnswer():
+                pass  # secure aggregation: not subscribed to until the node serves it
             case _:
                 assert_never(body)
 

@@ -44,6 +44,11 @@ from common.messages import (
     NodeStatus,
     PrivacyPolicy,
     PrivacySpend,
+    SecAggAnswer,
+    SecAggKey,
+    SecAggReceipt,
+    SecAggShare,
+    SecAggUnmask,
     TrainingConfig,
     Update,
     VersionRecord,
@@ -545,7 +550,19 @@ class _Watch:
                 inbound.topic.node == inbound.sender
             ):
                 self.ledgers[inbound.sender] = ledger
-            case Update() | Ack() | NodeStatus() | ControlRequest() | ControlReply():
+            case (
+                Update()
+                | Ack()
+                | NodeStatus()
+                | ControlRequest()
+                | ControlReply()
+                # The monitor subscribes to none of secure aggregation's routes.
+                | SecAggKey()
+                | SecAggShare()
+                | SecAggReceipt()
+                | SecAggUnmask()
+                | SecAggAnswer()
+            ):
                 pass
             case _:
                 assert_never(body)
