@@ -45,6 +45,7 @@ class KeyDirectory:
         self._clock = clock
         self._keys: dict[str, X25519PublicKey] = {}
         self.refusals: Counter[WireRefused] = Counter()
+        self.last_refusal: str | None = None  # the latest refusal's detail, for status
 
     def offer(self, inbound: Inbound) -> X25519PublicKey | WireRefusal:
         """Take a key record received on ``secagg/keys/{node}``: its verified key, or why not."""
@@ -83,6 +84,7 @@ class KeyDirectory:
 
     def _refuse(self, topic: str, refusal: WireRefusal) -> WireRefusal:
         self.refusals[refusal.reason] += 1
+        self.last_refusal = refusal.detail
         log.warning(
             "secure aggregation: refused the key record on %s (%s): %s",
             topic,
