@@ -39,6 +39,11 @@ from common.messages import (
     ModelDelta,
     NodeStatus,
     RejectReason,
+    SecAggAnswer,
+    SecAggKey,
+    SecAggReceipt,
+    SecAggShare,
+    SecAggUnmask,
     Update,
     VersionRecord,
 )
@@ -275,6 +280,9 @@ class AggregatorService:
                 | AggregatorStatus()
                 | VersionRecord()
             ):
+                log.debug("ignoring %s", inbound.topic)
+            case SecAggKey() | SecAggShare() | SecAggReceipt() | SecAggUnmask() | SecAggAnswer():
+                # Secure aggregation: not subscribed to until the aggregator serves it.
                 log.debug("ignoring %s", inbound.topic)
             case _:
                 assert_never(body)

@@ -862,6 +862,16 @@ MEANINGS = {
     "knobs.personalisation.learning_rate": "of personal training (none: the training one)",
     "knobs.personalisation.holdout": "fraction of the training split held out to choose "
     "between the personal and the global model (0: always personal)",
+    "knobs.secure_aggregation.holders": (
+        "secure aggregation's roster, a JSON list of hospitals (turns it on; the aggregator "
+        "refuses it until its service folds masked updates: docs/secure-aggregation.md)"
+    ),
+    "knobs.secure_aggregation.privacy": "T: colluding hospitals a sum stays private against",
+    "knobs.secure_aggregation.recovery": "U: answers that unmask a sum (default ⌊(N + T)/2⌋ + 1)",
+    "knobs.secure_aggregation.min_contributors": "fewest distinct hospitals in a sum (≥ T + 2)",
+    "knobs.secure_aggregation.clip": "each coordinate of a masked delta is clipped to ±clip",
+    "knobs.secure_aggregation.weight_levels": "W: integer staleness weights are at most this",
+    "knobs.secure_aggregation.max_terms": "most updates one sum holds (bounds the field's range)",
     "knobs.broadcast_dtype": "the model broadcast's dtype: `float32` or `float16`",
     "knobs.max_versions": "stop the run at this version",
     "knobs.training.epochs": "local epochs per version (sent to nodes in the manifest)",

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import math
 from enum import StrEnum
-from typing import Annotated, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
+if TYPE_CHECKING:
+    from common.secure_aggregation.policy import SecureAggregationPolicy
+
 __all__ = [
     "BODY_TYPES",
+    "MAX_CERTIFICATE_BYTES",
+    "MAX_SECAGG_ITEMS",
     "MAX_VARINT_BYTES",
     "MIN_TRIMMED_BUFFER",
     "NORM_HISTORY",
@@ -52,6 +57,13 @@ __all__ = [
     "PrivacySpend",
     "Quantization",
     "RejectReason",
+    "SecAggAnswer",
+    "SecAggKey",
+    "SecAggReceipt",
+    "SecAggShare",
+    "SecAggTerm",
+    "SecAggUnmask",
+    "SecureAggregation",
     "ServerOptimizerKind",
     "StalenessKind",
     "TensorPayload",
@@ -431,6 +443,42 @@ class TrainingConfig(Frozen):
         return epochs * records + batches * self.batch_size
 
 
+class SecureAggregation(Frozen):
+    """Secure aggregation asked of the federation (docs/secure-aggregation.md#the-policy).
+
+    The wire form of :class:`common.secure_aggregation.policy.SecureAggregationPolicy`, which
+    holds the rules; construction builds that policy, so a roster or threshold it refuses never
+    validates here. Needs client certificates: a password-mode federation cannot run it.
+    """
+
+    holders: Annotated[tuple[Identifier, ...], Field(min_length=2, max_length=1024)]
+    privacy: Annotated[int, Field(ge=0, le=1023)] = 1
+    recovery: Annotated[int, Field(ge=1, le=1024)] | None = None
+    min_contributors: Annotated[int, Field(ge=2, le=1024)] | None = None
+    clip: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] = 4.0
+    weight_levels: Annotated[int, Field(ge=1, le=1 << 20)] = 1024
+    max_terms: Annotated[int, Field(ge=2, le=100_000)] = 16
+
+    def policy(self) -> SecureAggregationPolicy:
+        # Imported here: the policy validates holders with common.topics, which imports us.
+        from common.secure_aggregation.policy import SecureAggregationPolicy
+
+        return SecureAggregationPolicy(
+            holders=self.holders,
+            privacy=self.privacy,
+            recovery=self.recovery,
+            min_contributors=self.min_contributors,
+            clip=self.clip,
+            weight_levels=self.weight_levels,
+            max_terms=self.max_terms,
+        )
+
+    @model_validator(mode="after")
+    def _a_policy(self) -> Self:
+        self.policy()  # raises ValueError saying which rule the settings break
+        return self
+
+
 class Knobs(Frozen):
     """The aggregation rule and its parameters; an operator may change them while a run is live.
 
@@ -481,6 +529,24 @@ class Knobs(Frozen):
     privacy: PrivacyPolicy | None = None
     # Each hospital's personal model beside the global one (None: none); in the manifest.
     personalisation: Personalisation | None = None
+    # Secure aggregation (None: off, the default): the aggregator sees only sums of updates.
+    secure_aggregation: SecureAggregation | None = None
+
+    @model_validator(mode="after")
+    def _secure_aggregation_servable(self) -> Self:
+        if self.secure_aggregation is None:
+            return self
+        from common.secure_aggregation.policy import knobs_refusal
+
+        refusal = knobs_refusal(
+            self.secure_aggregation.policy(),
+            buffer_size=self.buffer_size,
+            dense_updates=self.compression.lossless,
+            mean_aggregation=self.aggregation is AggregationRule.MEAN,
+        )
+        if refusal is not None:
+            raise ValueError(f"secure_aggregation: {refusal}")
+        return self
 
     @model_validator(mode="after")
     def _trims_something(self) -> Self:
@@ -528,6 +594,7 @@ class Manifest(Frozen):
     # (common.broadcast_chain), so a node that holds this version need not download the next.
     broadcast_compression: Compression | None = None
     personalisation: Personalisation | None = None
+    secure_aggregation: SecureAggregation | None = None
 
     @model_validator(mode="after")
     def _chunks_cover_blob(self) -> Self:
@@ -820,6 +887,73 @@ class VersionRecord(Frozen):
     model_sha256: Sha256Hex | None = None
 
 
+# Secure aggregation's messages (docs/secure-aggregation.md#message-flow). Each is the wire form of
+# an event of common.secure_aggregation.events (or of a KeyRecord); common.secure_aggregation.wire
+# converts between them. The sender of each is the envelope's, checked against the topic's node.
+# The most update ids one receipt names, and terms one unmask request holds.
+MAX_SECAGG_ITEMS = 100_000
+# A PEM client certificate is about 1 KiB; this bounds what a key record may make us parse.
+MAX_CERTIFICATE_BYTES = 16 * 1024
+
+
+class SecAggKey(Frozen):
+    """A hospital's X25519 public key, signed with its client certificate's key (PEM inside)."""
+
+    federation: Identifier
+    identity: Identifier
+    public_key: Annotated[bytes, Field(strict=True, min_length=32, max_length=32)]
+    certificate: Annotated[
+        bytes, Field(strict=True, min_length=1, max_length=MAX_CERTIFICATE_BYTES)
+    ]
+    signature: Annotated[bytes, Field(strict=True, min_length=1, max_length=256)]
+
+
+class SecAggShare(Frozen):
+    """One holder's share of one update's mask, sealed for ``recipient`` by the sender."""
+
+    update_id: Identifier
+    recipient: Identifier
+    policy_digest: Sha256Hex
+    sealed: Buffer
+
+
+class SecAggReceipt(Frozen):
+    """The update ids whose shares the sending holder has stored durably, under one policy."""
+
+    policy_digest: Sha256Hex
+    update_ids: Annotated[tuple[Identifier, ...], Field(min_length=1, max_length=MAX_SECAGG_ITEMS)]
+
+
+class SecAggTerm(Frozen):
+    """One update of a sum: its id, its sender and its integer weight."""
+
+    update_id: Identifier
+    sender: Identifier
+    weight: Annotated[int, Field(ge=1, le=1 << 30)]
+
+
+class SecAggUnmask(Frozen):
+    """The aggregator asks a holder for the weighted sum of its shares of one fold's updates."""
+
+    fold_id: Identifier
+    policy_digest: Sha256Hex
+    terms: Annotated[tuple[SecAggTerm, ...], Field(min_length=1, max_length=MAX_SECAGG_ITEMS)]
+
+
+class SecAggAnswer(Frozen):
+    """A holder's weighted share sum for a fold (field-element bytes), or why it refuses."""
+
+    fold_id: Identifier
+    share_sum: Buffer | None = None
+    refusal: Annotated[str, Field(max_length=500)] = ""
+
+    @model_validator(mode="after")
+    def _sum_or_refusal(self) -> Self:
+        if (self.share_sum is None) == (not self.refusal):
+            raise ValueError("a secure aggregation answer has a share sum, or a refusal and none")
+        return self
+
+
 Body = (
     Manifest
     | ModelDelta
@@ -831,6 +965,11 @@ Body = (
     | ControlReply
     | AggregatorStatus
     | VersionRecord
+    | SecAggKey
+    | SecAggShare
+    | SecAggReceipt
+    | SecAggUnmask
+    | SecAggAnswer
 )
 
 
@@ -845,6 +984,11 @@ class Kind(StrEnum):
     CONTROL_REPLY = "control_reply"
     AGGREGATOR_STATUS = "aggregator_status"
     VERSION_RECORD = "version_record"
+    SECAGG_KEY = "secagg_key"
+    SECAGG_SHARE = "secagg_share"
+    SECAGG_RECEIPT = "secagg_receipt"
+    SECAGG_UNMASK = "secagg_unmask"
+    SECAGG_ANSWER = "secagg_answer"
 
 
 BODY_TYPES: dict[Kind, type[Body]] = {
@@ -858,6 +1002,11 @@ BODY_TYPES: dict[Kind, type[Body]] = {
     Kind.CONTROL_REPLY: ControlReply,
     Kind.AGGREGATOR_STATUS: AggregatorStatus,
     Kind.VERSION_RECORD: VersionRecord,
+    Kind.SECAGG_KEY: SecAggKey,
+    Kind.SECAGG_SHARE: SecAggShare,
+    Kind.SECAGG_RECEIPT: SecAggReceipt,
+    Kind.SECAGG_UNMASK: SecAggUnmask,
+    Kind.SECAGG_ANSWER: SecAggAnswer,
 }
 _KIND_OF: dict[type[Body], Kind] = {body: kind for kind, body in BODY_TYPES.items()}
 

@@ -34,6 +34,11 @@ from common.messages import (
     Manifest,
     ModelDelta,
     NodeStatus,
+    SecAggAnswer,
+    SecAggKey,
+    SecAggReceipt,
+    SecAggShare,
+    SecAggUnmask,
     Update,
     VersionRecord,
 )
@@ -41,6 +46,7 @@ from common.messages import (
 __all__ = [
     "ROLE_TOPICS",
     "ROOT",
+    "SECURE_AGGREGATION_ROUTES",
     "Role",
     "RoleTopics",
     "Route",
@@ -80,6 +86,12 @@ class Route(StrEnum):
     CONTROL_REPLY = "control/replies"
     AGGREGATOR_STATUS = "aggregator/status"
     VERSIONS = "versions"
+    # Secure aggregation (docs/secure-aggregation.md#message-flow).
+    SECAGG_KEY = "secagg/keys"
+    SECAGG_SHARE = "secagg/shares"
+    SECAGG_RECEIPT = "secagg/receipts"
+    SECAGG_UNMASK = "secagg/unmask"
+    SECAGG_ANSWER = "secagg/answers"
 
     @property
     def qos(self) -> int:
@@ -99,9 +111,27 @@ class Route(StrEnum):
 
 
 # The latest delta is retained too: a node that was away for one version catches up from it
-# without downloading the whole model.
+# without downloading the whole model. A key record is state: a node that starts late must find
+# every key.
 _RETAINED = frozenset(
-    {Route.MANIFEST, Route.CHUNK, Route.DELTA, Route.NODE_STATUS, Route.AGGREGATOR_STATUS}
+    {
+        Route.MANIFEST,
+        Route.CHUNK,
+        Route.DELTA,
+        Route.NODE_STATUS,
+        Route.AGGREGATOR_STATUS,
+        Route.SECAGG_KEY,
+    }
+)
+# The routes of secure aggregation: in every ACL, subscribed only when the policy is on.
+SECURE_AGGREGATION_ROUTES = frozenset(
+    {
+        Route.SECAGG_KEY,
+        Route.SECAGG_SHARE,
+        Route.SECAGG_RECEIPT,
+        Route.SECAGG_UNMASK,
+        Route.SECAGG_ANSWER,
+    }
 )
 _BODY_TYPES: Mapping[Route, type[Body] | type[bytes]] = MappingProxyType(
     {
@@ -116,6 +146,11 @@ _BODY_TYPES: Mapping[Route, type[Body] | type[bytes]] = MappingProxyType(
         Route.CONTROL_REPLY: ControlReply,
         Route.AGGREGATOR_STATUS: AggregatorStatus,
         Route.VERSIONS: VersionRecord,
+        Route.SECAGG_KEY: SecAggKey,
+        Route.SECAGG_SHARE: SecAggShare,
+        Route.SECAGG_RECEIPT: SecAggReceipt,
+        Route.SECAGG_UNMASK: SecAggUnmask,
+        Route.SECAGG_ANSWER: SecAggAnswer,
     }
 )
 
@@ -132,6 +167,8 @@ class Role(StrEnum):
 class Scope(StrEnum):
     OWN = "own"  # only the topic whose node segment is the identity itself
     ANY = "any"  # every topic of the route
+    # Only the topics whose recipient segment is the identity (a share sent to it, from anyone).
+    ADDRESSED = "addressed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,11 +204,21 @@ ROLE_TOPICS: Mapping[Role, RoleTopics] = MappingProxyType(
                 Use(Route.DELTA),
                 Use(Route.AGGREGATOR_STATUS),
                 Use(Route.ACK, Scope.OWN),
+                # Secure aggregation: every hospital's key record, the shares sent to it and
+                # the aggregator's unmask requests to it.
+                Use(Route.SECAGG_KEY),
+                Use(Route.SECAGG_SHARE, Scope.ADDRESSED),
+                Use(Route.SECAGG_UNMASK, Scope.OWN),
             ),
             writes=(
                 Use(Route.UPDATE, Scope.OWN),
                 Use(Route.NODE_STATUS, Scope.OWN),
                 Use(Route.NODE_EVAL, Scope.OWN),
+                # Its own key record, the shares it sends (to anyone), its receipts and answers.
+                Use(Route.SECAGG_KEY, Scope.OWN),
+                Use(Route.SECAGG_SHARE, Scope.OWN),
+                Use(Route.SECAGG_RECEIPT, Scope.OWN),
+                Use(Route.SECAGG_ANSWER, Scope.OWN),
             ),
         ),
         # The aggregator: sole writer of the model, verdicts, provenance and run state; it reads
@@ -182,6 +229,10 @@ ROLE_TOPICS: Mapping[Role, RoleTopics] = MappingProxyType(
                 Use(Route.NODE_EVAL),
                 Use(Route.NODE_STATUS),
                 Use(Route.CONTROL_REQUEST),
+                # Secure aggregation: key records (to know the roster is keyed), receipts, answers.
+                Use(Route.SECAGG_KEY),
+                Use(Route.SECAGG_RECEIPT),
+                Use(Route.SECAGG_ANSWER),
             ),
             writes=(
                 Use(Route.MANIFEST),
@@ -191,6 +242,7 @@ ROLE_TOPICS: Mapping[Role, RoleTopics] = MappingProxyType(
                 Use(Route.AGGREGATOR_STATUS),
                 Use(Route.VERSIONS),
                 Use(Route.CONTROL_REPLY),
+                Use(Route.SECAGG_UNMASK),
             ),
         ),
         # Operators steer the run and watch it.
@@ -214,6 +266,7 @@ class Topic:
     version: int | None = None
     chunk: int | None = None
     request_id: str | None = None
+    recipient: str | None = None  # a share's addressee; ``node`` is its sender
 
     @property
     def qos(self) -> int:
@@ -236,6 +289,12 @@ class Topic:
                 return f"{base}/nodes/{self.node}/eval"
             case Route.CONTROL_REPLY:
                 return f"{base}/control/replies/{self.request_id}"
+            case Route.SECAGG_SHARE:
+                return f"{base}/{self.route.value}/{self.recipient}/{self.node}"
+            case (
+                Route.SECAGG_KEY | Route.SECAGG_RECEIPT | Route.SECAGG_UNMASK | Route.SECAGG_ANSWER
+            ):
+                return f"{base}/{self.route.value}/{self.node}"
             case _:
                 return f"{base}/{self.route.value}"
 
@@ -298,6 +357,29 @@ class TopicTree:
     def versions(self) -> Topic:
         return Topic(self.federation, Route.VERSIONS)
 
+    def secagg_key(self, node: str) -> Topic:
+        return self._of_node(Route.SECAGG_KEY, node)
+
+    def secagg_share(self, recipient: str, sender: str) -> Topic:
+        return Topic(
+            self.federation,
+            Route.SECAGG_SHARE,
+            node=validate_identifier(sender, "sender"),
+            recipient=validate_identifier(recipient, "recipient"),
+        )
+
+    def secagg_receipt(self, node: str) -> Topic:
+        return self._of_node(Route.SECAGG_RECEIPT, node)
+
+    def secagg_unmask(self, node: str) -> Topic:
+        return self._of_node(Route.SECAGG_UNMASK, node)
+
+    def secagg_answer(self, node: str) -> Topic:
+        return self._of_node(Route.SECAGG_ANSWER, node)
+
+    def _of_node(self, route: Route, node: str) -> Topic:
+        return Topic(self.federation, route, node=validate_identifier(node, "node"))
+
     # Subscription filters: the only places where wildcards appear.
     def all_updates(self) -> TopicFilter:
         return self.route_filter(Route.UPDATE)
@@ -315,28 +397,57 @@ class TopicTree:
         """Every topic of this federation (what a broker's ACL must narrow for most identities)."""
         return TopicFilter(f"{self.prefix}/#")
 
-    def subscriptions(self, role: Role, identity: str | None = None) -> tuple[TopicFilter, ...]:
+    def subscriptions(
+        self, role: Role, identity: str | None = None, *, secure_aggregation: bool = False
+    ) -> tuple[TopicFilter, ...]:
         """The topic filters ``role``'s code subscribes to (:data:`ROLE_TOPICS`); ``identity``
-        fills the node segment of its own topics."""
+        fills the node segment of its own topics. The routes of
+        :data:`SECURE_AGGREGATION_ROUTES` only with ``secure_aggregation``: with the policy off
+        a service subscribes to what it did before the policy existed."""
         filters = []
         for use in ROLE_TOPICS[role].reads:
-            if use.scope is Scope.OWN:
-                if identity is None:
-                    raise TopicError(f"{role} reads its own {use.route} topic: name the identity")
-                filters.append(self.route_filter(use.route, validate_identifier(identity)))
-            else:
+            if use.route in SECURE_AGGREGATION_ROUTES and not secure_aggregation:
+                continue
+            if use.scope is Scope.ANY:
                 filters.append(self.route_filter(use.route))
+                continue
+            if identity is None:
+                raise TopicError(f"{role} reads its own {use.route} topic: name the identity")
+            filters.append(self.scoped_filter(use, validate_identifier(identity)))
         return tuple(filters)
 
-    def route_filter(self, route: Route, node: str = "+") -> TopicFilter:
+    def scoped_filter(self, use: Use, identity: str) -> TopicFilter:
+        """The filter of ``use``'s topics that ``identity`` (a name, or Mosquitto's ``%u``) may
+        use under its scope: its own, those addressed to it, or (ANY) every one."""
+        match use.scope:
+            case Scope.OWN:
+                return self.route_filter(use.route, identity)
+            case Scope.ADDRESSED:
+                return self.route_filter(use.route, recipient=identity)
+            case _:
+                return self.route_filter(use.route)
+
+    def route_filter(self, route: Route, node: str = "+", *, recipient: str = "+") -> TopicFilter:
         """The filter matching every topic of ``route``; ``node`` fills the node segment (``+``
-        for any node, or a broker ACL substitution such as Mosquitto's ``%u``)."""
+        for any node, or a broker ACL substitution such as Mosquitto's ``%u``), ``recipient``
+        a share's recipient segment."""
         match route:
             case Route.CHUNK:
                 text = f"{self.prefix}/model/+/chunk/+"
             case Route.CONTROL_REPLY:
                 text = f"{self.prefix}/control/replies/+"
-            case Route.UPDATE | Route.ACK | Route.NODE_STATUS | Route.NODE_EVAL:
+            case Route.SECAGG_SHARE:
+                text = str(Topic(self.federation, route, node=node, recipient=recipient))
+            case (
+                Route.UPDATE
+                | Route.ACK
+                | Route.NODE_STATUS
+                | Route.NODE_EVAL
+                | Route.SECAGG_KEY
+                | Route.SECAGG_RECEIPT
+                | Route.SECAGG_UNMASK
+                | Route.SECAGG_ANSWER
+            ):
                 text = str(Topic(self.federation, route, node=node))
             case _:
                 text = str(Topic(self.federation, route))
@@ -374,6 +485,10 @@ class TopicTree:
                 return self.node_eval(node)
             case ("control", "replies", request_id):
                 return self.control_reply(request_id)
+            case ("secagg", "shares", recipient, sender):
+                return self.secagg_share(recipient, sender)
+            case ("secagg", kind, node) if kind in _SECAGG_OF_NODE:
+                return self._of_node(_SECAGG_OF_NODE[kind], node)
         return None
 
 
@@ -385,6 +500,19 @@ _FIXED_ROUTES: Mapping[tuple[str, ...], Route] = MappingProxyType(
         ("control", "requests"): Route.CONTROL_REQUEST,
         ("aggregator", "status"): Route.AGGREGATOR_STATUS,
         ("versions",): Route.VERSIONS,
+    }
+)
+
+# The secure aggregation routes named secagg/{kind}/{node}.
+_SECAGG_OF_NODE: Mapping[str, Route] = MappingProxyType(
+    {
+        route.value.removeprefix("secagg/"): route
+        for route in (
+            Route.SECAGG_KEY,
+            Route.SECAGG_RECEIPT,
+            Route.SECAGG_UNMASK,
+            Route.SECAGG_ANSWER,
+        )
     }
 )
 

@@ -66,6 +66,11 @@ from common.messages import (
     PrivacyPolicy,
     PrivacySpend,
     RejectReason,
+    SecAggAnswer,
+    SecAggKey,
+    SecAggReceipt,
+    SecAggShare,
+    SecAggUnmask,
     TrainingConfig,
     Update,
     VersionRecord,
@@ -342,6 +347,8 @@ class NodeService:
                 pass  # other roles' messages: a hospital does not subscribe to them
             case ControlReply() | VersionRecord():
                 pass
+            case SecAggKey() | SecAggShare() | SecAggReceipt() | SecAggUnmask() | SecAggAnswer():
+                pass  # secure aggregation: not subscribed to until the node serves it
             case _:
                 assert_never(body)
 

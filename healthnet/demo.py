@@ -46,6 +46,11 @@ from common.messages import (
     Personalisation,
     PrivacyPolicy,
     PrivacySpend,
+    SecAggAnswer,
+    SecAggKey,
+    SecAggReceipt,
+    SecAggShare,
+    SecAggUnmask,
     TrainingConfig,
     Update,
     VersionRecord,
@@ -577,7 +582,20 @@ class _Watch:
                 inbound.topic.node == inbound.sender
             ):
                 self.ledgers[inbound.sender] = ledger
-            case Update() | Ack() | NodeStatus() | ControlRequest() | ControlReply() | ModelDelta():
+            case (
+                Update()
+                | Ack()
+                | NodeStatus()
+                | ControlRequest()
+                | ControlReply()
+                | ModelDelta()
+                # The monitor subscribes to none of secure aggregation's routes.
+                | SecAggKey()
+                | SecAggShare()
+                | SecAggReceipt()
+                | SecAggUnmask()
+                | SecAggAnswer()
+            ):
                 pass
             case _:
                 assert_never(body)

@@ -128,13 +128,14 @@ class BridgeTopic:
 
 
 def _topics_of(tree: TopicTree, uses: Sequence[Use], identities: Sequence[str]) -> list[str]:
-    """The topics (or filters) of ``uses`` for these identities: ``own`` ones once each."""
+    """The topics (or filters) of ``uses`` for these identities: ``own`` ones (and those
+    ``addressed`` to an identity, such as secure aggregation's shares) once each."""
     topics: list[str] = []
     for use in uses:
-        if use.scope is Scope.OWN:
-            topics += [str(tree.route_filter(use.route, i)) for i in identities]
-        else:
+        if use.scope is Scope.ANY:
             topics.append(str(tree.route_filter(use.route)))
+        else:
+            topics += [str(tree.scoped_filter(use, i)) for i in identities]
     return topics
 
 

@@ -50,6 +50,12 @@ from common.messages import (
     NodeStatus,
     NodeTally,
     RejectReason,
+    SecAggAnswer,
+    SecAggKey,
+    SecAggReceipt,
+    SecAggShare,
+    SecAggTerm,
+    SecAggUnmask,
     TensorPayload,
     TrainingConfig,
     TrainMetrics,
@@ -147,6 +153,38 @@ BODIES = [
             reason="buffer_full",
         ),
         id="version-record",
+    ),
+    pytest.param(
+        SecAggKey(
+            federation="fed-1",
+            identity="hosp-a",
+            public_key=bytes(range(32)),
+            certificate=b"-----BEGIN CERTIFICATE-----\n...",
+            signature=b"\x30\x45" + bytes(69),
+        ),
+        id="secagg-key",
+    ),
+    pytest.param(
+        SecAggShare(
+            update_id="u-1", recipient="hosp-b", policy_digest="ab" * 32, sealed=bytes(100_000)
+        ),
+        id="secagg-share",
+    ),
+    pytest.param(
+        SecAggReceipt(policy_digest="ab" * 32, update_ids=("u-1", "u-2")), id="secagg-receipt"
+    ),
+    pytest.param(
+        SecAggUnmask(
+            fold_id="f-1",
+            policy_digest="ab" * 32,
+            terms=(SecAggTerm(update_id="u-1", sender="hosp-a", weight=1024),),
+        ),
+        id="secagg-unmask",
+    ),
+    pytest.param(SecAggAnswer(fold_id="f-1", share_sum=bytes(range(8))), id="secagg-answer"),
+    pytest.param(
+        SecAggAnswer(fold_id="f-1", refusal="already released in another sum"),
+        id="secagg-refusal",
     ),
 ]
 

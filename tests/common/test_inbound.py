@@ -32,7 +32,17 @@ SAMPLES: dict[type[Body], Body] = {
 def topic_of(route: Route) -> Topic:
     """One topic of ``route`` in ``tree``, as the tree parses it."""
     return tree.parse(
-        str(Topic(tree.federation, route, node="hosp-a", version=3, chunk=1, request_id="r1"))
+        str(
+            Topic(
+                tree.federation,
+                route,
+                node="hosp-a",
+                version=3,
+                chunk=1,
+                request_id="r1",
+                recipient="hosp-b",
+            )
+        )
     )
 
 

@@ -11,7 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.errors import TopicError
-from common.topics import ROOT, Route, Topic, TopicFilter, TopicTree, validate_identifier
+from common.topics import (
+    ROOT,
+    SECURE_AGGREGATION_ROUTES,
+    Role,
+    Route,
+    Topic,
+    TopicFilter,
+    TopicTree,
+    validate_identifier,
+)
 
 FED = "fed-1"
 PREFIX = f"{ROOT}/{FED}"
@@ -31,6 +40,21 @@ ROUTES = [
     pytest.param(lambda t: t.control_reply("req.7"), f"{PREFIX}/control/replies/req.7", id="reply"),
     pytest.param(lambda t: t.aggregator_status(), f"{PREFIX}/aggregator/status", id="agg-status"),
     pytest.param(lambda t: t.versions(), f"{PREFIX}/versions", id="versions"),
+    pytest.param(lambda t: t.secagg_key("hosp-a"), f"{PREFIX}/secagg/keys/hosp-a", id="key"),
+    pytest.param(
+        lambda t: t.secagg_share("hosp-b", "hosp-a"),
+        f"{PREFIX}/secagg/shares/hosp-b/hosp-a",
+        id="share",
+    ),
+    pytest.param(
+        lambda t: t.secagg_receipt("hosp-a"), f"{PREFIX}/secagg/receipts/hosp-a", id="receipt"
+    ),
+    pytest.param(
+        lambda t: t.secagg_unmask("hosp-a"), f"{PREFIX}/secagg/unmask/hosp-a", id="unmask"
+    ),
+    pytest.param(
+        lambda t: t.secagg_answer("hosp-a"), f"{PREFIX}/secagg/answers/hosp-a", id="answer"
+    ),
 ]
 
 
@@ -51,14 +75,21 @@ def test_the_route_table_covers_every_route() -> None:
     assert routes == set(Route)
 
 
-RETAINED = {Route.MANIFEST, Route.CHUNK, Route.DELTA, Route.NODE_STATUS, Route.AGGREGATOR_STATUS}
+RETAINED = {
+    Route.MANIFEST,
+    Route.CHUNK,
+    Route.DELTA,
+    Route.NODE_STATUS,
+    Route.AGGREGATOR_STATUS,
+    Route.SECAGG_KEY,  # a key record is state: a node that starts late must find every key
+}
 
 
 @pytest.mark.parametrize("route", list(Route), ids=[r.name.lower() for r in Route])
 def test_every_route_is_qos_1_and_only_state_routes_are_retained(route: Route) -> None:
-    """All routes use QoS 1; manifest, chunks, the latest delta and statuses are retained,
-    events are not."""
-    topic = Topic(FED, route, node="n", version=1, chunk=0, request_id="r")
+    """All routes use QoS 1; manifest, chunks, the latest delta, statuses and key records are
+    retained, events are not."""
+    topic = Topic(FED, route, node="n", version=1, chunk=0, request_id="r", recipient="m")
     assert (topic.qos, route.qos) == (1, 1)
     assert topic.retain is route.retain is (route in RETAINED)
 
@@ -89,6 +120,13 @@ def test_unsafe_identifiers_are_rejected_everywhere(value: str) -> None:
             build(value)
     with pytest.raises(TopicError, match=f"^request id {invalid}"):
         tree.control_reply(value)
+    for build in (tree.secagg_key, tree.secagg_receipt, tree.secagg_unmask, tree.secagg_answer):
+        with pytest.raises(TopicError, match=f"^node {invalid}"):
+            build(value)
+    with pytest.raises(TopicError, match=f"^recipient {invalid}"):
+        tree.secagg_share(value, "hosp-a")
+    with pytest.raises(TopicError, match=f"^sender {invalid}"):
+        tree.secagg_share("hosp-a", value)
     with pytest.raises(TopicError, match=f"^federation {invalid}"):
         TopicTree(value)
 
@@ -132,6 +170,18 @@ def test_identifiers_of_64_characters_are_accepted() -> None:
             f"{PREFIX}/control/replies/a b", ": request id 'a b' is invalid", id="reply-with-space"
         ),
         pytest.param(f"{PREFIX}/Versions", " is not a healthNET route", id="wrong-case"),
+        pytest.param(
+            f"{PREFIX}/secagg/shares/hosp-a", " is not a healthNET route", id="share-one-node"
+        ),
+        pytest.param(
+            f"{PREFIX}/secagg/shares/+/hosp-a",
+            ": recipient '+' is invalid",
+            id="share-wildcard-recipient",
+        ),
+        pytest.param(
+            f"{PREFIX}/secagg/unknown/hosp-a", " is not a healthNET route", id="unknown-secagg"
+        ),
+        pytest.param(f"{PREFIX}/secagg/keys/#", ": node '#' is invalid", id="key-wildcard"),
         pytest.param(
             f"/{PREFIX}/versions", " is not under 'healthnet/v1/fed-1'", id="leading-slash"
         ),
@@ -219,12 +269,13 @@ def test_subscription_filters_are_the_only_topics_with_wildcards() -> None:
 @given(
     federation=identifiers,
     node=identifiers,
+    other=identifiers,
     request_id=identifiers,
     version=st.integers(0, 10**12 - 1),
     index=st.integers(0, 10**12 - 1),
 )
 def test_every_valid_identifier_round_trips_through_every_route(
-    federation: str, node: str, request_id: str, version: int, index: int
+    federation: str, node: str, other: str, request_id: str, *, version: int, index: int
 ) -> None:
     """For any valid identifiers and numbers, parse(str(topic)) == topic on every route."""
     t = TopicTree(federation)
@@ -239,7 +290,13 @@ def test_every_valid_identifier_round_trips_through_every_route(
         t.control_reply(request_id),
         t.aggregator_status(),
         t.versions(),
+        t.secagg_key(node),
+        t.secagg_share(other, node),
+        t.secagg_receipt(node),
+        t.secagg_unmask(node),
+        t.secagg_answer(node),
     ]
+    assert {topic.route for topic in topics} == set(Route)
     for topic in topics:
         assert t.parse(str(topic)) == topic
         assert str(t.parse(str(topic))) == str(topic)
@@ -272,6 +329,32 @@ def test_route_filter_puts_a_substitution_in_the_node_segment() -> None:
     """route_filter(route, "%u") gives the Mosquitto ACL pattern of a node's own topic."""
     assert str(tree.route_filter(Route.UPDATE, "%u")) == f"{PREFIX}/updates/%u"
     assert str(tree.route_filter(Route.NODE_EVAL, "%u")) == f"{PREFIX}/nodes/%u/eval"
+    # A share's topic has two: its sender (the node) and its recipient.
+    assert str(tree.route_filter(Route.SECAGG_SHARE, "%u")) == f"{PREFIX}/secagg/shares/+/%u"
+    assert str(tree.route_filter(Route.SECAGG_SHARE, recipient="%u")) == (
+        f"{PREFIX}/secagg/shares/%u/+"
+    )
+
+
+def test_secure_aggregation_routes_are_subscribed_only_when_asked() -> None:
+    """With the policy off a service subscribes to what it did before secure aggregation; with
+    it on, a hospital reads every key record, the shares addressed to it and its own unmask
+    requests, and the aggregator every key record, receipt and answer."""
+    for role in Role:
+        plain = tree.subscriptions(role, "hosp-a")
+        assert not {f.route for f in plain} & SECURE_AGGREGATION_ROUTES
+    hospital = tree.subscriptions(Role.HOSPITAL, "hosp-a", secure_aggregation=True)
+    assert [str(f) for f in hospital if f.route in SECURE_AGGREGATION_ROUTES] == [
+        f"{PREFIX}/secagg/keys/+",
+        f"{PREFIX}/secagg/shares/hosp-a/+",
+        f"{PREFIX}/secagg/unmask/hosp-a",
+    ]
+    aggregator = tree.subscriptions(Role.AGGREGATOR, secure_aggregation=True)
+    assert [str(f) for f in aggregator if f.route in SECURE_AGGREGATION_ROUTES] == [
+        f"{PREFIX}/secagg/keys/+",
+        f"{PREFIX}/secagg/receipts/+",
+        f"{PREFIX}/secagg/answers/+",
+    ]
 
 
 @pytest.mark.parametrize("route", list(Route), ids=[r.name.lower() for r in Route])

@@ -21,7 +21,7 @@ from aggregator.settings import AggregatorSettings
 from common.errors import ConfigError
 from common.messages import NormPolicy
 from common.settings import ConnectionSettings
-from common.topics import Route, TopicTree
+from common.topics import Route, Scope, TopicTree
 from healthnet.deploy import (
     PERMISSIONS,
     Access,
@@ -309,15 +309,42 @@ def test_hash_reads_what_mosquitto_passwd_writes(tmp_path: Path) -> None:
 # -- the ACL
 
 
+# Hospital to hospital: key records (every hospital reads every one) and shares (each read
+# only by its recipient). A hospital writes only its own, under its own name.
+PEER_ROUTES = {Route.SECAGG_KEY, Route.SECAGG_SHARE}
+
+
 def test_every_route_has_exactly_one_kind_of_writer_and_a_reader() -> None:
-    """Each topic of the tree is written by one role and read by another: a new route without a
-    policy fails here."""
+    """Each topic of the tree is written by one role and read by another (or, between
+    hospitals, written only under the writer's own name): a new route without a policy fails
+    here."""
     for route in Route:
         writers = {g.role for g in PERMISSIONS if g.route is route and g.access is Access.WRITE}
         readers = {g.role for g in PERMISSIONS if g.route is route and g.access is Access.READ}
         assert len(writers) == 1, (route, writers)
         assert readers, route
-        assert not writers & readers, route
+        if route in PEER_ROUTES:
+            assert writers == {Role.HOSPITAL}, route
+            scopes = {g.scope for g in PERMISSIONS if g.route is route and g.access is Access.WRITE}
+            assert scopes == {Scope.OWN}, route
+        else:
+            assert not writers & readers, route
+
+
+def test_a_share_is_readable_only_by_its_recipient_and_writable_only_by_its_sender() -> None:
+    """The ACL's share rows: hospital %u writes secagg/shares/+/%u (it is the sender) and reads
+    secagg/shares/%u/+ (it is the recipient); no service identity may do either."""
+    text = render_acl(TopicTree("heart"), HOSPITALS)
+    prefix = "healthnet/v1/heart/secagg"
+    assert f"pattern write {prefix}/shares/+/%u" in text
+    assert f"pattern read {prefix}/shares/%u/+" in text
+    assert f"pattern write {prefix}/keys/%u" in text
+    assert acl_reads(text, "cleveland") >= {f"{prefix}/shares/cleveland/+", f"{prefix}/keys/+"}
+    assert not any("shares/hungarian" in f for f in acl_reads(text, "cleveland"))
+    for service in ("aggregator", "operator", "dashboard"):
+        assert f"topic deny {prefix}/shares/{service}/+" in text
+        assert f"topic deny {prefix}/shares/+/{service}" in text
+        assert not any("/shares/" in f for f in acl_reads(text, service))
 
 
 def test_the_dashboard_never_reads_the_model_or_updates() -> None:
@@ -360,11 +387,13 @@ def test_every_topic_a_roles_code_subscribes_to_is_readable_under_the_generated_
     service._core = service._fresh_core()  # its Last Will is built from the core's status
     subscribed = {
         "aggregator": service._connect().subscriptions,  # the real client, unstarted
-        "cleveland": tree.subscriptions(Role.HOSPITAL, "cleveland"),
+        "cleveland": tree.subscriptions(Role.HOSPITAL, "cleveland", secure_aggregation=True),
+        "aggregator-secure": tree.subscriptions(Role.AGGREGATOR, secure_aggregation=True),
         "dashboard": feed_subscriptions(tree),
         "operator": feed_subscriptions(tree),
     }
-    for identity, filters in subscribed.items():
+    for name, filters in subscribed.items():
+        identity = name.removesuffix("-secure")
         missing = {str(topic_filter) for topic_filter in filters} - acl_reads(text, identity)
         assert not missing, (identity, missing)
     assert str(tree.all_node_status()) in subscribed["aggregator"]  # its per-node connection view

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from common.errors import ConfigError
-from common.topics import ROLE_TOPICS, Role, TopicTree
+from common.topics import ROLE_TOPICS, Role, Scope, TopicTree
 from healthnet.cli import app
 from healthnet.deploy import AuthMode, DeploymentSpec, generate_deployment, read_env_file
 from healthnet.deploy.regions import Region, bridge_topics, parse_regions
@@ -120,16 +120,31 @@ def test_a_bridge_carries_its_hospitals_topics_in_the_directions_they_flow(tmp_p
         "healthnet/v1/heart/aggregator/status",
         "healthnet/v1/heart/acks/cleveland",
         "healthnet/v1/heart/acks/hungarian",
+        # Secure aggregation: every key record; the shares and unmask requests of its own.
+        "healthnet/v1/heart/secagg/keys/+",
+        "healthnet/v1/heart/secagg/shares/cleveland/+",
+        "healthnet/v1/heart/secagg/shares/hungarian/+",
+        "healthnet/v1/heart/secagg/unmask/cleveland",
+        "healthnet/v1/heart/secagg/unmask/hungarian",
     }
     assert outbound == {
         f"healthnet/v1/heart/{kind}"
         for h in EU.hospitals
-        for kind in (f"updates/{h}", f"nodes/{h}/status", f"nodes/{h}/eval")
+        for kind in (
+            f"updates/{h}",
+            f"nodes/{h}/status",
+            f"nodes/{h}/eval",
+            f"secagg/keys/{h}",
+            f"secagg/shares/+/{h}",
+            f"secagg/receipts/{h}",
+            f"secagg/answers/{h}",
+        )
     }
     assert {t.qos for t in topics} == {1}
     assert len(topics) == len(inbound) + len(outbound)
     uses = ROLE_TOPICS[Role.HOSPITAL]
-    assert len(inbound) == len(uses.reads) + len(EU.hospitals) - 1
+    per_hospital = [u for u in uses.reads if u.scope is not Scope.ANY]
+    assert len(inbound) == len(uses.reads) + len(per_hospital) * (len(EU.hospitals) - 1)
 
     generate_deployment(spec(), tmp_path / "out")
     conf = tmp_path / "out" / "regions" / "eu" / "mosquitto.conf"

@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
 WAIT = 10.0  # seconds; a probe that has not arrived by then never will
 HOSPITAL = "cleveland"
+PEER = "hungarian"  # the hospital that sends HOSPITAL a share
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,12 @@ EXAMPLES: dict[Route, Callable[[TopicTree], Topic]] = {
     Route.CONTROL_REPLY: lambda tree: tree.control_reply("r1"),
     Route.AGGREGATOR_STATUS: TopicTree.aggregator_status,
     Route.VERSIONS: TopicTree.versions,
+    Route.SECAGG_KEY: lambda tree: tree.secagg_key(HOSPITAL),
+    # A share another hospital sends it (a node keeps its own share and never sends it).
+    Route.SECAGG_SHARE: lambda tree: tree.secagg_share(HOSPITAL, PEER),
+    Route.SECAGG_RECEIPT: lambda tree: tree.secagg_receipt(HOSPITAL),
+    Route.SECAGG_UNMASK: lambda tree: tree.secagg_unmask(HOSPITAL),
+    Route.SECAGG_ANSWER: lambda tree: tree.secagg_answer(HOSPITAL),
 }
 
 
@@ -93,16 +100,19 @@ def test_every_filter_a_role_subscribes_to_delivers_what_its_writer_publishes(
 ) -> None:
     """Subscribed to its role's filters (as its service subscribes), the identity receives each
     route from the identity that writes it: the aggregator its nodes' statuses, the dashboard and
-    operator their evaluations, a hospital its own acks."""
+    operator their evaluations, a hospital its own acks (secure aggregation's routes included)."""
     tree = TopicTree(broker.federation)
     reader = broker.client(identity(role))
-    for topic_filter in tree.subscriptions(role, identity(role)):
+    for topic_filter in tree.subscriptions(role, identity(role), secure_aggregation=True):
         reader.subscribe(topic_filter)
     refused = []
     with reader:
         for use in ROLE_TOPICS[role].reads:
             topic = example(tree, use.route)
-            with broker.client(identity(writer(use.route))) as sender:
+            # A hospital reads key records it writes too: the probe's sender connects under its
+            # own client id, or it would take the reader's connection over.
+            author = PEER if use.route is Route.SECAGG_SHARE else identity(writer(use.route))
+            with broker.client(author, f"{author}.probe") as sender:
                 if not delivered(reader, sender, topic):
                     refused.append(str(topic))
                 if topic.retain:
