@@ -282,6 +282,7 @@ def test_every_valid_identifier_round_trips_through_every_route(
     topics = [
         t.manifest(),
         t.chunk(version, index),
+        t.delta(),
         t.update(node),
         t.ack(node),
         t.node_status(node),
