@@ -117,6 +117,7 @@ def test_a_bridge_carries_its_hospitals_topics_in_the_directions_they_flow(tmp_p
     assert inbound == {
         "healthnet/v1/heart/model/manifest",
         "healthnet/v1/heart/model/+/chunk/+",
+        "healthnet/v1/heart/model/delta",  # the broadcast chain's latest delta
         "healthnet/v1/heart/aggregator/status",
         "healthnet/v1/heart/acks/cleveland",
         "healthnet/v1/heart/acks/hungarian",
