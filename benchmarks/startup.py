@@ -8,9 +8,9 @@ the same code in the same run, the trees alternating:
 
 - **Imports**, per role: the CPU and wall seconds of a fresh interpreter that imports what the
   ``healthnet`` command imports before it runs the role (the CLI, then the service), and for the
-  aggregator also what it does before its first publish on a fresh run (common.models: torch,
-  the initial weights and the output probe of the demo's model). The median of ``--runs``.
-  Whether torch, opacus and scipy were loaded is recorded beside each.
+  aggregator also what its service does on a fresh run before its first publish (the initial
+  weights, the output probe, v0 encoded), for the heart-disease and the pneumonia model. The
+  median of ``--runs``. Whether torch, opacus and scipy were loaded is recorded beside each.
 - **Launch**, per federation: ``healthnet demo --versions 1`` as a subprocess (the broker, the
   aggregator and the hospitals as processes: five for heart disease, nine for pneumonia with
   eight hospitals), with the demo's own timestamps: seconds from starting the processes until
@@ -41,19 +41,29 @@ from benchmarks._report import write_report
 ROOT = Path(__file__).resolve().parents[1]
 
 # What each role's process runs before its service's loop (see healthnet/cli.py): the CLI, the
-# service module, and for the aggregator the model work of a fresh run before its first publish.
+# service module, and for the aggregator what AggregatorService.run does on a fresh run before its
+# first publish (restore: the initial weights and the output probe; the v0 broadcast encoded), for
+# the model of a demo federation. The same code measures any tree of this service's shape.
 _AGGREGATOR_FIRST_PUBLISH = """
-from common.models import build_model, model_params, output_probe
+import tempfile
+from pathlib import Path
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
 from healthnet.federations import FEDERATIONS
-spec = FEDERATIONS["heart-disease"].model
-model_params(build_model(spec, seed=0))
-output_probe(spec)
+with tempfile.TemporaryDirectory() as state_dir:
+    service = AggregatorService(AggregatorSettings(
+        state_dir=Path(state_dir), model=FEDERATIONS["{federation}"].model, run_id="startup"))
+    service._core = service._restore()
+    service._broadcast()
+    service.journal.close()
 """
 ROLES: dict[str, str] = {
     "cli": "import healthnet.cli",
     "aggregator": "import healthnet.cli, aggregator.service",
-    "aggregator to first publish": "import healthnet.cli, aggregator.service\n"
-    + _AGGREGATOR_FIRST_PUBLISH,
+    "aggregator to first publish": "import healthnet.cli\n"
+    + _AGGREGATOR_FIRST_PUBLISH.format(federation="heart-disease"),
+    "aggregator to first publish, cnn": "import healthnet.cli\n"
+    + _AGGREGATOR_FIRST_PUBLISH.format(federation="pneumonia"),
     "node": "import healthnet.cli, edge_node.service",
 }
 _PROBE = """
