@@ -186,6 +186,7 @@ def main() -> None:
         help="demos to launch (default: %(default)s)",
     )
     parser.add_argument("--quick", action="store_true", help="imports only, one run each")
+    parser.add_argument("--note", help="what else loaded the machine, recorded in the JSON")
     args = parser.parse_args()
     console = Console(stderr=True)
     trees = {"this": ROOT}
@@ -195,6 +196,7 @@ def main() -> None:
     launches = 0 if args.quick else args.launches
     load_before = list(os.getloadavg())
     imports, launched = _measure(trees, runs, launches, args.federations, console)
+    load_after = list(os.getloadavg())
     rows: list[dict[str, object]] = [
         {
             "tree": tree,
@@ -230,6 +232,8 @@ def main() -> None:
             "launches": launches,
             "baseline_revision": args.baseline_revision,
             "load_average_before": load_before,
+            "load_average_after": load_after,
+            "note": args.note,
             "command": " ".join(["python -m benchmarks.startup", *sys.argv[1:]]),
             "imports": rows,
             "launch": launch_rows,
