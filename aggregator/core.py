@@ -311,6 +311,9 @@ class AggregatorCore:
             e.node: _NodeTally(**e.model_dump(exclude={"node"})) for e in nodes
         }
         self._buffer: list[BufferedUpdate] = []
+        # Nodes whose last status said OFFLINE (the broker's retained statuses say so again
+        # after a restart, so this is not checkpointed).
+        self._offline: set[str] = set()
         # The clipped norms of the last accepted updates, oldest first, while a bound was set.
         self._norms: list[float] = [float(n) for n in norms][-NORM_HISTORY:]
         self._initial_norm = global_norm(self._params) if initial_norm is None else initial_norm
@@ -550,7 +553,9 @@ class AggregatorCore:
         adds a node to the tallies, so a run without privacy keeps the tallies it had.
         """
         if state is NodeState.OFFLINE:
+            self._offline.add(node)
             return False
+        self._offline.discard(node)
         spent = state is NodeState.BUDGET_SPENT
         if spent and (version is None or version > self._version):
             return False
@@ -582,14 +587,26 @@ class AggregatorCore:
         )
 
     def budgets_spent_stop(self) -> bool:
-        """Stop a RUNNING run once every node has spent its budget and the buffer is empty.
+        """Stop a RUNNING run once every node has spent its budget, the buffer is empty, and
+        every node still online has evaluated the last version; True when it stopped it now.
 
-        Nothing more can come: this is the run's natural end under a privacy policy, as
-        ``max_versions`` is without one. True when it stopped the run now.
+        No update can come: this is the run's natural end under a privacy policy, as
+        ``max_versions`` is without one. A spent node keeps evaluating every version, so the
+        run waits for those evaluations and its last status carries them (a node that went
+        offline is not waited for: it may never come back).
         """
         if self._state is not AggregatorState.RUNNING or self._buffer:
             return False
         if not self._budgets_spent():
+            return False
+        pending = [
+            node
+            for node, e in self._nodes.items()
+            if not e.quarantined
+            and node not in self._offline
+            and (e.eval_version is None or e.eval_version < self._version)
+        ]
+        if pending:
             return False
         self._state = transition(self._state, RunEvent.BUDGETS_SPENT)
         return True

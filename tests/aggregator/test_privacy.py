@@ -13,6 +13,7 @@ from common.errors import ControlError
 from common.messages import (
     AggregatorState,
     ControlCommand,
+    Evaluation,
     MetricRelease,
     ModelSpec,
     NodeState,
@@ -278,6 +279,20 @@ def spent(core: AggregatorCore, node: str, version: int | None = None) -> bool:
     return core.record_node_state(node, NodeState.BUDGET_SPENT, at)
 
 
+def evaluated(core: AggregatorCore, *nodes: str) -> None:
+    """``nodes`` evaluated the current version, as spent nodes keep doing."""
+    for node in nodes:
+        result = Evaluation(
+            run_id=core.run_id,
+            version=core.version,
+            loss=0.5,
+            accuracy=0.75,
+            correct=3,
+            num_examples=4,
+        )
+        core.record_evaluation(node, result)
+
+
 def three_hospitals(**knobs: Any) -> AggregatorCore:
     """A DP run with K = 3 that knows hospitals a, b and c from one update each, folded."""
     core = dp_core(buffer_size=3, **knobs)
@@ -359,7 +374,8 @@ def test_a_spent_status_from_an_earlier_run_does_not_count() -> None:
 
 
 def test_the_run_stops_once_every_hospital_is_spent_and_the_buffer_is_folded() -> None:
-    """The run's natural end under DP: the status says budgets_spent and the run is STOPPED."""
+    """The run's natural end under DP: once the last version is evaluated, the status says
+    budgets_spent and the run is STOPPED."""
     core = three_hospitals()
     send(core, private("a1", base_version=1), node="a")
     for node in ("b", "c"):
@@ -370,6 +386,9 @@ def test_the_run_stops_once_every_hospital_is_spent_and_the_buffer_is_folded() -
     assert core.status(now=2.0).budgets_spent is True
     assert not core.budgets_spent_stop()  # a1 is still buffered: it folds first
     assert isinstance(core.fold(now=2.0), Fold)
+    evaluated(core, "a", "b")
+    assert not core.budgets_spent_stop()  # c has not evaluated v2
+    evaluated(core, "c")
     assert core.budgets_spent_stop()
     assert core.state is AggregatorState.STOPPED
     assert [e.budget_spent for e in core.status(now=3.0).nodes] == [True, True, True]
@@ -380,9 +399,21 @@ def test_a_paused_run_stops_for_spent_budgets_only_once_resumed() -> None:
     core = three_hospitals()
     for node in ("a", "b", "c"):
         spent(core, node)
+    evaluated(core, "a", "b", "c")
     core.command(ControlCommand.PAUSE)
     assert not core.budgets_spent_stop()
     core.command(ControlCommand.RESUME)
+    assert core.budgets_spent_stop()
+
+
+def test_the_end_does_not_wait_for_an_offline_hospitals_evaluation() -> None:
+    """A spent node that went offline may never evaluate the last version."""
+    core = three_hospitals()
+    for node in ("a", "b", "c"):
+        spent(core, node)
+    evaluated(core, "a", "b")
+    assert not core.budgets_spent_stop()
+    core.record_node_state("c", NodeState.OFFLINE, None)
     assert core.budgets_spent_stop()
 
 

@@ -15,6 +15,7 @@ from common.messages import (
     AggregatorState,
     AggregatorStatus,
     ControlCommand,
+    Evaluation,
     Knobs,
     NodeState,
     NodeStatus,
@@ -132,13 +133,24 @@ def test_a_laxer_policy_set_live_is_refused_with_its_reason(dp: Aggregator, node
 
 def test_spent_budgets_fold_the_charged_update_and_stop_the_run(dp: Aggregator, node: Peer) -> None:
     """K = 2 and the only hospital says BUDGET_SPENT with one update buffered: nothing can fill
-    the buffer, so it folds as v1 (the update was charged to the hospital's ledger), then the run
-    stops and its status says the budgets are spent."""
+    the buffer, so it folds as v1 (the update was charged to the hospital's ledger); once the
+    hospital has evaluated v1 the run stops, its status saying the budgets are spent."""
     node.send(private(node, 0, spend(3.5)))
     report(node, spend(3.5), NodeState.BUDGET_SPENT)
     record = node.record(1)
     assert record.reason == "budgets_spent"
     assert [c.node for c in record.contributions] == ["n1"]
+    assert node.status(lambda s: s.budgets_spent, "budgets spent").state is AggregatorState.RUNNING
+    evaluation = Evaluation(
+        run_id=dp.settings.run_id or "",
+        version=1,
+        loss=0.5,
+        accuracy=0.75,
+        correct=3,
+        num_examples=4,
+    )
+    body = envelope(evaluation, sender=node.name, sent_at=0.0)
+    node.client.publish(node.tree.node_eval(node.name), encode(body), wait=WAIT)
     status = node.status(lambda s: s.state is AggregatorState.STOPPED, "stopped")
     assert (status.version, status.budgets_spent) == (1, True)
     assert [(e.node, e.budget_spent) for e in status.nodes] == [("n1", True)]
