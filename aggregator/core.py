@@ -311,9 +311,6 @@ class AggregatorCore:
             e.node: _NodeTally(**e.model_dump(exclude={"node"})) for e in nodes
         }
         self._buffer: list[BufferedUpdate] = []
-        # Nodes whose last status said OFFLINE (the broker's retained statuses say so again
-        # after a restart, so this is not checkpointed).
-        self._offline: set[str] = set()
         # The clipped norms of the last accepted updates, oldest first, while a bound was set.
         self._norms: list[float] = [float(n) for n in norms][-NORM_HISTORY:]
         self._initial_norm = global_norm(self._params) if initial_norm is None else initial_norm
@@ -414,7 +411,7 @@ class AggregatorCore:
             counters=self.counters(),
             nodes=self.node_tallies(),
             updated_at=now,
-            budgets_spent=self._budgets_spent(),
+            budgets_spent=self.budgets_spent(),
         )
 
     def broadcast(self, *, model: ModelSpec, chunk_size: int, now: float) -> Broadcast:
@@ -553,9 +550,7 @@ class AggregatorCore:
         adds a node to the tallies, so a run without privacy keeps the tallies it had.
         """
         if state is NodeState.OFFLINE:
-            self._offline.add(node)
             return False
-        self._offline.discard(node)
         spent = state is NodeState.BUDGET_SPENT
         if spent and (version is None or version > self._version):
             return False
@@ -565,8 +560,14 @@ class AggregatorCore:
         entry.budget_spent = spent
         return True
 
-    def _budgets_spent(self) -> bool:
-        """Every node the run knows, quarantined ones aside, has spent its privacy budget."""
+    def budgets_spent(self) -> bool:
+        """Every node the run knows, quarantined ones aside, has spent its privacy budget.
+
+        Once the buffer is folded (see :meth:`fold_due`) no update can come: the status says so
+        (``budgets_spent``) and the operator, or the demo, ends the run. The run is not stopped
+        here: a hospital restarted under a larger budget of its own, within the run's, may go
+        on, and the aggregator's live status and /metrics stay up for the last evaluations.
+        """
         able = [e for e in self._nodes.values() if not e.quarantined]
         return bool(able) and all(e.budget_spent for e in able)
 
@@ -585,31 +586,6 @@ class AggregatorCore:
         return any(e.budget_spent for e in able.values()) and all(
             e.budget_spent for n, e in able.items() if n not in waiting
         )
-
-    def budgets_spent_stop(self) -> bool:
-        """Stop a RUNNING run once every node has spent its budget, the buffer is empty, and
-        every node still online has evaluated the last version; True when it stopped it now.
-
-        No update can come: this is the run's natural end under a privacy policy, as
-        ``max_versions`` is without one. A spent node keeps evaluating every version, so the
-        run waits for those evaluations and its last status carries them (a node that went
-        offline is not waited for: it may never come back).
-        """
-        if self._state is not AggregatorState.RUNNING or self._buffer:
-            return False
-        if not self._budgets_spent():
-            return False
-        pending = [
-            node
-            for node, e in self._nodes.items()
-            if not e.quarantined
-            and node not in self._offline
-            and (e.eval_version is None or e.eval_version < self._version)
-        ]
-        if pending:
-            return False
-        self._state = transition(self._state, RunEvent.BUDGETS_SPENT)
-        return True
 
     # -- updates
 

@@ -10,10 +10,8 @@ never thrown away) but publishes no version. STOPPED rejects updates; a new run 
 directory or run id.
 
 Every change of state goes through :func:`transition`: the operator's commands (start, pause,
-resume, stop) and the core's own events: ``finish``, when a fold makes version ``max_versions``
-(folds happen only while RUNNING), and ``budgets_spent``, when every hospital the run knows has
-spent its privacy budget and nothing is left in the buffer. Refusals list only the commands an
-operator may send.
+resume, stop) and the core's own event, ``finish``, when a fold makes version ``max_versions``
+(folds happen only while RUNNING). Refusals list only the commands an operator may send.
 """
 
 from __future__ import annotations
@@ -31,8 +29,6 @@ class RunEvent(StrEnum):
 
     # The fold that made version ``max_versions``: the run is over.
     MAX_VERSIONS_REACHED = "finish"
-    # Every hospital has spent its privacy budget and the buffer is folded: no update can come.
-    BUDGETS_SPENT = "budgets_spent"
 
 
 _TABLE: dict[tuple[AggregatorState, ControlCommand | RunEvent], AggregatorState] = {
@@ -41,7 +37,6 @@ _TABLE: dict[tuple[AggregatorState, ControlCommand | RunEvent], AggregatorState]
     (AggregatorState.RUNNING, ControlCommand.PAUSE): AggregatorState.PAUSED,
     (AggregatorState.RUNNING, ControlCommand.STOP): AggregatorState.STOPPED,
     (AggregatorState.RUNNING, RunEvent.MAX_VERSIONS_REACHED): AggregatorState.STOPPED,
-    (AggregatorState.RUNNING, RunEvent.BUDGETS_SPENT): AggregatorState.STOPPED,
     (AggregatorState.PAUSED, ControlCommand.RESUME): AggregatorState.RUNNING,
     (AggregatorState.PAUSED, ControlCommand.STOP): AggregatorState.STOPPED,
 }

@@ -79,6 +79,8 @@ class AggregatorService:
         self._published_chunks: tuple[int, int] | None = None
         self._status_dirty = True
         self._last_status = 0.0
+        # Whether the log has said that every node's privacy budget is spent (said once).
+        self._spent_said = False
         self.metrics = AggregatorMetrics()
         self.metrics_url: str | None = None
         self._connected_before = False
@@ -453,10 +455,14 @@ class AggregatorService:
                     )
                     self.journal.commit_discard(core, discard)
                     self._tell_discarded(discard)
-        if core.budgets_spent_stop():
-            log.warning("every node has spent its privacy budget: run stopped at v%d", core.version)
-            self.journal.checkpoint(core)
-            self._status_dirty = True
+        spent = core.budgets_spent() and not core.buffer
+        if spent and not self._spent_said:
+            log.warning(
+                "every node has spent its privacy budget: v%d is the run's last version; "
+                "stop the run when its evaluations are in",
+                core.version,
+            )
+        self._spent_said = spent
 
     def _tell_discarded(self, discard: Discard) -> None:
         """A second ack, after the accepted one: the node's work went nowhere, and why.

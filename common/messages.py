@@ -838,8 +838,8 @@ class AggregatorStatus(Frozen):
     counters: Counters
     nodes: tuple[NodeTally, ...] = ()
     updated_at: FiniteFloat
-    # Every node the run knows (and has not quarantined) has spent its privacy budget: no more
-    # updates can come, so a RUNNING run stops (aggregator.run_state.RunEvent.BUDGETS_SPENT).
+    # Every node the run knows (and has not quarantined) has spent its privacy budget: once the
+    # buffer is folded no update can come, and the run may be stopped (the demo does so).
     budgets_spent: bool = False
 
 

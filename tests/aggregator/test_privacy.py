@@ -12,8 +12,6 @@ from aggregator.core import AggregatorCore, Fold
 from common.errors import ControlError
 from common.messages import (
     AggregatorState,
-    ControlCommand,
-    Evaluation,
     MetricRelease,
     ModelSpec,
     NodeState,
@@ -279,20 +277,6 @@ def spent(core: AggregatorCore, node: str, version: int | None = None) -> bool:
     return core.record_node_state(node, NodeState.BUDGET_SPENT, at)
 
 
-def evaluated(core: AggregatorCore, *nodes: str) -> None:
-    """``nodes`` evaluated the current version, as spent nodes keep doing."""
-    for node in nodes:
-        result = Evaluation(
-            run_id=core.run_id,
-            version=core.version,
-            loss=0.5,
-            accuracy=0.75,
-            correct=3,
-            num_examples=4,
-        )
-        core.record_evaluation(node, result)
-
-
 def three_hospitals(**knobs: Any) -> AggregatorCore:
     """A DP run with K = 3 that knows hospitals a, b and c from one update each, folded."""
     core = dp_core(buffer_size=3, **knobs)
@@ -373,56 +357,38 @@ def test_a_spent_status_from_an_earlier_run_does_not_count() -> None:
     assert "new" not in [e.node for e in core.node_tallies()]
 
 
-def test_the_run_stops_once_every_hospital_is_spent_and_the_buffer_is_folded() -> None:
-    """The run's natural end under DP: once the last version is evaluated, the status says
-    budgets_spent and the run is STOPPED."""
+def test_the_status_says_when_every_hospital_is_spent() -> None:
+    """The run's natural end under DP: every known hospital spent. The status says so; the run
+    is not stopped here (the operator or the demo stops it, once the last evaluations are in)."""
     core = three_hospitals()
     send(core, private("a1", base_version=1), node="a")
     for node in ("b", "c"):
         assert spent(core, node)
     assert core.status(now=2.0).budgets_spent is False  # a has not said so yet
-    assert not core.budgets_spent_stop()
     assert spent(core, "a")
-    assert core.status(now=2.0).budgets_spent is True
-    assert not core.budgets_spent_stop()  # a1 is still buffered: it folds first
+    status = core.status(now=2.0)
+    assert status.budgets_spent is True
+    assert [e.budget_spent for e in status.nodes] == [True, True, True]
+    assert core.fold_due(now=2.0) == "budgets_spent"  # a1 still folds
     assert isinstance(core.fold(now=2.0), Fold)
-    evaluated(core, "a", "b")
-    assert not core.budgets_spent_stop()  # c has not evaluated v2
-    evaluated(core, "c")
-    assert core.budgets_spent_stop()
-    assert core.state is AggregatorState.STOPPED
-    assert [e.budget_spent for e in core.status(now=3.0).nodes] == [True, True, True]
+    assert core.state is AggregatorState.RUNNING
+    assert core.fold_due(now=3.0) is None
 
 
-def test_a_paused_run_stops_for_spent_budgets_only_once_resumed() -> None:
-    """PAUSED publishes nothing and ends nothing; the end comes when the operator resumes."""
+def test_a_quarantined_hospital_does_not_hold_up_the_end() -> None:
+    """A quarantined node cannot train here, spent or not."""
     core = three_hospitals()
-    for node in ("a", "b", "c"):
-        spent(core, node)
-    evaluated(core, "a", "b", "c")
-    core.command(ControlCommand.PAUSE)
-    assert not core.budgets_spent_stop()
-    core.command(ControlCommand.RESUME)
-    assert core.budgets_spent_stop()
+    spent(core, "a")
+    spent(core, "b")
+    core.quarantine("c")
+    assert core.budgets_spent()
 
 
-def test_the_end_does_not_wait_for_an_offline_hospitals_evaluation() -> None:
-    """A spent node that went offline may never evaluate the last version."""
-    core = three_hospitals()
-    for node in ("a", "b", "c"):
-        spent(core, node)
-    evaluated(core, "a", "b")
-    assert not core.budgets_spent_stop()
-    core.record_node_state("c", NodeState.OFFLINE, None)
-    assert core.budgets_spent_stop()
-
-
-def test_a_run_without_privacy_never_stops_for_budgets() -> None:
+def test_a_run_without_privacy_never_says_budgets_spent() -> None:
     """No node says BUDGET_SPENT without a policy; IDLE statuses add no tally."""
     core = make_core(buffer_size=1)
     assert not core.record_node_state("n1", NodeState.IDLE, 0)
     assert core.node_tallies() == ()
-    assert not core.budgets_spent_stop()
     assert core.status(now=0.0).budgets_spent is False
 
 

@@ -23,7 +23,6 @@ START, PAUSE, RESUME, STOP = (
     ControlCommand.STOP,
 )
 FINISH = RunEvent.MAX_VERSIONS_REACHED
-SPENT = RunEvent.BUDGETS_SPENT
 
 LEGAL = {
     (IDLE, START): RUNNING,
@@ -31,7 +30,6 @@ LEGAL = {
     (RUNNING, PAUSE): PAUSED,
     (RUNNING, STOP): STOPPED,
     (RUNNING, FINISH): STOPPED,
-    (RUNNING, SPENT): STOPPED,
     (PAUSED, RESUME): RUNNING,
     (PAUSED, STOP): STOPPED,
 }
@@ -113,19 +111,8 @@ def test_reaching_max_versions_finishes_only_a_running_run() -> None:
             transition(state, FINISH)
 
 
-def test_spent_budgets_stop_only_a_running_run() -> None:
-    """The run ends when every hospital has spent its budget; a paused run stays paused (it
-    stops on resume, when the core looks again), an idle one idle."""
-    assert transition(RUNNING, SPENT) is STOPPED
-    for state in (IDLE, PAUSED):
-        with pytest.raises(
-            IllegalTransition, match=f"^cannot budgets_spent a run that is {state.value}"
-        ):
-            transition(state, SPENT)
-
-
 def test_the_core_event_is_never_offered_to_the_operator() -> None:
     """A refusal lists what an operator may send: a running run allows pause and stop, not the
-    core's own finish or budgets_spent."""
+    core's own finish."""
     with pytest.raises(IllegalTransition, match=r"\(allowed: pause, stop\)$"):
         transition(RUNNING, ControlCommand.RESUME)
