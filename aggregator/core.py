@@ -75,6 +75,7 @@ from common.messages import (
     Manifest,
     ModelDelta,
     ModelSpec,
+    NodeState,
     NodeTally,
     NormPolicy,
     Personalisation,
@@ -100,7 +101,7 @@ __all__ = [
     "Verdict",
 ]
 
-FoldReason = Literal["buffer_full", "buffer_timeout"]
+FoldReason = Literal["buffer_full", "buffer_timeout", "budgets_spent"]
 # Runs a candidate version on a probe batch: None when its outputs are finite, else why not.
 Probe = Callable[[Mapping[str, NDArray[np.float32]]], str | None]
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -250,6 +251,7 @@ class _NodeTally:
     quarantined: bool = False
     epsilon: float | None = None
     epsilon_budget: float | None = None
+    budget_spent: bool = False
 
     def report_privacy(self, spend: PrivacySpend | None) -> None:
         """Take the privacy loss the node reported last (a report without one changes nothing)."""
@@ -409,6 +411,7 @@ class AggregatorCore:
             counters=self.counters(),
             nodes=self.node_tallies(),
             updated_at=now,
+            budgets_spent=self.budgets_spent(),
         )
 
     def broadcast(self, *, model: ModelSpec, chunk_size: int, now: float) -> Broadcast:
@@ -533,6 +536,56 @@ class AggregatorCore:
         """
         if spend is not None:
             self._nodes.setdefault(node, _NodeTally()).report_privacy(spend)
+
+    def record_node_state(self, node: str, state: NodeState, version: int | None) -> bool:
+        """What ``node``'s own status says of its state at ``version``; True when its tally
+        changed.
+
+        BUDGET_SPENT marks the node spent; a later status from the node while online (IDLE,
+        TRAINING, PAUSED: a hospital that restarted it under a larger budget of its own, within
+        the run's) clears the mark. OFFLINE keeps it: a node's Last Will does not unspend its
+        ledger, and a spent node that goes away will still not train. BUDGET_SPENT counts only
+        for a version this run has made: the broker may still retain a status from an earlier
+        run (the node says it again for this run's version when it sees it). Only BUDGET_SPENT
+        adds a node to the tallies, so a run without privacy keeps the tallies it had.
+        """
+        if state is NodeState.OFFLINE:
+            return False
+        spent = state is NodeState.BUDGET_SPENT
+        if spent and (version is None or version > self._version):
+            return False
+        entry = self._nodes.setdefault(node, _NodeTally()) if spent else self._nodes.get(node)
+        if entry is None or entry.budget_spent is spent:
+            return False
+        entry.budget_spent = spent
+        return True
+
+    def budgets_spent(self) -> bool:
+        """Every node the run knows, quarantined ones aside, has spent its privacy budget.
+
+        Once the buffer is folded (see :meth:`fold_due`) no update can come: the status says so
+        (``budgets_spent``) and the operator, or the demo, ends the run. The run is not stopped
+        here: a hospital restarted under a larger budget of its own, within the run's, may go
+        on, and the aggregator's live status and /metrics stay up for the last evaluations.
+        """
+        able = [e for e in self._nodes.values() if not e.quarantined]
+        return bool(able) and all(e.budget_spent for e in able)
+
+    def _buffer_cannot_fill(self) -> bool:
+        """No node that could still add an update to the buffer has privacy budget left.
+
+        A node could still add one unless it is quarantined, has spent its budget, or already
+        has an update in the buffer (a node trains once per version, and the next version
+        needs this fold). An offline node with budget may come back, so it still counts: the
+        buffer waits for it as for any node, and ``buffer_timeout`` is the knob for not
+        waiting. Only a run in which some node has spent its budget folds for this reason, so
+        a buffer larger than the federation, or nodes still joining, are not mistaken for it.
+        """
+        waiting = {u.node for u in self._buffer}
+        able = {n: e for n, e in self._nodes.items() if not e.quarantined}
+        return any(e.budget_spent for e in able.values()) and all(
+            e.budget_spent for n, e in able.items() if n not in waiting
+        )
 
     # -- updates
 
@@ -843,7 +896,9 @@ class AggregatorCore:
         return taken
 
     def fold_due(self, now: float) -> FoldReason | None:
-        """Why the buffer should be folded now (``buffer_full`` / ``buffer_timeout``), or None."""
+        """Why the buffer should be folded now, or None: ``buffer_full``; ``buffer_timeout``;
+        ``budgets_spent``, a partial buffer that no node with privacy budget left could fill
+        (its updates were charged to their hospitals' ledgers, so they must count)."""
         if self._state is not AggregatorState.RUNNING or not self._buffer:
             return None
         if len(self._buffer) >= self._knobs.buffer_size:
@@ -851,6 +906,8 @@ class AggregatorCore:
         timeout = self._knobs.buffer_timeout
         if timeout > 0 and now - self._buffer[0].received_at >= timeout:
             return "buffer_timeout"
+        if self._buffer_cannot_fill():
+            return "budgets_spent"
         return None
 
     def next_deadline(self) -> float | None:

@@ -79,6 +79,8 @@ class AggregatorService:
         self._published_chunks: tuple[int, int] | None = None
         self._status_dirty = True
         self._last_status = 0.0
+        # Whether the log has said that every node's privacy budget is spent (said once).
+        self._spent_said = False
         self.metrics = AggregatorMetrics()
         self.metrics_url: str | None = None
         self._connected_before = False
@@ -307,10 +309,14 @@ class AggregatorService:
                 assert_never(body)
 
     def _on_node_status(self, node: str, status: NodeStatus) -> None:
-        """A node's own status: its state for the metrics, its privacy ledger for its tally."""
+        """A node's own status: its state for the metrics, its privacy ledger and whether it
+        has spent its budget for its tally."""
         self.metrics.observe_node_status(node, status)
         if status.privacy is not None:
             self.core.record_privacy(node, status.privacy)
+            self._status_dirty = True
+        if self.core.record_node_state(node, status.state, status.version):
+            log.info("node %s: %s at v%d", node, status.state.value, self.core.version)
             self._status_dirty = True
 
     def _on_evaluation(self, inbound: Inbound, evaluation: Evaluation) -> None:
@@ -446,7 +452,15 @@ class AggregatorService:
 
     def _maybe_fold(self) -> None:
         core = self.core
-        while core.fold_due(self._clock()) is not None:
+        while (reason := core.fold_due(self._clock())) is not None:
+            if reason == "budgets_spent":
+                log.info(
+                    "folding a partial buffer of %d/%d at v%d: every node that could fill it "
+                    "has spent its privacy budget, and these updates are charged to theirs",
+                    len(core.buffer),
+                    core.knobs.buffer_size,
+                    core.version,
+                )
             started = time.perf_counter()
             match core.fold(self._clock()):
                 case Fold() as fold:
@@ -460,6 +474,14 @@ class AggregatorService:
                     )
                     self.journal.commit_discard(core, discard)
                     self._tell_discarded(discard)
+        spent = core.budgets_spent() and not core.buffer
+        if spent and not self._spent_said:
+            log.warning(
+                "every node has spent its privacy budget: v%d is the run's last version; "
+                "stop the run when its evaluations are in",
+                core.version,
+            )
+        self._spent_said = spent
 
     def _tell_discarded(self, discard: Discard) -> None:
         """A second ack, after the accepted one: the node's work went nowhere, and why.

@@ -825,6 +825,8 @@ class NodeTally(Frozen):
     # The privacy loss the node last reported (its latest update or status), and its budget.
     epsilon: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     epsilon_budget: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    # The node's last status while online said BUDGET_SPENT: it trains no more in this run.
+    budget_spent: bool = False
 
 
 class AggregatorStatus(Frozen):
@@ -836,6 +838,9 @@ class AggregatorStatus(Frozen):
     counters: Counters
     nodes: tuple[NodeTally, ...] = ()
     updated_at: FiniteFloat
+    # Every node the run knows (and has not quarantined) has spent its privacy budget: once the
+    # buffer is folded no update can come, and the run may be stopped (the demo does so).
+    budgets_spent: bool = False
 
 
 class ControlReply(Frozen):
@@ -875,7 +880,8 @@ class VersionRecord(Frozen):
     train_loss: FiniteFloat
     fold_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     # ``rollback``: an operator made this version from ``rollback_of``'s weights (no updates).
-    reason: Literal["buffer_full", "buffer_timeout", "rollback"]
+    # ``budgets_spent``: a partial buffer, folded because no node that could fill it has budget.
+    reason: Literal["buffer_full", "buffer_timeout", "budgets_spent", "rollback"]
     rollback_of: NonNegative | None = None
     # The hash chain (common.provenance), filled in when the version is committed; None in
     # records written before the chain existed. ``parent_digest`` is the digest of the previous

@@ -510,7 +510,11 @@ class _Watchdog:
 
 
 def _time_to_stop(config: DemoConfig, watch: _Watch, mean: tuple[int, float] | None) -> bool:
-    """The target accuracy reached, or the time budget spent since every hospital was ready."""
+    """The target accuracy reached, the time budget spent since every hospital was ready, or
+    every hospital's privacy budget spent with nothing left in the buffer (no version can come)."""
+    status = watch.status
+    if status is not None and status.budgets_spent and status.buffer_fill == 0:
+        return True
     target, budget, ready = config.target_accuracy, config.budget_seconds, watch.ready_seconds
     if target is not None and mean is not None and mean[1] >= target:
         return True

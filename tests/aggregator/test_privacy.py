@@ -1,5 +1,6 @@
 """Specification of the aggregator's side of differential privacy: the policy in the manifest,
-refusing updates trained with less privacy, the live-knob rule, and the epsilon it records."""
+refusing updates trained with less privacy, the live-knob rule, the epsilon it records, and what
+it does when the hospitals' budgets are spent."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 from aggregator.core import AggregatorCore, Fold
 from common.errors import ControlError
 from common.messages import (
+    AggregatorState,
     MetricRelease,
     ModelSpec,
+    NodeState,
     PrivacyPolicy,
     PrivacySpend,
     RejectReason,
@@ -263,3 +266,142 @@ def test_an_update_judged_after_a_stricter_policy_meets_the_new_one() -> None:
     verdict = send(core, private(privacy=spend(epsilon=0.5)))
     assert verdict.reason is RejectReason.PRIVACY_POLICY
     assert "budget 3 is above the run's 1" in verdict.detail
+
+
+# -- when the budgets are spent
+
+
+def spent(core: AggregatorCore, node: str, version: int | None = None) -> bool:
+    """``node``'s status says BUDGET_SPENT at the current version (or ``version``)."""
+    at = core.version if version is None else version
+    return core.record_node_state(node, NodeState.BUDGET_SPENT, at)
+
+
+def three_hospitals(**knobs: Any) -> AggregatorCore:
+    """A DP run with K = 3 that knows hospitals a, b and c from one update each, folded."""
+    core = dp_core(buffer_size=3, **knobs)
+    for node in ("a", "b", "c"):
+        send(core, private(f"{node}0"), node=node)
+    assert isinstance(core.fold(now=1.0), Fold)
+    return core
+
+
+def test_a_partial_buffer_folds_when_the_last_other_hospital_spends_its_budget() -> None:
+    """a's and b's updates were charged to their ledgers; once c, the only hospital that could
+    fill the buffer, says BUDGET_SPENT, the two fold, weighted as a full buffer would be."""
+    core = three_hospitals()
+    send(core, private("a1", base_version=1, num_samples=10), node="a")
+    send(core, private("b1", base_version=1, num_samples=30), node="b")
+    assert core.fold_due(now=2.0) is None
+    assert spent(core, "c")
+    assert core.fold_due(now=2.0) == "budgets_spent"
+    fold = core.fold(now=2.0)
+    assert isinstance(fold, Fold)
+    assert fold.record.reason == "budgets_spent"
+    assert fold.folded_ids == ("a1", "b1")
+    assert [c.weight for c in fold.record.contributions] == pytest.approx([0.25, 0.75])
+    assert core.buffer == ()
+
+
+def test_no_partial_fold_while_a_hospital_with_budget_remains() -> None:
+    """One hospital still able to train (b), with budget left, is worth waiting for."""
+    core = three_hospitals()
+    send(core, private("a1", base_version=1), node="a")
+    assert spent(core, "c")
+    assert core.fold_due(now=2.0) is None
+    assert spent(core, "b")
+    assert core.fold_due(now=2.0) == "budgets_spent"
+    # b restarted under a larger budget of its own (within the run's): worth waiting for again.
+    assert core.record_node_state("b", NodeState.IDLE, core.version)
+    assert core.fold_due(now=2.0) is None
+
+
+def test_an_offline_hospital_with_budget_is_waited_for_and_an_offline_spent_one_is_not() -> None:
+    """Going offline changes nothing: an offline node may come back with its budget (the buffer
+    timeout is the knob for not waiting), and a spent one that leaves is still spent."""
+    core = three_hospitals()
+    send(core, private("a1", base_version=1), node="a")
+    assert spent(core, "c")
+    assert not core.record_node_state("b", NodeState.OFFLINE, None)
+    assert core.fold_due(now=2.0) is None
+    assert spent(core, "b")
+    assert not core.record_node_state("b", NodeState.OFFLINE, None)
+    assert core.fold_due(now=2.0) == "budgets_spent"
+
+
+def test_a_quarantined_hospital_is_not_waited_for() -> None:
+    """A quarantined node's updates are refused, so it cannot fill the buffer."""
+    core = three_hospitals()
+    send(core, private("a1", base_version=1), node="a")
+    assert spent(core, "c")
+    core.quarantine("b")
+    assert core.fold_due(now=2.0) == "budgets_spent"
+
+
+def test_without_a_spent_hospital_a_buffer_larger_than_the_federation_waits() -> None:
+    """Every known node in the buffer, none spent: nodes may still be joining, so no fold."""
+    core = dp_core(buffer_size=3)
+    send(core, private("a0"), node="a")
+    send(core, private("b0"), node="b")
+    assert core.fold_due(now=2.0) is None
+
+
+def test_a_spent_status_from_an_earlier_run_does_not_count() -> None:
+    """The broker may retain a node's BUDGET_SPENT from a run that reached further; it names a
+    version this run has not made, and is ignored."""
+    core = three_hospitals()
+    send(core, private("a1", base_version=1), node="a")
+    assert not spent(core, "c", version=40)
+    assert not spent(core, "new", version=40)
+    assert core.fold_due(now=2.0) is None
+    assert "new" not in [e.node for e in core.node_tallies()]
+
+
+def test_the_status_says_when_every_hospital_is_spent() -> None:
+    """The run's natural end under DP: every known hospital spent. The status says so; the run
+    is not stopped here (the operator or the demo stops it, once the last evaluations are in)."""
+    core = three_hospitals()
+    send(core, private("a1", base_version=1), node="a")
+    for node in ("b", "c"):
+        assert spent(core, node)
+    assert core.status(now=2.0).budgets_spent is False  # a has not said so yet
+    assert spent(core, "a")
+    status = core.status(now=2.0)
+    assert status.budgets_spent is True
+    assert [e.budget_spent for e in status.nodes] == [True, True, True]
+    assert core.fold_due(now=2.0) == "budgets_spent"  # a1 still folds
+    assert isinstance(core.fold(now=2.0), Fold)
+    assert core.state is AggregatorState.RUNNING
+    assert core.fold_due(now=3.0) is None
+
+
+def test_a_quarantined_hospital_does_not_hold_up_the_end() -> None:
+    """A quarantined node cannot train here, spent or not."""
+    core = three_hospitals()
+    spent(core, "a")
+    spent(core, "b")
+    core.quarantine("c")
+    assert core.budgets_spent()
+
+
+def test_a_run_without_privacy_never_says_budgets_spent() -> None:
+    """No node says BUDGET_SPENT without a policy; IDLE statuses add no tally."""
+    core = make_core(buffer_size=1)
+    assert not core.record_node_state("n1", NodeState.IDLE, 0)
+    assert core.node_tallies() == ()
+    assert core.status(now=0.0).budgets_spent is False
+
+
+def test_a_checkpointed_core_remembers_which_hospitals_are_spent() -> None:
+    """The mark is in the tallies, which the checkpoint keeps."""
+    core = three_hospitals()
+    spent(core, "c")
+    resumed = AggregatorCore(
+        run_id=core.run_id,
+        params=core.params,
+        knobs=core.knobs,
+        version=core.version,
+        state=core.state,
+        nodes=core.node_tallies(),
+    )
+    assert [e.budget_spent for e in resumed.node_tallies()] == [False, False, True]

@@ -1,5 +1,6 @@
 """Specification of the aggregator service under a privacy policy, on a real Mosquitto: the epsilon
-that its status, versions log and /metrics show is what the nodes reported."""
+that its status, versions log and /metrics show is what the nodes reported, and what it does once
+its hospitals have spent their budgets."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from prometheus_client import generate_latest
 
 from common.codec import encode, envelope
 from common.messages import (
+    AggregatorState,
     AggregatorStatus,
     ControlCommand,
     Knobs,
@@ -45,9 +47,12 @@ def private(node: Peer, base_version: int, privacy: PrivacySpend | None) -> Upda
     return node.update(base_version).model_copy(update={"privacy": privacy})
 
 
-def report(node: Peer, privacy: PrivacySpend, state: NodeState = NodeState.IDLE) -> None:
+def report(
+    node: Peer, privacy: PrivacySpend, state: NodeState = NodeState.IDLE, version: int = 0
+) -> None:
     """Publish the node's retained status with its ledger, as the node itself would."""
-    body = envelope(NodeStatus(state=state, privacy=privacy), sender=node.name, sent_at=0.0)
+    status = NodeStatus(state=state, version=version, privacy=privacy)
+    body = envelope(status, sender=node.name, sent_at=0.0)
     node.client.publish(node.tree.node_status(node.name), encode(body), wait=WAIT)
 
 
@@ -123,3 +128,19 @@ def test_a_laxer_policy_set_live_is_refused_with_its_reason(dp: Aggregator, node
     assert stricter.ok, stricter.message
     assert stricter.status is not None
     assert stricter.status.knobs.privacy == POLICY.model_copy(update={"epsilon_budget": 2.0})
+
+
+def test_spent_budgets_fold_the_charged_update_and_the_status_says_so(
+    dp: Aggregator, node: Peer
+) -> None:
+    """K = 2 and the only hospital says BUDGET_SPENT with one update buffered: nothing can fill
+    the buffer, so it folds as v1 (the update was charged to the hospital's ledger), and the
+    status says every budget is spent, the run still up for the last evaluations."""
+    node.send(private(node, 0, spend(3.5)))
+    report(node, spend(3.5), NodeState.BUDGET_SPENT)
+    record = node.record(1)
+    assert record.reason == "budgets_spent"
+    assert [c.node for c in record.contributions] == ["n1"]
+    status = node.status(lambda s: s.budgets_spent and s.version == 1, "budgets spent at v1")
+    assert (status.state, status.buffer_fill) == (AggregatorState.RUNNING, 0)
+    assert [(e.node, e.budget_spent) for e in status.nodes] == [("n1", True)]

@@ -42,6 +42,7 @@ from healthnet.demo import (
     DemoConfig,
     DemoError,
     DemoResult,
+    _time_to_stop,
     _Watch,
     aggregator_settings,
     first_sites,
@@ -190,6 +191,24 @@ def test_the_demo_reports_each_hospitals_ledger_else_the_aggregators_tally() -> 
         {"cleveland": 2.9, "va": 0.5},
         {"cleveland": 3.0, "va": 2.0},
     )
+
+
+@pytest.mark.parametrize(
+    ("spent", "buffer_fill", "stop"),
+    [
+        pytest.param(False, 0, False, id="budget-left"),
+        pytest.param(True, 1, False, id="spent-buffer-still-to-fold"),
+        pytest.param(True, 0, True, id="spent-and-folded"),
+    ],
+)
+def test_the_demo_stops_a_run_whose_hospitals_have_spent_their_budgets(
+    spent: bool, buffer_fill: int, stop: bool
+) -> None:
+    """No version can come once every budget is spent and the buffer is folded: the demo stops
+    the run then, as at its target, and the hospitals evaluate the last version."""
+    watch = _Watch(TopicTree("fed"), ["cleveland"])
+    watch.status = status(3, buffer_fill=buffer_fill).model_copy(update={"budgets_spent": spent})
+    assert _time_to_stop(DemoConfig(), watch, None) is stop
 
 
 def test_the_aggregators_last_will_does_not_hide_the_run_it_finished() -> None:
