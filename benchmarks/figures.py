@@ -84,14 +84,16 @@ class Source:
             parts.append(f"load average {low}{DASH}{high}")
         if machine.get("measured_at"):
             parts.append(str(machine["measured_at"])[:10])
+        if machine.get("git_revision"):
+            parts.append(f"measured at revision {str(machine['git_revision'])[:7]}")
         return f"`{self.relative}` ({', '.join(parts)})"
 
 
 def provenance(sources: Iterable[Source], note: str = "") -> str:
     """The line under a table: where each figure came from, and which of it is historical.
 
-    Names no commit: the JSON records the revision, and a change's history belongs in its
-    commit message.
+    Names the revision each JSON was measured at, so a reader can tell a figure measured before
+    a later change to the code it measures.
     """
     sources = list(sources)
     records = "the JSON records" if len(sources) == 1 else "each JSON records"
