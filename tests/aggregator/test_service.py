@@ -169,7 +169,13 @@ class Peer:
             found = probe()
             if found is not None:
                 return found
-            if self.aggregator is not None:
+            if self.aggregator is not None and not self.aggregator.thread.is_alive():
+                # It may have returned (e.g. at max_versions) just after publishing what we wait
+                # for: take what is still on its way before calling that a failure.
+                self.pump(0.5)
+                found = probe()
+                if found is not None:
+                    return found
                 self.aggregator.check_alive()
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.name}: no {what} within {timeout}s")
