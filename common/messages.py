@@ -44,6 +44,7 @@ __all__ = [
     "Kind",
     "Knobs",
     "Manifest",
+    "MaskedDelta",
     "MetricRelease",
     "ModelDelta",
     "ModelSpec",
@@ -633,8 +634,25 @@ class TrainMetrics(Frozen):
     seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
+class MaskedDelta(Frozen):
+    """Under secure aggregation, an update's delta as the aggregator may see it.
+
+    The flattened delta quantized into the field, plus a fresh mask whose shares the federation's
+    holders keep (docs/secure-aggregation.md#message-flow): ``elements`` is 4 little-endian bytes
+    per field element (``common.secure_aggregation.field.to_bytes``), uniformly random to anyone
+    without ``U`` of the shares. ``policy_digest`` names the policy the mask was shared under.
+    """
+
+    policy_digest: Sha256Hex
+    elements: Buffer
+
+
 class Update(Frozen):
-    """A node's weight delta against ``base_version``; kept in its outbox until acked."""
+    """A node's weight delta against ``base_version``; kept in its outbox until acked.
+
+    Under secure aggregation ``delta`` is empty and ``masked`` carries the delta instead; the
+    metadata (ids, base version, sample count, metrics, privacy spend) stays in the clear.
+    """
 
     update_id: Identifier
     run_id: Identifier
@@ -646,6 +664,13 @@ class Update(Frozen):
     encode_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     # Under a privacy policy: what training this update cost the node's patients, in all.
     privacy: PrivacySpend | None = None
+    masked: MaskedDelta | None = None
+
+    @model_validator(mode="after")
+    def _delta_or_masked(self) -> Self:
+        if self.masked is not None and self.delta:
+            raise ValueError("a masked update carries no plaintext delta")
+        return self
 
 
 class RejectReason(StrEnum):

@@ -44,6 +44,7 @@ from common.messages import (
     Kind,
     Knobs,
     Manifest,
+    MaskedDelta,
     ModelDelta,
     ModelSpec,
     NodeState,
@@ -107,6 +108,15 @@ BODIES = [
     pytest.param(MANIFEST, id="manifest"),
     pytest.param(DELTA, id="model-delta"),
     pytest.param(UPDATE, id="update"),
+    pytest.param(
+        UPDATE.model_copy(
+            update={
+                "delta": (),
+                "masked": MaskedDelta(policy_digest=SHA, elements=bytes(range(24))),
+            }
+        ),
+        id="masked-update",
+    ),
     pytest.param(
         Ack(update_id="u-1", accepted=False, reason=RejectReason.STALE, current_version=9),
         id="ack",
@@ -633,3 +643,9 @@ def test_malformed_out_of_line_strings_are_refused(data: bytes, message: str) ->
 def test_decoding_mutated_large_updates_only_raises_protocol_errors(data: bytes) -> None:
     """Mutations of the document and the head and tail of the strings after it."""
     decode_or_protocol_error(data)
+
+
+def test_a_masked_update_carries_no_plaintext_delta() -> None:
+    masked = MaskedDelta(policy_digest=SHA, elements=b"\x01\x00\x00\x00")
+    with pytest.raises(ValidationError, match="no plaintext delta"):
+        Update(**{**UPDATE.model_dump(), "masked": masked})
