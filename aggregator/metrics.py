@@ -125,6 +125,11 @@ def _status_families(status: AggregatorStatus) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "healthnet_buffer_size", "Updates per version (K).", status.knobs.buffer_size
     )
+    yield GaugeMetricFamily(
+        "healthnet_budgets_spent",
+        "1 when every hospital that could train has spent its privacy budget.",
+        float(status.budgets_spent),
+    )
     c = status.counters
     yield CounterMetricFamily("healthnet_updates_received", "Update messages received.", c.received)
     yield CounterMetricFamily(

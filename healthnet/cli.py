@@ -871,6 +871,11 @@ def _render_privacy(snapshot: AggregatorStatus) -> None:
             "epsilon spent: " + ", ".join(f"{e.node} {_epsilon_spent(e)}" for e in spent),
             soft_wrap=True,
         )
+    if snapshot.budgets_spent:
+        console.print(
+            "every hospital that could still train has spent its budget: no more versions will "
+            "come from training; stop the run, or raise the budget in a new one"
+        )
 
 
 def _describe_policy(policy: PrivacyPolicy | None) -> str:

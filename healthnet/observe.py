@@ -135,6 +135,8 @@ class Snapshot(_Frozen):
     versions_per_minute: float | None = None
     buffer_fill: int = 0
     buffer_size: int | None = None
+    # Under DP: every hospital that could still train has spent its privacy budget.
+    budgets_spent: bool = False
     knobs: dict[str, object] = {}
     counters: Counters = Counters()
     # The mean accepted update on the wire beside dense float32, in words (common.wire_size).
@@ -310,6 +312,7 @@ class Observer:
                 "versions_per_minute": self._rate.per_minute(now),
                 "buffer_fill": status.buffer_fill,
                 "buffer_size": status.knobs.buffer_size,
+                "budgets_spent": status.budgets_spent,
                 "knobs": status.knobs.model_dump(mode="json"),
                 "counters": status.counters,
                 "update_size": _update_size(status.counters),

@@ -199,6 +199,7 @@
       : "personal models: " + fmt(s.latest_mean_personal_accuracy, 3));
     const k = s.buffer_size;
     text("buffer", k == null ? "–" : s.buffer_fill + " / " + k);
+    text("buffer-sub", s.budgets_spent ? "every hospital's privacy budget is spent" : "");
     $("buffer-bar").style.width = k ? Math.min(100, (100 * s.buffer_fill) / k) + "%" : "0";
     const c = s.counters;
     text("updates", String(c.accepted));

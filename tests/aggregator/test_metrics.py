@@ -128,6 +128,15 @@ def test_epsilon_and_budget_are_gauges_of_the_nodes_that_report_them() -> None:
     assert ("healthnet_node_epsilon", (("node", "b"),)) not in got
 
 
+def test_spent_budgets_are_a_gauge() -> None:
+    """1 once every hospital that could train has spent its budget, else 0."""
+    metrics = AggregatorMetrics()
+    metrics.observe_status(status(2))
+    assert scrape(metrics)[("healthnet_budgets_spent", ())] == 0
+    metrics.observe_status(status(3).model_copy(update={"budgets_spent": True}))
+    assert scrape(metrics)[("healthnet_budgets_spent", ())] == 1
+
+
 def test_the_personal_accuracy_is_a_gauge_beside_the_global_one() -> None:
     """A node that reports a personal model gets a personal accuracy gauge; one without, none."""
     metrics = AggregatorMetrics()

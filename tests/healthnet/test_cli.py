@@ -339,6 +339,7 @@ def test_status_and_nodes_show_each_hospitals_epsilon_as_reported(
     text = " ".join(shown.stdout.split())
     assert "privacy: DP-SGD, budget epsilon=3 per hospital at delta=1e-05, noise x1.2" in text
     assert "epsilon spent: cleveland 1.23/3, va 2.90/2.5" in text
+    assert "has spent its budget" not in text
     data = json.loads(runner.invoke(app, ["status", "--json", *flags]).stdout)
     assert {n["node"]: (n["epsilon"], n["epsilon_budget"]) for n in data["nodes"]} == {
         "cleveland": (1.234, 3.0),
@@ -352,3 +353,6 @@ def test_status_and_nodes_show_each_hospitals_epsilon_as_reported(
     assert rows["cleveland"][-2] == "1.23/3"
     assert rows["va"][-2] == "2.90/2.5"
     assert rows["plain"][-2] == "-"
+    retained_status(mosquitto.url, federation, body.model_copy(update={"budgets_spent": True}))
+    spent = " ".join(runner.invoke(app, ["status", *flags]).stdout.split())
+    assert "every hospital that could still train has spent its budget" in spent

@@ -41,7 +41,10 @@ def publish_private_run(publisher: Publisher) -> None:
         NodeTally(node="hungarian", accepted=2, epsilon=1.5, epsilon_budget=2.0),
         NodeTally(node="va", accepted=1),
     )
-    publisher.send(tree.aggregator_status(), status(3, nodes=tallies, updated_at=time.time()))
+    spent = status(3, nodes=tallies, updated_at=time.time()).model_copy(
+        update={"budgets_spent": True}
+    )
+    publisher.send(tree.aggregator_status(), spent)
     own = NodeStatus(state=NodeState.BUDGET_SPENT, version=3, privacy=ledger(3.98, 4.0))
     publisher.send(tree.node_status("cleveland"), own, "cleveland")
 
@@ -95,9 +98,11 @@ def test_the_page_draws_a_budget_bar_per_hospital(
                 polling=100,
             )
             budgets = page.evaluate(_BUDGETS)
+            buffer_note = page.text_content("#buffer-sub")
         finally:
             browser.close()
     assert errors == []
+    assert buffer_note == "every hospital's privacy budget is spent"
     assert budgets["cleveland"]["text"] == "3.98 / 4"
     assert budgets["cleveland"]["width"] == "99.5%"
     assert budgets["cleveland"]["meter"] == "meter spent"  # its status says budget_spent

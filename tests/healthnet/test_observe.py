@@ -61,6 +61,13 @@ def test_status_sets_version_buffer_knobs_and_counters() -> None:
     assert snap.knobs["buffer_size"] == 3
     assert snap.counters.accepted == 6
     assert snap.status_age_seconds == pytest.approx(0.5)
+    assert snap.budgets_spent is False
+
+
+def test_the_snapshot_says_when_every_privacy_budget_is_spent() -> None:
+    observer = Observer(FED)
+    observer.on_status(status(4).model_copy(update={"budgets_spent": True}), now=10.0)
+    assert observer.snapshot(now=10.5).budgets_spent is True
 
 
 def test_node_table_joins_tallies_and_node_status() -> None:
