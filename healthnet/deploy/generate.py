@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 
 from common.errors import ConfigError, TopicError
@@ -165,6 +166,7 @@ class DeploymentSpec:
         bridges = [h for h in self.hospitals if h.startswith(BRIDGE_PREFIX)]
         if bridges:
             raise ConfigError(f"hospital names {bridges} are reserved for regions' bridges")
+        self._check_regional_aggregators()
         addresses = [(self.host, self.port)] + [(r.host, r.port) for r in self.regions]
         if len(set(addresses)) != len(addresses):
             raise ConfigError("the core and every region need a broker address of their own")
@@ -172,12 +174,25 @@ class DeploymentSpec:
             for what, value in (("host", region.host), ("bind", region.bind)):
                 _check_host(f"region {region.name} {what}", value)
 
-    def region_of(self, hospital: str) -> Region | None:
-        """The region whose broker ``hospital`` uses (None: a single broker, or not a hospital)."""
+    def _check_regional_aggregators(self) -> None:
+        aggregators = [r.aggregator for r in self.regions if r.aggregator is not None]
+        taken = {*self.hospitals, *SERVICE_IDENTITIES.values(), *(r.bridge for r in self.regions)}
+        clashing = sorted({a for a in aggregators if a in taken or aggregators.count(a) > 1})
+        if clashing:
+            raise ConfigError(f"regional aggregator names {clashing} are taken")
+
+    def region_of(self, identity: str) -> Region | None:
+        """The region whose broker ``identity`` uses, a hospital's or the region's aggregator's
+        (None: a single broker, or a service of the core)."""
         for region in self.regions:
-            if hospital in region.hospitals:
+            if identity in region.hospitals or identity == region.aggregator:
                 return region
         return None
+
+    @property
+    def regional_aggregators(self) -> dict[str, Region]:
+        """Each regional aggregator's identity and its region."""
+        return {r.aggregator: r for r in self.regions if r.aggregator is not None}
 
     def _check_names(self) -> None:
         try:
@@ -275,27 +290,17 @@ def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
     hashes: list[str] = []
     env_files: dict[str, Path] = {}
     for identity, role in spec.identities.items():
-        folder = out / "clients" / identity
-        installed = prefix / "clients" / identity
-        _mkdir(folder)
-        _write(folder / "ca.crt", ca.certificate_pem, _PUBLIC)
-        settings: dict[str, str] = {"HEALTHNET_FEDERATION": spec.federation}
-        settings["HEALTHNET_CA_FILE"] = str(installed / "ca.crt")
-        if spec.auth is AuthMode.MTLS:
-            issued = ca.issue_client(identity, federation=spec.federation, days=spec.days)
-            _write(folder / f"{identity}.crt", issued.certificate, _PUBLIC)
-            _write(folder / f"{identity}.key", issued.private_key, _PRIVATE)
-            settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity)
-            settings["HEALTHNET_CERT_FILE"] = str(installed / f"{identity}.crt")
-            settings["HEALTHNET_KEY_FILE"] = str(installed / f"{identity}.key")
-        else:
-            password = new_password()
-            hashes.append(f"{identity}:{mosquitto_hash(password)}")
-            settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity, password)
-        settings.update(_role_settings(spec, role, identity))
-        env_path = folder / "healthnet.env"
-        _write(env_path, _env_text(spec, identity, role, settings).encode(), _PRIVATE)
-        env_files[identity] = env_path
+        settings = _role_settings(spec, role, identity)
+        env_text = partial(_env_text, spec, identity, role)
+        env_files[identity] = _write_identity(
+            spec, ca, identity, settings, env_text, out=out, prefix=prefix, hashes=hashes
+        )
+    for identity, region in spec.regional_aggregators.items():
+        settings = _regional_settings(spec, region)
+        env_text = partial(_regional_env_text, spec, region)
+        env_files[identity] = _write_identity(
+            spec, ca, identity, settings, env_text, out=out, prefix=prefix, hashes=hashes
+        )
     if hashes:
         _write(broker / "passwd", ("\n".join(hashes) + "\n").encode(), _PRIVATE)
 
@@ -311,6 +316,42 @@ def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
         limits=limits,
         region_configs=region_configs,
     )
+
+
+def _write_identity(
+    spec: DeploymentSpec,
+    ca: CertificateAuthority,
+    identity: str,
+    role_settings: Mapping[str, str],
+    env_text: Callable[[dict[str, str]], str],
+    *,
+    out: Path,
+    prefix: Path,
+    hashes: list[str],
+) -> Path:
+    """``clients/<identity>/``: the CA, its certificate and key (or a password, whose hash joins
+    ``hashes``) and its env file; returns the env file."""
+    folder = out / "clients" / identity
+    installed = prefix / "clients" / identity
+    _mkdir(folder)
+    _write(folder / "ca.crt", ca.certificate_pem, _PUBLIC)
+    settings: dict[str, str] = {"HEALTHNET_FEDERATION": spec.federation}
+    settings["HEALTHNET_CA_FILE"] = str(installed / "ca.crt")
+    if spec.auth is AuthMode.MTLS:
+        issued = ca.issue_client(identity, federation=spec.federation, days=spec.days)
+        _write(folder / f"{identity}.crt", issued.certificate, _PUBLIC)
+        _write(folder / f"{identity}.key", issued.private_key, _PRIVATE)
+        settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity)
+        settings["HEALTHNET_CERT_FILE"] = str(installed / f"{identity}.crt")
+        settings["HEALTHNET_KEY_FILE"] = str(installed / f"{identity}.key")
+    else:
+        password = new_password()
+        hashes.append(f"{identity}:{mosquitto_hash(password)}")
+        settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity, password)
+    settings.update(role_settings)
+    env_path = folder / "healthnet.env"
+    _write(env_path, env_text(settings).encode(), _PRIVATE)
+    return env_path
 
 
 def _write_region(
@@ -439,7 +480,7 @@ def _role_settings(spec: DeploymentSpec, role: Role, identity: str) -> dict[str,
         case Role.AGGREGATOR:
             # The defences every federation needs, model-independent (docs/security.md): one
             # legitimate identity must not be able to flood, outvote or blow up the model.
-            return {
+            defences = {
                 "HEALTHNET_CLIENT_ID": identity,
                 # A node trains once per global version; more is a flood.
                 "HEALTHNET_KNOBS__ONE_UPDATE_PER_VERSION": "true",
@@ -449,8 +490,37 @@ def _role_settings(spec: DeploymentSpec, role: Role, identity: str) -> dict[str,
                 # update of huge values is refused without a bound tuned to the model.
                 "HEALTHNET_KNOBS__NORM_MULTIPLIER": f"{spec.norm_multiplier:g}",
             }
+            if spec.regional_aggregators:
+                # The core's nodes are then regions, which send several updates from one base
+                # and sum their hospitals' samples: the regional aggregators hold these two.
+                del defences["HEALTHNET_KNOBS__ONE_UPDATE_PER_VERSION"]
+                del defences["HEALTHNET_KNOBS__MAX_NUM_SAMPLES"]
+            return defences
         case Role.OPERATOR | Role.DASHBOARD:
             return {}
+
+
+def _regional_settings(spec: DeploymentSpec, region: Region) -> dict[str, str]:
+    return {
+        "HEALTHNET_REGION": region.name,
+        "HEALTHNET_NODE_ID": region.aggregator or "",
+        # The per-hospital defences the core cannot apply to a region (see _role_settings).
+        "HEALTHNET_ONE_UPDATE_PER_VERSION": "true",
+        "HEALTHNET_MAX_NUM_SAMPLES": str(spec.max_samples),
+    }
+
+
+def _regional_env_text(spec: DeploymentSpec, region: Region, settings: dict[str, str]) -> str:
+    lines = [
+        f"# healthNET settings of {region.aggregator}, region {region.name}'s aggregator,",
+        f"# in federation {spec.federation}.",
+        "# It reads its hospitals' updates and the core's status and manifest, and writes their",
+        "# acks and its combined updates, on its region's broker only (healthnet aggregator",
+        "# regional).",
+        "# Private to this identity (mode 0600).",
+        *(f"{key}={value}" for key, value in settings.items()),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 _ROLE_NOTES = {
