@@ -138,6 +138,8 @@ class RegionalService:
         self._held: list[Message] = []
         self._resends = Resends(ack_timeout=settings.ack_timeout)
         self._finished = False
+        # Set once connected with its subscriptions granted (for whoever waits on it: tests).
+        self.connected = threading.Event()
 
     @property
     def combiner(self) -> RegionalCombiner:
@@ -156,6 +158,7 @@ class RegionalService:
         ):
             self.update_log.open()
             self._client = client
+            self.connected.set()
             log.info(
                 "region %s: aggregator %s connected to %s",
                 self.settings.region,
