@@ -36,7 +36,11 @@ class RegionalSettings(ConnectionSettings):
         description="its broker identity on the regional broker, MQTT client id and node id at "
         "the core (its update topic); default region-<region>",
     )
-    state_dir: Path = Path("runs/regional")
+    state_dir: Path = Field(
+        default=Path("runs/regional"),
+        description="write-ahead log of its hospitals' updates, `combined.jsonl`, the outbox of "
+        "combined updates, `ledger.jsonl`",
+    )
     seed: int = Field(
         default=0,
         description="seed of the initial weights, as the core aggregator's: the norm bound's "
