@@ -20,7 +20,10 @@ services and the regions' bridges may use, and each region gets a broker of its 
     OUT/regions/<region>/acl              its hospitals, each its own topics
     OUT/regions/<region>/ca.crt, server.crt, server.key, bridge-<region>.crt, .key
 
-and each hospital's env file points at its region's broker.
+and each hospital's env file points at its region's broker. A region with an aggregator
+(``Region.aggregator``, ``deploy init --regional-aggregators``) also gets that identity's
+``clients/region-<region>/`` folder, its env file pointing at the region's broker, and its rows in
+the region's ACL; the bridge then carries its updates instead of the hospitals'.
 
 The identities are the aggregator, each hospital, an operator and a read-only dashboard. Private
 keys, password hashes and env files (which carry the password in password mode) are written with
@@ -566,7 +569,7 @@ def _readme(spec: DeploymentSpec, prefix: Path) -> str:
             "ca/ca.key  signs new certificates: keep it offline.",
             "",
             f"Broker: mqtts://{spec.host}:{spec.port}, listening on {spec.bind}.",
-            "Identities: " + ", ".join(spec.identities),
+            "Identities: " + ", ".join([*spec.identities, *spec.regional_aggregators]),
             "",
             *_readme_regions(spec, prefix),
         ]
@@ -586,6 +589,14 @@ def _readme_regions(spec: DeploymentSpec, prefix: Path) -> list[str]:
             f"           mosquitto -c {prefix / 'regions' / region.name / 'mosquitto.conf'}",
             f"           mqtts://{region.host}:{region.port}: " + ", ".join(region.hospitals),
         ]
+        if region.aggregator is not None:
+            lines += [
+                f"clients/{region.aggregator}/ to region {region.name}'s aggregator:",
+                (
+                    f"           cd clients/{region.aggregator} && cp healthnet.env .env && "
+                    "healthnet aggregator regional"
+                ),
+            ]
     return [*lines, ""]
 
 

@@ -228,6 +228,12 @@ def test_a_regional_aggregator_killed_mid_run_loses_no_update(tmp_path: Path) ->
     ):
         aggregator_dir = start_federation(tree, group, tmp_path, regional=True)
         wait_for_version(group, aggregator_dir, 10, timeout=120)
+        # Kill it, if it comes within a few seconds, while an acked hospital update waits in
+        # its write-ahead log: the restart must buffer it again.
+        wal = tmp_path / "region-eu" / "wal"
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and not any(wal.glob("*.msg")):
+            time.sleep(0.01)
         group["region-eu"].signal(signal.SIGKILL)
         assert group["region-eu"].wait(10) is not None
         killed_at = versions_made(aggregator_dir)
