@@ -245,6 +245,32 @@ def test_a_regional_aggregator_killed_mid_run_loses_no_update(tmp_path: Path) ->
     assert "region-eu" in contributors_after(aggregator_dir, killed_at)
 
 
+def test_a_regional_broker_killed_under_a_regional_aggregator_loses_no_update(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL of region eu's broker (the regional aggregator's session, the hospitals' unacked
+    updates and the bridge's queues gone) and a restart a few seconds later: the regional
+    aggregator reconnects and resends its outbox, the hospitals resend from theirs, and every
+    update sent is folded once, answered, or still waiting."""
+    with (
+        broker_tree(
+            tmp_path / "brokers", federation=f"rb{uuid.uuid4().hex[:8]}", regional_aggregators=True
+        ) as tree,
+        ProcessGroup(tmp_path / "logs") as group,
+    ):
+        aggregator_dir = start_federation(tree, group, tmp_path, regional=True)
+        wait_for_version(group, aggregator_dir, 10, timeout=120)
+        broker = tree.brokers["eu"]
+        broker.stop(signal.SIGKILL)
+        killed_at = versions_made(aggregator_dir)
+        time.sleep(3.0)
+        broker.start()
+        result = finish(group, aggregator_dir, tmp_path, regions=tuple(REGIONS))
+    assert_trained_and_nothing_lost(aggregator_dir, result)
+    assert killed_at < VERSIONS, "the run ended before the broker was killed"
+    assert "region-eu" in contributors_after(aggregator_dir, killed_at)
+
+
 def sent_ids(node_dir: Path) -> set[str]:
     return {e.update_id for e in read_sent_log(node_dir)}
 
