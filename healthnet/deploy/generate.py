@@ -292,18 +292,19 @@ def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
 
     hashes: list[str] = []
     env_files: dict[str, Path] = {}
-    for identity, role in spec.identities.items():
-        settings = _role_settings(spec, role, identity)
-        env_text = partial(_env_text, spec, identity, role)
-        env_files[identity] = _write_identity(
-            spec, ca, identity, settings, env_text, out=out, prefix=prefix, hashes=hashes
+    writers = [
+        (identity, _role_settings(spec, role, identity), partial(_env_text, spec, identity, role))
+        for identity, role in spec.identities.items()
+    ] + [
+        (identity, _regional_settings(spec, region), partial(_regional_env_text, spec, region))
+        for identity, region in spec.regional_aggregators.items()
+    ]
+    for identity, settings, env_text in writers:
+        env_files[identity], password_hash = _write_identity(
+            spec, ca, identity, settings, env_text, out=out, prefix=prefix
         )
-    for identity, region in spec.regional_aggregators.items():
-        settings = _regional_settings(spec, region)
-        env_text = partial(_regional_env_text, spec, region)
-        env_files[identity] = _write_identity(
-            spec, ca, identity, settings, env_text, out=out, prefix=prefix, hashes=hashes
-        )
+        if password_hash is not None:
+            hashes.append(password_hash)
     if hashes:
         _write(broker / "passwd", ("\n".join(hashes) + "\n").encode(), _PRIVATE)
 
@@ -330,10 +331,9 @@ def _write_identity(
     *,
     out: Path,
     prefix: Path,
-    hashes: list[str],
-) -> Path:
-    """``clients/<identity>/``: the CA, its certificate and key (or a password, whose hash joins
-    ``hashes``) and its env file; returns the env file."""
+) -> tuple[Path, str | None]:
+    """``clients/<identity>/``: the CA, its certificate and key (or a password) and its env file;
+    returns the env file and, in password mode, the password file's line for the identity."""
     folder = out / "clients" / identity
     installed = prefix / "clients" / identity
     _mkdir(folder)
@@ -347,14 +347,15 @@ def _write_identity(
         settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity)
         settings["HEALTHNET_CERT_FILE"] = str(installed / f"{identity}.crt")
         settings["HEALTHNET_KEY_FILE"] = str(installed / f"{identity}.key")
-    else:
+    password_hash = None
+    if spec.auth is AuthMode.PASSWORD:
         password = new_password()
-        hashes.append(f"{identity}:{mosquitto_hash(password)}")
+        password_hash = f"{identity}:{mosquitto_hash(password)}"
         settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity, password)
     settings.update(role_settings)
     env_path = folder / "healthnet.env"
     _write(env_path, env_text(settings).encode(), _PRIVATE)
-    return env_path
+    return env_path, password_hash
 
 
 def _write_region(
