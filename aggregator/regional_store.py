@@ -219,6 +219,10 @@ class RegionalStore:
         """Combined updates awaiting the core's ack, oldest first: what to resend."""
         return self._outbox.pending()
 
+    def unacked_message(self, update_id: str) -> bytes | None:
+        """The message of one combined update awaiting the core's ack (None: acked meanwhile)."""
+        return self._outbox.read(update_id)
+
     def constituents(self, update_id: str) -> tuple[str, ...]:
         """The hospital updates that ``update_id`` combined (empty if it is not a combined id)."""
         return self._combined.get(update_id, ())

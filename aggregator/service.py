@@ -11,7 +11,6 @@ before it is announced.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import queue
 import threading
@@ -23,6 +22,7 @@ from aggregator.core import AggregatorCore, Broadcast, Discard, Fold, Probe, Ver
 from aggregator.journal import Journal
 from aggregator.metrics import AggregatorMetrics, serve_metrics
 from aggregator.settings import AggregatorSettings
+from aggregator.state_lock import locked_state_dir
 from common.codec import encode, envelope, new_id
 from common.errors import ControlError, HealthNetError
 from common.inbound import Chunk, Inbound, Refusal, Refused, receive
@@ -95,7 +95,10 @@ class AggregatorService:
     def run(self, stop_event: threading.Event | None = None) -> AggregatorState:
         """Serve until the run is stopped (returns STOPPED) or ``stop_event`` is set."""
         stop_event = stop_event or threading.Event()
-        with self._locked_state_dir(), contextlib.closing(self.journal):
+        with (
+            locked_state_dir(self.settings.state_dir, "aggregator"),
+            contextlib.closing(self.journal),
+        ):
             self._core = self._restore()
             if self.core.state is AggregatorState.STOPPED:
                 log.warning(
@@ -117,19 +120,6 @@ class AggregatorService:
             return self.core.state
 
     # -- start-up
-
-    @contextlib.contextmanager
-    def _locked_state_dir(self) -> Iterator[None]:
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        lock_path = self.settings.state_dir / "aggregator.lock"
-        with lock_path.open("a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise HealthNetError(
-                    f"another aggregator holds {self.settings.state_dir}; one per state dir"
-                ) from None
-            yield
 
     def _restore(self) -> AggregatorCore:
         self._probe = self._output_probe()

@@ -905,6 +905,11 @@ SETTINGS_TABLES = {
     "settings-aggregator": ("aggregator.settings", "AggregatorSettings", "common.settings"),
     "settings-node": ("edge_node.settings", "NodeSettings", "common.settings"),
     "settings-dashboard": ("healthnet.dashboard", "DashboardSettings", "common.settings"),
+    "settings-regional": (
+        "aggregator.regional_settings",
+        "RegionalSettings",
+        "common.settings",
+    ),
 }
 """Each configuration table: the settings class it lists, and the module of the shared class
 whose settings it leaves out (they have their own table)."""

@@ -510,6 +510,59 @@ def aggregator_run(
         raise _fail(exc) from exc
 
 
+@aggregator_app.command("regional")
+def aggregator_regional(
+    broker_url: BrokerUrl = None,
+    federation: FederationOpt = None,
+    region: Annotated[
+        str | None, typer.Option(help="the region's name [env: HEALTHNET_REGION]")
+    ] = None,
+    node_id: Annotated[
+        str | None,
+        typer.Option(help="its identity here and node id at the core [default: region-<region>]"),
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="write-ahead log, combined log and outbox")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="the core's seed of the initial weights")] = None,
+    buffer_size: Annotated[
+        int | None, typer.Option(help="hospital updates per combined update")
+    ] = None,
+    buffer_timeout: Annotated[
+        float | None, typer.Option(help="send a partial buffer after, s (0: never)")
+    ] = None,
+    ack_timeout: Annotated[
+        float | None, typer.Option(help="resend a combined update unacked after, s")
+    ] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run a region's aggregator against its regional broker: it acks the region's hospitals,
+    combines their updates and sends the core one update for each buffer (docs/regions.md).
+
+    It follows the core's run, versions and knobs from the core's retained status, and exits
+    when that run stops."""
+    from aggregator.regional_service import RegionalService
+    from aggregator.regional_settings import RegionalSettings
+
+    _setup_logging(log_level)
+    settings = _settings(
+        RegionalSettings,
+        broker_url=broker_url,
+        federation=federation,
+        region=region,
+        node_id=node_id,
+        state_dir=state_dir,
+        seed=seed,
+        buffer_size=buffer_size,
+        buffer_timeout=buffer_timeout,
+        ack_timeout=ack_timeout,
+    )
+    try:
+        RegionalService(settings).run(_stop_on_signals())
+    except HealthNetError as exc:
+        raise _fail(exc) from exc
+
+
 @node_app.command("run")
 def node_run(
     broker_url: BrokerUrl = None,

@@ -16,7 +16,7 @@ from common.mqtt import MqttClient
 from common.settings import ConnectionSettings
 from healthnet.deploy import AuthMode, Deployment, DeploymentSpec, generate_deployment
 from healthnet.deploy.generate import read_env_file
-from healthnet.deploy.regions import Region
+from healthnet.deploy.regions import REGION_NODE_PREFIX, Region
 from tests.brokers import find_mosquitto, free_port
 from tests.secure import wait_listening
 
@@ -101,9 +101,14 @@ class BrokerTree:
 
 @contextlib.contextmanager
 def broker_tree(
-    root: Path, *, federation: str, regions: dict[str, tuple[str, ...]] = REGIONS
+    root: Path,
+    *,
+    federation: str,
+    regions: dict[str, tuple[str, ...]] = REGIONS,
+    regional_aggregators: bool = False,
 ) -> Iterator[BrokerTree]:
-    """Generate a tree deployment under ``root`` and run all its brokers until the block ends."""
+    """Generate a tree deployment under ``root`` and run all its brokers until the block ends;
+    with ``regional_aggregators``, each region has an aggregator identity ``region-<name>``."""
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")
     spec = DeploymentSpec(
@@ -112,7 +117,15 @@ def broker_tree(
         port=free_port(),
         auth=AuthMode.MTLS,
         broker_user="root" if os.geteuid() == 0 else None,
-        regions=tuple(Region(name, members, port=free_port()) for name, members in regions.items()),
+        regions=tuple(
+            Region(
+                name,
+                members,
+                port=free_port(),
+                aggregator=f"{REGION_NODE_PREFIX}{name}" if regional_aggregators else None,
+            )
+            for name, members in regions.items()
+        ),
     )
     deployment = generate_deployment(spec, root / "deployment")
     brokers = {CORE: BrokerProcess(CORE, deployment.broker_config, spec.port, root / "core.log")}

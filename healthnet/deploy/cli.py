@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +10,7 @@ import typer
 from rich.console import Console
 
 from common.errors import ConfigError, HealthNetError
-from healthnet.deploy.regions import Region
+from healthnet.deploy.regions import REGION_NODE_PREFIX, Region
 
 __all__ = ["deploy_app"]
 
@@ -41,6 +42,14 @@ def init(
             "[default: --host, port --port+1, +2, ...]",
         ),
     ] = None,
+    regional_aggregators: Annotated[
+        bool,
+        typer.Option(
+            "--regional-aggregators",
+            help="each region also gets an aggregator (identity region-<region>) that combines "
+            "its hospitals' updates; the bridges then carry its updates, not theirs",
+        ),
+    ] = False,
     host: Annotated[str, typer.Option(help="broker name or address that clients dial")] = (
         "127.0.0.1"
     ),
@@ -74,7 +83,8 @@ def init(
     """Write a CA, certificates or passwords, the ACL, mosquitto.conf and one env file per identity.
 
     Identities: aggregator, each hospital, operator, dashboard. No key or password is printed.
-    With --regions, also a broker per region bridged to the core broker (docs/regions.md).
+    With --regions, also a broker per region bridged to the core broker (docs/regions.md); with
+    --regional-aggregators, an aggregator identity per region on its broker as well.
     """
     from healthnet.deploy.generate import (
         DEFAULT_MAX_SAMPLES,
@@ -91,6 +101,12 @@ def init(
         raise typer.Exit(code=1) from None
     try:
         tree = _regions(regions, region_addresses, host=host, port=port, bind=bind)
+        if regional_aggregators:
+            if not tree:
+                raise ConfigError("--regional-aggregators needs --regions")
+            tree = tuple(
+                dataclasses.replace(r, aggregator=f"{REGION_NODE_PREFIX}{r.name}") for r in tree
+            )
         hospitals = (
             tuple(n.strip() for n in nodes.split(",") if n.strip())
             if nodes is not None

@@ -20,7 +20,10 @@ services and the regions' bridges may use, and each region gets a broker of its 
     OUT/regions/<region>/acl              its hospitals, each its own topics
     OUT/regions/<region>/ca.crt, server.crt, server.key, bridge-<region>.crt, .key
 
-and each hospital's env file points at its region's broker.
+and each hospital's env file points at its region's broker. A region with an aggregator
+(``Region.aggregator``, ``deploy init --regional-aggregators``) also gets that identity's
+``clients/region-<region>/`` folder, its env file pointing at the region's broker, and its rows in
+the region's ACL; the bridge then carries its updates instead of the hospitals'.
 
 The identities are the aggregator, each hospital, an operator and a read-only dashboard. Private
 keys, password hashes and env files (which carry the password in password mode) are written with
@@ -32,9 +35,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 
 from common.errors import ConfigError, TopicError
@@ -165,6 +169,7 @@ class DeploymentSpec:
         bridges = [h for h in self.hospitals if h.startswith(BRIDGE_PREFIX)]
         if bridges:
             raise ConfigError(f"hospital names {bridges} are reserved for regions' bridges")
+        self._check_regional_aggregators()
         addresses = [(self.host, self.port)] + [(r.host, r.port) for r in self.regions]
         if len(set(addresses)) != len(addresses):
             raise ConfigError("the core and every region need a broker address of their own")
@@ -172,12 +177,25 @@ class DeploymentSpec:
             for what, value in (("host", region.host), ("bind", region.bind)):
                 _check_host(f"region {region.name} {what}", value)
 
-    def region_of(self, hospital: str) -> Region | None:
-        """The region whose broker ``hospital`` uses (None: a single broker, or not a hospital)."""
+    def _check_regional_aggregators(self) -> None:
+        aggregators = [r.aggregator for r in self.regions if r.aggregator is not None]
+        taken = {*self.hospitals, *SERVICE_IDENTITIES.values(), *(r.bridge for r in self.regions)}
+        clashing = sorted({a for a in aggregators if a in taken or aggregators.count(a) > 1})
+        if clashing:
+            raise ConfigError(f"regional aggregator names {clashing} are taken")
+
+    def region_of(self, identity: str) -> Region | None:
+        """The region whose broker ``identity`` uses, a hospital's or the region's aggregator's
+        (None: a single broker, or a service of the core)."""
         for region in self.regions:
-            if hospital in region.hospitals:
+            if identity in region.hospitals or identity == region.aggregator:
                 return region
         return None
+
+    @property
+    def regional_aggregators(self) -> dict[str, Region]:
+        """Each regional aggregator's identity and its region."""
+        return {r.aggregator: r for r in self.regions if r.aggregator is not None}
 
     def _check_names(self) -> None:
         try:
@@ -274,28 +292,19 @@ def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
 
     hashes: list[str] = []
     env_files: dict[str, Path] = {}
-    for identity, role in spec.identities.items():
-        folder = out / "clients" / identity
-        installed = prefix / "clients" / identity
-        _mkdir(folder)
-        _write(folder / "ca.crt", ca.certificate_pem, _PUBLIC)
-        settings: dict[str, str] = {"HEALTHNET_FEDERATION": spec.federation}
-        settings["HEALTHNET_CA_FILE"] = str(installed / "ca.crt")
-        if spec.auth is AuthMode.MTLS:
-            issued = ca.issue_client(identity, federation=spec.federation, days=spec.days)
-            _write(folder / f"{identity}.crt", issued.certificate, _PUBLIC)
-            _write(folder / f"{identity}.key", issued.private_key, _PRIVATE)
-            settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity)
-            settings["HEALTHNET_CERT_FILE"] = str(installed / f"{identity}.crt")
-            settings["HEALTHNET_KEY_FILE"] = str(installed / f"{identity}.key")
-        else:
-            password = new_password()
-            hashes.append(f"{identity}:{mosquitto_hash(password)}")
-            settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity, password)
-        settings.update(_role_settings(spec, role, identity))
-        env_path = folder / "healthnet.env"
-        _write(env_path, _env_text(spec, identity, role, settings).encode(), _PRIVATE)
-        env_files[identity] = env_path
+    writers = [
+        (identity, _role_settings(spec, role, identity), partial(_env_text, spec, identity, role))
+        for identity, role in spec.identities.items()
+    ] + [
+        (identity, _regional_settings(spec, region), partial(_regional_env_text, spec, region))
+        for identity, region in spec.regional_aggregators.items()
+    ]
+    for identity, settings, env_text in writers:
+        env_files[identity], password_hash = _write_identity(
+            spec, ca, identity, settings, env_text, out=out, prefix=prefix
+        )
+        if password_hash is not None:
+            hashes.append(password_hash)
     if hashes:
         _write(broker / "passwd", ("\n".join(hashes) + "\n").encode(), _PRIVATE)
 
@@ -311,6 +320,42 @@ def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
         limits=limits,
         region_configs=region_configs,
     )
+
+
+def _write_identity(
+    spec: DeploymentSpec,
+    ca: CertificateAuthority,
+    identity: str,
+    role_settings: Mapping[str, str],
+    env_text: Callable[[dict[str, str]], str],
+    *,
+    out: Path,
+    prefix: Path,
+) -> tuple[Path, str | None]:
+    """``clients/<identity>/``: the CA, its certificate and key (or a password) and its env file;
+    returns the env file and, in password mode, the password file's line for the identity."""
+    folder = out / "clients" / identity
+    installed = prefix / "clients" / identity
+    _mkdir(folder)
+    _write(folder / "ca.crt", ca.certificate_pem, _PUBLIC)
+    settings: dict[str, str] = {"HEALTHNET_FEDERATION": spec.federation}
+    settings["HEALTHNET_CA_FILE"] = str(installed / "ca.crt")
+    if spec.auth is AuthMode.MTLS:
+        issued = ca.issue_client(identity, federation=spec.federation, days=spec.days)
+        _write(folder / f"{identity}.crt", issued.certificate, _PUBLIC)
+        _write(folder / f"{identity}.key", issued.private_key, _PRIVATE)
+        settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity)
+        settings["HEALTHNET_CERT_FILE"] = str(installed / f"{identity}.crt")
+        settings["HEALTHNET_KEY_FILE"] = str(installed / f"{identity}.key")
+    password_hash = None
+    if spec.auth is AuthMode.PASSWORD:
+        password = new_password()
+        password_hash = f"{identity}:{mosquitto_hash(password)}"
+        settings["HEALTHNET_BROKER_URL"] = spec.broker_url(identity, password)
+    settings.update(role_settings)
+    env_path = folder / "healthnet.env"
+    _write(env_path, env_text(settings).encode(), _PRIVATE)
+    return env_path, password_hash
 
 
 def _write_region(
@@ -439,7 +484,7 @@ def _role_settings(spec: DeploymentSpec, role: Role, identity: str) -> dict[str,
         case Role.AGGREGATOR:
             # The defences every federation needs, model-independent (docs/security.md): one
             # legitimate identity must not be able to flood, outvote or blow up the model.
-            return {
+            defences = {
                 "HEALTHNET_CLIENT_ID": identity,
                 # A node trains once per global version; more is a flood.
                 "HEALTHNET_KNOBS__ONE_UPDATE_PER_VERSION": "true",
@@ -449,8 +494,37 @@ def _role_settings(spec: DeploymentSpec, role: Role, identity: str) -> dict[str,
                 # update of huge values is refused without a bound tuned to the model.
                 "HEALTHNET_KNOBS__NORM_MULTIPLIER": f"{spec.norm_multiplier:g}",
             }
+            if spec.regional_aggregators:
+                # The core's nodes are then regions, which send several updates from one base
+                # and sum their hospitals' samples: the regional aggregators hold these two.
+                del defences["HEALTHNET_KNOBS__ONE_UPDATE_PER_VERSION"]
+                del defences["HEALTHNET_KNOBS__MAX_NUM_SAMPLES"]
+            return defences
         case Role.OPERATOR | Role.DASHBOARD:
             return {}
+
+
+def _regional_settings(spec: DeploymentSpec, region: Region) -> dict[str, str]:
+    return {
+        "HEALTHNET_REGION": region.name,
+        "HEALTHNET_NODE_ID": region.aggregator or "",
+        # The per-hospital defences the core cannot apply to a region (see _role_settings).
+        "HEALTHNET_ONE_UPDATE_PER_VERSION": "true",
+        "HEALTHNET_MAX_NUM_SAMPLES": str(spec.max_samples),
+    }
+
+
+def _regional_env_text(spec: DeploymentSpec, region: Region, settings: dict[str, str]) -> str:
+    lines = [
+        f"# healthNET settings of {region.aggregator}, region {region.name}'s aggregator,",
+        f"# in federation {spec.federation}.",
+        "# It reads its hospitals' updates and the core's status and manifest, and writes their",
+        "# acks and its combined updates, on its region's broker only (healthnet aggregator",
+        "# regional).",
+        "# Private to this identity (mode 0600).",
+        *(f"{key}={value}" for key, value in settings.items()),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 _ROLE_NOTES = {
@@ -496,7 +570,7 @@ def _readme(spec: DeploymentSpec, prefix: Path) -> str:
             "ca/ca.key  signs new certificates: keep it offline.",
             "",
             f"Broker: mqtts://{spec.host}:{spec.port}, listening on {spec.bind}.",
-            "Identities: " + ", ".join(spec.identities),
+            "Identities: " + ", ".join([*spec.identities, *spec.regional_aggregators]),
             "",
             *_readme_regions(spec, prefix),
         ]
@@ -516,6 +590,14 @@ def _readme_regions(spec: DeploymentSpec, prefix: Path) -> list[str]:
             f"           mosquitto -c {prefix / 'regions' / region.name / 'mosquitto.conf'}",
             f"           mqtts://{region.host}:{region.port}: " + ", ".join(region.hospitals),
         ]
+        if region.aggregator is not None:
+            lines += [
+                f"clients/{region.aggregator}/ to region {region.name}'s aggregator:",
+                (
+                    f"           cd clients/{region.aggregator} && cp healthnet.env .env && "
+                    "healthnet aggregator regional"
+                ),
+            ]
     return [*lines, ""]
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from healthnet.deploy import DeploymentSpec, generate_deployment, read_env_file
+from healthnet.deploy import Deployment, DeploymentSpec, generate_deployment, read_env_file
 from healthnet.deploy.regions import Region
 from healthnet.federations import HEART_DISEASE
 
@@ -72,6 +72,7 @@ def exec_start(name: str, instance: str) -> list[str]:
 HEALTHNET_UNITS = {
     "healthnet-aggregator.service": "",
     "healthnet-node@.service": "cleveland",
+    "healthnet-regional@.service": "eu",
     "healthnet-dashboard.service": "",
 }
 
@@ -165,6 +166,29 @@ def test_the_node_unit_reads_the_env_file_deploy_init_writes(tmp_path: Path) -> 
             )
 
 
+def test_the_regional_unit_reads_its_regions_aggregator_env_file(tmp_path: Path) -> None:
+    """healthnet-regional@eu reads the env file `deploy init --regional-aggregators` wrote for
+    region-eu, installed at the prefix, which names region eu's broker and TLS files beside it."""
+    spec = DeploymentSpec(
+        federation="heart",
+        hospitals=HOSPITALS,
+        prefix=Path(PREFIX),
+        regions=(
+            Region("eu", HOSPITALS[:2], port=8884, aggregator="region-eu"),
+            Region("us", HOSPITALS[2:], port=8885, aggregator="region-us"),
+        ),
+    )
+    out = tmp_path / "out"
+    deployment = generate_deployment(spec, out)
+    (env_file,) = unit("healthnet-regional@.service")["EnvironmentFile"]
+    generated = deployment.env_files["region-eu"]
+    assert env_file.replace("%i", "eu") == str(PREFIX / generated.relative_to(out))
+    env = read_env_file(generated)
+    assert env["HEALTHNET_BROKER_URL"] == "mqtts://127.0.0.1:8884"
+    for key in ("HEALTHNET_CA_FILE", "HEALTHNET_CERT_FILE", "HEALTHNET_KEY_FILE"):
+        assert PurePosixPath(env[key]).parent == PurePosixPath(env_file.replace("%i", "eu")).parent
+
+
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
 
@@ -175,6 +199,7 @@ SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
         ("healthnet-aggregator.service", None),
         ("healthnet-dashboard.service", None),
         ("healthnet-node@.service", "cleveland"),
+        ("healthnet-regional@.service", "eu"),
         ("healthnet-broker@.service", "broker"),
     ],
 )
@@ -212,9 +237,13 @@ def test_systemd_analyze_finds_nothing_to_say(
 # -- compose
 
 
-def compose() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+def compose(name: str = "compose.yaml") -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((DEPLOY / name).read_text())
     return loaded
+
+
+TREE_COMPOSE = "compose.regions.yaml"
+TREE_SERVICES = ("aggregator", "region-eu", "region-us", "dashboard", *HOSPITALS)
 
 
 def mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -267,27 +296,53 @@ def test_the_compose_mounts_hold_what_the_generated_files_name(tmp_path: Path) -
     deployment = generate_deployment(spec, deployment_dir)
     header = (DEPLOY / "compose.yaml").read_text()
     assert "--prefix /deployment --host broker --bind 0.0.0.0" in header
-    services = compose()["services"]
-    volumes = set(compose()["volumes"])
+    assert_mounts_hold_the_deployment(
+        compose(),
+        deployment,
+        deployment_dir,
+        brokers={"broker": deployment.broker_config},
+        dials=dict.fromkeys(("aggregator", "dashboard", *HOSPITALS), "mqtts://broker:8883"),
+    )
+
+
+def assert_mounts_hold_the_deployment(
+    document: dict[str, Any],
+    deployment: Deployment,
+    deployment_dir: Path,
+    *,
+    brokers: dict[str, Path],
+    dials: dict[str, str],
+) -> None:
+    """Each broker service runs its generated config, with every file it names mounted; each
+    healthnet service in ``dials`` reads its identity's env file, dials the broker named there,
+    has its TLS files mounted and keeps its state on a named volume."""
+    services = document["services"]
+    volumes = set(document["volumes"])
 
     def inside(path: str, service: dict[str, Any]) -> bool:
         return any(PurePosixPath(path).is_relative_to(target) for target in mounts(service))
 
-    broker = services["broker"]
-    config = broker["command"][broker["command"].index("-c") + 1]
-    assert config == str(PurePosixPath("/deployment") / "broker" / "mosquitto.conf")
-    assert inside(config, broker)
-    for line in deployment.broker_config.read_text().splitlines():
-        key, _, value = line.partition(" ")
-        if key in ("acl_file", "cafile", "certfile", "keyfile", "persistence_location"):
-            assert inside(value, broker), line
-    for name in ("aggregator", "dashboard", *HOSPITALS):
+    for name, generated_config in brokers.items():
+        broker = services[name]
+        config = broker["command"][broker["command"].index("-c") + 1]
+        assert config == str(
+            PurePosixPath("/deployment") / generated_config.relative_to(deployment_dir)
+        )
+        assert inside(config, broker)
+        for line in generated_config.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in (
+                "acl_file", "cafile", "certfile", "keyfile", "persistence_location",
+                "bridge_cafile", "bridge_certfile", "bridge_keyfile",
+            ):  # fmt: skip
+                assert inside(value, broker), (name, line)
+    for name, url in dials.items():
         service = services[name]
         env_file = DEPLOY / service["env_file"]
         generated = deployment.env_files[name]
         assert env_file.relative_to(DEPLOY / "deployment") == generated.relative_to(deployment_dir)
         env = read_env_file(generated)
-        assert env["HEALTHNET_BROKER_URL"] == "mqtts://broker:8883"
+        assert env["HEALTHNET_BROKER_URL"] == url, name
         for key in ("HEALTHNET_CA_FILE", "HEALTHNET_CERT_FILE", "HEALTHNET_KEY_FILE"):
             assert inside(env[key], service), (name, key)
         command = service["command"]
@@ -295,6 +350,70 @@ def test_the_compose_mounts_hold_what_the_generated_files_name(tmp_path: Path) -
             state = command[command.index("--state-dir") + 1]
             (target,) = [t for t in mounts(service) if PurePosixPath(state).is_relative_to(t)]
             assert mounts(service)[target] in volumes, (name, target)
+
+
+def test_the_tree_compose_file_runs_regions_with_their_aggregators() -> None:
+    """A core broker, one per region, the core aggregator, each region's aggregator, the four
+    hospitals and the dashboard; every healthnet service unprivileged, each hospital and regional
+    aggregator after its region's broker."""
+    services = compose(TREE_COMPOSE)["services"]
+    assert set(services) == {"broker", "broker-eu", "broker-us", *TREE_SERVICES}
+    for name in TREE_SERVICES:
+        service = services[name]
+        assert service["cap_drop"] == ["ALL"], name
+        assert service["read_only"] is True, name
+        assert "no-new-privileges:true" in service["security_opt"], name
+    for region, members in (("eu", HOSPITALS[:2]), ("us", HOSPITALS[2:])):
+        assert services[f"region-{region}"]["command"][:2] == ["aggregator", "regional"]
+        for name in (f"region-{region}", *members):
+            assert services[name]["depends_on"] == [f"broker-{region}"], name
+
+
+@pytest.mark.parametrize("name", TREE_SERVICES)
+def test_each_tree_compose_command_is_a_healthnet_command(name: str) -> None:
+    result = healthnet_help(compose(TREE_COMPOSE)["services"][name]["command"])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_tree_compose_mounts_hold_what_the_generated_files_name(tmp_path: Path) -> None:
+    """Generated as the tree compose file's header says, each broker's config and files, and
+    each identity's env file and TLS files, are mounted where they are named; hospitals and
+    regional aggregators dial their region's broker service, the core's services the core."""
+    header = (DEPLOY / TREE_COMPOSE).read_text()
+    for option in (
+        "--prefix /deployment",
+        "--host broker --bind 0.0.0.0",
+        '--region-addresses "eu=broker-eu:8883;us=broker-us:8883" --regional-aggregators',
+    ):
+        assert option in header
+    spec = DeploymentSpec(
+        federation="heart",
+        hospitals=HOSPITALS,
+        host="broker",
+        bind="0.0.0.0",  # noqa: S104 - each broker's container listens on its own network
+        prefix=Path("/deployment"),
+        regions=(
+            Region("eu", HOSPITALS[:2], host="broker-eu", bind="0.0.0.0", aggregator="region-eu"),  # noqa: S104
+            Region("us", HOSPITALS[2:], host="broker-us", bind="0.0.0.0", aggregator="region-us"),  # noqa: S104
+        ),
+    )
+    deployment_dir = tmp_path / "deployment"
+    deployment = generate_deployment(spec, deployment_dir)
+    dials = {"aggregator": "mqtts://broker:8883", "dashboard": "mqtts://broker:8883"}
+    for region, members in (("eu", HOSPITALS[:2]), ("us", HOSPITALS[2:])):
+        for name in (f"region-{region}", *members):
+            dials[name] = f"mqtts://broker-{region}:8883"
+    assert_mounts_hold_the_deployment(
+        compose(TREE_COMPOSE),
+        deployment,
+        deployment_dir,
+        brokers={
+            "broker": deployment.broker_config,
+            "broker-eu": deployment.region_configs["eu"],
+            "broker-us": deployment.region_configs["us"],
+        },
+        dials=dials,
+    )
 
 
 # -- the image

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aggregator.update_log import UpdateEvent, UpdateLogEntry
 from common.messages import Contribution, VersionRecord
-from devtools.reconcile import NodeRecords, reconcile
+from devtools.reconcile import NodeRecords, RegionRecords, reconcile
 from edge_node.sentlog import SentEntry, SentEvent
 
 
@@ -122,3 +122,71 @@ def test_a_discarded_update_is_its_own_category_neither_rejected_nor_lost() -> N
     assert (result.updates_discarded, result.updates_rejected, result.lost) == (1, 1, [])
     assert result.rejections == {"stale": 1}
     assert result.to_json()["updates_discarded"] == 1
+
+
+# -- through regional aggregators
+
+
+def region(
+    combined: dict[str, tuple[str, ...]],
+    ledger: list[UpdateLogEntry] | None = None,
+    waiting: frozenset[str] = frozenset(),
+) -> RegionRecords:
+    return RegionRecords("eu", combined, tuple(ledger or ()), waiting)
+
+
+def test_a_hospital_update_is_folded_where_its_combined_update_was() -> None:
+    """The core folded c1, which carried u1 and u2: both are folded, nothing lost."""
+    result = reconcile(
+        [NodeRecords("a", sent("u1", "u2"), ())],
+        [record(1, "c1")],
+        folded(1, "c1"),
+        [region({"c1": ("u1", "u2")})],
+    )
+    assert result.clean, result.to_json()
+    assert result.updates_folded == 2
+
+
+def test_a_combined_update_folded_twice_folds_each_of_its_updates_twice() -> None:
+    result = reconcile(
+        [NodeRecords("a", sent("u1"), ())],
+        [record(1, "c1"), record(2, "c1")],
+        [*folded(1, "c1"), *folded(2, "c1")],
+        [region({"c1": ("u1",)})],
+    )
+    assert result.double_folded == ["u1"]
+    assert not result.clean
+
+
+def test_an_update_waiting_in_the_region_is_not_lost_and_one_nowhere_is() -> None:
+    """u2 is in the region's WAL (or its combined update in the region's outbox): waiting;
+    u3 reached no one: lost."""
+    result = reconcile(
+        [NodeRecords("a", sent("u1", "u2", "u3"), ())],
+        [record(1, "c1")],
+        folded(1, "c1"),
+        [region({"c1": ("u1",)}, waiting=frozenset({"u2"}))],
+    )
+    assert result.lost == ["u3"]
+    assert result.still_in_region == ["u2"]
+
+
+def test_refusals_by_the_region_or_of_the_combined_update_are_answers() -> None:
+    """The region refused u2; the core refused c1, which carried u1: both rejected, not lost."""
+    result = reconcile(
+        [NodeRecords("a", sent("u1", "u2"), ())],
+        [],
+        [line(UpdateEvent.REJECTED, "c1", reason="stale")],
+        [
+            region(
+                {"c1": ("u1",)},
+                ledger=[
+                    line(UpdateEvent.ACCEPTED, "u1"),
+                    line(UpdateEvent.REJECTED, "u2", reason="too_large"),
+                ],
+            )
+        ],
+    )
+    assert result.clean, result.to_json()
+    assert result.lost == []
+    assert result.rejections == {"stale": 1, "too_large": 1}

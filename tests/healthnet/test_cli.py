@@ -136,6 +136,11 @@ def test_a_bad_broker_url_in_the_environment_is_one_line_naming_its_flag(
             id="demo-dp-delta",
         ),
         pytest.param(["broker", "--implementation", "nats"], id="broker"),
+        pytest.param(
+            ["aggregator", "regional", "--region", "eu", "--buffer-size", "0"],
+            id="regional-buffer",
+        ),
+        pytest.param(["aggregator", "regional", "--region", "e u"], id="regional-region"),
     ],
 )
 def test_every_command_refuses_bad_input_in_one_line_with_exit_2(
@@ -145,6 +150,18 @@ def test_every_command_refuses_bad_input_in_one_line_with_exit_2(
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert_one_line_refusal(result.stderr)
+
+
+def test_a_regional_aggregator_without_a_region_is_refused(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`aggregator regional` names no default region: it must be told which one it serves."""
+    monkeypatch.delenv("HEALTHNET_REGION", raising=False)
+    state = tmp_path / "regional"
+    result = runner.invoke(app, ["aggregator", "regional", "--state-dir", str(state)])
+    assert result.exit_code == 2, result.output
+    assert_one_line_refusal(result.stderr, "--region is required")
+    assert not state.exists()
 
 
 def test_a_node_without_data_is_refused(runner: CliRunner, tmp_path: Path) -> None:

@@ -212,3 +212,124 @@ def test_the_cli_writes_a_tree_with_regions_next_to_the_core(tmp_path: Path) -> 
     )  # fmt: skip
     assert bad.exit_code == 1
     assert "mars" in bad.output
+
+
+# -- regional aggregators
+
+EU_AGG = Region("eu", EU.hospitals, port=EU.port, aggregator="region-eu")
+US_AGG = Region("us", US.hospitals, port=US.port, aggregator="region-us")
+
+
+def test_with_a_regional_aggregator_the_bridge_carries_its_updates_not_the_hospitals() -> None:
+    """The hospitals' updates and acks end at the region's broker; the bridge carries the
+    regional aggregator's update out and its ack in instead, and everything else as before."""
+    tree = TopicTree("heart")
+    plain = {(t.topic, t.direction) for t in bridge_topics(tree, EU)}
+    combined = {(t.topic, t.direction) for t in bridge_topics(tree, EU_AGG)}
+    hospitals_own = {
+        (f"healthnet/v1/heart/{kind}/{h}", direction)
+        for h in EU.hospitals
+        for kind, direction in (("updates", "out"), ("acks", "in"))
+    }
+    regions_own = {
+        ("healthnet/v1/heart/updates/region-eu", "out"),
+        ("healthnet/v1/heart/acks/region-eu", "in"),
+    }
+    assert hospitals_own <= plain
+    assert combined == (plain - hospitals_own) | regions_own
+
+
+def test_deploy_init_writes_each_regional_aggregator_an_identity_on_its_regions_broker(
+    tmp_path: Path,
+) -> None:
+    """region-<name> gets a certificate and an env file naming its region's broker, with the
+    per-hospital defences the core's aggregator then leaves off; its region's ACL lets it read
+    its hospitals' updates, the core's status and manifest and its own acks, and write their
+    acks and its own updates; the core's ACL never names it."""
+    deployment = generate_deployment(spec(regions=(EU_AGG, US_AGG)), tmp_path / "out")
+    folder = tmp_path / "out" / "clients" / "region-eu"
+    assert {"region-eu.crt", "region-eu.key", "ca.crt", "healthnet.env"} <= {
+        p.name for p in folder.iterdir()
+    }
+    env = read_env_file(deployment.env_files["region-eu"])
+    assert env["HEALTHNET_BROKER_URL"] == f"mqtts://127.0.0.1:{EU.port}"
+    assert (env["HEALTHNET_REGION"], env["HEALTHNET_NODE_ID"]) == ("eu", "region-eu")
+    assert env["HEALTHNET_ONE_UPDATE_PER_VERSION"] == "true"
+    assert env["HEALTHNET_MAX_NUM_SAMPLES"] == "100000"
+    core_env = read_env_file(deployment.env_files["aggregator"])
+    assert "HEALTHNET_KNOBS__ONE_UPDATE_PER_VERSION" not in core_env
+    assert "HEALTHNET_KNOBS__MAX_NUM_SAMPLES" not in core_env
+    assert "HEALTHNET_KNOBS__NORM_MULTIPLIER" in core_env
+
+    acl = (tmp_path / "out" / "regions" / "eu" / "acl").read_text()
+    block = acl.split("user region-eu\n")[1].split("\n\n")[0].splitlines()
+    prefix = "healthnet/v1/heart"
+    assert sorted(block) == sorted(
+        [
+            f"topic write {prefix}/updates/region-eu",
+            f"topic write {prefix}/acks/cleveland",
+            f"topic write {prefix}/acks/hungarian",
+            f"topic read {prefix}/aggregator/status",
+            f"topic read {prefix}/model/manifest",
+            f"topic read {prefix}/acks/region-eu",
+            f"topic read {prefix}/updates/cleveland",
+            f"topic read {prefix}/updates/hungarian",
+        ]
+    )
+    core = (tmp_path / "out" / "broker" / "acl").read_text()
+    assert "user region-eu" not in core
+    bridge = core.split("user bridge-eu")[1].split("user ")[0]
+    assert "topic write healthnet/v1/heart/updates/region-eu" in bridge
+    assert "topic read healthnet/v1/heart/acks/region-eu" in bridge
+    assert "updates/cleveland" not in bridge
+    assert "acks/cleveland" not in bridge
+
+
+@pytest.mark.parametrize(
+    ("regions", "message"),
+    [
+        pytest.param(
+            (Region("eu", EU.hospitals, port=EU.port, aggregator="va"), US), "taken", id="hospital"
+        ),
+        pytest.param(
+            (Region("eu", EU.hospitals, port=EU.port, aggregator="aggregator"), US),
+            "taken",
+            id="service",
+        ),
+        pytest.param(
+            (EU_AGG, Region("us", US.hospitals, port=US.port, aggregator="region-eu")),
+            "taken",
+            id="twice",
+        ),
+    ],
+)
+def test_a_regional_aggregator_named_like_another_identity_is_refused(
+    regions: tuple[Region, ...], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        spec(regions=regions)
+
+
+def test_the_cli_gives_every_region_an_aggregator(tmp_path: Path) -> None:
+    """`--regional-aggregators` names each region-<region>; without --regions it is refused."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        [
+            "deploy", "init", "--federation", "heart", "--out", str(out),
+            "--regions", "eu=cleveland,hungarian;us=va,switzerland", "--regional-aggregators",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for region in ("eu", "us"):
+        env = read_env_file(out / "clients" / f"region-{region}" / "healthnet.env")
+        assert env["HEALTHNET_REGION"] == region
+    bad = CliRunner().invoke(
+        app,
+        [
+            "deploy", "init", "--federation", "heart", "--out", str(tmp_path / "bad"),
+            "--nodes", "a,b", "--regional-aggregators",
+        ],
+    )  # fmt: skip
+    assert bad.exit_code == 1
+    assert "--regions" in bad.output
