@@ -5,8 +5,8 @@ module adds ``weight * values`` into a dense float32 or float64 accumulator in p
 densifying a sparse tensor, and measures update norms. Only the aggregator folds, so this lives
 with it; the encoder and the decoder stay in :mod:`common.compression`, shared with the nodes.
 Folding is vectorised; loops run over cache-sized blocks, never over entries, except in the
-compiled loops of :mod:`aggregator.fold_kernels`, which :func:`fold_blocks` and
-:func:`step_block` hand large dense float32 blocks to.
+compiled loops of :mod:`aggregator.fold_kernels`, which :func:`fold_blocks`,
+:func:`step_block` and :func:`fold_step_tensor` hand dense float32 work to.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ __all__ = [
     "fold",
     "fold_block",
     "fold_blocks",
+    "fold_step_tensor",
     "squared_norm",
     "step_block",
     "sum_of_squares",
@@ -167,6 +168,56 @@ def fold_blocks(
         i = end
 
 
+def fold_step_tensor(
+    decoded: Sequence[DecodedTensor],
+    out: NDArray[np.float32],
+    weights: Sequence[float],
+    old: NDArray[np.float32],
+    lr: float,
+    *,
+    compiled: bool = False,
+    scratch: NDArray[np.float32] | None = None,
+) -> tuple[float, bool]:
+    """One tensor of the plain server step: into each :data:`BLOCK` of ``out`` (the new
+    version's flattened tensor), :func:`fold_blocks`, the block's squares, then
+    :func:`step_block` from ``old``'s block. Returns the tensor's :func:`sum_of_squares` of
+    the weighted sum, as that function sums it, and whether every new value is finite.
+
+    The same, bit for bit, as those calls block after block. With ``compiled`` (the model has
+    a tensor of :data:`COMPILED_MIN` entries, so its fold has imported numba anyway) and at
+    most :data:`aggregator.fold_kernels.GROUP` dense float32 tensors, the whole tensor is one
+    compiled call (:func:`aggregator.fold_kernels.fold_step`), or two for a small tensor, whose
+    squares stay BLAS's: per-tensor Python costs more than the arithmetic of a small tensor.
+    """
+    if len(decoded) != len(weights) or not decoded:
+        raise ValueError("need one weight per tensor, and at least one tensor")
+    if out.ndim != 1 or old.shape != out.shape or out.dtype != np.float32:
+        raise ValueError(f"a float32 tensor of {out.shape} entries steps from {old.shape}")
+    whole = _compiled_squares(out)
+    if compiled and len(decoded) <= _GROUP and all(_dense_float32(d) for d in decoded):
+        factors = []
+        for d, w in zip(decoded, weights, strict=True):
+            _checked_block(d, out, 0)
+            if d.values.size != out.size:
+                raise ValueError(f"a tensor of {out.size} entries folds {d.values.size} values")
+            factors.append(_checked_factor(d, out, w, whole=False))
+        values = [d.values for d in decoded]
+        kernels = _kernels()
+        if whole:
+            squares, finite = kernels.fold_step(out, old, values, factors, lr, BLOCK)
+            return squares, finite
+        kernels.weighted_sum(out, values, factors, replace=True)
+        squares = _block_squares(out, compiled=False)
+        return squares, bool(kernels.step(out, old, lr))
+    squares, finite = 0.0, True
+    for start in range(0, out.size, BLOCK):
+        block = out[start : start + BLOCK]
+        fold_blocks(decoded, block, weights, start, scratch=scratch)
+        squares += _block_squares(block, compiled=whole)
+        finite = step_block(block, old[start : start + BLOCK], lr) and finite
+    return squares, finite
+
+
 def step_block(block: NDArray[np.float32], old: NDArray[np.float32], lr: float) -> bool:
     """``block = old + lr * block`` (the plain server step on one block of the model) in place,
     as numpy's float32 ``multiply`` (skipped for ``lr`` 1) and ``add`` compute it; whether every
@@ -185,6 +236,11 @@ def step_block(block: NDArray[np.float32], old: NDArray[np.float32], lr: float) 
 def _kernels() -> ModuleType:
     """:mod:`aggregator.fold_kernels`, imported on first use: numba only for large models."""
     return importlib.import_module("aggregator.fold_kernels")
+
+
+# Dense float32 tensors a compiled loop sums in one pass (aggregator.fold_kernels.GROUP, which
+# this module does not import: numba only for large models).
+_GROUP = 4
 
 
 def _dense_float32(decoded: DecodedTensor) -> bool:
@@ -285,21 +341,36 @@ def squared_norm(decoded: DecodedTensor) -> float:
 def sum_of_squares(array: NDArray[np.floating[Any]]) -> float:
     """``sum(array ** 2)``, one cache-sized block at a time, the blocks' sums added in float64.
 
-    Each block is one BLAS dot product in the array's own precision (float32: a relative error
-    near 1e-7, against 1e-16 for float64 squares, at a seventh of the cost; this runs over the
-    whole model every version). A block whose float32 sum overflows, as the squares of finite
+    A float32 array of at least :data:`COMPILED_MIN` entries is summed block by block by the
+    compiled loop :func:`aggregator.fold_kernels.squares`, each square exact in float64 (the
+    loop :func:`fold_step_tensor` runs on the same blocks, so a fold's norm is this function's,
+    bit for bit). Any other block is one BLAS dot product in the array's own precision
+    (float32: a relative error near 1e-7, against 1e-16 for float64 squares, at a seventh of
+    numpy's cost for those); a block whose float32 sum overflows, as the squares of finite
     values beyond 1.8e19 do, is summed again in float64, so any finite array has a finite sum.
     """
     flat = np.asarray(array).reshape(-1)
     if flat.dtype not in _ACCUMULATOR_MAX:  # float16 or integers: BLAS has no dot for them
         flat = flat.astype(np.float64)
+    compiled = _compiled_squares(flat)
     total = 0.0
     for start in range(0, flat.size, BLOCK):
-        part = flat[start : start + BLOCK]
-        with np.errstate(over="ignore", invalid="ignore"):
-            block = float(np.dot(part, part))
-        if not math.isfinite(block) and part.dtype != np.float64:
-            wide = part.astype(np.float64)
-            block = float(np.dot(wide, wide))
-        total += block
+        total += _block_squares(flat[start : start + BLOCK], compiled=compiled)
     return total
+
+
+def _compiled_squares(flat: NDArray[Any]) -> bool:
+    """Whether :func:`sum_of_squares` takes the compiled loop for this flattened array."""
+    return bool(flat.dtype == np.float32 and flat.size >= COMPILED_MIN)
+
+
+def _block_squares(part: NDArray[np.floating[Any]], *, compiled: bool) -> float:
+    """One block's sum of squares, compiled or by BLAS (see :func:`sum_of_squares`)."""
+    if compiled:
+        return float(_kernels().squares(part))
+    with np.errstate(over="ignore", invalid="ignore"):
+        block = float(np.dot(part, part))
+    if not math.isfinite(block) and part.dtype != np.float64:
+        wide = part.astype(np.float64)
+        block = float(np.dot(wide, wide))
+    return block

@@ -12,6 +12,12 @@ reassociation off unless asked), so a fold through these loops is the same, bit 
 call (about a second in all, once per process); only models with blocks of at least
 :data:`aggregator.fold.COMPILED_MIN` entries reach this module, so small models never import
 numba.
+
+Sums of squares (the norms) are the one place where the order is left to the compiler: each
+square of a float32 value is exact in float64, and only their sum is reassociated, so that it
+vectorises (as BLAS's dot does). The result is fixed for a machine and this code, and one
+loop computes it: the fold's own (:func:`fold_step`) and :func:`aggregator.fold.sum_of_squares`
+run it on the same blocks, so they agree bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numba
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["GROUP", "step", "weighted_sum"]
+__all__ = ["GROUP", "fold_step", "squares", "step", "weighted_sum"]
 
 # Deltas per loop: with the block and the old version, five streams at once; more made no
 # difference on the 2-core EPYC, and every count up to it is a loop of its own.
@@ -32,6 +38,8 @@ GROUP = 4
 Array = NDArray[np.float32]
 
 _jit = numba.njit(nogil=True, boundscheck=False)
+# Reassociation lets a sum vectorise; nothing else about the arithmetic changes.
+_sum_jit = numba.njit(nogil=True, boundscheck=False, fastmath={"reassoc"})
 
 
 @_jit
@@ -124,8 +132,115 @@ def _step(block: Array, old: Array, lr: np.float32, scaled: bool) -> bool:
     return bad == 0
 
 
+@_sum_jit
+def _squares(block: Array) -> float:
+    total = 0.0
+    for j in range(block.size):
+        w = np.float64(block[j])  # a float32's square is exact in float64
+        total += w * w
+    return total
+
+
+@_jit
+def _fold_tensor1(
+    out: Array,
+    old: Array,
+    x0: Array,
+    c0: np.float32,
+    lr: np.float32,
+    scaled: bool,
+    block: int,
+) -> tuple[float, bool]:
+    total, finite = 0.0, True
+    for start in range(0, out.size, block):
+        stop = min(start + block, out.size)
+        part = out[start:stop]
+        _put1(part, x0[start:stop], c0)
+        total += _squares(part)
+        finite = _step(part, old[start:stop], lr, scaled) and finite
+    return total, finite
+
+
+@_jit
+def _fold_tensor2(
+    out: Array,
+    old: Array,
+    x0: Array,
+    x1: Array,
+    c0: np.float32,
+    c1: np.float32,
+    lr: np.float32,
+    scaled: bool,
+    block: int,
+) -> tuple[float, bool]:
+    total, finite = 0.0, True
+    for start in range(0, out.size, block):
+        stop = min(start + block, out.size)
+        part = out[start:stop]
+        _put2(part, x0[start:stop], x1[start:stop], c0, c1)
+        total += _squares(part)
+        finite = _step(part, old[start:stop], lr, scaled) and finite
+    return total, finite
+
+
+@_jit
+def _fold_tensor3(
+    out: Array,
+    old: Array,
+    x0: Array,
+    x1: Array,
+    x2: Array,
+    c0: np.float32,
+    c1: np.float32,
+    c2: np.float32,
+    lr: np.float32,
+    scaled: bool,
+    block: int,
+) -> tuple[float, bool]:
+    total, finite = 0.0, True
+    for start in range(0, out.size, block):
+        stop = min(start + block, out.size)
+        part = out[start:stop]
+        _put3(part, x0[start:stop], x1[start:stop], x2[start:stop], c0, c1, c2)
+        total += _squares(part)
+        finite = _step(part, old[start:stop], lr, scaled) and finite
+    return total, finite
+
+
+@_jit
+def _fold_tensor4(
+    out: Array,
+    old: Array,
+    x0: Array,
+    x1: Array,
+    x2: Array,
+    x3: Array,
+    c0: np.float32,
+    c1: np.float32,
+    c2: np.float32,
+    c3: np.float32,
+    lr: np.float32,
+    scaled: bool,
+    block: int,
+) -> tuple[float, bool]:
+    total, finite = 0.0, True
+    for start in range(0, out.size, block):
+        stop = min(start + block, out.size)
+        part = out[start:stop]
+        _put4(part, x0[start:stop], x1[start:stop], x2[start:stop], x3[start:stop], c0, c1, c2, c3)
+        total += _squares(part)
+        finite = _step(part, old[start:stop], lr, scaled) and finite
+    return total, finite
+
+
 _PUT: tuple[Callable[..., None], ...] = (_put1, _put2, _put3, _put4)
 _ADD: tuple[Callable[..., None], ...] = (_add1, _add2, _add3, _add4)
+_FOLD_TENSOR: tuple[Callable[..., tuple[float, bool]], ...] = (
+    _fold_tensor1,
+    _fold_tensor2,
+    _fold_tensor3,
+    _fold_tensor4,
+)
 
 
 def weighted_sum(
@@ -151,3 +266,32 @@ def step(block: Array, old: NDArray[np.float32], lr: float) -> bool:
     whether every new value is finite."""
     finite: bool = _step(block, old, np.float32(lr), lr != 1.0)
     return finite
+
+
+def squares(block: Array) -> float:
+    """The sum of the squares of a contiguous float32 block, each square exact in float64."""
+    total: float = _squares(block)
+    return total
+
+
+def fold_step(
+    out: Array,
+    old: NDArray[np.float32],
+    values: Sequence[NDArray[Any]],
+    factors: Sequence[float],
+    lr: float,
+    block: int,
+) -> tuple[float, bool]:
+    """A whole tensor's fold and step, one ``block`` of entries at a time: into each block of
+    ``out``, :func:`weighted_sum` of at most :data:`GROUP` arrays, then :func:`squares` of the
+    block, then :func:`step` from ``old``'s block, while the block is in cache. Returns the
+    blocks' squares, added in order, and whether every new value is finite: what those calls
+    compute, bit for bit, in one call for the tensor."""
+    if len(values) != len(factors) or not 0 < len(values) <= GROUP:
+        raise ValueError(f"need one factor per array of values, and 1 to {GROUP} arrays")
+    if block < 1:
+        raise ValueError(f"blocks need at least one entry, got {block}")
+    scaled = [np.float32(f) for f in factors]
+    loop = _FOLD_TENSOR[len(values) - 1]
+    total, finite = loop(out, old, *values, *scaled, np.float32(lr), lr != 1.0, block)
+    return float(total), bool(finite)
