@@ -185,7 +185,8 @@ def fold_step_tensor(
 
     The same, bit for bit, as those calls block after block. With ``compiled`` (the model has
     a tensor of :data:`COMPILED_MIN` entries, so its fold has imported numba anyway) and at
-    most :data:`aggregator.fold_kernels.GROUP` dense float32 tensors, the whole tensor is one
+    most :data:`aggregator.fold_kernels.GROUP` dense float32 or float16 tensors (read as sent:
+    a float16 value is widened as it is read), the whole tensor is one
     compiled call (:func:`aggregator.fold_kernels.fold_step`), or two for a small tensor, whose
     squares stay BLAS's: per-tensor Python costs more than the arithmetic of a small tensor.
     """
@@ -194,7 +195,7 @@ def fold_step_tensor(
     if out.ndim != 1 or old.shape != out.shape or out.dtype != np.float32:
         raise ValueError(f"a float32 tensor of {out.shape} entries steps from {old.shape}")
     whole = _compiled_squares(out)
-    if compiled and len(decoded) <= _GROUP and all(_dense_float32(d) for d in decoded):
+    if compiled and len(decoded) <= _GROUP and all(_dense_loopable(d) for d in decoded):
         factors = []
         for d, w in zip(decoded, weights, strict=True):
             _checked_block(d, out, 0)
@@ -206,7 +207,7 @@ def fold_step_tensor(
         if whole:
             squares, finite = kernels.fold_step(out, old, values, factors, lr, BLOCK)
             return squares, finite
-        kernels.weighted_sum(out, values, factors, replace=True)
+        kernels.mix(out, values, factors)
         squares = _block_squares(out, compiled=False)
         return squares, bool(kernels.step(out, old, lr))
     squares, finite = 0.0, True
@@ -245,6 +246,14 @@ _GROUP = 4
 
 def _dense_float32(decoded: DecodedTensor) -> bool:
     return decoded.indices is None and decoded.values.dtype == np.float32
+
+
+def _dense_loopable(decoded: DecodedTensor) -> bool:
+    """Dense float32 or float16: what the whole-tensor loops of the fold take."""
+    return decoded.indices is None and decoded.values.dtype in _LOOPABLE
+
+
+_LOOPABLE = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def _checked_block(decoded: DecodedTensor, out: NDArray[np.floating[Any]], start: int) -> int:
