@@ -55,6 +55,7 @@ BLOCK = 1 << 18
 COMPILED_MIN = 1 << 16
 # Below this many entries, a sparse fold gathers, adds and scatters instead of calling add.at.
 _SMALL_SCATTER = 1024
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # The largest factor each accumulator dtype can take.
 _ACCUMULATOR_MAX = {
     np.dtype(np.float32): float(np.finfo(np.float32).max),
@@ -194,14 +195,18 @@ def fold_step_tensor(
         raise ValueError("need one weight per tensor, and at least one tensor")
     if out.ndim != 1 or old.shape != out.shape or out.dtype != np.float32:
         raise ValueError(f"a float32 tensor of {out.shape} entries steps from {old.shape}")
-    whole = _compiled_squares(out)
+    whole = out.size >= COMPILED_MIN  # as _compiled_squares decides for a float32 array
     if compiled and len(decoded) <= _GROUP and all(_dense_loopable(d) for d in decoded):
+        if not (out.flags.c_contiguous and out.flags.writeable):
+            raise ValueError("accumulator must be writeable and C-contiguous")
         factors = []
         for d, w in zip(decoded, weights, strict=True):
-            _checked_block(d, out, 0)
-            if d.values.size != out.size:
-                raise ValueError(f"a tensor of {out.size} entries folds {d.values.size} values")
-            factors.append(_checked_factor(d, out, w, whole=False))
+            if d.values.size != out.size or math.prod(d.shape) != out.size:
+                raise ValueError(f"a tensor of {out.size} entries folds {d.shape} values")
+            factor = w * d.scale
+            if not abs(factor) <= _FLOAT32_MAX:
+                raise ValueError(f"weight {w!r} times scale {d.scale!r} overflows float32")
+            factors.append(factor)
         values = [d.values for d in decoded]
         kernels = _kernels()
         if whole:

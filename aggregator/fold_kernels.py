@@ -1,4 +1,4 @@
-"""Compiled loops for the dense float32 fold: several deltas into one block in a single pass.
+"""Compiled loops for the dense fold: several deltas into one block in a single pass.
 
 numpy has no fused multiply-add, so ``out += c * x`` is two passes over a block (the product into
 scratch, then the sum), one delta after the other. Each loop here reads up to :data:`GROUP`
@@ -8,8 +8,12 @@ the 2-core EPYC reads faster than one stream at a time, and nothing goes through
 Every loop computes exactly what numpy's float32 ufuncs compute, in the same order: ``c * x``
 rounded to float32, then added, delta after delta (numba leaves floating-point contraction and
 reassociation off unless asked), so a fold through these loops is the same, bit for bit, as
-:func:`aggregator.fold.fold_block` one delta at a time. numba compiles each loop on its first
-call (about a second in all, once per process); only models with blocks of at least
+:func:`aggregator.fold.fold_block` one delta at a time. The whole-tensor loops
+(:func:`fold_step`, :func:`mix`) also read float16 values as sent, widening each as it is read
+by the bit trick of :func:`common.compression.half_to_biased_float32`, with the factors numpy's
+path uses. numba compiles each loop on its first call (a few seconds in all) and keeps the
+machine code in ``__pycache__`` beside this module (``cache=True``), so later processes on the
+same machine load it instead; only models with blocks of at least
 :data:`aggregator.fold.COMPILED_MIN` entries reach this module, so small models never import
 numba.
 
@@ -46,9 +50,11 @@ Values = NDArray[np.float32] | NDArray[np.int16]
 _HALF_MASK = np.int32(-0x70000001)  # 0x8FFFFFFF
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-_jit = numba.njit(nogil=True, boundscheck=False)
+# cache=True: compiling every loop cost seconds at each aggregator start and in each test
+# process; the cached machine code is keyed by the source and the CPU, so it is never stale.
+_jit = numba.njit(nogil=True, boundscheck=False, cache=True)
 # Reassociation lets a sum vectorise; nothing else about the arithmetic changes.
-_sum_jit = numba.njit(nogil=True, boundscheck=False, fastmath={"reassoc"})
+_sum_jit = numba.njit(nogil=True, boundscheck=False, fastmath={"reassoc"}, cache=True)
 
 
 @_jit
