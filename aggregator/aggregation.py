@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from aggregator.fold import BLOCK, fold, fold_blocks, step_block, sum_of_squares
+from aggregator.fold import BLOCK, COMPILED_MIN, fold, fold_step_tensor, sum_of_squares
 from common.compression import DecodedTensor
 from common.messages import AggregationRule, ServerOptimizerKind, StalenessKind
 
@@ -171,7 +171,9 @@ def fold_step(
     version read once and the new one written once: K + 2 passes over a model's worth of memory
     for K updates, against 3K + 4 for the sum, the norm, the step and the check one after the
     other. It is the aggregator's hot path (FedAvg, FedBuff and FedAsync all take it), the one
-    whose cost grows with the model.
+    whose cost grows with the model: in a model with a tensor of
+    :data:`~aggregator.fold.COMPILED_MIN` entries, a buffer of up to four dense float32 deltas
+    folds and steps each tensor in one compiled call (:func:`~aggregator.fold.fold_step_tensor`).
 
     The new version is written into ``out`` when given: writeable, C-contiguous float32 arrays of
     the model's shapes, sharing no memory with ``params`` (the aggregator passes memory of a
@@ -186,19 +188,20 @@ def fold_step(
     scratch = np.empty(min(largest, BLOCK), dtype=np.float32)
     squares: list[float] = []
     finite = True
-    for name, x in params.items():
-        new = new_version[name]
-        flat, old = new.reshape(-1), np.asarray(x, dtype=np.float32).reshape(-1)
-        tensors = [delta[name] for delta in deltas]
-        tensor_squares = 0.0  # summed as sum_of_squares sums a tensor's blocks
-        for start in range(0, flat.size, BLOCK):
-            block = flat[start : start + BLOCK]
-            # Overflow is not an error here: it is reported, and the caller refuses the batch.
-            with np.errstate(over="ignore", invalid="ignore"):
-                fold_blocks(tensors, block, coefficients, start, scratch=scratch)
-                tensor_squares += sum_of_squares(block)
-                finite = step_block(block, old[start : start + BLOCK], lr) and finite
-        squares.append(tensor_squares)
+    # Overflow is not an error here: it is reported, and the caller refuses the batch.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, x in params.items():
+            tensor_squares, tensor_finite = fold_step_tensor(
+                [delta[name] for delta in deltas],
+                new_version[name].reshape(-1),
+                coefficients,
+                np.asarray(x, dtype=np.float32).reshape(-1),
+                lr,
+                compiled=largest >= COMPILED_MIN,
+                scratch=scratch,
+            )
+            squares.append(tensor_squares)
+            finite = tensor_finite and finite
     return new_version, math.sqrt(math.fsum(squares)), finite
 
 

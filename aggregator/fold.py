@@ -5,8 +5,8 @@ module adds ``weight * values`` into a dense float32 or float64 accumulator in p
 densifying a sparse tensor, and measures update norms. Only the aggregator folds, so this lives
 with it; the encoder and the decoder stay in :mod:`common.compression`, shared with the nodes.
 Folding is vectorised; loops run over cache-sized blocks, never over entries, except in the
-compiled loops of :mod:`aggregator.fold_kernels`, which :func:`fold_blocks` and
-:func:`step_block` hand large dense float32 blocks to.
+compiled loops of :mod:`aggregator.fold_kernels`, which :func:`fold_blocks`,
+:func:`step_block` and :func:`fold_step_tensor` hand dense float32 work to.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ __all__ = [
     "fold",
     "fold_block",
     "fold_blocks",
+    "fold_step_tensor",
     "squared_norm",
     "step_block",
     "sum_of_squares",
@@ -54,6 +55,7 @@ BLOCK = 1 << 18
 COMPILED_MIN = 1 << 16
 # Below this many entries, a sparse fold gathers, adds and scatters instead of calling add.at.
 _SMALL_SCATTER = 1024
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # The largest factor each accumulator dtype can take.
 _ACCUMULATOR_MAX = {
     np.dtype(np.float32): float(np.finfo(np.float32).max),
@@ -167,6 +169,61 @@ def fold_blocks(
         i = end
 
 
+def fold_step_tensor(
+    decoded: Sequence[DecodedTensor],
+    out: NDArray[np.float32],
+    weights: Sequence[float],
+    old: NDArray[np.float32],
+    lr: float,
+    *,
+    compiled: bool = False,
+    scratch: NDArray[np.float32] | None = None,
+) -> tuple[float, bool]:
+    """One tensor of the plain server step: into each :data:`BLOCK` of ``out`` (the new
+    version's flattened tensor), :func:`fold_blocks`, the block's squares, then
+    :func:`step_block` from ``old``'s block. Returns the tensor's :func:`sum_of_squares` of
+    the weighted sum, as that function sums it, and whether every new value is finite.
+
+    The same, bit for bit, as those calls block after block. With ``compiled`` (the model has
+    a tensor of :data:`COMPILED_MIN` entries, so its fold has imported numba anyway) and at
+    most :data:`aggregator.fold_kernels.GROUP` dense float32 or float16 tensors (read as sent:
+    a float16 value is widened as it is read), the whole tensor is one
+    compiled call (:func:`aggregator.fold_kernels.fold_step`), or two for a small tensor, whose
+    squares stay BLAS's: per-tensor Python costs more than the arithmetic of a small tensor.
+    """
+    if len(decoded) != len(weights) or not decoded:
+        raise ValueError("need one weight per tensor, and at least one tensor")
+    if out.ndim != 1 or old.shape != out.shape or out.dtype != np.float32:
+        raise ValueError(f"a float32 tensor of {out.shape} entries steps from {old.shape}")
+    whole = out.size >= COMPILED_MIN  # as _compiled_squares decides for a float32 array
+    if compiled and len(decoded) <= _GROUP and all(_dense_loopable(d) for d in decoded):
+        if not (out.flags.c_contiguous and out.flags.writeable):
+            raise ValueError("accumulator must be writeable and C-contiguous")
+        factors = []
+        for d, w in zip(decoded, weights, strict=True):
+            if d.values.size != out.size or math.prod(d.shape) != out.size:
+                raise ValueError(f"a tensor of {out.size} entries folds {d.shape} values")
+            factor = w * d.scale
+            if not abs(factor) <= _FLOAT32_MAX:
+                raise ValueError(f"weight {w!r} times scale {d.scale!r} overflows float32")
+            factors.append(factor)
+        values = [d.values for d in decoded]
+        kernels = _kernels()
+        if whole:
+            squares, finite = kernels.fold_step(out, old, values, factors, lr, BLOCK)
+            return squares, finite
+        kernels.mix(out, values, factors)
+        squares = _block_squares(out, compiled=False)
+        return squares, bool(kernels.step(out, old, lr))
+    squares, finite = 0.0, True
+    for start in range(0, out.size, BLOCK):
+        block = out[start : start + BLOCK]
+        fold_blocks(decoded, block, weights, start, scratch=scratch)
+        squares += _block_squares(block, compiled=whole)
+        finite = step_block(block, old[start : start + BLOCK], lr) and finite
+    return squares, finite
+
+
 def step_block(block: NDArray[np.float32], old: NDArray[np.float32], lr: float) -> bool:
     """``block = old + lr * block`` (the plain server step on one block of the model) in place,
     as numpy's float32 ``multiply`` (skipped for ``lr`` 1) and ``add`` compute it; whether every
@@ -187,8 +244,21 @@ def _kernels() -> ModuleType:
     return importlib.import_module("aggregator.fold_kernels")
 
 
+# Dense float32 tensors a compiled loop sums in one pass (aggregator.fold_kernels.GROUP, which
+# this module does not import: numba only for large models).
+_GROUP = 4
+
+
 def _dense_float32(decoded: DecodedTensor) -> bool:
     return decoded.indices is None and decoded.values.dtype == np.float32
+
+
+def _dense_loopable(decoded: DecodedTensor) -> bool:
+    """Dense float32 or float16: what the whole-tensor loops of the fold take."""
+    return decoded.indices is None and decoded.values.dtype in _LOOPABLE
+
+
+_LOOPABLE = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def _checked_block(decoded: DecodedTensor, out: NDArray[np.floating[Any]], start: int) -> int:
@@ -279,27 +349,45 @@ def accumulate(tensor: CompressedTensor, out: NDArray[np.floating[Any]], weight:
 
 def squared_norm(decoded: DecodedTensor) -> float:
     """The squared L2 norm of the decoded tensor, accumulated in float64."""
+    if decoded.values.dtype == np.float32 and decoded.scale == 1.0:
+        # The values as sent are float32_values' own: no copy of a dense update to square it.
+        return sum_of_squares(decoded.values)
     return sum_of_squares(float32_values(decoded))
 
 
 def sum_of_squares(array: NDArray[np.floating[Any]]) -> float:
     """``sum(array ** 2)``, one cache-sized block at a time, the blocks' sums added in float64.
 
-    Each block is one BLAS dot product in the array's own precision (float32: a relative error
-    near 1e-7, against 1e-16 for float64 squares, at a seventh of the cost; this runs over the
-    whole model every version). A block whose float32 sum overflows, as the squares of finite
+    A float32 array of at least :data:`COMPILED_MIN` entries is summed block by block by the
+    compiled loop :func:`aggregator.fold_kernels.squares`, each square exact in float64 (the
+    loop :func:`fold_step_tensor` runs on the same blocks, so a fold's norm is this function's,
+    bit for bit). Any other block is one BLAS dot product in the array's own precision
+    (float32: a relative error near 1e-7, against 1e-16 for float64 squares, at a seventh of
+    numpy's cost for those); a block whose float32 sum overflows, as the squares of finite
     values beyond 1.8e19 do, is summed again in float64, so any finite array has a finite sum.
     """
     flat = np.asarray(array).reshape(-1)
     if flat.dtype not in _ACCUMULATOR_MAX:  # float16 or integers: BLAS has no dot for them
         flat = flat.astype(np.float64)
+    compiled = _compiled_squares(flat)
     total = 0.0
     for start in range(0, flat.size, BLOCK):
-        part = flat[start : start + BLOCK]
-        with np.errstate(over="ignore", invalid="ignore"):
-            block = float(np.dot(part, part))
-        if not math.isfinite(block) and part.dtype != np.float64:
-            wide = part.astype(np.float64)
-            block = float(np.dot(wide, wide))
-        total += block
+        total += _block_squares(flat[start : start + BLOCK], compiled=compiled)
     return total
+
+
+def _compiled_squares(flat: NDArray[Any]) -> bool:
+    """Whether :func:`sum_of_squares` takes the compiled loop for this flattened array."""
+    return bool(flat.dtype == np.float32 and flat.size >= COMPILED_MIN)
+
+
+def _block_squares(part: NDArray[np.floating[Any]], *, compiled: bool) -> float:
+    """One block's sum of squares, compiled or by BLAS (see :func:`sum_of_squares`)."""
+    if compiled:
+        return float(_kernels().squares(part))
+    with np.errstate(over="ignore", invalid="ignore"):
+        block = float(np.dot(part, part))
+    if not math.isfinite(block) and part.dtype != np.float64:
+        wide = part.astype(np.float64)
+        block = float(np.dot(wide, wide))
+    return block

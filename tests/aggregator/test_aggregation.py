@@ -28,7 +28,7 @@ from aggregator.aggregation import (
     server_step,
     weighted_average,
 )
-from aggregator.fold import BLOCK
+from aggregator.fold import BLOCK, COMPILED_MIN
 from common.compression import DecodedTensor, all_finite, compress, decode_tensor
 from common.messages import (
     AggregationRule,
@@ -701,6 +701,74 @@ def test_fold_step_equals_the_sum_then_the_step_bit_for_bit(count: int, lr: floa
     assert_params_equal(got, expected)
     assert norm == expected_norm
     assert finite
+
+
+# A large tensor whose last block is short, one of COMPILED_MIN entries and two small ones: in a
+# model this large, dense float32 buffers of up to four take one compiled call per tensor.
+DENSE_LAYOUT = {"conv": (2, BLOCK + 9), "fc": (COMPILED_MIN,), "small": (3, 5), "bias": (7,)}
+
+
+FP16 = Compression(quantization=Quantization.FP16)
+
+
+@pytest.mark.parametrize("lr", [1.0, -0.3])
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize(
+    ("policies", "first"),
+    [
+        pytest.param([Compression()], 1.0, id="float32"),
+        pytest.param([FP16], 0.37, id="float16"),
+        pytest.param([FP16, Compression()], 1e-40, id="mixed-subnormal-factor"),
+        pytest.param([Compression(), FP16], 2e5, id="mixed-factor-past-float16-bias"),
+    ],
+)
+def test_fold_step_of_dense_updates_equals_the_sum_then_the_step_bit_for_bit(
+    count: int, lr: float, policies: list[Compression], first: float
+) -> None:
+    """Dense float32 and float16 buffers of every size up to a compiled group and past it: the
+    same version, the same norm (global_norm of the sum) and finiteness as the separate steps,
+    whatever the factor (1 takes numpy's add without a product; a float16 factor beyond
+    2**-112 * float32's range is applied in two products, as numpy's path does)."""
+    rng = np.random.default_rng(count)
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in DENSE_LAYOUT.items()}
+    deltas = []
+    for i in range(count):
+        raw = {n: rng.standard_normal(s).astype(np.float32) for n, s in DENSE_LAYOUT.items()}
+        tensors = compress(raw, policies[i % len(policies)]).tensors
+        deltas.append({t.name: decode_tensor(t, DENSE_LAYOUT[t.name]) for t in tensors})
+    coefficients = [float(c) for c in rng.normal(size=count)]
+    coefficients[0] = first
+    aggregate = decoded_sum(deltas, coefficients, DENSE_LAYOUT)
+    expected, _ = server_step(params, aggregate, ServerOptimizerState(), ServerOptimizer(lr=lr))
+    got, norm, finite = fold_step(params, deltas, coefficients, lr)
+    assert_params_equal(got, expected)
+    assert norm == global_norm(aggregate)
+    # Small tensors' squares are BLAS's float32 dot: a relative error near 1e-7.
+    assert norm == pytest.approx(
+        math.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in aggregate.values())),
+        rel=1e-6,
+    )
+    assert finite
+
+
+@pytest.mark.parametrize("name", ["conv", "fc", "small"])
+@pytest.mark.parametrize("bad", ["overflow", "infinite step"])
+def test_fold_step_of_dense_updates_says_when_the_new_version_is_not_finite(
+    name: str, bad: str
+) -> None:
+    """One entry past float32's range, in any tensor of a compiled model, or a step that
+    overflows: the fold says so."""
+    params = {n: np.ones(s, np.float32) for n, s in DENSE_LAYOUT.items()}
+    raw = {n: np.zeros(s, np.float32) for n, s in DENSE_LAYOUT.items()}
+    where = np.unravel_index(params[name].size - 1, DENSE_LAYOUT[name])
+    raw[name][where] = 3e38
+    if bad == "infinite step":
+        params[name][where] = 3e38
+    tensors = compress(raw, Compression()).tensors
+    delta = {t.name: decode_tensor(t, DENSE_LAYOUT[t.name]) for t in tensors}
+    coefficients = [4.0] if bad == "overflow" else [1.0]
+    _, _, finite = fold_step(params, [delta], coefficients, 1.0)
+    assert not finite
 
 
 def test_fold_step_and_decoded_sum_write_into_out_when_given() -> None:
