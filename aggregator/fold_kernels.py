@@ -12,10 +12,10 @@ reassociation off unless asked), so a fold through these loops is the same, bit 
 (:func:`fold_step`, :func:`mix`) also read float16 values as sent, widening each as it is read
 by the bit trick of :func:`common.compression.half_to_biased_float32`, with the factors numpy's
 path uses. numba compiles each loop on its first call (a few seconds in all) and keeps the
-machine code in ``__pycache__`` beside this module (``cache=True``), so later processes on the
-same machine load it instead; only models with blocks of at least
-:data:`aggregator.fold.COMPILED_MIN` entries reach this module, so small models never import
-numba.
+machine code in ``__pycache__`` beside this module (``cache=True``; or ``NUMBA_CACHE_DIR``, or
+not at all where nothing is writable), so later processes on the same machine load it
+instead; only models with blocks of at least :data:`aggregator.fold.COMPILED_MIN` entries reach
+this module, so small models never import numba.
 
 Sums of squares (the norms) are the one place where the order is left to the compiler: each
 square of a float32 value is exact in float64, and only their sum is reassociated, so that it
@@ -26,6 +26,7 @@ run it on the same blocks, so they agree bit for bit.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +40,8 @@ from common.compression import HALF_BIAS
 
 __all__ = ["GROUP", "fold_step", "mix", "squares", "step", "weighted_sum"]
 
+log = logging.getLogger(__name__)
+
 # Deltas per loop: with the block and the old version, five streams at once; more made no
 # difference on the 2-core EPYC, and every count up to it is a loop of its own.
 GROUP = 4
@@ -50,11 +53,33 @@ Values = NDArray[np.float32] | NDArray[np.int16]
 _HALF_MASK = np.int32(-0x70000001)  # 0x8FFFFFFF
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
+
+def _disk_cache_available() -> bool:
+    """Whether numba can keep compiled code here: beside this module, or in NUMBA_CACHE_DIR or
+    the user's cache directory.
+
+    A hardened install has none of them (a read-only package tree, no home: the systemd units'
+    ProtectSystem=strict and ProtectHome=yes), and there numba refuses ``cache=True`` outright,
+    at decoration; the loops are then compiled in each process instead.
+    """
+
+    def probe() -> None:
+        return None
+
+    try:
+        numba.njit(cache=True)(probe)
+    except RuntimeError as exc:
+        log.info("compiled fold loops are not cached on disk (%s); set NUMBA_CACHE_DIR", exc)
+        return False
+    return True
+
+
 # cache=True: compiling every loop cost seconds at each aggregator start and in each test
 # process; the cached machine code is keyed by the source and the CPU, so it is never stale.
-_jit = numba.njit(nogil=True, boundscheck=False, cache=True)
+_CACHE = _disk_cache_available()
+_jit = numba.njit(nogil=True, boundscheck=False, cache=_CACHE)
 # Reassociation lets a sum vectorise; nothing else about the arithmetic changes.
-_sum_jit = numba.njit(nogil=True, boundscheck=False, fastmath={"reassoc"}, cache=True)
+_sum_jit = numba.njit(nogil=True, boundscheck=False, fastmath={"reassoc"}, cache=_CACHE)
 
 
 @_jit

@@ -254,3 +254,27 @@ def test_accumulate_refuses_each_hostile_payload_and_leaves_the_sum_untouched(
     with pytest.raises(error, match=message):
         accumulate(tensor, out, 1.0)
     assert np.all(out == 1.0)
+
+
+def test_the_compiled_loops_run_uncached_where_numba_cannot_write_a_cache(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hardened install (read-only package, no home) makes numba refuse cache=True at
+    decoration; the kernels' module must then load and compile in memory, not fail to import."""
+    import numba
+
+    from aggregator import fold_kernels
+
+    real = numba.njit
+
+    def refusing(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function 'probe': no locator available")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", refusing)
+    with caplog.at_level("INFO", logger="aggregator.fold_kernels"):
+        assert fold_kernels._disk_cache_available() is False
+    assert "NUMBA_CACHE_DIR" in caplog.text
+    monkeypatch.setattr(numba, "njit", real)
+    assert fold_kernels._disk_cache_available() is True
