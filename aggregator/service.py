@@ -133,7 +133,9 @@ class AggregatorService:
             yield
 
     def _restore(self) -> AggregatorCore:
-        self._probe = self._output_probe()
+        from common.model_init import model_probe
+
+        self._probe = model_probe(self.settings.model)  # None (logged): finiteness checks only
         core, checkpoint, _ = self.journal.resume(
             self._fresh_core, max_bytes=self.settings.max_update_bytes, probe=self._probe
         )
@@ -149,22 +151,11 @@ class AggregatorService:
             )
         return core
 
-    def _output_probe(self) -> Probe | None:
-        from common.model_init import model_probe
-
-        probe = model_probe(self.settings.model)
-        if probe is None:
-            log.warning(
-                "model %s: no input shape to probe new versions with; only their weights are "
-                "checked for finiteness (give the factory a probe_shape)",
-                self.settings.model.name,
-            )
-        return probe
-
     def _warm_probe(self) -> None:
         """Build a deferred probe (torch and the model) in the background now that the first
-        version is out, so that the first fold does not wait for it; a failure here is logged
-        and met again, raised, where the probe is first called."""
+        version is out, so that the first fold does not wait for it. A build that finds no input
+        shape leaves no probe (logged, as at start-up); one that raises is logged here and raised
+        again where the probe is first called."""
         from common.model_init import DeferredProbe
 
         probe = self._probe

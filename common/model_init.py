@@ -14,7 +14,10 @@ two things of the model its spec names (:mod:`common.models`): the first version
   :class:`DeferredProbe`, which builds the torch forward pass on its first call or when
   :meth:`DeferredProbe.warm` is run (the service does so in the background after v0 is out).
   The probe is a forward pass through the torch model, as nodes evaluate it, so that a version
-  the aggregator passes is one the nodes can run: it is deferred, not replaced.
+  the aggregator passes is one the nodes can run: it is deferred, not replaced. Should the build
+  find no input shape after all (:func:`common.models.output_probe` gives None), the deferred probe
+  says so once, as an eager one does at start-up, and passes every version: the aggregator runs
+  without a probe, checking weights for finiteness only, as it always has for such a model.
 
 A user's ``module:function`` factory returns an ``nn.Module`` that only torch can initialise or
 run, so for it both are built at once with torch, as before (:func:`common.models.output_probe`).
@@ -22,6 +25,7 @@ run, so for it both are built at once with torch, as before (:func:`common.model
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -39,6 +43,8 @@ __all__ = [
     "initial_params",
     "model_probe",
 ]
+
+log = logging.getLogger(__name__)
 
 Params = dict[str, NDArray[np.float32]]
 Probe = Callable[[Mapping[str, NDArray[np.float32]]], str | None]
@@ -123,12 +129,15 @@ def initial_params(spec: ModelSpec, seed: int | None = None) -> Params:
 
 def model_probe(spec: ModelSpec) -> Probe | None:
     """The output probe for ``spec``: deferred for a built-in (its arguments and input shape are
-    checked now), built at once with torch for a user's factory; None when that factory's input
-    shape cannot be known (see :mod:`common.models`)."""
+    checked now), built at once with torch for a user's factory; None, said in the log, when that
+    factory's input shape cannot be known (see :mod:`common.models`)."""
     if builtin_layers(spec) is None:
         from common.models import output_probe
 
-        return output_probe(spec)
+        probe = output_probe(spec)
+        if probe is None:
+            _say_no_probe(spec)
+        return probe
     try:
         PROBE_SHAPES[spec.name](**spec.kwargs)
     except (TypeError, ValueError) as exc:
@@ -136,33 +145,47 @@ def model_probe(spec: ModelSpec) -> Probe | None:
     return DeferredProbe(spec)
 
 
+def _say_no_probe(spec: ModelSpec) -> None:
+    log.warning(
+        "model %s: no input shape to probe new versions with; only their weights are "
+        "checked for finiteness (give the factory a probe_shape)",
+        spec.name,
+    )
+
+
 class DeferredProbe:
     """A built-in model's output probe (:func:`common.models.output_probe`), which imports torch
-    and builds the model on its first call, or on :meth:`warm`, whichever comes first."""
+    and builds the model on its first call, or on :meth:`warm`, whichever comes first.
+
+    A build that finds no input shape leaves no probe: every call passes (says None) and the log
+    says why, once. A build that raises raises again at the next call: torch or the model is
+    broken, and the aggregator stops rather than publish versions it was meant to check."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self._lock = threading.Lock()
+        self._built = False
         self._probe: Probe | None = None
 
     @property
     def built(self) -> bool:
-        return self._probe is not None
+        return self._built
 
     def warm(self) -> None:
         """Build the probe now (torch and the model), so that the first fold does not wait."""
-        self._built()
+        self._build()
 
     def __call__(self, params: Mapping[str, NDArray[np.float32]]) -> str | None:
-        return self._built()(params)
+        probe = self._build()
+        return None if probe is None else probe(params)
 
-    def _built(self) -> Probe:
+    def _build(self) -> Probe | None:
         with self._lock:
-            if self._probe is None:
+            if not self._built:
                 from common.models import output_probe
 
                 probe = output_probe(self.spec)
-                if probe is None:  # a built-in always has an input shape (PROBE_SHAPES)
-                    raise ConfigError(f"model {self.spec.name!r}: no input shape to probe with")
-                self._probe = probe
+                if probe is None:
+                    _say_no_probe(self.spec)
+                self._probe, self._built = probe, True
             return self._probe

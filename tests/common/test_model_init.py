@@ -3,6 +3,7 @@ draw them (names, shapes, order, bounds, spread), and their output probe deferre
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import textwrap
@@ -137,11 +138,59 @@ def test_warming_builds_the_probe_once() -> None:
     assert probe._probe is built
 
 
+def test_a_deferred_probe_that_finds_no_input_shape_passes_every_version_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the deferred build gives no probe (common.models.output_probe says None), warming
+    and every call pass without raising, and the log says once why nothing is probed, as it does
+    for a model probed at once."""
+    import common.models
+
+    monkeypatch.setattr(common.models, "output_probe", lambda spec, **_: None)
+    spec = ModelSpec(name="logreg", kwargs={"in_features": 3})
+    probe = model_probe(spec)
+    assert isinstance(probe, DeferredProbe)
+    huge = {name: np.full_like(v, 3e38) for name, v in initial_params(spec, seed=0).items()}
+    with caplog.at_level(logging.WARNING, logger="common.model_init"):
+        probe.warm()
+        assert probe.built
+        assert probe(huge) is None
+        assert probe(huge) is None
+    said = [r.getMessage() for r in caplog.records if "no input shape to probe" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith("model logreg: ")
+
+
+def test_a_deferred_probe_whose_build_raises_raises_at_each_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A build that fails (torch or the model broken) is not taken for "no probe": it raises
+    again where the probe is called, and a later build that succeeds is used."""
+    import common.models
+
+    real = common.models.output_probe
+
+    def broken(spec: ModelSpec, **_: object) -> None:
+        raise ConfigError("torch is broken")
+
+    monkeypatch.setattr(common.models, "output_probe", broken)
+    spec = ModelSpec(name="logreg", kwargs={"in_features": 3})
+    probe = DeferredProbe(spec)
+    params = initial_params(spec, seed=0)
+    for attempt in (probe.warm, lambda: probe(params)):
+        with pytest.raises(ConfigError, match="torch is broken"):
+            attempt()
+        assert not probe.built
+    monkeypatch.setattr(common.models, "output_probe", real)
+    assert probe(params) is None
+    assert probe.built
+
+
 def test_a_users_model_is_initialised_and_probed_by_torch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A ``module:function`` factory's weights are its torch initialisation, and its probe is
-    built at once (a factory that cannot be probed gives None, as before)."""
+    built at once (a factory that cannot be probed gives None, as before, and the log says so)."""
     (tmp_path / "init_models.py").write_text(
         textwrap.dedent(
             """
@@ -167,6 +216,8 @@ def test_a_users_model_is_initialised_and_probed_by_torch(
     assert probe is not None
     assert not isinstance(probe, DeferredProbe)
     assert probe(params) is None
-    assert model_probe(ModelSpec(name="init_models:conv")) is None
+    with caplog.at_level(logging.WARNING, logger="common.model_init"):
+        assert model_probe(ModelSpec(name="init_models:conv")) is None
+    assert "model init_models:conv: no input shape to probe" in caplog.text
     with pytest.raises(ConfigError, match="cannot load model factory"):
         model_probe(ModelSpec(name="init_models:missing"))
