@@ -113,6 +113,7 @@ class AggregatorService:
                 self._client = client
                 self._publish_model()
                 self._publish_status(force=True)
+                self._warm_probe()
                 self._serve(client, stop_event)
                 self.journal.checkpoint(self.core)  # a clean stop leaves nothing to fold again
                 # A clean disconnect sends no Last Will: say so ourselves, unless the run stopped.
@@ -122,7 +123,9 @@ class AggregatorService:
     # -- start-up
 
     def _restore(self) -> AggregatorCore:
-        self._probe = self._output_probe()
+        from common.model_init import model_probe
+
+        self._probe = model_probe(self.settings.model)  # None (logged): finiteness checks only
         core, checkpoint, _ = self.journal.resume(
             self._fresh_core, max_bytes=self.settings.max_update_bytes, probe=self._probe
         )
@@ -138,22 +141,29 @@ class AggregatorService:
             )
         return core
 
-    def _output_probe(self) -> Probe | None:
-        from common.models import output_probe
+    def _warm_probe(self) -> None:
+        """Build a deferred probe (torch and the model) in the background now that the first
+        version is out, so that the first fold does not wait for it. A build that finds no input
+        shape leaves no probe (logged, as at start-up); one that raises is logged here and raised
+        again where the probe is first called."""
+        from common.model_init import DeferredProbe
 
-        probe = output_probe(self.settings.model)
-        if probe is None:
-            log.warning(
-                "model %s: no input shape to probe new versions with; only their weights are "
-                "checked for finiteness (give the factory a probe_shape)",
-                self.settings.model.name,
-            )
-        return probe
+        probe = self._probe
+        if not isinstance(probe, DeferredProbe) or probe.built:
+            return
+
+        def warm() -> None:
+            try:
+                probe.warm()
+            except Exception:
+                log.exception("model %s: cannot build the output probe", probe.spec.name)
+
+        threading.Thread(target=warm, name="probe-warm-up", daemon=True).start()
 
     def _fresh_core(self) -> AggregatorCore:
-        from common.models import build_model, model_params
+        from common.model_init import initial_params
 
-        params = model_params(build_model(self.settings.model, seed=self.settings.seed))
+        params = initial_params(self.settings.model, seed=self.settings.seed)
         core = AggregatorCore(
             run_id=self.settings.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{new_id()[:6]}",
             params=params,

@@ -8,9 +8,9 @@ the same code in the same run, the trees alternating:
 
 - **Imports**, per role: the CPU and wall seconds of a fresh interpreter that imports what the
   ``healthnet`` command imports before it runs the role (the CLI, then the service), and for the
-  aggregator also what it does before its first publish on a fresh run (common.models: torch,
-  the initial weights and the output probe of the demo's model). The median of ``--runs``.
-  Whether torch, opacus and scipy were loaded is recorded beside each.
+  aggregator also what its service does on a fresh run before its first publish (the initial
+  weights, the output probe, v0 encoded), for the heart-disease and the pneumonia model. The
+  median of ``--runs``. Whether torch, opacus and scipy were loaded is recorded beside each.
 - **Launch**, per federation: ``healthnet demo --versions 1`` as a subprocess (the broker, the
   aggregator and the hospitals as processes: five for heart disease, nine for pneumonia with
   eight hospitals), with the demo's own timestamps: seconds from starting the processes until
@@ -41,19 +41,29 @@ from benchmarks._report import write_report
 ROOT = Path(__file__).resolve().parents[1]
 
 # What each role's process runs before its service's loop (see healthnet/cli.py): the CLI, the
-# service module, and for the aggregator the model work of a fresh run before its first publish.
+# service module, and for the aggregator what AggregatorService.run does on a fresh run before its
+# first publish (restore: the initial weights and the output probe; the v0 broadcast encoded), for
+# the model of a demo federation. The same code measures any tree of this service's shape.
 _AGGREGATOR_FIRST_PUBLISH = """
-from common.models import build_model, model_params, output_probe
+import tempfile
+from pathlib import Path
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
 from healthnet.federations import FEDERATIONS
-spec = FEDERATIONS["heart-disease"].model
-model_params(build_model(spec, seed=0))
-output_probe(spec)
+with tempfile.TemporaryDirectory() as state_dir:
+    service = AggregatorService(AggregatorSettings(
+        state_dir=Path(state_dir), model=FEDERATIONS["{federation}"].model, run_id="startup"))
+    service._core = service._restore()
+    service._broadcast()
+    service.journal.close()
 """
 ROLES: dict[str, str] = {
     "cli": "import healthnet.cli",
     "aggregator": "import healthnet.cli, aggregator.service",
-    "aggregator to first publish": "import healthnet.cli, aggregator.service\n"
-    + _AGGREGATOR_FIRST_PUBLISH,
+    "aggregator to first publish": "import healthnet.cli\n"
+    + _AGGREGATOR_FIRST_PUBLISH.format(federation="heart-disease"),
+    "aggregator to first publish, cnn": "import healthnet.cli\n"
+    + _AGGREGATOR_FIRST_PUBLISH.format(federation="pneumonia"),
     "node": "import healthnet.cli, edge_node.service",
 }
 _PROBE = """
@@ -176,6 +186,7 @@ def main() -> None:
         help="demos to launch (default: %(default)s)",
     )
     parser.add_argument("--quick", action="store_true", help="imports only, one run each")
+    parser.add_argument("--note", help="what else loaded the machine, recorded in the JSON")
     args = parser.parse_args()
     console = Console(stderr=True)
     trees = {"this": ROOT}
@@ -185,6 +196,7 @@ def main() -> None:
     launches = 0 if args.quick else args.launches
     load_before = list(os.getloadavg())
     imports, launched = _measure(trees, runs, launches, args.federations, console)
+    load_after = list(os.getloadavg())
     rows: list[dict[str, object]] = [
         {
             "tree": tree,
@@ -220,6 +232,8 @@ def main() -> None:
             "launches": launches,
             "baseline_revision": args.baseline_revision,
             "load_average_before": load_before,
+            "load_average_after": load_after,
+            "note": args.note,
             "command": " ".join(["python -m benchmarks.startup", *sys.argv[1:]]),
             "imports": rows,
             "launch": launch_rows,

@@ -13,13 +13,13 @@ spec's kwargs giving one); failing that, a model whose first weighted layer is a
 probed with that layer's ``in_features``. Any other model is not probed (weights are still checked
 for finiteness).
 
-Why torch stays here, and on the aggregator. The aggregator needs this module twice, and numpy
-suffices for neither: the first version's weights are the model's own torch initialisation (a
-node that builds the same spec must get the same tensors, names and shapes), and the output probe
-is a forward pass through whatever ``nn.Module`` the spec names, a user's factory included. So
-the aggregator imports this module lazily, where it starts a fresh run or builds its probe, and
-nowhere else: importing ``aggregator.service`` or its core, folding and rule loads no torch
-(tests/aggregator/test_imports.py keeps it so).
+Where torch comes in on the aggregator. For the built-ins it needs none before its first
+publish: :mod:`common.model_init` draws their initial weights in numpy (torch's own scheme, names
+and shapes) and defers their output probe, which it builds from this module when the first version
+is judged or in the background once v0 is out. A user's factory is an ``nn.Module`` only torch can
+initialise or run, so for it this module is imported where a fresh run starts or the probe is
+built. Importing ``aggregator.service`` or its core, folding and rule loads no torch
+(tests/aggregator/test_imports.py keeps it so, and that a fresh run publishes v0 without it).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from torch import nn
 
 from common.errors import ConfigError
 from common.messages import ModelSpec
+from common.model_init import PROBE_SHAPES
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -86,14 +87,6 @@ BUILTIN_MODELS: Mapping[str, Callable[..., nn.Module]] = {
     "logreg": _logreg,
     "mlp": _mlp,
     "cnn": _cnn,
-}
-
-
-# One example's input shape for each built-in, from the spec's kwargs.
-PROBE_SHAPES: Mapping[str, Callable[..., tuple[int, ...]]] = {
-    "logreg": lambda in_features, **_: (int(in_features),),
-    "mlp": lambda in_features, **_: (int(in_features),),
-    "cnn": lambda in_channels=1, **_: (int(in_channels), 28, 28),
 }
 
 

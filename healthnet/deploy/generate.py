@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import ConfigError, TopicError
 from common.topics import TopicTree, validate_identifier
 from healthnet.deploy.acl import SERVICE_IDENTITIES, Role, render_acl, role_of
 from healthnet.deploy.passwords import mosquitto_hash, new_password
-from healthnet.deploy.pki import CertificateAuthority
 from healthnet.deploy.regions import (
     BRIDGE_PREFIX,
     Region,
@@ -53,6 +53,11 @@ from healthnet.deploy.regions import (
     render_core_acl,
     render_region_acl,
 )
+
+if TYPE_CHECKING:
+    # cryptography comes in where a deployment is generated, not with the package: every
+    # healthnet command imports this module (the CLI's deploy group), a node and the aggregator too.
+    from healthnet.deploy.pki import CertificateAuthority
 
 __all__ = [
     "AuthMode",
@@ -257,6 +262,12 @@ class Deployment:
     """Each region's broker config (empty for a single broker)."""
 
 
+def _new_ca(spec: DeploymentSpec) -> CertificateAuthority:
+    from healthnet.deploy.pki import CertificateAuthority  # cryptography: see the imports
+
+    return CertificateAuthority.create(spec.federation, days=spec.ca_days)
+
+
 def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
     """Write a complete deployment into ``out``, which must not exist or be empty."""
     if out.exists() and any(out.iterdir()):
@@ -268,7 +279,7 @@ def generate_deployment(spec: DeploymentSpec, out: Path) -> Deployment:
         max_message_bytes=spec.max_message_bytes,
         updates_in_flight=spec.updates_in_flight,
     )
-    ca = CertificateAuthority.create(spec.federation, days=spec.ca_days)
+    ca = _new_ca(spec)
     for folder in (out, out / "ca", out / "broker", out / "broker" / "data", out / "clients"):
         _mkdir(folder)
     _write(out / "ca" / "ca.crt", ca.certificate_pem, _PUBLIC)

@@ -245,16 +245,26 @@ def test_a_node_back_after_long_catches_up_and_its_stale_work_is_rejected_with_a
     assert fresh[:1] == [2], "the first update after catching up is from the current version"
 
 
+@pytest.mark.parametrize(
+    "no_probe_from",
+    [
+        # at start-up, as for a factory with no input shape (the service asks model_probe)
+        pytest.param("common.model_init.model_probe", id="at-start-up"),
+        # from the deferred build of a built-in's probe, after v0 is out
+        pytest.param("common.models.output_probe", id="from-the-deferred-build"),
+    ],
+)
 def test_a_node_given_a_version_it_cannot_use_says_why_keeps_running_and_trains_after_a_rollback(
-    mosquitto: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mosquitto: EmbeddedBroker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_probe_from: str,
 ) -> None:
     """An aggregator that cannot probe its model folds one hospital's update of 3e38s claiming
     10^6 samples and publishes it; the node says why it cannot use that version, in its status and
     its evaluation, keeps running, and trains again once a rollback publishes usable weights."""
-    import common.models
-
     # A model the aggregator has no probe batch for (the gap the probe closes for built-ins).
-    monkeypatch.setattr(common.models, "output_probe", lambda spec, **_: None)
+    monkeypatch.setattr(no_probe_from, lambda spec, **_: None)
     federation = f"svc{uuid.uuid4().hex[:12]}"
     aggregator = aggregator_service(mosquitto.url, federation, tmp_path, Knobs(buffer_size=1))
     node = NodeService(node_settings(mosquitto.url, federation, "va", "heart-disease:va", tmp_path))

