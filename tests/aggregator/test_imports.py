@@ -30,13 +30,14 @@ import json, sys
 from pathlib import Path
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
+from aggregator.state_lock import locked_state_dir
 from healthnet.federations import FEDERATIONS
 
 settings = AggregatorSettings(
     state_dir=Path(sys.argv[1]), model=FEDERATIONS[sys.argv[2]].model, run_id="run-start"
 )
 service = AggregatorService(settings)
-with service._locked_state_dir():
+with locked_state_dir(settings.state_dir, "aggregator"):
     service._core = service._restore()
     broadcast = service._broadcast()
     service.journal.store.archive_model(service.core.version, broadcast.blob)
