@@ -22,13 +22,18 @@ by the commands of :class:`Command` on a queue, answering on another.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
 import queue
 import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
-from typing import TYPE_CHECKING, assert_never
+from multiprocessing.context import SpawnContext
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Self, assert_never
 
 import numpy as np
 
@@ -42,10 +47,15 @@ from common.mqtt import ClientLoop, ConnectionEvent, LoopClient, Message
 from common.settings import ConnectionSettings
 from common.topics import Topic, TopicTree
 
-if TYPE_CHECKING:
-    import multiprocessing as mp
-
-__all__ = ["Command", "LightHospital", "Swarm", "Tally", "worker"]
+__all__ = [
+    "Command",
+    "LightHospital",
+    "Swarm",
+    "SwarmProcesses",
+    "Tally",
+    "process_cpu_seconds",
+    "worker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -353,3 +363,149 @@ def _obey(swarm: Swarm, command: Command, argument: float) -> Reply | None:
             return None
         case _:
             assert_never(command)
+
+
+class SwarmProcesses:
+    """A swarm split over processes (one :func:`worker` each), steered as one.
+
+    Processes start one at a time (:meth:`start_next`), so that a benchmark can measure the
+    broker with each more share of the hospitals connected.
+    """
+
+    def __init__(self, federation: str, env_files: Mapping[str, Path], procs: int) -> None:
+        names = sorted(env_files)
+        self._shares = [
+            {n: str(env_files[n]) for n in names[p::procs]} for p in range(min(procs, len(names)))
+        ]
+        self._federation = federation
+        self._ctx = mp_context()
+        self._replies: mp.Queue[tuple[int, Reply]] = self._ctx.Queue()
+        self._commands: list[mp.Queue[tuple[Command, float]]] = []
+        self.processes: list[BaseProcess] = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def started(self) -> int:
+        """Hospitals in the processes started so far."""
+        return sum(len(share) for share in self._shares[: len(self.processes)])
+
+    @property
+    def complete(self) -> bool:
+        return len(self.processes) == len(self._shares)
+
+    def start_next(self, timeout: float) -> None:
+        """Start the next process and wait until each of its hospitals holds a version."""
+        index = len(self.processes)
+        commands: mp.Queue[tuple[Command, float]] = self._ctx.Queue()
+        process = self._ctx.Process(
+            target=worker, args=(self._federation, self._shares[index], index, commands,
+                                 self._replies),
+            name=f"light-hospitals-{index}", daemon=True,
+        )  # fmt: skip
+        process.start()
+        self._commands.append(commands)
+        self.processes.append(process)
+        self._gather("ready", timeout, only=index)
+
+    def think(self, seconds: float) -> None:
+        self._tell(Command.THINK, seconds)
+
+    def send_one(self, count: int) -> int:
+        """``count`` hospitals, spread over the processes, each send one update now."""
+        per = [count // len(self._commands) + (i < count % len(self._commands))
+               for i in range(len(self._commands))]  # fmt: skip
+        for commands, n in zip(self._commands, per, strict=True):
+            commands.put((Command.SEND_ONE, float(n)))
+        return sum(int(_number(r)) for r in self._gather("sending", 60))
+
+    def held(self, version: int) -> tuple[list[float], int]:
+        """Seconds until each hospital held ``version`` (sorted), and how many do not yet."""
+        self._tell(Command.HELD, float(version))
+        seconds: list[float] = []
+        missing = 0
+        for reply in self._gather("held", 60):
+            if not isinstance(reply, tuple):
+                raise TypeError(f"a held reply is not a pair: {reply!r}")
+            got, lacking = reply
+            seconds += [_number(s) for s in got]
+            missing += int(_number(lacking))
+        return sorted(seconds), missing
+
+    def tally(self) -> Tally:
+        self._tell(Command.TALLY, 0.0)
+        return self._sum(self._gather("tally", 60))
+
+    def drain(self, seconds: float) -> Tally:
+        """Stop sending; wait up to ``seconds`` for the acks still due; the final tallies."""
+        self._tell(Command.DRAIN, seconds)
+        return self._sum(self._gather("tally", seconds + 60))
+
+    def cpu_seconds(self) -> float:
+        """CPU time the hospital processes have used so far (from /proc)."""
+        return sum(process_cpu_seconds(p.pid) for p in self.processes if p.pid is not None)
+
+    def close(self) -> None:
+        self._tell(Command.STOP, 0.0)
+        for process in self.processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+
+    def _tell(self, command: Command, argument: float) -> None:
+        for commands in self._commands:
+            commands.put((command, argument))
+
+    def _gather(self, kind: str, timeout: float, *, only: int | None = None) -> list[object]:
+        """One ``kind`` reply from each process (or from process ``only``)."""
+        waiting = {only} if only is not None else set(range(len(self._commands)))
+        got: dict[int, object] = {}
+        deadline = time.monotonic() + timeout
+        while waiting:
+            for i in waiting:
+                if not self.processes[i].is_alive():
+                    raise RuntimeError(f"light-hospital process {i} exited while awaited")
+            try:
+                wait = min(5.0, max(0.1, deadline - time.monotonic()))
+                index, (what, payload) = self._replies.get(timeout=wait)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no {kind!r} from processes {sorted(waiting)}") from None
+                continue
+            if what == kind and index in waiting:
+                waiting.discard(index)
+                got[index] = payload
+        return [got[i] for i in sorted(got)]
+
+    @staticmethod
+    def _sum(replies: Iterable[object]) -> Tally:
+        total = Tally()
+        for reply in replies:
+            total += Tally(**reply)  # type: ignore[arg-type]
+        return total
+
+
+def mp_context() -> SpawnContext:
+    return mp.get_context("spawn")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process has used (``/proc/PID/stat``), 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields_after_name = stat.rsplit(")", 1)[1].split()
+    utime, stime = int(fields_after_name[11]), int(fields_after_name[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def _number(value: object) -> float:
+    if not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {value!r}")
+    return value

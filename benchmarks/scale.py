@@ -26,6 +26,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
+import resource
 import signal
 import socket
 import statistics
@@ -34,8 +35,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 
@@ -43,18 +44,22 @@ import numpy as np
 from rich.console import Console
 
 from benchmarks._report import number, write_report
+from benchmarks._simhospitals import SwarmProcesses, process_cpu_seconds
 from benchmarks.broadcast import MAX_BLOB, _held_seconds, _publish, _stop, _take
 from benchmarks.compression_fold import LAYOUTS
 from common.blobs import ModelDownload
 from common.codec import decode_tensors
-from common.inbound import receive
-from common.messages import ModelSpec
+from common.inbound import Inbound, receive
+from common.messages import AggregatorStatus, ModelSpec
 from common.mqtt import ConnectionEvent, Message, MqttClient
 from common.settings import ConnectionSettings
 from common.topics import TopicFilter, TopicTree
 from healthnet.broker import find_mosquitto, free_port
+from healthnet.demo import aggregator_settings
 from healthnet.deploy import AuthMode, DeploymentSpec, generate_deployment
 from healthnet.deploy.regions import Region
+from healthnet.federations import HEART_DISEASE
+from healthnet.processes import ManagedProcess, ProcessGroup
 
 BYTES_SENT = "$SYS/broker/bytes/sent"
 SYS_INTERVAL = 1  # seconds between Mosquitto's $SYS updates in these runs
@@ -148,10 +153,18 @@ class _Mosquitto:
                 self.process.wait(5)
 
 
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A running topology: every identity's env file, and its brokers (the core first)."""
+
+    env_files: dict[str, Path]
+    brokers: tuple[_Mosquitto, ...]
+
+
 @contextlib.contextmanager
 def _deployment(
     root: Path, topology: Topology, hospitals: Sequence[str], federation: str
-) -> Iterator[dict[str, Path]]:
+) -> Iterator[Running]:
     """Generate and run the topology's brokers; yield every identity's env file."""
     regions = tuple(
         Region(f"r{i}", tuple(hospitals[i :: topology.regions]), port=free_port())
@@ -167,16 +180,18 @@ def _deployment(
         max_message_bytes=16 * 1024 * 1024,
     )
     deployment = generate_deployment(spec, root / "deployment")
-    # The publisher (the aggregator's identity) reads the core's byte counter.
+    # The publisher (the aggregator's identity) or, beside a real aggregator, the operator reads
+    # the core's byte counter.
     with deployment.acl_file.open("a", encoding="utf-8") as acl:
         acl.write(f"\nuser aggregator\ntopic read {BYTES_SENT}\n")
+        acl.write(f"\nuser operator\ntopic read {BYTES_SENT}\n")
     brokers = [_Mosquitto(deployment.broker_config, spec.port, root / "core.log")]
     try:
         brokers += [
             _Mosquitto(deployment.region_configs[r.name], r.port, root / f"{r.name}.log")
             for r in regions
         ]
-        yield dict(deployment.env_files)
+        yield Running(dict(deployment.env_files), tuple(brokers))
     finally:
         for broker in reversed(brokers):
             broker.close()
@@ -189,7 +204,8 @@ class _ByteCounter:
         self._client = client
         self._latest: tuple[float, int] | None = None
 
-    def pump(self, timeout: float) -> None:
+    def pump(self, timeout: float, also: Callable[[Message], None] | None = None) -> None:
+        """Take what arrives within ``timeout``; other messages go to ``also``."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -198,13 +214,15 @@ class _ByteCounter:
                 return
             if isinstance(item, Message) and item.topic == BYTES_SENT:
                 self._latest = (time.monotonic(), int(item.payload))
+            elif isinstance(item, Message) and also is not None:
+                also(item)
 
-    def fresh(self) -> int:
+    def fresh(self, also: Callable[[Message], None] | None = None) -> int:
         """A value Mosquitto published after this call began (waits up to a few intervals)."""
         asked = time.monotonic()
         deadline = asked + 5 * SYS_INTERVAL + 5
         while time.monotonic() < deadline:
-            self.pump(0.2)
+            self.pump(0.2, also)
             if self._latest is not None and self._latest[0] > asked:
                 return self._latest[1]
         raise SystemExit("mosquitto published no $SYS/broker/bytes/sent")
@@ -220,7 +238,8 @@ def measure(
     report: mp.Queue[tuple[str, int, float]] = ctx.Queue()
     ready: mp.Queue[str] = ctx.Queue()
     done = ctx.Event()
-    with _deployment(root / topology.name, topology, names, federation) as env_files:
+    with _deployment(root / topology.name, topology, names, federation) as running:
+        env_files = running.env_files
         workers = [
             ctx.Process(
                 target=_worker,
@@ -274,27 +293,301 @@ def measure(
     }
 
 
-def main() -> None:
+# --- The update path: light hospitals send, a real aggregator folds and acks ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """How hard the light hospitals push: their count, processes, think time and the window."""
+
+    hospitals: int
+    procs: int
+    think: float  # mean seconds between one hospital's updates
+    seconds: float  # the sending window
+    buffer_size: int  # the aggregator's K
+
+
+class _CoreWatch:
+    """The operator's connection to the (core) broker: its byte counter and the run's status."""
+
+    def __init__(self, client: MqttClient, topics: TopicTree) -> None:
+        self._client = client
+        self._topics = topics
+        self._bytes = _ByteCounter(client)
+        self.status: AggregatorStatus | None = None
+        self.status_bytes = 0  # the size of the latest status message on the wire
+        self.status_bytes_seen = 0  # of every status message this watch received
+        client.subscribe(topics.aggregator_status())
+        client.subscribe(TopicFilter(BYTES_SENT))
+
+    def pump(self, timeout: float) -> None:
+        self._bytes.pump(timeout, also=self._take_status)
+
+    def bytes_sent(self) -> int:
+        return self._bytes.fresh(also=self._take_status)
+
+    def fresh_status(self, timeout: float = 30.0) -> AggregatorStatus:
+        """A status published after this call began."""
+        asked = time.time()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.pump(0.2)
+            if self.status is not None and self.status.updated_at >= asked:
+                return self.status
+        raise SystemExit(f"the aggregator published no status within {timeout:.0f}s")
+
+    def _take_status(self, message: Message) -> None:
+        received = receive(message.topic, message.payload, topics=self._topics, max_bytes=MAX_BLOB)
+        if isinstance(received, Inbound) and isinstance(received.body, AggregatorStatus):
+            self.status = received.body
+            self.status_bytes = len(message.payload)
+            self.status_bytes_seen += len(message.payload)
+
+
+def _broker_cpu(running: Running, seconds: float) -> list[float]:
+    """Each broker's CPU use over the next ``seconds``, in cores (the core first)."""
+    pids = [b.process.pid for b in running.brokers]
+    before = [process_cpu_seconds(pid) for pid in pids]
+    time.sleep(seconds)
+    return [(process_cpu_seconds(pid) - b) / seconds for pid, b in zip(pids, before, strict=True)]
+
+
+def _memory(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+@contextlib.contextmanager
+def _federation_on(
+    running: Running, federation: str, load: Load, root: Path
+) -> Iterator[tuple[ManagedProcess, _CoreWatch]]:
+    """The real aggregator on the (core) broker with the aggregator's identity, and a watch."""
+    own = ConnectionSettings(_env_file=running.env_files["aggregator"])
+    settings = aggregator_settings(
+        broker_url=own.broker_url.unredacted(), federation_id=federation,
+        state_dir=root / "aggregator", federation=HEART_DISEASE, buffer_size=load.buffer_size,
+        max_staleness=1000, status_interval=5.0, client_id="aggregator", ca_file=own.ca_file,
+        cert_file=own.cert_file, key_file=own.key_file,
+    )  # fmt: skip
+    watch_settings = ConnectionSettings(_env_file=running.env_files["operator"])
+    with (
+        ProcessGroup(root / "logs") as group,
+        MqttClient.from_settings(watch_settings, "operator") as client,
+    ):
+        aggregator = group.start_service("aggregator", settings)
+        watch = _CoreWatch(client, TopicTree(federation))
+        watch.fresh_status(timeout=180)
+        yield aggregator, watch
+
+
+def _connect(
+    swarm: SwarmProcesses, running: Running, aggregator: ManagedProcess
+) -> list[dict[str, object]]:
+    """Start the hospitals' processes one by one; after each, the brokers' idle CPU."""
+    steps: list[dict[str, object]] = []
+    while not swarm.complete:
+        started = time.monotonic()
+        swarm.start_next(timeout=900)
+        if aggregator.poll() is not None:
+            raise SystemExit(f"the aggregator exited:\n{aggregator.tail()}")
+        steps.append({
+            "hospitals": swarm.started,
+            "seconds_until_all_held_the_model": time.monotonic() - started,
+            "idle_broker_cores": _broker_cpu(running, 5.0),
+        })  # fmt: skip
+    return steps
+
+
+def _one_version(
+    swarm: SwarmProcesses, watch: _CoreWatch, load: Load, status_subscribers: int
+) -> dict[str, object]:
+    """K hospitals send one update each: the version they make, the core's bytes, who holds it.
+
+    The K updates change the run's status, which the aggregator then publishes (at most twice a
+    second) to every subscriber of the core: this watch, and through the tree each region's
+    bridge (``status_subscribers`` in all; the light hospitals do not follow the status). What
+    the watch received of it, times the subscribers, is reported beside the core's bytes, and
+    left out of the bytes counted for the version.
+    """
+    version = watch.fresh_status().version + 1
+    before = watch.bytes_sent()
+    status_before = watch.status_bytes_seen
+    swarm.send_one(load.buffer_size)
+    deadline = time.monotonic() + 300
+    while True:
+        held, missing = swarm.held(version)
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{missing} hospitals never held v{version}")
+        time.sleep(0.5)
+    sent = watch.bytes_sent() - before
+    status = (watch.status_bytes_seen - status_before) * status_subscribers
+    return {
+        "version": version,
+        "core_bytes_sent": sent,
+        "core_status_bytes_sent": status,
+        "core_bytes_sent_for_the_version": sent - status,
+        "median_hospital_seconds": statistics.median(held),
+        "p99_hospital_seconds": held[min(len(held) - 1, int(0.99 * len(held)))],
+        "worst_hospital_seconds": held[-1],
+    }
+
+
+def _window(
+    swarm: SwarmProcesses, watch: _CoreWatch, aggregator: ManagedProcess, running: Running,
+    *, think: float, seconds: float,
+) -> dict[str, object]:  # fmt: skip
+    """Send at ``think`` for ``seconds``: what was offered, acknowledged and folded; the cost."""
+    pid = aggregator.pid
+    assert pid is not None
+    brokers = [b.process.pid for b in running.brokers]
+    start_status, start_tally = watch.fresh_status(), swarm.tally()
+    cpu = (process_cpu_seconds(pid), [process_cpu_seconds(b) for b in brokers],
+           swarm.cpu_seconds())  # fmt: skip
+    started = time.monotonic()
+    swarm.think(think)
+    rss: list[int] = []
+    while (elapsed := time.monotonic() - started) < seconds:
+        watch.pump(min(1.0, seconds - elapsed))
+        rss.append(_memory(pid)["VmRSS"])
+        if aggregator.poll() is not None:
+            raise SystemExit(f"the aggregator exited:\n{aggregator.tail()}")
+    swarm.think(0.0)
+    elapsed = time.monotonic() - started
+    end_cpu = (process_cpu_seconds(pid), [process_cpu_seconds(b) for b in brokers],
+               swarm.cpu_seconds())  # fmt: skip
+    end_status, end_tally = watch.fresh_status(), swarm.tally()
+    folded = end_status.counters.folded - start_status.counters.folded
+    sent = end_tally.sent - start_tally.sent
+    acked = end_tally.accepted + end_tally.rejected - start_tally.accepted - start_tally.rejected
+    return {
+        "think_seconds": think,
+        "seconds": elapsed,
+        "offered_per_second": sent / elapsed,
+        "acknowledged_per_second": acked / elapsed,
+        "folded_per_second": folded / elapsed,
+        "versions_per_second": (end_status.version - start_status.version) / elapsed,
+        "aggregator_cores": (end_cpu[0] - cpu[0]) / elapsed,
+        "broker_cores": [(e - b) / elapsed for e, b in zip(end_cpu[1], cpu[1], strict=True)],
+        "hospital_process_cores": (end_cpu[2] - cpu[2]) / elapsed,
+        "aggregator_rss_bytes": max(rss, default=0),
+        "status_message_bytes": watch.status_bytes,
+    }
+
+
+def measure_updates(
+    topology: Topology, load: Load, *, root: Path, knee: Sequence[float] = ()
+) -> dict[str, object]:
+    """The update path through ``topology``: connect, one version, a window (or a knee sweep)."""
+    federation = f"updates-{topology.name}"
+    names = [f"h{i:04d}" for i in range(load.hospitals)]
+    with (
+        _deployment(root / f"updates-{topology.name}", topology, names, federation) as running,
+        _federation_on(running, federation, load, root / f"run-{topology.name}") as (
+            aggregator, watch),
+        SwarmProcesses(federation, {n: running.env_files[n] for n in names}, load.procs) as swarm,
+    ):  # fmt: skip
+        connections = _connect(swarm, running, aggregator)
+        probe = _one_version(swarm, watch, load, status_subscribers=1 + topology.regions)
+        if knee:  # a sweep of offered loads, each for the window
+            steps = [_window(swarm, watch, aggregator, running, think=load.hospitals / rate,
+                             seconds=load.seconds) for rate in knee]  # fmt: skip
+            tally = swarm.drain(60.0)
+            return {"topology": topology.name, "hospitals": load.hospitals,
+                    "buffer_size": load.buffer_size, "connections": connections, "knee": steps,
+                    "after_drain": tally.as_dict()}  # fmt: skip
+        window = _window(swarm, watch, aggregator, running, think=load.think, seconds=load.seconds)
+        tally = swarm.drain(60.0)
+        time.sleep(1.0)
+        final = watch.fresh_status()
+        pid = aggregator.pid
+        assert pid is not None
+        memory = _memory(pid)
+    return {
+        "topology": topology.name,
+        "regions": topology.regions,
+        "hospitals": load.hospitals,
+        "connections": connections,
+        "one_version": probe,
+        "window": window,
+        "sent": tally.sent,
+        "acknowledged": tally.accepted + tally.rejected,
+        "accepted": tally.accepted,
+        "rejected": tally.rejected,
+        "lost": tally.pending,
+        "resent": tally.resent,
+        "disconnects": tally.disconnects,
+        "hospital_errors": tally.errors + tally.refused,
+        "aggregator_counters": final.counters.model_dump(),
+        "aggregator_buffered_at_end": final.buffer_fill,
+        "aggregator_rss_bytes": memory["VmRSS"],
+        "aggregator_peak_rss_bytes": memory["VmHWM"],
+        "status_message_bytes": watch.status_bytes,
+    }
+
+
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--json", type=Path, required=True, help="write the results here")
-    parser.add_argument("--hospitals", type=int, default=200)
+    parser.add_argument("--hospitals", type=int, default=200, help="of the broadcast")
     parser.add_argument("--regions", type=int, default=4)
     parser.add_argument("--model", choices=sorted(LAYOUTS), default="cnn-16")
     parser.add_argument("--versions", type=int, default=3)
     parser.add_argument("--procs", type=int, default=4, help="hospital processes")
-    parser.add_argument("--quick", action="store_true", help="a few seconds' smoke run")
-    args = parser.parse_args()
-    console = Console(stderr=True)
-    hospitals, regions = (8, 2) if args.quick else (args.hospitals, args.regions)
-    versions, procs = (2, 2) if args.quick else (args.versions, args.procs)
+    parser.add_argument(
+        "--update-hospitals",
+        type=int,
+        default=2000,
+        help="light hospitals of the update path, flat and through the tree",
+    )
+    parser.add_argument(
+        "--think", type=float, default=60.0, help="mean seconds between a light hospital's updates"
+    )
+    parser.add_argument("--seconds", type=float, default=90.0, help="the sending window")
+    parser.add_argument("--buffer-size", type=int, default=20, help="the aggregator's K")
+    parser.add_argument("--knee-hospitals", type=int, default=500)
+    parser.add_argument(
+        "--knee-rates",
+        default="5,10,20,40,80",
+        help="offered updates per second of the knee's steps",
+    )
+    parser.add_argument("--knee-seconds", type=float, default=20.0, help="each step's window")
+    parser.add_argument(
+        "--parts",
+        default="broadcast,knee,updates",
+        help="which to run (a part left out is absent from the JSON)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
+    args = parser.parse_args()  # fmt: skip
+    if args.quick:
+        args.hospitals, args.regions, args.versions, args.procs = 8, 2, 2, 2
+        args.update_hospitals, args.think, args.seconds, args.buffer_size = 12, 2.0, 4.0, 4
+        args.knee_hospitals, args.knee_rates, args.knee_seconds = 8, "2,4", 3.0
+    return args
+
+
+def _raise_open_files_limit() -> int:
+    """Every light hospital's socket is a file, and Mosquitto inherits this process's limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _broadcast(args: argparse.Namespace, root: Path, console: Console) -> dict[str, object]:
     rows = []
-    with tempfile.TemporaryDirectory(prefix="healthnet-scale-") as tmp:
-        for topology in (Topology("flat", 0), Topology("tree", regions)):
-            console.print(f"{topology.name}: {hospitals} hospitals, {topology.regions} regions")
-            rows.append(
-                measure(topology, hospitals=hospitals, model=args.model, versions=versions,
-                        procs=procs, root=Path(tmp))
-            )  # fmt: skip
+    for topology in (Topology("flat", 0), Topology("tree", args.regions)):
+        console.print(f"broadcast, {topology.name}: {args.hospitals} hospitals, "
+                      f"{topology.regions} regions")  # fmt: skip
+        rows.append(
+            measure(topology, hospitals=args.hospitals, model=args.model, versions=args.versions,
+                    procs=args.procs, root=root)
+        )  # fmt: skip
     flat, tree = rows
     summary = {
         "core_bytes_ratio_tree_to_flat": number(tree["core_bytes_sent_median"])
@@ -311,17 +604,66 @@ def main() -> None:
             f"{number(row['median_hospital_seconds']):.2f} s (median), "
             f"{number(row['worst_hospital_seconds']):.2f} s (worst)"
         )
-    write_report(
-        args.json,
-        {
-            "benchmark": "scale",
-            "quick": args.quick,
-            "hospital_processes": procs,
-            "command": " ".join(sys.argv),
-            "results": rows,
-            "summary": summary,
-        },
-    )
+    return {"hospital_processes": args.procs, "results": rows, "summary": summary}
+
+
+def _updates(args: argparse.Namespace, root: Path, console: Console) -> dict[str, object]:
+    load = Load(hospitals=args.update_hospitals, procs=args.procs, think=args.think,
+                seconds=args.seconds, buffer_size=args.buffer_size)  # fmt: skip
+    rows = []
+    for topology in (Topology("flat", 0), Topology("tree", args.regions)):
+        console.print(f"updates, {topology.name}: {load.hospitals} light hospitals, "
+                      f"{topology.regions} regions, think {load.think:.0f}s, "
+                      f"{load.seconds:.0f}s window")  # fmt: skip
+        rows.append(measure_updates(topology, load, root=root))
+        row = rows[-1]
+        console.print(f"  sent {row['sent']}, acknowledged {row['acknowledged']}, lost "
+                      f"{row['lost']}; one version: {row['one_version']}")  # fmt: skip
+    flat, tree = rows
+    flat_probe, tree_probe = flat["one_version"], tree["one_version"]
+    assert isinstance(flat_probe, dict)
+    assert isinstance(tree_probe, dict)
+    summary = {
+        "core_bytes_ratio_tree_to_flat": number(tree_probe["core_bytes_sent_for_the_version"])
+        / number(flat_probe["core_bytes_sent_for_the_version"]),
+        "regions_to_hospitals": args.regions / load.hospitals,
+        "worst_seconds_ratio_tree_to_flat": number(tree_probe["worst_hospital_seconds"])
+        / number(flat_probe["worst_hospital_seconds"]),
+        "median_seconds_ratio_tree_to_flat": number(tree_probe["median_hospital_seconds"])
+        / number(flat_probe["median_hospital_seconds"]),
+        "lost": number(flat["lost"]) + number(tree["lost"]),
+    }
+    return {"settings": asdict(load), "results": rows, "summary": summary}
+
+
+def _knee(args: argparse.Namespace, root: Path, console: Console) -> dict[str, object]:
+    rates = [float(r) for r in args.knee_rates.split(",")]
+    load = Load(hospitals=args.knee_hospitals, procs=args.procs, think=0.0,
+                seconds=args.knee_seconds, buffer_size=args.buffer_size)  # fmt: skip
+    console.print(f"knee: {load.hospitals} light hospitals on one broker, offered {rates}/s")
+    row = measure_updates(Topology("flat", 0), load, root=root / "knee", knee=rates)
+    return {"settings": {**asdict(load), "rates": rates}, **row}
+
+
+def main() -> None:
+    args = _arguments()
+    console = Console(stderr=True)
+    parts = set(args.parts.split(","))
+    report: dict[str, object] = {
+        "benchmark": "scale",
+        "quick": args.quick,
+        "command": " ".join(sys.argv),
+        "open_files_limit": _raise_open_files_limit(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    with tempfile.TemporaryDirectory(prefix="healthnet-scale-") as tmp:
+        if "broadcast" in parts:
+            report.update(_broadcast(args, Path(tmp) / "broadcast", console))
+        if "knee" in parts:
+            report["knee"] = _knee(args, Path(tmp), console)
+        if "updates" in parts:
+            report["updates"] = _updates(args, Path(tmp) / "updates", console)
+    write_report(args.json, report)
     console.print(f"written to {args.json}")
 
 
