@@ -33,7 +33,7 @@ from enum import StrEnum
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Self, assert_never
+from typing import Self, TypeVar, assert_never
 
 import numpy as np
 
@@ -41,7 +41,7 @@ from common.blobs import ModelDownload
 from common.codec import decode_tensors, encode, envelope, new_id
 from common.compression import dense_tensor
 from common.errors import ProtocolError
-from common.inbound import Chunk, Inbound, Refusal, Refused, receive
+from common.inbound import Chunk, Inbound, Received, Refusal, Refused, receive
 from common.messages import Ack, Manifest, TrainMetrics, Update
 from common.mqtt import ClientLoop, ConnectionEvent, LoopClient, Message
 from common.settings import ConnectionSettings
@@ -49,6 +49,7 @@ from common.topics import Topic, TopicTree
 
 __all__ = [
     "Command",
+    "DecodeCache",
     "LightHospital",
     "Swarm",
     "SwarmProcesses",
@@ -58,6 +59,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 MAX_BLOB = 64 * 1024 * 1024
 DELTA_SCALE = 1e-3  # a tiny delta: the aggregator's norm checks accept it, the model barely moves
@@ -90,6 +94,49 @@ class Tally:
         return asdict(self)
 
 
+class DecodeCache:
+    """The decoded form of the model messages a process's hospitals all receive, decoded once.
+
+    Every hospital of a swarm receives the same manifest and chunk bytes, each on its own
+    connection; decoding them (the envelope's validation, the blob's tensors) once per process
+    instead of once per hospital keeps the simulator's CPU for what differs between hospitals:
+    their connections, their acks, their updates. Only the routes that every hospital receives
+    alike are kept, and only the last few of them.
+    """
+
+    def __init__(self, topics: TopicTree, size: int = 32) -> None:
+        self._topics = topics
+        self._size = size
+        self._received: dict[tuple[str, bytes], Received] = {}
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._manifest = str(topics.manifest())
+
+    def receive(self, topic: str, payload: bytes) -> Received:
+        key = (topic, payload)
+        found = self._received.get(key)
+        if found is not None:
+            return found
+        received = receive(topic, payload, topics=self._topics, max_bytes=MAX_BLOB)
+        if topic == self._manifest or isinstance(received, Chunk):
+            _keep(self._received, key, received, self._size)
+        return received
+
+    def shapes(self, manifest: Manifest, blob: bytes) -> dict[str, tuple[int, ...]]:
+        """The model's tensor shapes, from a blob whose sha256 its download checked."""
+        found = self._shapes.get(manifest.sha256)
+        if found is None:
+            decoded = decode_tensors(blob, max_bytes=MAX_BLOB)
+            found = {name: array.shape for name, array in decoded.items()}
+            _keep(self._shapes, manifest.sha256, found, self._size)
+        return found
+
+
+def _keep(cache: dict[K, V], key: K, value: V, size: int) -> None:
+    if len(cache) >= size:
+        del cache[next(iter(cache))]  # the oldest
+    cache[key] = value
+
+
 @dataclass(slots=True)
 class LightHospital:
     """One simulated hospital's protocol state: the version it holds, its outbox, its tallies."""
@@ -97,6 +144,7 @@ class LightHospital:
     name: str
     topics: TopicTree
     seed: int
+    cache: DecodeCache | None = None  # shared by a process's hospitals; None: decode alone
     download: ModelDownload = field(init=False)
     held: tuple[Manifest, dict[str, tuple[int, ...]]] | None = field(default=None, init=False)
     # Seconds from each version's creation (its manifest's created_at) until this hospital held it.
@@ -126,7 +174,13 @@ class LightHospital:
 
     def on_message(self, topic: str, payload: bytes, now: float) -> None:
         """Take one delivered message: a manifest or chunk of the model, or an ack."""
-        match received := receive(topic, payload, topics=self.topics, max_bytes=MAX_BLOB):
+        cache = self.cache
+        received = (
+            receive(topic, payload, topics=self.topics, max_bytes=MAX_BLOB)
+            if cache is None
+            else cache.receive(topic, payload)
+        )
+        match received:
             case Chunk():
                 self.download.on_chunk(received.version, received.index, received.data)
             case Inbound(body=Manifest() as manifest):
@@ -145,7 +199,11 @@ class LightHospital:
         got = self.download.take()
         if got is not None:
             manifest, blob = got
-            shapes = {name: a.shape for name, a in decode_tensors(blob, max_bytes=MAX_BLOB).items()}
+            if cache is None:
+                decoded = decode_tensors(blob, max_bytes=MAX_BLOB)
+                shapes = {name: array.shape for name, array in decoded.items()}
+            else:
+                shapes = cache.shapes(manifest, blob)
             self.held = (manifest, shapes)
             self.held_after[manifest.version] = now - manifest.created_at
 
@@ -217,11 +275,12 @@ class Swarm:
     ) -> None:
         self.topics = TopicTree(federation)
         self.loop = ClientLoop()
+        cache = DecodeCache(self.topics)
         self.think = 0.0
         self.hospitals: dict[str, LightHospital] = {}
         self.clients: dict[str, LoopClient] = {}
         for i, (name, connection) in enumerate(sorted(settings.items())):
-            hospital = LightHospital(name, self.topics, seed=seed * 100_003 + i)
+            hospital = LightHospital(name, self.topics, seed=seed * 100_003 + i, cache=cache)
             subscriptions = (
                 self.topics.manifest(),
                 self.topics.all_chunks(),

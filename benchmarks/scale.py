@@ -64,6 +64,8 @@ from healthnet.processes import ManagedProcess, ProcessGroup
 BYTES_SENT = "$SYS/broker/bytes/sent"
 SYS_INTERVAL = 1  # seconds between Mosquitto's $SYS updates in these runs
 STARTUP = 20.0
+# After the window: how long hospitals wait for the acks still due before the rest count as lost.
+DRAIN = 180.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,12 +499,12 @@ def measure_updates(
         if knee:  # a sweep of offered loads, each for the window
             steps = [_window(swarm, watch, aggregator, running, think=load.hospitals / rate,
                              seconds=load.seconds) for rate in knee]  # fmt: skip
-            tally = swarm.drain(60.0)
+            tally = swarm.drain(DRAIN)
             return {"topology": topology.name, "hospitals": load.hospitals,
                     "buffer_size": load.buffer_size, "connections": connections, "knee": steps,
                     "after_drain": tally.as_dict()}  # fmt: skip
         window = _window(swarm, watch, aggregator, running, think=load.think, seconds=load.seconds)
-        tally = swarm.drain(60.0)
+        tally = swarm.drain(DRAIN)
         time.sleep(1.0)
         final = watch.fresh_status()
         pid = aggregator.pid

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks._simhospitals import LightHospital, Swarm, Tally
+from benchmarks._simhospitals import DecodeCache, LightHospital, Swarm, Tally
 from common.blobs import split_blob
 from common.broker_url import BrokerEndpoint
 from common.codec import decode, encode, encode_tensors, envelope, sha256_hex
@@ -35,17 +35,21 @@ TOPICS = TopicTree("sim")
 PARAMS = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
 
 
-def publish_version(hospital: LightHospital, version: int, *, created: float, now: float) -> None:
-    """Deliver ``version`` of PARAMS to ``hospital`` as the broker would: chunk, manifest."""
+def version_messages(version: int, *, created: float) -> list[tuple[str, bytes]]:
+    """``version`` of PARAMS as the broker delivers it: its chunk, then its manifest."""
     blob = encode_tensors(PARAMS)
     (chunk,) = split_blob(blob, 1 << 20)
     manifest = Manifest(run_id="run", version=version, sha256=sha256_hex(blob),
                         blob_bytes=len(blob), chunk_size=1 << 20, chunk_count=1,
                         model=ModelSpec(name="logreg", kwargs={}), training=TrainingConfig(),
                         created_at=created)  # fmt: skip
-    hospital.on_message(str(TOPICS.chunk(version, 0)), chunk, now)
     payload = encode(envelope(manifest, sender="aggregator", sent_at=created))
-    hospital.on_message(str(TOPICS.manifest()), payload, now)
+    return [(str(TOPICS.chunk(version, 0)), chunk), (str(TOPICS.manifest()), payload)]
+
+
+def publish_version(hospital: LightHospital, version: int, *, created: float, now: float) -> None:
+    for topic, payload in version_messages(version, created=created):
+        hospital.on_message(topic, payload, now)
 
 
 def ack(hospital: LightHospital, update_id: str, *, accepted: bool = True) -> None:
@@ -137,6 +141,27 @@ def test_a_malformed_message_is_refused_and_counted() -> None:
     hospital = holding()
     hospital.on_message(str(TOPICS.ack("h1")), b"\x00not msgpack", 0.0)
     assert hospital.tally.refused == 1
+
+
+def test_hospitals_sharing_a_decode_cache_hold_what_each_would_alone() -> None:
+    """The cache decodes a version once for all; acks, which differ per hospital, pass through."""
+    cache = DecodeCache(TOPICS)
+    first = LightHospital("h1", TOPICS, seed=1, cache=cache)
+    second = LightHospital("h2", TOPICS, seed=2, cache=cache)
+    messages = version_messages(4, created=10.0)
+    for hospital in (first, second):
+        for topic, payload in messages:
+            hospital.on_message(topic, payload, 11.0)
+    assert first.held is not None
+    assert second.held is not None
+    assert first.held[0] is second.held[0]  # one decoded manifest
+    assert first.held[1] == second.held[1] == {"w": (3, 2), "b": (2,)}
+    second.send_now(0.0)
+    due = second.due_update(0.0, think=1.0)
+    assert due is not None
+    ack(second, due[0])
+    assert second.tally.accepted == 1
+    assert first.tally.duplicate_acks == 0
 
 
 def test_tallies_add_field_by_field() -> None:
