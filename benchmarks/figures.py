@@ -875,7 +875,8 @@ def scale_updates(root: Path) -> str:
     settings = updates["settings"]
     note = (
         f"K = {settings['buffer_size']}, each hospital sends every {settings['think']:.0f} s "
-        f"on average for {settings['seconds']:.0f} s, then waits up to 60 s for its acks."
+        f"on average for {settings['seconds']:.0f} s, then waits up to 180 s for its acks "
+        "(what never came is lost)."
     )
     return block(header, rows, provenance([source], note))
 
