@@ -181,7 +181,8 @@ def test_privacy_quick_reports_accuracy_against_epsilon(tmp_path: Path) -> None:
 
 def test_scale_quick_sends_each_version_once_per_region_through_the_tree(tmp_path: Path) -> None:
     """scale --quick: the flat broker sends a version once per hospital (8), the tree's core once
-    per region (2), and every hospital held every version in both."""
+    per region (2), every hospital held every version in both, and every update of the update
+    path and of the knee was acknowledged."""
     report = run_quick("scale", tmp_path, timeout=600)
     results = report["results"]
     assert isinstance(results, list)
