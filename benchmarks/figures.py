@@ -796,6 +796,91 @@ def scale(root: Path) -> str:
     return block(header, rows, provenance([source], f"Medians over {versions} versions."))
 
 
+def _cores(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def scale_knee(root: Path) -> str:
+    """Offered updates against folded on one broker and one aggregator (benchmarks/scale.py)."""
+    source = Source(f"{DOCS}/scale.json", root)
+    knee = source["knee"]
+    rows = [
+        (
+            f"{step['offered_per_second']:.1f}",
+            f"{step['acknowledged_per_second']:.1f}",
+            f"{step['folded_per_second']:.1f}",
+            f"{step['versions_per_second']:.2f}",
+            _cores(step["aggregator_cores"]),
+            _cores(step["broker_cores"][0]),
+            _cores(step["hospital_process_cores"]),
+            f"{step['status_message_bytes'] / 1e3:.0f} kB",
+        )
+        for step in knee["knee"]
+    ]
+    header = ("offered updates/s", "acknowledged/s", "folded/s", "versions/s", "aggregator cores",
+              "broker cores", "light-hospital cores", "status message")  # fmt: skip
+    settings = knee["settings"]
+    note = (f"{settings['hospitals']} light hospitals on one broker, "
+            f"K = {settings['buffer_size']}, {settings['seconds']:.0f} s per step.")  # fmt: skip
+    return block(header, rows, provenance([source], note))
+
+
+def scale_updates(root: Path) -> str:
+    """The update path through one broker and through the tree (benchmarks/scale.py)."""
+    source = Source(f"{DOCS}/scale.json", root)
+    updates = source["updates"]
+    flat, tree = updates["results"]
+
+    def probe(r: Json, key: str) -> str:
+        return _seconds(r["one_version"][key])
+
+    def regions_cores(r: Json) -> str:
+        cores = r["window"]["broker_cores"]
+        return (
+            _cores(cores[0])
+            if len(cores) == 1
+            else f"{_cores(cores[0])} + {_cores(sum(cores[1:]))}"
+        )
+
+    def idle(r: Json) -> str:
+        last = r["connections"][-1]
+        return f"{_cores(sum(last['idle_broker_cores']))}"
+
+    measures: list[tuple[str, Callable[[Json], str]]] = [
+        ("the core sent for one version (status apart)",
+         lambda r: f"{r['one_version']['core_bytes_sent_for_the_version'] / 1e3:.0f} kB"),
+        ("... and the run's status it published meanwhile",
+         lambda r: f"{r['one_version']['core_status_bytes_sent'] / 1e3:.0f} kB"),
+        ("median / worst hospital held it after (s)",
+         lambda r: f"{probe(r, 'median_hospital_seconds')} / {probe(r, 'worst_hospital_seconds')}"),
+        ("offered / acknowledged / folded per second",
+         lambda r: f"{r['window']['offered_per_second']:.1f} / "
+                   f"{r['window']['acknowledged_per_second']:.1f} / "
+                   f"{r['window']['folded_per_second']:.1f}"),
+        ("updates sent / acknowledged / folded / lost",
+         lambda r: f"{r['sent']} / {r['acknowledged']} / {r['aggregator_counters']['folded']} / "
+                   f"{r['lost']}"),
+        ("aggregator cores, peak RSS",
+         lambda r: f"{_cores(r['window']['aggregator_cores'])}, "
+                   f"{_mib(r['aggregator_peak_rss_bytes'])} MiB"),
+        ("broker cores while sending (core + regions)", regions_cores),
+        ("broker cores idle, all hospitals connected", idle),
+        ("light-hospital processes' cores",
+         lambda r: _cores(r["window"]["hospital_process_cores"])),
+        ("status message", lambda r: f"{r['status_message_bytes'] / 1e3:.0f} kB"),
+    ]  # fmt: skip
+    rows = [(label, cell(flat), cell(tree)) for label, cell in measures]
+    header = ("measure", f"one broker, {flat['hospitals']} hospitals",
+              f"core + {tree['regions']} regions, {tree['hospitals']} hospitals")  # fmt: skip
+    settings = updates["settings"]
+    note = (
+        f"K = {settings['buffer_size']}, each hospital sends every {settings['think']:.0f} s "
+        f"on average for {settings['seconds']:.0f} s, then waits up to 180 s for its acks "
+        "(what never came is lost)."
+    )
+    return block(header, rows, provenance([source], note))
+
+
 # --- Configuration -------------------------------------------------------------------------
 
 # What a setting means, where its class gives no description. Keyed by the setting's dotted path.
@@ -1081,6 +1166,8 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "broadcast": broadcast,
     "swarm": swarm,
     "scale": scale,
+    "scale-knee": scale_knee,
+    "scale-updates": scale_updates,
     "privacy": privacy,
     "secure-aggregation-costs": secure_aggregation_costs,
     "secure-aggregation-accuracy": secure_aggregation_accuracy,

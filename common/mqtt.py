@@ -25,20 +25,33 @@ message still on the inbox from before a reconnect has been (or will be) redeliv
 on the new connection; acking the old copy could acknowledge a *different* message that the broker
 later sends under a reused id. So each message carries the number of the connection it came on,
 and an ack for an earlier connection is not sent: the redelivered copy is acked instead.
+
+Many connections, one thread. A thread per connection is what one service needs, and what a
+simulator of thousands of light clients cannot afford. :class:`ClientLoop` drives many
+:class:`LoopClient` connections from the caller's thread through paho's external-loop API: one
+selector watches every socket for reading, and for writing only while paho has bytes queued
+(paho's ``on_socket_register_write`` / ``unregister_write``); ``loop_misc`` runs once a second for
+keep-alives. Events go straight to the client's :class:`LoopHandler` on that same thread. A lost
+connection is retried after the same capped, jittered backoff; QoS 1 publishes made while offline
+are not queued (the caller resends what it still owes on the next connect). Opening a connection
+(TCP and the TLS handshake) blocks the loop while it lasts, so the loop opens a few per turn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import queue
+import selectors
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -52,7 +65,15 @@ from common.errors import BrokerError, BrokerUnavailable, SubscriptionRefused
 from common.settings import ConnectionSettings
 from common.topics import Topic, TopicFilter
 
-__all__ = ["ConnectionEvent", "Message", "MqttClient", "Will"]
+__all__ = [
+    "ClientLoop",
+    "ConnectionEvent",
+    "LoopClient",
+    "LoopHandler",
+    "Message",
+    "MqttClient",
+    "Will",
+]
 
 log = logging.getLogger(__name__)
 
@@ -578,3 +599,312 @@ def _close_abandoned_sockets(exc: BaseException) -> None:
 def _check(rc: MQTTErrorCode, what: str) -> None:
     if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
         raise BrokerError(f"{what} failed: {paho.error_string(rc)}")
+
+
+class LoopHandler(Protocol):
+    """What a :class:`LoopClient` reports, on the thread of the :class:`ClientLoop` driving it."""
+
+    def on_connection(self, client: LoopClient, event: ConnectionEvent) -> None: ...
+
+    def on_message(self, client: LoopClient, message: Message) -> None: ...
+
+
+class LoopClient:
+    """One MQTT connection with no thread of its own: a :class:`ClientLoop` drives it.
+
+    Subscriptions are fixed at construction and made on every connect, before the handler hears
+    of the connection, so that whatever the handler publishes then (an update whose ack must come
+    back) is answered on a subscription already requested on this connection.
+    """
+
+    def __init__(
+        self,
+        endpoint: BrokerEndpoint,
+        client_id: str,
+        handler: LoopHandler,
+        *,
+        subscriptions: Sequence[Topic | TopicFilter] = (),
+        tls_files: TlsFiles | None = None,
+        keepalive: int = 60,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.client_id = client_id
+        self.handler = handler
+        self._subscriptions = tuple(str(s) for s in subscriptions)
+        self._tls_files = tls_files or TlsFiles()
+        self._keepalive = keepalive
+        self._backoff = backoff or Backoff()
+        self._attempt = 0
+        self._connected = False
+        self._loop: ClientLoop | None = None
+        self._paho: paho.Client | None = None
+        self.last_error = ""
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: ConnectionSettings,
+        client_id: str,
+        handler: LoopHandler,
+        *,
+        subscriptions: Sequence[Topic | TopicFilter] = (),
+        backoff: Backoff | None = None,
+    ) -> Self:
+        """A client of ``settings``' broker: its endpoint, TLS files and keep-alive."""
+        return cls(
+            settings.broker_url,
+            client_id,
+            handler,
+            subscriptions=subscriptions,
+            tls_files=settings.tls_files(),
+            keepalive=settings.keepalive,
+            backoff=backoff,
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def publish(self, topic: Topic, payload: bytes) -> bool:
+        """Publish with the route's QoS and retain flag; False (nothing sent) while offline."""
+        client = self._paho
+        if client is None or not self._connected:
+            return False
+        info = client.publish(str(topic), payload, qos=topic.qos, retain=topic.retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            return False
+        _check(info.rc, f"publish to {topic}")
+        return True
+
+    # -- driven by ClientLoop, on its thread
+
+    def _open(self, loop: ClientLoop) -> float | None:
+        """Try to connect; None once the socket is open, else the seconds until the next try."""
+        self._loop = loop
+        if self._paho is None:
+            self._paho = self._build()
+        try:
+            rc = self._paho.reconnect()
+        except (OSError, ssl.SSLError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            _close_abandoned_sockets(exc)
+            rc = MQTTErrorCode.MQTT_ERR_NO_CONN
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return None
+        return self._retry_delay()
+
+    def _retry_delay(self) -> float:
+        delay = self._backoff.delay(self._attempt)
+        self._attempt += 1
+        log.debug("%s: broker %s unreachable (%s); retrying in %.1fs", self.client_id,
+                  self.endpoint.redacted(), self.last_error, delay)  # fmt: skip
+        return delay
+
+    def _build(self) -> paho.Client:
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=True,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        if self.endpoint.username:
+            client.username_pw_set(self.endpoint.username, self.endpoint.password)
+        if self.endpoint.tls:
+            files = self._tls_files
+            client.tls_set(
+                ca_certs=files.ca_file,
+                certfile=files.cert_file,
+                keyfile=files.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=self._keepalive)
+        return client
+
+    def _read(self) -> None:
+        client = self._paho
+        while client is not None:
+            if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return  # paho closed the socket and reported the loss
+            # TLS may hold decrypted bytes that the selector cannot see.
+            sock = client.socket()
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0):
+                return
+
+    def _write(self) -> None:
+        if self._paho is not None:
+            self._paho.loop_write()
+
+    def _misc(self) -> None:
+        if self._paho is not None:
+            self._paho.loop_misc()
+
+    def _close(self) -> None:
+        client = self._paho
+        if client is None:
+            return
+        # Forgotten first: the loss that paho reports for this disconnect schedules no reconnect.
+        self._paho = None
+        self._connected = False
+        client.disconnect()
+        client.loop_write()  # sends the DISCONNECT; paho then closes the socket
+        sock = client.socket()
+        if isinstance(sock, socket.socket):
+            if self._loop is not None:
+                self._loop._forget(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _on_socket_open(self, client: paho.Client, userdata: object, sock: object) -> None:
+        if self._loop is not None:
+            self._loop._watch(sock, self, write=False)
+
+    def _on_socket_close(self, client: paho.Client, userdata: object, sock: object) -> None:
+        if self._loop is not None:
+            self._loop._forget(sock)
+
+    def _on_register_write(self, client: paho.Client, userdata: object, sock: object) -> None:
+        if self._loop is not None:
+            self._loop._watch(sock, self, write=True)
+
+    def _on_unregister_write(self, client: paho.Client, userdata: object, sock: object) -> None:
+        if self._loop is not None:
+            self._loop._watch(sock, self, write=False)
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self.last_error = f"broker refused the connection: {reason_code}"
+            return
+        self._attempt = 0
+        self.last_error = ""
+        self._connected = True
+        for topic_filter in self._subscriptions:
+            client.subscribe(topic_filter, 1)
+        self.handler.on_connection(
+            self, ConnectionEvent(connected=True, session_present=flags.session_present)
+        )
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was_connected = self._connected
+        self._connected = False
+        if self._paho is client and self._loop is not None:
+            self._loop._reconnect_later(self, self._retry_delay())
+        if was_connected:
+            self.handler.on_connection(
+                self, ConnectionEvent(connected=False, reason=str(reason_code))
+            )
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        self.handler.on_message(
+            self, Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos))
+        )
+
+
+class ClientLoop:
+    """Drives many :class:`LoopClient` connections from the caller's thread (one selector).
+
+    ``add`` queues a client's first connect; each :meth:`run_once` opens at most
+    ``opens_per_turn`` due connections (an open blocks for its TCP and TLS handshake), handles
+    every ready socket, and once a second lets each client send its keep-alive. Not thread-safe:
+    every call, and every handler callback, happens on the thread that calls ``run_once``.
+    """
+
+    def __init__(self, *, opens_per_turn: int = 8) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._clients: list[LoopClient] = []
+        self._due: list[tuple[float, int, LoopClient]] = []  # a heap of reconnects
+        self._sequence = 0
+        self._opens_per_turn = opens_per_turn
+        self._last_misc = time.monotonic()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def clients(self) -> tuple[LoopClient, ...]:
+        return tuple(self._clients)
+
+    def add(self, client: LoopClient) -> None:
+        self._clients.append(client)
+        self._reconnect_later(client, 0.0)
+
+    def run_once(self, timeout: float) -> None:
+        """Open due connections, handle ready sockets (waiting up to ``timeout``), keep alive."""
+        now = time.monotonic()
+        opened = 0
+        while self._due and self._due[0][0] <= now and opened < self._opens_per_turn:
+            _, _, client = heapq.heappop(self._due)
+            opened += 1
+            delay = client._open(self)
+            if delay is not None:
+                self._reconnect_later(client, delay)
+        wait = 0.0 if self._due and self._due[0][0] <= now else timeout
+        if self._due:
+            wait = min(wait, max(0.0, self._due[0][0] - now))
+        for key, mask in self._selector.select(wait if self._selector.get_map() else 0.0):
+            client = key.data
+            if mask & selectors.EVENT_READ:
+                client._read()
+            if mask & selectors.EVENT_WRITE and client._paho is not None:
+                client._write()
+        if not self._selector.get_map() and wait > 0:
+            time.sleep(wait)  # nothing to watch: the selector would not wait
+        if time.monotonic() - self._last_misc >= 1.0:
+            self._last_misc = time.monotonic()
+            for client in self._clients:
+                client._misc()
+
+    def close(self) -> None:
+        """Disconnect every client and stop watching their sockets."""
+        for client in self._clients:
+            client._close()
+        self._due.clear()
+        self._selector.close()
+
+    def _reconnect_later(self, client: LoopClient, delay: float) -> None:
+        self._sequence += 1
+        heapq.heappush(self._due, (time.monotonic() + delay, self._sequence, client))
+
+    def _watch(self, sock: object, client: LoopClient, *, write: bool) -> None:
+        if not isinstance(sock, socket.socket):
+            raise BrokerError(f"{client.client_id}: paho opened no socket but {sock!r}")
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        try:
+            self._selector.modify(sock, events, client)
+        except KeyError:
+            self._selector.register(sock, events, client)
+
+    def _forget(self, sock: object) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(sock)  # type: ignore[arg-type]

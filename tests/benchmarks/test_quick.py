@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
-def run_quick(name: str, tmp_path: Path) -> dict[str, object]:
+def run_quick(name: str, tmp_path: Path, timeout: float = 300) -> dict[str, object]:
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
@@ -26,7 +26,7 @@ def run_quick(name: str, tmp_path: Path) -> dict[str, object]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -184,8 +184,9 @@ def test_privacy_quick_reports_accuracy_against_epsilon(tmp_path: Path) -> None:
 
 def test_scale_quick_sends_each_version_once_per_region_through_the_tree(tmp_path: Path) -> None:
     """scale --quick: the flat broker sends a version once per hospital (8), the tree's core once
-    per region (2), and every hospital held every version in both."""
-    report = run_quick("scale", tmp_path)
+    per region (2), every hospital held every version in both, and every update of the update
+    path and of the knee was acknowledged."""
+    report = run_quick("scale", tmp_path, timeout=600)
     results = report["results"]
     assert isinstance(results, list)
     flat, tree = results
@@ -198,6 +199,21 @@ def test_scale_quick_sends_each_version_once_per_region_through_the_tree(tmp_pat
     summary = report["summary"]
     assert isinstance(summary, dict)
     assert summary["core_bytes_ratio_tree_to_flat"] < 0.5
+    # The update path: every update sent was acknowledged, flat and through the tree, and every
+    # hospital held the version that K of them made.
+    updates = report["updates"]
+    assert isinstance(updates, dict)
+    for row in updates["results"]:
+        assert row["sent"] > 0
+        assert row["lost"] == 0
+        assert row["acknowledged"] == row["sent"]
+        assert row["one_version"]["core_bytes_sent"] > 0
+        assert row["connections"][-1]["hospitals"] == row["hospitals"]
+    assert updates["summary"]["lost"] == 0
+    knee = report["knee"]
+    assert isinstance(knee, dict)
+    assert len(knee["knee"]) == len(knee["settings"]["rates"])
+    assert all(step["offered_per_second"] > 0 for step in knee["knee"])
 
 
 def test_secure_aggregation_quick_measures_costs_and_both_folds(tmp_path: Path) -> None:
