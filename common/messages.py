@@ -48,6 +48,7 @@ __all__ = [
     "MetricRelease",
     "ModelDelta",
     "ModelSpec",
+    "NodeSecureAggregation",
     "NodeState",
     "NodeStatus",
     "NodeTally",
@@ -715,6 +716,15 @@ class NodeState(StrEnum):
     BUDGET_SPENT = "budget_spent"
 
 
+class NodeSecureAggregation(Frozen):
+    """A node under secure aggregation, as its status shows it: the policy it masks and holds
+    shares under, and the holders of the roster whose key records it has not verified yet (it
+    masks nothing while any is missing)."""
+
+    policy_digest: Sha256Hex
+    waiting_for_keys: Annotated[tuple[Identifier, ...], Field(max_length=1024)] = ()
+
+
 class NodeStatus(Frozen):
     """A node's retained status; its Last Will publishes the OFFLINE form.
 
@@ -731,6 +741,8 @@ class NodeStatus(Frozen):
     num_test: NonNegative = 0
     # Under a privacy policy: the node's ledger, as of its last charge.
     privacy: PrivacySpend | None = None
+    # Under secure aggregation (docs/secure-aggregation.md): its policy and the keys it awaits.
+    secure_aggregation: NodeSecureAggregation | None = None
 
 
 class Evaluation(Frozen):
