@@ -485,7 +485,11 @@ class NodeService:
         assert client is not None  # noqa: S101 - versions arrive only over the connection
         # Listen for shares before publishing the key: no peer masks for us before that.
         for topic_filter in secure.subscriptions():
-            client.subscribe(topic_filter)
+            try:
+                client.subscribe(topic_filter)
+            except BrokerError as exc:
+                # The subscription is remembered and renewed on the next connect.
+                log.warning("node %s: %s: %s", settings.node_id, topic_filter, exc)
         self._publish(secure.key_record(now=self._clock()))
         log.info(
             "node %s: under secure aggregation (policy %s, %d holders, U=%d, T=%d)",
