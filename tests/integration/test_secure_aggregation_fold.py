@@ -12,6 +12,7 @@ how long anything took.
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 import uuid
@@ -26,6 +27,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from aggregator.aggregation import StalenessPolicy, buffer_weights
+from aggregator.core import AggregatorCore
+from aggregator.journal import Journal
 from aggregator.settings import AggregatorSettings
 from common.codec import encode, envelope
 from common.compression import dense_tensor
@@ -450,3 +453,57 @@ def test_an_aggregator_stopped_between_plan_and_answers_asks_the_same_plan_and_f
     assert restarted.service.core.counters().folded == 3
     assert restarted.service.core.open_plan is None
     assert [r.version for r in federation.records] == [1]
+
+
+class Crash(Exception):
+    """The aggregator dies here (the journal tests' way of killing it between two writes)."""
+
+
+def test_an_aggregator_killed_after_logging_a_secure_version_makes_it_again_without_asking(
+    federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v1 is in versions.jsonl, then the aggregator dies before its checkpoint and before it
+    announces anything. The restart makes v1 again from the answers it recorded, with the same
+    model, asks no holder again and folds nothing twice."""
+    state = tmp_path / "aggregator"
+    original = Journal.checkpoint
+
+    def dies_after_v1(journal: Journal, core: AggregatorCore) -> None:
+        if core.version >= 1:
+            raise Crash
+        original(journal, core)
+
+    monkeypatch.setattr(Journal, "checkpoint", dies_after_v1)
+    aggregator = federation.start_aggregator(state)
+    hospitals = federation.hospitals
+    federation.pump(
+        lambda: True if all(h.manifests for h in hospitals.values()) else None, "v0's manifest"
+    )
+    v0 = params_now(aggregator)
+    for seed, name in enumerate(["cleveland", "hungarian", "va"]):
+        hospitals[name].send(
+            f"k-{name}", flat(deltas(seed, v0)), base_version=0, num_samples=50, seed=seed
+        )
+    federation.aggregator = None  # it is to die: pump the hospitals' side until it has
+    federation.pump(
+        lambda: True if not aggregator.thread.is_alive() else None, "the aggregator's death"
+    )
+    assert isinstance(aggregator.error, Crash)
+    logged = [json.loads(line) for line in (state / "versions.jsonl").read_text().splitlines()]
+    assert [r["version"] for r in logged] == [1]
+    asked = sum(len(h.requests) for h in hospitals.values())
+    assert asked >= POLICY.scheme.threshold
+
+    monkeypatch.setattr(Journal, "checkpoint", original)
+    restarted = federation.start_aggregator(state)
+    manifest = federation.pump(
+        lambda: next((m for m in hospitals["va"].manifests if m.version == 1), None),
+        "v1's manifest after the restart",
+    )
+    assert manifest.sha256 == logged[0]["model_sha256"]
+    assert sum(len(h.requests) for h in hospitals.values()) == asked
+    core = restarted.service.core
+    assert core.version == 1
+    assert core.counters().folded == 3
+    assert core.open_plan is None
+    assert core.buffer == ()
