@@ -66,6 +66,7 @@ __all__ = [
     "SecAggTerm",
     "SecAggUnmask",
     "SecureAggregation",
+    "SecurePlanStatus",
     "ServerOptimizerKind",
     "StalenessKind",
     "TensorPayload",
@@ -695,6 +696,9 @@ class RejectReason(StrEnum):
     # Not a refusal on arrival: an accepted update whose batch could not become a version (the
     # sum was not finite, or the version failed the probe). Its node hears it in a second ack.
     DISCARDED = "discarded"
+    # The update's form does not match the run's secure aggregation policy: a plaintext delta
+    # under the policy, a masked one without it, or masked under another policy.
+    SECURE_AGGREGATION = "secure_aggregation"
 
 
 class Ack(Frozen):
@@ -866,6 +870,20 @@ class NodeTally(Frozen):
     budget_spent: bool = False
 
 
+class SecurePlanStatus(Frozen):
+    """An open fold plan of secure aggregation (docs/secure-aggregation.md#drop-outs-and-crashes):
+    its updates, the holders asked, those that answered and those that refused, and why."""
+
+    fold_id: Identifier
+    update_ids: tuple[Identifier, ...]
+    holders: tuple[Identifier, ...]
+    needed: Annotated[int, Field(ge=1)]
+    answered: tuple[Identifier, ...] = ()
+    refusals: dict[Identifier, Annotated[str, Field(max_length=500)]] = Field(default_factory=dict)
+    # Why the answers did not unmask the sum (a holder answered wrongly), if they did not.
+    failure: Annotated[str, Field(max_length=500)] = ""
+
+
 class AggregatorStatus(Frozen):
     run_id: Identifier
     state: AggregatorState
@@ -878,6 +896,10 @@ class AggregatorStatus(Frozen):
     # Every node the run knows (and has not quarantined) has spent its privacy budget: once the
     # buffer is folded no update can come, and the run may be stopped (the demo does so).
     budgets_spent: bool = False
+    # Under secure aggregation: masked updates accepted and still short of ``U`` holders'
+    # receipts, and the fold plan whose holders' answers the aggregator waits for.
+    awaiting_receipts: NonNegative = 0
+    secure_plan: SecurePlanStatus | None = None
 
 
 class ControlReply(Frozen):
@@ -928,6 +950,9 @@ class VersionRecord(Frozen):
     parent_digest: Sha256Hex | None = None
     updates_digest: Sha256Hex | None = None
     model_sha256: Sha256Hex | None = None
+    # Securely aggregated: the fold plan whose holders' answers unmasked this version's sum
+    # (aggregator/secure_unmask.py); None for a version folded in the clear.
+    secure_fold_id: Identifier | None = None
 
 
 # Secure aggregation's messages (docs/secure-aggregation.md#message-flow). Each is the wire form of

@@ -817,6 +817,31 @@ def _render_status(snapshot: AggregatorStatus, age: float) -> None:
     )
     _render_privacy(snapshot)
     _render_personalisation(snapshot)
+    _render_secure_aggregation(snapshot)
+
+
+def _render_secure_aggregation(snapshot: AggregatorStatus) -> None:
+    """The run's secure aggregation policy, its updates short of receipts and its open plan."""
+    policy = snapshot.knobs.secure_aggregation
+    if policy is None:
+        return
+    scheme = policy.policy().scheme
+    console.print(
+        f"secure aggregation: {len(policy.holders)} holders, U={scheme.threshold}, "
+        f"T={policy.privacy}; versions are folded from masked updates; "
+        f"{snapshot.awaiting_receipts} updates wait for holders' receipts",
+        soft_wrap=True,
+    )
+    plan = snapshot.secure_plan
+    if plan is not None:
+        refused = "".join(f"; {h} refused: {r}" for h, r in plan.refusals.items())
+        failure = f"; does not unmask: {plan.failure}" if plan.failure else ""
+        console.print(
+            f"open fold plan {plan.fold_id}: {len(plan.update_ids)} updates, "
+            f"{len(plan.answered)}/{plan.needed} answers from {', '.join(plan.holders)}"
+            f"{refused}{failure}",
+            soft_wrap=True,
+        )
 
 
 def _render_personalisation(snapshot: AggregatorStatus) -> None:
