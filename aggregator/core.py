@@ -99,6 +99,7 @@ from common.messages import (
     PrivacyPolicy,
     PrivacySpend,
     RejectReason,
+    SecureAggregation,
     SecurePlanStatus,
     ServerOptimizerKind,
     TrainingConfig,
@@ -360,6 +361,7 @@ class AggregatorCore:
         self._answers: dict[str, UnmaskAnswer] = {}
         self._refusals: dict[str, str] = {}
         self._plan_failure = ""
+        self._policy: tuple[SecureAggregation, SecureAggregationPolicy] | None = None
 
     # -- read-only views
 
@@ -402,7 +404,11 @@ class AggregatorCore:
     def secure_policy(self) -> SecureAggregationPolicy | None:
         """The run's secure aggregation policy (None: updates travel in the clear)."""
         wire = self._knobs.secure_aggregation
-        return None if wire is None else wire.policy()
+        if wire is None:
+            return None
+        if self._policy is None or self._policy[0] is not wire:
+            self._policy = (wire, wire.policy())  # the knobs never change it during a run
+        return self._policy[1]
 
     @property
     def open_plan(self) -> FoldPlan | None:

@@ -33,6 +33,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict
 
 from common.errors import ProtocolError
+from common.files import atomic_write
 from common.jsonlog import JsonLog, read_json_lines
 from common.secure_aggregation import (
     FieldVector,
@@ -181,8 +182,8 @@ class UnmaskLedger:
         self._answers: dict[str, tuple[UnmaskAnswer, ...]] = {}  # of open plans only
 
     def __enter__(self) -> Self:
-        self._log.open()
-        for entry in read_json_lines(self._log.path, _Entry):
+        entries = list(read_json_lines(self._log.path, _Entry)) if self._log.path.exists() else []
+        for entry in entries:
             if entry.plan is not None:
                 self._remember(entry.plan)
             elif entry.event == "answered":
@@ -192,6 +193,12 @@ class UnmaskLedger:
             else:
                 self._open.pop(entry.fold_id, None)
                 self._answers.pop(entry.fold_id, None)
+        # The answers of a closed plan are never read again (its version is checkpointed) and
+        # are its largest lines: keep the file to the plans, their ends and open plans' answers.
+        kept = [e for e in entries if e.event != "answered" or e.fold_id in self._open]
+        if len(kept) < len(entries):
+            atomic_write(self._log.path, [e.model_dump_json().encode() + b"\n" for e in kept])
+        self._log.open()
         return self
 
     def __exit__(

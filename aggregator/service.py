@@ -544,7 +544,16 @@ class AggregatorService:
                 self._plan_wait = planned
                 return
             self._plan_wait = ""
-            ledger.record(planned)  # before anyone is asked: a mask is asked for in one sum
+            try:
+                ledger.record(planned)  # before anyone is asked: a mask is asked for in one sum
+            except ValueError as exc:
+                # An update an earlier plan named: its mask is bound to that sum, never asked
+                # for in another. Only damaged state gets here; drop the batch, loudly.
+                log.error("fold %s cannot be planned: %s", planned.fold_id, exc)  # noqa: TRY400
+                discard = core.abandon_plan()
+                self.journal.commit_discard(core, discard)
+                self._tell_discarded(discard)
+                return
             log.info(
                 "fold %s planned at v%d: %d updates, asking %d holders",
                 planned.fold_id,
