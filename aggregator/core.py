@@ -1174,7 +1174,9 @@ class AggregatorCore:
         reason = self.fold_due(now)
         if reason is None:
             raise ControlError("nothing to fold")
-        batch = self._foldable()[: self._knobs.buffer_size]
+        batch = _distinct_batch(
+            self._foldable(), self._knobs.buffer_size, policy.contributors, policy.max_terms
+        )
         coefficients = self._coefficients(batch)
         pending = []
         for u, coefficient in zip(batch, coefficients, strict=True):
@@ -1610,3 +1612,20 @@ def _privacy_change_error(
 
 def _tally_fields(entry: _NodeTally) -> dict[str, Any]:
     return {name: getattr(entry, name) for name in _NodeTally.__slots__}
+
+
+def _distinct_batch(
+    foldable: Sequence[BufferedUpdate], size: int, contributors: int, max_terms: int
+) -> list[BufferedUpdate]:
+    """The oldest foldable updates, at least ``size`` of them and from at least ``contributors``
+    distinct hospitals where the buffer has them (at most ``max_terms``): a buffer whose oldest
+    ``size`` updates come from too few hospitals (one node sent twice while another was slow)
+    would otherwise wait for ever, the newer updates that make it foldable never planned."""
+    batch: list[BufferedUpdate] = []
+    nodes: set[str] = set()
+    for update in foldable:
+        if len(batch) >= max_terms or (len(batch) >= size and len(nodes) >= contributors):
+            break
+        batch.append(update)
+        nodes.add(update.node)
+    return batch

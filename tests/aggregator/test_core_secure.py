@@ -256,6 +256,19 @@ def test_the_plan_waits_for_enough_distinct_hospitals() -> None:
     assert core.open_plan is None
 
 
+def test_a_plan_reaches_past_a_node_that_sent_twice_for_enough_distinct_hospitals() -> None:
+    """K = 3 with n0's two updates oldest: the plan takes the next two hospitals' updates too
+    (four terms, three hospitals) rather than wait for ever on the oldest three."""
+    core = secure_core()
+    sent = {f"u{i}": masked_update(f"u{i}", deltas(i), seed=i) for i in range(4)}
+    for index, (node, item) in enumerate(zip(("n0", "n0", "n1", "n2"), sent.values(), strict=True)):
+        assert core.receive(node, node, item.update, 100, now=float(index)).accepted
+    receipt_all(core, list(sent), HOLDERS)
+    plan = core.plan("fold-1", now=10.0)
+    assert isinstance(plan, FoldPlan), plan
+    assert plan.update_ids == ("u0", "u1", "u2", "u3")
+
+
 def test_answers_not_asked_for_or_of_the_wrong_length_are_refused_and_refusals_show() -> None:
     core = secure_core()
     sent = {f"u{i}": masked_update(f"u{i}", deltas(i), seed=i) for i in range(3)}
