@@ -270,12 +270,21 @@ def demo(
     personalise: Personalise = None,
     personal_epochs: PersonalEpochs = None,
     ditto_lambda: DittoLambda = None,
+    secure_aggregation: Annotated[
+        bool,
+        typer.Option(
+            "--secure-aggregation",
+            help="the aggregator sees only masked updates and unmasks each buffer's sum "
+            "(keys signed by a throwaway demo CA)",
+        ),
+    ] = False,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Run a whole federation locally (broker, aggregator, hospitals) and report accuracy.
 
     With --dp-epsilon-budget the hospitals train with differential privacy, and the summary
-    gives the epsilon each one spent."""
+    gives the epsilon each one spent. With --secure-aggregation every version is folded by
+    secure aggregation (docs/secure-aggregation.md)."""
     from healthnet.demo import DemoConfig, render, run_demo
 
     _setup_logging(log_level)
@@ -317,6 +326,7 @@ def demo(
             dp_epsilon_budget, dp_noise_multiplier, dp_calibrate_versions, dp_delta
         ),
         personalisation=_personalisation(personalise, personal_epochs, ditto_lambda),
+        secure_aggregation=secure_aggregation,
     )
     try:
         result = run_demo(config, err_console)
