@@ -6,8 +6,8 @@ Each node publishes its signed key record, waits for its peers', trains, masks i
 sends the shares, then the masked update; every holder stores and receipts every share. The test
 asks three holders for a weighted sum of the masks' shares and unmasks the four updates' weighted
 sum, which equals the weighted sum of the deltas the same training makes in this process, within
-quantization. A node stopped and started again over its state dir resends its update and shares,
-byte for byte.
+quantization. A node stopped and started again over its state dir, or a node process killed
+(SIGKILL) after sending, resends its update and shares byte for byte.
 
 Waits are bounded (what has not arrived within WAIT never will); nothing asserts on how long
 anything took.
@@ -15,7 +15,9 @@ anything took.
 
 from __future__ import annotations
 
+import datetime as dt
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -46,16 +48,19 @@ from common.messages import (
     Update,
 )
 from common.models import build_model, model_params
-from common.mqtt import Message
+from common.mqtt import Message, MqttClient
 from common.secure_aggregation import from_bytes
 from common.secure_aggregation.events import UnmaskAnswer
 from common.secure_aggregation.wire import to_unmask
 from common.topics import Role, TopicTree
 from edge_node.datasets import load_dataset
+from edge_node.secure_holder import load_agreement_key
+from edge_node.secure_keys import own_key_record, publish_key_record
 from edge_node.service import NodeService, _job_seed
 from edge_node.settings import NodeSettings
 from edge_node.training import train
 from healthnet.deploy import AuthMode
+from healthnet.processes import ProcessGroup
 from tests.secure import HOSPITALS, SecureBroker, secure_broker
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
@@ -346,3 +351,65 @@ def _listening(status: NodeStatus | None) -> bool:
         and status.state is not NodeState.OFFLINE
         and status.secure_aggregation is not None
     )
+
+
+def publish_records(broker: SecureBroker, root: Path, hospitals: tuple[str, ...]) -> None:
+    """``hospitals`` publish their signed key records, as their nodes would, and go."""
+    tree = TopicTree(broker.federation)
+    for hospital in hospitals:
+        settings = broker.settings(hospital)
+        record = own_key_record(
+            federation=broker.federation,
+            identity=hospital,
+            agreement_key=load_agreement_key(root / hospital),
+            cert_file=settings.cert_file,
+            key_file=settings.key_file,
+            ca_file=settings.ca_file,
+            now=dt.datetime.now(dt.UTC),
+        )
+        with broker.client(hospital) as client:
+            publish_key_record(client, tree, record, sent_at=time.time())
+            assert client.flush(WAIT)
+
+
+def next_payload(client: MqttClient) -> bytes:
+    deadline = time.monotonic() + WAIT
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            item = client.inbox.get(timeout=min(left, 0.2))
+        except queue.Empty:
+            continue
+        if isinstance(item, Message):
+            return item.payload
+    raise AssertionError(f"nothing arrived within {WAIT}s")
+
+
+def test_a_node_killed_after_sending_resends_the_same_bytes(
+    broker: SecureBroker, tmp_path: Path
+) -> None:
+    """cleveland's node process masks and sends its update, unacknowledged, and is killed
+    (SIGKILL); started again it resends the update and its share to hungarian, byte for byte."""
+    root = tmp_path / "nodes"
+    publish_records(broker, tmp_path / "peers", ("hungarian", "switzerland", "va"))
+    params = model_params(build_model(MODEL, seed=1))
+    with ExitStack() as stack, ProcessGroup(tmp_path / "logs") as group:
+        aggregator = Aggregator(broker, stack)
+        # hungarian's node is not running: its identity reads what cleveland shares with it.
+        hungarian = stack.enter_context(broker.client("hungarian"))
+        hungarian.subscribe(aggregator.tree.secagg_share("hungarian", "cleveland"))
+        aggregator.publish_version(params)
+        node = group.start_service("cleveland", node_settings(broker, "cleveland", root))
+        aggregator.drain(lambda: bool(aggregator.updates.get("cleveland")))
+        first_share = next_payload(hungarian)
+        node.signal(signal.SIGKILL)
+        assert node.wait(WAIT) is not None
+        (first,) = aggregator.updates.pop("cleveland")
+
+        group.start_service("cleveland", node_settings(broker, "cleveland", root))
+        aggregator.drain(lambda: bool(aggregator.updates.get("cleveland")))
+        again_share = next_payload(hungarian)
+    assert aggregator.updates["cleveland"][0] == first
+    assert again_share == first_share
+    update = aggregator.update_of("cleveland")
+    assert update.masked is not None
+    assert update.delta == ()
