@@ -361,6 +361,7 @@ class AggregatorCore:
         self._answers: dict[str, UnmaskAnswer] = {}
         self._refusals: dict[str, str] = {}
         self._plan_failure = ""
+        self._asked: set[str] = set()
         self._policy: tuple[SecureAggregation, SecureAggregationPolicy] | None = None
 
     # -- read-only views
@@ -421,7 +422,28 @@ class AggregatorCore:
         plan = self._plan
         if plan is None:
             return ()
-        return tuple(self._answers[h] for h in plan.holders if h in self._answers)
+        return tuple(self._answers[h] for h in self.askable() if h in self._answers)
+
+    def askable(self) -> tuple[str, ...]:
+        """The holders the open plan may ask: those it named, and any holder that has
+        receipted all of its updates since (it is asked the same request; the sum, its fold id
+        and weights never change), in the policy's order."""
+        plan, policy = self._plan, self.secure_policy
+        if plan is None or policy is None:
+            return ()
+        named = set(plan.holders)
+        return tuple(
+            h
+            for h in policy.holders
+            if h in named or all(h in self._receipts.get(u, ()) for u in plan.update_ids)
+        )
+
+    def take_holders_to_ask(self) -> tuple[str, ...]:
+        """The askable holders not asked yet since the plan was opened (or taken back after a
+        restart): the shell publishes the plan's request to each, once."""
+        fresh = tuple(h for h in self.askable() if h not in self._asked)
+        self._asked.update(fresh)
+        return fresh
 
     @property
     def seen_by(self) -> Mapping[str, str]:
@@ -483,7 +505,7 @@ class AggregatorCore:
         return SecurePlanStatus(
             fold_id=plan.fold_id,
             update_ids=plan.update_ids,
-            holders=plan.holders,
+            holders=self.askable(),
             needed=policy.scheme.threshold,
             answered=tuple(a.holder for a in self.plan_answers),
             refusals={h: r[:500] for h, r in self._refusals.items()},
@@ -1202,7 +1224,7 @@ class AggregatorCore:
         plan, policy = self._plan, self.secure_policy
         if plan is None or policy is None or answer.fold_id != plan.fold_id:
             return f"fold {answer.fold_id} is not the open plan"
-        if answer.holder not in plan.holders:
+        if answer.holder not in self.askable():
             return f"{answer.holder!r} was not asked for fold {plan.fold_id}"
         if isinstance(answer, UnmaskRefusal):
             self._refusals[answer.holder] = answer.reason
@@ -1264,11 +1286,13 @@ class AggregatorCore:
     def _open_plan(self, plan: FoldPlan) -> None:
         self._plan = plan
         self._answers, self._refusals, self._plan_failure = {}, {}, ""
+        self._asked = set()
 
     def _close_plan(self, plan: FoldPlan) -> None:
         if self._plan is not None and self._plan.fold_id == plan.fold_id:
             self._plan = None
             self._answers, self._refusals, self._plan_failure = {}, {}, ""
+            self._asked = set()
 
     def _planned_batch(self, plan: FoldPlan) -> list[BufferedUpdate]:
         by_id = {u.update_id: u for u in self._buffer}
@@ -1286,7 +1310,10 @@ class AggregatorCore:
         masked = {u.update_id: u.masked for u in batch if u.masked is not None}
         if len(masked) != len(batch):
             raise ControlError(f"fold {plan.fold_id} names an update that is not masked")
-        return unmask(policy, plan, masked, answers)
+        # A holder that receipted every update after the plan was made may answer it too.
+        answered = set(plan.holders) | {a.holder for a in answers}
+        holders = tuple(h for h in policy.holders if h in answered)
+        return unmask(policy, plan.model_copy(update={"holders": holders}), masked, answers)
 
     def _unflatten(self, flat: NDArray[np.float64]) -> dict[str, NDArray[np.float32]]:
         """A flattened delta (the model's tensors in their order, each row-major) as tensors."""

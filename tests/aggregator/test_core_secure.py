@@ -403,3 +403,26 @@ def test_the_manifest_carries_the_policy() -> None:
 
     broadcast = secure_core().broadcast(model=ModelSpec(name="logreg"), chunk_size=1024, now=0.0)
     assert broadcast.manifest.secure_aggregation == SECURE
+
+
+def test_a_holder_that_receipts_after_the_plan_is_asked_too_and_its_answer_counts() -> None:
+    """The plan names a, b and c; d's receipts come later: d is asked the same request, and
+    the sum unmasks from b, c and d when a is gone."""
+    core = secure_core()
+    sent = {f"u{i}": masked_update(f"u{i}", deltas(i), seed=i) for i in range(3)}
+    receive_all(core, sent)
+    receipt_all(core, list(sent), ("a", "b", "c"))
+    plan = core.plan("fold-1", now=10.0)
+    assert isinstance(plan, FoldPlan)
+    assert core.take_holders_to_ask() == ("a", "b", "c")
+    receipt_all(core, ["u0", "u1"], ("d",))
+    assert core.take_holders_to_ask() == ()  # d holds two of the three shares only
+    receipt_all(core, ["u2"], ("d",))
+    assert core.take_holders_to_ask() == ("d",)
+    assert core.take_holders_to_ask() == ()
+    for answer in answers(plan, sent, ("b", "c", "d")):
+        assert core.record_answer(answer) == ""
+    fold = core.fold_secure(now=11.0)
+    assert isinstance(fold, Fold)
+    status_holders = core.status(12.0).secure_plan
+    assert status_holders is None

@@ -345,7 +345,8 @@ def test_the_version_is_the_staleness_weighted_sum_and_a_contributor_may_drop_ou
 
     record = federation.record(1)
     assert record.secure_fold_id is not None
-    assert [c.update_id for c in record.contributions] == [f"a-{n}" for n, _ in first]
+    # Folded in the order they arrived, which three clients do not fix.
+    assert sorted(c.update_id for c in record.contributions) == sorted(f"a-{n}" for n, _ in first)
     v1 = params_now(aggregator)
     step = expected_step(sent)
     for name in v0:
@@ -365,7 +366,11 @@ def test_the_version_is_the_staleness_weighted_sum_and_a_contributor_may_drop_ou
         sent.append((delta, samples, 1 - base))
     record = federation.record(2)
     assert record.secure_fold_id is not None
-    assert [c.staleness for c in record.contributions] == [0, 0, 1]
+    assert {c.update_id: c.staleness for c in record.contributions} == {
+        "b-cleveland": 0,
+        "b-hungarian": 0,
+        "b-va": 1,
+    }
     v2 = params_now(aggregator)
     step = expected_step(sent)
     for name in v0:
@@ -491,8 +496,7 @@ def test_an_aggregator_killed_after_logging_a_secure_version_makes_it_again_with
     assert isinstance(aggregator.error, Crash)
     logged = [json.loads(line) for line in (state / "versions.jsonl").read_text().splitlines()]
     assert [r["version"] for r in logged] == [1]
-    asked = sum(len(h.requests) for h in hospitals.values())
-    assert asked >= POLICY.scheme.threshold
+    assert sum(len(h.requests) for h in hospitals.values()) >= POLICY.scheme.threshold
 
     monkeypatch.setattr(Journal, "checkpoint", original)
     restarted = federation.start_aggregator(state)
@@ -501,7 +505,12 @@ def test_an_aggregator_killed_after_logging_a_secure_version_makes_it_again_with
         "v1's manifest after the restart",
     )
     assert manifest.sha256 == logged[0]["model_sha256"]
-    assert sum(len(h.requests) for h in hospitals.values()) == asked
+    # Each holder was asked once, before the kill (a request still on its way then may
+    # arrive late, never a second one): the restart asked no one.
+    assert all(len(h.requests) <= 1 for h in hospitals.values())
+    assert {r.fold_id for h in hospitals.values() for r in h.requests} == {
+        logged[0]["secure_fold_id"]
+    }
     core = restarted.service.core
     assert core.version == 1
     assert core.counters().folded == 3
