@@ -362,6 +362,9 @@ class AggregatorCore:
         self._refusals: dict[str, str] = {}
         self._plan_failure = ""
         self._asked: set[str] = set()
+        # A due buffer that could not be planned waits for a new update or receipt (without
+        # this the shell, seeing a fold due, would try again in a tight loop).
+        self._plan_waits = False
         self._policy: tuple[SecureAggregation, SecureAggregationPolicy] | None = None
 
     # -- read-only views
@@ -597,6 +600,7 @@ class AggregatorCore:
             # they were given: a run keeps the policy (or its absence) it started with.
             raise ControlError("refused: secure_aggregation cannot change during a run")
         self._knobs = knobs
+        self._plan_waits = False
         return knobs
 
     def quarantine(self, node: str) -> tuple[str, ...]:
@@ -781,6 +785,7 @@ class AggregatorCore:
     ) -> Verdict:
         staleness = self._version - update.base_version
         self._buffer.append(buffered)
+        self._plan_waits = False
         self._counters["bytes_accepted"] += buffered.bytes
         self._counters["raw_bytes_accepted"] += buffered.raw_bytes
         self._seen[update.update_id] = "accepted"
@@ -1113,7 +1118,7 @@ class AggregatorCore:
         policy = self.secure_policy
         if policy is None:
             return self._buffer
-        if self._plan is not None:
+        if self._plan is not None or self._plan_waits:
             return []
         threshold, holders = policy.scheme.threshold, set(policy.holders)
         return [
@@ -1170,6 +1175,7 @@ class AggregatorCore:
             if judged is not None and update_id not in buffered:
                 continue  # folded, rejected or discarded: nothing left to count towards
             self._receipts.setdefault(update_id, set()).add(holder)
+            self._plan_waits = False
         # Receipts of updates that never come (a node that died before sending) must not
         # grow without bound: the oldest of them go first, never a buffered update's.
         excess = len(self._receipts) - _MAX_RECEIPTS
@@ -1207,6 +1213,8 @@ class AggregatorCore:
         planned = plan_fold(policy, fold_id, pending, reason)
         if isinstance(planned, FoldPlan):
             self._open_plan(planned)
+        else:
+            self._plan_waits = True
         return planned
 
     def adopt_plan(self, plan: FoldPlan) -> bool:

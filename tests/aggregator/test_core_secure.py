@@ -254,6 +254,13 @@ def test_the_plan_waits_for_enough_distinct_hospitals() -> None:
     why = core.plan("fold-1", now=10.0)
     assert why == "2 distinct hospitals buffered, 3 needed"
     assert core.open_plan is None
+    # Nothing changes until a new update or receipt comes: no fold is due, no deadline set.
+    assert core.fold_due(now=11.0) is None
+    assert core.next_deadline() is None
+    third = masked_update("u2", deltas(2), seed=2)
+    assert core.receive("n2", "n2", third.update, 100, now=12.0).accepted
+    receipt_all(core, ["u2"], HOLDERS)
+    assert core.fold_due(now=12.0) == "buffer_full"
 
 
 def test_answers_not_asked_for_or_of_the_wrong_length_are_refused_and_refusals_show() -> None:
