@@ -447,6 +447,8 @@ class AggregatorService:
                     message = self._on_quarantine(request)
                 case ControlCommand.ROLLBACK:
                     message = self._on_rollback(request.version or 0)
+                case ControlCommand.ABANDON_PLAN:
+                    message = self._on_abandon_plan()
                 case _:
                     state = core.command(request.command)
                     message = f"run is {state.value} at v{core.version}"
@@ -481,6 +483,21 @@ class AggregatorService:
             # The control path checkpoints next; that drops their write-ahead entries with it.
             dropped = core.quarantine(node)
             message = f"node {node} quarantined; {len(dropped)} buffered updates dropped"
+        log.warning("operator: %s at v%d", message, core.version)
+        return message
+
+    def _on_abandon_plan(self) -> str:
+        """Give up the open fold plan: its batch is discarded (the nodes are told), the ledger
+        closes it as abandoned, and its updates' masks are never asked for in another sum."""
+        core = self.core
+        plan = core.open_plan
+        if plan is None:
+            raise ControlError("no fold plan is open")
+        discard = core.abandon_plan()
+        self.journal.commit_discard(core, discard)
+        self.journal.unmask.abandon(plan.fold_id)
+        self._tell_discarded(discard)
+        message = f"fold plan {plan.fold_id} abandoned; {len(discard.update_ids)} updates dropped"
         log.warning("operator: %s at v%d", message, core.version)
         return message
 

@@ -433,3 +433,21 @@ def test_a_holder_that_receipts_after_the_plan_is_asked_too_and_its_answer_count
     assert isinstance(fold, Fold)
     status_holders = core.status(12.0).secure_plan
     assert status_holders is None
+
+
+def test_an_abandoned_plan_drops_its_updates_for_good() -> None:
+    core = secure_core()
+    sent = {f"u{i}": masked_update(f"u{i}", deltas(i), seed=i) for i in range(3)}
+    receive_all(core, sent)
+    receipt_all(core, list(sent), HOLDERS)
+    assert isinstance(core.plan("fold-1", now=10.0), FoldPlan)
+    discard = core.abandon_plan()
+    assert discard.update_ids == ("u0", "u1", "u2")
+    assert "fold-1 abandoned" in discard.detail
+    assert core.open_plan is None
+    assert core.buffer == ()
+    assert core.counters().discarded == 3
+    again = core.receive("n0", "n0", sent["u0"].update, 100, now=11.0)
+    assert again.reason is RejectReason.REPLAY
+    with pytest.raises(ControlError, match="no fold plan is open"):
+        core.abandon_plan()

@@ -36,6 +36,8 @@ from common.inbound import Inbound, receive
 from common.messages import (
     Ack,
     AggregatorStatus,
+    ControlCommand,
+    ControlRequest,
     Knobs,
     Manifest,
     MaskedDelta,
@@ -68,6 +70,8 @@ KNOBS = Knobs(buffer_size=3, secure_aggregation=SECURE)
 LEVEL = POLICY.plan.clip / POLICY.plan.levels
 
 T = TypeVar("T")
+# MODEL's tensors (a 3-feature logistic regression), in the model's order.
+PARAMS = {"1.weight": np.zeros((2, 3), np.float32), "1.bias": np.zeros(2, np.float32)}
 
 
 @dataclass
@@ -516,3 +520,59 @@ def test_an_aggregator_killed_after_logging_a_secure_version_makes_it_again_with
     assert core.counters().folded == 3
     assert core.open_plan is None
     assert core.buffer == ()
+
+
+def test_the_operator_abandons_a_plan_that_cannot_complete(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """No holder answers: the plan stays open and shows in the status until the operator
+    abandons it; its nodes hear that their updates were discarded, and the next updates are
+    planned anew."""
+    federation.start_aggregator(tmp_path / "aggregator")
+    hospitals = federation.hospitals
+    for hospital in hospitals.values():
+        hospital.answering = False
+    federation.pump(
+        lambda: True if all(h.manifests for h in hospitals.values()) else None, "v0's manifest"
+    )
+    names = ["cleveland", "hungarian", "va"]
+    for seed, name in enumerate(names):
+        hospitals[name].send(
+            f"x-{name}", flat(deltas(seed, PARAMS)), base_version=0, num_samples=50, seed=seed
+        )
+    stuck = federation.pump(
+        lambda: next((s.secure_plan for s in federation.statuses[::-1] if s.secure_plan), None),
+        "the open plan in the status",
+    )
+    request = ControlRequest(request_id="abandon-1", command=ControlCommand.ABANDON_PLAN)
+    federation.operator.publish(
+        federation.tree.control_requests(),
+        encode(envelope(request, sender="operator", sent_at=time.time())),
+    )
+    federation.pump(
+        lambda: (
+            True
+            if all(
+                (a := hospitals[n].acks.get(f"x-{n}")) is not None and not a.accepted for n in names
+            )
+            else None
+        ),
+        "the discarded acks",
+    )
+    assert all(hospitals[n].acks[f"x-{n}"].reason is RejectReason.DISCARDED for n in names)
+    status = federation.pump(
+        lambda: next((s for s in federation.statuses[::-1] if s.counters.discarded), None),
+        "a status counting the discarded updates",
+    )
+    assert status.secure_plan is None
+    assert status.counters.discarded == 3
+
+    for hospital in hospitals.values():
+        hospital.answering = True
+    for seed, name in enumerate(names, start=5):
+        hospitals[name].send(
+            f"y-{name}", flat(deltas(seed, PARAMS)), base_version=0, num_samples=50, seed=seed
+        )
+    record = federation.record(1)
+    assert record.secure_fold_id not in (None, stuck.fold_id)
+    assert sorted(c.update_id for c in record.contributions) == [f"y-{n}" for n in sorted(names)]
