@@ -1422,9 +1422,11 @@ class AggregatorCore:
             tau=knobs.server_tau,
         )
         opt_state = ServerOptimizerState(step=self._opt_state.step + 1)
+        refused = ""
         if unmasked is not None:
             plan, flat = unmasked
             weights = [w * plan.scale for w in plan.weights]
+            flat, refused = self._bound_sum(flat)
             params, opt_state, norm, finite = self._step(self._unflatten(flat), optimizer)
         elif knobs.aggregation is AggregationRule.MEAN:
             weights = buffer_weights(
@@ -1456,6 +1458,8 @@ class AggregatorCore:
         if unmasked is not None:
             self._close_plan(unmasked[0])
             self._forget_receipts(folded_ids)
+        if refused:
+            return self._discard(batch, refused)
         if not math.isfinite(norm) or not finite:
             # Each update was finite, but together they overflow float32: refuse the batch
             # rather than publish a model of infinities.
@@ -1506,6 +1510,31 @@ class AggregatorCore:
         for u in batch:
             self._nodes[u.node].folded += 1
         return Fold(version=self._version, params=params, record=record, folded_ids=folded_ids)
+
+    def _bound_sum(self, flat: NDArray[np.float64]) -> tuple[NDArray[np.float64], str]:
+        """An unmasked sum held to the norm bound, or why it is refused (secure aggregation).
+
+        Each update is hidden, so the bound applies to the buffer's weighted sum: its weights
+        add up to at most 1, so updates within the bound make a sum within it. Beyond it, the
+        norm policy decides as for one update: ``clip`` scales the sum to the bound, ``reject``
+        refuses the batch. The adaptive bound learns from the norms of the sums taken, as it
+        learns from updates' norms in the clear.
+        """
+        bound = self.norm_bound()
+        norm = float(np.linalg.norm(flat))
+        if bound is None or not norm > bound.value:
+            if bound is not None or self._knobs.norm_multiplier is not None:
+                self._remember_norm(norm)
+            return flat, ""
+        if self._knobs.norm_policy is NormPolicy.REJECT:
+            return flat, (
+                f"the unmasked sum's norm {norm:.4g} exceeds the bound {bound.value:.4g} "
+                f"({bound.source})"
+            )
+        self._counters["clipped"] += 1
+        self._remember_norm(bound.value)
+        scaled: NDArray[np.float64] = flat * (bound.value / norm)
+        return scaled, ""
 
     def _state_after(self, version: int) -> AggregatorState:
         """The run's state once ``version`` is folded: over at ``max_versions``."""

@@ -451,3 +451,30 @@ def test_an_abandoned_plan_drops_its_updates_for_good() -> None:
     assert again.reason is RejectReason.REPLAY
     with pytest.raises(ControlError, match="no fold plan is open"):
         core.abandon_plan()
+
+
+@pytest.mark.parametrize(
+    ("policy", "folded"),
+    [pytest.param("reject", False, id="reject"), pytest.param("clip", True, id="clip")],
+)
+def test_the_unmasked_sum_is_held_to_the_norm_bound(policy: str, folded: bool) -> None:
+    """Each update is hidden, so max_update_norm bounds the buffer's weighted sum: beyond it
+    the batch is refused (reject) or the sum scaled to the bound (clip)."""
+    core = secure_core(max_update_norm=0.01, norm_policy=policy)
+    sent = {f"u{i}": masked_update(f"u{i}", deltas(i), seed=i) for i in range(3)}
+    receive_all(core, sent)
+    receipt_all(core, list(sent), HOLDERS)
+    plan = core.plan("fold-1", now=10.0)
+    assert isinstance(plan, FoldPlan)
+    for answer in answers(plan, sent, ("a", "b", "c")):
+        core.record_answer(answer)
+    result = core.fold_secure(now=11.0)
+    if not folded:
+        assert isinstance(result, Discard)
+        assert "exceeds the bound 0.01" in result.detail
+        assert core.version == 0
+        return
+    assert isinstance(result, Fold)
+    step = np.sqrt(sum(np.sum((result.params[k] - PARAMS[k]) ** 2) for k in PARAMS))
+    assert step == pytest.approx(0.01, rel=1e-4)
+    assert core.counters().clipped == 1
