@@ -361,6 +361,10 @@ class AggregatorCore:
         self._answers: dict[str, UnmaskAnswer] = {}
         self._refusals: dict[str, str] = {}
         self._plan_failure = ""
+        self._asked: set[str] = set()
+        # A due buffer that could not be planned waits for a new update or receipt (without
+        # this the shell, seeing a fold due, would try again in a tight loop).
+        self._plan_waits = False
         self._policy: tuple[SecureAggregation, SecureAggregationPolicy] | None = None
 
     # -- read-only views
@@ -421,7 +425,28 @@ class AggregatorCore:
         plan = self._plan
         if plan is None:
             return ()
-        return tuple(self._answers[h] for h in plan.holders if h in self._answers)
+        return tuple(self._answers[h] for h in self.askable() if h in self._answers)
+
+    def askable(self) -> tuple[str, ...]:
+        """The holders the open plan may ask: those it named, and any holder that has
+        receipted all of its updates since (it is asked the same request; the sum, its fold id
+        and weights never change), in the policy's order."""
+        plan, policy = self._plan, self.secure_policy
+        if plan is None or policy is None:
+            return ()
+        named = set(plan.holders)
+        return tuple(
+            h
+            for h in policy.holders
+            if h in named or all(h in self._receipts.get(u, ()) for u in plan.update_ids)
+        )
+
+    def take_holders_to_ask(self) -> tuple[str, ...]:
+        """The askable holders not asked yet since the plan was opened (or taken back after a
+        restart): the shell publishes the plan's request to each, once."""
+        fresh = tuple(h for h in self.askable() if h not in self._asked)
+        self._asked.update(fresh)
+        return fresh
 
     @property
     def seen_by(self) -> Mapping[str, str]:
@@ -483,7 +508,7 @@ class AggregatorCore:
         return SecurePlanStatus(
             fold_id=plan.fold_id,
             update_ids=plan.update_ids,
-            holders=plan.holders,
+            holders=self.askable(),
             needed=policy.scheme.threshold,
             answered=tuple(a.holder for a in self.plan_answers),
             refusals={h: r[:500] for h, r in self._refusals.items()},
@@ -575,6 +600,7 @@ class AggregatorCore:
             # they were given: a run keeps the policy (or its absence) it started with.
             raise ControlError("refused: secure_aggregation cannot change during a run")
         self._knobs = knobs
+        self._plan_waits = False
         return knobs
 
     def quarantine(self, node: str) -> tuple[str, ...]:
@@ -759,6 +785,7 @@ class AggregatorCore:
     ) -> Verdict:
         staleness = self._version - update.base_version
         self._buffer.append(buffered)
+        self._plan_waits = False
         self._counters["bytes_accepted"] += buffered.bytes
         self._counters["raw_bytes_accepted"] += buffered.raw_bytes
         self._seen[update.update_id] = "accepted"
@@ -1091,7 +1118,7 @@ class AggregatorCore:
         policy = self.secure_policy
         if policy is None:
             return self._buffer
-        if self._plan is not None:
+        if self._plan is not None or self._plan_waits:
             return []
         threshold, holders = policy.scheme.threshold, set(policy.holders)
         return [
@@ -1148,6 +1175,7 @@ class AggregatorCore:
             if judged is not None and update_id not in buffered:
                 continue  # folded, rejected or discarded: nothing left to count towards
             self._receipts.setdefault(update_id, set()).add(holder)
+            self._plan_waits = False
         # Receipts of updates that never come (a node that died before sending) must not
         # grow without bound: the oldest of them go first, never a buffered update's.
         excess = len(self._receipts) - _MAX_RECEIPTS
@@ -1187,6 +1215,8 @@ class AggregatorCore:
         planned = plan_fold(policy, fold_id, pending, reason)
         if isinstance(planned, FoldPlan):
             self._open_plan(planned)
+        else:
+            self._plan_waits = True
         return planned
 
     def adopt_plan(self, plan: FoldPlan) -> bool:
@@ -1204,7 +1234,7 @@ class AggregatorCore:
         plan, policy = self._plan, self.secure_policy
         if plan is None or policy is None or answer.fold_id != plan.fold_id:
             return f"fold {answer.fold_id} is not the open plan"
-        if answer.holder not in plan.holders:
+        if answer.holder not in self.askable():
             return f"{answer.holder!r} was not asked for fold {plan.fold_id}"
         if isinstance(answer, UnmaskRefusal):
             self._refusals[answer.holder] = answer.reason
@@ -1266,11 +1296,13 @@ class AggregatorCore:
     def _open_plan(self, plan: FoldPlan) -> None:
         self._plan = plan
         self._answers, self._refusals, self._plan_failure = {}, {}, ""
+        self._asked = set()
 
     def _close_plan(self, plan: FoldPlan) -> None:
         if self._plan is not None and self._plan.fold_id == plan.fold_id:
             self._plan = None
             self._answers, self._refusals, self._plan_failure = {}, {}, ""
+            self._asked = set()
 
     def _planned_batch(self, plan: FoldPlan) -> list[BufferedUpdate]:
         by_id = {u.update_id: u for u in self._buffer}
@@ -1288,7 +1320,10 @@ class AggregatorCore:
         masked = {u.update_id: u.masked for u in batch if u.masked is not None}
         if len(masked) != len(batch):
             raise ControlError(f"fold {plan.fold_id} names an update that is not masked")
-        return unmask(policy, plan, masked, answers)
+        # A holder that receipted every update after the plan was made may answer it too.
+        answered = set(plan.holders) | {a.holder for a in answers}
+        holders = tuple(h for h in policy.holders if h in answered)
+        return unmask(policy, plan.model_copy(update={"holders": holders}), masked, answers)
 
     def _unflatten(self, flat: NDArray[np.float64]) -> dict[str, NDArray[np.float32]]:
         """A flattened delta (the model's tensors in their order, each row-major) as tensors."""
@@ -1389,9 +1424,11 @@ class AggregatorCore:
             tau=knobs.server_tau,
         )
         opt_state = ServerOptimizerState(step=self._opt_state.step + 1)
+        refused = ""
         if unmasked is not None:
             plan, flat = unmasked
             weights = [w * plan.scale for w in plan.weights]
+            flat, refused = self._bound_sum(flat)
             params, opt_state, norm, finite = self._step(self._unflatten(flat), optimizer)
         elif knobs.aggregation is AggregationRule.MEAN:
             weights = buffer_weights(
@@ -1423,6 +1460,8 @@ class AggregatorCore:
         if unmasked is not None:
             self._close_plan(unmasked[0])
             self._forget_receipts(folded_ids)
+        if refused:
+            return self._discard(batch, refused)
         if not math.isfinite(norm) or not finite:
             # Each update was finite, but together they overflow float32: refuse the batch
             # rather than publish a model of infinities.
@@ -1473,6 +1512,31 @@ class AggregatorCore:
         for u in batch:
             self._nodes[u.node].folded += 1
         return Fold(version=self._version, params=params, record=record, folded_ids=folded_ids)
+
+    def _bound_sum(self, flat: NDArray[np.float64]) -> tuple[NDArray[np.float64], str]:
+        """An unmasked sum held to the norm bound, or why it is refused (secure aggregation).
+
+        Each update is hidden, so the bound applies to the buffer's weighted sum: its weights
+        add up to at most 1, so updates within the bound make a sum within it. Beyond it, the
+        norm policy decides as for one update: ``clip`` scales the sum to the bound, ``reject``
+        refuses the batch. The adaptive bound learns from the norms of the sums taken, as it
+        learns from updates' norms in the clear.
+        """
+        bound = self.norm_bound()
+        norm = float(np.linalg.norm(flat))
+        if bound is None or not norm > bound.value:
+            if bound is not None or self._knobs.norm_multiplier is not None:
+                self._remember_norm(norm)
+            return flat, ""
+        if self._knobs.norm_policy is NormPolicy.REJECT:
+            return flat, (
+                f"the unmasked sum's norm {norm:.4g} exceeds the bound {bound.value:.4g} "
+                f"({bound.source})"
+            )
+        self._counters["clipped"] += 1
+        self._remember_norm(bound.value)
+        scaled: NDArray[np.float64] = flat * (bound.value / norm)
+        return scaled, ""
 
     def _state_after(self, version: int) -> AggregatorState:
         """The run's state once ``version`` is folded: over at ``max_versions``."""

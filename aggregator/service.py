@@ -239,7 +239,7 @@ class AggregatorService:
                         # plan again (a holder answers a repeated request with the same bytes).
                         self._publish_model()
                         if self.core.open_plan is not None:
-                            self._ask(self.core.open_plan)
+                            self._ask(self.core.open_plan, self.core.askable())
                     self._connected_before = True
                 case ConnectionEvent(connected=False):
                     log.warning("lost the broker (%s); reconnecting", item.reason)
@@ -325,6 +325,10 @@ class AggregatorService:
         self.journal.receipts.write(holder, update_ids)
         log.debug("holder %s receipted %d updates", holder, len(update_ids))
         self._status_dirty = True
+        plan = self.core.open_plan
+        if plan is not None:
+            # A holder that now holds every share of the open plan can answer it too.
+            self._ask(plan, self.core.take_holders_to_ask())
 
     def _on_answer(self, inbound: Inbound) -> None:
         """A holder's answer (or refusal) to the open fold plan."""
@@ -443,6 +447,8 @@ class AggregatorService:
                     message = self._on_quarantine(request)
                 case ControlCommand.ROLLBACK:
                     message = self._on_rollback(request.version or 0)
+                case ControlCommand.ABANDON_PLAN:
+                    message = self._on_abandon_plan()
                 case _:
                     state = core.command(request.command)
                     message = f"run is {state.value} at v{core.version}"
@@ -477,6 +483,21 @@ class AggregatorService:
             # The control path checkpoints next; that drops their write-ahead entries with it.
             dropped = core.quarantine(node)
             message = f"node {node} quarantined; {len(dropped)} buffered updates dropped"
+        log.warning("operator: %s at v%d", message, core.version)
+        return message
+
+    def _on_abandon_plan(self) -> str:
+        """Give up the open fold plan: its batch is discarded (the nodes are told), the ledger
+        closes it as abandoned, and its updates' masks are never asked for in another sum."""
+        core = self.core
+        plan = core.open_plan
+        if plan is None:
+            raise ControlError("no fold plan is open")
+        discard = core.abandon_plan()
+        self.journal.commit_discard(core, discard)
+        self.journal.unmask.abandon(plan.fold_id)
+        self._tell_discarded(discard)
+        message = f"fold plan {plan.fold_id} abandoned; {len(discard.update_ids)} updates dropped"
         log.warning("operator: %s at v%d", message, core.version)
         return message
 
@@ -561,7 +582,7 @@ class AggregatorService:
                 len(planned.update_ids),
                 len(planned.holders),
             )
-            self._ask(planned)
+            self._ask(planned, core.take_holders_to_ask())
             self._status_dirty = True
             return
         if not core.answers_complete():
@@ -591,10 +612,10 @@ class AggregatorService:
                 ledger.abandon(plan.fold_id)
                 self._tell_discarded(discard)
 
-    def _ask(self, plan: FoldPlan) -> None:
-        """Publish the plan's request to each holder it names (the same request every time)."""
+    def _ask(self, plan: FoldPlan, holders: tuple[str, ...]) -> None:
+        """Publish the plan's request to ``holders`` (the same request every time)."""
         request = to_unmask(plan.request())
-        for holder in plan.holders:
+        for holder in holders:
             self._send(self.topics.secagg_unmask(holder), request)
 
     def _resume_plan(self) -> None:
@@ -610,7 +631,7 @@ class AggregatorService:
             self._maybe_fold()
             return
         log.info("fold %s is open at v%d; asking its holders again", plan.fold_id, core.version)
-        self._ask(plan)
+        self._ask(plan, core.take_holders_to_ask())
 
     def _tell_discarded(self, discard: Discard) -> None:
         """A second ack, after the accepted one: the node's work went nowhere, and why.

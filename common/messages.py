@@ -790,6 +790,8 @@ class ControlCommand(StrEnum):
     QUARANTINE = "quarantine"
     READMIT = "readmit"
     ROLLBACK = "rollback"
+    # Secure aggregation: give up the open fold plan; its updates are dropped, never re-planned.
+    ABANDON_PLAN = "abandon_plan"
 
 
 class ControlRequest(Frozen):

@@ -716,6 +716,13 @@ def readmit(
     _control(ControlCommand.READMIT, broker_url, federation, node=node)
 
 
+@app.command("abandon-plan")
+def abandon_plan(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> None:
+    """Secure aggregation: give up the open fold plan that cannot complete (too many holders
+    gone); its updates are dropped and their nodes told, never folded in another sum."""
+    _control(ControlCommand.ABANDON_PLAN, broker_url, federation)
+
+
 @app.command()
 def rollback(
     version: Annotated[int, typer.Argument(min=0, help="the earlier version to go back to")],

@@ -254,6 +254,13 @@ def test_the_plan_waits_for_enough_distinct_hospitals() -> None:
     why = core.plan("fold-1", now=10.0)
     assert why == "2 distinct hospitals buffered, 3 needed"
     assert core.open_plan is None
+    # Nothing changes until a new update or receipt comes: no fold is due, no deadline set.
+    assert core.fold_due(now=11.0) is None
+    assert core.next_deadline() is None
+    third = masked_update("u2", deltas(2), seed=2)
+    assert core.receive("n2", "n2", third.update, 100, now=12.0).accepted
+    receipt_all(core, ["u2"], HOLDERS)
+    assert core.fold_due(now=12.0) == "buffer_full"
 
 
 def test_a_plan_reaches_past_a_node_that_sent_twice_for_enough_distinct_hospitals() -> None:
@@ -416,3 +423,71 @@ def test_the_manifest_carries_the_policy() -> None:
 
     broadcast = secure_core().broadcast(model=ModelSpec(name="logreg"), chunk_size=1024, now=0.0)
     assert broadcast.manifest.secure_aggregation == SECURE
+
+
+def test_a_holder_that_receipts_after_the_plan_is_asked_too_and_its_answer_counts() -> None:
+    """The plan names a, b and c; d's receipts come later: d is asked the same request, and
+    the sum unmasks from b, c and d when a is gone."""
+    core = secure_core()
+    sent = {f"u{i}": masked_update(f"u{i}", deltas(i), seed=i) for i in range(3)}
+    receive_all(core, sent)
+    receipt_all(core, list(sent), ("a", "b", "c"))
+    plan = core.plan("fold-1", now=10.0)
+    assert isinstance(plan, FoldPlan)
+    assert core.take_holders_to_ask() == ("a", "b", "c")
+    receipt_all(core, ["u0", "u1"], ("d",))
+    assert core.take_holders_to_ask() == ()  # d holds two of the three shares only
+    receipt_all(core, ["u2"], ("d",))
+    assert core.take_holders_to_ask() == ("d",)
+    assert core.take_holders_to_ask() == ()
+    for answer in answers(plan, sent, ("b", "c", "d")):
+        assert core.record_answer(answer) == ""
+    fold = core.fold_secure(now=11.0)
+    assert isinstance(fold, Fold)
+    status_holders = core.status(12.0).secure_plan
+    assert status_holders is None
+
+
+def test_an_abandoned_plan_drops_its_updates_for_good() -> None:
+    core = secure_core()
+    sent = {f"u{i}": masked_update(f"u{i}", deltas(i), seed=i) for i in range(3)}
+    receive_all(core, sent)
+    receipt_all(core, list(sent), HOLDERS)
+    assert isinstance(core.plan("fold-1", now=10.0), FoldPlan)
+    discard = core.abandon_plan()
+    assert discard.update_ids == ("u0", "u1", "u2")
+    assert "fold-1 abandoned" in discard.detail
+    assert core.open_plan is None
+    assert core.buffer == ()
+    assert core.counters().discarded == 3
+    again = core.receive("n0", "n0", sent["u0"].update, 100, now=11.0)
+    assert again.reason is RejectReason.REPLAY
+    with pytest.raises(ControlError, match="no fold plan is open"):
+        core.abandon_plan()
+
+
+@pytest.mark.parametrize(
+    ("policy", "folded"),
+    [pytest.param("reject", False, id="reject"), pytest.param("clip", True, id="clip")],
+)
+def test_the_unmasked_sum_is_held_to_the_norm_bound(policy: str, folded: bool) -> None:
+    """Each update is hidden, so max_update_norm bounds the buffer's weighted sum: beyond it
+    the batch is refused (reject) or the sum scaled to the bound (clip)."""
+    core = secure_core(max_update_norm=0.01, norm_policy=policy)
+    sent = {f"u{i}": masked_update(f"u{i}", deltas(i), seed=i) for i in range(3)}
+    receive_all(core, sent)
+    receipt_all(core, list(sent), HOLDERS)
+    plan = core.plan("fold-1", now=10.0)
+    assert isinstance(plan, FoldPlan)
+    for answer in answers(plan, sent, ("a", "b", "c")):
+        core.record_answer(answer)
+    result = core.fold_secure(now=11.0)
+    if not folded:
+        assert isinstance(result, Discard)
+        assert "exceeds the bound 0.01" in result.detail
+        assert core.version == 0
+        return
+    assert isinstance(result, Fold)
+    step = np.sqrt(sum(np.sum((result.params[k] - PARAMS[k]) ** 2) for k in PARAMS))
+    assert step == pytest.approx(0.01, rel=1e-4)
+    assert core.counters().clipped == 1
