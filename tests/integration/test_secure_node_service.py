@@ -36,12 +36,14 @@ from common.messages import (
     AggregatorState,
     AggregatorStatus,
     Counters,
+    Evaluation,
     Knobs,
     Manifest,
     ModelSpec,
     NodeState,
     NodeStatus,
     SecAggAnswer,
+    SecAggKey,
     SecAggReceipt,
     SecureAggregation,
     TrainingConfig,
@@ -52,6 +54,7 @@ from common.mqtt import Message, MqttClient
 from common.secure_aggregation import from_bytes
 from common.secure_aggregation.events import UnmaskAnswer
 from common.secure_aggregation.wire import to_unmask
+from common.settings import ConnectionSettings
 from common.topics import Role, TopicTree
 from edge_node.datasets import load_dataset
 from edge_node.secure_holder import load_agreement_key
@@ -59,6 +62,7 @@ from edge_node.secure_keys import own_key_record, publish_key_record
 from edge_node.service import NodeService, _job_seed
 from edge_node.settings import NodeSettings
 from edge_node.training import train
+from healthnet.broker import EmbeddedBroker
 from healthnet.deploy import AuthMode
 from healthnet.processes import ProcessGroup
 from tests.secure import HOSPITALS, SecureBroker, secure_broker
@@ -97,15 +101,30 @@ def node_settings(broker: SecureBroker, hospital: str, root: Path) -> NodeSettin
 class Aggregator:
     """The test in the aggregator's identity: publishes v0 and collects what the nodes send."""
 
-    def __init__(self, broker: SecureBroker, stack: ExitStack) -> None:
-        self.tree = TopicTree(broker.federation)
-        self.client = stack.enter_context(broker.client("aggregator", "aggregator.test"))
+    def __init__(
+        self, broker: SecureBroker | None, stack: ExitStack, plain: tuple[str, str] | None = None
+    ) -> None:
+        """In ``broker``'s aggregator identity, or on a broker without identities (``plain``:
+        its URL and the federation)."""
+        if broker is not None:
+            self.tree = TopicTree(broker.federation)
+            client = broker.client("aggregator", "aggregator.test")
+        else:
+            assert plain is not None
+            self.tree = TopicTree(plain[1])
+            client = MqttClient.from_settings(
+                ConnectionSettings(broker_url=plain[0], federation=plain[1]),
+                "aggregator.test",
+            )
+        self.client = stack.enter_context(client)
         for topic_filter in self.tree.subscriptions(Role.AGGREGATOR, secure_aggregation=True):
             self.client.subscribe(topic_filter)
         self.updates: dict[str, list[bytes]] = {}  # node -> each payload received
         self.receipts: dict[str, set[str]] = {}
         self.answers: dict[str, SecAggAnswer] = {}
         self.statuses: dict[str, NodeStatus] = {}
+        self.keys: list[str] = []  # the nodes whose key records arrived
+        self.evaluated = False
 
     def publish_version(self, params: dict[str, np.ndarray]) -> Manifest:
         blob = encode_tensors(params)
@@ -167,6 +186,10 @@ class Aggregator:
                 self.answers[node] = body
             case NodeStatus():
                 self.statuses[node] = body
+            case Evaluation():
+                self.evaluated = True
+            case SecAggKey():
+                self.keys.append(node)
             case _:
                 pass
 
@@ -413,3 +436,43 @@ def test_a_node_killed_after_sending_resends_the_same_bytes(
     update = aggregator.update_of("cleveland")
     assert update.masked is not None
     assert update.delta == ()
+
+
+def test_a_node_without_a_client_certificate_trains_nothing_under_the_policy_and_says_why(
+    mosquitto: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """A password-mode node (no client certificate to sign its key with) gets a version under
+    the policy: its status names the reason and `--auth mtls`, it publishes no key record, and
+    it still evaluates the version."""
+    federation = f"nocert{uuid.uuid4().hex[:8]}"
+    settings = NodeSettings(
+        broker_url=mosquitto.url,
+        federation=federation,
+        node_id="va",
+        data="heart-disease:va",
+        state_dir=tmp_path / "va",
+        torch_threads=1,
+        device="cpu",
+    )
+    with ExitStack() as stack:
+        aggregator = Aggregator(None, stack, plain=(mosquitto.url, federation))
+        aggregator.client.subscribe(aggregator.tree.all_node_evals())
+        stop = threading.Event()
+        thread = threading.Thread(target=NodeService(settings).run, args=(stop,), name="va")
+        thread.start()
+        try:
+            aggregator.publish_version(model_params(build_model(MODEL, seed=1)))
+            aggregator.drain(lambda: "--auth mtls" in _failure(aggregator.statuses.get("va")))
+            aggregator.drain(lambda: aggregator.evaluated)
+        finally:
+            halt(stop, [thread])
+    failure = _failure(aggregator.statuses.get("va"))
+    assert "cannot join secure aggregation" in failure
+    assert "--auth mtls" in failure
+    assert aggregator.evaluated
+    assert not aggregator.keys
+    assert "va" not in aggregator.updates
+
+
+def _failure(status: NodeStatus | None) -> str:
+    return "" if status is None else status.failure
