@@ -17,6 +17,16 @@ reads a clock, a file or the network: the durations the records report (a fold's
 decoding) are measured by the shell and handed in (:meth:`Fold.timed`,
 :meth:`AggregatorCore.record_decode_seconds`).
 
+Under a secure aggregation policy (``knobs.secure_aggregation``, docs/secure-aggregation.md) an
+update carries its delta masked: the core checks what the clear metadata allows (everything above
+but shapes' contents, finiteness and the norm), the policy digest and the element count. A masked
+update joins the buffer's foldable part only once ``U`` holders have receipted its share
+(:meth:`AggregatorCore.record_receipts`); a due buffer becomes a fold plan
+(:meth:`AggregatorCore.plan`, with integer staleness weights), and the plan a version once
+enough holders' answers are in (:meth:`AggregatorCore.record_answer`,
+:meth:`AggregatorCore.fold_secure`). One plan is open at a time; its updates stay in the buffer
+(and so in the checkpoint and the write-ahead log) until its version is made.
+
 A fold becomes a version only if the new weights are finite and, when the shell gave the core a
 ``probe``, the model's outputs on the probe batch are finite too (weights of 3e38 are finite; the
 outputs they give are not, and every node would fail on them). Otherwise the batch is a
@@ -54,12 +64,19 @@ from aggregator.aggregation import (
 from aggregator.fold import squared_norm
 from aggregator.memory import VersionMemory
 from aggregator.run_state import RunEvent, transition
+from aggregator.secure_unmask import FoldPlan, PendingMasked, plan_fold, unmask
 from common.blobs import split_blob
 from common.broadcast_chain import BroadcastDtype, Step, View, advance, reset, view_blob
 from common.codec import sha256_hex
 from common.compression import DecodedTensor, all_finite, decode_tensor
 from common.compression_policy import admits, keep_count
-from common.errors import CompressionError, ControlError, NonFiniteValues
+from common.errors import (
+    CompressionError,
+    ControlError,
+    DecodeError,
+    NonFiniteValues,
+    ProtocolError,
+)
 from common.inbound import Refusal, Refused
 from common.messages import (
     NORM_HISTORY,
@@ -82,12 +99,17 @@ from common.messages import (
     PrivacyPolicy,
     PrivacySpend,
     RejectReason,
+    SecureAggregation,
+    SecurePlanStatus,
     ServerOptimizerKind,
     TrainingConfig,
     Update,
     VersionRecord,
 )
 from common.privacy_policy import at_least_as_private_as, spend_error
+from common.secure_aggregation import ClipViolation, FieldVector, from_bytes
+from common.secure_aggregation.events import UnmaskAnswer, UnmaskRefusal
+from common.secure_aggregation.policy import SecureAggregationPolicy
 
 __all__ = [
     "AggregatorCore",
@@ -116,6 +138,8 @@ _NESTED_KNOBS: Mapping[str, type[BaseModel]] = {
     "personalisation": Personalisation,
 }
 _WHOLE_KNOBS = ("privacy", "broadcast_compression", "personalisation")
+# The most update ids whose receipts are kept before their update arrives (secure aggregation).
+_MAX_RECEIPTS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +170,8 @@ class BufferedUpdate:
     decode_seconds: float = 0.0
     # The hospital's total privacy loss once this update was trained (None: no DP).
     epsilon: float | None = None
+    # Under secure aggregation: the masked delta's field elements (``delta`` is then empty).
+    masked: FieldVector | None = field(default=None, repr=False)
 
     @classmethod
     def of(
@@ -158,7 +184,9 @@ class BufferedUpdate:
         now: float,
         scale: float = 1.0,
         decode_seconds: float = 0.0,
+        masked: FieldVector | None = None,
     ) -> BufferedUpdate:
+        dense = sum(math.prod(d.shape) for d in delta.values())
         return cls(
             node=node,
             update_id=update.update_id,
@@ -169,10 +197,11 @@ class BufferedUpdate:
             train_loss=update.metrics.loss,
             received_at=now,
             scale=scale,
-            raw_bytes=4 * sum(math.prod(d.shape) for d in delta.values()),
+            raw_bytes=4 * (dense if masked is None else masked.size),
             encode_seconds=update.encode_seconds,
             decode_seconds=decode_seconds,
             epsilon=None if update.privacy is None else update.privacy.epsilon,
+            masked=masked,
         )
 
 
@@ -325,6 +354,18 @@ class AggregatorCore:
         self._chained = broadcast_view is not None
         self._view_sha: str | None = None
         self._base_sha: str | None = None
+        # Secure aggregation: the holders that receipted each update id (receipts may come
+        # before their update), the open fold plan and the answers and refusals it has had.
+        self._receipts: dict[str, set[str]] = {}
+        self._plan: FoldPlan | None = None
+        self._answers: dict[str, UnmaskAnswer] = {}
+        self._refusals: dict[str, str] = {}
+        self._plan_failure = ""
+        self._asked: set[str] = set()
+        # A due buffer that could not be planned waits for a new update or receipt (without
+        # this the shell, seeing a fold due, would try again in a tight loop).
+        self._plan_waits = False
+        self._policy: tuple[SecureAggregation, SecureAggregationPolicy] | None = None
 
     # -- read-only views
 
@@ -362,6 +403,50 @@ class AggregatorCore:
     @property
     def seen(self) -> Mapping[str, str]:
         return self._seen
+
+    @property
+    def secure_policy(self) -> SecureAggregationPolicy | None:
+        """The run's secure aggregation policy (None: updates travel in the clear)."""
+        wire = self._knobs.secure_aggregation
+        if wire is None:
+            return None
+        if self._policy is None or self._policy[0] is not wire:
+            self._policy = (wire, wire.policy())  # the knobs never change it during a run
+        return self._policy[1]
+
+    @property
+    def open_plan(self) -> FoldPlan | None:
+        """The fold plan whose answers the core waits for (secure aggregation), if any."""
+        return self._plan
+
+    @property
+    def plan_answers(self) -> tuple[UnmaskAnswer, ...]:
+        """The answers the open plan has had, in the order of its holders."""
+        plan = self._plan
+        if plan is None:
+            return ()
+        return tuple(self._answers[h] for h in self.askable() if h in self._answers)
+
+    def askable(self) -> tuple[str, ...]:
+        """The holders the open plan may ask: those it named, and any holder that has
+        receipted all of its updates since (it is asked the same request; the sum, its fold id
+        and weights never change), in the policy's order."""
+        plan, policy = self._plan, self.secure_policy
+        if plan is None or policy is None:
+            return ()
+        named = set(plan.holders)
+        return tuple(
+            h
+            for h in policy.holders
+            if h in named or all(h in self._receipts.get(u, ()) for u in plan.update_ids)
+        )
+
+    def take_holders_to_ask(self) -> tuple[str, ...]:
+        """The askable holders not asked yet since the plan was opened (or taken back after a
+        restart): the shell publishes the plan's request to each, once."""
+        fresh = tuple(h for h in self.askable() if h not in self._asked)
+        self._asked.update(fresh)
+        return fresh
 
     @property
     def seen_by(self) -> Mapping[str, str]:
@@ -412,6 +497,22 @@ class AggregatorCore:
             nodes=self.node_tallies(),
             updated_at=now,
             budgets_spent=self.budgets_spent(),
+            awaiting_receipts=len(self._awaiting_receipts()),
+            secure_plan=self._plan_status(),
+        )
+
+    def _plan_status(self) -> SecurePlanStatus | None:
+        plan, policy = self._plan, self.secure_policy
+        if plan is None or policy is None:
+            return None
+        return SecurePlanStatus(
+            fold_id=plan.fold_id,
+            update_ids=plan.update_ids,
+            holders=self.askable(),
+            needed=policy.scheme.threshold,
+            answered=tuple(a.holder for a in self.plan_answers),
+            refusals={h: r[:500] for h, r in self._refusals.items()},
+            failure=self._plan_failure[:500],
         )
 
     def broadcast(self, *, model: ModelSpec, chunk_size: int, now: float) -> Broadcast:
@@ -438,6 +539,7 @@ class AggregatorCore:
             privacy=knobs.privacy,
             broadcast_compression=knobs.broadcast_compression,
             personalisation=knobs.personalisation,
+            secure_aggregation=knobs.secure_aggregation,
         )
         delta = None
         if step.tensors is not None and self._base_sha is not None:
@@ -493,7 +595,12 @@ class AggregatorCore:
         problem = _privacy_change_error(self._knobs.privacy, knobs.privacy)
         if problem is not None:
             raise ControlError(problem)
+        if knobs.secure_aggregation != self._knobs.secure_aggregation:
+            # Buffered masks are shared under the run's policy, and nodes mask under the one
+            # they were given: a run keeps the policy (or its absence) it started with.
+            raise ControlError("refused: secure_aggregation cannot change during a run")
         self._knobs = knobs
+        self._plan_waits = False
         return knobs
 
     def quarantine(self, node: str) -> tuple[str, ...]:
@@ -505,8 +612,13 @@ class AggregatorCore:
         if entry.quarantined:
             raise ControlError(f"node {node!r} is already quarantined")
         entry.quarantined = True
-        dropped = tuple(u.update_id for u in self._buffer if u.node == node)
-        self._buffer = [u for u in self._buffer if u.node != node]
+        # An update in the open fold plan stays: its mask is bound to that sum, which the
+        # holders compute over all of the plan's updates.
+        planned = set(self._plan.update_ids) if self._plan is not None else set()
+        dropped = tuple(
+            u.update_id for u in self._buffer if u.node == node and u.update_id not in planned
+        )
+        self._buffer = [u for u in self._buffer if u.update_id not in dropped]
         for update_id in dropped:
             self._seen[update_id] = RejectReason.QUARANTINED.value
         return dropped
@@ -641,12 +753,18 @@ class AggregatorCore:
                     "one per version",
                 ),
             )
+        policy = self.secure_policy
+        if policy is not None or update.masked is not None:
+            verdict, masked = self._validate_masked(update, policy)
+            if masked is None:
+                return self._reject(entry, update.update_id, verdict)
+            buffered = BufferedUpdate.of(node, update, delta={}, size=size, now=now, masked=masked)
+            return self._accept(entry, node, update, buffered, verdict)
         verdict, delta, scale, norm = self._validate(node, sender, update)
         if not verdict.accepted:
             return self._reject(entry, update.update_id, verdict)
         if norm is not None:
             self._remember_norm(norm * scale)
-        staleness = self._version - update.base_version
         buffered = BufferedUpdate.of(
             node,
             update,
@@ -655,8 +773,20 @@ class AggregatorCore:
             now=now,
             scale=scale,
         )
+        return self._accept(entry, node, update, buffered, verdict)
+
+    def _accept(
+        self,
+        entry: _NodeTally,
+        node: str,
+        update: Update,
+        buffered: BufferedUpdate,
+        verdict: Verdict,
+    ) -> Verdict:
+        staleness = self._version - update.base_version
         self._buffer.append(buffered)
-        self._counters["bytes_accepted"] += size
+        self._plan_waits = False
+        self._counters["bytes_accepted"] += buffered.bytes
         self._counters["raw_bytes_accepted"] += buffered.raw_bytes
         self._seen[update.update_id] = "accepted"
         self._seen_by[update.update_id] = node
@@ -678,6 +808,9 @@ class AggregatorCore:
         ``seen`` and the counters; one accepted after the checkpoint (``count=True``) is added to
         them as :meth:`receive` did.
         """
+        if update.masked is not None:
+            self._restore_masked(node, update, size, now, count=count)
+            return
         tensors = {t.name: t for t in update.delta}
         if tensors.keys() != self._params.keys():
             raise ValueError(f"logged update {update.update_id} does not fit the model")
@@ -705,19 +838,38 @@ class AggregatorCore:
             BufferedUpdate.of(node, update, delta=delta, size=size, now=now, scale=scale)
         )
         if count:
-            self._seen[update.update_id] = "accepted"
-            self._seen_by[update.update_id] = node
-            self._counters["received"] += 1
-            self._counters["accepted"] += 1
-            self._counters["bytes_received"] += size
-            self._counters["bytes_accepted"] += size
-            self._counters["raw_bytes_accepted"] += self._buffer[-1].raw_bytes
-            entry = self._nodes.setdefault(node, _NodeTally())
-            entry.accepted += 1
-            entry.last_seen = now
-            entry.last_base_version = update.base_version
-            entry.bytes_received += size
-            entry.report_privacy(update.privacy)
+            self._count_restored(node, update, size, now)
+
+    def _restore_masked(
+        self, node: str, update: Update, size: int, now: float, *, count: bool
+    ) -> None:
+        """Put back a masked update from the write-ahead log (it has no norm to judge)."""
+        elements = bytes(update.masked.elements) if update.masked is not None else b""
+        try:
+            masked = from_bytes(elements, self.parameter_count)
+        except DecodeError as exc:
+            raise ValueError(f"logged update {update.update_id} does not fit: {exc}") from exc
+        self._buffer.append(
+            BufferedUpdate.of(node, update, delta={}, size=size, now=now, masked=masked)
+        )
+        if count:
+            self._count_restored(node, update, size, now)
+
+    def _count_restored(self, node: str, update: Update, size: int, now: float) -> None:
+        """Count an update restored from the write-ahead log as :meth:`receive` counted it."""
+        self._seen[update.update_id] = "accepted"
+        self._seen_by[update.update_id] = node
+        self._counters["received"] += 1
+        self._counters["accepted"] += 1
+        self._counters["bytes_received"] += size
+        self._counters["bytes_accepted"] += size
+        self._counters["raw_bytes_accepted"] += self._buffer[-1].raw_bytes
+        entry = self._nodes.setdefault(node, _NodeTally())
+        entry.accepted += 1
+        entry.last_seen = now
+        entry.last_base_version = update.base_version
+        entry.bytes_received += size
+        entry.report_privacy(update.privacy)
 
     def refuse(self, node: str, refusal: Refusal, now: float) -> Unreadable:
         """Judge and count a message on ``node``'s update topic that did not decode to an
@@ -778,6 +930,48 @@ class AggregatorCore:
             )
         detail = f"clipped from norm {norm:.4g} to {bound.value:.4g} ({bound.source})"
         return Verdict(accepted=True, detail=detail, clipped=True), delta, scale, norm
+
+    def _validate_masked(
+        self, update: Update, policy: SecureAggregationPolicy | None
+    ) -> tuple[Verdict, FieldVector | None]:
+        """The verdict on an update under (or sent as if under) secure aggregation, and its
+        masked vector when accepted. What the clear metadata allows is checked as for any
+        update; the delta's norm, finiteness and robust rules cannot be, the field elements'
+        count and range can (docs/secure-aggregation.md#validation-on-masked-updates)."""
+
+        def no(reason: RejectReason, detail: str) -> tuple[Verdict, None]:
+            return Verdict(accepted=False, reason=reason, detail=detail), None
+
+        refused = self._screen(update)
+        if refused is not None:
+            return refused, None
+        if policy is None:
+            return no(
+                RejectReason.SECURE_AGGREGATION,
+                "a masked update, but the run has no secure aggregation policy",
+            )
+        if update.masked is None:
+            return no(
+                RejectReason.SECURE_AGGREGATION,
+                "a plaintext delta under the run's secure aggregation policy: mask it",
+            )
+        digest = policy.digest()
+        if update.masked.policy_digest != digest:
+            return no(
+                RejectReason.SECURE_AGGREGATION,
+                f"masked under policy {update.masked.policy_digest[:12]}, the run's is "
+                f"{digest[:12]}",
+            )
+        try:
+            masked = from_bytes(bytes(update.masked.elements), self.parameter_count)
+        except DecodeError as exc:
+            return no(RejectReason.SHAPE_MISMATCH, f"masked delta: {exc}")
+        return Verdict(accepted=True), masked
+
+    @property
+    def parameter_count(self) -> int:
+        """The model's parameter count: the length of a flattened (and so a masked) delta."""
+        return sum(p.size for p in self._params.values())
 
     def _screen(self, update: Update) -> Verdict | None:
         """Why ``update`` is refused on what it says of itself (run, version, staleness, sample
@@ -899,12 +1093,13 @@ class AggregatorCore:
         """Why the buffer should be folded now, or None: ``buffer_full``; ``buffer_timeout``;
         ``budgets_spent``, a partial buffer that no node with privacy budget left could fill
         (its updates were charged to their hospitals' ledgers, so they must count)."""
-        if self._state is not AggregatorState.RUNNING or not self._buffer:
+        pool = self._foldable()
+        if self._state is not AggregatorState.RUNNING or not pool:
             return None
-        if len(self._buffer) >= self._knobs.buffer_size:
+        if len(pool) >= self._knobs.buffer_size:
             return "buffer_full"
         timeout = self._knobs.buffer_timeout
-        if timeout > 0 and now - self._buffer[0].received_at >= timeout:
+        if timeout > 0 and now - pool[0].received_at >= timeout:
             return "buffer_timeout"
         if self._buffer_cannot_fill():
             return "budgets_spent"
@@ -912,9 +1107,39 @@ class AggregatorCore:
 
     def next_deadline(self) -> float | None:
         """When the buffer timeout would fire, for the shell's timer."""
-        if not self._buffer or self._knobs.buffer_timeout <= 0:
+        pool = self._foldable()
+        if not pool or self._knobs.buffer_timeout <= 0:
             return None
-        return self._buffer[0].received_at + self._knobs.buffer_timeout
+        return pool[0].received_at + self._knobs.buffer_timeout
+
+    def _foldable(self) -> list[BufferedUpdate]:
+        """The buffered updates a fold may take now, oldest first: all of them in the clear;
+        under secure aggregation, none while a plan is open, else those with enough receipts."""
+        policy = self.secure_policy
+        if policy is None:
+            return self._buffer
+        if self._plan is not None or self._plan_waits:
+            return []
+        threshold, holders = policy.scheme.threshold, set(policy.holders)
+        return [
+            u
+            for u in self._buffer
+            if len(self._receipts.get(u.update_id, set()) & holders) >= threshold
+        ]
+
+    def _awaiting_receipts(self) -> list[BufferedUpdate]:
+        """Masked updates accepted and buffered, still short of ``U`` holders' receipts."""
+        policy = self.secure_policy
+        if policy is None:
+            return []
+        planned = set(self._plan.update_ids) if self._plan is not None else set()
+        threshold, holders = policy.scheme.threshold, set(policy.holders)
+        return [
+            u
+            for u in self._buffer
+            if u.update_id not in planned
+            and len(self._receipts.get(u.update_id, set()) & holders) < threshold
+        ]
 
     def fold(self, now: float) -> Fold | Discard:
         """Fold the buffer into a new version (at most ``buffer_size`` updates, oldest first).
@@ -922,12 +1147,236 @@ class AggregatorCore:
         Returns :class:`Discard` instead, and keeps the version, when the batch would make the
         model non-finite.
         """
+        if self.secure_policy is not None:
+            raise ControlError("under secure aggregation a fold is planned first: see plan")
         reason = self.fold_due(now)
         if reason is None:
             raise ControlError("nothing to fold")
         return self._fold(self._buffer[: self._knobs.buffer_size], reason, now)
 
-    def refold(self, record: VersionRecord, now: float) -> Fold:
+    # -- secure aggregation
+
+    def record_receipts(self, holder: str, policy_digest: str, update_ids: Sequence[str]) -> str:
+        """Take ``holder``'s receipts of ``update_ids``; returns why they are refused, or ''.
+
+        A receipt may come before its update (a node shares its mask before it sends), so an
+        update id not seen yet is remembered; one already folded, rejected or discarded is not.
+        """
+        policy = self.secure_policy
+        if policy is None:
+            return "the run has no secure aggregation policy"
+        if policy_digest != policy.digest():
+            return f"receipts under policy {policy_digest[:12]}, not the run's"
+        if holder not in policy.holders:
+            return f"{holder!r} is not a holder of the run's policy"
+        buffered = {u.update_id for u in self._buffer}
+        for update_id in update_ids:
+            judged = self._seen.get(update_id)
+            if judged is not None and update_id not in buffered:
+                continue  # folded, rejected or discarded: nothing left to count towards
+            self._receipts.setdefault(update_id, set()).add(holder)
+            self._plan_waits = False
+        # Receipts of updates that never come (a node that died before sending) must not
+        # grow without bound: the oldest of them go first, never a buffered update's.
+        excess = len(self._receipts) - _MAX_RECEIPTS
+        if excess > 0:
+            stale = [u for u in self._receipts if u not in buffered][:excess]
+            for update_id in stale:
+                del self._receipts[update_id]
+        return ""
+
+    def receipts(self, update_id: str) -> frozenset[str]:
+        """The holders that receipted ``update_id``'s share."""
+        return frozenset(self._receipts.get(update_id, ()))
+
+    def plan(self, fold_id: str, now: float) -> FoldPlan | str:
+        """Plan the fold of the due buffer (secure aggregation): its integer staleness weights
+        and the holders to ask. Returns why it must wait instead (too few distinct hospitals,
+        too few holders hold every share); the plan is open once returned, and the shell makes
+        it durable before it asks anyone (aggregator.secure_unmask.UnmaskLedger)."""
+        policy = self.secure_policy
+        if policy is None:
+            raise ControlError("the run has no secure aggregation policy")
+        if self._plan is not None:
+            raise ControlError(f"fold {self._plan.fold_id} is still open")
+        reason = self.fold_due(now)
+        if reason is None:
+            raise ControlError("nothing to fold")
+        batch = _distinct_batch(
+            self._foldable(), self._knobs.buffer_size, policy.contributors, policy.max_terms
+        )
+        coefficients = self._coefficients(batch)
+        pending = []
+        for u, coefficient in zip(batch, coefficients, strict=True):
+            if u.masked is None:
+                raise ControlError(f"update {u.update_id} is not masked")
+            receipts = frozenset(self._receipts.get(u.update_id, ()))
+            pending.append(PendingMasked(u.update_id, u.node, coefficient, u.masked, receipts))
+        planned = plan_fold(policy, fold_id, pending, reason)
+        if isinstance(planned, FoldPlan):
+            self._open_plan(planned)
+        else:
+            self._plan_waits = True
+        return planned
+
+    def adopt_plan(self, plan: FoldPlan) -> bool:
+        """Take an open plan back after a restart (never re-plan it); False when its updates
+        are no longer all buffered (its version was made, or its batch discarded)."""
+        masked = {u.update_id for u in self._buffer if u.masked is not None}
+        if self._plan is not None or not set(plan.update_ids) <= masked:
+            return False
+        self._open_plan(plan)
+        return True
+
+    def record_answer(self, answer: UnmaskAnswer | UnmaskRefusal) -> str:
+        """Take a holder's answer (or refusal) to the open plan; returns why it is not taken, or
+        '' (an answer from a holder not asked, to another fold, or of the wrong length)."""
+        plan, policy = self._plan, self.secure_policy
+        if plan is None or policy is None or answer.fold_id != plan.fold_id:
+            return f"fold {answer.fold_id} is not the open plan"
+        if answer.holder not in self.askable():
+            return f"{answer.holder!r} was not asked for fold {plan.fold_id}"
+        if isinstance(answer, UnmaskRefusal):
+            self._refusals[answer.holder] = answer.reason
+            return ""
+        try:
+            from_bytes(answer.share_sum, policy.scheme.share_length(self.parameter_count))
+        except DecodeError as exc:
+            return f"{answer.holder}'s answer to fold {plan.fold_id}: {exc}"
+        self._answers[answer.holder] = answer
+        self._refusals.pop(answer.holder, None)
+        self._plan_failure = ""
+        return ""
+
+    def answers_complete(self) -> bool:
+        """The open plan has the ``U`` answers that unmask it (and they have not failed)."""
+        policy = self.secure_policy
+        return (
+            self._plan is not None
+            and policy is not None
+            and not self._plan_failure
+            and len(self._answers) >= policy.scheme.threshold
+        )
+
+    def fold_secure(self, now: float) -> Fold | Discard:
+        """Unmask the open plan's sum from its answers and fold it into a new version.
+
+        A sum that leaves what clipped updates can reach (a contributor broke its clip) is a
+        :class:`Discard`; answers that do not agree raise ProtocolError and leave the plan open
+        (its status says why), to be folded when answers that agree come.
+        """
+        plan = self._plan
+        if plan is None:
+            raise ControlError("no fold plan is open")
+        batch = self._planned_batch(plan)
+        try:
+            flat = self._unmask(plan, batch, self.plan_answers)
+        except ClipViolation as exc:
+            self._close_plan(plan)
+            taken = set(plan.update_ids)
+            self._buffer = [u for u in self._buffer if u.update_id not in taken]
+            self._forget_receipts(plan.update_ids)
+            return self._discard(batch, str(exc))
+        except ProtocolError as exc:
+            self._plan_failure = str(exc)
+            raise
+        return self._fold(batch, plan.reason, now, unmasked=(plan, flat))
+
+    def abandon_plan(self) -> Discard:
+        """Give up the open plan: its updates are dropped (their masks stay bound to it)."""
+        plan = self._plan
+        if plan is None:
+            raise ControlError("no fold plan is open")
+        batch = [u for u in self._buffer if u.update_id in set(plan.update_ids)]
+        self._close_plan(plan)
+        self._buffer = [u for u in self._buffer if u.update_id not in set(plan.update_ids)]
+        self._forget_receipts(plan.update_ids)
+        return self._discard(batch, f"fold plan {plan.fold_id} abandoned")
+
+    def _open_plan(self, plan: FoldPlan) -> None:
+        self._plan = plan
+        self._answers, self._refusals, self._plan_failure = {}, {}, ""
+        self._asked = set()
+
+    def _close_plan(self, plan: FoldPlan) -> None:
+        if self._plan is not None and self._plan.fold_id == plan.fold_id:
+            self._plan = None
+            self._answers, self._refusals, self._plan_failure = {}, {}, ""
+            self._asked = set()
+
+    def _planned_batch(self, plan: FoldPlan) -> list[BufferedUpdate]:
+        by_id = {u.update_id: u for u in self._buffer}
+        missing = [u for u in plan.update_ids if u not in by_id]
+        if missing:
+            raise ControlError(f"fold {plan.fold_id}: updates {missing} are not buffered")
+        return [by_id[u] for u in plan.update_ids]
+
+    def _unmask(
+        self, plan: FoldPlan, batch: Sequence[BufferedUpdate], answers: Sequence[UnmaskAnswer]
+    ) -> NDArray[np.float64]:
+        policy = self.secure_policy
+        if policy is None:
+            raise ControlError("the run has no secure aggregation policy")
+        masked = {u.update_id: u.masked for u in batch if u.masked is not None}
+        if len(masked) != len(batch):
+            raise ControlError(f"fold {plan.fold_id} names an update that is not masked")
+        # A holder that receipted every update after the plan was made may answer it too.
+        answered = set(plan.holders) | {a.holder for a in answers}
+        holders = tuple(h for h in policy.holders if h in answered)
+        return unmask(policy, plan.model_copy(update={"holders": holders}), masked, answers)
+
+    def _unflatten(self, flat: NDArray[np.float64]) -> dict[str, NDArray[np.float32]]:
+        """A flattened delta (the model's tensors in their order, each row-major) as tensors."""
+        out, offset = {}, 0
+        for name, p in self._params.items():
+            out[name] = flat[offset : offset + p.size].reshape(p.shape).astype(np.float32)
+            offset += p.size
+        return out
+
+    def _forget_receipts(self, update_ids: Sequence[str]) -> None:
+        for update_id in update_ids:
+            self._receipts.pop(update_id, None)
+
+    def _coefficients(self, batch: Sequence[BufferedUpdate]) -> list[float]:
+        """Each update's staleness-weighted coefficient if the batch were folded now."""
+        knobs = self._knobs
+        policy = StalenessPolicy(knobs.staleness, knobs.staleness_a, knobs.staleness_b)
+        return buffer_weights(
+            [u.num_samples for u in batch],
+            [self._version - u.base_version for u in batch],
+            policy,
+            knobs.sample_exponent,
+        )
+
+    def refold(
+        self,
+        record: VersionRecord,
+        now: float,
+        *,
+        secure: tuple[FoldPlan, Sequence[UnmaskAnswer]] | None = None,
+    ) -> Fold:
+        """Fold again a securely aggregated version from its plan and the answers recorded
+        for it (``secure``); see the plaintext form below."""
+        if record.secure_fold_id is None:
+            return self._refold_plain(record, now)
+        if secure is None or secure[0].fold_id != record.secure_fold_id or not secure[1]:
+            raise ControlError(
+                f"v{record.version}: the answers of fold {record.secure_fold_id} are not recorded"
+            )
+        if record.version != self._version + 1 or record.run_id != self.run_id:
+            raise ControlError(f"cannot refold v{record.version} of {record.run_id} now")
+        plan, answers = secure
+        batch = self._planned_batch(plan)
+        try:
+            flat = self._unmask(plan, batch, answers)
+        except ProtocolError as exc:
+            raise ControlError(f"v{record.version} does not unmask again: {exc}") from exc
+        result = self._fold(batch, plan.reason, now, probe=False, unmasked=(plan, flat))
+        if not isinstance(result, Fold):
+            raise ControlError(f"v{record.version} does not fold again: {result.detail}")
+        return result
+
+    def _refold_plain(self, record: VersionRecord, now: float) -> Fold:
         """Fold again the batch that ``record`` names, after a crash lost the version it made.
 
         Recovery between checkpoints: the same updates, in the same order, on the same weights
@@ -949,8 +1398,16 @@ class AggregatorCore:
         return result
 
     def _fold(
-        self, batch: list[BufferedUpdate], reason: FoldReason, now: float, *, probe: bool = True
+        self,
+        batch: list[BufferedUpdate],
+        reason: FoldReason,
+        now: float,
+        *,
+        probe: bool = True,
+        unmasked: tuple[FoldPlan, NDArray[np.float64]] | None = None,
     ) -> Fold | Discard:
+        """Fold ``batch``; ``unmasked``: a secure fold's plan and its unmasked weighted sum
+        ``Σ coefficient_i Δ_i`` (flattened), whose coefficients are the plan's weights."""
         knobs = self._knobs
         # Any state change a new version brings is judged first: if illegal, nothing changes.
         state = self._state_after(self._version + 1)
@@ -967,7 +1424,13 @@ class AggregatorCore:
             tau=knobs.server_tau,
         )
         opt_state = ServerOptimizerState(step=self._opt_state.step + 1)
-        if knobs.aggregation is AggregationRule.MEAN:
+        refused = ""
+        if unmasked is not None:
+            plan, flat = unmasked
+            weights = [w * plan.scale for w in plan.weights]
+            flat, refused = self._bound_sum(flat)
+            params, opt_state, norm, finite = self._step(self._unflatten(flat), optimizer)
+        elif knobs.aggregation is AggregationRule.MEAN:
             weights = buffer_weights(
                 [u.num_samples for u in batch], stalenesses, policy, knobs.sample_exponent
             )
@@ -994,6 +1457,11 @@ class AggregatorCore:
         folded_ids = tuple(u.update_id for u in batch)
         taken = set(folded_ids)
         self._buffer = [u for u in self._buffer if u.update_id not in taken]
+        if unmasked is not None:
+            self._close_plan(unmasked[0])
+            self._forget_receipts(folded_ids)
+        if refused:
+            return self._discard(batch, refused)
         if not math.isfinite(norm) or not finite:
             # Each update was finite, but together they overflow float32: refuse the batch
             # rather than publish a model of infinities.
@@ -1031,6 +1499,7 @@ class AggregatorCore:
             train_loss=math.fsum(c.weight * c.train_loss for c in contributions),
             fold_seconds=0.0,  # the shell times the fold: see Fold.timed
             reason=reason,
+            secure_fold_id=None if unmasked is None else unmasked[0].fold_id,
         )
         for array in params.values():
             array.flags.writeable = False  # versions are immutable; Fold shares these arrays
@@ -1043,6 +1512,31 @@ class AggregatorCore:
         for u in batch:
             self._nodes[u.node].folded += 1
         return Fold(version=self._version, params=params, record=record, folded_ids=folded_ids)
+
+    def _bound_sum(self, flat: NDArray[np.float64]) -> tuple[NDArray[np.float64], str]:
+        """An unmasked sum held to the norm bound, or why it is refused (secure aggregation).
+
+        Each update is hidden, so the bound applies to the buffer's weighted sum: its weights
+        add up to at most 1, so updates within the bound make a sum within it. Beyond it, the
+        norm policy decides as for one update: ``clip`` scales the sum to the bound, ``reject``
+        refuses the batch. The adaptive bound learns from the norms of the sums taken, as it
+        learns from updates' norms in the clear.
+        """
+        bound = self.norm_bound()
+        norm = float(np.linalg.norm(flat))
+        if bound is None or not norm > bound.value:
+            if bound is not None or self._knobs.norm_multiplier is not None:
+                self._remember_norm(norm)
+            return flat, ""
+        if self._knobs.norm_policy is NormPolicy.REJECT:
+            return flat, (
+                f"the unmasked sum's norm {norm:.4g} exceeds the bound {bound.value:.4g} "
+                f"({bound.source})"
+            )
+        self._counters["clipped"] += 1
+        self._remember_norm(bound.value)
+        scaled: NDArray[np.float64] = flat * (bound.value / norm)
+        return scaled, ""
 
     def _state_after(self, version: int) -> AggregatorState:
         """The run's state once ``version`` is folded: over at ``max_versions``."""
@@ -1182,3 +1676,20 @@ def _privacy_change_error(
 
 def _tally_fields(entry: _NodeTally) -> dict[str, Any]:
     return {name: getattr(entry, name) for name in _NodeTally.__slots__}
+
+
+def _distinct_batch(
+    foldable: Sequence[BufferedUpdate], size: int, contributors: int, max_terms: int
+) -> list[BufferedUpdate]:
+    """The oldest foldable updates, at least ``size`` of them and from at least ``contributors``
+    distinct hospitals where the buffer has them (at most ``max_terms``): a buffer whose oldest
+    ``size`` updates come from too few hospitals (one node sent twice while another was slow)
+    would otherwise wait for ever, the newer updates that make it foldable never planned."""
+    batch: list[BufferedUpdate] = []
+    nodes: set[str] = set()
+    for update in foldable:
+        if len(batch) >= max_terms or (len(batch) >= size and len(nodes) >= contributors):
+            break
+        batch.append(update)
+        nodes.add(update.node)
+    return batch

@@ -53,6 +53,17 @@ is written. No update is folded into two versions (each refold takes its updates
 and WAL entries that the checkpoint already folded are recognised by its ``seen`` set), and no
 acked update is lost (it is in the WAL or the checkpoint).
 
+Under **secure aggregation** (docs/secure-aggregation.md) two more records join them:
+``unmask.jsonl`` (:class:`~aggregator.secure_unmask.UnmaskLedger`: each fold plan, written before
+any holder is asked, the answers that unmask it, written before its version, and its close) and
+``receipts.jsonl`` (:class:`~aggregator.secure_unmask.ReceiptLog`: the holders' receipts, written
+before the broker's PUBACK). A secure version is checkpointed as soon as it is logged, so that a
+version to make again on recovery is always one whose plan is still open, with its answers on
+disk: recovery folds it again from them (asking no one) and closes the plan. Recovery then puts
+back the receipts and takes back the plan still open (its updates are buffered), to be asked
+again with the same fold id and weights; a plan whose version was made, or whose batch was
+discarded, is closed or abandoned, never asked again.
+
 ``checkpoint_every`` trades recovery time (up to that many refolds) and WAL disk (that many
 versions' updates) against the cost of writing the model at every version; the durability
 benchmark measures both ends.
@@ -67,6 +78,7 @@ from pathlib import Path
 
 from aggregator.aggregation import Params, ServerOptimizerState
 from aggregator.core import AggregatorCore, Discard, Fold, Probe, Verdict
+from aggregator.secure_unmask import FoldPlan, ReceiptLog, UnmaskLedger
 from aggregator.store import Checkpoint, StateStore
 from aggregator.update_log import UpdateEvent, UpdateLog, UpdateLogEntry
 from common.codec import sha256_hex
@@ -74,6 +86,7 @@ from common.errors import ControlError, DecodeError, HealthNetError
 from common.inbound import Fault, decode_body
 from common.messages import AggregatorState, ModelSpec, RejectReason, Update, VersionRecord
 from common.provenance import record_digest, seal
+from common.secure_aggregation.events import UnmaskAnswer
 
 __all__ = ["Journal"]
 
@@ -106,9 +119,33 @@ class Journal:
         # The digest of the newest record in versions.jsonl: the next version's parent.
         self._head: str | None = None
         self._checkpointed: tuple[int, AggregatorState] | None = None
+        # Secure aggregation's records: open only when the run has the policy.
+        self._directory = directory
+        self._unmask: UnmaskLedger | None = None
+        self._receipts: ReceiptLog | None = None
 
     def close(self) -> None:
         self.update_log.close()
+        if self._unmask is not None:
+            self._unmask.__exit__(None, None, None)
+            self._unmask = None
+        if self._receipts is not None:
+            self._receipts.__exit__(None, None, None)
+            self._receipts = None
+
+    @property
+    def unmask(self) -> UnmaskLedger:
+        """The fold plans' ledger of a run under secure aggregation."""
+        if self._unmask is None:
+            raise HealthNetError("the run has no secure aggregation policy")
+        return self._unmask
+
+    @property
+    def receipts(self) -> ReceiptLog:
+        """The holders' receipts of a run under secure aggregation."""
+        if self._receipts is None:
+            raise HealthNetError("the run has no secure aggregation policy")
+        return self._receipts
 
     # -- recovery
 
@@ -141,17 +178,65 @@ class Journal:
         checkpoint = self.store.load_latest()
         if checkpoint is None:
             core = fresh()
+            self._open_secure(core)
             self.checkpoint(core)
             return core, None, 0
         self._record = checkpoint.record
         self._checkpointed = (checkpoint.version, checkpoint.state)
         core = _core_from(checkpoint, probe)
+        self._open_secure(core)
         self._replay(core, checkpoint.buffered, max_bytes=max_bytes)
         refolded = self._refold(core, self._records_after(checkpoint.version))
         self._complete_update_log()
         if refolded or core.buffer:
             self.checkpoint(core)  # the next recovery starts here, and the WAL is trimmed
+        if self._unmask is not None:
+            self._resume_secure(core)
         return core, checkpoint, refolded
+
+    def _open_secure(self, core: AggregatorCore) -> None:
+        if core.secure_policy is None:
+            return
+        self._unmask = UnmaskLedger(self._directory).__enter__()
+        self._receipts = ReceiptLog(self._directory).__enter__()
+
+    def _resume_secure(self, core: AggregatorCore) -> None:
+        """Put the receipts back, take back the open plan, and close or abandon the others."""
+        policy, ledger = core.secure_policy, self.unmask
+        if policy is None:
+            return
+        for holder, update_ids in self.receipts.read():
+            core.record_receipts(holder, policy.digest(), update_ids)
+        for plan in ledger.open_plans():
+            if core.adopt_plan(plan):
+                log.info("run %s: fold %s is still open", core.run_id, plan.fold_id)
+                continue
+            version = self._version_of(plan)
+            if version is not None:
+                ledger.close(plan.fold_id, version)
+            else:
+                log.warning(
+                    "run %s: fold %s was not made and its updates are gone; abandoning it",
+                    core.run_id,
+                    plan.fold_id,
+                )
+                ledger.abandon(plan.fold_id)
+
+    def _version_of(self, plan: FoldPlan) -> int | None:
+        """The version a plan made, from versions.jsonl (None: it made none)."""
+        for record in self.store.versions_backwards():
+            if record.secure_fold_id == plan.fold_id:
+                return record.version
+        return None
+
+    def _secure_of(self, record: VersionRecord) -> tuple[FoldPlan, tuple[UnmaskAnswer, ...]] | None:
+        """The plan and recorded answers a secure version is made again from."""
+        if record.secure_fold_id is None or self._unmask is None:
+            return None
+        for plan in self._unmask.open_plans():
+            if plan.fold_id == record.secure_fold_id:
+                return plan, self._unmask.answers(plan.fold_id)
+        return None
 
     def _replay(self, core: AggregatorCore, buffered: tuple[str, ...], *, max_bytes: int) -> None:
         """Rebuild the buffer from the WAL, in the order the updates were accepted.
@@ -218,7 +303,7 @@ class Journal:
                     params, optimizer = self.rollback_source(core, record.rollback_of or 0)
                     core.redo_rollback(record, params, optimizer)
                 else:
-                    core.refold(record, self._clock())
+                    core.refold(record, self._clock(), secure=self._secure_of(record))
             except ControlError as exc:
                 # Only possible if files were damaged or deleted: going on would publish a second,
                 # different version under a number that nodes already trained on.
@@ -295,7 +380,10 @@ class Journal:
         record = self._log_version(fold, model_blob)
         self.update_log.append(self._folded(record))
         state_changed = self._checkpointed is None or self._checkpointed[1] is not core.state
-        if state_changed or fold.version % self.checkpoint_every == 0:
+        # A secure version is made again only from its open plan's answers: checkpoint it now,
+        # before its plan is closed (see the module docstring).
+        secure = record.secure_fold_id is not None
+        if secure or state_changed or fold.version % self.checkpoint_every == 0:
             self.checkpoint(core)
         return record
 

@@ -63,6 +63,12 @@ class AggregatorMetrics:
             "Versions this aggregator process has folded and published.",
             registry=self.registry,
         )
+        self.secagg_refused = Counter(
+            "healthnet_secagg_refused",
+            "Secure aggregation messages (receipts, answers) refused, by kind and reason.",
+            ["kind", "reason"],
+            registry=self.registry,
+        )
         self.registry.register(_StatusCollector(self))
         ProcessCollector(registry=self.registry)
 

@@ -6,6 +6,13 @@ checkpointing), so paho's network thread only moves bytes. Every verdict on an u
 node (the application ack) and to the broker (a manual PUBACK on a persistent session, so that the
 broker redelivers whatever a crash interrupted); every version is logged (and so recoverable)
 before it is announced.
+
+Under secure aggregation (docs/secure-aggregation.md#message-flow, steps 4 to 7) the service also
+takes the holders' receipts (``secagg/receipts/+``, made durable before the PUBACK) and answers
+(``secagg/answers/+``); when the buffer is due it records the core's fold plan in the unmask
+ledger before it publishes the plan's requests on ``secagg/unmask/{holder}``, records the answers
+that unmask it before the version is committed, and closes the plan once the version is. After a
+restart the open plan is asked again, unchanged, or folded at once from its recorded answers.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ from typing import assert_never
 from aggregator.core import AggregatorCore, Broadcast, Discard, Fold, Probe, Verdict
 from aggregator.journal import Journal
 from aggregator.metrics import AggregatorMetrics, serve_metrics
+from aggregator.secure_unmask import FoldPlan
 from aggregator.settings import AggregatorSettings
 from aggregator.state_lock import locked_state_dir
 from common.codec import encode, envelope, new_id
-from common.errors import ControlError, HealthNetError
+from common.errors import ControlError, HealthNetError, ProtocolError
 from common.inbound import Chunk, Inbound, Refusal, Refused, receive
 from common.messages import (
     Ack,
@@ -48,6 +56,8 @@ from common.messages import (
     VersionRecord,
 )
 from common.mqtt import ConnectionEvent, Message, MqttClient, Will
+from common.secure_aggregation.events import UnmaskRefusal
+from common.secure_aggregation.wire import WireRefusal, answer_of, receipts_of, to_unmask
 from common.topics import Role, Route, Topic, TopicTree
 
 __all__ = ["AggregatorService"]
@@ -85,6 +95,8 @@ class AggregatorService:
         self.metrics_url: str | None = None
         self._connected_before = False
         self._probe: Probe | None = None
+        # Why the due buffer could not be planned yet (secure aggregation; logged once).
+        self._plan_wait = ""
 
     @property
     def core(self) -> AggregatorCore:
@@ -112,6 +124,7 @@ class AggregatorService:
                 log.info("aggregator connected to %s", self.settings.broker_url.redacted())
                 self._client = client
                 self._publish_model()
+                self._resume_plan()
                 self._publish_status(force=True)
                 self._warm_probe()
                 self._serve(client, stop_event)
@@ -201,7 +214,8 @@ class AggregatorService:
             manual_ack=True,
         )
         # The table the broker's ACL is generated from: what is subscribed here is readable there.
-        for topic_filter in self.topics.subscriptions(Role.AGGREGATOR):
+        secure = self.core.secure_policy is not None
+        for topic_filter in self.topics.subscriptions(Role.AGGREGATOR, secure_aggregation=secure):
             client.subscribe(topic_filter)
         return client
 
@@ -221,8 +235,11 @@ class AggregatorService:
                     self._status_dirty = True
                     if self._connected_before:
                         # A broker that crashed may have come back with older retained messages
-                        # (or none): announce the current version again.
+                        # (or none): announce the current version again, and ask the open
+                        # plan again (a holder answers a repeated request with the same bytes).
                         self._publish_model()
+                        if self.core.open_plan is not None:
+                            self._ask(self.core.open_plan, self.core.askable())
                     self._connected_before = True
                 case ConnectionEvent(connected=False):
                     log.warning("lost the broker (%s); reconnecting", item.reason)
@@ -283,11 +300,59 @@ class AggregatorService:
                 | VersionRecord()
             ):
                 log.debug("ignoring %s", inbound.topic)
-            case SecAggKey() | SecAggShare() | SecAggReceipt() | SecAggUnmask() | SecAggAnswer():
-                # Secure aggregation: not subscribed to until the aggregator serves it.
+            case SecAggReceipt():
+                self._on_receipts(inbound)
+            case SecAggAnswer():
+                self._on_answer(inbound)
+            case SecAggKey() | SecAggShare() | SecAggUnmask():
+                # Keys are the hospitals' to verify; shares and requests are not ours to read.
                 log.debug("ignoring %s", inbound.topic)
             case _:
                 assert_never(body)
+
+    def _on_receipts(self, inbound: Inbound) -> None:
+        """A holder's receipts: durable (fsync) before the PUBACK, then counted in the core."""
+        received = receipts_of(inbound)
+        if isinstance(received, WireRefusal):
+            self._refuse_secagg("receipt", received.reason.value, received.detail)
+            return
+        digest, receipts = received
+        holder, update_ids = inbound.sender, [r.update_id for r in receipts]
+        refusal = self.core.record_receipts(holder, digest, update_ids)
+        if refusal:
+            self._refuse_secagg("receipt", "policy", f"{holder}: {refusal}")
+            return
+        self.journal.receipts.write(holder, update_ids)
+        log.debug("holder %s receipted %d updates", holder, len(update_ids))
+        self._status_dirty = True
+        plan = self.core.open_plan
+        if plan is not None:
+            # A holder that now holds every share of the open plan can answer it too.
+            self._ask(plan, self.core.take_holders_to_ask())
+
+    def _on_answer(self, inbound: Inbound) -> None:
+        """A holder's answer (or refusal) to the open fold plan."""
+        received = answer_of(inbound)
+        if isinstance(received, WireRefusal):
+            self._refuse_secagg("answer", received.reason.value, received.detail)
+            return
+        refusal = self.core.record_answer(received)
+        if refusal:
+            self._refuse_secagg("answer", "not_asked", refusal)
+            return
+        if isinstance(received, UnmaskRefusal):
+            log.warning(
+                "holder %s refuses fold %s at v%d: %s",
+                received.holder,
+                received.fold_id,
+                self.core.version,
+                received.reason,
+            )
+        self._status_dirty = True
+
+    def _refuse_secagg(self, kind: str, reason: str, detail: str) -> None:
+        log.warning("dropping a secure aggregation %s at v%d: %s", kind, self.core.version, detail)
+        self.metrics.secagg_refused.labels(kind=kind, reason=reason).inc()
 
     def _on_node_status(self, node: str, status: NodeStatus) -> None:
         """A node's own status: its state for the metrics, its privacy ledger and whether it
@@ -382,6 +447,8 @@ class AggregatorService:
                     message = self._on_quarantine(request)
                 case ControlCommand.ROLLBACK:
                     message = self._on_rollback(request.version or 0)
+                case ControlCommand.ABANDON_PLAN:
+                    message = self._on_abandon_plan()
                 case _:
                     state = core.command(request.command)
                     message = f"run is {state.value} at v{core.version}"
@@ -419,6 +486,21 @@ class AggregatorService:
         log.warning("operator: %s at v%d", message, core.version)
         return message
 
+    def _on_abandon_plan(self) -> str:
+        """Give up the open fold plan: its batch is discarded (the nodes are told), the ledger
+        closes it as abandoned, and its updates' masks are never asked for in another sum."""
+        core = self.core
+        plan = core.open_plan
+        if plan is None:
+            raise ControlError("no fold plan is open")
+        discard = core.abandon_plan()
+        self.journal.commit_discard(core, discard)
+        self.journal.unmask.abandon(plan.fold_id)
+        self._tell_discarded(discard)
+        message = f"fold plan {plan.fold_id} abandoned; {len(discard.update_ids)} updates dropped"
+        log.warning("operator: %s at v%d", message, core.version)
+        return message
+
     def _on_rollback(self, target: int) -> str:
         core = self.core
         params, optimizer = self.journal.rollback_source(core, target)
@@ -433,7 +515,9 @@ class AggregatorService:
 
     def _maybe_fold(self) -> None:
         core = self.core
-        while (reason := core.fold_due(self._clock())) is not None:
+        if core.secure_policy is not None:
+            self._advance_secure()
+        while core.secure_policy is None and (reason := core.fold_due(self._clock())) is not None:
             if reason == "budgets_spent":
                 log.info(
                     "folding a partial buffer of %d/%d at v%d: every node that could fill it "
@@ -463,6 +547,91 @@ class AggregatorService:
                 core.version,
             )
         self._spent_said = spent
+
+    # -- secure aggregation's fold
+
+    def _advance_secure(self) -> None:
+        """Plan a due buffer (durably, then ask its holders), or fold the open plan once its
+        answers are in (answers durable, then the version, then the plan closed)."""
+        core, ledger = self.core, self.journal.unmask
+        plan = core.open_plan
+        if plan is None:
+            if core.fold_due(self._clock()) is None:
+                return
+            planned = core.plan(new_id(), self._clock())
+            if isinstance(planned, str):
+                if planned != self._plan_wait:
+                    log.info("buffer due at v%d, not planned yet: %s", core.version, planned)
+                self._plan_wait = planned
+                return
+            self._plan_wait = ""
+            try:
+                ledger.record(planned)  # before anyone is asked: a mask is asked for in one sum
+            except ValueError as exc:
+                # An update an earlier plan named: its mask is bound to that sum, never asked
+                # for in another. Only damaged state gets here; drop the batch, loudly.
+                log.error("fold %s cannot be planned: %s", planned.fold_id, exc)  # noqa: TRY400
+                discard = core.abandon_plan()
+                self.journal.commit_discard(core, discard)
+                self._tell_discarded(discard)
+                return
+            log.info(
+                "fold %s planned at v%d: %d updates, asking %d holders",
+                planned.fold_id,
+                core.version,
+                len(planned.update_ids),
+                len(planned.holders),
+            )
+            self._ask(planned, core.take_holders_to_ask())
+            self._status_dirty = True
+            return
+        if not core.answers_complete():
+            return
+        ledger.answered(plan.fold_id, core.plan_answers)
+        started = time.perf_counter()
+        try:
+            result = core.fold_secure(self._clock())
+        except ProtocolError as exc:
+            # The answers are the fault, not this code: the reason is the message.
+            log.error("fold %s at v%d does not unmask: %s", plan.fold_id, core.version, exc)  # noqa: TRY400
+            self._status_dirty = True
+            return
+        match result:
+            case Fold() as fold:
+                self._commit(fold.timed(time.perf_counter() - started))
+                ledger.close(plan.fold_id, fold.version)
+            case Discard() as discard:
+                log.error(
+                    "fold %s: discarded %d updates at v%d: %s",
+                    plan.fold_id,
+                    len(discard.update_ids),
+                    core.version,
+                    discard.detail,
+                )
+                self.journal.commit_discard(core, discard)
+                ledger.abandon(plan.fold_id)
+                self._tell_discarded(discard)
+
+    def _ask(self, plan: FoldPlan, holders: tuple[str, ...]) -> None:
+        """Publish the plan's request to ``holders`` (the same request every time)."""
+        request = to_unmask(plan.request())
+        for holder in holders:
+            self._send(self.topics.secagg_unmask(holder), request)
+
+    def _resume_plan(self) -> None:
+        """After a restart: fold the open plan from its recorded answers, or ask it again."""
+        core = self.core
+        plan = core.open_plan
+        if plan is None:
+            return
+        for answer in self.journal.unmask.answers(plan.fold_id):
+            core.record_answer(answer)
+        if core.answers_complete():
+            log.info("fold %s: folding from its recorded answers", plan.fold_id)
+            self._maybe_fold()
+            return
+        log.info("fold %s is open at v%d; asking its holders again", plan.fold_id, core.version)
+        self._ask(plan, core.take_holders_to_ask())
 
     def _tell_discarded(self, discard: Discard) -> None:
         """A second ack, after the accepted one: the node's work went nowhere, and why.

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from common.messages import Knobs, ModelSpec
 from common.settings import ConnectionSettings
@@ -52,17 +51,6 @@ class AggregatorSettings(ConnectionSettings):
         description="write a checkpoint every N versions; between two, versions.jsonl and the "
         "write-ahead log make a crash lose nothing (recovery folds the logged versions again)",
     )
-
-    @model_validator(mode="after")
-    def _secure_aggregation_served(self) -> Self:
-        # The protocol's wire layer exists (common.secure_aggregation.wire), the aggregator's
-        # fold over masked updates does not yet: refuse rather than fold in the clear.
-        if self.knobs.secure_aggregation is not None:
-            raise ValueError(
-                "knobs.secure_aggregation: the aggregator service does not fold masked updates "
-                "yet (docs/secure-aggregation.md#what-is-built); leave it off"
-            )
-        return self
 
     def mqtt_client_id(self) -> str:
         # The persistent session is keyed by client id: one per federation, never shared.

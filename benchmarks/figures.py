@@ -950,8 +950,9 @@ MEANINGS = {
     "knobs.personalisation.holdout": "fraction of the training split held out to choose "
     "between the personal and the global model (0: always personal)",
     "knobs.secure_aggregation.holders": (
-        "secure aggregation's roster, a JSON list of hospitals (turns it on; the aggregator "
-        "refuses it until its service folds masked updates: docs/secure-aggregation.md)"
+        "secure aggregation's roster, a JSON list of hospitals (turns it on: every update must "
+        "then come masked, docs/secure-aggregation.md; a run keeps it, `healthnet set` cannot "
+        "change it)"
     ),
     "knobs.secure_aggregation.privacy": "T: colluding hospitals a sum stays private against",
     "knobs.secure_aggregation.recovery": "U: answers that unmask a sum (default ⌊(N + T)/2⌋ + 1)",

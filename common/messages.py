@@ -48,6 +48,7 @@ __all__ = [
     "MetricRelease",
     "ModelDelta",
     "ModelSpec",
+    "NodeSecureAggregation",
     "NodeState",
     "NodeStatus",
     "NodeTally",
@@ -65,6 +66,7 @@ __all__ = [
     "SecAggTerm",
     "SecAggUnmask",
     "SecureAggregation",
+    "SecurePlanStatus",
     "ServerOptimizerKind",
     "StalenessKind",
     "TensorPayload",
@@ -694,6 +696,9 @@ class RejectReason(StrEnum):
     # Not a refusal on arrival: an accepted update whose batch could not become a version (the
     # sum was not finite, or the version failed the probe). Its node hears it in a second ack.
     DISCARDED = "discarded"
+    # The update's form does not match the run's secure aggregation policy: a plaintext delta
+    # under the policy, a masked one without it, or masked under another policy.
+    SECURE_AGGREGATION = "secure_aggregation"
 
 
 class Ack(Frozen):
@@ -715,6 +720,15 @@ class NodeState(StrEnum):
     BUDGET_SPENT = "budget_spent"
 
 
+class NodeSecureAggregation(Frozen):
+    """A node under secure aggregation, as its status shows it: the policy it masks and holds
+    shares under, and the holders of the roster whose key records it has not verified yet (it
+    masks nothing while any is missing)."""
+
+    policy_digest: Sha256Hex
+    waiting_for_keys: Annotated[tuple[Identifier, ...], Field(max_length=1024)] = ()
+
+
 class NodeStatus(Frozen):
     """A node's retained status; its Last Will publishes the OFFLINE form.
 
@@ -731,6 +745,8 @@ class NodeStatus(Frozen):
     num_test: NonNegative = 0
     # Under a privacy policy: the node's ledger, as of its last charge.
     privacy: PrivacySpend | None = None
+    # Under secure aggregation (docs/secure-aggregation.md): its policy and the keys it awaits.
+    secure_aggregation: NodeSecureAggregation | None = None
 
 
 class Evaluation(Frozen):
@@ -774,6 +790,8 @@ class ControlCommand(StrEnum):
     QUARANTINE = "quarantine"
     READMIT = "readmit"
     ROLLBACK = "rollback"
+    # Secure aggregation: give up the open fold plan; its updates are dropped, never re-planned.
+    ABANDON_PLAN = "abandon_plan"
 
 
 class ControlRequest(Frozen):
@@ -854,6 +872,20 @@ class NodeTally(Frozen):
     budget_spent: bool = False
 
 
+class SecurePlanStatus(Frozen):
+    """An open fold plan of secure aggregation (docs/secure-aggregation.md#drop-outs-and-crashes):
+    its updates, the holders asked, those that answered and those that refused, and why."""
+
+    fold_id: Identifier
+    update_ids: tuple[Identifier, ...]
+    holders: tuple[Identifier, ...]
+    needed: Annotated[int, Field(ge=1)]
+    answered: tuple[Identifier, ...] = ()
+    refusals: dict[Identifier, Annotated[str, Field(max_length=500)]] = Field(default_factory=dict)
+    # Why the answers did not unmask the sum (a holder answered wrongly), if they did not.
+    failure: Annotated[str, Field(max_length=500)] = ""
+
+
 class AggregatorStatus(Frozen):
     run_id: Identifier
     state: AggregatorState
@@ -866,6 +898,10 @@ class AggregatorStatus(Frozen):
     # Every node the run knows (and has not quarantined) has spent its privacy budget: once the
     # buffer is folded no update can come, and the run may be stopped (the demo does so).
     budgets_spent: bool = False
+    # Under secure aggregation: masked updates accepted and still short of ``U`` holders'
+    # receipts, and the fold plan whose holders' answers the aggregator waits for.
+    awaiting_receipts: NonNegative = 0
+    secure_plan: SecurePlanStatus | None = None
 
 
 class ControlReply(Frozen):
@@ -916,6 +952,9 @@ class VersionRecord(Frozen):
     parent_digest: Sha256Hex | None = None
     updates_digest: Sha256Hex | None = None
     model_sha256: Sha256Hex | None = None
+    # Securely aggregated: the fold plan whose holders' answers unmasked this version's sum
+    # (aggregator/secure_unmask.py); None for a version folded in the clear.
+    secure_fold_id: Identifier | None = None
 
 
 # Secure aggregation's messages (docs/secure-aggregation.md#message-flow). Each is the wire form of

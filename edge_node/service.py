@@ -23,12 +23,18 @@ Under a personalisation policy the evaluation job also trains the hospital's per
 (:mod:`edge_node.personal`) and evaluates it beside the global one; the personal model is saved
 to the state directory (:mod:`edge_node.personal_store`) before its evaluation is published, and
 a restarted node resumes from it.
+
+Under a secure aggregation policy (:mod:`edge_node.secure_node`) the node publishes its signed key
+record, holds and receipts its peers' mask shares and answers the aggregator's unmask requests;
+it sends each update masked, once it holds a verified key for every holder of the roster, after
+writing the update and its sealed shares to disk, and resends both as they were first sent.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import datetime as dt
 import hashlib
 import logging
 import queue
@@ -60,6 +66,7 @@ from common.messages import (
     MetricRelease,
     ModelDelta,
     ModelSpec,
+    NodeSecureAggregation,
     NodeState,
     NodeStatus,
     Personalisation,
@@ -85,6 +92,15 @@ from edge_node.personal_store import PersonalModel, PersonalStore
 from edge_node.privacy_ledger import Charge, PrivacyLedger, spend_of
 from edge_node.release import node_policy, release_evaluation
 from edge_node.residual import ResidualStore
+from edge_node.secure_keys import SecureAggregationUnavailable
+from edge_node.secure_node import (
+    OutgoingShares,
+    Publish,
+    SecureNode,
+    Unmasked,
+    flat_delta,
+    masked_update,
+)
 from edge_node.sentlog import SentEntry, SentEvent, SentLog
 from edge_node.session import Job, JobKind, NodeSession
 from edge_node.session_state import Gate
@@ -157,9 +173,19 @@ class NodeService:
         self._model_spec: ModelSpec | None = None
         self._device: torch.device | None = None
         self._job: (
-            tuple[Job, concurrent.futures.Future[EvalResult | Personalised | Upload]] | None
+            tuple[Job, concurrent.futures.Future[EvalResult | Personalised | Upload | Unmasked]]
+            | None
         ) = None
-        self._published_state: tuple[NodeState, int | None, str, PrivacySpend | None] | None = None
+        self._published_state: (
+            tuple[NodeState, int | None, str, PrivacySpend | None, NodeSecureAggregation | None]
+            | None
+        ) = None
+        # Secure aggregation: the node's part under the policy of the versions it holds (None:
+        # no policy seen, or the node cannot join it), its masked updates as first sent, and a
+        # trained update waiting for the roster's keys before it can be masked.
+        self._secure: SecureNode | None = None
+        self._outgoing = OutgoingShares(settings.state_dir / "secagg" / "outgoing", self.topics)
+        self._unmasked: Unmasked | None = None
 
     # -- lifecycle
 
@@ -175,6 +201,13 @@ class NodeService:
         self._device = resolve_device(settings.device)
         self._dataset = load_dataset(settings.data)
         self.outbox.open()
+        self._outgoing.open()
+        if recovered := self._outgoing.recover(self.outbox):
+            log.info(
+                "node %s: %d masked updates written before a crash put back into the outbox",
+                settings.node_id,
+                len(recovered),
+            )
         self.sent_log.open()
         self.ledger.open()
         self._spend = self.ledger.spend()
@@ -225,6 +258,8 @@ class NodeService:
             try:
                 self._serve(client, worker, stop_event)
             finally:
+                if self._secure is not None:
+                    self._secure.__exit__(None, None, None)
                 client.publish(
                     self.topics.node_status(settings.node_id),
                     self._status_bytes(offline=True),
@@ -288,6 +323,7 @@ class NodeService:
                 case None:
                     pass
             self._collect_job()
+            self._mask_waiting()
             self._start_job(worker)
             self._resend()
             self._publish_status()
@@ -313,6 +349,8 @@ class NodeService:
                 case Inbound(body=Manifest() | ModelDelta()):
                     self._model_bytes += received.size
                     self._on_inbound(received.body)
+                case Inbound(body=SecAggKey() | SecAggShare() | SecAggUnmask()):
+                    self._on_secure(received)
                 case Inbound():
                     self._on_inbound(received.body)
                 case Refusal(reason=Refused.EMPTY):
@@ -347,8 +385,10 @@ class NodeService:
                 pass  # other roles' messages: a hospital does not subscribe to them
             case ControlReply() | VersionRecord():
                 pass
-            case SecAggKey() | SecAggShare() | SecAggReceipt() | SecAggUnmask() | SecAggAnswer():
-                pass  # secure aggregation: not subscribed to until the node serves it
+            case SecAggKey() | SecAggShare() | SecAggUnmask():
+                pass  # secure aggregation's: taken by _on_secure, with their topics
+            case SecAggReceipt() | SecAggAnswer():
+                pass  # the aggregator's to read
             case _:
                 assert_never(body)
 
@@ -388,6 +428,7 @@ class NodeService:
         self._ensure_model(manifest.model)
         self.session.on_model(manifest, held.view)
         self._gate_training(manifest)
+        self._gate_secure(manifest, held.view)
         log.info(
             "node %s: model v%d of run %s ready (%s)",
             self.settings.node_id,
@@ -395,6 +436,124 @@ class NodeService:
             manifest.run_id,
             source,
         )
+
+    # -- secure aggregation
+
+    def _gate_secure(self, manifest: Manifest, params: Mapping[str, NDArray[np.float32]]) -> None:
+        """Join the version's secure aggregation policy, once per policy and model size; a node
+        that cannot join it (no client certificate, not on the roster) never trains under it:
+        its gate closes with the reason, which its status shows."""
+        wire = manifest.secure_aggregation
+        if wire is None:
+            return  # a run without the policy; shares held for an earlier one are still answered
+        policy = wire.policy()
+        size = sum(int(np.asarray(a).size) for a in params.values())
+        current = self._secure
+        if (
+            current is not None
+            and current.digest == policy.digest()
+            and current.holder.length == policy.scheme.share_length(size)
+        ):
+            return
+        settings = self.settings
+        refused = None
+        try:
+            secure = SecureNode.create(
+                settings.state_dir,
+                topics=self.topics,
+                identity=settings.node_id,
+                aggregator=settings.aggregator_identity,
+                policy=policy,
+                size=size,
+                cert_file=settings.cert_file,
+                key_file=settings.key_file,
+                ca_file=settings.ca_file,
+                now=dt.datetime.fromtimestamp(self._clock(), dt.UTC),
+            )
+        except (SecureAggregationUnavailable, ValueError) as exc:
+            refused = f"cannot join secure aggregation: {exc}"
+        if refused is not None:
+            log.error(
+                "node %s: will not train v%d: %s", settings.node_id, manifest.version, refused
+            )
+            self.session.close_gate(manifest.run_id, manifest.version, Gate.REFUSED, refused[:500])
+            return
+        if current is not None:
+            current.__exit__(None, None, None)
+        self._secure = secure.__enter__()
+        client = self._client
+        assert client is not None  # noqa: S101 - versions arrive only over the connection
+        # Listen for shares before publishing the key: no peer masks for us before that.
+        for topic_filter in secure.subscriptions():
+            try:
+                client.subscribe(topic_filter)
+            except BrokerError as exc:
+                # The subscription is remembered and renewed on the next connect.
+                log.warning("node %s: %s: %s", settings.node_id, topic_filter, exc)
+        self._publish(secure.key_record(now=self._clock()))
+        log.info(
+            "node %s: under secure aggregation (policy %s, %d holders, U=%d, T=%d)",
+            settings.node_id,
+            secure.digest[:12],
+            len(policy.holders),
+            policy.scheme.threshold,
+            policy.privacy,
+        )
+
+    def _on_secure(self, received: Inbound) -> None:
+        secure = self._secure
+        if secure is None:
+            log.warning(
+                "node %s: a %s on %s before the node is under secure aggregation",
+                self.settings.node_id,
+                type(received.body).__name__,
+                received.topic,
+            )
+            return
+        for message in secure.take(received, now=self._clock()):
+            self._publish(message)
+
+    def _mask_waiting(self) -> None:
+        """Mask and send the trained update that waits for the roster's keys, once it can."""
+        pending, secure = self._unmasked, self._secure
+        if pending is None:
+            return
+        policy = pending.job.manifest.secure_aggregation
+        if secure is None or policy is None or secure.digest != policy.policy().digest():
+            log.warning(
+                "node %s: update of v%d dropped: the node is no longer under its policy",
+                self.settings.node_id,
+                pending.job.manifest.version,
+            )
+            self._unmasked = None
+            return
+        if secure.missing():
+            return  # the status says whose keys it waits for
+        self._unmasked = None
+        started = time.perf_counter()
+        masked = secure.mask(pending)
+        update = masked_update(pending, masked)
+        payload = encode(envelope(update, sender=self.settings.node_id, sent_at=self._clock()))
+        upload = Upload(
+            update=update,
+            payload=payload,
+            residual=None,
+            result=pending.result,
+            raw_bytes=4 * int(pending.delta.size),
+            charge=pending.charge,
+            secure=masked,
+        )
+        log.debug(
+            "node %s: masked update %s in %.1f ms",
+            self.settings.node_id,
+            update.update_id[:8],
+            (time.perf_counter() - started) * 1e3,
+        )
+        self._publish_update(pending.job, upload)
+
+    def _publish(self, message: Publish) -> None:
+        assert self._client is not None  # noqa: S101
+        self._client.publish(*message)
 
     def _sync_snapshot_subscription(self) -> None:
         """Subscribe to the snapshot chunks while the chain wants a snapshot, and only then: a
@@ -494,6 +653,7 @@ class NodeService:
                 )
             ]
         )
+        self._outgoing.remove(ack.update_id)
         self.outbox.remove(ack.update_id)
         if ack.accepted:
             log.info(
@@ -534,14 +694,15 @@ class NodeService:
             ]
         )
         # An accepted ack may not have come yet (it raced this one): the update is answered.
+        self._outgoing.remove(ack.update_id)
         if ack.update_id in self.outbox.ids():
             self.outbox.remove(ack.update_id)
 
     # -- jobs
 
     def _start_job(self, worker: concurrent.futures.ThreadPoolExecutor) -> None:
-        if self._job is not None:
-            return
+        if self._job is not None or self._unmasked is not None:
+            return  # one job at a time; none while an update waits to be masked
         job = self.session.next_job()
         if job is None:
             return
@@ -549,7 +710,7 @@ class NodeService:
         self._job = (job, future)
         self._publish_status()
 
-    def _run_job(self, job: Job) -> EvalResult | Personalised | Upload:
+    def _run_job(self, job: Job) -> EvalResult | Personalised | Upload | Unmasked:
         model, dataset, device = self._model, self._dataset, self._device
         if model is None or dataset is None or device is None:
             raise ConfigError("node is not ready: model, dataset or device missing")
@@ -666,13 +827,11 @@ class NodeService:
 
     def _prepare_upload(
         self, job: Job, result: TrainResult, private: tuple[PrivacyPolicy, DpPlan] | None
-    ) -> Upload:
-        """Delta, compression and envelope, on the worker thread (this is CPU work too)."""
+    ) -> Upload | Unmasked:
+        """Delta, compression and envelope, on the worker thread (this is CPU work too); under
+        secure aggregation the flat delta, which the service thread masks (_mask_waiting)."""
         started = time.perf_counter()
         run_id = job.manifest.run_id
-        policy = effective_policy(job.manifest.compression, self.settings.compression)
-        residual = self._current_residual(run_id) if carries_residual(policy) else None
-        compressed = compress_delta(job, result, policy, residual)
         update_id = new_id()
         charge, spend, release = None, None, MetricRelease.EXACT
         if private is not None:
@@ -680,6 +839,21 @@ class NodeService:
             charge = _charge(key, update_id, private[0], private[1], now=self._clock())
             spend = spend_of(self.ledger.with_charge(charge))
             release = private[0].metrics
+        if job.manifest.secure_aggregation is not None:
+            # The policy refuses compression: the field quantization is the only one.
+            return Unmasked(
+                job=job,
+                result=result,
+                delta=flat_delta(job, result.params),
+                update_id=update_id,
+                encode_seconds=time.perf_counter() - started,
+                charge=charge,
+                privacy=spend,
+                release=release,
+            )
+        policy = effective_policy(job.manifest.compression, self.settings.compression)
+        residual = self._current_residual(run_id) if carries_residual(policy) else None
+        compressed = compress_delta(job, result, policy, residual)
         return seal_upload(
             job,
             result,
@@ -731,7 +905,9 @@ class NodeService:
         self.session.job_done(job)
         self._collect_result(job, result)
 
-    def _collect_result(self, job: Job, result: EvalResult | Personalised | Upload) -> None:
+    def _collect_result(
+        self, job: Job, result: EvalResult | Personalised | Upload | Unmasked
+    ) -> None:
         """Save, send or publish what a finished job made (the service thread)."""
         match result:
             case EvalResult():
@@ -744,6 +920,9 @@ class NodeService:
                 )
             case Upload():
                 self._publish_update(job, result)
+            case Unmasked():
+                self._unmasked = result
+                self._mask_waiting()
 
     def _keep_personal(self, result: Personalised) -> None:
         """Save a newly trained personal model to the state dir; the worker continues from it."""
@@ -811,12 +990,19 @@ class NodeService:
                 self._gate_training(self.session.manifest)
         if upload.residual is not None:
             self.residuals.stage(update.update_id, run_id, upload.residual)
+        shares: tuple[Publish, ...] = ()
+        if upload.secure is not None and self._secure is not None:
+            # Own share kept, update and sealed shares on disk, before the outbox: a resend
+            # sends these bytes, and this update id is never masked again.
+            shares = self._secure.stage(upload.secure, payload, self._outgoing, now=self._clock())
         self.outbox.put(update.update_id, payload)
         self.session.queue(update.update_id)
         if upload.residual is not None:
             self.residuals.commit(update.update_id)
             self._residual = (run_id, upload.residual)
         self.sent_log.write([self._queued_entry(update, len(payload))])
+        for message in shares:
+            self._publish(message)
         self._publish_raw_update(update.update_id, payload)
         log.info(
             "node %s: update %s from v%d sent: %s; train loss %.4f",
@@ -852,6 +1038,8 @@ class NodeService:
                 self.session.acked(update_id)  # gone from the outbox: nothing left to send
                 continue
             log.info("node %s: resending update %s", self.settings.node_id, update_id[:8])
+            for message in self._outgoing.shares(update_id, self.settings.node_id):
+                self._publish(message)
             self._publish_raw_update(update_id, payload)
 
     def _status_bytes(self, *, offline: bool = False) -> bytes:
@@ -865,6 +1053,7 @@ class NodeService:
             num_train=dataset.num_train if dataset else 0,
             num_test=dataset.num_test if dataset else 0,
             privacy=self._spend,
+            secure_aggregation=None if self._secure is None else self._secure.status(),
         )
         return encode(envelope(status, sender=self.settings.node_id, sent_at=self._clock()))
 
@@ -874,6 +1063,7 @@ class NodeService:
             self.session.version,
             self.session.failure,
             self._spend,
+            None if self._secure is None else self._secure.status(),
         )
         if current == self._published_state or self._client is None:
             return

@@ -42,6 +42,12 @@ class NodeSettings(ConnectionSettings):
             "the run asks (never less); with no policy in the run, the node trains under this one"
         ),
     )
+    aggregator_identity: str = Field(
+        default="aggregator",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="the aggregator's broker identity: the only sender whose secure aggregation "
+        "unmask requests the node answers",
+    )
     exit_when_stopped: bool = Field(
         default=False, description="exit once the run is stopped and the last version evaluated"
     )

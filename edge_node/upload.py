@@ -21,6 +21,7 @@ from edge_node.session import Job
 
 if TYPE_CHECKING:
     from edge_node.privacy_ledger import Charge  # opacus: only for the type
+    from edge_node.secure_holder import SecureUpload
     from edge_node.training import TrainResult  # torch: only for the type
 
 __all__ = ["Upload", "carries_residual", "compress_delta", "seal_upload"]
@@ -37,6 +38,8 @@ class Upload:
     raw_bytes: int
     # Under differential privacy: what this update costs, to commit before it may leave.
     charge: Charge | None = None
+    # Under secure aggregation: the mask's shares, written to disk before the update may leave.
+    secure: SecureUpload | None = None
 
 
 def carries_residual(policy: Compression) -> bool:

@@ -270,12 +270,21 @@ def demo(
     personalise: Personalise = None,
     personal_epochs: PersonalEpochs = None,
     ditto_lambda: DittoLambda = None,
+    secure_aggregation: Annotated[
+        bool,
+        typer.Option(
+            "--secure-aggregation",
+            help="the aggregator sees only masked updates and unmasks each buffer's sum "
+            "(keys signed by a throwaway demo CA)",
+        ),
+    ] = False,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Run a whole federation locally (broker, aggregator, hospitals) and report accuracy.
 
     With --dp-epsilon-budget the hospitals train with differential privacy, and the summary
-    gives the epsilon each one spent."""
+    gives the epsilon each one spent. With --secure-aggregation every version is folded by
+    secure aggregation (docs/secure-aggregation.md)."""
     from healthnet.demo import DemoConfig, render, run_demo
 
     _setup_logging(log_level)
@@ -317,6 +326,7 @@ def demo(
             dp_epsilon_budget, dp_noise_multiplier, dp_calibrate_versions, dp_delta
         ),
         personalisation=_personalisation(personalise, personal_epochs, ditto_lambda),
+        secure_aggregation=secure_aggregation,
     )
     try:
         result = run_demo(config, err_console)
@@ -759,6 +769,13 @@ def readmit(
     _control(ControlCommand.READMIT, broker_url, federation, node=node)
 
 
+@app.command("abandon-plan")
+def abandon_plan(broker_url: BrokerUrl = None, federation: FederationOpt = None) -> None:
+    """Secure aggregation: give up the open fold plan that cannot complete (too many holders
+    gone); its updates are dropped and their nodes told, never folded in another sum."""
+    _control(ControlCommand.ABANDON_PLAN, broker_url, federation)
+
+
 @app.command()
 def rollback(
     version: Annotated[int, typer.Argument(min=0, help="the earlier version to go back to")],
@@ -870,6 +887,31 @@ def _render_status(snapshot: AggregatorStatus, age: float) -> None:
     )
     _render_privacy(snapshot)
     _render_personalisation(snapshot)
+    _render_secure_aggregation(snapshot)
+
+
+def _render_secure_aggregation(snapshot: AggregatorStatus) -> None:
+    """The run's secure aggregation policy, its updates short of receipts and its open plan."""
+    policy = snapshot.knobs.secure_aggregation
+    if policy is None:
+        return
+    scheme = policy.policy().scheme
+    console.print(
+        f"secure aggregation: {len(policy.holders)} holders, U={scheme.threshold}, "
+        f"T={policy.privacy}; versions are folded from masked updates; "
+        f"{snapshot.awaiting_receipts} updates wait for holders' receipts",
+        soft_wrap=True,
+    )
+    plan = snapshot.secure_plan
+    if plan is not None:
+        refused = "".join(f"; {h} refused: {r}" for h, r in plan.refusals.items())
+        failure = f"; does not unmask: {plan.failure}" if plan.failure else ""
+        console.print(
+            f"open fold plan {plan.fold_id}: {len(plan.update_ids)} updates, "
+            f"{len(plan.answered)}/{plan.needed} answers from {', '.join(plan.holders)}"
+            f"{refused}{failure}",
+            soft_wrap=True,
+        )
 
 
 def _render_personalisation(snapshot: AggregatorStatus) -> None:

@@ -6,6 +6,15 @@ evaluations), stops it after N versions or at a target accuracy, and reports the
 the final global model at every hospital and, under differential privacy, the epsilon each
 hospital's ledger reached. Each child gets the settings object built here whole
 (:meth:`healthnet.processes.ProcessGroup.start_service`), never a list of flags.
+
+With ``secure_aggregation`` the run's knobs carry the policy (every hospital a holder) and each
+hospital signs its key-agreement key with a client certificate of a throwaway CA made in the
+work dir (:func:`demo_identities`). The embedded broker speaks plain MQTT with no ACL: the
+certificates are used only where secure aggregation checks them, in the application (each
+hospital verifies its peers' key records against that CA), never for the connection. So the
+demo shows the protocol and what it costs, not the broker's half of its guarantees (that only
+the aggregator writes unmask requests, that a share reaches only its recipient): a deployment
+gets those from ``healthnet deploy init --auth mtls``.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import queue
 import tempfile
 import time
@@ -51,6 +61,7 @@ from common.messages import (
     SecAggReceipt,
     SecAggShare,
     SecAggUnmask,
+    SecureAggregation,
     TrainingConfig,
     Update,
     VersionRecord,
@@ -62,6 +73,7 @@ from common.wire_size import describe_wire_size
 from edge_node.settings import NodeSettings
 from healthnet.broker import BrokerConfig, BrokerImplementation, EmbeddedBroker
 from healthnet.dashboard import DEFAULT_PORT, demo_dashboard
+from healthnet.deploy.pki import CertificateAuthority
 from healthnet.federations import FEDERATIONS, Federation
 from healthnet.processes import ProcessGroup
 
@@ -121,6 +133,9 @@ class DemoConfig:
     under a privacy policy, where it has one)."""
     personalisation: Personalisation | None = None
     """Each hospital's personal model beside the global one; None: the federation's (none)."""
+    secure_aggregation: bool = False
+    """Fold every version by secure aggregation, every hospital a holder
+    (docs/secure-aggregation.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +197,8 @@ class DemoResult:
     """And the budget each hospital trained under."""
     personal_per_node: dict[str, float] = field(default_factory=dict)
     """Under personalisation: each hospital's personal model on its test split, final version."""
+    secure_versions: int = 0
+    """Versions whose record says they were securely aggregated (named a fold plan)."""
 
     @property
     def personal_mean_accuracy(self) -> float | None:
@@ -212,6 +229,7 @@ class DemoResult:
             "epsilon_budget": self.epsilon_budget,
             "personal_per_node": self.personal_per_node,
             "personal_mean_accuracy": self.personal_mean_accuracy,
+            "secure_versions": self.secure_versions,
         }
 
 
@@ -233,6 +251,7 @@ def aggregator_settings(
     privacy: PrivacyPolicy | None = None,
     training: TrainingConfig | None = None,
     personalisation: Personalisation | None = None,
+    secure_aggregation: SecureAggregation | None = None,
     **fields: Any,
 ) -> AggregatorSettings:
     """The settings of a federation's aggregator: every knob of ``federation``, then the mode's.
@@ -257,6 +276,7 @@ def aggregator_settings(
             "privacy": privacy or knobs.privacy,
             "training": training or private_training or knobs.training,
             "personalisation": personalisation or knobs.personalisation,
+            "secure_aggregation": secure_aggregation or knobs.secure_aggregation,
         }
     )
     return AggregatorSettings(
@@ -299,6 +319,31 @@ def node_settings(
         ack_timeout=ack_timeout,
         **fields,
     )
+
+
+def demo_identities(directory: Path, federation_id: str, hospitals: list[str]) -> dict[str, Any]:
+    """A throwaway CA and a client certificate for each hospital in ``directory``: the
+    NodeSettings fields (``cert_file``, ``key_file``, ``ca_file``) each hospital signs its secure
+    aggregation key record with, by node id. Over a plain ``mqtt://`` URL they never touch the
+    connection."""
+    ca = CertificateAuthority.create(federation_id, days=2)
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_file = directory / "ca.crt"
+    ca_file.write_bytes(ca.certificate_pem)
+    files: dict[str, Any] = {}
+    for hospital in hospitals:
+        issued = ca.issue_client(hospital, federation=federation_id, days=2)
+        cert_file, key_file = directory / f"{hospital}.crt", directory / f"{hospital}.key"
+        cert_file.write_bytes(issued.certificate)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(issued.private_key)
+        files[hospital] = {
+            "cert_file": str(cert_file),
+            "key_file": str(key_file),
+            "ca_file": str(ca_file),
+        }
+    return files
 
 
 def resolve_mode(
@@ -376,6 +421,19 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _secure_aggregation(
+    config: DemoConfig, holders: list[str], fed_id: str, workdir: Path
+) -> tuple[SecureAggregation | None, dict[str, Any]]:
+    """The run's secure aggregation policy (None: off) and each hospital's signing files."""
+    if not config.secure_aggregation:
+        return None, {}
+    try:
+        secure = SecureAggregation(holders=tuple(holders))
+    except ValueError as exc:
+        raise DemoError(f"--secure-aggregation with {len(holders)} hospitals: {exc}") from exc
+    return secure, demo_identities(workdir / "secagg-pki", fed_id, holders)
+
+
 def _run(
     *,
     config: DemoConfig,
@@ -400,6 +458,30 @@ def _run(
         if config.dashboard
         else contextlib.nullcontext()
     )
+    secure, identities = _secure_aggregation(config, [s.node_id for s in sites], fed_id, workdir)
+    try:
+        aggregator = aggregator_settings(
+            broker_url=url,
+            federation_id=fed_id,
+            state_dir=workdir / "aggregator",
+            federation=federation,
+            buffer_size=k,
+            max_staleness=max_staleness,
+            server_lr=server_lr,
+            max_versions=versions,
+            seed=config.seed,
+            compression=config.compression,
+            broadcast_dtype=config.broadcast_dtype,
+            broadcast_compression=config.broadcast_compression,
+            privacy=config.privacy,
+            training=config.training,
+            personalisation=config.personalisation,
+            secure_aggregation=secure,
+        )
+    except ValueError as exc:
+        if secure is None:
+            raise
+        raise DemoError(f"--secure-aggregation: {exc}") from exc
     with ProcessGroup(workdir / "logs") as group, monitor, dashboard:
         for topic_filter in (
             topics.aggregator_status(),
@@ -409,26 +491,7 @@ def _run(
             topics.manifest(),
         ):
             monitor.subscribe(topic_filter)
-        group.start_service(
-            "aggregator",
-            aggregator_settings(
-                broker_url=url,
-                federation_id=fed_id,
-                state_dir=workdir / "aggregator",
-                federation=federation,
-                buffer_size=k,
-                max_staleness=max_staleness,
-                server_lr=server_lr,
-                max_versions=versions,
-                seed=config.seed,
-                compression=config.compression,
-                broadcast_dtype=config.broadcast_dtype,
-                broadcast_compression=config.broadcast_compression,
-                privacy=config.privacy,
-                training=config.training,
-                personalisation=config.personalisation,
-            ),
-        )
+        group.start_service("aggregator", aggregator)
         for site in sites:
             group.start_service(
                 site.node_id,
@@ -441,6 +504,9 @@ def _run(
                     delay=config.delays.get(site.node_id, 0.0),
                     seed=config.seed,
                     torch_threads=config.torch_threads,
+                    # The identity whose unmask requests a node answers: the aggregator's own.
+                    aggregator_identity=aggregator.mqtt_client_id(),
+                    **identities.get(site.node_id, {}),
                 ),
             )
         watch = _Watch(topics, [s.node_id for s in sites], started)
@@ -698,6 +764,7 @@ class _Watch:
                 for node in self.nodes
                 if (personal := final[node].personal_accuracy) is not None
             },
+            secure_versions=sum(1 for r in records if r.secure_fold_id is not None),
         )
 
     def model_bytes(self) -> int:
@@ -772,3 +839,9 @@ def render(result: DemoResult, console: Console) -> None:
     )
     size = describe_wire_size(result.bytes_per_update, result.dense_bytes_per_update)
     console.print(f"per update: {size}", soft_wrap=True)
+    if result.secure_versions:
+        console.print(
+            f"{result.secure_versions} of {result.versions} versions securely aggregated: the "
+            "aggregator saw only masked updates and unmasked each buffer's weighted sum",
+            soft_wrap=True,
+        )

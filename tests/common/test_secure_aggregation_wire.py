@@ -449,9 +449,20 @@ def test_a_policy_the_core_refuses_does_not_validate() -> None:
         SecureAggregation(holders=HOLDERS, privacy=1, recovery=2)
 
 
-def test_the_aggregator_refuses_to_start_with_secure_aggregation_on(tmp_path: Path) -> None:
-    """Until its service folds masked updates it refuses the policy rather than fold in the
-    clear what the hospitals were promised it would never see."""
+def test_the_aggregator_takes_the_policy_and_refuses_the_knobs_it_cannot_serve(
+    tmp_path: Path,
+) -> None:
+    """The service folds masked updates (aggregator/service.py); settings the policy cannot
+    serve still never validate, even arriving as an environment's JSON."""
     knobs = Knobs(buffer_size=3, secure_aggregation=SecureAggregation(holders=HOLDERS))
-    with pytest.raises(ValidationError, match="does not fold masked updates yet"):
-        AggregatorSettings(state_dir=tmp_path, knobs=knobs)
+    settings = AggregatorSettings(state_dir=tmp_path, knobs=knobs)
+    assert settings.knobs.secure_aggregation == SecureAggregation(holders=HOLDERS)
+    with pytest.raises(ValidationError, match=r"secure_aggregation: .*robust rules"):
+        AggregatorSettings(
+            state_dir=tmp_path,
+            knobs={  # type: ignore[arg-type]
+                "buffer_size": 3,
+                "aggregation": "median",
+                "secure_aggregation": {"holders": list(HOLDERS)},
+            },
+        )

@@ -373,3 +373,47 @@ def test_status_and_nodes_show_each_hospitals_epsilon_as_reported(
     retained_status(mosquitto.url, federation, body.model_copy(update={"budgets_spent": True}))
     spent = " ".join(runner.invoke(app, ["status", *flags]).stdout.split())
     assert "every hospital that could still train has spent its budget" in spent
+
+
+def test_status_text_shows_secure_aggregation_and_its_open_plan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under the policy the status text names it, the updates short of receipts, and the open
+    fold plan with its answers and refusals."""
+    from common.messages import (
+        AggregatorState,
+        AggregatorStatus,
+        Counters,
+        Knobs,
+        SecureAggregation,
+        SecurePlanStatus,
+    )
+
+    monkeypatch.setattr(cli, "console", Console(width=200, record=True))
+    holders = ("a", "b", "c", "d")
+    snapshot = AggregatorStatus(
+        run_id="run-1",
+        state=AggregatorState.RUNNING,
+        version=4,
+        buffer_fill=3,
+        knobs=Knobs(buffer_size=3, secure_aggregation=SecureAggregation(holders=holders)),
+        counters=Counters(),
+        updated_at=0.0,
+        awaiting_receipts=1,
+        secure_plan=SecurePlanStatus(
+            fold_id="f1",
+            update_ids=("u1", "u2", "u3"),
+            holders=holders,
+            needed=3,
+            answered=("a", "c"),
+            refusals={"b": "already released"},
+        ),
+    )
+    cli._render_status(snapshot, 1.0)
+    text = " ".join(cli.console.export_text().split())
+    assert "secure aggregation: 4 holders, U=3, T=1" in text
+    assert "1 updates wait for holders' receipts" in text
+    assert (
+        "open fold plan f1: 3 updates, 2/3 answers from a, b, c, d; b refused: already released"
+        in text
+    )

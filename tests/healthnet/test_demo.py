@@ -8,6 +8,7 @@ import os
 import queue
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -45,6 +46,7 @@ from healthnet.demo import (
     _time_to_stop,
     _Watch,
     aggregator_settings,
+    demo_identities,
     first_sites,
     node_settings,
     render,
@@ -355,6 +357,49 @@ def test_a_private_run_trains_as_the_federations_dp_training(
     )
     assert PNEUMONIA.dp_training != PNEUMONIA.knobs.training
     assert settings.knobs.training == expected
+
+
+def test_the_demos_hospitals_sign_key_records_their_peers_accept(tmp_path: Path) -> None:
+    """--secure-aggregation's throwaway CA issues each hospital a client certificate whose
+    signed key record verifies against that CA; the private keys are 0600."""
+    import datetime as dt
+
+    from edge_node.secure_holder import load_agreement_key
+    from edge_node.secure_keys import own_key_record
+
+    files = demo_identities(tmp_path / "pki", "demo-1", ["cleveland", "va"])
+    assert set(files) == {"cleveland", "va"}
+    for hospital, fields in files.items():
+        assert Path(fields["key_file"]).stat().st_mode & 0o777 == 0o600
+        record = own_key_record(  # raises if its peers would refuse it
+            federation="demo-1",
+            identity=hospital,
+            agreement_key=load_agreement_key(tmp_path / hospital),
+            now=dt.datetime.now(dt.UTC),
+            **fields,
+        )
+        assert record.identity == hospital
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        pytest.param({"nodes": 2}, "with 2 hospitals", id="too-few-holders"),
+        pytest.param({"mode": "fedasync"}, "buffer_size 1 is below", id="fedasync"),
+    ],
+)
+def test_secure_aggregation_the_run_cannot_serve_is_refused_before_anything_starts(
+    changes: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    config = DemoConfig(
+        federation="heart-disease",
+        broker_url="mqtt://127.0.0.1:1",
+        workdir=tmp_path,
+        secure_aggregation=True,
+        **changes,
+    )
+    with pytest.raises(DemoError, match=message):
+        run_demo(config)
 
 
 def test_every_field_of_the_demos_node_settings_reaches_the_child(
