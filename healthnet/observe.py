@@ -121,6 +121,8 @@ class VersionRow(_Frozen):
     fold_seconds: float
     train_loss: float
     reason: str
+    # Folded by secure aggregation: the aggregator saw only the weighted sum of the updates.
+    secure: bool = False
 
 
 class Snapshot(_Frozen):
@@ -414,6 +416,7 @@ def _version_row(record: VersionRecord) -> VersionRow:
         fold_seconds=record.fold_seconds,
         train_loss=record.train_loss,
         reason=record.reason,
+        secure=record.secure_fold_id is not None,
     )
 
 

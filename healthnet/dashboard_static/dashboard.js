@@ -180,7 +180,7 @@
       cell(row, fmtBytes(v.bytes), "num");
       cell(row, (1000 * v.fold_seconds).toFixed(1), "num");
       cell(row, v.train_loss.toFixed(3), "num");
-      cell(row, v.reason.replace("_", " "));
+      cell(row, v.reason.replace("_", " ") + (v.secure ? " · secure" : ""));
     }
   }
 

@@ -146,6 +146,16 @@ def test_recent_versions_summarise_the_newest_records() -> None:
     assert (rows[0].updates, rows[0].mean_staleness, rows[0].max_staleness) == (2, 2.0, 3)
     assert rows[0].bytes == 201
     assert rows[0].nodes == ("n0", "n1")
+    assert rows[0].secure is False
+
+
+def test_a_securely_aggregated_version_says_so() -> None:
+    """A version record with a secure fold id is marked secure in the recent versions."""
+    observer = Observer(FED)
+    secure = record(2, 0).model_copy(update={"secure_fold_id": "fold-2"})
+    feed(observer, "", record(1, 0), secure)
+    rows = observer.snapshot(now=0).recent_versions
+    assert [(r.version, r.secure) for r in rows] == [(1, False), (2, True)]
 
 
 def test_history_is_bounded() -> None:
