@@ -20,7 +20,7 @@ from edge_node.release import release_train_metrics
 from edge_node.session import Job
 
 if TYPE_CHECKING:
-    from edge_node.privacy_ledger import Charge  # opacus: only for the type
+    from edge_node.privacy_ledger import Charge  # only for the type
     from edge_node.secure_holder import SecureUpload
     from edge_node.training import TrainResult  # torch: only for the type
 
