@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from common.inbound import Inbound
 from common.messages import (
@@ -32,9 +33,12 @@ from common.secure_aggregation.events import (
     UnmaskRefusal,
     UnmaskRequest,
 )
-from common.secure_aggregation.keys import KeyRecord
 from common.secure_aggregation.release import Term
 from common.topics import Route
+
+if TYPE_CHECKING:
+    # keys brings in cryptography: loaded only where a key record is read.
+    from common.secure_aggregation.keys import KeyRecord
 
 __all__ = [
     "WireRefusal",
@@ -85,6 +89,8 @@ def key_record_of(inbound: Inbound) -> KeyRecord | WireRefusal:
         return _wrong_route(inbound)
     if (refusal := _sender_refusal(inbound)) is not None:
         return refusal
+    from common.secure_aggregation.keys import KeyRecord
+
     return KeyRecord(
         federation=body.federation,
         identity=body.identity,
