@@ -83,6 +83,13 @@ KNOB_SETS: Mapping[str, Knobs] = {
             "training": _EPOCH.model_copy(update={"logit_adjustment": 1.0, "learning_rate": 2e-3})
         }
     ),
+    # The same with a buffer of two updates.
+    "adjusted-lr2e-3-k2": PNEUMONIA.knobs.model_copy(
+        update={
+            "buffer_size": 2,
+            "training": _EPOCH.model_copy(update={"logit_adjustment": 1.0, "learning_rate": 2e-3}),
+        }
+    ),
     # Ten batches per update and the logit-adjusted loss.
     "budget": PNEUMONIA.knobs.model_copy(
         update={"training": _EPOCH.model_copy(update={"steps": 10, "logit_adjustment": 1.0})}
