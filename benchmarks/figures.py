@@ -617,6 +617,11 @@ def limit_levers_real(root: Path) -> str:
     return _limit_table(Source(f"{DOCS}/limit-levers-real.json", root))
 
 
+def limit_levers_stragglers(root: Path) -> str:
+    """The same under the stragglers benchmark's delays (benchmarks/limit.py)."""
+    return _limit_table(Source(f"{DOCS}/limit-levers-stragglers.json", root))
+
+
 def _limit_table(src: Source) -> str:
     seeds = len(src["seeds"])
     rows = []
@@ -1147,6 +1152,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "limit": limit,
     "limit-levers": limit_levers,
     "limit-levers-real": limit_levers_real,
+    "limit-levers-stragglers": limit_levers_stragglers,
     "limit-pooled-recipes": limit_pooled_recipes,
     "personalisation": personalisation,
     **{name: _settings(name) for name in SETTINGS_TABLES},
