@@ -70,7 +70,8 @@ PNEUMONIA = Federation(
     # cross-entropy it more than halves the examples the federation trains on before 85 %
     # (benchmarks/limit.py, docs/benchmarks.md#the-limit-pooled-training-against-the-federation).
     # A local Adam step of 2e-3 (with the full server step) then cuts the examples to 85 % again,
-    # in every seed (15,013 against 16,894, median of three); server Adam or Yogi, FedProx,
+    # in every seed without delays (15,013 against 16,894, median of three; level under the
+    # stragglers' delays, 15,354 both); server Adam or Yogi, FedProx,
     # asynchronous SCAFFOLD and other staleness functions did not (benchmarks/limit_sim.py), and
     # K = 2 reached 85 % sooner but fell back to always-pneumonia (docs/benchmarks.md, "Levers").
     knobs=Knobs(
