@@ -609,7 +609,20 @@ LIMIT_SETTINGS = {
 
 def limit(root: Path) -> str:
     """Pooled training against the pneumonia federation (benchmarks/limit.py)."""
-    src = Source(f"{DOCS}/limit.json", root)
+    return _limit_table(Source(f"{DOCS}/limit.json", root))
+
+
+def limit_levers_real(root: Path) -> str:
+    """The limit benchmark for the levers the simulation picked (benchmarks/limit.py)."""
+    return _limit_table(Source(f"{DOCS}/limit-levers-real.json", root))
+
+
+def limit_levers_stragglers(root: Path) -> str:
+    """The same under the stragglers benchmark's delays (benchmarks/limit.py)."""
+    return _limit_table(Source(f"{DOCS}/limit-levers-stragglers.json", root))
+
+
+def _limit_table(src: Source) -> str:
     seeds = len(src["seeds"])
     rows = []
     for e in src["summary"]:
@@ -627,6 +640,63 @@ def limit(root: Path) -> str:
     header = ("setting", "examples to 85 %", "85 %, mean of last 5", "examples to 88 %",
               "88 %, mean of last 5", "s to 85 %")  # fmt: skip
     note = f"Median of seeds {', '.join(str(s) for s in src['seeds'])}; ({TIMES}): over pooled."
+    return block(header, rows, provenance([src], note))
+
+
+def limit_levers(root: Path) -> str:
+    """Sample-efficiency levers screened in the simulated federation (benchmarks/limit_sim.py)."""
+    src = Source(f"{DOCS}/limit-levers.json", root)
+    summary = src["summary"]
+    pooled = next(e for e in summary if e["setting"] == "pooled/adam-1e-3")
+    base = pooled["to_85_first"]["examples"]
+    rows = []
+    for e in summary:
+        name = str(e["setting"])
+        if name.startswith("pooled/") and name != "pooled/adam-1e-3":
+            continue
+        note = src["levers"].get(name, {}).get("note", "")
+        cells = [f"`{name}`" + (f" ({note})" if note else "")]
+        seeds = len(e["seeds"])
+        for key in ("to_85_first", "to_85_steady"):
+            spread = e[key]
+            ratio = None if key != "to_85_first" else {"examples": _sim_ratio(spread, base)}
+            cells.append(_examples(spread, ratio, seeds))
+        cells += [f3(e["best"]), f3(e["last10_mean"]), str(seeds)]
+        rows.append(cells)
+    header = ("setting", "examples to 85 %", "85 %, mean of last 5", "best", "last 10 mean",
+              "seeds")  # fmt: skip
+    note = (
+        f"Median of the seeds run; ({TIMES}): over the simulated pooled training's median "
+        "(evaluated every 8 batches)."
+    )
+    return block(header, rows, provenance([src], note))
+
+
+def _sim_ratio(spread: Json, base: float | None) -> float | None:
+    if spread["examples"] is None or not base:
+        return None
+    return float(spread["examples"]) / float(base)
+
+
+def limit_pooled_recipes(root: Path) -> str:
+    """Pooled-training recipes against 88 % (benchmarks/limit_sim.py --pooled)."""
+    src = Source(f"{DOCS}/limit-levers.json", root)
+    rows = []
+    for e in src["summary"]:
+        name = str(e["setting"])
+        if not name.startswith("pooled/"):
+            continue
+        runs = [r for r in src["runs"] if r["setting"] == name]
+        reached = [r["to_88"]["first"] for r in runs if r["to_88"]["first"] is not None]
+        at = ", ".join(f"{v:,}" for v in reached) or "-"
+        rows.append((f"`{name.removeprefix('pooled/')}`",
+                     _examples(e["to_85_first"], None, len(e["seeds"])),
+                     f"{len(reached)}/{len(runs)} ({at})",
+                     ", ".join(f3(r["best"]) for r in runs), f3(e["last10_mean"])))  # fmt: skip
+    header = ("recipe (6 epochs)", "examples to 85 %", "88 % reached (examples)",
+              "best, per seed", "last 10 mean")  # fmt: skip
+    seeds = sorted({r["seed"] for r in src["runs"] if str(r["setting"]).startswith("pooled/")})
+    note = f"Seeds {', '.join(str(s) for s in seeds)}; evaluated every 8 batches."
     return block(header, rows, provenance([src], note))
 
 
@@ -1173,6 +1243,10 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "secure-aggregation-costs": secure_aggregation_costs,
     "secure-aggregation-accuracy": secure_aggregation_accuracy,
     "limit": limit,
+    "limit-levers": limit_levers,
+    "limit-levers-real": limit_levers_real,
+    "limit-levers-stragglers": limit_levers_stragglers,
+    "limit-pooled-recipes": limit_pooled_recipes,
     "personalisation": personalisation,
     **{name: _settings(name) for name in SETTINGS_TABLES},
 }

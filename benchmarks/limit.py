@@ -77,6 +77,19 @@ KNOB_SETS: Mapping[str, Knobs] = {
     "adjusted": PNEUMONIA.knobs.model_copy(
         update={"training": _EPOCH.model_copy(update={"logit_adjustment": 1.0})}
     ),
+    # The logit-adjusted loss with a local Adam step of 2e-3 (benchmarks/limit_sim.py's best).
+    "adjusted-lr2e-3": PNEUMONIA.knobs.model_copy(
+        update={
+            "training": _EPOCH.model_copy(update={"logit_adjustment": 1.0, "learning_rate": 2e-3})
+        }
+    ),
+    # The same with a buffer of two updates.
+    "adjusted-lr2e-3-k2": PNEUMONIA.knobs.model_copy(
+        update={
+            "buffer_size": 2,
+            "training": _EPOCH.model_copy(update={"logit_adjustment": 1.0, "learning_rate": 2e-3}),
+        }
+    ),
     # Ten batches per update and the logit-adjusted loss.
     "budget": PNEUMONIA.knobs.model_copy(
         update={"training": _EPOCH.model_copy(update={"steps": 10, "logit_adjustment": 1.0})}

@@ -260,6 +260,21 @@ def test_limit_quick_compares_pooled_with_the_federation(tmp_path: Path) -> None
     assert {"examples", "seconds"} == summary["default/no-delays"]["to_85_first_ratio"].keys()
 
 
+def test_limit_sim_quick_screens_levers_against_pooled(tmp_path: Path) -> None:
+    """limit_sim --quick simulates the federation under two levers and trains pooled, and
+    summarises each setting's crossings of 85 % and 88 %."""
+    report = run_quick("limit_sim", tmp_path)
+    runs = report["runs"]
+    assert isinstance(runs, list)
+    assert [r["setting"] for r in runs] == ["pooled/adam-1e-3", "default", "scaffold"]
+    for run in runs[1:]:
+        examples = [point[0] for point in run["trajectory"]]
+        assert examples == sorted(examples)
+        assert examples[-1] >= 2_000
+    summary = {entry["setting"]: entry for entry in report["summary"]}
+    assert {"to_85_first", "to_85_steady", "to_88_first", "best"} <= summary["default"].keys()
+
+
 def test_personalisation_quick_reports_every_model_per_hospital(tmp_path: Path) -> None:
     """personalisation --quick writes, per federation, each model's per-hospital medians, mean
     and worst drop below the global model: the keys the docs' table reads."""

@@ -71,3 +71,12 @@ def test_only_pneumonia_trains_on_the_logit_adjusted_loss() -> None:
     assert HEART_DISEASE.knobs.training.logit_adjustment == 0.0
     assert PNEUMONIA.knobs.training.steps is None
     assert HEART_DISEASE.knobs.training.steps is None
+
+
+def test_pneumonia_trains_with_a_local_adam_step_of_2e_3() -> None:
+    """The pneumonia hospitals train one epoch of Adam at 2e-3 per update (the limit benchmark's
+    best local step at K = 4); heart disease keeps SGD at 0.05."""
+    assert PNEUMONIA.knobs.training.optimizer == "adam"
+    assert PNEUMONIA.knobs.training.learning_rate == 2e-3
+    assert PNEUMONIA.knobs.buffer_size == 4
+    assert HEART_DISEASE.knobs.training.learning_rate == 0.05
