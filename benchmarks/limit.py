@@ -68,12 +68,16 @@ POOLED_TRAINING = TrainingConfig(epochs=1, batch_size=32, learning_rate=1e-3, op
 DELAYS = {"no-delays": False, "stragglers": True}
 
 # Knob sets the federation can run under (``--knobs``), to compare against the default.
-_EPOCH = PNEUMONIA.knobs.training.model_copy(update={"steps": None, "logit_adjustment": 0.0})
+# Pinned to the local step these sets were measured at (Adam 1e-3, the default before the
+# levers' screening), so that their committed figures stay what the names say.
+_EPOCH = PNEUMONIA.knobs.training.model_copy(
+    update={"steps": None, "logit_adjustment": 0.0, "learning_rate": 1e-3}
+)
 KNOB_SETS: Mapping[str, Knobs] = {
     "default": PNEUMONIA.knobs,
     # One epoch per update, plain cross-entropy: the federation's knobs before issue 18.
     "epoch": PNEUMONIA.knobs.model_copy(update={"training": _EPOCH}),
-    # The same with the logit-adjusted loss (tau = 1): the default since issue 18.
+    # The same with the logit-adjusted loss (tau = 1): the default until the local step of 2e-3.
     "adjusted": PNEUMONIA.knobs.model_copy(
         update={"training": _EPOCH.model_copy(update={"logit_adjustment": 1.0})}
     ),
