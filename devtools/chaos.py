@@ -23,6 +23,15 @@ with the aggregator's update log and versions log, and the final model is evalua
 hospital's test split. :func:`problems` is the verdict: the benchmark's exit status and the
 durability tests both read it.
 
+With ``secure_aggregation`` every version is folded by secure aggregation (every hospital a
+holder, each hospital's key record signed by a throwaway CA as the demo makes them,
+:func:`healthnet.demo.demo_identities`). The drain then keeps the nodes up, since they hold the
+shares that unmask a sum: paused, with every outbox empty, it sets K = 1 and resumes until what
+is still buffered comes from fewer distinct hospitals than a sum may hold (the policy's floor,
+never foldable on its own). Those updates stay buffered in the aggregator's write-ahead log, for
+the run's next fold; the reconciliation counts them apart (``buffered_at_stop``) and
+:func:`problems` accepts them only there, only below that floor.
+
 Nodes run with a short keep-alive (``node_keepalive``) so that a freeze is noticed within
 seconds, a short ``ack_timeout``, and a per-update delay drawn from ``node_delay`` (a slow
 hospital, and time in which a node is "training" and can be killed).
@@ -47,6 +56,7 @@ from typing import assert_never
 
 from pydantic import SecretStr
 
+from aggregator.settings import AggregatorSettings
 from common.broker_url import BrokerEndpoint
 from common.codec import DEFAULT_MAX_MESSAGE_BYTES, new_id
 from common.errors import ControlError, HealthNetError
@@ -57,6 +67,7 @@ from common.messages import (
     ControlCommand,
     NodeState,
     NodeStatus,
+    SecureAggregation,
 )
 from common.mqtt import Message, MqttClient
 from common.settings import ConnectionSettings
@@ -64,7 +75,7 @@ from common.topics import Topic, TopicTree
 from devtools.reconcile import Reconciliation, load
 from healthnet.broker import BrokerConfig, EmbeddedBroker
 from healthnet.control import ControlClient
-from healthnet.demo import aggregator_settings, node_settings
+from healthnet.demo import aggregator_settings, demo_identities, node_settings
 from healthnet.federations import FEDERATIONS, Federation
 from healthnet.processes import ProcessGroup
 
@@ -116,6 +127,8 @@ class ChaosConfig:
     max_staleness: int | None = None
     start_timeout: float = 90.0
     drain_timeout: float = 120.0
+    secure_aggregation: bool = False
+    """Fold every version by secure aggregation, every hospital a holder."""
 
 
 @dataclass(slots=True)
@@ -156,6 +169,7 @@ class ChaosResult:
             "federation": self.config.federation,
             "seed": self.config.seed,
             "faults": sorted(self.config.faults),
+            "secure_aggregation": self.config.secure_aggregation,
             "events": self.events,
         }
 
@@ -186,10 +200,30 @@ def problems(result: ChaosResult) -> list[str]:
         found.append("versions are not contiguous")
     if r.updates_discarded:
         found.append(f"{r.updates_discarded} updates discarded")
-    accounted = r.updates_folded + r.updates_rejected + r.updates_discarded
+    held = len(r.buffered_at_stop)
+    floor = _contributors(result.config)
+    if held and (floor is None or r.buffered_hospitals >= floor):
+        found.append(
+            f"{held} updates of {r.buffered_hospitals} hospitals still buffered at stop"
+            + ("" if floor is None else f" (a sum may hold {floor}: they were foldable)")
+            + f": {r.buffered_at_stop[:5]}"
+        )
+    accounted = r.updates_folded + r.updates_rejected + r.updates_discarded + held
     if accounted != r.updates_sent:
         found.append(f"{r.updates_sent} updates sent, {accounted} folded, rejected or discarded")
     return found
+
+
+def _contributors(config: ChaosConfig) -> int | None:
+    """The fewest distinct hospitals a secure sum may hold (None: the run is not secure)."""
+    if not config.secure_aggregation:
+        return None
+    federation = FEDERATIONS[config.federation]
+    return _secure_policy(federation).policy().contributors
+
+
+def _secure_policy(federation: Federation) -> SecureAggregation:
+    return SecureAggregation(holders=tuple(site.node_id for site in federation.sites))
 
 
 def schedule(config: ChaosConfig, rng: random.Random) -> list[tuple[float, Fault]]:
@@ -276,6 +310,12 @@ class _Chaos:
         self.started = time.monotonic()
         self.monitor: _Monitor | None = None
         self.restarts: dict[str, Callable[[], None]] = {"aggregator": self.start_aggregator}
+        self.secure = _secure_policy(federation) if config.secure_aggregation else None
+        self.identities = (
+            demo_identities(workdir / "secagg-pki", self.fed_id, self.sites)
+            if self.secure is not None
+            else {}
+        )
         for node in self.sites:
             self.restarts[node] = functools.partial(self.start_node, node)
 
@@ -288,25 +328,26 @@ class _Chaos:
     def node_dir(self, node: str) -> Path:
         return self.workdir / "nodes" / node
 
-    def start_aggregator(self) -> None:
+    def aggregator_settings(self) -> AggregatorSettings:
         knobs = self.federation.knobs
-        self.group.start_service(
-            "aggregator",
-            aggregator_settings(
-                broker_url=self.broker.url,
-                federation_id=self.fed_id,
-                state_dir=self.aggregator_dir,
-                federation=self.federation,
-                buffer_size=self.config.buffer_size or knobs.buffer_size,
-                max_staleness=(
-                    knobs.max_staleness
-                    if self.config.max_staleness is None
-                    else self.config.max_staleness
-                ),
-                server_lr=knobs.server_lr,
-                seed=self.config.seed,
+        return aggregator_settings(
+            broker_url=self.broker.url,
+            federation_id=self.fed_id,
+            state_dir=self.aggregator_dir,
+            federation=self.federation,
+            buffer_size=self.config.buffer_size or knobs.buffer_size,
+            max_staleness=(
+                knobs.max_staleness
+                if self.config.max_staleness is None
+                else self.config.max_staleness
             ),
+            server_lr=knobs.server_lr,
+            seed=self.config.seed,
+            secure_aggregation=self.secure,
         )
+
+    def start_aggregator(self) -> None:
+        self.group.start_service("aggregator", self.aggregator_settings())
         self.expected_down.discard("aggregator")
 
     def start_node(self, node: str) -> None:
@@ -324,6 +365,9 @@ class _Chaos:
                 exit_when_stopped=False,
                 ack_timeout=self.config.ack_timeout,
                 keepalive=self.config.node_keepalive,
+                # The identity whose unmask requests a node answers: the aggregator's own.
+                aggregator_identity=self.aggregator_settings().mqtt_client_id(),
+                **self.identities.get(node, {}),
             ),
         )
         self.expected_down.discard(node)
@@ -561,9 +605,8 @@ class _Chaos:
     def version(self) -> int:
         return 0 if self.monitor is None else self.monitor.version
 
-    def drain(self) -> None:
-        """Pause, let every outbox empty, stop the nodes, fold the rest with K = 1, stop."""
-        timeout = self.config.drain_timeout
+    def pause_until_quiet(self) -> None:
+        """Pause and wait until no outbox holds an update and no node trains, for a second."""
         self.control(ControlCommand.PAUSE)
         self.note("paused; waiting for every outbox to empty")
 
@@ -580,29 +623,77 @@ class _Chaos:
             stable_since = stable_since or time.monotonic()
             return time.monotonic() - stable_since >= 1.0
 
-        self.wait_until(quiet_for_a_second, timeout, "every outbox to empty")
+        self.wait_until(quiet_for_a_second, self.config.drain_timeout, "every outbox to empty")
+
+    def stop_nodes(self) -> None:
         for node in self.sites:  # all at once: each takes seconds to say goodbye
             self.expected_down.add(node)
             self.group[node].signal(signal.SIGTERM)
         for node in self.sites:
             self.group[node].stop()
         self.note("nodes stopped")
-        self.control(ControlCommand.SET, {"buffer_size": 1})
-        self.control(ControlCommand.RESUME)
-        self.wait_until(
-            lambda: (
-                (s := self.status()) is not None
-                and s.state is AggregatorState.RUNNING
-                and s.buffer_fill == 0
-            ),
-            timeout,
-            "the buffer to fold",
-        )
+
+    def drain(self) -> None:
+        """Pause, let every outbox empty, stop the nodes, fold the rest with K = 1, stop.
+
+        Under secure aggregation the nodes hold the shares a fold needs, so they stay up until
+        what is left cannot be folded (see the module docstring)."""
+        timeout = self.config.drain_timeout
+        if self.secure is not None:
+            self.drain_secure(self.secure.policy().contributors)
+        else:
+            self.pause_until_quiet()
+            self.stop_nodes()
+            self.control(ControlCommand.SET, {"buffer_size": 1})
+            self.control(ControlCommand.RESUME)
+            self.wait_until(
+                lambda: (
+                    (s := self.status()) is not None
+                    and s.state is AggregatorState.RUNNING
+                    and s.buffer_fill == 0
+                ),
+                timeout,
+                "the buffer to fold",
+            )
         self.expected_down.add("aggregator")
         self.control(ControlCommand.STOP)
         if self.group["aggregator"].wait(30.0) is None:
             raise ChaosError("the aggregator did not exit after stop")
         self.note(f"run stopped at v{self.version}")
+
+    def past(self, version: int) -> bool:
+        return self.version > version
+
+    def drain_secure(self, contributors: int) -> None:
+        """Fold with K = 1 until what is buffered comes from fewer than ``contributors``
+        hospitals, pausing between folds so that no node has an update on the way."""
+        self.control(ControlCommand.SET, {"buffer_size": 1})
+        deadline = time.monotonic() + self.config.drain_timeout
+        while True:
+            self.pause_until_quiet()
+            held = buffered(self.aggregator_dir)
+            if len(set(held.values())) < contributors:
+                self.note(f"{len(held)} updates of {sorted(set(held.values()))} stay buffered")
+                break
+            if time.monotonic() > deadline:
+                raise ChaosError(f"the secure drain did not end: {len(held)} updates buffered")
+            self.control(ControlCommand.RESUME)
+            self.wait_until(
+                functools.partial(self.past, self.version), self.config.drain_timeout, "a fold"
+            )
+        self.stop_nodes()
+
+
+def buffered(aggregator_dir: Path) -> dict[str, str]:
+    """Update id to node of every update the aggregator's update log says it accepted and has
+    not yet folded, rejected or discarded."""
+    from aggregator.update_log import read_update_log, update_fates
+
+    return {
+        uid: fate.node
+        for uid, fate in update_fates(read_update_log(aggregator_dir)).items()
+        if fate.accepted and not (fate.folded or fate.rejected or fate.discarded)
+    }
 
 
 def evaluate_final(

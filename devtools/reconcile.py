@@ -58,6 +58,10 @@ class Reconciliation:
     ledger_disagrees: list[str] = field(default_factory=list)
     # (node, run, base version) with more than one update: a restart that trained twice.
     same_base_twice: list[str] = field(default_factory=list)
+    # Accepted, neither folded, rejected nor discarded when the run stopped: still in the
+    # aggregator's buffer (its write-ahead log), and from how many distinct hospitals.
+    buffered_at_stop: list[str] = field(default_factory=list)
+    buffered_hospitals: int = 0
 
     @property
     def clean(self) -> bool:
@@ -86,6 +90,8 @@ class Reconciliation:
             "folded_not_sent": len(self.folded_not_sent),
             "ledger_disagrees": len(self.ledger_disagrees),
             "same_base_twice": len(self.same_base_twice),
+            "buffered_at_stop": len(self.buffered_at_stop),
+            "buffered_hospitals": self.buffered_hospitals,
             "lost_ids": self.lost[:20],
             "double_folded_ids": self.double_folded[:20],
         }
@@ -124,6 +130,11 @@ def reconcile(
     discarded = {uid for uid, f in fates.items() if f.discarded and not f.folded}
     rejections = Counter(fates[uid].rejections[-1] for uid in rejected if uid in sent)
 
+    held = {
+        uid: f.node
+        for uid, f in fates.items()
+        if uid in sent and f.accepted and not (f.folded or f.rejected or f.discarded)
+    }
     lost = sorted(
         uid
         for uid in sent
@@ -131,6 +142,7 @@ def reconcile(
         and uid not in rejected
         and uid not in discarded
         and uid not in in_outbox
+        and uid not in held
     )
     return Reconciliation(
         updates_sent=len(sent),
@@ -149,6 +161,8 @@ def reconcile(
         same_base_twice=sorted(
             f"{node}@{run}/v{base}" for (node, run, base), n in bases.items() if n > 1
         ),
+        buffered_at_stop=sorted(held),
+        buffered_hospitals=len(set(held.values())),
     )
 
 

@@ -22,7 +22,11 @@ CLEAN = Reconciliation(
 )
 
 
-def result(reconciliation: Reconciliation, unexpected: list[str] | None = None) -> ChaosResult:
+def result(
+    reconciliation: Reconciliation,
+    unexpected: list[str] | None = None,
+    config: ChaosConfig | None = None,
+) -> ChaosResult:
     return ChaosResult(
         counts={},
         reconciliation=reconciliation,
@@ -33,7 +37,7 @@ def result(reconciliation: Reconciliation, unexpected: list[str] | None = None) 
         fault_seconds=1.0,
         wall_seconds=1.0,
         unexpected_exits=unexpected or [],
-        config=ChaosConfig(),
+        config=config or ChaosConfig(),
         events=[],
     )
 
@@ -68,3 +72,27 @@ def test_a_process_that_exited_on_its_own_is_a_problem() -> None:
     """An unexpected exit fails the run even when the records are clean."""
     found = problems(result(CLEAN, ["n1 exited with 1"]))
     assert found == ["1 unexpected exits: ['n1 exited with 1']"]
+
+
+HELD = dataclasses.replace(
+    CLEAN, updates_sent=6, buffered_at_stop=["u5", "u6"], buffered_hospitals=2
+)
+
+
+def test_updates_buffered_at_stop_are_a_problem_in_a_plain_run() -> None:
+    """The plain drain folds everything with K = 1: anything still buffered is a problem."""
+    found = problems(result(HELD))
+    assert any("still buffered at stop" in line for line in found), found
+
+
+def test_a_secure_run_may_stop_with_a_buffer_too_few_hospitals_could_fold() -> None:
+    """Under secure aggregation, updates of fewer hospitals than a sum may hold (3 of the
+    heart federation's 4) cannot be folded on their own: they stay buffered, not a problem."""
+    assert problems(result(HELD, config=ChaosConfig(secure_aggregation=True))) == []
+
+
+def test_a_secure_run_that_stops_with_a_foldable_buffer_is_a_problem() -> None:
+    """Updates of as many hospitals as a sum needs were foldable: leaving them is a problem."""
+    held = dataclasses.replace(HELD, buffered_hospitals=3)
+    found = problems(result(held, config=ChaosConfig(secure_aggregation=True)))
+    assert any("they were foldable" in line for line in found), found
