@@ -25,12 +25,13 @@ durability tests both read it.
 
 With ``secure_aggregation`` every version is folded by secure aggregation (every hospital a
 holder, each hospital's key record signed by a throwaway CA as the demo makes them,
-:func:`healthnet.demo.demo_identities`). The drain then keeps the nodes up, since they hold the
-shares that unmask a sum: paused, with every outbox empty, it sets K = 1 and resumes until what
-is still buffered comes from fewer distinct hospitals than a sum may hold (the policy's floor,
-never foldable on its own). Those updates stay buffered in the aggregator's write-ahead log, for
-the run's next fold; the reconciliation counts them apart (``buffered_at_stop``) and
-:func:`problems` accepts them only there, only below that floor.
+:func:`healthnet.demo.demo_identities`). The drain cannot fold the rest then: a secure sum needs
+updates of several hospitals and the hospitals' answers, and resumed hospitals train again, so
+no resume leaves the buffer empty. It pauses, waits until every outbox is empty, and stops. The
+updates still buffered are acknowledged and in the aggregator's write-ahead log, for the run's
+next fold; the reconciliation counts them apart (``buffered_at_stop``) and :func:`problems`
+accepts them only in a secure run, and only as many as one buffer not yet due and one update
+in flight per hospital (K - 1 + N).
 
 Nodes run with a short keep-alive (``node_keepalive``) so that a freeze is noticed within
 seconds, a short ``ack_timeout``, and a per-update delay drawn from ``node_delay`` (a slow
@@ -201,12 +202,11 @@ def problems(result: ChaosResult) -> list[str]:
     if r.updates_discarded:
         found.append(f"{r.updates_discarded} updates discarded")
     held = len(r.buffered_at_stop)
-    floor = _contributors(result.config)
-    if held and (floor is None or r.buffered_hospitals >= floor):
+    bound = _buffered_bound(result.config)
+    if held > bound:
         found.append(
-            f"{held} updates of {r.buffered_hospitals} hospitals still buffered at stop"
-            + ("" if floor is None else f" (a sum may hold {floor}: they were foldable)")
-            + f": {r.buffered_at_stop[:5]}"
+            f"{held} updates of {r.buffered_hospitals} hospitals still buffered at stop "
+            f"(at most {bound} may be): {r.buffered_at_stop[:5]}"
         )
     accounted = r.updates_folded + r.updates_rejected + r.updates_discarded + held
     if accounted != r.updates_sent:
@@ -214,12 +214,14 @@ def problems(result: ChaosResult) -> list[str]:
     return found
 
 
-def _contributors(config: ChaosConfig) -> int | None:
-    """The fewest distinct hospitals a secure sum may hold (None: the run is not secure)."""
+def _buffered_bound(config: ChaosConfig) -> int:
+    """How many updates a drained run may leave buffered: none in the clear (the drain folds
+    them); under secure aggregation a buffer not yet due and one update in flight per hospital."""
     if not config.secure_aggregation:
-        return None
+        return 0
     federation = FEDERATIONS[config.federation]
-    return _secure_policy(federation).policy().contributors
+    k = config.buffer_size or federation.knobs.buffer_size
+    return k - 1 + len(federation.sites)
 
 
 def _secure_policy(federation: Federation) -> SecureAggregation:
@@ -636,11 +638,13 @@ class _Chaos:
     def drain(self) -> None:
         """Pause, let every outbox empty, stop the nodes, fold the rest with K = 1, stop.
 
-        Under secure aggregation the nodes hold the shares a fold needs, so they stay up until
-        what is left cannot be folded (see the module docstring)."""
+        Under secure aggregation what is buffered stays buffered (see the module docstring)."""
         timeout = self.config.drain_timeout
         if self.secure is not None:
-            self.drain_secure(self.secure.policy().contributors)
+            self.pause_until_quiet()
+            held = buffered(self.aggregator_dir)
+            self.note(f"{len(held)} updates of {sorted(set(held.values()))} stay buffered")
+            self.stop_nodes()
         else:
             self.pause_until_quiet()
             self.stop_nodes()
@@ -660,28 +664,6 @@ class _Chaos:
         if self.group["aggregator"].wait(30.0) is None:
             raise ChaosError("the aggregator did not exit after stop")
         self.note(f"run stopped at v{self.version}")
-
-    def past(self, version: int) -> bool:
-        return self.version > version
-
-    def drain_secure(self, contributors: int) -> None:
-        """Fold with K = 1 until what is buffered comes from fewer than ``contributors``
-        hospitals, pausing between folds so that no node has an update on the way."""
-        self.control(ControlCommand.SET, {"buffer_size": 1})
-        deadline = time.monotonic() + self.config.drain_timeout
-        while True:
-            self.pause_until_quiet()
-            held = buffered(self.aggregator_dir)
-            if len(set(held.values())) < contributors:
-                self.note(f"{len(held)} updates of {sorted(set(held.values()))} stay buffered")
-                break
-            if time.monotonic() > deadline:
-                raise ChaosError(f"the secure drain did not end: {len(held)} updates buffered")
-            self.control(ControlCommand.RESUME)
-            self.wait_until(
-                functools.partial(self.past, self.version), self.config.drain_timeout, "a fold"
-            )
-        self.stop_nodes()
 
 
 def buffered(aggregator_dir: Path) -> dict[str, str]:
