@@ -1130,6 +1130,27 @@ def secure_aggregation_mqtt(root: Path) -> str:
     return block(header, rows, provenance([src], note))
 
 
+def secure_aggregation_chaos(root: Path) -> str:
+    src = Source(f"{DOCS}/secure-aggregation-chaos.json", root)
+    d = src.data
+    contiguous = "contiguous" if d["versions_contiguous"] else "not contiguous"
+    rows = [
+        ("faults injected", ", ".join(d["faults"])),
+        ("aggregator SIGKILLed and restarted", str(d["aggregator_kills"])),
+        (f"broker restarts ({d['broker_crashes']} SIGKILL)", str(d["broker_restarts"])),
+        ("nodes SIGKILLed / frozen", f"{d['node_kills']} / {d['node_freezes']}"),
+        ("updates sent (ids in the nodes' sent logs)", f"{d['updates_sent']:,}"),
+        ("updates folded", f"{d['updates_folded']:,}"),
+        ("lost / double folded / left in an outbox",
+         f"{d['lost']} / {d['double_folded']} / {d['still_in_outbox']}"),
+        ("buffered at stop (hospitals)", f"{d['buffered_at_stop']} ({d['buffered_hospitals']})"),
+        (f"versions ({contiguous})", f"{d['versions']:,}"),
+        ("final mean test accuracy over the hospitals", f3(d["final_accuracy"])),
+    ]  # fmt: skip
+    note = f"A fault window of {d['fault_seconds']:.0f} s, every version folded securely."
+    return block(("chaos run", "value"), rows, provenance([src], note))
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "demo-heart-disease": demo_heart,
     "demo-pneumonia": demo_pneumonia,
@@ -1151,6 +1172,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "privacy": privacy,
     "secure-aggregation-costs": secure_aggregation_costs,
     "secure-aggregation-mqtt": secure_aggregation_mqtt,
+    "secure-aggregation-chaos": secure_aggregation_chaos,
     "secure-aggregation-accuracy": secure_aggregation_accuracy,
     "limit": limit,
     "personalisation": personalisation,

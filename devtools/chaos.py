@@ -30,8 +30,9 @@ updates of several hospitals and the hospitals' answers, and resumed hospitals t
 no resume leaves the buffer empty. It pauses, waits until every outbox is empty, and stops. The
 updates still buffered are acknowledged and in the aggregator's write-ahead log, for the run's
 next fold; the reconciliation counts them apart (``buffered_at_stop``) and :func:`problems`
-accepts them only in a secure run, and only as many as one buffer not yet due and one update
-in flight per hospital (K - 1 + N).
+accepts them only in a secure run. How many there are is no verdict: a secure fold takes
+longer than a plaintext one, so a buffer may hold a backlog of several folds when the drain
+pauses. A run whose folds stalled shows as never reaching ``min_versions``.
 
 Nodes run with a short keep-alive (``node_keepalive``) so that a freeze is noticed within
 seconds, a short ``ack_timeout``, and a per-update delay drawn from ``node_delay`` (a slow
@@ -202,26 +203,12 @@ def problems(result: ChaosResult) -> list[str]:
     if r.updates_discarded:
         found.append(f"{r.updates_discarded} updates discarded")
     held = len(r.buffered_at_stop)
-    bound = _buffered_bound(result.config)
-    if held > bound:
-        found.append(
-            f"{held} updates of {r.buffered_hospitals} hospitals still buffered at stop "
-            f"(at most {bound} may be): {r.buffered_at_stop[:5]}"
-        )
+    if held and not result.config.secure_aggregation:
+        found.append(f"{held} updates still buffered at stop: {r.buffered_at_stop[:5]}")
     accounted = r.updates_folded + r.updates_rejected + r.updates_discarded + held
     if accounted != r.updates_sent:
         found.append(f"{r.updates_sent} updates sent, {accounted} folded, rejected or discarded")
     return found
-
-
-def _buffered_bound(config: ChaosConfig) -> int:
-    """How many updates a drained run may leave buffered: none in the clear (the drain folds
-    them); under secure aggregation a buffer not yet due and one update in flight per hospital."""
-    if not config.secure_aggregation:
-        return 0
-    federation = FEDERATIONS[config.federation]
-    k = config.buffer_size or federation.knobs.buffer_size
-    return k - 1 + len(federation.sites)
 
 
 def _secure_policy(federation: Federation) -> SecureAggregation:

@@ -129,8 +129,8 @@ def test_aggregator_kills_and_broker_restarts_under_secure_aggregation_lose_noth
     tmp_path: Path,
 ) -> None:
     """The aggregator killed (open fold plans included) and the broker restarted, every version
-    folded by secure aggregation: nothing lost, nothing folded twice, and no more left buffered
-    at stop than one buffer and one update per hospital (K - 1 + N). Node kills and freezes are
+    folded by secure aggregation: nothing lost, nothing folded twice, every update sent folded
+    or still buffered, acknowledged, for the next fold. Node kills and freezes are
     left out: a share sent while its holder is down is never receipted by it, which can stall
     the run (docs/secure-aggregation.md#what-it-costs)."""
     result = run_chaos(
