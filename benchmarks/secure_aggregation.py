@@ -513,6 +513,13 @@ def mqtt_summary(rows: list[dict[str, object]]) -> list[dict[str, object]]:
                 values = [number(r[key]) for r in runs if r[key] is not None]
                 entry[f"{mode}_{key}"] = _median(values)
                 entry[f"{mode}_{key}_reached"] = f"{len(values)}/{len(runs)}"
+        reached = [
+            t
+            for t in (round(x * 100) for x in MQTT_TARGETS[federation])
+            if entry[f"plain_seconds_to_{t}"] is not None
+            and entry[f"secure_seconds_to_{t}"] is not None
+        ]
+        target = reached[-1] if reached else round(MQTT_TARGETS[federation][-1] * 100)
         plain_s, secure_s = (
             entry[f"plain_seconds_to_{target}"],
             entry[f"secure_seconds_to_{target}"],
