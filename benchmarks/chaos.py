@@ -1,6 +1,7 @@
 """Chaos benchmark: kill and freeze a real federation at random, then count lost updates.
 
     python -m benchmarks.chaos --minutes 10 --json chaos.json [--seed 0] [--federation NAME]
+        [--secure-aggregation]
 
 Runs devtools.chaos (real processes, a real Mosquitto with persistence) and writes its JSON:
 aggregator_kills, broker_restarts, node_kills, node_freezes, updates_sent, updates_folded,
@@ -8,6 +9,9 @@ lost, double_folded, versions_contiguous, final_accuracy and more. Exit status 1
 ``devtools.chaos.problems`` finds any (lost, folded twice, left in an outbox, trained twice on one
 base, discarded, logs that disagree, a process that exited on its own): the same check as
 tests/integration/test_durability.py. ``--minutes 0.5`` is the quick mode CI runs.
+``--secure-aggregation`` folds every version by secure aggregation (every hospital a holder,
+keys signed by a throwaway CA, as ``healthnet demo --secure-aggregation`` makes them); its
+drain leaves the rest buffered (devtools.chaos), and the JSON says how many (``buffered_at_stop``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {', '.join(Fault)}",
     )
     parser.add_argument("--min-versions", type=int, default=60)
+    parser.add_argument(
+        "--secure-aggregation", action="store_true", help="fold every version securely"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     seconds = args.minutes * 60.0
@@ -52,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         every=every,
         min_versions=args.min_versions,
         workdir=args.workdir,
+        secure_aggregation=args.secure_aggregation,
     )
     console = Console(stderr=True)
     with Progress(
@@ -76,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     data = result.to_json()
     write_report(args.json, data)
     keys = ("aggregator_kills", "broker_restarts", "node_kills", "node_freezes", "updates_sent",
-            "updates_folded", "lost", "double_folded", "versions", "final_accuracy")  # fmt: skip
+            "updates_folded", "lost", "double_folded", "buffered_at_stop", "versions",
+            "final_accuracy")  # fmt: skip
     console.print(" ".join(f"{key}={data[key]}" for key in keys))
     console.print(f"result written to {args.json}")
     found = problems(result)

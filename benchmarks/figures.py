@@ -1219,6 +1219,105 @@ def secure_aggregation_accuracy(root: Path) -> str:
     return block(header, rows, provenance([src]))
 
 
+def _pair(plain: Any, secure: Any, show: Callable[[Any], str]) -> str:
+    return " / ".join("not reached" if v is None else show(v) for v in (plain, secure))
+
+
+def _seconds_updates(run: Json, target: int) -> Any:
+    seconds = run[f"seconds_to_{target}"]
+    return None if seconds is None else (seconds, run[f"updates_to_{target}"])
+
+
+def _su(value: tuple[float, float]) -> str:
+    return f"{value[0]:.1f} s ({value[1]:.0f} updates)"
+
+
+SECURE_MQTT_SOURCES = ("secure-aggregation-mqtt.json", "secure-aggregation-mqtt-pneumonia.json")
+
+
+def _mqtt_verdict(src: Source, entry: Json) -> str:
+    ratio, gap = entry["time_ratio"], entry["accuracy_gap"]
+    time_part = (
+        "not reached by both"
+        if ratio is None
+        else f"{ratio:.2f}{TIMES} plain's ({'met' if entry['time_met'] else 'not met'})"
+    )
+    gap_part = (
+        "unknown"
+        if gap is None
+        else f"{gap * 100:+.1f} points ({'met' if entry['accuracy_met'] else 'not met'})"
+    )
+    budget = src["budget_seconds"][entry["federation"]]
+    rounds = f"medians over {src['rounds']} rounds" if src["rounds"] > 1 else "one round"
+    return (
+        f"{entry['federation']} ({budget:.0f} s runs), {rounds}: "
+        f"secure time to {entry['target']} {time_part} against at most 1.5{TIMES}; final "
+        f"accuracy plain minus secure {gap_part} against at most 1 point."
+    )
+
+
+def secure_aggregation_mqtt(root: Path) -> str:
+    sources = [Source(f"{DOCS}/{name}", root) for name in SECURE_MQTT_SOURCES]
+    rows = []
+    verdicts = []
+    for src in sources:
+        runs: dict[tuple[str, int], dict[str, Json]] = {}
+        for run in src["runs"]:
+            runs.setdefault((run["federation"], run["seed"]), {})[run["mode"]] = run
+        for (federation, seed), pair in runs.items():
+            plain, secure = pair["plain"], pair["secure"]
+            targets = [round(x * 100) for x in src["targets"][federation]]
+            rows.append((
+                federation,
+                str(seed),
+                *(
+                    f"0.{t}: "
+                    + _pair(_seconds_updates(plain, t), _seconds_updates(secure, t), _su)
+                    for t in targets
+                ),
+                _pair(plain["final_accuracy"], secure["final_accuracy"], f3),
+                _pair(plain["versions"], secure["versions"], str),
+                _pair(plain["bytes_per_update"], secure["bytes_per_update"],
+                      lambda b: f"{b:,.0f}"),
+                _pair(
+                    plain["aggregator_cpu_seconds_per_version"],
+                    secure["aggregator_cpu_seconds_per_version"],
+                    _cpu,
+                ),
+            ))  # fmt: skip
+        verdicts += [_mqtt_verdict(src, entry) for entry in src["summary"]]
+    header = ("federation", "seed", "lower target, plain / secure",
+              "higher target, plain / secure", "final accuracy, plain / secure",
+              "versions in the budget, plain / secure", "bytes per update message, plain / secure",
+              "aggregator CPU per version, plain / secure")  # fmt: skip
+    note = (
+        "Whole federations over MQTT, plain and secure alternating, each run stopped its budget "
+        "after every hospital was ready; seconds from then. " + " ".join(verdicts)
+    )
+    return block(header, rows, provenance(sources, note))
+
+
+def secure_aggregation_chaos(root: Path) -> str:
+    src = Source(f"{DOCS}/secure-aggregation-chaos.json", root)
+    d = src.data
+    contiguous = "contiguous" if d["versions_contiguous"] else "not contiguous"
+    rows = [
+        ("faults injected", ", ".join(d["faults"])),
+        ("aggregator SIGKILLed and restarted", str(d["aggregator_kills"])),
+        (f"broker restarts ({d['broker_crashes']} SIGKILL)", str(d["broker_restarts"])),
+        ("nodes SIGKILLed / frozen", f"{d['node_kills']} / {d['node_freezes']}"),
+        ("updates sent (ids in the nodes' sent logs)", f"{d['updates_sent']:,}"),
+        ("updates folded", f"{d['updates_folded']:,}"),
+        ("lost / double folded / left in an outbox",
+         f"{d['lost']} / {d['double_folded']} / {d['still_in_outbox']}"),
+        ("buffered at stop (hospitals)", f"{d['buffered_at_stop']} ({d['buffered_hospitals']})"),
+        (f"versions ({contiguous})", f"{d['versions']:,}"),
+        ("final mean test accuracy over the hospitals", f3(d["final_accuracy"])),
+    ]  # fmt: skip
+    note = f"A fault window of {d['fault_seconds']:.0f} s, every version folded securely."
+    return block(("chaos run", "value"), rows, provenance([src], note))
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "demo-heart-disease": demo_heart,
     "demo-pneumonia": demo_pneumonia,
@@ -1241,6 +1340,8 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "scale-updates": scale_updates,
     "privacy": privacy,
     "secure-aggregation-costs": secure_aggregation_costs,
+    "secure-aggregation-mqtt": secure_aggregation_mqtt,
+    "secure-aggregation-chaos": secure_aggregation_chaos,
     "secure-aggregation-accuracy": secure_aggregation_accuracy,
     "limit": limit,
     "limit-levers": limit_levers,

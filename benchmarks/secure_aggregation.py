@@ -1,10 +1,10 @@
-"""What secure aggregation costs, against the plaintext path in the same process.
+"""What secure aggregation costs, against the plaintext path in the same run.
 
     python -m benchmarks.secure_aggregation [--json OUT] [--quick] [--repeats N]
+    python -m benchmarks.secure_aggregation --mqtt --json OUT [--federation NAME] [--budget S]
 
-The services do not carry secure aggregation over MQTT yet
-(docs/secure-aggregation.md#what-is-built), so this measures the protocol's own parts, in
-process, with real keys, sealed shares and the holders' and aggregator's files:
+The default mode measures the protocol's own parts, in process, with real keys, sealed shares
+and the holders' and aggregator's files:
 
 - **costs**, for the heart federation (logistic regression, 4 hospitals, K = 3) and the pneumonia
   federation (CNN width 16, 8 hospitals, K = 4), at the default policy (T = 1, U the least
@@ -20,6 +20,17 @@ process, with real keys, sealed shares and the holders' and aggregator's files:
   fold once the buffer holds K updates of the policy's 3 distinct hospitals), so the
   difference is the fold alone: versions and updates to accuracy 0.75 and 0.78 and the final
   accuracy on the hospitals' pooled test split.
+
+``--mqtt`` runs whole federations instead (``healthnet.demo.run_demo``: an embedded Mosquitto,
+the aggregator and one node per hospital as processes), FedBuff at the federation's K, with the
+stragglers benchmark's per-hospital delays (log-normal, median 0.5 s, sigma 1, delay seed 0),
+alternating plain and secure (every hospital a holder, keys signed by the demo's throwaway CA)
+for ``--rounds`` rounds, each run stopped ``--budget`` seconds after every hospital was ready.
+Per run: seconds and updates to each target (counted as the stragglers benchmark counts them),
+the final accuracy, the mean size of an update message on the wire (the masked vector; the
+sealed shares travel beside it, to the holders, and are counted in the in-process costs), and
+the aggregator process's CPU time per version from its first evaluated version to its last
+(read from ``/proc`` every quarter second, so Linux only; start-up is left out).
 """
 
 from __future__ import annotations
@@ -27,7 +38,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
+import os
+import statistics
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -36,10 +52,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from rich.console import Console
 
 from aggregator.aggregation import StalenessPolicy, buffer_weights, weighted_average
 from aggregator.secure_unmask import FoldPlan, PendingMasked, UnmaskLedger, plan_fold, unmask
-from benchmarks._report import best_of, write_report
+from benchmarks._report import best_of, number, write_report
+from benchmarks.stragglers import HEART_TARGETS, TARGETS, draw_delays, to_target
 from common.models import build_model, model_params
 from common.secure_aggregation import from_bytes, sign_key_record, verify_key_record
 from common.secure_aggregation.events import UnmaskAnswer
@@ -47,13 +65,15 @@ from common.secure_aggregation.policy import SecureAggregationPolicy
 from edge_node.datasets import load_dataset
 from edge_node.secure_holder import SecureUpload, ShareHolder, load_agreement_key, mask_for_upload
 from edge_node.training import evaluate, train
+from healthnet.demo import DemoConfig, run_demo
 from healthnet.deploy.pki import CertificateAuthority
-from healthnet.federations import HEART_DISEASE, PNEUMONIA
+from healthnet.federations import FEDERATIONS, HEART_DISEASE, PNEUMONIA
 from healthnet.federations import Federation as FederationSpec
 
 CPU = torch.device("cpu")
 NOW = dt.datetime.now(dt.UTC)
-TARGETS = (0.75, 0.78)
+TARGETS_IN_PROCESS = (0.75, 0.78)
+MQTT_TARGETS = {"heart-disease": HEART_TARGETS, "pneumonia": TARGETS}
 
 
 @dataclass
@@ -327,10 +347,10 @@ def accuracy(seed: int, versions: int, secure: bool) -> dict[str, object]:
         "versions": versions,
         "buffer_size": k,
         "updates_made": made,
-        **{f"versions_to_{int(t * 100)}": first_at(curve, t) for t in TARGETS},
+        **{f"versions_to_{int(t * 100)}": first_at(curve, t) for t in TARGETS_IN_PROCESS},
         **{
             f"updates_to_{int(t * 100)}": (folded[v - 1] if (v := first_at(curve, t)) else None)
-            for t in TARGETS
+            for t in TARGETS_IN_PROCESS
         },
         "final_accuracy": curve[-1],
         "last5_mean_accuracy": float(np.mean(curve[-5:])),
@@ -350,13 +370,253 @@ def first_at(curve: list[float], target: float) -> int | None:
     return next((v for v, acc in enumerate(curve, start=1) if acc >= target), None)
 
 
+# -- over MQTT
+
+
+class AggregatorCpu:
+    """Samples the CPU time (user + system) of this process's ``healthnet aggregator run``
+    children from ``/proc`` every ``interval`` seconds, on a named thread, while it is entered."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []  # (seconds since entered, CPU seconds)
+        self._cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="aggregator-cpu", daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._started = 0.0
+
+    def __enter__(self) -> AggregatorCpu:
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        me = os.getpid()
+        while not self._stop.wait(self.interval):
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    self._read(int(entry.name), me)
+            self.samples.append((time.monotonic() - self._started, sum(self._cpu.values())))
+
+    def _read(self, pid: int, parent: int) -> None:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) != parent:
+                return
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            return  # gone between the listing and the read
+        if b"aggregator" in args and b"run" in args:
+            self._cpu[pid] = (int(fields[11]) + int(fields[12])) / self._tick
+
+    def at(self, seconds: float) -> float:
+        """CPU seconds used by the latest sample at or before ``seconds`` (0 before any)."""
+        return max((cpu for t, cpu in self.samples if t <= seconds), default=0.0)
+
+
+def mqtt_run(
+    *, federation: str, secure: bool, seed: int, delays: dict[str, float], budget: float, work: Path
+) -> dict[str, object]:
+    """One whole federation over MQTT, FedBuff at the federation's K, plain or secure."""
+    sites = len(FEDERATIONS[federation].sites)
+    config = DemoConfig(
+        federation=federation,
+        versions=100_000,
+        mode="fedbuff",
+        delays=delays,
+        seed=seed,
+        budget_seconds=budget,
+        timeout=budget + 300,
+        workdir=work,
+        secure_aggregation=secure,
+    )
+    with AggregatorCpu() as cpu:
+        result = run_demo(config, Console(stderr=True))
+    # Pneumonia: one shared test split, so any evaluation is the version's accuracy.
+    needed = 1 if federation == "pneumonia" else sites
+    targets = MQTT_TARGETS[federation]
+    row: dict[str, object] = {
+        "federation": federation,
+        "mode": "secure" if secure else "plain",
+        "seed": seed,
+        "budget_seconds": budget,
+        "buffer_size": result.buffer_size,
+    }
+    for target in targets:
+        seconds, updates = to_target(result, target, needed)
+        row[f"seconds_to_{round(target * 100)}"] = seconds
+        row[f"updates_to_{round(target * 100)}"] = updates
+    # CPU from the first evaluated version after v0 to the last one (start-up left out).
+    evaluated = [p for p in result.timeline if p.version >= 1]
+    first, last = (evaluated[0], evaluated[-1]) if evaluated else (None, None)
+    cpu_per_version = None
+    if first is not None and last is not None and last.version > first.version:
+        spent = cpu.at(last.seconds) - cpu.at(first.seconds)
+        cpu_per_version = spent / (last.version - first.version)
+    row.update(
+        {
+            "final_accuracy": result.mean_accuracy,
+            "final_accuracy_last5": result.mean_accuracy_last5,
+            "versions": result.versions,
+            "secure_versions": result.secure_versions,
+            "updates_folded": result.updates_folded,
+            "bytes_per_update": result.bytes_per_update,
+            "dense_bytes_per_update": result.dense_bytes_per_update,
+            "aggregator_cpu_seconds_per_version": cpu_per_version,
+            "aggregator_cpu_seconds": cpu.samples[-1][1] if cpu.samples else None,
+            "ready_seconds": result.ready_seconds,
+            "wall_seconds": result.wall_seconds,
+            "timeline": [
+                {
+                    "seconds": round(max(0.0, p.seconds - result.ready_seconds), 3),
+                    "version": p.version,
+                    "accuracy": p.mean_accuracy,
+                    "evaluations": p.evaluations,
+                    "updates_folded": p.updates_folded,
+                }
+                for p in result.timeline
+            ],
+        }
+    )
+    return row
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def mqtt_summary(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Per federation: medians over rounds, plain and secure, and the issue's verdict.
+
+    Met when secure's median seconds to the federation's higher target is at most 1.5 times
+    plain's, and its median final accuracy is at most 0.01 below plain's.
+    """
+    out: list[dict[str, object]] = []
+    for federation in dict.fromkeys(str(r["federation"]) for r in rows):
+        entry: dict[str, object] = {"federation": federation}
+        target = round(MQTT_TARGETS[federation][-1] * 100)
+        for mode in ("plain", "secure"):
+            runs = [r for r in rows if r["federation"] == federation and r["mode"] == mode]
+            for key in (
+                *(f"{what}_to_{round(t * 100)}" for t in MQTT_TARGETS[federation]
+                  for what in ("seconds", "updates")),
+                "final_accuracy",
+                "bytes_per_update",
+                "aggregator_cpu_seconds_per_version",
+            ):  # fmt: skip
+                values = [number(r[key]) for r in runs if r[key] is not None]
+                entry[f"{mode}_{key}"] = _median(values)
+                entry[f"{mode}_{key}_reached"] = f"{len(values)}/{len(runs)}"
+        reached = [
+            t
+            for t in (round(x * 100) for x in MQTT_TARGETS[federation])
+            if entry[f"plain_seconds_to_{t}"] is not None
+            and entry[f"secure_seconds_to_{t}"] is not None
+        ]
+        target = reached[-1] if reached else round(MQTT_TARGETS[federation][-1] * 100)
+        plain_s, secure_s = (
+            entry[f"plain_seconds_to_{target}"],
+            entry[f"secure_seconds_to_{target}"],
+        )
+        plain_a, secure_a = entry["plain_final_accuracy"], entry["secure_final_accuracy"]
+        ratio = (
+            number(secure_s) / number(plain_s)
+            if plain_s is not None and secure_s is not None and number(plain_s) > 0
+            else None
+        )
+        gap = None if plain_a is None or secure_a is None else number(plain_a) - number(secure_a)
+        entry.update(
+            {
+                "target": target / 100,
+                "time_ratio": ratio,
+                "accuracy_gap": gap,
+                "time_met": ratio is not None and ratio <= 1.5,
+                "accuracy_met": gap is not None and gap <= 0.01,
+            }
+        )
+        out.append(entry)
+    return out
+
+
+def mqtt_main(args: argparse.Namespace) -> None:
+    federations = (
+        ["heart-disease"]
+        if args.federation == "heart-disease"
+        else (["pneumonia"] if args.federation == "pneumonia" else ["heart-disease", "pneumonia"])
+    )
+    budgets = {"heart-disease": args.budget, "pneumonia": args.pneumonia_budget}
+    rounds = 1 if args.quick else args.rounds
+    if args.quick:
+        budgets = dict.fromkeys(budgets, 4.0)
+    delays = {
+        name: draw_delays([s.node_id for s in FEDERATIONS[name].sites], 0, 0.5, 1.0)
+        for name in federations
+    }
+    rows: list[dict[str, object]] = []
+    report: dict[str, object] = {
+        "benchmark": "secure_aggregation_mqtt",
+        "quick": args.quick,
+        "rounds": rounds,
+        "budget_seconds": {name: budgets[name] for name in federations},
+        "delays": delays,
+        "targets": {name: MQTT_TARGETS[name] for name in federations},
+        "command": " ".join(sys.argv),
+        "runs": rows,
+    }
+    console = Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="healthnet-secagg-mqtt-") as tmp:
+        for federation in federations:
+            for r in range(rounds):  # alternating, so load drifts alike on both
+                for secure in (False, True):
+                    mode = "secure" if secure else "plain"
+                    console.rule(f"{federation} {mode} round {r}")
+                    rows.append(
+                        mqtt_run(
+                            federation=federation,
+                            secure=secure,
+                            seed=args.seed + r,
+                            delays=delays[federation],
+                            budget=budgets[federation],
+                            work=Path(tmp) / f"{federation}-{mode}-{r}",
+                        )
+                    )
+                    report["summary"] = mqtt_summary(rows)
+                    if args.json:
+                        write_report(args.json, report)  # after every run: partial results survive
+    for entry in mqtt_summary(rows):
+        console.print(
+            f"{entry['federation']}: to {entry['target']}: secure/plain time "
+            f"{entry['time_ratio']}, accuracy gap {entry['accuracy_gap']}; "
+            f"met: time {entry['time_met']}, accuracy {entry['accuracy_met']}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quick", action="store_true", help="one seed, few versions, 2 repeats")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--versions", type=int, default=40)
+    parser.add_argument("--mqtt", action="store_true",
+                        help="whole federations over MQTT, plain and secure")  # fmt: skip
+    parser.add_argument("--federation", choices=("heart-disease", "pneumonia", "both"),
+                        default="heart-disease", help="--mqtt: which federations")  # fmt: skip
+    parser.add_argument("--budget", type=float, default=30.0,
+                        help="--mqtt: seconds per heart run, from all hospitals ready")  # fmt: skip
+    parser.add_argument("--pneumonia-budget", type=float, default=60.0,
+                        help="--mqtt: seconds per pneumonia run, from ready")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=2, help="--mqtt: plain-secure pairs")
+    parser.add_argument("--seed", type=int, default=0, help="--mqtt: the first round's seed")
     args = parser.parse_args(argv)
+    if args.mqtt:
+        mqtt_main(args)
+        return
     repeats = 2 if args.quick else args.repeats
     versions = 5 if args.quick else args.versions
     seeds = (0,) if args.quick else (0, 1)

@@ -23,6 +23,17 @@ with the aggregator's update log and versions log, and the final model is evalua
 hospital's test split. :func:`problems` is the verdict: the benchmark's exit status and the
 durability tests both read it.
 
+With ``secure_aggregation`` every version is folded by secure aggregation (every hospital a
+holder, each hospital's key record signed by a throwaway CA as the demo makes them,
+:func:`healthnet.demo.demo_identities`). The drain cannot fold the rest then: a secure sum needs
+updates of several hospitals and the hospitals' answers, and resumed hospitals train again, so
+no resume leaves the buffer empty. It pauses, waits until every outbox is empty, and stops. The
+updates still buffered are acknowledged and in the aggregator's write-ahead log, for the run's
+next fold; the reconciliation counts them apart (``buffered_at_stop``) and :func:`problems`
+accepts them only in a secure run. How many there are is no verdict: a secure fold takes
+longer than a plaintext one, so a buffer may hold a backlog of several folds when the drain
+pauses. A run whose folds stalled shows as never reaching ``min_versions``.
+
 Nodes run with a short keep-alive (``node_keepalive``) so that a freeze is noticed within
 seconds, a short ``ack_timeout``, and a per-update delay drawn from ``node_delay`` (a slow
 hospital, and time in which a node is "training" and can be killed).
@@ -47,6 +58,7 @@ from typing import assert_never
 
 from pydantic import SecretStr
 
+from aggregator.settings import AggregatorSettings
 from common.broker_url import BrokerEndpoint
 from common.codec import DEFAULT_MAX_MESSAGE_BYTES, new_id
 from common.errors import ControlError, HealthNetError
@@ -57,6 +69,7 @@ from common.messages import (
     ControlCommand,
     NodeState,
     NodeStatus,
+    SecureAggregation,
 )
 from common.mqtt import Message, MqttClient
 from common.settings import ConnectionSettings
@@ -64,7 +77,7 @@ from common.topics import Topic, TopicTree
 from devtools.reconcile import Reconciliation, load
 from healthnet.broker import BrokerConfig, EmbeddedBroker
 from healthnet.control import ControlClient
-from healthnet.demo import aggregator_settings, node_settings
+from healthnet.demo import aggregator_settings, demo_identities, node_settings
 from healthnet.federations import FEDERATIONS, Federation
 from healthnet.processes import ProcessGroup
 
@@ -116,6 +129,8 @@ class ChaosConfig:
     max_staleness: int | None = None
     start_timeout: float = 90.0
     drain_timeout: float = 120.0
+    secure_aggregation: bool = False
+    """Fold every version by secure aggregation, every hospital a holder."""
 
 
 @dataclass(slots=True)
@@ -156,6 +171,7 @@ class ChaosResult:
             "federation": self.config.federation,
             "seed": self.config.seed,
             "faults": sorted(self.config.faults),
+            "secure_aggregation": self.config.secure_aggregation,
             "events": self.events,
         }
 
@@ -186,10 +202,17 @@ def problems(result: ChaosResult) -> list[str]:
         found.append("versions are not contiguous")
     if r.updates_discarded:
         found.append(f"{r.updates_discarded} updates discarded")
-    accounted = r.updates_folded + r.updates_rejected + r.updates_discarded
+    held = len(r.buffered_at_stop)
+    if held and not result.config.secure_aggregation:
+        found.append(f"{held} updates still buffered at stop: {r.buffered_at_stop[:5]}")
+    accounted = r.updates_folded + r.updates_rejected + r.updates_discarded + held
     if accounted != r.updates_sent:
         found.append(f"{r.updates_sent} updates sent, {accounted} folded, rejected or discarded")
     return found
+
+
+def _secure_policy(federation: Federation) -> SecureAggregation:
+    return SecureAggregation(holders=tuple(site.node_id for site in federation.sites))
 
 
 def schedule(config: ChaosConfig, rng: random.Random) -> list[tuple[float, Fault]]:
@@ -276,6 +299,12 @@ class _Chaos:
         self.started = time.monotonic()
         self.monitor: _Monitor | None = None
         self.restarts: dict[str, Callable[[], None]] = {"aggregator": self.start_aggregator}
+        self.secure = _secure_policy(federation) if config.secure_aggregation else None
+        self.identities = (
+            demo_identities(workdir / "secagg-pki", self.fed_id, self.sites)
+            if self.secure is not None
+            else {}
+        )
         for node in self.sites:
             self.restarts[node] = functools.partial(self.start_node, node)
 
@@ -288,25 +317,26 @@ class _Chaos:
     def node_dir(self, node: str) -> Path:
         return self.workdir / "nodes" / node
 
-    def start_aggregator(self) -> None:
+    def aggregator_settings(self) -> AggregatorSettings:
         knobs = self.federation.knobs
-        self.group.start_service(
-            "aggregator",
-            aggregator_settings(
-                broker_url=self.broker.url,
-                federation_id=self.fed_id,
-                state_dir=self.aggregator_dir,
-                federation=self.federation,
-                buffer_size=self.config.buffer_size or knobs.buffer_size,
-                max_staleness=(
-                    knobs.max_staleness
-                    if self.config.max_staleness is None
-                    else self.config.max_staleness
-                ),
-                server_lr=knobs.server_lr,
-                seed=self.config.seed,
+        return aggregator_settings(
+            broker_url=self.broker.url,
+            federation_id=self.fed_id,
+            state_dir=self.aggregator_dir,
+            federation=self.federation,
+            buffer_size=self.config.buffer_size or knobs.buffer_size,
+            max_staleness=(
+                knobs.max_staleness
+                if self.config.max_staleness is None
+                else self.config.max_staleness
             ),
+            server_lr=knobs.server_lr,
+            seed=self.config.seed,
+            secure_aggregation=self.secure,
         )
+
+    def start_aggregator(self) -> None:
+        self.group.start_service("aggregator", self.aggregator_settings())
         self.expected_down.discard("aggregator")
 
     def start_node(self, node: str) -> None:
@@ -324,6 +354,9 @@ class _Chaos:
                 exit_when_stopped=False,
                 ack_timeout=self.config.ack_timeout,
                 keepalive=self.config.node_keepalive,
+                # The identity whose unmask requests a node answers: the aggregator's own.
+                aggregator_identity=self.aggregator_settings().mqtt_client_id(),
+                **self.identities.get(node, {}),
             ),
         )
         self.expected_down.discard(node)
@@ -561,9 +594,8 @@ class _Chaos:
     def version(self) -> int:
         return 0 if self.monitor is None else self.monitor.version
 
-    def drain(self) -> None:
-        """Pause, let every outbox empty, stop the nodes, fold the rest with K = 1, stop."""
-        timeout = self.config.drain_timeout
+    def pause_until_quiet(self) -> None:
+        """Pause and wait until no outbox holds an update and no node trains, for a second."""
         self.control(ControlCommand.PAUSE)
         self.note("paused; waiting for every outbox to empty")
 
@@ -580,29 +612,57 @@ class _Chaos:
             stable_since = stable_since or time.monotonic()
             return time.monotonic() - stable_since >= 1.0
 
-        self.wait_until(quiet_for_a_second, timeout, "every outbox to empty")
+        self.wait_until(quiet_for_a_second, self.config.drain_timeout, "every outbox to empty")
+
+    def stop_nodes(self) -> None:
         for node in self.sites:  # all at once: each takes seconds to say goodbye
             self.expected_down.add(node)
             self.group[node].signal(signal.SIGTERM)
         for node in self.sites:
             self.group[node].stop()
         self.note("nodes stopped")
-        self.control(ControlCommand.SET, {"buffer_size": 1})
-        self.control(ControlCommand.RESUME)
-        self.wait_until(
-            lambda: (
-                (s := self.status()) is not None
-                and s.state is AggregatorState.RUNNING
-                and s.buffer_fill == 0
-            ),
-            timeout,
-            "the buffer to fold",
-        )
+
+    def drain(self) -> None:
+        """Pause, let every outbox empty, stop the nodes, fold the rest with K = 1, stop.
+
+        Under secure aggregation what is buffered stays buffered (see the module docstring)."""
+        timeout = self.config.drain_timeout
+        if self.secure is not None:
+            self.pause_until_quiet()
+            held = buffered(self.aggregator_dir)
+            self.note(f"{len(held)} updates of {sorted(set(held.values()))} stay buffered")
+            self.stop_nodes()
+        else:
+            self.pause_until_quiet()
+            self.stop_nodes()
+            self.control(ControlCommand.SET, {"buffer_size": 1})
+            self.control(ControlCommand.RESUME)
+            self.wait_until(
+                lambda: (
+                    (s := self.status()) is not None
+                    and s.state is AggregatorState.RUNNING
+                    and s.buffer_fill == 0
+                ),
+                timeout,
+                "the buffer to fold",
+            )
         self.expected_down.add("aggregator")
         self.control(ControlCommand.STOP)
         if self.group["aggregator"].wait(30.0) is None:
             raise ChaosError("the aggregator did not exit after stop")
         self.note(f"run stopped at v{self.version}")
+
+
+def buffered(aggregator_dir: Path) -> dict[str, str]:
+    """Update id to node of every update the aggregator's update log says it accepted and has
+    not yet folded, rejected or discarded."""
+    from aggregator.update_log import read_update_log, update_fates
+
+    return {
+        uid: fate.node
+        for uid, fate in update_fates(read_update_log(aggregator_dir)).items()
+        if fate.accepted and not (fate.folded or fate.rejected or fate.discarded)
+    }
 
 
 def evaluate_final(

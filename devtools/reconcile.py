@@ -84,6 +84,10 @@ class Reconciliation:
     same_base_twice: list[str] = field(default_factory=list)
     # Accepted by a regional aggregator and not yet folded: in its WAL or its outbox.
     still_in_region: list[str] = field(default_factory=list)
+    # Accepted, neither folded, rejected nor discarded when the run stopped: still in the
+    # aggregator's buffer (its write-ahead log), and from how many distinct hospitals.
+    buffered_at_stop: list[str] = field(default_factory=list)
+    buffered_hospitals: int = 0
 
     @property
     def clean(self) -> bool:
@@ -113,6 +117,8 @@ class Reconciliation:
             "ledger_disagrees": len(self.ledger_disagrees),
             "same_base_twice": len(self.same_base_twice),
             "still_in_region": len(self.still_in_region),
+            "buffered_at_stop": len(self.buffered_at_stop),
+            "buffered_hospitals": self.buffered_hospitals,
             "lost_ids": self.lost[:20],
             "double_folded_ids": self.double_folded[:20],
         }
@@ -163,6 +169,11 @@ def reconcile(
     rejected = set(last_rejection)
     rejections = Counter(last_rejection[uid] for uid in rejected if uid in sent)
 
+    held = {
+        uid: f.node
+        for uid, f in fates.items()
+        if uid in sent and f.accepted and not (f.folded or f.rejected or f.discarded)
+    }
     lost = sorted(
         uid
         for uid in sent
@@ -171,6 +182,7 @@ def reconcile(
         and uid not in discarded
         and uid not in in_outbox
         and uid not in waiting
+        and uid not in held
     )
     return Reconciliation(
         updates_sent=len(sent),
@@ -191,6 +203,8 @@ def reconcile(
             f"{node}@{run}/v{base}" for (node, run, base), n in bases.items() if n > 1
         ),
         still_in_region=sorted(waiting - set(reached)),
+        buffered_at_stop=sorted(held),
+        buffered_hospitals=len(set(held.values())),
     )
 
 

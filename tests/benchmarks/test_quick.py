@@ -237,6 +237,39 @@ def test_secure_aggregation_quick_measures_costs_and_both_folds(tmp_path: Path) 
         assert len(run["curve"]) == run["versions"]
 
 
+def test_secure_aggregation_mqtt_quick_runs_plain_and_secure_federations(tmp_path: Path) -> None:
+    """secure_aggregation --mqtt --quick runs the heart federation over MQTT plain, then
+    secure, and reports for each the keys its docs table reads; every version of the secure
+    run is securely aggregated and none of the plain one."""
+    out = tmp_path / "secagg-mqtt.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.secure_aggregation", "--mqtt", "--quick",
+         "--json", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["quick"] is True
+    runs = report["runs"]
+    assert [(run["federation"], run["mode"]) for run in runs] == [
+        ("heart-disease", "plain"),
+        ("heart-disease", "secure"),
+    ]
+    plain, secure = runs
+    assert plain["secure_versions"] == 0
+    assert secure["secure_versions"] == secure["versions"]
+    for run in runs:
+        assert {"seconds_to_75", "updates_to_78", "final_accuracy", "bytes_per_update",
+                "aggregator_cpu_seconds_per_version", "timeline"} <= run.keys()  # fmt: skip
+    (summary,) = report["summary"]
+    assert {"time_ratio", "accuracy_gap", "time_met", "accuracy_met"} <= summary.keys()
+
+
 def test_limit_quick_compares_pooled_with_the_federation(tmp_path: Path) -> None:
     """limit --quick trains pooled and runs a federation, and reports for each the crossings of
     85 % and 88 % (first and steady), its trajectory and the summary's ratios to pooled."""

@@ -22,7 +22,11 @@ CLEAN = Reconciliation(
 )
 
 
-def result(reconciliation: Reconciliation, unexpected: list[str] | None = None) -> ChaosResult:
+def result(
+    reconciliation: Reconciliation,
+    unexpected: list[str] | None = None,
+    config: ChaosConfig | None = None,
+) -> ChaosResult:
     return ChaosResult(
         counts={},
         reconciliation=reconciliation,
@@ -33,7 +37,7 @@ def result(reconciliation: Reconciliation, unexpected: list[str] | None = None) 
         fault_seconds=1.0,
         wall_seconds=1.0,
         unexpected_exits=unexpected or [],
-        config=ChaosConfig(),
+        config=config or ChaosConfig(),
         events=[],
     )
 
@@ -68,3 +72,27 @@ def test_a_process_that_exited_on_its_own_is_a_problem() -> None:
     """An unexpected exit fails the run even when the records are clean."""
     found = problems(result(CLEAN, ["n1 exited with 1"]))
     assert found == ["1 unexpected exits: ['n1 exited with 1']"]
+
+
+HELD = dataclasses.replace(
+    CLEAN, updates_sent=6, buffered_at_stop=["u5", "u6"], buffered_hospitals=2
+)
+
+
+def test_updates_buffered_at_stop_are_a_problem_in_a_plain_run() -> None:
+    """The plain drain folds everything with K = 1: anything still buffered is a problem."""
+    found = problems(result(HELD))
+    assert any("still buffered at stop" in line for line in found), found
+
+
+def test_a_secure_run_may_stop_with_updates_buffered_for_the_next_fold() -> None:
+    """Under secure aggregation the drain cannot fold the rest: updates acknowledged and still
+    buffered at stop are counted apart, not a problem, as long as every sent one is accounted."""
+    assert problems(result(HELD, config=ChaosConfig(secure_aggregation=True))) == []
+
+
+def test_a_secure_run_still_counts_an_update_never_accepted_as_lost() -> None:
+    """Buffered updates do not cover for a lost one."""
+    lost = dataclasses.replace(HELD, updates_sent=7, lost=["u7"])
+    found = problems(result(lost, config=ChaosConfig(secure_aggregation=True)))
+    assert any("lost" in line for line in found), found

@@ -190,3 +190,19 @@ def test_refusals_by_the_region_or_of_the_combined_update_are_answers() -> None:
     assert result.clean, result.to_json()
     assert result.lost == []
     assert result.rejections == {"stale": 1, "too_large": 1}
+
+
+def test_an_update_accepted_and_never_folded_is_buffered_at_stop_not_lost() -> None:
+    """Accepted and still in the aggregator's buffer when the run stopped: counted apart, with
+    how many hospitals it came from; sent and never accepted stays lost."""
+    result = reconcile(
+        [NodeRecords("a", sent("u1", "u2", "u3"), ())],
+        [record(1, "u1")],
+        [
+            line(UpdateEvent.ACCEPTED, "u1"),
+            line(UpdateEvent.ACCEPTED, "u2"),
+            *folded(1, "u1"),
+        ],
+    )
+    assert (result.buffered_at_stop, result.buffered_hospitals) == (["u2"], 1)
+    assert result.lost == ["u3"]
