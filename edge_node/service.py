@@ -322,6 +322,7 @@ class NodeService:
                     self.session.reconnected()
                     self._resend()
                     self._published_state = None
+                    self._republish_key()
                 case ConnectionEvent(connected=False):
                     log.warning("node %s: lost the broker; reconnecting", self.settings.node_id)
                 case None:
@@ -526,6 +527,14 @@ class NodeService:
             and secure.keys.key(holder) is not None
         ):
             self._resend_shares(holder)
+
+    def _republish_key(self) -> None:
+        """Publish the node's key record again on a reconnect: a broker that crashed may have
+        lost the retained record (its peers, restarted, would wait for it for good), and shares
+        sent while this node was away never reach it (its session is not persistent); a peer
+        that receives the record sends it those shares again (:meth:`_resend_shares`)."""
+        if self._secure is not None:
+            self._publish(self._secure.key_record(now=self._clock()))
 
     def _resend_shares(self, holder: str) -> None:
         """``holder``'s key record arrived (it started, or this node reconnected): send it again
