@@ -270,6 +270,12 @@ class OutgoingShares:
             for recipient, payload in zip(bundle.recipients, bundle.shares, strict=True)
         )
 
+    def recent(self, *, newest: int, window: int) -> tuple[str, ...]:
+        """The update ids, sent or settled, whose base version is within ``window`` of
+        ``newest`` (after :meth:`prune`)."""
+        self.prune(newest=newest, window=window)
+        return tuple(b.update_id for b in self._bundles() if b.base_version >= newest - window)
+
     def remove(self, update_id: str) -> None:
         self._path(update_id).unlink(missing_ok=True)
 
@@ -421,6 +427,19 @@ class SecureNode:
 
     def status(self) -> NodeSecureAggregation:
         return NodeSecureAggregation(policy_digest=self.digest, waiting_for_keys=self.missing())
+
+    def own_receipts(self, update_ids: tuple[str, ...], *, now: float) -> tuple[Publish, ...]:
+        """The node's receipts of its own shares of ``update_ids`` (those it keeps), to publish
+        again after a reconnect: the one published when the update was staged may have been
+        lost with the connection, and nothing else would ever send it."""
+        return self._receipts(
+            tuple(
+                Receipt(holder=self.identity, update_id=u)
+                for u in update_ids
+                if self.holder.holds_own(u)
+            ),
+            now,
+        )
 
     # -- inbound
 

@@ -532,9 +532,19 @@ class NodeService:
         """Publish the node's key record again on a reconnect: a broker that crashed may have
         lost the retained record (its peers, restarted, would wait for it for good), and shares
         sent while this node was away never reach it (its session is not persistent); a peer
-        that receives the record sends it those shares again (:meth:`_resend_shares`)."""
-        if self._secure is not None:
-            self._publish(self._secure.key_record(now=self._clock()))
+        that receives the record sends it those shares again (:meth:`_resend_shares`). Its own
+        receipts of its recent updates go again too: one lost with the connection is never
+        sent otherwise, and a plan needs ``U`` holders that receipted every update."""
+        secure = self._secure
+        if secure is None:
+            return
+        self._publish(secure.key_record(now=self._clock()))
+        newest = self.session.version
+        if newest is None:
+            return
+        recent = self._outgoing.recent(newest=newest, window=self._max_staleness)
+        for message in secure.own_receipts(recent, now=self._clock()):
+            self._publish(message)
 
     def _resend_shares(self, holder: str) -> None:
         """``holder``'s key record arrived (it started, or this node reconnected): send it again

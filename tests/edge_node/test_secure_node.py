@@ -404,3 +404,26 @@ def test_a_share_resent_identically_is_receipted_again_and_a_different_one_refus
     assert nodes["va"].take(inbound(different), now=4.0) == ()
     assert nodes["va"].inbox.refusals == {"share_refused": 1}
     assert {path: path.read_bytes() for path in stored} == stored
+
+
+def test_a_reconnected_node_receipts_its_own_shares_of_its_recent_updates_again(
+    nodes: dict[str, SecureNode], tmp_path: Path
+) -> None:
+    """The receipt of a node's own share is published once, when the update is staged; after a
+    reconnect it goes again for the updates in the window, and only for shares the node keeps."""
+    exchange_keys(nodes)
+    outgoing = OutgoingShares(tmp_path / "outgoing", TREE)
+    outgoing.open()
+    stage_update(nodes["cleveland"], outgoing, "u-old", 3)
+    stage_update(nodes["cleveland"], outgoing, "u-new", 25)
+    outgoing.settle("u-old", newest=25, window=30)
+
+    recent = outgoing.recent(newest=25, window=20)
+
+    assert recent == ("u-new",)
+    (receipt,) = nodes["cleveland"].own_receipts((*recent, "u-none"), now=5.0)
+    body = inbound(receipt).body
+    assert receipt[0] == TREE.secagg_receipt("cleveland")
+    assert isinstance(body, SecAggReceipt)
+    assert tuple(body.update_ids) == ("u-new",)
+    assert nodes["va"].own_receipts(recent, now=5.0) == ()  # va keeps no own share of it
