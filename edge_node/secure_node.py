@@ -37,9 +37,12 @@ down in turn, no ``U`` may ever hold them all. So the sender keeps each update's
 after the ack too (:meth:`OutgoingShares.settle`), for updates whose base version is within
 the run's ``max_staleness`` of the newest it holds and at most :data:`MAX_SETTLED` of them, and
 sends a holder its shares again whenever that holder's key record arrives
-(:meth:`OutgoingShares.for_holder`): a holder republishes its retained record when it starts,
-and the broker delivers every retained record again when the sender itself reconnects or
-restarts. A holder stores an identical share once and receipts it again.
+(:meth:`OutgoingShares.for_holder`): a node republishes its retained record when it starts and
+on every reconnect, and the broker delivers every retained record again when the sender itself
+reconnects or restarts. A holder stores an identical share once and receipts it again. On a
+reconnect a node also publishes again its receipts of its own shares of its recent updates
+(:meth:`SecureNode.own_receipts`): the one published when an update was staged may have been
+lost with the connection.
 """
 
 from __future__ import annotations
