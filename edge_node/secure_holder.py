@@ -264,6 +264,14 @@ class ShareHolder:
                 ).sender
         return held
 
+    def holds_own(self, update_id: str) -> bool:
+        """Whether this holder keeps its own share of its own update ``update_id``."""
+        path = self._share_path(validate_identifier(update_id, "update id"))
+        if not path.exists():
+            return False
+        with path.open("rb") as handle:
+            return _HeldShare.model_validate_json(handle.readline()).sender == self.identity
+
     def _share_path(self, update_id: str) -> Path:
         return self._shares / f"{update_id}{_SHARE_SUFFIX}"
 

@@ -30,9 +30,19 @@ topic and the encoded envelope), and the service publishes them.
   again, after a restart too, gets the same share sum.
 
 The node's MQTT session is not persistent and PUBACKs a share when it arrives, before it is
-stored: a share lost to a crash in between, or sent while the holder was offline, is simply not
-receipted by that holder, and the update waits for the others' receipts (it needs ``U`` of
-``N``). A resend of the update sends its shares again.
+stored: a share lost to a crash in between, or sent while the holder was offline, is not
+receipted by that holder. A resend of the update sends its shares again, but resends stop at the
+ack, and a buffer needs ``U`` holders that each hold every share of its batch: with holders
+down in turn, no ``U`` may ever hold them all. So the sender keeps each update's sealed shares
+after the ack too (:meth:`OutgoingShares.settle`), for updates whose base version is within
+the run's ``max_staleness`` of the newest it holds and at most :data:`MAX_SETTLED` of them, and
+sends a holder its shares again whenever that holder's key record arrives
+(:meth:`OutgoingShares.for_holder`): a node republishes its retained record when it starts and
+on every reconnect, and the broker delivers every retained record again when the sender itself
+reconnects or restarts. A holder stores an identical share once and receipts it again. On a
+reconnect a node also publishes again its receipts of its own shares of its recent updates
+(:meth:`SecureNode.own_receipts`): the one published when an update was staged may have been
+lost with the connection.
 """
 
 from __future__ import annotations
@@ -93,6 +103,7 @@ if TYPE_CHECKING:
     from edge_node.training import TrainResult  # torch: only for the type
 
 __all__ = [
+    "MAX_SETTLED",
     "OutgoingShares",
     "Publish",
     "SecureNode",
@@ -105,6 +116,9 @@ log = logging.getLogger(__name__)
 
 # A message to publish: its topic and its encoded envelope.
 Publish = tuple[Topic, bytes]
+
+# Acked updates whose sealed shares are kept for a holder that comes back (newest first).
+MAX_SETTLED = 64
 
 _BUNDLE_SUFFIX = ".outgoing"
 _BUNDLE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.outgoing$")
@@ -170,10 +184,13 @@ class _Bundle(BaseModel):
     update: bytes
     recipients: tuple[str, ...]
     shares: tuple[bytes, ...]
+    base_version: int = -1  # -1: written before it was recorded
+    acked: bool = False  # answered: its shares are kept only for a holder that comes back
 
 
 class OutgoingShares:
-    """The node's masked updates and their sealed shares, byte for byte, until each is acked.
+    """The node's masked updates and their sealed shares, byte for byte: until each is acked,
+    then (settled) while a holder that missed its share may still need it.
 
     One file per update id (``{update id}.outgoing``, written atomically) in ``directory``.
     """
@@ -187,14 +204,64 @@ class OutgoingShares:
         for stale in self.directory.glob("*.tmp"):
             stale.unlink()
 
-    def write(self, update_id: str, update: bytes, shares: tuple[Publish, ...]) -> None:
+    def write(
+        self, update_id: str, update: bytes, shares: tuple[Publish, ...], *, base_version: int
+    ) -> None:
         bundle = _Bundle(
             update_id=update_id,
             update=update,
             recipients=tuple(topic.recipient or "" for topic, _ in shares),
             shares=tuple(payload for _, payload in shares),
+            base_version=base_version,
         )
         atomic_write(self._path(update_id), bundle.model_dump_json().encode())
+
+    def settle(self, update_id: str, *, newest: int, window: int) -> None:
+        """``update_id`` is acked: keep its shares for a holder that comes back (no longer an
+        update to send), then prune what has left the window (see :meth:`prune`)."""
+        bundle = self._read(update_id)
+        if bundle is not None and not bundle.acked:
+            atomic_write(
+                self._path(update_id),
+                bundle.model_copy(update={"acked": True}).model_dump_json().encode(),
+            )
+        self.prune(newest=newest, window=window)
+
+    def prune(self, *, newest: int, window: int) -> list[str]:
+        """Remove each settled update whose base version is more than ``window`` versions older
+        than ``newest`` (the aggregator refuses it, or has folded it: nobody needs its
+        shares), and all but the :data:`MAX_SETTLED` newest settled ones; the ids removed."""
+        settled = sorted(
+            (b for b in self._bundles() if b.acked),
+            key=lambda b: (b.base_version, b.update_id),
+            reverse=True,
+        )
+        removed = [
+            b.update_id
+            for rank, b in enumerate(settled)
+            if rank >= MAX_SETTLED or b.base_version < newest - window
+        ]
+        for update_id in removed:
+            self.remove(update_id)
+        return removed
+
+    def for_holder(
+        self, holder: str, sender: str, *, newest: int, window: int
+    ) -> tuple[Publish, ...]:
+        """The shares addressed to ``holder`` of every update, sent or settled, whose base
+        version is within ``window`` of ``newest``, as first published (oldest first): what to
+        send a holder whose key record arrives again, for it may have missed them while down."""
+        self.prune(newest=newest, window=window)
+        bundles = sorted(
+            (b for b in self._bundles() if b.base_version >= newest - window),
+            key=lambda b: (b.base_version, b.update_id),
+        )
+        return tuple(
+            (self.topics.secagg_share(recipient, sender), payload)
+            for bundle in bundles
+            for recipient, payload in zip(bundle.recipients, bundle.shares, strict=True)
+            if recipient == holder
+        )
 
     def shares(self, update_id: str, sender: str) -> tuple[Publish, ...]:
         """The shares of ``update_id`` as first published (none: not a masked update)."""
@@ -206,6 +273,12 @@ class OutgoingShares:
             for recipient, payload in zip(bundle.recipients, bundle.shares, strict=True)
         )
 
+    def recent(self, *, newest: int, window: int) -> tuple[str, ...]:
+        """The update ids, sent or settled, whose base version is within ``window`` of
+        ``newest`` (after :meth:`prune`)."""
+        self.prune(newest=newest, window=window)
+        return tuple(b.update_id for b in self._bundles() if b.base_version >= newest - window)
+
     def remove(self, update_id: str) -> None:
         self._path(update_id).unlink(missing_ok=True)
 
@@ -214,14 +287,19 @@ class OutgoingShares:
         kept from being written; the ids put back."""
         held = set(outbox.ids())
         recovered = []
-        for path in sorted(self.directory.iterdir()):
-            match = _BUNDLE.match(path.name)
-            if match is None or match.group(1) in held:
+        for bundle in self._bundles():
+            if bundle.acked or bundle.update_id in held:
                 continue
-            bundle = _Bundle.model_validate_json(path.read_bytes())
             outbox.put(bundle.update_id, bundle.update)
             recovered.append(bundle.update_id)
         return recovered
+
+    def _bundles(self) -> list[_Bundle]:
+        return [
+            _Bundle.model_validate_json(path.read_bytes())
+            for path in sorted(self.directory.iterdir())
+            if _BUNDLE.match(path.name)
+        ]
 
     def _read(self, update_id: str) -> _Bundle | None:
         path = self._path(update_id)
@@ -353,6 +431,19 @@ class SecureNode:
     def status(self) -> NodeSecureAggregation:
         return NodeSecureAggregation(policy_digest=self.digest, waiting_for_keys=self.missing())
 
+    def own_receipts(self, update_ids: tuple[str, ...], *, now: float) -> tuple[Publish, ...]:
+        """The node's receipts of its own shares of ``update_ids`` (those it keeps), to publish
+        again after a reconnect: the one published when the update was staged may have been
+        lost with the connection, and nothing else would ever send it."""
+        return self._receipts(
+            tuple(
+                Receipt(holder=self.identity, update_id=u)
+                for u in update_ids
+                if self.holder.holds_own(u)
+            ),
+            now,
+        )
+
     # -- inbound
 
     def take(self, inbound: Inbound, *, now: float) -> tuple[Publish, ...]:
@@ -452,7 +543,7 @@ class SecureNode:
             )
             for share in secure.shares
         )
-        outgoing.write(update_id, payload, shares)
+        outgoing.write(update_id, payload, shares, base_version=secure.upload.base_version)
         return shares + self._receipts((own,), now)
 
 

@@ -62,6 +62,7 @@ from common.messages import (
     ControlReply,
     ControlRequest,
     Evaluation,
+    Knobs,
     Manifest,
     MetricRelease,
     ModelDelta,
@@ -186,6 +187,9 @@ class NodeService:
         self._secure: SecureNode | None = None
         self._outgoing = OutgoingShares(settings.state_dir / "secagg" / "outgoing", self.topics)
         self._unmasked: Unmasked | None = None
+        # The run's staleness bound (from the aggregator's status): how long settled updates'
+        # shares are kept for a holder that comes back.
+        self._max_staleness = Knobs().max_staleness
 
     # -- lifecycle
 
@@ -318,6 +322,7 @@ class NodeService:
                     self.session.reconnected()
                     self._resend()
                     self._published_state = None
+                    self._republish_key()
                 case ConnectionEvent(connected=False):
                     log.warning("node %s: lost the broker; reconnecting", self.settings.node_id)
                 case None:
@@ -379,6 +384,7 @@ class NodeService:
                 self._on_delta(body)
             case AggregatorStatus():
                 self.session.on_status(body.state, body.run_id)
+                self._max_staleness = body.knobs.max_staleness
             case Ack():
                 self._on_ack(body)
             case Update() | NodeStatus() | Evaluation() | ControlRequest():
@@ -512,6 +518,64 @@ class NodeService:
             return
         for message in secure.take(received, now=self._clock()):
             self._publish(message)
+        holder = received.topic.node
+        if (
+            isinstance(received.body, SecAggKey)
+            and holder
+            and holder != self.settings.node_id
+            and holder in secure.policy.holders
+            and secure.keys.key(holder) is not None
+        ):
+            self._resend_shares(holder)
+
+    def _republish_key(self) -> None:
+        """Publish the node's key record again on a reconnect: a broker that crashed may have
+        lost the retained record (its peers, restarted, would wait for it for good), and shares
+        sent while this node was away never reach it (its session is not persistent); a peer
+        that receives the record sends it those shares again (:meth:`_resend_shares`). Its own
+        receipts of its recent updates go again too: one lost with the connection is never
+        sent otherwise, and a plan needs ``U`` holders that receipted every update."""
+        secure = self._secure
+        if secure is None:
+            return
+        self._publish(secure.key_record(now=self._clock()))
+        newest = self.session.version
+        if newest is None:
+            return
+        recent = self._outgoing.recent(newest=newest, window=self._max_staleness)
+        for message in secure.own_receipts(recent, now=self._clock()):
+            self._publish(message)
+
+    def _resend_shares(self, holder: str) -> None:
+        """``holder``'s key record arrived (it started, or this node reconnected): send it again
+        its shares of the updates that may still wait to be folded, for the node's session is
+        not persistent and it may have missed them while it was down. It stores an identical
+        share once and receipts it again."""
+        newest = self.session.version
+        if newest is None:
+            return
+        shares = self._outgoing.for_holder(
+            holder, self.settings.node_id, newest=newest, window=self._max_staleness
+        )
+        if not shares:
+            return
+        log.info(
+            "node %s: key record of %s arrived: resent it %d shares (updates from v%d on, at v%d)",
+            self.settings.node_id,
+            holder,
+            len(shares),
+            max(0, newest - self._max_staleness),
+            newest,
+        )
+        for message in shares:
+            self._publish(message)
+
+    def _settle_shares(self, update_id: str) -> None:
+        newest = self.session.version
+        if newest is None:
+            self._outgoing.remove(update_id)
+            return
+        self._outgoing.settle(update_id, newest=newest, window=self._max_staleness)
 
     def _mask_waiting(self) -> None:
         """Mask and send the trained update that waits for the roster's keys, once it can."""
@@ -653,7 +717,8 @@ class NodeService:
                 )
             ]
         )
-        self._outgoing.remove(ack.update_id)
+        # Its shares stay a while: a holder down when they were sent gets them when it is back.
+        self._settle_shares(ack.update_id)
         self.outbox.remove(ack.update_id)
         if ack.accepted:
             log.info(

@@ -29,10 +29,17 @@ from common.outbox import Outbox
 from common.secure_aggregation import from_bytes
 from common.secure_aggregation.events import UnmaskAnswer
 from common.secure_aggregation.policy import SecureAggregationPolicy
-from common.secure_aggregation.wire import to_unmask
+from common.secure_aggregation.wire import to_share, to_unmask
 from common.topics import Route, Topic, TopicTree
 from edge_node.secure_keys import SecureAggregationUnavailable
-from edge_node.secure_node import OutgoingShares, Publish, SecureNode, Unmasked, masked_update
+from edge_node.secure_node import (
+    MAX_SETTLED,
+    OutgoingShares,
+    Publish,
+    SecureNode,
+    Unmasked,
+    masked_update,
+)
 from edge_node.session import Job, JobKind
 from edge_node.training import TrainResult
 from healthnet.deploy.pki import CertificateAuthority
@@ -75,10 +82,10 @@ def inbound(message: Publish) -> Inbound:
     return received
 
 
-def pending(update_id: str, delta: np.ndarray) -> Unmasked:
+def pending(update_id: str, delta: np.ndarray, version: int = 3) -> Unmasked:
     manifest = Manifest(
         run_id="run-1",
-        version=3,
+        version=version,
         sha256="0" * 64,
         blob_bytes=1,
         chunk_size=1,
@@ -314,3 +321,109 @@ def test_the_masked_update_carries_no_plaintext_and_its_metadata_in_the_clear(
     assert (update.base_version, update.num_samples, update.run_id) == (3, 100, "run-1")
     assert update.masked is not None
     assert len(bytes(update.masked.elements)) == 4 * SIZE
+
+
+def stage_update(
+    node: SecureNode, outgoing: OutgoingShares, update_id: str, version: int, value: float = 0.25
+) -> tuple[Publish, ...]:
+    unmasked = pending(update_id, np.full(SIZE, value), version)
+    secure = node.mask(unmasked)
+    payload = encode(envelope(masked_update(unmasked, secure), sender=node.identity, sent_at=2.0))
+    return node.stage(secure, payload, outgoing, now=2.0)
+
+
+def test_a_holder_whose_key_arrives_again_gets_its_shares_of_the_updates_in_the_window(
+    nodes: dict[str, SecureNode], tmp_path: Path
+) -> None:
+    """Sent and settled (acked) updates within max_staleness of the newest version give the
+    holder back its own shares, as first published; older settled ones are pruned."""
+    exchange_keys(nodes)
+    node = nodes["cleveland"]
+    outgoing = OutgoingShares(tmp_path / "outgoing", TREE)
+    outgoing.open()
+    first = {
+        update_id: stage_update(node, outgoing, update_id, version)
+        for update_id, version in (("u-old", 3), ("u-acked", 10), ("u-sent", 25))
+    }
+    outgoing.settle("u-old", newest=12, window=20)
+    outgoing.settle("u-acked", newest=12, window=20)
+
+    again = outgoing.for_holder("va", "cleveland", newest=25, window=20)
+
+    expected = tuple(m for u in ("u-acked", "u-sent") for m in first[u] if m[0].recipient == "va")
+    assert len(expected) == 2
+    assert again == expected
+    assert outgoing.shares("u-old", "cleveland") == ()  # settled and out of the window: gone
+    assert outgoing.for_holder("cleveland", "cleveland", newest=25, window=20) == ()
+    outbox = Outbox(tmp_path / "outbox")
+    outbox.open()
+    assert outgoing.recover(outbox) == ["u-sent"]  # a settled update is not sent again
+
+
+def test_settled_updates_are_kept_at_most_max_settled(tmp_path: Path) -> None:
+    """However wide the window, only the newest MAX_SETTLED settled updates keep their shares."""
+    outgoing = OutgoingShares(tmp_path / "outgoing", TREE)
+    outgoing.open()
+    share = (TREE.secagg_share("va", "cleveland"), b"sealed")
+    for index in range(MAX_SETTLED + 2):
+        outgoing.write(f"u-{index:03d}", b"update", (share,), base_version=index)
+        outgoing.settle(f"u-{index:03d}", newest=index, window=1000)
+    kept = outgoing.for_holder("va", "cleveland", newest=MAX_SETTLED + 1, window=1000)
+    assert len(kept) == MAX_SETTLED
+    assert outgoing.shares("u-000", "cleveland") == ()
+    assert outgoing.shares("u-001", "cleveland") == ()
+    assert outgoing.shares("u-002", "cleveland") == (share,)
+
+
+def test_a_share_resent_identically_is_receipted_again_and_a_different_one_refused(
+    nodes: dict[str, SecureNode], tmp_path: Path
+) -> None:
+    """The holder stores an identical share once and receipts it again; a second, different
+    share for the same update id is refused and counted, and the first stays held."""
+    exchange_keys(nodes)
+    outgoing = OutgoingShares(tmp_path / "outgoing", TREE)
+    outgoing.open()
+    published = stage_update(nodes["cleveland"], outgoing, "u-1", 3)
+    (to_va,) = (m for m in published if m[0].recipient == "va")
+    (receipt,) = nodes["va"].take(inbound(to_va), now=2.0)
+    held = (tmp_path / "va").rglob("u-1*")
+    stored = {path: path.read_bytes() for path in held}
+    assert stored
+
+    (again,) = nodes["va"].take(inbound(to_va), now=3.0)
+    assert inbound(again).body == inbound(receipt).body
+    assert nodes["va"].holder.held()["u-1"] == "cleveland"
+    assert {path: path.read_bytes() for path in stored} == stored
+
+    remasked = nodes["cleveland"].mask(pending("u-1", np.full(SIZE, 0.5)))
+    (share,) = (s for s in remasked.shares if s.recipient == "va")
+    different = (
+        TREE.secagg_share("va", "cleveland"),
+        encode(envelope(to_share(share), sender="cleveland", sent_at=4.0)),
+    )
+    assert nodes["va"].take(inbound(different), now=4.0) == ()
+    assert nodes["va"].inbox.refusals == {"share_refused": 1}
+    assert {path: path.read_bytes() for path in stored} == stored
+
+
+def test_a_reconnected_node_receipts_its_own_shares_of_its_recent_updates_again(
+    nodes: dict[str, SecureNode], tmp_path: Path
+) -> None:
+    """The receipt of a node's own share is published once, when the update is staged; after a
+    reconnect it goes again for the updates in the window, and only for shares the node keeps."""
+    exchange_keys(nodes)
+    outgoing = OutgoingShares(tmp_path / "outgoing", TREE)
+    outgoing.open()
+    stage_update(nodes["cleveland"], outgoing, "u-old", 3)
+    stage_update(nodes["cleveland"], outgoing, "u-new", 25)
+    outgoing.settle("u-old", newest=25, window=30)
+
+    recent = outgoing.recent(newest=25, window=20)
+
+    assert recent == ("u-new",)
+    (receipt,) = nodes["cleveland"].own_receipts((*recent, "u-none"), now=5.0)
+    body = inbound(receipt).body
+    assert receipt[0] == TREE.secagg_receipt("cleveland")
+    assert isinstance(body, SecAggReceipt)
+    assert tuple(body.update_ids) == ("u-new",)
+    assert nodes["va"].own_receipts(recent, now=5.0) == ()  # va keeps no own share of it

@@ -122,17 +122,19 @@ def test_the_chaos_benchmark_quick_mode_runs_clean(tmp_path: Path) -> None:
     assert {"cores", "cpu", "git_revision"} <= data["machine"].keys()
 
 
-SECURE_FAULTS = frozenset({Fault.AGGREGATOR_KILL, Fault.BROKER_RESTART})
+SECURE_FAULTS = frozenset(
+    {Fault.AGGREGATOR_KILL, Fault.BROKER_RESTART, Fault.NODE_KILL_TRAINING, Fault.NODE_KILL_UPLOAD}
+)
 
 
-def test_aggregator_kills_and_broker_restarts_under_secure_aggregation_lose_nothing(
+def test_aggregator_kills_broker_restarts_and_node_kills_under_secure_aggregation_lose_nothing(
     tmp_path: Path,
 ) -> None:
-    """The aggregator killed (open fold plans included) and the broker restarted, every version
-    folded by secure aggregation: nothing lost, nothing folded twice, every update sent folded
-    or still buffered, acknowledged, for the next fold. Node kills and freezes are
-    left out: a share sent while its holder is down is never receipted by it, which can stall
-    the run (docs/secure-aggregation.md#what-it-costs)."""
+    """The aggregator killed (open fold plans included), the broker restarted and nodes killed
+    (training, or holding unacked updates), every version folded by secure aggregation:
+    nothing lost, nothing folded twice, every update sent folded or still buffered,
+    acknowledged, for the next fold. A holder killed when a share was sent gets it again when
+    it is back (docs/secure-aggregation.md#drop-outs-and-crashes)."""
     result = run_chaos(
         ChaosConfig(
             seconds=15.0,

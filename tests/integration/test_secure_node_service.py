@@ -33,6 +33,7 @@ from common.blobs import split_blob
 from common.codec import encode, encode_tensors, envelope, sha256_hex
 from common.inbound import Inbound, receive
 from common.messages import (
+    Ack,
     AggregatorState,
     AggregatorStatus,
     Counters,
@@ -476,3 +477,54 @@ def test_a_node_without_a_client_certificate_trains_nothing_under_the_policy_and
 
 def _failure(status: NodeStatus | None) -> str:
     return "" if status is None else status.failure
+
+
+def test_a_holder_down_when_a_share_was_sent_gets_it_when_it_comes_back(
+    broker: SecureBroker, tmp_path: Path
+) -> None:
+    """va is down while cleveland sends its update, which is acked: the share for va is lost
+    (va's session is not persistent). When va's node starts and publishes its key record,
+    cleveland sends it that share again, and va stores and receipts it."""
+    root = tmp_path / "nodes"
+    publish_records(broker, tmp_path / "peers", ("hungarian", "switzerland"))
+    # va's record from the key its node will use, as a va that ran before would have left it.
+    va = broker.settings("va")
+    record = own_key_record(
+        federation=broker.federation,
+        identity="va",
+        agreement_key=load_agreement_key(root / "va" / "secagg"),
+        cert_file=va.cert_file,
+        key_file=va.key_file,
+        ca_file=va.ca_file,
+        now=dt.datetime.now(dt.UTC),
+    )
+    with broker.client("va") as client:
+        publish_key_record(client, TopicTree(broker.federation), record, sent_at=time.time())
+        assert client.flush(WAIT)
+    params = model_params(build_model(MODEL, seed=1))
+    with ExitStack() as stack:
+        aggregator = Aggregator(broker, stack)
+        aggregator.publish_version(params)
+        stop, threads = start(broker, root, ("cleveland",))
+        try:
+            aggregator.drain(lambda: bool(aggregator.updates.get("cleveland")))
+            update_id = aggregator.update_of("cleveland").update_id
+            ack = Ack(update_id=update_id, accepted=True, current_version=0)
+            aggregator.client.publish(aggregator.tree.ack("cleveland"), aggregator._encode(ack))
+            bundle = root / "cleveland" / "secagg" / "outgoing" / f"{update_id}.outgoing"
+            deadline = time.monotonic() + WAIT
+            while b'"acked":true' not in bundle.read_bytes() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert b'"acked":true' in bundle.read_bytes()  # settled: no resend of the update
+            assert "va" not in aggregator.receipts.get(update_id, set())
+
+            more_stop, more = start(broker, root, ("va",))
+            threads += more
+            try:
+                aggregator.drain(lambda: "va" in aggregator.receipts.get(update_id, set()))
+            finally:
+                more_stop.set()
+        finally:
+            halt(stop, threads)
+    assert aggregator.receipts[update_id] == {"cleveland", "va"}
+    assert len(aggregator.updates["cleveland"]) == 1  # the update itself was not sent again
